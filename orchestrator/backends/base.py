@@ -1,0 +1,111 @@
+"""The one small interface every engine implements (local subprocess, Slurm through submitit, Ray Jobs).
+
+A backend receives a validated LaunchPlan and starts ONE node-runner invocation per node
+(`python -m orchestrator.node --plan PLAN.json --node-rank R`). Everything after that (staging,
+torchrun, uploads) is the node runner's job and is identical on every backend.
+A Handle is plain JSON so that `speedrun status|logs|cancel` work after the launching CLI exits.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from orchestrator.config import ClusterConfig
+    from orchestrator.plan import LaunchPlan
+
+
+class RunState(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+
+
+@dataclass
+class Handle:
+    """What a backend needs to find a submitted run again: JSON-serialisable, stored with the run."""
+
+    backend: str
+    sweep_id: str
+    job_ids: list[str]
+    data: dict[str, Any] = field(default_factory=dict)
+    submitted_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Handle":
+        return cls(**d)
+
+
+@dataclass
+class RunStatus:
+    state: RunState
+    detail: str = ""
+    # per job id (one per node, or per array task) -> state
+    jobs: dict[str, RunState] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """submit(plan) -> Handle, status(h), logs(h), cancel(h); describe(plan) is the --dry-run text."""
+
+    name: str = "base"
+
+    def __init__(self, cluster: "ClusterConfig"):
+        self.cluster = cluster
+
+    @abstractmethod
+    def describe(self, plan: "LaunchPlan") -> str:
+        """What submit() would do, as text for --dry-run (an sbatch script, a Ray entrypoint, a command)."""
+
+    @abstractmethod
+    def submit(self, plan: "LaunchPlan") -> Handle:
+        """Start one node-runner invocation per node and return at once."""
+
+    @abstractmethod
+    def status(self, handle: Handle) -> RunStatus: ...
+
+    @abstractmethod
+    def logs(self, handle: Handle, follow: bool = False) -> Iterator[str]:
+        """The node runner's console output, line by line; with follow, until the run finishes."""
+
+    @abstractmethod
+    def cancel(self, handle: Handle) -> None: ...
+
+    def wait(self, handle: Handle, poll_s: float = 1.0, timeout_s: float | None = None) -> RunStatus:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            st = self.status(handle)
+            if st.state.finished:
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                return st
+            time.sleep(poll_s)
+
+
+def get_backend(cluster: "ClusterConfig") -> Backend:
+    """The backend named by the cluster config; engines are imported only when asked for."""
+    if cluster.backend == "local":
+        from orchestrator.backends.local import LocalBackend
+
+        return LocalBackend(cluster)
+    if cluster.backend == "slurm":
+        from orchestrator.backends.slurm import SlurmBackend
+
+        return SlurmBackend(cluster)
+    if cluster.backend == "ray":
+        from orchestrator.backends.ray import RayBackend
+
+        return RayBackend(cluster)
+    raise ValueError(f"unknown backend {cluster.backend!r}")

@@ -1,0 +1,335 @@
+"""JobSpec and ClusterConfig: typed, loaded once from YAML, validated with path-precise errors.
+
+Every default lives here (orchestrator side) or in trainer/config.py (the recipe). A problem is
+reported as ONE sentence `FILE: KEY.PATH: what is wrong; what to do`, raised as ConfigError,
+before anything is created on disk or submitted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(Exception):
+    """One clear sentence naming the file, the key and the fix. The CLI exits 2 on it."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- job
+
+
+class DataSpec(Strict):
+    source: str = Field(description="directory, http(s)://, hf://datasets/..., s3://..., or synthetic://...")
+    train_shards: int | None = Field(None, ge=1, description="how many train shards to stage; None = all")
+    val_shards: int = Field(1, ge=0)
+    dir: str | None = Field(None, description="node-local directory for shards; default: the cluster's data_dir")
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else "file"
+        if scheme not in ("file", "http", "https", "hf", "s3", "synthetic"):
+            raise ValueError(f"unknown source scheme {scheme!r}; use a directory, http(s)://, hf://, s3:// or synthetic://")
+        return v
+
+
+class CheckpointSpec(Strict):
+    every: int = Field(0, ge=0, description="save every K steps (0: only the final one)")
+    final: bool = True
+    keep_last: int = Field(2, ge=1, description="checkpoints kept in the store per seed")
+
+
+class JobSpec(Strict):
+    name: str
+    seeds: int = Field(1, ge=1)
+    seed_base: int = Field(0, ge=0, description="seeds run as seed_base .. seed_base+seeds-1")
+    data: DataSpec
+    trainer: dict[str, Any] = Field(default_factory=dict, description="overrides of trainer.config.TrainConfig")
+    script: str | None = Field(None, description="an external modded-nanogpt style train_gpt.py instead of our trainer")
+    script_args: list[str] = Field(default_factory=list)
+    target_loss: float = 3.28
+    retries: int = Field(0, ge=0, description="re-submit a failed seed this many times")
+    store: str | None = Field(None, description="object store URL; default: the cluster's store")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    env: dict[str, str] = Field(default_factory=dict)
+    log_sync_seconds: float = Field(30.0, gt=0, description="upload the growing train.log this often")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be lower-case letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit")
+        return v
+
+
+# ------------------------------------------------------------------------------------- cluster
+
+
+class LocalSettings(Strict):
+    pass
+
+
+class SlurmSettings(Strict):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = Field(60, ge=1)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem_gb: int | None = Field(None, ge=1)
+    constraint: str | None = None
+    exclusive: bool = False
+    extra_sbatch: list[str] = Field(default_factory=list, description="extra #SBATCH lines, e.g. '--reservation=x'")
+    log_dir: str = "~/.cache/speedrun/slurm"
+    signal_delay_s: int = Field(120, ge=0, description="Slurm signals the job this long before its time limit")
+    seeds_parallel: bool = False
+
+
+class RaySettings(Strict):
+    address: str = Field("auto", description="Ray dashboard/Jobs address, e.g. http://127.0.0.1:8265")
+    cluster_yaml: str | None = Field(None, description="Ray cluster launcher config for `speedrun cluster up|down`")
+    working_dir: str | None = None
+    pip: list[str] = Field(default_factory=list)
+
+
+class ClusterConfig(Strict):
+    name: str
+    backend: Literal["local", "slurm", "ray"]
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=1, description="trainer processes per node (torchrun --nproc_per_node)")
+    device: Literal["cuda", "cpu"] = "cuda"
+    data_dir: str = "~/.cache/speedrun/data"
+    work_dir: str = "~/.cache/speedrun/work"
+    store: str = "runs"
+    python: str | None = Field(None, description="python on the node; default: the launching interpreter")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before the node runner")
+    env: dict[str, str] = Field(default_factory=dict)
+    cost_per_hour: float | None = Field(None, ge=0, description="$ per node-hour, for the cost line")
+    local: LocalSettings | None = None
+    slurm: SlurmSettings | None = None
+    ray: RaySettings | None = None
+
+    @model_validator(mode="after")
+    def _section_for_backend(self) -> "ClusterConfig":
+        if self.backend == "slurm" and self.slurm is None:
+            self.slurm = SlurmSettings()
+        if self.backend == "ray" and self.ray is None:
+            self.ray = RaySettings()
+        return self
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} file; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, not a {type(data).__name__}")
+    return data
+
+
+def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The key names allowed at `loc` inside `model`, for 'did you mean' hints."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return []
+        f = cur.model_fields.get(part)
+        if f is None:
+            return []
+        ann = f.annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)] or [ann]
+        cur = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return []
+
+
+def _explain(e: ValidationError, path: Path, model: type[BaseModel]) -> ConfigError:
+    err = e.errors()[0]
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _fields_of(model, loc), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "; remove it"
+        return ConfigError(f"{path}: {key}: unknown key{hint}")
+    if err["type"] == "missing":
+        return ConfigError(f"{path}: {key}: required key is missing; add it")
+    msg = err["msg"].removeprefix("Value error, ")
+    msg = msg.replace("greater than", "must be >").replace("Input should be", "must be")
+    return ConfigError(f"{path}: {key}: {msg} (got {err.get('input')!r})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`trainer.steps=50` -> (['trainer', 'steps'], 50); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY.PATH=VALUE, e.g. --set trainer.steps=50")
+    key, _, raw = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {text}: empty key; use KEY.PATH=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {'.'.join(parts)}: '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def validate_trainer_overrides(overrides: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Check `trainer:` keys against trainer.config.TrainConfig (names and scalar types)."""
+    from trainer.config import TrainConfig  # pure dataclass: importing it does not import torch
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    out: dict[str, Any] = {}
+    for k, v in overrides.items():
+        if k not in fields:
+            close = difflib.get_close_matches(k, list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; see trainer/config.py for the keys"
+            raise ConfigError(f"{path}: trainer.{k}: unknown key{hint}")
+        want = hints[k]
+        base = [a for a in typing.get_args(want) if a is not type(None)] or [want]
+        ok = any(
+            (t is float and isinstance(v, (int, float)) and not isinstance(v, bool))
+            or (t is int and isinstance(v, int) and not isinstance(v, bool))
+            or (t is bool and isinstance(v, bool))
+            or (t is str and isinstance(v, str))
+            or (typing.get_origin(t) in (tuple, list) and isinstance(v, (list, tuple)))
+            for t in base
+        ) or (v is None and type(None) in typing.get_args(want))
+        if not ok:
+            names = "/".join(getattr(t, "__name__", str(t)) for t in base)
+            raise ConfigError(f"{path}: trainer.{k}: must be {names} (got {v!r})")
+        out[k] = float(v) if base[0] is float and isinstance(v, int) else v
+    merged = TrainConfig(**out)
+    try:
+        merged.validate()
+    except ValueError as e:
+        raise ConfigError(f"{path}: trainer.{e}") from None
+    return out
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    path = Path(path)
+    data = _read_yaml(path, "job")
+    for o in overrides:
+        parts, value = parse_override(o)
+        if parts[0] == "cluster":
+            continue  # applied to the cluster config
+        _apply(data, parts, value)
+    try:
+        job = JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, path, JobSpec) from None
+    job.trainer = validate_trainer_overrides(job.trainer, path)
+    if job.script is not None:
+        script = Path(job.script) if Path(job.script).is_absolute() else (path.parent / job.script)
+        if not script.is_file() and not Path(job.script).is_file():
+            raise ConfigError(f"{path}: script: {job.script} does not exist; give a path to a train_gpt.py")
+    return job
+
+
+def cluster_search_path() -> list[Path]:
+    extra = os.environ.get("SPEEDRUN_CLUSTER_CONFIGS")
+    dirs = [Path(extra)] if extra else []
+    return dirs + [Path.cwd() / "cluster_configs", REPO_ROOT / "cluster_configs"]
+
+
+def find_cluster_file(name: str) -> Path:
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        return Path(name)
+    for d in cluster_search_path():
+        p = d / f"{name}.yaml"
+        if p.is_file():
+            return p
+    known = sorted({p.stem for d in cluster_search_path() if d.is_dir() for p in d.glob("*.yaml")})
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known clusters: {', '.join(known) or 'none'}"
+    raise ConfigError(f"--cluster {name}: no cluster_configs/{name}.yaml; {hint}")
+
+
+def load_cluster(name_or_path: str, overrides: list[str] = ()) -> tuple[ClusterConfig, Path]:
+    path = find_cluster_file(name_or_path)
+    data = _read_yaml(path, "cluster config")
+    data.setdefault("name", path.stem)
+    for o in overrides:
+        parts, value = parse_override(o)
+        if parts[0] == "cluster" and len(parts) > 1:
+            _apply(data, parts[1:], value)
+    try:
+        return ClusterConfig.model_validate(data), path
+    except ValidationError as e:
+        raise _explain(e, path, ClusterConfig) from None
+
+
+# ------------------------------------------------------------------------------ side-effect checks
+
+
+def expand(p: str) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(p)))
+
+
+def check_writable_dir(p: Path, what: str, key: str) -> None:
+    """Would creating/writing p succeed? Checked on the nearest existing ancestor; creates nothing."""
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{key}: {p} is a file, not a directory; point {what} at a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}: {p} is not writable; choose a {what} you can write to")
+        return
+    anc = p.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: cannot create {p} ({anc} is not writable); choose a {what} you can write to")
+
+
+def check_store_url(url: str, key: str = "store") -> str:
+    """Reject store URLs that escape their root; for a local store, check it can be written."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "file", url
+    if scheme not in ("file", "s3"):
+        raise ConfigError(f"{key}: unknown store scheme {scheme!r} in {url!r}; use a directory, file:// or s3://bucket/prefix")
+    segments = rest.replace("\\", "/").split("/")
+    if ".." in segments:
+        raise ConfigError(f"{key}: {url!r} escapes its root with '..'; give the store directory or prefix without '..'")
+    if any(ord(c) < 32 for c in url):
+        raise ConfigError(f"{key}: {url!r} contains control characters; remove them")
+    if scheme == "file":
+        check_writable_dir(expand(rest).absolute(), "store", key)
+    elif not rest.split("/", 1)[0]:
+        raise ConfigError(f"{key}: {url!r} names no bucket; use s3://bucket/prefix")
+    return url

@@ -1,0 +1,111 @@
+"""LaunchPlan: everything a node runner needs, decided on the launching machine and shipped as JSON.
+
+Pure: building a plan reads configs and git metadata but creates nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import REPO_ROOT, ClusterConfig, JobSpec
+
+
+def code_version(root: Path = REPO_ROOT) -> dict[str, Any]:
+    """Git commit and dirty flag of the checkout that launches (no secrets: no remote URLs)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def make_sweep_id(job_name: str, payload: str, now: float | None = None) -> str:
+    """`<job-name>-<utc-timestamp>-<short-hash>`; the hash covers the plan and the instant."""
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    digest = hashlib.sha256(f"{payload}|{now!r}".encode()).hexdigest()[:6]
+    return f"{job_name}-{stamp}-{digest}"
+
+
+@dataclass
+class LaunchPlan:
+    sweep_id: str
+    job: JobSpec
+    cluster: ClusterConfig
+    job_file: str
+    cluster_file: str
+    seeds: list[int]
+    store_url: str
+    created_at: float = field(default_factory=time.time)
+    code: dict[str, Any] = field(default_factory=dict)
+    python: str = sys.executable
+    # Filled per submission for seeds that run as separate jobs (Slurm arrays, retries).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> str:
+        return self.job.data.dir or self.cluster.data_dir
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["job"] = self.job.model_dump()
+        d["cluster"] = self.cluster.model_dump()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LaunchPlan":
+        d = dict(d)
+        d["job"] = JobSpec.model_validate(d["job"])
+        d["cluster"] = ClusterConfig.model_validate(d["cluster"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LaunchPlan":
+        return cls.from_dict(json.loads(text))
+
+    def for_seeds(self, seeds: list[int]) -> "LaunchPlan":
+        d = self.to_dict()
+        d["seeds"] = list(seeds)
+        return LaunchPlan.from_dict(d)
+
+
+def build_plan(
+    job: JobSpec,
+    cluster: ClusterConfig,
+    job_file: Path,
+    cluster_file: Path,
+    seeds: int | None = None,
+    store: str | None = None,
+    now: float | None = None,
+) -> LaunchPlan:
+    n = seeds if seeds is not None else job.seeds
+    seed_list = list(range(job.seed_base, job.seed_base + n))
+    store_url = store or job.store or cluster.store
+    payload = json.dumps([job.model_dump(), cluster.model_dump(), seed_list, store_url], sort_keys=True)
+    created = time.time() if now is None else now
+    return LaunchPlan(
+        sweep_id=make_sweep_id(job.name, payload, created),
+        job=job,
+        cluster=cluster,
+        job_file=str(job_file),
+        cluster_file=str(cluster_file),
+        seeds=seed_list,
+        store_url=store_url,
+        created_at=created,
+        code=code_version(),
+    )

@@ -1,0 +1,89 @@
+"""TrainConfig: the one place the recipe's defaults live. Defaults = the record configuration.
+
+Pure dataclass (no torch import) so the orchestrator can validate `trainer:` overrides from a job
+file without a GPU stack. Scalar fields only, so `--set trainer.KEY=VALUE` can reach every one.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    train_files: str = "fineweb_train_*.bin"   # glob inside --data-dir
+    val_files: str = "fineweb_val_*.bin"
+    val_tokens: int = 10_485_760              # the record's validation budget, exactly
+    # tokens per optimizer step = seq_len * grad_accum_total; split over however many ranks there are
+    seq_len: int = 48 * 1024                  # tokens per micro-batch per rank (one packed, BOS-aligned sequence)
+    grad_accum_total: int = 8                 # micro-batches per step across all ranks (8 GPUs x 1, or 1 GPU x 8)
+    val_seq_len: int = 4 * 64 * 1024
+    # --- model
+    vocab_size: int = 50257
+    num_layers: int = 12
+    model_dim: int = 768
+    num_heads: int = 6
+    head_dim: int = 128
+    mlp_ratio: int = 4
+    logit_softcap: float = 15.0
+    num_value_embeds: int = 3                 # value embeddings mixed into the first and last 3 layers
+    window_min_blocks: int = 1                # sliding window grows from min to max blocks of 128 tokens
+    window_max_blocks: int = 14
+    block_size: int = 128
+    fp8_head: bool = True                     # FP8 lm-head matmul on Hopper; ignored elsewhere
+    attention: str = "auto"                   # auto | flex | dense
+    # --- schedule
+    steps: int = 1695
+    cooldown_frac: float = 0.45
+    warmup_steps: int = 0
+    val_every: int = 125
+    # --- optimizer
+    muon_lr: float = 0.05
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 300
+    adam_embed_lr: float = 0.3
+    adam_head_lr: float = 1.0 / 320
+    adam_scalar_lr: float = 0.015
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    # --- runtime
+    seed: int = 0
+    device: str = "auto"                      # auto | cuda | cpu
+    compile: bool = True                      # torch.compile on CUDA; off on CPU
+    warmup_compile_steps: int = 10            # untimed steps on dummy data, then the state is reset
+    checkpoint_every: int = 0
+    checkpoint_final: bool = True
+    stop_check_every: int = 10                # how often ranks agree on a checkpoint-and-stop request
+    log_every: int = 1
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError('key: problem') on the first bad value."""
+        positive = ["val_tokens", "seq_len", "grad_accum_total", "val_seq_len", "vocab_size", "num_layers",
+                    "model_dim", "num_heads", "head_dim", "mlp_ratio", "block_size", "steps", "val_every",
+                    "window_min_blocks", "window_max_blocks", "stop_check_every", "log_every"]
+        for k in positive:
+            if getattr(self, k) <= 0:
+                raise ValueError(f"{k}: must be > 0 (got {getattr(self, k)})")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise ValueError(f"cooldown_frac: must be within [0, 1] (got {self.cooldown_frac})")
+        if self.window_min_blocks > self.window_max_blocks:
+            raise ValueError("window_min_blocks: must be <= window_max_blocks")
+        if self.seq_len % self.block_size:
+            raise ValueError(f"seq_len: must be a multiple of block_size={self.block_size} (got {self.seq_len})")
+        if self.attention not in ("auto", "flex", "dense"):
+            raise ValueError(f"attention: must be auto, flex or dense (got {self.attention!r})")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown TrainConfig key")
+        return cls(**d).validate()
