@@ -1,0 +1,136 @@
+"""Log parsing: our trainer's lines and modded-nanogpt's (record and 2024 logs), whole and truncated."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from orchestrator.results import MemoryEvent, RunSummary, StepEvent, parse_line, parse_log
+
+LOGS = Path(__file__).resolve().parents[1] / "data" / "logs"
+
+
+def read(name: str) -> str:
+    return (LOGS / name).read_text()
+
+
+def test_val_line_gives_every_field():
+    e = parse_line("step:1695/1695 val_loss:3.2772 train_time:168938ms step_avg:99.67ms")
+    assert e == StepEvent(step=1695, total_steps=1695, val_loss=3.2772, train_loss=None,
+                          train_time_ms=168938.0, step_avg_ms=99.67)
+
+
+def test_train_line_gives_train_loss_not_val_loss():
+    e = parse_line("step:10/1695 train_loss:5.1234 train_time:1234ms step_avg:123.40ms")
+    assert isinstance(e, StepEvent)
+    assert (e.step, e.train_loss, e.val_loss, e.train_time_ms, e.step_avg_ms) == (10, 5.1234, None, 1234.0, 123.40)
+
+
+@pytest.mark.parametrize("line", [
+    "step: 10 / 1695   val_loss: 3.5000  train_time: 1234ms  step_avg: 123.40ms",
+    "[rank0]: step:10/1695 val_loss:3.5000 train_time:1234ms step_avg:123.40ms",
+    "step:10/1695\tval_loss:3.5000\ttrain_time:1234ms\tstep_avg:123.40ms\r",
+])
+def test_spacing_and_prefixes_do_not_matter(line):
+    e = parse_line(line)
+    assert isinstance(e, StepEvent) and (e.step, e.total_steps, e.val_loss, e.train_time_ms) == (10, 1695, 3.5, 1234.0)
+
+
+def test_step_zero_nan_step_avg_parses_as_nan():
+    e = parse_line("step:0/3000 val_loss:10.8258 train_time:0ms step_avg:nanms")
+    assert isinstance(e, StepEvent) and e.val_loss == 10.8258 and math.isnan(e.step_avg_ms)
+
+
+def test_memory_lines_current_and_2024():
+    assert parse_line("peak memory allocated: 34004 MiB reserved: 49660 MiB") == MemoryEvent(34004, 49660)
+    assert parse_line("peak memory consumption: 31177 MiB") == MemoryEvent(31177, None)
+
+
+@pytest.mark.parametrize("line", [
+    '        print0(f"step:{step}/{train_steps} val_loss:{val_loss:.4f} train_time:{t:.0f}ms", console=True)',
+    'print0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "',
+    "|   0  NVIDIA H100 80GB HBM3          On  |   00000000:19:00.0 Off |                    0 |",
+    "", "warmup done in 41.2 s",
+])
+def test_source_code_and_other_noise_is_not_an_event(line):
+    assert parse_line(line) is None
+
+
+def test_our_complete_log():
+    r = parse_log(read("ours_complete.txt"))
+    assert r.complete and r.reason == ""
+    assert (r.total_steps, r.steps_done) == (100, 100)
+    assert r.final_val_loss == pytest.approx(3.2712)
+    assert [p.step for p in r.val_points] == [0, 25, 50, 75, 100]
+    assert all(p.train_loss is not None for p in r.train_points)
+    assert r.train_time_ms == r.val_points[-1].train_time_ms
+    assert (r.peak_alloc_mib, r.peak_reserved_mib) == (34004, 49660)
+
+
+def test_our_log_that_died_of_oom_is_incomplete_and_says_why():
+    r = parse_log(read("ours_oom.txt"))
+    assert not r.complete
+    assert r.steps_done == 60 and r.total_steps == 100
+    assert "stopped at step 60/100" in r.reason
+    assert "OutOfMemoryError" in r.reason
+    assert r.final_val_loss == r.val_points[-1].val_loss  # the last val seen, but not a final result
+
+
+def test_modded_nanogpt_record_log_with_source_and_nvidia_smi():
+    r = parse_log(read("modded_record.txt"))
+    assert r.complete
+    assert r.val_points[0].step == 0 and r.val_points[-1].step == 1695
+    assert r.final_val_loss == pytest.approx(3.2772)
+    assert r.train_time_ms == pytest.approx(168941, abs=5) and r.step_avg_ms == pytest.approx(99.67, abs=0.01)
+    assert all(p.train_loss is None for p in r.train_points)  # newer records print no train loss
+    assert r.peak_alloc_mib == 34004
+
+
+def test_modded_nanogpt_2024_log():
+    r = parse_log(read("modded_2024.txt"))
+    assert r.complete and r.total_steps == 3000
+    assert r.final_val_loss == pytest.approx(3.2806)
+    assert r.peak_alloc_mib == 31177 and r.peak_reserved_mib is None
+    assert r.val_points[0].step_avg_ms is None  # the `nanms` of step 0 is not a measurement
+
+
+def test_log_cut_mid_line_is_incomplete():
+    r = parse_log(read("modded_truncated.txt"))
+    assert not r.complete
+    assert r.steps_done == 925 and r.total_steps == 1695
+    assert r.reason.startswith("stopped at step 925/1695")
+    assert r.train_time_ms is not None and r.peak_alloc_mib is None
+
+
+def test_empty_log_and_log_without_steps():
+    assert parse_log("").reason.startswith("no step lines")
+    r = parse_log("Traceback (most recent call last):\n  File \"x\"\nFileNotFoundError: no shards in /data\n")
+    assert not r.complete and "FileNotFoundError: no shards in /data" in r.reason
+
+
+def test_nan_final_loss_is_not_complete():
+    r = parse_log("step:10/10 val_loss:nan train_time:100ms step_avg:10.00ms\n")
+    assert not r.complete and "nan" in r.reason
+
+
+def test_missing_final_validation():
+    r = parse_log("step:5/10 val_loss:4.0 train_time:50ms step_avg:10.00ms\n"
+                  "step:10/10 train_loss:3.9 train_time:100ms step_avg:10.00ms\n")
+    assert not r.complete and r.reason == "no validation at the final step 10"
+
+
+def test_resumed_run_later_lines_win():
+    text = ("step:5/10 val_loss:4.0 train_time:50ms step_avg:10.00ms\n"
+            "step:6/10 train_loss:3.9 train_time:60ms step_avg:10.00ms\n"
+            "step:5/10 val_loss:4.1 train_time:55ms step_avg:11.00ms\n"  # resumed from the step-5 checkpoint
+            "step:10/10 val_loss:3.2 train_time:110ms step_avg:11.00ms\n")
+    r = parse_log(text)
+    assert r.complete and [p.val_loss for p in r.val_points] == [4.1, 3.2] and r.train_time_ms == 110
+
+
+def test_summary_from_result():
+    s = RunSummary.from_result(parse_log(read("modded_record.txt")), seed=3)
+    assert (s.seed, s.name, s.complete) == (3, "seed-3", True)
+    assert s.train_time_s == pytest.approx(168.94, abs=0.01) and s.peak_mem_mib == 34004
+    assert RunSummary.from_dict(s.to_dict()) == s
