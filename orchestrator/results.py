@@ -11,10 +11,16 @@ file. Everything above the loaders at the bottom is pure.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
 
 # `step:N/T` anywhere on the line (torchrun may prefix `[rank0]:`), then `key:value` pairs.
 _STEP_RE = re.compile(r"\bstep\s*:\s*(\d+)\s*/\s*(\d+)")
@@ -173,7 +179,7 @@ def _last_error(lines: list[str], after: int) -> str | None:
 
 
 def parse_log(text: str) -> RunResult:
-    """Whole-log result. A step repeated after a resume replaces the earlier one (the later run wins)."""
+    """Whole-log result. After a resume or a retry the later attempt wins (see the note in the loop)."""
     lines = text.splitlines()
     val: dict[int, ValPoint] = {}
     train: dict[int, TrainPoint] = {}
@@ -188,6 +194,11 @@ def parse_log(text: str) -> RunResult:
             continue
         if event is None:
             continue
+        if last is not None and event.step < last.step:
+            # A resume from a checkpoint or a retry from scratch (the node runner appends to train.log):
+            # what the earlier attempt logged from this step on is superseded.
+            val = {k: v for k, v in val.items() if k < event.step}
+            train = {k: v for k, v in train.items() if k < event.step}
         last, last_step_line = event, i + 1
         if event.val_loss is not None:
             val[event.step] = ValPoint(event.step, event.total_steps, event.val_loss,
@@ -228,3 +239,97 @@ def parse_log(text: str) -> RunResult:
     if result.error:
         result.reason += f": {result.error}"
     return result
+
+
+# ---- loaders: a sweep in the store, or raw log files (the only I/O in this module) ----
+
+_SEED_DIR_RE = re.compile(r"^seed-(\d+)$")
+
+
+class ResultsError(Exception):
+    """One sentence naming the sweep or file, the cause and the fix."""
+
+
+@dataclass
+class SeedRun:
+    """One seed (or one log file) with its parsed curves, for the statistics and the plots."""
+
+    summary: RunSummary
+    result: RunResult | None = None
+
+    @property
+    def name(self) -> str:
+        return self.summary.name
+
+
+def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedRun:
+    prefix = f"{sweep_id}/seed-{seed}"
+    name = f"seed-{seed}"
+    if f"{prefix}/train.log" not in keys:
+        why = "no train.log in the store" if keys else "no objects in the store (never started, or still staging)"
+        return SeedRun(RunSummary.failed(why, seed=seed, name=name))
+    text = store.get_bytes(f"{prefix}/train.log").decode("utf-8", errors="replace")
+    result = parse_log(text)
+    summary = RunSummary.from_result(result, seed=seed, name=name)
+    manifest = None
+    if f"{prefix}/manifest.json" in keys:
+        try:
+            manifest = json.loads(store.get_bytes(f"{prefix}/manifest.json"))
+        except ValueError:
+            manifest = None
+    if manifest is None:
+        # The manifest is written last: without it the upload is unfinished, whatever the log says.
+        summary.complete = False
+        summary.reason = "no manifest.json (upload unfinished or seed still running; `speedrun collect` finishes it)" + (
+            f"; log: {result.reason}" if result.reason else "")
+    elif isinstance(manifest, dict) and manifest.get("state") not in (None, "succeeded", "complete", "completed"):
+        summary.complete = False
+        summary.reason = f"node runner marked it {manifest['state']}" + (f"; log: {result.reason}" if result.reason else "")
+    return SeedRun(summary, result)
+
+
+def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedRun]:
+    """Every seed of a sweep: those found under `<sweep>/seed-<n>/` and those the plan lists but never wrote."""
+    sweep_id = sweep_id.strip("/")
+    listing = store.list(f"{sweep_id}/")
+    keys = {getattr(o, "key", o) for o in listing}
+    seeds: set[int] = set()
+    for key in keys:
+        parts = key[len(sweep_id) + 1:].split("/")
+        m = _SEED_DIR_RE.match(parts[0])
+        if m and len(parts) > 1:
+            seeds.add(int(m.group(1)))
+    if f"{sweep_id}/plan.json" in keys:
+        try:
+            seeds.update(int(s) for s in json.loads(store.get_bytes(f"{sweep_id}/plan.json")).get("seeds", []))
+        except (ValueError, TypeError, AttributeError):
+            log.warning("%s/plan.json is not a readable plan; using the seeds found in the store", sweep_id)
+    if not seeds:
+        raise ResultsError(f"sweep {sweep_id!r}: no seed-<n>/ objects and no plan.json under {store.url(sweep_id)}; "
+                           "check the sweep id (`speedrun status`) and the --store URL")
+    runs = []
+    for seed in sorted(seeds):
+        seed_keys = {k for k in keys if k.startswith(f"{sweep_id}/seed-{seed}/")}
+        runs.append(_seed_run(store, sweep_id, seed, seed_keys))
+    return runs
+
+
+def load_sweep(store: Any, sweep_id: str) -> list[RunSummary]:
+    return [r.summary for r in load_sweep_runs(store, sweep_id)]
+
+
+def runs_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedRun]:
+    """Raw training logs (`speedrun stats logs/*.txt`); each file is one run, named by its file name."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ResultsError(f"log file {missing[0]} does not exist or is not a file; pass training logs "
+                           "(ours or modded-nanogpt's) or a sweep id")
+    runs = []
+    for p in paths:
+        result = parse_log(Path(p).read_text(encoding="utf-8", errors="replace"))
+        runs.append(SeedRun(RunSummary.from_result(result, seed=None, name=Path(p).name), result))
+    return runs
+
+
+def summaries_from_logs(paths: Sequence[str | os.PathLike]) -> list[RunSummary]:
+    return [r.summary for r in runs_from_logs(paths)]

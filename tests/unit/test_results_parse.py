@@ -134,3 +134,15 @@ def test_summary_from_result():
     assert (s.seed, s.name, s.complete) == (3, "seed-3", True)
     assert s.train_time_s == pytest.approx(168.94, abs=0.01) and s.peak_mem_mib == 34004
     assert RunSummary.from_dict(s.to_dict()) == s
+
+
+def test_retry_appended_to_the_same_log_supersedes_the_dead_attempt():
+    # The node runner appends every attempt to train.log: attempt 1 reached step 8, attempt 2 died at step 4.
+    text = ("step:4/10 val_loss:4.0 train_time:40ms step_avg:10.00ms\n"
+            "step:8/10 val_loss:3.5 train_time:80ms step_avg:10.00ms\n"
+            "RuntimeError: NCCL timeout\n"
+            "step:0/10 val_loss:10.8 train_time:0ms step_avg:nanms\n"
+            "step:4/10 val_loss:4.1 train_time:41ms step_avg:10.25ms\n")
+    r = parse_log(text)
+    assert not r.complete and r.steps_done == 4 and r.final_val_loss == 4.1
+    assert r.reason == "stopped at step 4/10"
