@@ -1,0 +1,315 @@
+"""`speedrun`: argument parsing and printing only; the work happens in the modules it calls.
+
+Exit codes: 0 success, 1 the run failed, 2 bad input (one sentence naming file, key and fix; nothing created).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.config import ConfigError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+# ------------------------------------------------------------------------------------------ launch
+
+
+def _prepare_launch(args):
+    """Load, validate and plan; creates nothing. Returns (plan, backend)."""
+    from orchestrator.backends.base import get_backend
+    from orchestrator.config import check_store_url, check_writable_dir, expand, load_cluster, load_job
+    from orchestrator.plan import build_plan
+
+    job = load_job(args.job, args.set)
+    cluster, cluster_path = load_cluster(args.cluster, args.set)
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: must be >= 1")
+    if args.seeds_parallel:
+        if cluster.backend != "slurm":
+            raise ConfigError(f"--seeds-parallel: only the slurm backend runs seeds as a job array, not {cluster.backend!r}")
+        cluster.slurm.seeds_parallel = True
+    store_url = args.store or job.store or cluster.store
+    store_key = "--store" if args.store else (f"{args.job}: store" if job.store else f"{cluster_path}: store")
+    check_store_url(store_url, store_key)
+    if "://" not in store_url or store_url.startswith("file://"):
+        store_url = str(expand(store_url.removeprefix("file://")).absolute())
+    if cluster.backend == "local":  # remote nodes' directories are checked by the node runner there
+        data_key = f"{args.job}: data.dir" if job.data.dir else f"{cluster_path}: data_dir"
+        check_writable_dir(expand(job.data.dir or cluster.data_dir), "data directory", data_key)
+        check_writable_dir(expand(cluster.work_dir), "work directory", f"{cluster_path}: work_dir")
+    plan = build_plan(job, cluster, Path(args.job), cluster_path, seeds=args.seeds, store=store_url)
+    return plan, get_backend(cluster)
+
+
+def _print_plan(plan, backend) -> None:
+    t = Table(title=f"plan {plan.sweep_id}", show_header=False, title_justify="left")
+    t.add_row("job", f"{plan.job_file} ({plan.job.name})")
+    t.add_row("cluster", f"{plan.cluster_file} (backend {plan.cluster.backend}, {plan.cluster.nodes} node(s) x "
+                         f"{plan.cluster.gpus_per_node} {plan.cluster.device})")
+    t.add_row("seeds", ", ".join(map(str, plan.seeds)))
+    t.add_row("data", f"{plan.job.data.source} -> {plan.data_dir}")
+    t.add_row("trainer", plan.job.script or ", ".join(f"{k}={v}" for k, v in plan.job.trainer.items()) or "defaults")
+    t.add_row("store", f"{plan.store_url}/{plan.sweep_id}/")
+    t.add_row("code", f"{plan.code.get('commit') or 'unknown'}{' (dirty)' if plan.code.get('dirty') else ''}")
+    console.print(t)
+    console.print(backend.describe(plan), markup=False)
+
+
+def _follow(backend, handle) -> None:
+    """Stream the node runner's output; on a terminal, train-step lines become one live status line."""
+    from orchestrator.results import StepEvent, parse_line
+
+    if not console.is_terminal:
+        for line in backend.logs(handle, follow=True):
+            console.print(line, markup=False)
+        return
+    with console.status("waiting for the first step...") as status:
+        for line in backend.logs(handle, follow=True):
+            ev = parse_line(line)
+            if isinstance(ev, StepEvent) and ev.val_loss is None and ev.train_loss is not None:
+                status.update(f"step {ev.step}/{ev.total_steps}  train_loss {ev.train_loss:.4f}  "
+                              f"train_time {ev.train_time_ms / 1000:.1f}s  step_avg {ev.step_avg_ms or 0:.1f}ms")
+            else:
+                console.print(line, markup=False)
+
+
+def cmd_launch(args) -> int:
+    from orchestrator.runs import RunRecord, record_run
+    from orchestrator.store import open_store
+
+    plan, backend = _prepare_launch(args)
+    if args.dry_run:
+        _print_plan(plan, backend)
+        console.print("[dim]dry run: nothing was created or submitted[/dim]")
+        return 0
+    store = open_store(plan.store_url)
+    store.put_bytes(plan.to_json().encode(), f"{plan.sweep_id}/plan.json")
+    handle = backend.submit(plan)
+    record_run(RunRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
+                         handle.to_dict()), store)
+    console.print(f"launched [bold]{plan.sweep_id}[/bold] on {plan.cluster.name} ({backend.name}); "
+                  f"seeds {plan.seeds}")
+    if args.detach:
+        console.print(f"follow with: speedrun logs -f {plan.sweep_id}")
+        return 0
+    try:
+        _follow(backend, handle)
+    except KeyboardInterrupt:
+        console.print(f"\ndetached; the run goes on. cancel with: speedrun cancel {plan.sweep_id}")
+        return 130
+    status = backend.wait(handle, poll_s=0.5)
+    _print_sweep(store, plan.sweep_id, plan.store_url, plan.cluster)
+    console.print(f"run {plan.sweep_id}: {status.state.value} ({status.detail})")
+    return 0 if status.state.value == "SUCCEEDED" else 1
+
+
+# ------------------------------------------------------------------------------- runs and results
+
+
+def _fmt(v, spec: str, unit: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{unit}"
+
+
+def _print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
+    from orchestrator.summary import sweep_summary
+
+    s = sweep_summary(store, sweep_id)
+    t = Table(title=f"{sweep_id}", title_justify="left")
+    for col in ("seed", "state", "val loss", "train time", "step avg", "peak mem", "artifacts"):
+        t.add_column(col, justify="right" if col not in ("state", "artifacts") else "left")
+    for r in s.seeds:
+        t.add_row(str(r.seed), r.state, _fmt(r.val_loss, ".4f"), _fmt(r.train_time_s, ".1f", " s"),
+                  _fmt(r.step_avg_ms, ".1f", " ms"), _fmt(r.peak_mem_mib, ".0f", " MiB"),
+                  f"{store_url.rstrip('/')}/{sweep_id}/seed-{r.seed}/")
+    console.print(t)
+    if s.entropy_rate_nats is not None:
+        console.print(f"data entropy rate (best possible val loss): {s.entropy_rate_nats:.4f} nats")
+    if cluster is not None and cluster.cost_per_hour and s.wall_s:
+        try:
+            from orchestrator.cloud import cost_line
+
+            console.print(cost_line(cluster, s.wall_s))
+        except ImportError:
+            pass
+
+
+def _store_for(args, run_id: str | None = None):
+    """The store named by --store, else the one recorded for RUN, else the local cluster's default."""
+    from orchestrator.config import load_cluster
+    from orchestrator.runs import find_run
+    from orchestrator.store import open_store
+
+    if args.store:
+        return open_store(args.store), args.store
+    if run_id:
+        try:
+            rec = find_run(run_id)
+            return open_store(rec.store_url), rec.store_url
+        except ConfigError:
+            pass
+    cluster, _ = load_cluster(args.cluster)
+    return open_store(cluster.store), cluster.store
+
+
+def cmd_runs(args) -> int:
+    from orchestrator.runs import list_sweeps
+    from orchestrator.summary import sweep_summary
+
+    store, url = _store_for(args)
+    t = Table(title=f"runs in {url}", title_justify="left")
+    for col in ("run", "seeds", "complete", "best val loss"):
+        t.add_column(col)
+    for sweep in list_sweeps(store):
+        s = sweep_summary(store, sweep)
+        done = [r for r in s.seeds if r.state == "succeeded"]
+        best = min((r.val_loss for r in done if r.val_loss is not None), default=None)
+        t.add_row(sweep, str(len(s.seeds)), f"{len(done)}/{len(s.seeds)}", _fmt(best, ".4f"))
+    console.print(t)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from orchestrator.runs import list_sweeps
+
+    store, url = _store_for(args, args.run)
+    if args.run not in list_sweeps(store):
+        raise ConfigError(f"run {args.run!r}: not found in store {url}; list runs with `speedrun runs --store {url}`")
+    _print_sweep(store, args.run, url)
+    return 0
+
+
+def _backend_for(run_id: str):
+    from orchestrator.backends.base import get_backend
+    from orchestrator.config import ClusterConfig
+    from orchestrator.runs import find_run
+    from orchestrator.plan import LaunchPlan
+
+    rec = find_run(run_id)
+    from orchestrator.store import open_store
+
+    store = open_store(rec.store_url)
+    plan = LaunchPlan.from_json(store.get_bytes(f"{run_id}/plan.json").decode())
+    cluster: ClusterConfig = plan.cluster
+    return get_backend(cluster), rec.handle_obj, store, rec
+
+
+def cmd_status(args) -> int:
+    backend, handle, store, rec = _backend_for(args.run)
+    st = backend.status(handle)
+    console.print(f"{args.run}: [bold]{st.state.value}[/bold] {st.detail}")
+    for job, state in st.jobs.items():
+        console.print(f"  job {job}: {state.value}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    backend, handle, _, _ = _backend_for(args.run)
+    for line in backend.logs(handle, follow=args.follow):
+        console.print(line, markup=False)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    backend, handle, _, _ = _backend_for(args.run)
+    backend.cancel(handle)
+    console.print(f"{args.run}: cancel requested; now {backend.status(handle).state.value}")
+    return 0
+
+
+def cmd_collect(args) -> int:
+    from orchestrator.artifacts import collect
+    from orchestrator.config import expand, load_cluster
+
+    store, url = _store_for(args, args.run)
+    spool = Path(args.spool) if args.spool else None
+    if spool is None:
+        cluster, _ = load_cluster(args.cluster)
+        spool = expand(cluster.work_dir) / args.run / "spool"
+    report = collect(store, spool, args.run)
+    console.print(report.describe() if hasattr(report, "describe") else str(report))
+    return 0 if getattr(report, "ok", True) else 1
+
+
+# --------------------------------------------------------------------------------------- parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="speedrun", description="Launch NanoGPT-speedrun jobs and prove records.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("launch", help="run a job (all its seeds) on a cluster")
+    p.add_argument("job", help="job YAML, e.g. jobs/smoke.yaml")
+    p.add_argument("--cluster", default="local", help="cluster_configs/NAME.yaml or a path (default: local)")
+    p.add_argument("--seeds", type=int, help="number of seeds (overrides seeds: in the job)")
+    p.add_argument("--store", help="object store: a directory, file://..., or s3://bucket/prefix")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job key (trainer.steps=50) or a cluster key (cluster.nodes=2)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and what would be submitted; change nothing")
+    p.add_argument("--detach", action="store_true", help="return once submitted")
+    p.add_argument("--seeds-parallel", action="store_true", help="slurm: one array task per seed")
+    p.set_defaults(func=cmd_launch)
+
+    for name, func, helptext in (("status", cmd_status, "state of a run"), ("cancel", cmd_cancel, "stop a run")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run")
+        p.set_defaults(func=func)
+    p = sub.add_parser("logs", help="the node runner's output of a run")
+    p.add_argument("run")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("runs", help="list runs found in a store")
+    p.add_argument("--store")
+    p.add_argument("--cluster", default="local")
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("show", help="one run's summary")
+    p.add_argument("run")
+    p.add_argument("--store")
+    p.add_argument("--cluster", default="local")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("collect", help="finish an interrupted upload from the node's spool")
+    p.add_argument("run")
+    p.add_argument("--store")
+    p.add_argument("--spool", help="spool directory (default: <work_dir>/<run>/spool)")
+    p.add_argument("--cluster", default="local")
+    p.set_defaults(func=cmd_collect)
+
+    add_data_commands(sub)
+    add_stats_commands(sub)
+    add_cluster_commands(sub)
+    return ap
+
+
+def add_data_commands(sub) -> None:
+    """`speedrun data stage|prepare|verify` (orchestrator/data/)."""
+
+
+def add_stats_commands(sub) -> None:
+    """`speedrun stats|compare|report` (orchestrator/stats.py, orchestrator/report.py)."""
+
+
+def add_cluster_commands(sub) -> None:
+    """`speedrun cluster up|down|status` (orchestrator/cloud.py)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:
+        err_console.print(f"error: {e}", style="red", markup=False, highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

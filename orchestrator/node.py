@@ -1,0 +1,414 @@
+"""The node runner: the same code on every backend, run once per node.
+
+stage shards -> restore compile cache -> torchrun the trainer once per seed -> upload each seed's
+artifacts (manifest last) -> save compile cache. Exit code 0: every seed done; 75: preempted after a
+checkpoint (the backend requeues and this resumes); 1: a seed failed after its retries.
+
+    python -m orchestrator.node --plan PLAN.json [--node-rank R --nnodes N --master-addr A --master-port P]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from rich.console import Console
+
+from orchestrator.config import REPO_ROOT, expand
+from orchestrator.plan import LaunchPlan
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on request; run again to resume
+ENV_KEYS_RECORDED = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_NODELIST", "RAY_JOB_ID", "OMP_NUM_THREADS")
+
+
+@dataclass
+class NodeEnvironment:
+    """Where this node sits in the run; filled by the backend (submitit JobEnvironment, Ray bundle, local)."""
+
+    node_rank: int = 0
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_first(self) -> bool:
+        return self.node_rank == 0
+
+
+@dataclass
+class SeedOutcome:
+    seed: int
+    state: str  # succeeded | failed | preempted | skipped
+    exit_code: int | None = None
+    attempts: int = 0
+    reason: str = ""
+    timings: dict = field(default_factory=dict)
+
+
+def trainer_code_hash(root: Path = REPO_ROOT) -> str:
+    """Hash of the code that decides what gets compiled: the trainer package."""
+    h = hashlib.sha256()
+    for p in sorted((root / "trainer").rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe_devices(device: str) -> list[str]:
+    if device == "cuda" and shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0:
+            return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return [f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"]
+
+
+def environment_record(plan: LaunchPlan, data_info: dict | None = None) -> dict:
+    """env.json: what ran where. Only named, non-secret facts; never the process environment wholesale."""
+    return {
+        "data": {"source": plan.job.data.source, **(data_info or {})},
+        "sweep_id": plan.sweep_id,
+        "git_commit": plan.code.get("commit"),
+        "git_dirty": plan.code.get("dirty"),
+        "trainer_code_hash": trainer_code_hash(),
+        "python": platform.python_version(),
+        "torch": package_version("torch"),
+        "triton": package_version("triton"),
+        "speedrun": package_version("speedrun"),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "devices": describe_devices(plan.cluster.device),
+        "backend": plan.cluster.backend,
+        "cluster": plan.cluster.name,
+        "env": {k: os.environ[k] for k in ENV_KEYS_RECORDED if k in os.environ},
+    }
+
+
+class NodeRunner:
+    def __init__(self, plan: LaunchPlan, node: NodeEnvironment | None = None, console: Console | None = None):
+        self.plan = plan
+        self.node = node or NodeEnvironment()
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.work = expand(plan.cluster.work_dir) / plan.sweep_id
+        self.cache_root = expand(plan.cluster.work_dir) / "compile-cache"
+        self._current_out: Path | None = None
+        self._proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._store = None
+        self.data_info: dict = {}
+
+    # ---------------------------------------------------------------- store (node 0 uploads)
+    @property
+    def store(self):
+        if self._store is None:
+            from orchestrator.store import open_store
+
+            self._store = open_store(self.plan.store_url)
+        return self._store
+
+    def seed_prefix(self, seed: int) -> str:
+        return f"{self.plan.sweep_id}/seed-{seed}"
+
+    def seed_done(self, seed: int) -> bool:
+        from orchestrator.artifacts import read_manifest
+
+        m = read_manifest(self.store, self.seed_prefix(seed))
+        return m is not None and m.get("state", "succeeded") == "succeeded"
+
+    # ---------------------------------------------------------------- preemption
+    def request_checkpoint(self, timeout_s: float = 300.0) -> bool:
+        """Ask the running trainer to checkpoint and exit 75; wait for it. True if it did."""
+        self._stop.set()
+        out, proc = self._current_out, self._proc
+        if out is None or proc is None or proc.poll() is not None:
+            return False
+        (out / "CHECKPOINT_NOW").touch()
+        try:
+            return proc.wait(timeout=timeout_s) == EXIT_PREEMPTED
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_signal(signum, _frame):
+            log.warning("signal %s: asking the trainer to checkpoint", signum)
+            threading.Thread(target=self.request_checkpoint, daemon=True).start()
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    # ---------------------------------------------------------------- steps
+    def stage(self):
+        from orchestrator.data.stage import stage_shards
+
+        d = self.plan.job.data
+        dest = expand(self.plan.data_dir)
+        res = stage_shards(d.source, dest, train_shards=d.train_shards, val_shards=d.val_shards,
+                           progress=self.console.is_terminal, console=self.console)
+        self.data_info = dict(res.info or {})
+        rate = self.data_info.get("entropy_rate_nats")
+        self.console.print(f"[node] staged {len(res.train_files)} train + {len(res.val_files)} val shards "
+                           f"in {dest} ({res.bytes_fetched / 1e6:.1f} MB fetched, {res.seconds:.1f}s)")
+        if rate is not None:
+            self.console.print(f"[node] synthetic source entropy rate: {rate:.4f} nats/token "
+                               f"(the best achievable val loss; ln(50257) = 10.8249)")
+        return res
+
+    def compile_cache_key(self) -> str:
+        from orchestrator.compile_cache import cache_key
+
+        gpu = describe_devices(self.plan.cluster.device)[0].split(",")[0]
+        return cache_key(trainer_code_hash(), package_version("torch") or "none", gpu)
+
+    def restore_compile_cache(self) -> None:
+        if self.plan.cluster.device != "cuda":
+            return
+        from orchestrator.compile_cache import restore_compile_cache
+
+        try:
+            hit = restore_compile_cache(self.store, self.compile_cache_key(), self.cache_root)
+            self.console.print(f"[node] compile cache {'restored' if hit else 'not in store yet (cold compile)'}")
+        except Exception as e:  # a cache is an optimisation: never fail a run over it
+            log.warning("compile cache restore failed: %s", e)
+
+    def save_compile_cache(self) -> None:
+        if self.plan.cluster.device != "cuda" or not self.node.is_first:
+            return
+        from orchestrator.compile_cache import save_compile_cache
+
+        try:
+            save_compile_cache(self.store, self.compile_cache_key(), self.cache_root)
+        except Exception as e:
+            log.warning("compile cache save failed: %s", e)
+
+    def trainer_config(self, seed: int) -> dict:
+        job = self.plan.job
+        cfg = dict(job.trainer)
+        cfg.update(seed=seed, checkpoint_every=job.checkpoint.every, checkpoint_final=job.checkpoint.final,
+                   device=self.plan.cluster.device)
+        return cfg
+
+    def torchrun_argv(self, seed: int, out: Path, data_dir: Path) -> tuple[list[str], Path]:
+        c, n = self.plan.cluster, self.node
+        run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={c.gpus_per_node}"]
+        if n.nnodes == 1:
+            run.append("--standalone")
+        else:
+            run += [f"--nnodes={n.nnodes}", f"--node_rank={n.node_rank}",
+                    f"--master_addr={n.master_addr}", f"--master_port={n.master_port}"]
+        job = self.plan.job
+        if job.script:
+            return self._script_argv(run, out, data_dir), out
+        cfg_path = out / "trainer_config.json"
+        cfg_path.write_text(json.dumps(self.trainer_config(seed), indent=2))
+        argv = run + ["-m", "trainer", "--data-dir", str(data_dir), "--out-dir", str(out),
+                      "--seed", str(seed), "--config", str(cfg_path)]
+        if any((out / "ckpt").glob("*.pt")):
+            argv += ["--resume", "auto"]
+        return argv, REPO_ROOT
+
+    def _script_argv(self, run: list[str], out: Path, data_dir: Path) -> list[str]:
+        """An external modded-nanogpt train_gpt.py reads data/fineweb10B/*.bin relative to its cwd."""
+        script = Path(self.plan.extra.get("script_path") or self.plan.job.script)
+        rundir = out / "script"
+        (rundir / "data").mkdir(parents=True, exist_ok=True)
+        link = rundir / "data" / "fineweb10B"
+        if not link.exists():
+            link.symlink_to(data_dir, target_is_directory=True)
+        shutil.copy2(script, rundir / "train_gpt.py")
+        return run + ["train_gpt.py", *self.plan.job.script_args]
+
+    def child_env(self, seed: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.plan.cluster.env)
+        env.update(self.plan.job.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["SPEEDRUN_SWEEP_ID"] = self.plan.sweep_id
+        env["SPEEDRUN_SEED"] = str(seed)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.cache_root / "inductor"))
+        env.setdefault("TRITON_CACHE_DIR", str(self.cache_root / "triton"))
+        if self.plan.cluster.device == "cpu":
+            # one gloo rank per core share; oversubscribed threads make small CPU runs several times slower
+            per_rank = max(1, (os.cpu_count() or 1) // self.plan.cluster.gpus_per_node)
+            env.setdefault("OMP_NUM_THREADS", str(per_rank))
+        return env
+
+    def run_seed_once(self, seed: int, out: Path, data_dir: Path) -> tuple[int, dict]:
+        """One torchrun of one seed, its output teed to train.log and the console."""
+        from orchestrator.artifacts import LogSync
+
+        argv, cwd = self.torchrun_argv(seed, out, data_dir)
+        if self.plan.job.script:
+            cwd = out / "script"
+        (out / "CHECKPOINT_NOW").unlink(missing_ok=True)
+        started = time.time()
+        first_step_at = None
+        log_path = out / "train.log"
+        sync = LogSync(self.store, log_path, f"{self.seed_prefix(seed)}/train.log",
+                       every_s=self.plan.job.log_sync_seconds) if self.node.is_first else None
+        with open(log_path, "a", buffering=1) as logf:
+            if sync:
+                sync.start()
+            try:
+                self._current_out = out
+                self._proc = subprocess.Popen(argv, cwd=cwd, env=self.child_env(seed), stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True, bufsize=1)
+                assert self._proc.stdout is not None
+                for line in self._proc.stdout:
+                    logf.write(line)
+                    if first_step_at is None and line.startswith("step:1/"):
+                        first_step_at = time.time()
+                    self.console.print(line.rstrip("\n"), markup=False, highlight=False)
+                rc = self._proc.wait()
+            finally:
+                self._proc = None
+                if sync:
+                    sync.stop()
+        return rc, {"started_unix": started, "first_step_unix": first_step_at, "ended_unix": time.time()}
+
+    def write_seed_records(self, seed: int, out: Path, outcome: SeedOutcome, run_t: dict, upload_s: float) -> None:
+        tt = {}
+        if (out / "trainer_timings.json").is_file():
+            tt = json.loads((out / "trainer_timings.json").read_text())
+        first = tt.get("first_step_unix") or run_t.get("first_step_unix")
+        timings = {
+            "launch_to_first_step_s": (first - self.plan.created_at) if first else None,
+            "seed_start_to_first_step_s": (first - run_t["started_unix"]) if first else None,
+            "warmup_s": tt.get("warmup_s"),
+            "train_s": tt.get("train_s"),
+            "validation_s": tt.get("val_s"),
+            "upload_s": upload_s,
+            "total_s": time.time() - self.plan.created_at,
+            "seed_wall_s": run_t["ended_unix"] - run_t["started_unix"],
+            "steps_done": tt.get("steps_done"),
+            "total_steps": tt.get("total_steps"),
+            "state": outcome.state,
+            "exit_code": outcome.exit_code,
+            "attempts": outcome.attempts,
+        }
+        outcome.timings = timings
+        (out / "timings.json").write_text(json.dumps(timings, indent=2))
+        (out / "env.json").write_text(json.dumps(environment_record(self.plan, self.data_info), indent=2))
+
+    def upload_seed(self, seed: int, out: Path, outcome: SeedOutcome, run_t: dict) -> None:
+        from orchestrator.artifacts import SeedUploader
+
+        uploader = SeedUploader(self.store, self.work / "spool")
+        # Pass 1 carries everything but the small records, so that timings.json can state the upload time.
+        t0 = time.time()
+        self.write_seed_records(seed, out, outcome, run_t, upload_s=0.0)
+        uploader.upload_seed(out, self.seed_prefix(seed), keep_last_ckpt=self.plan.job.checkpoint.keep_last,
+                             state=outcome.state, write_manifest=False)
+        self.write_seed_records(seed, out, outcome, run_t, upload_s=time.time() - t0)
+        uploader.upload_seed(out, self.seed_prefix(seed), keep_last_ckpt=self.plan.job.checkpoint.keep_last,
+                             state=outcome.state, write_manifest=True)
+
+    def run_seed(self, seed: int, data_dir: Path) -> SeedOutcome:
+        out = self.work / f"seed-{seed}"
+        out.mkdir(parents=True, exist_ok=True)
+        outcome = SeedOutcome(seed=seed, state="failed")
+        run_t: dict = {}
+        for attempt in range(1 + self.plan.job.retries):
+            outcome.attempts = attempt + 1
+            self.console.print(f"[node] seed {seed}: attempt {attempt + 1}, torchrun x{self.plan.cluster.gpus_per_node}"
+                               f"{'' if self.node.nnodes == 1 else f' on node {self.node.node_rank}/{self.node.nnodes}'}")
+            rc, run_t = self.run_seed_once(seed, out, data_dir)
+            outcome.exit_code = rc
+            if rc == 0:
+                outcome.state = "succeeded"
+                break
+            if rc == EXIT_PREEMPTED or self._stop.is_set():
+                outcome.state = "preempted"
+                return outcome  # no upload: the requeued run resumes this seed from its checkpoint
+            tail = "".join((out / "train.log").read_text(errors="replace").splitlines(True)[-15:])
+            outcome.reason = f"trainer exited with code {rc}"
+            self.console.print(f"[node] seed {seed} failed ({outcome.reason}); last lines of train.log:\n{tail}",
+                               markup=False)
+        if self.node.is_first:
+            self.upload_seed(seed, out, outcome, run_t)
+            self.console.print(f"[node] seed {seed}: {outcome.state}; artifacts in "
+                               f"{self.plan.store_url.rstrip('/')}/{self.seed_prefix(seed)}/")
+        return outcome
+
+    def run(self) -> int:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._install_signal_handlers()
+        self.console.print(f"[node] {self.plan.sweep_id}: node {self.node.node_rank}/{self.node.nnodes} on "
+                           f"{socket.gethostname()}, seeds {self.plan.seeds}")
+        staged = self.stage()
+        self.restore_compile_cache()
+        outcomes = []
+        for seed in self.plan.seeds:
+            if self._stop.is_set():
+                return EXIT_PREEMPTED
+            if self.node.is_first and self.seed_done(seed):
+                self.console.print(f"[node] seed {seed}: already complete in the store, skipped")
+                continue
+            o = self.run_seed(seed, staged.dest)
+            if o.state == "preempted":
+                self.console.print(f"[node] seed {seed}: checkpointed for preemption; resume by running again")
+                return EXIT_PREEMPTED
+            outcomes.append(o)
+        self.save_compile_cache()
+        failed = [o.seed for o in outcomes if o.state != "succeeded"]
+        if failed:
+            self.console.print(f"[node] failed seeds: {failed}")
+            return 1
+        self.console.print("[node] all seeds done")
+        return 0
+
+
+def run_node(plan: LaunchPlan, node: NodeEnvironment | None = None) -> int:
+    return NodeRunner(plan, node).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m orchestrator.node", description=__doc__.splitlines()[0])
+    ap.add_argument("--plan", required=True, type=Path)
+    ap.add_argument("--node-rank", type=int, default=0)
+    ap.add_argument("--nnodes", type=int, default=1)
+    ap.add_argument("--master-addr", default="127.0.0.1")
+    ap.add_argument("--master-port", type=int, default=29500)
+    ap.add_argument("--exit-file", type=Path, help="write the exit code here when done (local backend)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    plan = LaunchPlan.from_json(args.plan.read_text())
+    node = NodeEnvironment(args.node_rank, args.nnodes, args.master_addr, args.master_port)
+    try:
+        rc = run_node(plan, node)
+    except Exception as e:  # reported in one line; the traceback goes to the log for whoever debugs
+        log.exception("node runner failed")
+        Console(stderr=True).print(f"[node] failed: {e}", markup=False)
+        rc = 1
+    if args.exit_file:
+        args.exit_file.write_text(str(rc))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
