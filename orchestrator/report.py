@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from orchestrator.artifacts import MANIFEST, Manifest, ManifestEntry
 from orchestrator.results import SeedRun, load_sweep_runs
 from orchestrator.stats import TARGET_VAL_LOSS, sweep_stats
 
@@ -99,23 +99,23 @@ def make_plots(runs: Sequence[SeedRun], out_dir: str | Path, target: float = TAR
     ]
 
 
-def write_report(store: Any, sweep_id: str, out_dir: str | Path, target: float = TARGET_VAL_LOSS) -> list[dict]:
-    """Plots and stats.json into out_dir, uploaded to `<sweep>/report/`; `report/manifest.json` goes last so a
-    report without it is known to be unfinished. Returns the manifest's object list (key, size, sha256)."""
+def write_report(store: Any, sweep_id: str, out_dir: str | Path, target: float = TARGET_VAL_LOSS) -> Manifest:
+    """Plots and stats.json into out_dir, uploaded to `<sweep>/report/`; `report/manifest.json` (the seeds'
+    manifest format: key relative to the prefix, size, sha256) goes last, so a report without it is unfinished."""
     sweep_id = sweep_id.strip("/")
+    prefix = f"{sweep_id}/report"
     runs = load_sweep_runs(store, sweep_id)
     out = Path(out_dir)
     files = make_plots(runs, out, target)
     stats_path = out / "stats.json"
     stats_path.write_text(json.dumps(sweep_stats([r.summary for r in runs], target).to_dict(), indent=2))
     files.append(stats_path)
-    objects = []
+    entries = []
     for path in files:
-        key = f"{sweep_id}/report/{path.name}"
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        store.put_file(path, key, sha256=digest)
-        objects.append({"key": key, "size": path.stat().st_size, "sha256": digest})
-        log.info("uploaded %s", key)
-    manifest = {"sweep_id": sweep_id, "created_unix": time.time(), "target": target, "objects": objects}
-    store.put_bytes(json.dumps(manifest, indent=2).encode(), f"{sweep_id}/report/manifest.json")
-    return objects
+        store.put_file(path, f"{prefix}/{path.name}", sha256=digest)
+        entries.append(ManifestEntry(path.name, path.stat().st_size, digest))
+        log.info("uploaded %s/%s", prefix, path.name)
+    manifest = Manifest(prefix, entries)
+    store.put_bytes(manifest.to_json(), f"{prefix}/{MANIFEST}")  # the commit marker, last
+    return manifest

@@ -271,20 +271,24 @@ def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedRun:
     text = store.get_bytes(f"{prefix}/train.log").decode("utf-8", errors="replace")
     result = parse_log(text)
     summary = RunSummary.from_result(result, seed=seed, name=name)
-    manifest = None
-    if f"{prefix}/manifest.json" in keys:
-        try:
-            manifest = json.loads(store.get_bytes(f"{prefix}/manifest.json"))
-        except ValueError:
-            manifest = None
-    if manifest is None:
+    if f"{prefix}/manifest.json" not in keys:
         # The manifest is written last: without it the upload is unfinished, whatever the log says.
         summary.complete = False
         summary.reason = "no manifest.json (upload unfinished or seed still running; `speedrun collect` finishes it)" + (
             f"; log: {result.reason}" if result.reason else "")
-    elif isinstance(manifest, dict) and manifest.get("state") not in (None, "succeeded", "complete", "completed"):
+        return SeedRun(summary, result)
+    # The node runner records the seed's fate in timings.json (state, exit_code); a log can look whole
+    # while the trainer still crashed at exit, so a failed state wins.
+    state = None
+    for record in ("manifest.json", "timings.json"):
+        if state is None and f"{prefix}/{record}" in keys:
+            try:
+                state = json.loads(store.get_bytes(f"{prefix}/{record}")).get("state")
+            except (ValueError, AttributeError):
+                pass
+    if state not in (None, "succeeded"):
         summary.complete = False
-        summary.reason = f"node runner marked it {manifest['state']}" + (f"; log: {result.reason}" if result.reason else "")
+        summary.reason = f"node runner marked it {state}" + (f"; log: {result.reason}" if result.reason else "")
     return SeedRun(summary, result)
 
 

@@ -1,10 +1,10 @@
 """Report plots are real PNGs with content, and the upload puts them beside the sweep, manifest last."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from orchestrator.artifacts import read_manifest, verify_manifest
 from orchestrator.report import make_plots, write_report
 from orchestrator.results import runs_from_logs
 from orchestrator.store import open_store
@@ -38,14 +38,11 @@ def test_write_report_uploads_plots_and_manifest_last(tmp_path):
     for seed, name in enumerate(["ours_complete.txt", "modded_record.txt", "ours_oom.txt"]):
         store.put_bytes((LOGS / name).read_bytes(), f"{SWEEP}/seed-{seed}/train.log")
         store.put_bytes(b'{"state": "succeeded"}', f"{SWEEP}/seed-{seed}/manifest.json")
-    objects = write_report(store, SWEEP, tmp_path / "out")
-    manifest = json.loads(store.get_bytes(f"{SWEEP}/report/manifest.json"))
-    assert manifest["objects"] == objects
-    assert {o["key"].rsplit("/", 1)[1] for o in objects} == {
+    manifest = write_report(store, SWEEP, tmp_path / "out")
+    assert read_manifest(store, f"{SWEEP}/report") == manifest
+    assert {f.key for f in manifest.files} == {
         "val_loss_vs_step.png", "val_loss_vs_time.png", "train_time_distribution.png", "stats.json"}
-    for o in objects:
-        data = store.get_bytes(o["key"])
-        assert len(data) == o["size"] and hashlib.sha256(data).hexdigest() == o["sha256"]
+    assert verify_manifest(store, manifest) == []  # every object there, with the size and sha256 listed
     stats = json.loads(store.get_bytes(f"{SWEEP}/report/stats.json"))
     assert stats["n_complete"] == 2 and stats["failed"] == ["seed-2"]
 
