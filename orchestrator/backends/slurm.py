@@ -1,0 +1,378 @@
+"""Slurm through submitit: one task per node runs `python -m orchestrator.node`; torchrun rendezvous on node 0.
+
+Everything a later `speedrun status|logs|cancel` needs lives in the run's submitit folder
+(`<slurm.log_dir>/<sweep-id>/`): plan.json, jobs.json (every job submitted for the run, including
+re-submissions) and submitit's own logs and result pickles. The Handle only points at that folder.
+
+Preemption and time limits: Slurm sends USR2 `signal_delay_s` before the end; submitit calls
+NodeTask.checkpoint(), which asks the node runner to checkpoint (SIGUSR1: the trainer saves and exits
+75) and returns the same task, which submitit requeues; the node runner then skips finished seeds and
+resumes the interrupted one from its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from orchestrator.backends.base import Backend, Handle, RunState, RunStatus
+from orchestrator.config import REPO_ROOT, ClusterConfig, ConfigError, expand
+from orchestrator.plan import LaunchPlan
+
+try:
+    import submitit
+    from submitit.helpers import Checkpointable
+except ImportError:  # reported by SlurmBackend() as one sentence
+    submitit = None
+    Checkpointable = object
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # the node runner's "checkpointed, run me again" (orchestrator/node.py)
+LOG_TAIL_LINES = 20
+CHECKPOINT_WAIT_S = 600  # longest wait for the trainer to save after the signal
+
+# Slurm job states -> ours. A requeued job shows PENDING/REQUEUED again, so it is not finished.
+SLURM_STATES = {
+    "PENDING": RunState.PENDING, "CONFIGURING": RunState.PENDING, "REQUEUED": RunState.PENDING,
+    "REQUEUE_HOLD": RunState.PENDING, "REQUEUE_FED": RunState.PENDING, "RESV_DEL_HOLD": RunState.PENDING,
+    "RUNNING": RunState.RUNNING, "COMPLETING": RunState.RUNNING, "SUSPENDED": RunState.RUNNING,
+    "STAGE_OUT": RunState.RUNNING, "SIGNALING": RunState.RUNNING, "RESIZING": RunState.RUNNING,
+    "COMPLETED": RunState.SUCCEEDED, "CANCELLED": RunState.CANCELLED,
+    "FAILED": RunState.FAILED, "NODE_FAIL": RunState.FAILED, "TIMEOUT": RunState.FAILED,
+    "OUT_OF_MEMORY": RunState.FAILED, "BOOT_FAIL": RunState.FAILED, "DEADLINE": RunState.FAILED,
+    "PREEMPTED": RunState.FAILED, "SPECIAL_EXIT": RunState.FAILED, "REVOKED": RunState.FAILED,
+}
+
+
+class NodeTask(Checkpointable):
+    """What each Slurm task runs: the node runner as a child process, checkpointed on submitit's signal."""
+
+    def __init__(self, plan_json: str, python: str, requeues: int = 0):
+        self.plan_json = plan_json
+        self.python = python
+        self.requeues = requeues
+        self._proc: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _proc=None)
+
+    def node_command(self, env) -> list[str]:
+        """The node runner's command line for this Slurm task (env: submitit.JobEnvironment)."""
+        plan_path = Path(env.paths.folder) / f"plan-{env.job_id}.json"
+        plan_path.write_text(self.plan_json)
+        base_id = str(env.array_job_id or env.job_id).split("_")[0]
+        hosts = env.hostnames
+        return [self.python, "-m", "orchestrator.node", "--plan", str(plan_path),
+                "--node-rank", str(env.node), "--nnodes", str(env.num_nodes),
+                "--master-addr", hosts[0] if hosts else "127.0.0.1",
+                # one port per job so that two runs sharing a first node do not collide
+                "--master-port", str(20000 + int(base_id) % 20000)]
+
+    def __call__(self) -> dict[str, Any]:
+        env = submitit.JobEnvironment()
+        argv = self.node_command(env)
+        child_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
+        if self.requeues:
+            print(f"[slurm] job {env.job_id}: requeued {self.requeues} time(s); resuming", flush=True)
+        # Slurm delivers USR2 to every process of the step; only this process (submitit) must act
+        # on it, so the node runner and the trainers under it ignore it (SIG_IGN survives exec).
+        self._proc = subprocess.Popen(argv, env=child_env, cwd=REPO_ROOT,
+                                      preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+        rc = self._proc.wait()
+        self._proc = None
+        if rc == 0:
+            return {"exit_code": 0, "requeues": self.requeues}
+        if rc == EXIT_PREEMPTED:
+            raise RuntimeError("node runner checkpointed (exit 75) on a signal that was not submitit's; "
+                               "launch again to resume")
+        raise RuntimeError(f"node runner exited with code {rc}")
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> "submitit.helpers.DelayedSubmission":
+        """Called by submitit on USR2: wait for the node runner to checkpoint, then requeue a fresh task."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            print("[slurm] preemption/time-limit signal: asking the node runner to checkpoint", flush=True)
+            proc.send_signal(signal.SIGUSR1)
+            try:
+                rc = proc.wait(timeout=CHECKPOINT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                rc = None
+            print(f"[slurm] node runner stopped with exit code {rc} (75 = checkpointed); requeueing", flush=True)
+        return submitit.helpers.DelayedSubmission(NodeTask(self.plan_json, self.python, self.requeues + 1))
+
+
+def parse_extra_sbatch(lines: list[str], where: str = "slurm.extra_sbatch") -> dict[str, Any]:
+    """['--reservation=x', '--requeue', '#SBATCH --mail-type=END'] -> {'reservation': 'x', 'requeue': True, ...}."""
+    out: dict[str, Any] = {}
+    for raw in lines:
+        text = raw.strip().removeprefix("#SBATCH").strip()
+        if not text.startswith("--") or len(text) < 3:
+            raise ConfigError(f"{where}: {raw!r} is not a long sbatch option; write it as '--name=value' or '--flag'")
+        key, sep, value = text[2:].partition("=")
+        out[key.strip()] = value.strip() if sep else True
+    return out
+
+
+def sbatch_parameters(cluster: ClusterConfig, job_name: str) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters (sbatch names) from the cluster config."""
+    s = cluster.slurm
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "nodes": cluster.nodes,
+        "ntasks_per_node": 1,  # one node runner per node; it starts torchrun with one process per GPU
+        "time": s.time_min,
+        "signal_delay_s": s.signal_delay_s,
+        "stderr_to_stdout": True,  # one log per node: `speedrun logs` shows errors in order
+    }
+    if cluster.setup:
+        params["setup"] = list(cluster.setup)
+    if cluster.device == "cuda":
+        params["gpus_per_node"] = cluster.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint", "cpus_per_task"):
+        if getattr(s, key) is not None:
+            params[key] = getattr(s, key)
+    if s.mem_gb is not None:
+        params["mem"] = f"{s.mem_gb}GB"
+    if s.exclusive:
+        params["exclusive"] = True
+    extra = parse_extra_sbatch(s.extra_sbatch)
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(self, cluster: ClusterConfig):
+        if submitit is None:
+            raise ConfigError("backend: slurm needs submitit; install it with `pip install 'speedrun[slurm]'`")
+        super().__init__(cluster)
+
+    # ----------------------------------------------------------------------------------- paths
+    def folder(self, plan: LaunchPlan) -> Path:
+        return expand(self.cluster.slurm.log_dir).absolute() / plan.sweep_id
+
+    def python(self, plan: LaunchPlan) -> str:
+        return self.cluster.python or plan.python or sys.executable
+
+    def parameters(self, plan: LaunchPlan) -> dict[str, Any]:
+        return sbatch_parameters(self.cluster, f"speedrun-{plan.sweep_id}")
+
+    # --------------------------------------------------------------------------------- dry run
+    def describe(self, plan: LaunchPlan) -> str:
+        from submitit.slurm.slurm import _make_sbatch_string  # the text SlurmExecutor writes, not submitted
+
+        folder = self.folder(plan)
+        params = self.parameters(plan)
+        parallel = self.cluster.slurm.seeds_parallel and len(plan.seeds) > 1
+        if parallel:
+            params["map_count"] = len(plan.seeds)
+        command = f"{shlex.quote(self.python(plan))} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+        script = _make_sbatch_string(command=command, folder=folder, **params)
+        how = (f"a job array of {len(plan.seeds)} tasks, one seed each" if parallel
+               else f"one job, seeds {plan.seeds} back to back in one allocation")
+        return (f"slurm backend: {how}; {self.cluster.nodes} node(s) x {self.cluster.gpus_per_node} "
+                f"{self.cluster.device}, one node runner per node\n"
+                f"submitit folder: {folder}\n\n{script}")
+
+    # ----------------------------------------------------------------------------------- submit
+    def _executor(self, plan: LaunchPlan):
+        if not _have("sbatch"):
+            raise ConfigError(f"{plan.cluster_file}: backend: slurm, but sbatch is not on PATH here; "
+                              "launch from a Slurm login node or pick another --cluster")
+        ex = submitit.SlurmExecutor(folder=self.folder(plan), python=self.python(plan),
+                                    max_num_timeout=self.cluster.slurm.max_requeues)
+        ex.update_parameters(**self.parameters(plan))
+        return ex
+
+    def _submit_seeds(self, plan: LaunchPlan, groups: list[list[int]], attempt: int) -> list[dict[str, Any]]:
+        ex = self._executor(plan)
+        tasks = [NodeTask(plan.for_seeds(seeds).to_json(), self.python(plan)) for seeds in groups]
+        if len(tasks) == 1:
+            jobs = [ex.submit(tasks[0])]
+        else:
+            with ex.batch():  # several tasks -> one job array
+                jobs = [ex.submit(t) for t in tasks]
+        return [{"id": j.job_id, "seeds": seeds, "attempt": attempt} for j, seeds in zip(jobs, groups)]
+
+    def submit(self, plan: LaunchPlan) -> Handle:
+        folder = self.folder(plan)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "plan.json").write_text(plan.to_json())
+        parallel = self.cluster.slurm.seeds_parallel and len(plan.seeds) > 1
+        groups = [[s] for s in plan.seeds] if parallel else [list(plan.seeds)]
+        jobs = self._submit_seeds(plan, groups, attempt=0)
+        _write_jobs(folder, jobs)
+        log.info("submitted %s as Slurm job(s) %s", plan.sweep_id, [j["id"] for j in jobs])
+        return Handle(backend=self.name, sweep_id=plan.sweep_id, job_ids=[j["id"] for j in jobs],
+                      data={"folder": str(folder), "array": parallel})
+
+    # ----------------------------------------------------------------------------------- status
+    def status(self, handle: Handle) -> RunStatus:
+        folder = Path(handle.data["folder"])
+        jobs = _read_jobs(folder)
+        live = [j for j in jobs if not j.get("replaced_by")]
+        states, details = {}, []
+        queue = _slurm_states([j["id"] for j in live])
+        cancelled = (folder / "cancelled").exists()
+        for j in live:
+            state, why = _job_state(folder, j["id"], queue.get(j["id"]), cancelled)
+            if state == RunState.FAILED and why.startswith("died") and j["attempt"] < self._retries(folder):
+                state, why = self._resubmit(folder, jobs, j), "re-submitted"
+            states[j["id"]] = state
+            if why:
+                details.append(f"job {j['id']} (seeds {j['seeds']}): {why}")
+        jobs_now = {j["id"]: states.get(j["id"], RunState.UNKNOWN) for j in _read_jobs(folder) if not j.get("replaced_by")}
+        return RunStatus(state=_overall(list(jobs_now.values())), detail="; ".join(details), jobs=jobs_now)
+
+    def _retries(self, folder: Path) -> int:
+        return LaunchPlan.from_json((folder / "plan.json").read_text()).job.retries
+
+    def _resubmit(self, folder: Path, jobs: list[dict[str, Any]], failed: dict[str, Any]) -> RunState:
+        """A job that died without a result (node failure, killed): run its seeds again; done ones are skipped."""
+        plan = LaunchPlan.from_json((folder / "plan.json").read_text())
+        new = self._submit_seeds(plan, [failed["seeds"]], attempt=failed["attempt"] + 1)[0]
+        failed["replaced_by"] = new["id"]
+        jobs.append(new)
+        _write_jobs(folder, jobs)
+        log.warning("job %s died; re-submitted seeds %s as job %s", failed["id"], failed["seeds"], new["id"])
+        return RunState.PENDING
+
+    # ------------------------------------------------------------------------------------- logs
+    def logs(self, handle: Handle, follow: bool = False) -> Iterator[str]:
+        """Node 0's output of every job of the run, in submission order; with follow, until the run ends."""
+        folder = Path(handle.data["folder"])
+        offsets: dict[str, int] = {}
+        pending: dict[str, str] = {}
+        while True:
+            finished = not follow or self.status(handle).state.finished
+            for j in _read_jobs(folder):
+                path = log_path(folder, j["id"])
+                if not path.exists():
+                    continue
+                with open(path, "rb") as f:
+                    f.seek(offsets.get(j["id"], 0))
+                    chunk = f.read()
+                    offsets[j["id"]] = f.tell()
+                text = pending.pop(j["id"], "") + chunk.decode(errors="replace")
+                lines = text.split("\n")
+                if lines[-1]:
+                    pending[j["id"]] = lines[-1]
+                yield from lines[:-1]
+            if finished:
+                yield from (rest for rest in pending.values() if rest)
+                return
+            time.sleep(0.5)
+
+    # ----------------------------------------------------------------------------------- cancel
+    def cancel(self, handle: Handle) -> None:
+        folder = Path(handle.data["folder"])
+        (folder / "cancelled").touch()  # so that status says CANCELLED and no retry re-submits
+        ids = [j["id"] for j in _read_jobs(folder)]
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _have(binary: str) -> bool:
+    from shutil import which
+
+    return which(binary) is not None
+
+
+def _write_jobs(folder: Path, jobs: list[dict[str, Any]]) -> None:
+    tmp = folder / "jobs.json.tmp"
+    tmp.write_text(json.dumps(jobs, indent=2))
+    tmp.replace(folder / "jobs.json")
+
+
+def _read_jobs(folder: Path) -> list[dict[str, Any]]:
+    return json.loads((folder / "jobs.json").read_text())
+
+
+def log_path(folder: Path, job_id: str, task: int = 0) -> Path:
+    return folder / f"{job_id}_{task}_log.out"
+
+
+def log_tail(folder: Path, job_id: str, n: int = LOG_TAIL_LINES) -> str:
+    path = log_path(folder, job_id)
+    if not path.exists():
+        return "(no log yet)"
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return "\n".join(lines[-n:])
+
+
+def _slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """Job id -> Slurm state, from squeue (jobs still in slurmctld) and then sacct (if accounting is on)."""
+    if not job_ids:
+        return {}
+    out: dict[str, str] = {}
+    q = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T", "-j", ",".join(_base_ids(job_ids))],
+                       capture_output=True, text=True, timeout=60)
+    for line in q.stdout.splitlines():
+        jid, _, state = line.strip().partition("|")
+        out[jid] = state
+    missing = [j for j in job_ids if j not in out]
+    if missing and _have("sacct"):
+        a = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(missing)],
+                           capture_output=True, text=True, timeout=60)
+        for line in a.stdout.splitlines() if a.returncode == 0 else []:
+            jid, _, state = line.strip().partition("|")
+            out.setdefault(jid, state.split()[0] if state else "")
+    return out
+
+
+def _base_ids(job_ids: list[str]) -> list[str]:
+    return sorted({j.split("_")[0] for j in job_ids})
+
+
+def _job_state(folder: Path, job_id: str, slurm_state: str | None, cancelled: bool) -> tuple[RunState, str]:
+    """Our state of one job and, when it did not succeed, why (with the tail of its log)."""
+    result = folder / f"{job_id}_0_result.pkl"
+    state = SLURM_STATES.get((slurm_state or "").split()[0], RunState.UNKNOWN) if slurm_state else None
+    if state in (RunState.PENDING, RunState.RUNNING):
+        return state, ""
+    if result.exists():
+        from submitit.core.utils import pickle_load
+
+        outcome, value = pickle_load(result)
+        if outcome == "success":
+            return RunState.SUCCEEDED, ""
+        reason = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
+        return RunState.FAILED, f"failed: {reason}; last lines of its log:\n{log_tail(folder, job_id)}"
+    if cancelled or state == RunState.CANCELLED:
+        return RunState.CANCELLED, "cancelled"
+    if state is None and not (folder / f"{job_id}_submitted.pkl").exists() and "_" not in job_id:
+        return RunState.UNKNOWN, "not known to Slurm"
+    what = slurm_state or "gone from the queue"
+    return RunState.FAILED, f"died ({what}) before reporting a result; last lines of its log:\n{log_tail(folder, job_id)}"
+
+
+def _overall(states: list[RunState]) -> RunState:
+    if not states:
+        return RunState.UNKNOWN
+    for s in (RunState.RUNNING, RunState.PENDING):
+        if s in states:
+            return s
+    if all(s == RunState.SUCCEEDED for s in states):
+        return RunState.SUCCEEDED
+    if RunState.CANCELLED in states:
+        return RunState.CANCELLED
+    if RunState.FAILED in states:
+        return RunState.FAILED
+    return RunState.UNKNOWN

@@ -1,0 +1,232 @@
+"""A real single-node Slurm cluster on loopback for the integration tests (and for bench/ by hand).
+
+Debian's slurm-wlm and munge, started from a temp directory that holds every config, state, spool,
+log, pid file and the munge socket; stopped by the PIDs started here, never by name. One node with
+CPUs=16 and eight fake GPUs (empty files behind gres.conf), which is what the 8xH100 recipe asks for.
+
+    with SlurmCluster.start() as cluster:     # or the `slurm_cluster` pytest fixture
+        subprocess.run(["sbatch", ...], env=cluster.env)
+
+`python tests/integration/slurm_cluster.py` starts one and waits (prints the SLURM_CONF to export).
+"""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NODE = "speedrun-node"
+PARTITION = "debug"
+BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+
+
+def _binary(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+SLURM_CONF = """\
+ClusterName=speedrun
+SlurmctldHost={hostname}(127.0.0.1)
+MailProg=/bin/true
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={munge_socket}
+CredType=cred/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/run/slurmctld.pid
+SlurmdPidFile={root}/run/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+GresTypes=gpu
+SlurmdParameters=config_overrides
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=600
+KillWait=5
+InactiveLimit=0
+NodeName={node} NodeHostname={hostname} NodeAddr=127.0.0.1 CPUs=16 RealMemory=64000 Gres=gpu:8 State=UNKNOWN
+PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@dataclass
+class SlurmCluster:
+    root: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "etc" / "slurm.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment for client commands (sbatch, squeue, submitit) to reach this cluster."""
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    # ------------------------------------------------------------------------------ start/stop
+
+    @classmethod
+    def start(cls, root: Path | None = None, timeout_s: float = 30.0) -> "SlurmCluster":
+        if os.geteuid() != 0:
+            raise RuntimeError("the Slurm test cluster runs slurmd as root; run the tests as root")
+        root = Path(root or tempfile.mkdtemp(prefix="speedrun-slurm-"))
+        root.chmod(0o755)  # munged runs as the munge user and must reach its socket directory
+        cluster = cls(root)
+        try:
+            cluster._write_configs()
+            cluster._start_munged()
+            cluster._start_slurm()
+            cluster._wait_node_idle(timeout_s)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    def _write_configs(self) -> None:
+        for d in ("etc", "state", "spool", "run", "log", "gpus"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        # gres needs File= entries; empty regular files keep the node from draining
+        for i in range(8):
+            (self.root / "gpus" / f"fakegpu{i}").touch()
+        ctld_port, slurmd_port = _free_ports(2)
+        self.conf.write_text(SLURM_CONF.format(
+            node=NODE, hostname=socket.gethostname().split(".")[0], partition=PARTITION, root=self.root,
+            ctld_port=ctld_port, slurmd_port=slurmd_port, munge_socket=self.root / "munge" / "munge.socket",
+        ))
+        (self.root / "etc" / "gres.conf").write_text(f"NodeName={NODE} Name=gpu File={self.root}/gpus/fakegpu[0-7]\n")
+
+    def _start_munged(self) -> None:
+        munge = self.root / "munge"
+        munge.mkdir(exist_ok=True)
+        munge.chmod(0o711)  # clients need execute on the socket directory; the key stays 0400
+        uid, gid = pwd.getpwnam("munge").pw_uid, grp.getgrnam("munge").gr_gid
+        key = munge / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        for p in (munge, key):
+            os.chown(p, uid, gid)
+        self.procs["munged"] = subprocess.Popen(
+            [_binary("munged"), "--foreground", f"--socket={munge / 'munge.socket'}", f"--key-file={key}",
+             f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
+             f"--seed-file={munge / 'munged.seed'}"],
+            user=uid, group=gid, stdout=subprocess.DEVNULL, stderr=open(self.root / "log" / "munged.err", "wb"),
+        )
+        self._wait_for(lambda: (munge / "munge.socket").exists(), 10.0, "munged to open its socket", "munged")
+
+    def _start_slurm(self) -> None:
+        env = self.env
+        for name, args in (("slurmctld", ["-D", "-i"]), ("slurmd", ["-D", "-N", NODE])):
+            self.procs[name] = subprocess.Popen(
+                [_binary(name), *args, "-f", str(self.conf)], env=env, cwd=self.root,
+                stdout=subprocess.DEVNULL, stderr=open(self.root / "log" / f"{name}.err", "wb"),
+            )
+
+    def _wait_node_idle(self, timeout_s: float) -> None:
+        def idle() -> bool:
+            out = self.run("sinfo", "-h", "-N", "-o", "%t", check=False)
+            return out.returncode == 0 and out.stdout.strip() == "idle"
+
+        self._wait_for(idle, timeout_s, "the Slurm node to become idle", "slurmctld")
+
+    def _wait_for(self, ready, timeout_s: float, what: str, log: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead[0]} exited while waiting for {what}; see {self.root}/log/{dead[0]}.err:\n"
+                                   + self._tail(dead[0]))
+            if ready():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"timed out waiting for {what}; see {self.root}/log:\n" + self._tail(log))
+
+    def _tail(self, name: str, n: int = 20) -> str:
+        lines: list[str] = []
+        for f in (self.root / "log" / f"{name}.err", self.root / "log" / f"{name}.log"):
+            if f.exists():
+                lines += f.read_text(errors="replace").splitlines()[-n:]
+        return "\n".join(lines)
+
+    def stop(self) -> None:
+        """Cancel every job, then stop the daemons this object started, by PID, in reverse order."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            self.run("scancel", "--full", "--partition", PARTITION, check=False)
+        for name in reversed(list(self.procs)):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> "SlurmCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check, timeout=30)
+
+    def queue(self) -> list[dict[str, str]]:
+        """Jobs slurmctld still knows about: id, state, reason (pending/running/completing)."""
+        out = self.run("squeue", "-h", "-o", "%i|%T|%r").stdout
+        return [dict(zip(("id", "state", "reason"), line.split("|"))) for line in out.splitlines() if line]
+
+    def release(self, job_id: str) -> None:
+        """A requeued job waits ~2 minutes (BeginTime) before it may run again; let it start now."""
+        self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
+        self.run("scontrol", "release", job_id, check=False)
+
+
+if __name__ == "__main__":
+    with SlurmCluster.start() as c:
+        print(f"export SLURM_CONF={c.conf}   # Ctrl-C stops the cluster")
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
