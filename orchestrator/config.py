@@ -96,6 +96,15 @@ class SlurmSettings(Strict):
     log_dir: str = "~/.cache/speedrun/slurm"
     signal_delay_s: int = Field(120, ge=0, description="Slurm signals the job this long before its time limit")
     seeds_parallel: bool = False
+    max_requeues: int = Field(3, ge=0, description="checkpoint-and-requeue at most this many times on time limits")
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _long_options(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if not line.strip().removeprefix("#SBATCH").strip().startswith("--"):
+                raise ValueError(f"{line!r} is not a long sbatch option; write it as '--name=value' or '--flag'")
+        return v
 
 
 class RaySettings(Strict):
