@@ -292,8 +292,111 @@ def add_data_commands(sub) -> None:
     """`speedrun data stage|prepare|verify` (orchestrator/data/)."""
 
 
+def _stats_runs(args, what: list[str]):
+    """SeedRuns from log files (every argument a file, or a folder of *.txt/*.log) or from one sweep id."""
+    from orchestrator.results import ResultsError, load_sweep_runs, runs_from_logs
+
+    paths = [p for p in map(Path, what) if p.exists()]
+    if paths and len(paths) == len(what):
+        files = [f for p in paths for f in (sorted([*p.glob("*.txt"), *p.glob("*.log")]) if p.is_dir() else [p])]
+        if not files:
+            raise ResultsError(f"{what[0]}: no *.txt or *.log training logs in it; pass log files or a sweep id")
+        return runs_from_logs(files), f"{len(files)} log file(s)"
+    missing = next(w for w in what if not Path(w).exists())
+    if len(what) != 1 or Path(missing).suffix in (".txt", ".log") or "/" in missing.rstrip("/"):
+        raise ResultsError(f"{missing}: no such log file; pass either log files or ONE sweep id")
+    store, url = _store_for(args, what[0])
+    return load_sweep_runs(store, what[0]), f"{url.rstrip('/')}/{what[0]}"
+
+
+def _stats_errors():
+    from orchestrator.results import ResultsError
+    from orchestrator.store import StoreError
+
+    return (ResultsError, StoreError)
+
+
+def cmd_stats(args) -> int:
+    import json
+
+    from orchestrator.stats import render_stats, sweep_stats
+
+    try:
+        runs, where = _stats_runs(args, args.what)
+    except _stats_errors() as e:
+        err_console.print(f"error: {e}", style="red", markup=False)
+        return 2
+    s = sweep_stats([r.summary for r in runs], args.target)
+    if args.json:
+        sys.stdout.write(json.dumps(s.to_dict(), indent=2) + "\n")
+    else:
+        console.print(render_stats(s, title=where))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from orchestrator.stats import compare, render_comparison
+
+    try:
+        a, where_a = _stats_runs(args, [args.a])
+        b, where_b = _stats_runs(args, [args.b])
+    except _stats_errors() as e:
+        err_console.print(f"error: {e}", style="red", markup=False)
+        return 2
+    c = compare([r.summary for r in a], [r.summary for r in b], args.a, args.b)
+    if args.json:
+        sys.stdout.write(json.dumps(c.to_dict(), indent=2) + "\n")
+    else:
+        console.print(render_comparison(c))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from orchestrator.report import write_report
+
+    try:
+        store, url = _store_for(args, args.sweep)
+        out = Path(args.out or f"{args.sweep}-report")
+        manifest = write_report(store, args.sweep, out, args.target)
+    except _stats_errors() as e:
+        err_console.print(f"error: {e}", style="red", markup=False)
+        return 2
+    t = Table(title=f"report of {args.sweep}", title_justify="left")
+    for col in ("file", "size", "local", "store"):
+        t.add_column(col)
+    for f in manifest.files:
+        t.add_row(f.key, f"{f.size / 1024:.0f} KiB", str(out / f.key), f"{url.rstrip('/')}/{manifest.prefix}/{f.key}")
+    console.print(t)
+    return 0
+
+
 def add_stats_commands(sub) -> None:
     """`speedrun stats|compare|report` (orchestrator/stats.py, orchestrator/report.py)."""
+    from orchestrator.stats import TARGET_VAL_LOSS
+
+    def common(p):
+        p.add_argument("--store", help="object store holding the sweep (default: the run's, else the cluster's)")
+        p.add_argument("--cluster", default="local", help="cluster config whose store to use (default: local)")
+        p.add_argument("--target", type=float, default=TARGET_VAL_LOSS, help="target val loss (default 3.28)")
+
+    p = sub.add_parser("stats", help="seeds table, mean ± std, p-value against the target, train time CI")
+    p.add_argument("what", nargs="+", metavar="SWEEP|LOG", help="a sweep id, or training log files / folders")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    common(p)
+    p.set_defaults(func=cmd_stats)
+    p = sub.add_parser("compare", help="B minus A: val loss and train time with 95%% CIs (Welch)")
+    p.add_argument("a", metavar="A", help="sweep id or folder of logs")
+    p.add_argument("b", metavar="B", help="sweep id or folder of logs")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    common(p)
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("report", help="PNG plots of a sweep, uploaded to <sweep>/report/ with a manifest")
+    p.add_argument("sweep")
+    p.add_argument("--out", help="local folder for the plots (default: ./<sweep>-report)")
+    common(p)
+    p.set_defaults(func=cmd_report)
 
 
 def add_cluster_commands(sub) -> None:

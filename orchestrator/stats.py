@@ -142,7 +142,7 @@ def sweep_stats(runs: Sequence[RunSummary], target: float = TARGET_VAL_LOSS) -> 
     good = [r for r in runs if _counts(r)]
     for r in runs:
         if not _counts(r):
-            log.warning("%s left out of the statistics: %s", r.name or f"seed {r.seed}", r.reason or "incomplete")
+            log.info("%s left out of the statistics: %s", r.name or f"seed {r.seed}", r.reason or "incomplete")
     out.n_complete = len(good)
     if not good:
         out.notes.append("no complete seeds: nothing to test")
@@ -209,9 +209,10 @@ def _f(x: float | None, fmt: str) -> str:
 def runs_table(runs: Sequence[RunSummary], title: str = "Seeds") -> Table:
     t = Table(title=title)
     for name in ("run", "val loss", "train time (s)", "step avg (ms)", "peak mem (MiB)", "status"):
-        t.add_column(name, justify="left" if name in ("run", "status") else "right")
+        t.add_column(name, justify="left" if name in ("run", "status") else "right", no_wrap=name == "run")
     for r in runs:
-        status = "[green]complete[/]" if r.complete else f"[bold red]FAILED[/] {r.reason}"
+        # The reason goes in the failed panel below, where it has room.
+        status = "[green]complete[/]" if r.complete else "[bold red]FAILED[/]"
         t.add_row(r.name or str(r.seed), _f(r.val_loss, ".4f"), _f(r.train_time_s, ".2f"),
                   _f(r.step_avg_ms, ".2f"), _f(r.peak_mem_mib, "d"), status)
     return t
@@ -255,9 +256,9 @@ def render_stats(s: SweepStats, title: str = "Seeds") -> Group:
 
 
 def render_comparison(c: Comparison) -> Group:
-    t = Table(title=f"{c.name_b} minus {c.name_a} (Welch's t-test)")
-    for name in ("metric", f"mean {c.name_a}", f"mean {c.name_b}", "difference", "95% CI", "p (two-sided)", "n"):
-        t.add_column(name, justify="left" if name == "metric" else "right")
+    t = Table(title=f"B minus A (means; Welch's t-test, two-sided p)\nA = {c.name_a}\nB = {c.name_b}")
+    for name in ("metric", "A", "B", "B - A", "95% CI", "p", "n A/B"):
+        t.add_column(name, justify="left" if name == "metric" else "right", no_wrap=name in ("metric", "95% CI"))
     fmt = {"val_loss": ".4f", "train_time_s": ".2f", "step_avg_ms": ".2f"}
     for d in c.differences:
         f = fmt.get(d.metric, ".4g")

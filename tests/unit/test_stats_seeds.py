@@ -68,6 +68,7 @@ def test_train_time_ci_matches_t_interval():
 
 
 def test_failed_seed_is_left_out_and_listed_loudly(caplog):
+    caplog.set_level("INFO", logger="orchestrator.stats")
     good = runs(LOSSES[:4], TIMES[:4])
     s = sweep_stats(good + [dead(4)])
     ref = sweep_stats(good)
