@@ -1,0 +1,98 @@
+"""The torch inductor + Triton compile caches, carried between nodes through the store.
+
+A cold torch.compile of the record recipe takes minutes; with the caches of an earlier node that ran
+the same code on the same torch and GPU model, most kernels load from disk instead. The node runner
+points TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under one root (`compile_cache_env(root)`), calls
+`restore_compile_cache` before the first seed and `save_compile_cache` after it.
+
+    key = cache_key(code_hash, torch.__version__, "NVIDIA H100 80GB HBM3")
+        # -> "compile-cache/<code-hash>-<torch-version>-<gpu-model>.tar", sanitised
+    restore_compile_cache(store, key, root) -> bool   # False: not in the store yet (cold compile)
+    save_compile_cache(store, key, root) -> int       # bytes uploaded (0: nothing to save)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tarfile
+import tempfile
+from pathlib import Path
+
+from orchestrator.store import Store, StoreError, validate_key
+
+log = logging.getLogger(__name__)
+
+PREFIX = "compile-cache"
+# Lock files and half-written temp files are per-process state, not cache content.
+SKIP = re.compile(r"(\.lock$|\.tmp|^tmp|\.pid$)")
+
+
+def _clean(part: str) -> str:
+    part = re.sub(r"[^A-Za-z0-9._+-]+", "_", part.strip()).strip("._")
+    return part[:80] or "unknown"
+
+
+def cache_key(code_hash: str, torch_version: str, gpu_name: str) -> str:
+    """`compile-cache/<code-hash>-<torch-version>-<gpu-model>.tar`, each part reduced to [A-Za-z0-9._+-]."""
+    return validate_key(f"{PREFIX}/{_clean(code_hash)}-{_clean(torch_version)}-{_clean(gpu_name)}.tar")
+
+
+def compile_cache_env(root: str | os.PathLike) -> dict[str, str]:
+    """The environment variables that put both caches under `root` (what save/restore carry)."""
+    root = Path(root)
+    return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton")}
+
+
+def _safe_members(tar: tarfile.TarFile, dest: Path):
+    """Regular files and directories that land inside dest; anything else in a cache tar is dropped."""
+    for m in tar.getmembers():
+        target = (dest / m.name).resolve()
+        if not (m.isfile() or m.isdir()) or not target.is_relative_to(dest.resolve()):
+            log.warning("compile cache: skipping unsafe member %r", m.name)
+            continue
+        yield m
+
+
+def restore_compile_cache(store: Store, key: str, dest_dir: str | os.PathLike) -> bool:
+    """Unpack the cache at `key` into dest_dir (existing files are kept); False when the store has none."""
+    validate_key(key)
+    if not store.exists(key):
+        return False
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".compile-cache-") as tmp:
+        archive = store.get_file(key, Path(tmp) / "cache.tar")
+        try:
+            with tarfile.open(archive) as tar:
+                members = list(_safe_members(tar, dest))
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(dest, members=members, **kwargs)
+        except tarfile.TarError as e:
+            raise StoreError(f"{store.url(key)}: not a readable tar ({e}); delete it so the next node saves a fresh one") from None
+    log.info("compile cache restored from %s (%d files)", store.url(key), len(members))
+    return True
+
+
+def save_compile_cache(store: Store, key: str, src_dir: str | os.PathLike) -> int:
+    """Upload src_dir as an uncompressed tar at `key` (one atomic PUT replaces the old one); returns bytes."""
+    validate_key(key)
+    src = Path(src_dir)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink()
+                   and not SKIP.search(p.name)) if src.is_dir() else []
+    if not files:
+        log.info("compile cache: %s is empty, nothing to save", src)
+        return 0
+    with tempfile.TemporaryDirectory(prefix=".compile-cache-") as tmp:
+        archive = Path(tmp) / "cache.tar"
+        # Uncompressed: cubins and Python sources compress little, and the node's time matters more.
+        with tarfile.open(archive, "w") as tar:
+            for p in files:
+                try:
+                    tar.add(p, arcname=p.relative_to(src).as_posix(), recursive=False)
+                except OSError as e:  # a file a concurrent compile removed meanwhile
+                    log.debug("compile cache: skipped %s (%s)", p, e)
+        size = archive.stat().st_size
+        store.put_file(archive, key)
+    log.info("compile cache saved to %s (%d files, %.1f MB)", store.url(key), len(files), size / 1e6)
+    return size

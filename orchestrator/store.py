@@ -1,0 +1,454 @@
+"""Object storage behind one interface: a local directory (the default) or S3 (AWS, R2, MinIO, any endpoint).
+
+    store = open_store("runs")                                   # a directory, or file:///abs/runs
+    store = open_store("s3://bucket/prefix")                     # AWS; endpoint from AWS_ENDPOINT_URL
+    store = open_store("s3://bucket/prefix?endpoint_url=http://127.0.0.1:9000")
+
+Keys are '/'-separated names relative to the store root, checked by `validate_key`. Every write is atomic:
+a reader sees the old object or the new one, never a partial file (temp + rename locally; S3 PUT and
+completed multipart uploads are atomic by themselves). S3 credentials come ONLY from boto3's usual chain
+(environment, ~/.aws, instance role); a store URL carrying credentials is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".speedrun-partial"  # local temp files; never a valid key, never listed
+CHUNK = 1 << 20
+
+
+class StoreError(Exception):
+    """One sentence naming the object or URL, the cause and the fix."""
+
+
+class InvalidKey(StoreError, ValueError):
+    pass
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if it is a safe object name, else raise InvalidKey saying why."""
+
+    def bad(why: str) -> InvalidKey:
+        return InvalidKey(f"object key {key!r}: {why}; use '/'-separated names like 'sweep/seed-0/train.log'")
+
+    if not isinstance(key, str) or not key:
+        raise bad("is empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise bad("contains control characters")
+    if key.startswith("/") or (len(key) > 1 and key[1] == ":"):
+        raise bad("is an absolute path")
+    if "\\" in key:
+        raise bad("contains a backslash")
+    parts = key.split("/")
+    if any(p == "" for p in parts):
+        raise bad("has an empty path segment ('//' or a trailing '/')")
+    if any(p in (".", "..") for p in parts):
+        raise bad("contains a '.' or '..' segment")
+    if key.endswith(PARTIAL_SUFFIX):
+        raise bad(f"ends with the reserved suffix {PARTIAL_SUFFIX}")
+    if len(key.encode()) > 1024:
+        raise bad("is longer than 1024 bytes")
+    return key
+
+
+def _prefix(prefix: str) -> str:
+    """A listing prefix: '' (everything) or a valid key, optionally ending in '/'."""
+    if prefix in ("", "/"):
+        return ""
+    stripped = prefix[:-1] if prefix.endswith("/") else prefix
+    validate_key(stripped)
+    return prefix
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    sha256: str | None = None  # as recorded by the writer (S3 metadata); None when not known cheaply
+
+
+class Store(ABC):
+    """Keys are relative to the store root (the S3 prefix or the directory)."""
+
+    root_url: str
+
+    @abstractmethod
+    def put_file(self, local_path: str | os.PathLike, key: str, sha256: str | None = None) -> ObjectInfo: ...
+
+    @abstractmethod
+    def put_bytes(self, data: bytes, key: str) -> ObjectInfo: ...
+
+    @abstractmethod
+    def get_file(self, key: str, local_path: str | os.PathLike) -> Path: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object whose key starts with `prefix` (string prefix, as S3 does), sorted by key."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def size(self, key: str) -> int | None:
+        info = self.stat(key)
+        return info.size if info else None
+
+    def sha256(self, key: str) -> str | None:
+        """The object's sha256: recorded metadata when present, else computed by reading it back."""
+        info = self.stat(key)
+        if info is None:
+            return None
+        if info.sha256:
+            return info.sha256
+        return hashlib.sha256(self.get_bytes(key)).hexdigest()
+
+    def abort_partial(self, prefix: str = "") -> int:
+        """Remove invisible leftovers of interrupted writes under `prefix`; returns how many."""
+        return 0
+
+    def url(self, key: str = "") -> str:
+        return f"{self.root_url}/{validate_key(key)}" if key else self.root_url
+
+
+# ------------------------------------------------------------------------------------------ local
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().absolute()
+        self.root_url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def _atomic_write(self, dest: Path, write) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)  # atomic on POSIX: readers see old or new, never half
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def put_file(self, local_path, key, sha256=None):
+        dest = self._path(key)
+        try:
+            with open(local_path, "rb") as src:
+                self._atomic_write(dest, lambda f: shutil.copyfileobj(src, f, CHUNK))
+        except OSError as e:
+            raise StoreError(f"{self.url(key)}: cannot write from {local_path}: {e.strerror or e}") from e
+        return ObjectInfo(key, dest.stat().st_size, sha256)
+
+    def put_bytes(self, data, key):
+        dest = self._path(key)
+        try:
+            self._atomic_write(dest, lambda f: f.write(data))
+        except OSError as e:
+            raise StoreError(f"{self.url(key)}: cannot write: {e.strerror or e}") from e
+        return ObjectInfo(key, len(data), hashlib.sha256(data).hexdigest())
+
+    def get_file(self, key, local_path):
+        src, dest = self._path(key), Path(local_path)
+        if not src.is_file():
+            raise StoreError(f"{self.url(key)}: no such object")
+        with open(src, "rb") as f:
+            self._atomic_write(dest, lambda out: shutil.copyfileobj(f, out, CHUNK))
+        return dest
+
+    def get_bytes(self, key):
+        p = self._path(key)
+        if not p.is_file():
+            raise StoreError(f"{self.url(key)}: no such object")
+        return p.read_bytes()
+
+    def stat(self, key):
+        p = self._path(key)
+        return ObjectInfo(key, p.stat().st_size) if p.is_file() else None
+
+    def sha256(self, key):
+        p = self._path(key)
+        return sha256_file(p) if p.is_file() else None
+
+    def _walk(self, prefix: str):
+        # Start at the deepest directory the prefix names, so listing one seed does not walk the store.
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not start.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(start):
+            for name in files:
+                path = Path(dirpath) / name
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield key, path
+
+    def list(self, prefix=""):
+        prefix = _prefix(prefix)
+        out = [ObjectInfo(k, p.stat().st_size) for k, p in self._walk(prefix) if not k.endswith(PARTIAL_SUFFIX)]
+        return sorted(out, key=lambda o: o.key)
+
+    def delete(self, key):
+        p = self._path(key)
+        p.unlink(missing_ok=True)
+        # Drop directories left empty, up to (not including) the root, so listings stay tidy.
+        for parent in p.parents:
+            if parent == self.root or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+
+    def abort_partial(self, prefix=""):
+        n = 0
+        for k, p in self._walk(_prefix(prefix)):
+            if k.endswith(PARTIAL_SUFFIX):
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
+
+
+# --------------------------------------------------------------------------------------------- s3
+
+# Error codes S3-compatible services answer when they want the client to slow down or try again.
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                   "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests", "500", "502", "503", "504"}
+
+
+def _transient(e: BaseException) -> bool:
+    import boto3.exceptions
+    import botocore.exceptions as be
+
+    if isinstance(e, (be.HTTPClientError, be.ConnectionError, boto3.exceptions.RetriesExceededError)):
+        return True
+    if isinstance(e, be.ClientError):
+        err = e.response.get("Error", {})
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return err.get("Code") in TRANSIENT_CODES or status >= 500 or status == 429
+    if isinstance(e, boto3.exceptions.S3UploadFailedError):  # upload_file wraps the ClientError in text
+        return any(code in str(e) for code in TRANSIENT_CODES) or "onnect" in str(e)
+    return False
+
+
+class S3Store(Store):
+    """boto3 client with botocore's standard retries (backoff with jitter on throttling and dropped
+    connections) inside a tenacity loop that keeps trying for `retry_budget_s` (endpoint restarts,
+    network blips); multipart and concurrent parts through TransferConfig."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
+                 retry_budget_s: float = 300.0, max_concurrency: int = 8, part_mb: int = 16):
+        try:
+            import boto3
+            from boto3.s3.transfer import TransferConfig
+            from botocore.config import Config
+        except ImportError:
+            raise StoreError("s3:// stores need boto3; install the [s3] extra: pip install 'speedrun[s3]'") from None
+        self.bucket, self.prefix, self.endpoint_url = bucket, prefix.strip("/"), endpoint_url
+        self.root_url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.retry_budget_s = retry_budget_s
+        config = Config(
+            retries={"mode": "standard", "max_attempts": 6},
+            connect_timeout=10,
+            read_timeout=120,
+            max_pool_connections=max(10, 2 * max_concurrency),
+            # Path-style addressing: MinIO and loopback endpoints have no per-bucket DNS names.
+            s3={"addressing_style": "path"} if endpoint_url else None,
+        )
+        # Credentials: boto3's chain only (env, ~/.aws, instance role); nothing here reads them.
+        self.client = boto3.session.Session(region_name=region).client("s3", endpoint_url=endpoint_url, config=config)
+        self.transfer = TransferConfig(multipart_threshold=part_mb << 20, multipart_chunksize=part_mb << 20,
+                                       max_concurrency=max_concurrency, use_threads=True)
+
+    def _full(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _where(self, key: str) -> str:
+        return f"{self.root_url}/{key}" if key else self.root_url
+
+    def _call(self, what: str, key: str, fn):
+        from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
+
+        def note(state) -> None:
+            log.warning("%s %s: attempt %d failed (%s); retrying", what, self._where(key),
+                        state.attempt_number, type(state.outcome.exception()).__name__)
+
+        try:
+            for attempt in Retrying(retry=retry_if_exception(_transient), reraise=True, before_sleep=note,
+                                    wait=wait_random_exponential(multiplier=0.5, max=15),
+                                    stop=stop_after_delay(self.retry_budget_s)):
+                with attempt:
+                    result = fn()
+            return result
+        except StoreError:
+            raise
+        except Exception as e:
+            raise self._explain(e, what, key) from e
+
+    def _explain(self, e: Exception, what: str, key: str) -> StoreError:
+        import botocore.exceptions as be
+
+        where = self._where(key)
+        if isinstance(e, (be.NoCredentialsError, be.PartialCredentialsError)):
+            return StoreError(f"{where}: boto3 found no complete AWS credentials (environment, ~/.aws, instance role); "
+                              "set them on this machine, never in a job file")
+        if isinstance(e, be.ClientError):
+            code = e.response.get("Error", {}).get("Code", "?")
+            if code == "NoSuchBucket":
+                return StoreError(f"{where}: bucket {self.bucket!r} does not exist; create it or fix the store URL")
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StoreError(f"{where}: {what} refused ({code}); check the credentials' permissions on the bucket")
+            return StoreError(f"{where}: {what} failed ({code}: {e.response.get('Error', {}).get('Message', '')})")
+        if _transient(e):
+            return StoreError(f"{where}: {what} failed after retrying for {self.retry_budget_s:.0f}s "
+                              f"({type(e).__name__}); check that {self.endpoint_url or 'S3'} is reachable")
+        return StoreError(f"{where}: {what} failed ({type(e).__name__}: {e})")
+
+    def put_file(self, local_path, key, sha256=None):
+        full, size = self._full(key), os.path.getsize(local_path)
+        sha256 = sha256 or sha256_file(local_path)
+        extra = {"Metadata": {"sha256": sha256}}
+        self._call("upload", key, lambda: self.client.upload_file(os.fspath(local_path), self.bucket, full,
+                                                                 ExtraArgs=extra, Config=self.transfer))
+        return ObjectInfo(key, size, sha256)
+
+    def put_bytes(self, data, key):
+        full, digest = self._full(key), hashlib.sha256(data).hexdigest()
+        self._call("upload", key, lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data,
+                                                                Metadata={"sha256": digest}))
+        return ObjectInfo(key, len(data), digest)
+
+    def get_file(self, key, local_path):
+        full, dest = self._full(key), Path(local_path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+        try:
+            self._call("download", key, lambda: self.client.download_file(self.bucket, full, os.fspath(tmp),
+                                                                         Config=self.transfer))
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    def get_bytes(self, key):
+        full = self._full(key)
+        return self._call("download", key, lambda: self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read())
+
+    def stat(self, key):
+        import botocore.exceptions as be
+
+        full = self._full(key)
+
+        def head():
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=full)
+            except be.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+
+        r = self._call("stat", key, head)
+        if r is None:
+            return None
+        return ObjectInfo(key, int(r["ContentLength"]), r.get("Metadata", {}).get("sha256"))
+
+    def list(self, prefix=""):
+        prefix = _prefix(prefix)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+
+        def pages():
+            out = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                out += [ObjectInfo(o["Key"][strip:], int(o["Size"])) for o in page.get("Contents", [])]
+            return out
+
+        return sorted(self._call("list", prefix, pages), key=lambda o: o.key)
+
+    def delete(self, key):
+        full = self._full(key)
+        self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=full))
+
+    def abort_partial(self, prefix=""):
+        """Abort multipart uploads left by a killed uploader: invisible, but billed and never completed."""
+        prefix = _prefix(prefix)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+
+        def abort():
+            n = 0
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full):
+                for u in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    n += 1
+            return n
+
+        return self._call("abort partial uploads", prefix, abort)
+
+
+# --------------------------------------------------------------------------------------------- url
+
+
+def open_store(url: str | os.PathLike, **options) -> Store:
+    """A plain path or file:///abs is a LocalStore; s3://bucket/prefix[?endpoint_url=...] an S3Store.
+
+    `options` go to S3Store (retry_budget_s, max_concurrency, ...); a local store takes none.
+    """
+    text = os.fspath(url)
+    if any(ord(c) < 32 for c in text):
+        raise StoreError(f"store {text!r}: contains control characters; remove them")
+    if "://" not in text:
+        return LocalStore(text)
+    parts = urlsplit(text)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise StoreError(f"store {text!r}: file URLs must be file:///absolute/path")
+        return LocalStore(unquote(parts.path))
+    if parts.scheme == "s3":
+        if "@" in parts.netloc:
+            raise StoreError(
+                f"store {parts.scheme}://...@{parts.hostname}: credentials in a store URL are refused; "
+                "set them in the environment or ~/.aws where boto3 finds them"
+            )
+        if not parts.netloc:
+            raise StoreError(f"store {text!r}: names no bucket; use s3://bucket/prefix")
+        prefix = parts.path.strip("/")
+        if prefix:
+            validate_key(prefix)
+        query = parse_qs(parts.query)
+        unknown = set(query) - {"endpoint_url", "region"}
+        if unknown:
+            raise StoreError(f"store {text!r}: unknown option {sorted(unknown)[0]!r}; only endpoint_url and region are read")
+        return S3Store(
+            parts.netloc,
+            prefix,
+            endpoint_url=(query.get("endpoint_url") or [None])[0] or os.environ.get("AWS_ENDPOINT_URL") or None,
+            region=(query.get("region") or [None])[0],
+            **options,
+        )
+    raise StoreError(f"store {text!r}: unknown scheme {parts.scheme!r}; use a directory, file:///path or s3://bucket/prefix")

@@ -1,0 +1,70 @@
+"""Compile cache: a fresh node gets the inductor and Triton files an earlier node saved, and nothing else."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from orchestrator.compile_cache import cache_key, compile_cache_env, restore_compile_cache, save_compile_cache
+from orchestrator.store import LocalStore, StoreError, validate_key
+
+
+def test_key_is_sanitised_and_valid():
+    k = cache_key("ab12cd", "2.11.0+cu130", "NVIDIA H100 80GB HBM3")
+    assert k == "compile-cache/ab12cd-2.11.0+cu130-NVIDIA_H100_80GB_HBM3.tar"
+    evil = cache_key("../../x", "2.1/../..", "gpu\n/etc")
+    assert validate_key(evil) == evil and ".." not in evil.split("/") and evil.count("/") == 1
+    assert cache_key("", "", "") == "compile-cache/unknown-unknown-unknown.tar"
+
+
+def test_save_then_restore_on_a_fresh_node(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    node_a = tmp_path / "a"
+    env = compile_cache_env(node_a)
+    (tmp_path / "a" / "inductor" / "fx").mkdir(parents=True)
+    (tmp_path / "a" / "triton" / "HASH").mkdir(parents=True)
+    (node_a / "inductor" / "fx" / "graph.py").write_text("def call(): pass\n")
+    (node_a / "triton" / "HASH" / "kernel.cubin").write_bytes(b"\x7fELF" + bytes(1000))
+    (node_a / "triton" / "HASH" / "kernel.lock").write_text("")  # per-process state: not carried
+    assert env["TRITON_CACHE_DIR"].endswith("/a/triton")
+
+    key = cache_key("code", "2.13.0", "cpu")
+    assert not restore_compile_cache(store, key, tmp_path / "b")  # cold: nothing in the store yet
+    assert save_compile_cache(store, key, node_a) > 0
+    assert restore_compile_cache(store, key, tmp_path / "b")
+    got = sorted(p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert got == ["inductor/fx/graph.py", "triton/HASH/kernel.cubin"]
+    assert (tmp_path / "b" / "triton" / "HASH" / "kernel.cubin").read_bytes() == b"\x7fELF" + bytes(1000)
+
+
+def test_empty_cache_saves_nothing(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    assert save_compile_cache(store, cache_key("c", "t", "g"), tmp_path / "missing") == 0
+    assert store.list() == []
+
+
+def test_hostile_archive_cannot_write_outside_the_cache(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("../escaped.txt", "ok.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    key = cache_key("c", "t", "g")
+    store.put_bytes(buf.getvalue(), key)
+    assert restore_compile_cache(store, key, tmp_path / "dest")
+    assert (tmp_path / "dest" / "ok.txt").read_text() == "hi"
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "dest" / "link").exists()
+
+
+def test_corrupt_archive_is_one_clear_error(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    key = cache_key("c", "t", "g")
+    store.put_bytes(b"not a tar at all" * 100, key)
+    with pytest.raises(StoreError, match="not a readable tar"):
+        restore_compile_cache(store, key, tmp_path / "dest")
