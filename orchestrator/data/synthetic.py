@@ -136,7 +136,7 @@ class MarkovSource:
         return float(pi @ row_entropy)
 
     def info(self) -> dict:
-        return {"entropy_rate_nats": self.entropy_rate_nats, "entropy_rate_bits": self.entropy_rate_nats / np.log(2),
+        return {"entropy_rate_nats": self.entropy_rate_nats, "entropy_rate_bits": float(self.entropy_rate_nats / np.log(2)),
                 "url": self.params.url(), "mean_doc_tokens": self.params.doc_len + 1}
 
     # ------------------------------------------------------------------------------ the shards
