@@ -5,7 +5,7 @@
 `corrupt` (flip a byte of every answer, or only the first `times`), `truncate` (close the connection
 half-way), `delay` (seconds slept per 64 KiB, to keep a transfer in flight), `no_ranges`.
 With `hub=True` it also answers the Hugging Face hub's `/datasets/<repo>/resolve/<rev>/<file>` URLs
-like the hub does: a 302 to a CDN path carrying X-Linked-Size and X-Linked-Etag (the sha256); files
+like the hub does: a 302 to a CDN path on another host name (localhost) carrying X-Linked-Size and X-Linked-Etag (the sha256); files
 come from `root/<repo>/<file>`. Every request is logged in `server.requests`.
 """
 from __future__ import annotations
@@ -86,7 +86,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.send_response(302)
-        self.send_header("Location", f"/cdn/{repo}/{name}")
+        # another host name for the same loopback server, as the hub hands off to a CDN host
+        self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/cdn/{repo}/{name}")
         self.send_header("X-Linked-Size", str(file.stat().st_size))
         self.send_header("X-Linked-Etag", f'"{self.server.owner.sha256(file)}"')
         self.send_header("X-Repo-Commit", "0" * 40)
@@ -166,7 +167,7 @@ class ShardServer:
         self._digests: dict[Path, str] = {}
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.owner = self
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def url(self) -> str:
