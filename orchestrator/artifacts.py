@@ -224,6 +224,14 @@ class SeedUploader:
     def finish(self, entry: Path) -> Manifest:
         """Upload a spool entry, write its manifest, prune checkpoints, drop the entry. Idempotent."""
         record = json.loads((entry / PENDING).read_text())
+        try:
+            return self._finish(entry, record)
+        except (UploadIncomplete, UploadConflict):
+            raise
+        except StoreError as e:  # the store is unreachable or refusing: the entry stays for collect
+            raise UploadIncomplete(f"{e}; the seed waits in {entry}; run `speedrun collect` later") from e
+
+    def _finish(self, entry: Path, record: dict) -> Manifest:
         prefix, keys = record["prefix"], record["files"]
         files = entry / "files"
         done = read_manifest(self.store, prefix)
@@ -317,6 +325,19 @@ class CollectReport:
     @property
     def ok(self) -> bool:
         return not (self.pending or self.conflicts or self.mismatched or self.incomplete)
+
+    def describe(self) -> str:
+        """One line per outcome, in the words of `speedrun collect`."""
+        lines = {
+            "finished from the spool": self.completed, "complete, every hash matches": self.verified,
+            "still waiting in the spool (store unreachable?); run collect again": self.pending,
+            "refused: the store holds different committed content": self.conflicts,
+            "DAMAGED: an object is missing or differs from its manifest": self.mismatched,
+            "incomplete: no manifest and nothing spooled on this machine (collect on the node)": self.incomplete,
+            "spooled for another store URL (pass --store)": self.other_store,
+        }
+        out = [f"{len(v)} seed(s) {k}: {', '.join(v)}" for k, v in lines.items() if v]
+        return "\n".join(out) or "nothing to collect"
 
 
 def _in_sweep(prefix: str, sweep_id: str | None) -> bool:
