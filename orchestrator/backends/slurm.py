@@ -90,7 +90,10 @@ class NodeTask(Checkpointable):
         # on it, so the node runner and the trainers under it ignore it (SIG_IGN survives exec).
         self._proc = subprocess.Popen(argv, env=child_env, cwd=REPO_ROOT,
                                       preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
-        rc = self._proc.wait()
+        # poll, not wait(): a blocking wait() holds Popen's lock, and checkpoint() runs as a signal
+        # handler on top of this frame, so it could never reap the child
+        while (rc := self._proc.poll()) is None:
+            time.sleep(0.5)
         self._proc = None
         if rc == 0:
             return {"exit_code": 0, "requeues": self.requeues}
@@ -101,16 +104,29 @@ class NodeTask(Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> "submitit.helpers.DelayedSubmission":
         """Called by submitit on USR2: wait for the node runner to checkpoint, then requeue a fresh task."""
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # scancel --signal may deliver it twice; act once
         proc = self._proc
-        if proc is not None and proc.poll() is None:
+        if proc is not None and proc.returncode is None:
             print("[slurm] preemption/time-limit signal: asking the node runner to checkpoint", flush=True)
             proc.send_signal(signal.SIGUSR1)
-            try:
-                rc = proc.wait(timeout=CHECKPOINT_WAIT_S)
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc = _reap(proc, CHECKPOINT_WAIT_S)
             print(f"[slurm] node runner stopped with exit code {rc} (75 = checkpointed); requeueing", flush=True)
         return submitit.helpers.DelayedSubmission(NodeTask(self.plan_json, self.python, self.requeues + 1))
+
+
+def _reap(proc: subprocess.Popen, timeout_s: float) -> int | None:
+    """Wait for a child from inside a signal handler (os.waitpid: Popen's own lock may be held below us)."""
+    deadline = time.monotonic() + timeout_s
+    while proc.returncode is None and time.monotonic() < deadline:
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by the frame below; it set returncode
+            break
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            break
+        time.sleep(0.2)
+    return proc.returncode
 
 
 def parse_extra_sbatch(lines: list[str], where: str = "slurm.extra_sbatch") -> dict[str, Any]:
@@ -357,8 +373,6 @@ def _job_state(folder: Path, job_id: str, slurm_state: str | None, cancelled: bo
         return RunState.FAILED, f"failed: {reason}; last lines of its log:\n{log_tail(folder, job_id)}"
     if cancelled or state == RunState.CANCELLED:
         return RunState.CANCELLED, "cancelled"
-    if state is None and not (folder / f"{job_id}_submitted.pkl").exists() and "_" not in job_id:
-        return RunState.UNKNOWN, "not known to Slurm"
     what = slurm_state or "gone from the queue"
     return RunState.FAILED, f"died ({what}) before reporting a result; last lines of its log:\n{log_tail(folder, job_id)}"
 
