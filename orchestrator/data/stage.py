@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock
+from rich.filesize import decimal
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from orchestrator.data.shards import DataError, parse_shard_name, shard_name, verify_shard
@@ -146,8 +147,8 @@ def _check_free_space(dest: Path, remotes: list[Remote]) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need > free:
-        raise DataError(f"{dest}: not enough free disk space: {len(remotes)} shards need {need / 1e9:.2f} GB "
-                        f"but {free / 1e9:.2f} GB are free; free some space or stage to another directory")
+        raise DataError(f"{dest}: not enough free disk space: {len(remotes)} shards need {decimal(need)} but "
+                        f"{decimal(free)} are free; free some space or stage to another directory")
 
 
 class _Transfer:
@@ -206,6 +207,7 @@ class _Transfer:
                                     "the source copy is damaged") from None
             except OSError as e:
                 if e.errno == errno.ENOSPC:
+                    self._discard(remote)
                     raise DataError(f"{remote.name}: the disk under {self.dest} is full; free space or stage "
                                     "to another directory") from None
                 raise

@@ -1,0 +1,97 @@
+"""Staging from S3: a real moto_server on loopback, started and stopped by PID in this module."""
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from orchestrator.data import DataError, stage_shards
+
+pytestmark = pytest.mark.integration
+SYN = "synthetic://markov?seed=11&states=64&branch=4&doc_len=32&train_shards=2&shard_tokens=300000"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    port = _free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail(f"moto_server did not start on {url}; see {log.name}")
+                time.sleep(0.2)
+        yield url
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def bucket(moto, monkeypatch, tmp_path):
+    import boto3
+
+    for k, v in {"AWS_ENDPOINT_URL": moto, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    s3 = boto3.client("s3")
+    name = f"shards-{tmp_path.name[-20:].lower().replace('_', '-')}"
+    s3.create_bucket(Bucket=name)
+    src = tmp_path / "src"
+    stage_shards(SYN, src, progress=False)
+    sums = ""
+    for p in sorted(src.glob("fineweb_*")):
+        s3.upload_file(str(p), name, f"fineweb10B/{p.name}")
+        sums += f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+    return s3, name, src, sums
+
+
+def test_s3_stage_lists_the_prefix_and_fetches_ranged_parts(bucket, tmp_path):
+    s3, name, src, _ = bucket
+    r = stage_shards(f"s3://{name}/fineweb10B", tmp_path / "d", part_size=200_000, progress=False)
+    assert [f.name for f in r.train_files] == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    for f in r.train_files + r.val_files:
+        assert f.read_bytes() == (src / f.name).read_bytes()
+    assert stage_shards(f"s3://{name}/fineweb10B", tmp_path / "d", progress=False).bytes_fetched == 0
+
+
+def test_s3_index_catches_a_corrupted_object(bucket, tmp_path):
+    s3, name, src, sums = bucket
+    s3.put_object(Bucket=name, Key="fineweb10B/SHA256SUMS", Body=sums.encode())
+    raw = bytearray((src / "fineweb_val_000000.bin").read_bytes())
+    raw[5000] ^= 0x10
+    s3.put_object(Bucket=name, Key="fineweb10B/fineweb_val_000000.bin", Body=bytes(raw))
+    with pytest.raises(DataError, match=r"fineweb_val_000000\.bin: fetched twice .* corrupted"):
+        stage_shards(f"s3://{name}/fineweb10B", tmp_path / "d", progress=False)
+
+
+def test_s3_missing_shard_bucket_and_endpoint_are_clear_errors(bucket, tmp_path, monkeypatch):
+    _, name, _, _ = bucket
+    with pytest.raises(DataError, match=r"fineweb_train_000003\.bin: missing from s3://"):
+        stage_shards(f"s3://{name}/fineweb10B", tmp_path / "d", train_shards=3, progress=False)
+    with pytest.raises(DataError, match="NoSuchBucket"):
+        stage_shards("s3://no-such-bucket/x", tmp_path / "d", progress=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(DataError, match="cannot reach the S3 endpoint"):
+        stage_shards(f"s3://{name}/fineweb10B", tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists()
