@@ -108,7 +108,8 @@ class DirectorySource(Source):
         try:
             size = (self.root / name).stat().st_size
         except FileNotFoundError:
-            raise DataError(f"{name}: missing from the source directory {self.root}") from None
+            raise DataError(f"{name}: missing from the source directory {self.root}; "
+                           "ask for fewer shards or check the path") from None
         return Remote(name, size, self.index.get(name))
 
     def fetch_range(self, remote, start, length, fd, progress):
@@ -300,7 +301,7 @@ class S3Source(Source):
 
     def describe(self, name: str) -> Remote:
         if name not in self.sizes:
-            raise DataError(f"{name}: missing from {self.description}; the source has no such shard")
+            raise DataError(f"{name}: missing from {self.description}; ask for fewer shards or check the prefix")
         return Remote(name, self.sizes[name], self.index.get(name))
 
     def fetch_range(self, remote, start, length, fd, progress):
