@@ -59,9 +59,11 @@ SECRET_NAME = re.compile(r"AWS_|TOKEN|SECRET|KEY|PASSWORD|PASSWD|PASSPHRASE|CRED
 SECRET_PATTERNS = [
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<redacted>"),  # AWS access key ids
     (re.compile(r"\b(?:hf|gh[pousr]|github_pat|xox[abp]|sk)_[A-Za-z0-9_\-]{16,}"), "<redacted>"),  # HF/GitHub/Slack/API keys
-    (re.compile(r"(?i)\b(bearer|token)\s+[A-Za-z0-9._~+/=\-]{12,}"), r"\1 <redacted>"),
-    (re.compile(r"(?i)((?:secret|token|password|passwd|api[_-]?key|access[_-]?key)[A-Za-z_]*\s*[=:]\s*)[^\s,;'\"]+"),
-     r"\1<redacted>"),
+    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=\-]{12,}"), r"\1 <redacted>"),
+    # NAME=value where NAME ends in a secret word ("tokens=393216" is a count, not a secret: not matched);
+    # values of 8+ characters that are not plain numbers.
+    (re.compile(r"(?i)(\b[A-Za-z_]*(?:secret|token|password|passwd|api[_-]?key|access[_-]?key|secret[_-]?key)"
+                r"[\"']?\s*[=:]\s*[\"']?)(?!\d+\b)[^\s,;'\"]{8,}"), r"\1<redacted>"),
     (re.compile(r"(://)[^/\s:@]+:[^/\s@]+@"), r"\1<redacted>@"),  # user:password@ in URLs
 ]
 
@@ -251,13 +253,21 @@ class SeedUploader:
             futures = {pool.submit(self._upload_one, files / k, f"{prefix}/{k}"): k for k in keys}
             for fut in as_completed(futures):
                 key = futures[fut]
+                if fut.cancelled():
+                    failures.append(key)
+                    continue
                 try:
                     size, digest = fut.result()
                     results.append(ManifestEntry(key, size, digest))
                     advance(size)
                 except (StoreError, OSError) as e:
+                    if not failures:
+                        log.warning("%s", e)
+                        # One file outlasted the whole retry budget: the rest would too, one budget per
+                        # worker round. They wait in the spool instead.
+                        for other in futures:
+                            other.cancel()
                     failures.append(key)
-                    log.warning("%s", e)
         if failures:
             raise UploadIncomplete(f"{self.store.url(prefix)}: {len(failures)} of {len(keys)} files were not uploaded "
                                    f"(first: {sorted(failures)[0]}); they wait in {entry}; run `speedrun collect` later")

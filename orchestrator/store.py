@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import uuid
 from abc import ABC, abstractmethod
@@ -262,7 +263,7 @@ class S3Store(Store):
     network blips); multipart and concurrent parts through TransferConfig."""
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
-                 retry_budget_s: float = 300.0, max_concurrency: int = 8, part_mb: int = 16):
+                 retry_budget_s: float = 300.0, max_attempts: int = 6, max_concurrency: int = 8, part_mb: int = 16):
         try:
             import boto3
             from boto3.s3.transfer import TransferConfig
@@ -273,7 +274,7 @@ class S3Store(Store):
         self.root_url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.retry_budget_s = retry_budget_s
         config = Config(
-            retries={"mode": "standard", "max_attempts": 6},
+            retries={"mode": "standard", "max_attempts": max_attempts},
             connect_timeout=10,
             read_timeout=120,
             max_pool_connections=max(10, 2 * max_concurrency),
@@ -296,7 +297,9 @@ class S3Store(Store):
         from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
         def note(state) -> None:
-            log.warning("%s %s: attempt %d failed (%s); retrying", what, self._where(key),
+            # The first failure and every fifth after it: a long outage should not flood the node's log.
+            level = logging.WARNING if state.attempt_number % 5 == 1 else logging.DEBUG
+            log.log(level, "%s %s: attempt %d failed (%s); retrying", what, self._where(key),
                         state.attempt_number, type(state.outcome.exception()).__name__)
 
         try:
@@ -430,13 +433,14 @@ def open_store(url: str | os.PathLike, **options) -> Store:
             raise StoreError(f"store {text!r}: file URLs must be file:///absolute/path")
         return LocalStore(unquote(parts.path))
     if parts.scheme == "s3":
-        if "@" in parts.netloc:
-            raise StoreError(
-                f"store {parts.scheme}://...@{parts.hostname}: credentials in a store URL are refused; "
-                "set them in the environment or ~/.aws where boto3 finds them"
-            )
+        if "@" in text.split("?", 1)[0]:  # user:secret@bucket, even when the secret holds a '/'
+            # The URL is not echoed: it carries the secret.
+            raise StoreError("store s3://...@...: credentials in a store URL are refused; "
+                             "set them in the environment or ~/.aws where boto3 finds them")
         if not parts.netloc:
             raise StoreError(f"store {text!r}: names no bucket; use s3://bucket/prefix")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", parts.netloc):
+            raise StoreError(f"store {text!r}: {parts.netloc!r} is not a bucket name (letters, digits, '.', '-')")
         prefix = parts.path.strip("/")
         if prefix:
             validate_key(prefix)
