@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from orchestrator.compile_cache import compile_cache_env
 from orchestrator.config import REPO_ROOT, expand
 from orchestrator.plan import LaunchPlan
 
@@ -135,7 +136,7 @@ class NodeRunner:
         from orchestrator.artifacts import read_manifest
 
         m = read_manifest(self.store, self.seed_prefix(seed))
-        return m is not None and m.get("state", "succeeded") == "succeeded"
+        return m is not None and m.state in (None, "succeeded")
 
     # ---------------------------------------------------------------- preemption
     def request_checkpoint(self, timeout_s: float = 300.0) -> bool:
@@ -250,8 +251,8 @@ class NodeRunner:
         env["SPEEDRUN_SWEEP_ID"] = self.plan.sweep_id
         env["SPEEDRUN_SEED"] = str(seed)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.cache_root / "inductor"))
-        env.setdefault("TRITON_CACHE_DIR", str(self.cache_root / "triton"))
+        for k, v in compile_cache_env(self.cache_root).items():
+            env.setdefault(k, v)
         if self.plan.cluster.device == "cpu":
             # one gloo rank per core share; oversubscribed threads make small CPU runs several times slower
             per_rank = max(1, (os.cpu_count() or 1) // self.plan.cluster.gpus_per_node)
