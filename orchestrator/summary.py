@@ -1,26 +1,25 @@
-"""SweepSummary: what a finished (or half-finished) sweep looks like from its objects in the store.
+"""SweepSummary: what a sweep looks like from its objects in the store, for `launch`, `show` and `runs`.
 
-A seed counts as done only when its manifest.json exists (the commit marker); its numbers come from
-train.log through results.parse_log, and its state from timings.json.
+The numbers come from results.load_sweep_runs (train.log parsed, manifest = commit marker); this adds
+the state word a table shows, the data's entropy rate (env.json) and the sweep's wall time (timings.json).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 
-from orchestrator.results import parse_log
-from orchestrator.runs import seed_ids
+from orchestrator.results import ResultsError, load_sweep_runs
 
 
 @dataclass
 class SeedRow:
     seed: int
-    state: str  # succeeded | failed | incomplete (no manifest yet) | running
+    state: str  # succeeded | failed | incomplete (no manifest yet: running, dead, or upload unfinished)
     val_loss: float | None = None
     train_time_s: float | None = None
     step_avg_ms: float | None = None
     peak_mem_mib: float | None = None
-    total_s: float | None = None
+    reason: str = ""
 
 
 @dataclass
@@ -32,40 +31,30 @@ class SweepSummary:
 
 
 def _json_or_none(store, key: str) -> dict | None:
-    if not store.exists(key):
-        return None
     try:
-        return json.loads(store.get_bytes(key))
-    except (ValueError, OSError):
+        return json.loads(store.get_bytes(key)) if store.exists(key) else None
+    except ValueError:
         return None
-
-
-def seed_row(store, sweep_id: str, seed: int) -> tuple[SeedRow, dict | None]:
-    prefix = f"{sweep_id}/seed-{seed}"
-    manifest = _json_or_none(store, f"{prefix}/manifest.json")
-    timings = _json_or_none(store, f"{prefix}/timings.json") or {}
-    row = SeedRow(seed=seed, state="incomplete")
-    if manifest is not None:
-        row.state = manifest.get("state") or timings.get("state") or "succeeded"
-    if store.exists(f"{prefix}/train.log"):
-        res = parse_log(store.get_bytes(f"{prefix}/train.log").decode(errors="replace"))
-        row.val_loss = res.final_val_loss
-        row.train_time_s = None if res.train_time_ms is None else res.train_time_ms / 1000
-        row.step_avg_ms = res.step_avg_ms
-        row.peak_mem_mib = res.peak_alloc_mib
-        if manifest is None and not res.complete:
-            row.state = "running" if res.steps_done else "incomplete"
-    row.total_s = timings.get("total_s")
-    return row, _json_or_none(store, f"{prefix}/env.json")
 
 
 def sweep_summary(store, sweep_id: str) -> SweepSummary:
     s = SweepSummary(sweep_id)
-    for seed in seed_ids(store, sweep_id):
-        row, env = seed_row(store, sweep_id, seed)
-        s.seeds.append(row)
-        if env and s.entropy_rate_nats is None:
+    try:
+        runs = load_sweep_runs(store, sweep_id)
+    except ResultsError:
+        return s
+    walls = []
+    for run in runs:
+        r = run.summary
+        prefix = f"{sweep_id}/seed-{r.seed}"
+        committed = store.exists(f"{prefix}/manifest.json")
+        state = "succeeded" if r.complete else ("failed" if committed else "incomplete")
+        s.seeds.append(SeedRow(r.seed, state, r.val_loss, r.train_time_s, r.step_avg_ms, r.peak_mem_mib, r.reason))
+        timings = _json_or_none(store, f"{prefix}/timings.json") or {}
+        if timings.get("total_s") is not None:
+            walls.append(timings["total_s"])
+        if s.entropy_rate_nats is None:
+            env = _json_or_none(store, f"{prefix}/env.json") or {}
             s.entropy_rate_nats = (env.get("data") or {}).get("entropy_rate_nats")
-    totals = [r.total_s for r in s.seeds if r.total_s is not None]
-    s.wall_s = max(totals) if totals else None
+    s.wall_s = max(walls) if walls else None
     return s
