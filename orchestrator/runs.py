@@ -75,10 +75,6 @@ def find_run(sweep_id: str, store=None) -> RunRecord:
     return RunRecord(**rec)
 
 
-def local_runs() -> list[RunRecord]:
-    return sorted((RunRecord(**r) for r in _read_index().values()), key=lambda r: r.created_at)
-
-
 def list_sweeps(store) -> list[str]:
     """Sweep ids present in a store: prefixes that hold a plan.json."""
     out = set()
@@ -87,12 +83,3 @@ def list_sweeps(store) -> list[str]:
         if len(parts) == 2 and parts[1] == "plan.json":
             out.add(parts[0])
     return sorted(out)
-
-
-def seed_ids(store, sweep_id: str) -> list[int]:
-    seeds = set()
-    for obj in store.list(f"{sweep_id}/"):
-        parts = obj.key.split("/")
-        if len(parts) >= 3 and parts[1].startswith("seed-") and parts[1][5:].isdigit():
-            seeds.add(int(parts[1][5:]))
-    return sorted(seeds)
