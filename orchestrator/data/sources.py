@@ -1,8 +1,8 @@
 """Where shards come from: a directory, an http(s) mirror, the Hugging Face hub, S3, or the synthetic generator.
 
 Every source answers three questions the stager asks: which shards exist (`available`), how big each is
-and what its sha256 is when the source knows it (`describe`), and "write bytes [start, start+length) of
-this shard at that offset of this file descriptor" (`fetch_range`), so ranged parts of one file can be
+and what its sha256 is when the source knows it (`describe`), and "hand bytes [start, start+length) of
+this shard to this sink at their offsets" (`fetch_range`), so ranged parts of one file can be
 fetched in parallel. Sources that cannot answer ranges set `ranged = False`.
 A source may publish a `SHA256SUMS` file (`sha256sum` format) next to its shards; it is then the index
 (names) and the expected digests.
@@ -16,7 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 from urllib.parse import urlsplit
 
 from orchestrator.data.shards import DataError, parse_shard_name, shard_name, write_shard
@@ -24,7 +24,17 @@ from orchestrator.data.shards import DataError, parse_shard_name, shard_name, wr
 CHUNK = 1 << 20
 INDEX_NAME = "SHA256SUMS"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-Progress = Callable[[int], None]
+
+
+class PartSink(Protocol):
+    """Where a source puts the bytes of one part: the stager writes, counts and hashes them."""
+
+    fd: int
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def copied(self, offset: int, n: int) -> None:
+        """n bytes the kernel already copied to `offset` of fd (copy_file_range)."""
 
 
 class TransferError(Exception):
@@ -51,7 +61,6 @@ def parse_index(text: str) -> dict[str, str]:
 class Source:
     description: str
     ranged = True
-    part_size = 64 << 20  # ranged parts of large files; a 200 MB shard becomes 4 parallel parts
 
     def available(self) -> list[str]:
         raise NotImplementedError
@@ -59,7 +68,7 @@ class Source:
     def describe(self, name: str) -> Remote:
         raise NotImplementedError
 
-    def fetch_range(self, remote: Remote, start: int, length: int, fd: int, progress: Progress) -> None:
+    def fetch_range(self, remote: Remote, start: int, length: int, sink: PartSink) -> None:
         raise NotImplementedError
 
     def info(self) -> dict:
@@ -112,27 +121,22 @@ class DirectorySource(Source):
                            "ask for fewer shards or check the path") from None
         return Remote(name, size, self.index.get(name))
 
-    def fetch_range(self, remote, start, length, fd, progress):
+    def fetch_range(self, remote, start, length, sink):
         with open(self.root / remote.name, "rb") as src:
-            done = 0
-            while done < length:
-                try:
-                    n = os.copy_file_range(src.fileno(), fd, min(length - done, 1 << 30),
-                                           start + done, start + done)
+            pos, end = start, start + length
+            while pos < end:
+                try:  # in-kernel copy: no trip through user space
+                    n = os.copy_file_range(src.fileno(), sink.fd, min(end - pos, 64 << 20), pos, pos)
+                    sink.copied(pos, n)
                 except OSError as e:  # cross-device on old kernels, or a filesystem without it
                     if e.errno not in (18, 22, 38, 95):
                         raise
-                    n = _pread_pwrite(src.fileno(), fd, start + done, min(length - done, CHUNK))
+                    data = os.pread(src.fileno(), min(end - pos, CHUNK), pos)
+                    n = len(data)
+                    sink.write(pos, data)
                 if n == 0:
-                    raise TransferError(f"{remote.name} ended at byte {start + done} of {remote.size}")
-                done += n
-                progress(n)
-
-
-def _pread_pwrite(src: int, dst: int, offset: int, length: int) -> int:
-    data = os.pread(src, length, offset)
-    os.pwrite(dst, data, offset)
-    return len(data)
+                    raise TransferError(f"{remote.name} ended at byte {pos} of {remote.size}")
+                pos += n
 
 
 # ----------------------------------------------------------------------------------------- http
@@ -205,7 +209,7 @@ class HttpSource(Source):
         digest = self.index.get(name) or (etag if _SHA256_RE.match(etag) else None)
         return Remote(name, int(size), digest)
 
-    def fetch_range(self, remote, start, length, fd, progress):
+    def fetch_range(self, remote, start, length, sink):
         url = self._final_url.get(remote.name) or self.url_for(remote.name)
         headers: dict[str, str | None] = {"Range": f"bytes={start}-{start + length - 1}"}
         if urlsplit(url).netloc != urlsplit(self.url_for(remote.name)).netloc:
@@ -219,9 +223,8 @@ class HttpSource(Source):
                 offset = start
                 for block in r.iter_content(CHUNK):
                     block = block[: start + length - offset]
-                    os.pwrite(fd, block, offset)
+                    sink.write(offset, block)
                     offset += len(block)
-                    progress(len(block))
                     if offset >= start + length:
                         break
         except (self._requests.exceptions.ConnectionError, self._requests.exceptions.ChunkedEncodingError,
@@ -304,15 +307,14 @@ class S3Source(Source):
             raise DataError(f"{name}: missing from {self.description}; ask for fewer shards or check the prefix")
         return Remote(name, self.sizes[name], self.index.get(name))
 
-    def fetch_range(self, remote, start, length, fd, progress):
+    def fetch_range(self, remote, start, length, sink):
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(remote.name),
                                           Range=f"bytes={start}-{start + length - 1}")["Body"]
             offset = start
             for block in body.iter_chunks(CHUNK):
-                os.pwrite(fd, block, offset)
+                sink.write(offset, block)
                 offset += len(block)
-                progress(len(block))
         except (self._exc.EndpointConnectionError, self._exc.ReadTimeoutError,
                 self._exc.ResponseStreamingError) as e:
             raise TransferError(f"{remote.name}: {e}") from None

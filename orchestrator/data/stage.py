@@ -31,7 +31,8 @@ from orchestrator.data.sources import Remote, Source, SyntheticSource, TransferE
 log = logging.getLogger(__name__)
 STATE_FILE = ".speedrun-shards.json"
 LOCK_DIR = ".locks"
-FILES_AT_ONCE = 4
+FILES_AT_ONCE = 8
+MIN_PART = 32 << 20
 PART_ATTEMPTS = 4
 
 
@@ -128,7 +129,7 @@ def stage_shards(source: str | Source, dest: str | os.PathLike, train_shards: in
             (dest / LOCK_DIR).mkdir(exist_ok=True)
         except OSError as e:
             raise DataError(f"{dest}: cannot create the data directory ({e.strerror}); choose a writable --dest") from None
-    fetched = _Transfer(src, dest, state, workers, part_size or src.part_size).run(remotes, progress, console)
+    fetched = _Transfer(src, dest, state, workers, part_size).run(remotes, progress, console)
     files = [dest / n for n in names]
     result = StageResult(dest=dest, train_files=[f for f in files if "_train_" in f.name],
                          val_files=[f for f in files if "_val_" in f.name], bytes_fetched=fetched,
@@ -152,9 +153,10 @@ def _check_free_space(dest: Path, remotes: list[Remote]) -> None:
 
 
 class _Transfer:
-    def __init__(self, src: Source, dest: Path, state: StageState, workers: int, part_size: int):
+    def __init__(self, src: Source, dest: Path, state: StageState, workers: int, part_size: int | None):
         self.src, self.dest, self.state = src, dest, state
         self.workers, self.part_size = workers, part_size
+        self.files_in_flight = 1
         self.bytes = 0
         self._count_lock = threading.Lock()
 
@@ -169,6 +171,7 @@ class _Transfer:
         with bar, ThreadPoolExecutor(self.workers) as self.parts, ThreadPoolExecutor(FILES_AT_ONCE) as files:
             self.task = bar.add_task(f"{len(remotes)} shards", total=sum(r.size for r in remotes))
             self.bar = bar
+            self.files_in_flight = len(remotes)
             futures = [files.submit(self._stage_one, r) for r in remotes]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for f in futures:
@@ -237,15 +240,29 @@ class _Transfer:
         self.state.record(remote.name, {"source": self.src.description, "size": st.st_size, "sha256": digest,
                                         "tokens": info.tokens, "mtime_ns": st.st_mtime_ns, "staged_at": time.time()})
 
+    def _part_step(self, remote: Remote, old_meta: dict | None) -> int:
+        """Bytes per ranged part: a resumed file keeps its parts; otherwise enough parts to keep every
+        worker busy, and no more (part 0 is hashed as it streams in; later parts are read back to hash)."""
+        if not self.src.ranged:
+            return max(remote.size, 1)
+        if old_meta:
+            return old_meta["part_size"]
+        if self.part_size:
+            return self.part_size
+        streams = max(1, self.workers // max(1, min(self.files_in_flight, FILES_AT_ONCE)))
+        return max(MIN_PART, -(-remote.size // streams))
+
     def _fetch_parts(self, remote: Remote, partial: Path, fresh: bool) -> str:
         meta_path = self.dest / f".{remote.name}.partial.json"
-        step = self.part_size if self.src.ranged else max(remote.size, 1)
-        parts = [(i, start, min(step, remote.size - start)) for i, start in enumerate(range(0, remote.size, step))]
-        meta = {"source": self.src.description, "size": remote.size, "part_size": step, "done": []}
+        old = None
         if not fresh and meta_path.exists() and partial.exists():
             old = json.loads(meta_path.read_text())
-            if all(old.get(k) == meta[k] for k in ("source", "size", "part_size")):
-                meta["done"] = old["done"]
+            if old.get("source") != self.src.description or old.get("size") != remote.size:
+                old = None
+        step = self._part_step(remote, old)
+        parts = [(i, start, min(step, remote.size - start)) for i, start in enumerate(range(0, remote.size, step))]
+        meta = {"source": self.src.description, "size": remote.size, "part_size": step,
+                "done": list(old["done"]) if old else []}
         done = set(meta["done"])
         if done:
             log.info("%s: resuming, %d of %d parts already here", remote.name, len(done), len(parts))
@@ -258,7 +275,7 @@ class _Transfer:
             meta_lock = threading.Lock()
 
             def part(i: int, start: int, length: int) -> None:
-                self._fetch_range(remote, start, length, fd)
+                self._fetch_range(remote, start, length, _PartWriter(fd, digest, self._advance))
                 with meta_lock:
                     meta["done"].append(i)
                     tmp = meta_path.with_suffix(".tmp")
@@ -279,20 +296,12 @@ class _Transfer:
         finally:
             os.close(fd)
 
-    def _fetch_range(self, remote: Remote, start: int, length: int, fd: int) -> None:
-        sent = [0]
-
-        def count(n: int) -> None:
-            sent[0] += n
-            self._advance(n)
-
+    def _fetch_range(self, remote: Remote, start: int, length: int, writer: "_PartWriter") -> None:
         @retry(retry=retry_if_exception_type(TransferError), stop=stop_after_attempt(PART_ATTEMPTS),
                wait=wait_exponential(multiplier=0.2, max=3), reraise=True)
         def attempt() -> None:
-            if sent[0]:  # a retried part starts over; take back what the bar already counted
-                self._advance(-sent[0])
-                sent[0] = 0
-            self.src.fetch_range(remote, start, length, fd, count)
+            writer.restart(start)  # a retried part starts over; the bar gives back what it had counted
+            self.src.fetch_range(remote, start, length, writer)
 
         try:
             attempt()
@@ -300,32 +309,81 @@ class _Transfer:
             raise DataError(f"{remote.name}: transfer failed {PART_ATTEMPTS} times ({e}); check the source") from None
 
 
+class _PartWriter:
+    """The sink of one part: write at the offset, count for the progress bar, feed the running digest."""
+
+    def __init__(self, fd: int, digest: "_InOrderDigest", advance):
+        self.fd, self.digest, self.advance = fd, digest, advance
+        self.counted = 0
+
+    def restart(self, start: int) -> None:
+        if self.counted:
+            self.advance(-self.counted)
+            self.counted = 0
+            self.digest.rewind(start)
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            self.digest.feed(offset, view[:n])
+            offset += n
+            view = view[n:]
+            self.counted += n
+            self.advance(n)
+
+    def copied(self, offset: int, n: int) -> None:
+        self.counted += n
+        self.advance(n)
+
+
 class _InOrderDigest:
-    """sha256 of a file whose parts land out of order: hash the finished prefix while the rest downloads."""
+    """sha256 of a file whose parts land out of order. Bytes that arrive right where the hashed prefix
+    ends are hashed on the spot (a file fetched in one stream is never read back); the rest is read back
+    from the page cache once every part before it is done."""
 
     def __init__(self, fd: int, parts: list[tuple[int, int, int]], done: set[int]):
         self.fd, self.parts, self.done = fd, parts, set(done)
         self.h = hashlib.sha256()
-        self.next = 0
-        self.hashing = threading.Lock()
+        self.pos = 0  # bytes hashed so far: always a prefix of the file
+        self.lock = threading.Lock()
+        self.stale = False  # bytes already hashed were written again: hash the whole file at the end
+
+    def rewind(self, offset: int) -> None:
+        with self.lock:
+            if self.pos > offset:
+                self.stale = True
+
+    def feed(self, offset: int, data) -> None:
+        if offset == self.pos and not self.stale:
+            with self.lock:
+                if offset == self.pos and not self.stale:
+                    self.h.update(data)
+                    self.pos += len(data)
 
     def part_done(self, i: int) -> None:
         self.done.add(i)
-        if self.hashing.acquire(blocking=False):
+        if self.lock.acquire(blocking=False):
             try:
                 self._catch_up()
             finally:
-                self.hashing.release()
+                self.lock.release()
 
     def _catch_up(self) -> None:
-        while self.next < len(self.parts) and self.parts[self.next][0] in self.done:
-            _, start, length = self.parts[self.next]
-            for off in range(start, start + length, 8 << 20):
-                self.h.update(os.pread(self.fd, min(8 << 20, start + length - off), off))
-            self.next += 1
+        for i, start, length in self.parts:
+            end = start + length
+            if self.pos >= end:
+                continue
+            if i not in self.done:
+                return
+            while self.pos < end:
+                self.h.update(os.pread(self.fd, min(8 << 20, end - self.pos), self.pos))
+                self.pos = min(end, self.pos + (8 << 20))
 
     def finish(self) -> str:
-        with self.hashing:
+        with self.lock:
+            if self.stale:
+                self.h, self.pos, self.stale = hashlib.sha256(), 0, False
             self._catch_up()
         return self.h.hexdigest()
 
