@@ -1,0 +1,148 @@
+"""Shard reader and batches: FineWeb-format shards, BOS-aligned training micro-batches, fixed validation.
+
+Shard format: 256 little-endian int32 (magic 20240520, version 1, token count), then uint16 tokens.
+Every rank walks the same global stream of micro-batches and keeps the ones it owns, so 1, 2, 4 or 8
+ranks see exactly the same tokens in every optimizer step.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+BOS = 50256
+
+
+class ShardError(ValueError):
+    """A shard is missing or malformed; the message names the file and the cause."""
+
+
+def read_header(path: str) -> int:
+    """Validate the header and return the token count it declares."""
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header.size < HEADER_INTS:
+        raise ShardError(f"{path}: shorter than the 1024-byte header; the shard is truncated, re-stage it")
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: magic {header[0]} is not {MAGIC}; not a FineWeb-format shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: version {header[1]} is not {VERSION}; re-create the shard with version 1")
+    count = int(header[2])
+    expect = HEADER_INTS * 4 + 2 * count
+    size = os.path.getsize(path)
+    if size != expect:
+        raise ShardError(f"{path}: {size} bytes but the header declares {count} tokens ({expect} bytes); re-stage it")
+    return count
+
+
+def load_tokens(path: str) -> np.ndarray:
+    """The shard's tokens as a read-only uint16 memory map (no copy of a 200 MB shard)."""
+    count = read_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(count,))
+
+
+def write_shard(path: str, tokens: np.ndarray) -> None:
+    """Write tokens in the shard format (used by tests and fixtures)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ShardError(f"{path}: tokens must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def find_shards(data_dir: str, pattern: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(data_dir, pattern)))
+    if not files:
+        raise ShardError(f"{data_dir}: no file matches {pattern!r}; stage the shards or fix train_files/val_files")
+    return files
+
+
+@dataclass
+class LoaderState:
+    shard: int = 0      # index into the sorted shard list
+    cursor: int = 0     # next token position to search for a BOS from
+    epoch: int = 0
+
+
+class TrainBatches:
+    """BOS-aligned micro-batches of seq_len+1 tokens (inputs and shifted targets).
+
+    Micro-batch k of a step belongs to rank k % world. A micro-batch starts at a document start; the tail
+    of the document that does not fit is skipped, so no sequence begins mid-document.
+    """
+
+    def __init__(self, files: list[str], seq_len: int, rank: int, world: int, grad_accum_total: int):
+        if grad_accum_total % world:
+            raise ValueError(f"grad_accum_total={grad_accum_total} is not divisible by {world} ranks; "
+                             "use 1, 2, 4 or 8 ranks or change grad_accum_total")
+        self.files, self.seq_len, self.rank, self.world = files, seq_len, rank, world
+        self.grad_accum_total = grad_accum_total
+        self.state = LoaderState()
+        self._tokens: np.ndarray | None = None
+        self._bos: np.ndarray | None = None
+        self._loaded = -1
+        for f in files:
+            if read_header(f) < seq_len + 1:
+                raise ShardError(f"{f}: fewer tokens than seq_len+1={seq_len + 1}; lower seq_len or use bigger shards")
+
+    def _load(self, i: int) -> None:
+        if self._loaded != i:
+            self._tokens = load_tokens(self.files[i])
+            self._bos = np.flatnonzero(self._tokens == BOS)
+            self._loaded = i
+
+    def _next_sequence(self) -> np.ndarray:
+        n = self.seq_len + 1
+        for _ in range(2 * len(self.files) + 1):
+            st = self.state
+            self._load(st.shard)
+            j = np.searchsorted(self._bos, st.cursor)
+            if j < len(self._bos) and self._bos[j] + n <= len(self._tokens):
+                start = int(self._bos[j])
+                st.cursor = start + n
+                return np.asarray(self._tokens[start:start + n])
+            st.shard, st.cursor = st.shard + 1, 0          # this shard is used up: the next one
+            if st.shard == len(self.files):
+                st.shard, st.epoch = 0, st.epoch + 1
+        raise ShardError(f"{self.files[0]}: no document start (token {BOS}) leaves room for {n} tokens; "
+                         "the shards need BOS-delimited documents")
+
+    def next_step(self) -> list[np.ndarray]:
+        """This rank's micro-batches for the next optimizer step (grad_accum_total / world of them)."""
+        mine = []
+        for k in range(self.grad_accum_total):
+            seq = self._next_sequence()
+            if k % self.world == self.rank:
+                mine.append(seq)
+        return mine
+
+    def state_dict(self) -> dict:
+        return dict(vars(self.state))
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = LoaderState(**d)
+
+
+def validation_chunks(files: list[str], val_tokens: int, val_seq_len: int, rank: int, world: int) -> list[np.ndarray]:
+    """This rank's share of the first val_tokens tokens (plus one target), in chunks of <= val_seq_len+1."""
+    need = val_tokens + 1
+    parts, have = [], 0
+    for f in files:
+        if have >= need:
+            break
+        t = load_tokens(f)
+        parts.append(np.asarray(t[: need - have]))
+        have += parts[-1].size
+    if have < need:
+        raise ShardError(f"{files[0]}: validation shards hold {have} tokens, fewer than val_tokens+1={need}; "
+                         "lower val_tokens or stage more validation shards")
+    stream = np.concatenate(parts)
+    starts = list(range(0, val_tokens, val_seq_len))
+    return [stream[s:min(s + val_seq_len, val_tokens) + 1] for i, s in enumerate(starts) if i % world == rank]

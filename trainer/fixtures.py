@@ -1,0 +1,28 @@
+"""Tiny configurations and Markov shards, for the trainer's tests and quick local runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.config import TrainConfig
+from trainer.data import write_shard
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """A model small enough to train on one CPU core in seconds (the vocabulary stays GPT-2's)."""
+    base = dict(num_layers=2, model_dim=64, num_heads=2, head_dim=32, seq_len=512, grad_accum_total=2,
+                val_seq_len=1024, val_tokens=4096, steps=20, val_every=10, window_min_blocks=1,
+                window_max_blocks=4, block_size=128, warmup_compile_steps=0, device="cpu", compile=False,
+                num_value_embeds=1, muon_momentum_warmup_steps=10, log_every=1)
+    base.update(overrides)
+    return TrainConfig(**base).validate()
+
+
+def markov_shards(dest: Path, url: str = "synthetic://markov?seed=0&states=64&branch=4&shard_tokens=262144") -> float:
+    """Write the synthetic source's train and val shards into dest; return its entropy rate in nats."""
+    from orchestrator.data.synthetic import MarkovSource
+
+    source = MarkovSource.from_url(url)
+    dest.mkdir(parents=True, exist_ok=True)
+    for split, index, name in source.shard_names():
+        write_shard(str(dest / name), source.generate(split, index))
+    return source.entropy_rate_nats

@@ -1,0 +1,181 @@
+"""The GPT of the record recipe, read top to bottom.
+
+Rotary + QK-norm attention with value embeddings, ReLU^2 MLP, zero-initialised output projections,
+untied embedding and head, soft-capped logits, U-net skips between early and late blocks, and the input
+embedding mixed into every block. Weights stay fp32 (the optimizer's copy); matmuls run in the
+activation dtype (bf16 on the GPU, fp32 on CPU).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer import attention as attn_impl
+from trainer.config import TrainConfig
+
+EVAL_SLICE = 8192   # tokens per slice of the lm-head + loss under no_grad
+ATTN_SCALE = 0.12   # with QK-norm, a fixed scale a bit above 1/sqrt(128) trains faster (record value)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """A linear layer whose fp32 weight is cast to the activation dtype at use."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        with torch.no_grad():
+            if zero_init:
+                self.weight.zero_()
+            else:
+                bound = math.sqrt(3) * 0.5 * in_features ** -0.5
+                self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """Rotary embedding on half of each head's dimensions; the other half carries no position."""
+
+    def __init__(self, head_dim: int, base: float = 1024.0):
+        super().__init__()
+        quarter = head_dim // 4
+        freqs = (1.0 / base) ** torch.linspace(0, 1, quarter)
+        self.register_buffer("freqs", torch.cat([freqs, freqs.new_zeros(quarter)]), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D)
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        theta = torch.outer(t, self.freqs)[None, :, None, :]
+        cos, sin = theta.cos().to(x.dtype), theta.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        hdim = num_heads * head_dim
+        bound = math.sqrt(3) * 0.5 * dim ** -0.5
+        # q, k, v in one parameter so Muon orthogonalises them as three separate matrices in one batch
+        self.qkv_w = nn.Parameter(torch.empty(3, hdim, dim).uniform_(-bound, bound))
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))   # mix of v and the value embedding
+        self.rotary = Rotary(head_dim)
+        self.c_proj = CastedLinear(hdim, dim, zero_init=True)
+
+    def forward(self, x, ve, docs, window_blocks, block_size, block_mask):
+        B, T, _ = x.shape
+        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).to(x.dtype))
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        if ve is not None:
+            v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
+        else:
+            v = self.lambdas[0] * v
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if block_mask is not None:
+            y = attn_impl.flex_attention(q, k, v, block_mask, ATTN_SCALE)
+        else:
+            y = attn_impl.dense_attention(q, k, v, docs, window_blocks, block_size, ATTN_SCALE)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: int):
+        super().__init__()
+        self.c_fc = CastedLinear(dim, ratio * dim)
+        self.c_proj = CastedLinear(ratio * dim, dim, zero_init=True)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim)
+        self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
+
+    def forward(self, x, x0, ve, docs, window_blocks, block_size, block_mask):
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, block_mask)
+        return x + self.mlp(norm(x))
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """Head rows rounded up to 128: aligned shapes for the (FP8) matmul; extra logits are sliced off."""
+    return (vocab_size + 127) // 128 * 128
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        V, D, L = cfg.vocab_size, cfg.model_dim, cfg.num_layers
+        hdim = cfg.num_heads * cfg.head_dim
+        self.embed = nn.Embedding(V, D)
+        self.value_embeds = nn.ModuleList(nn.Embedding(V, hdim) for _ in range(cfg.num_value_embeds))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(L))
+        self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
+        self.skip_weights = nn.Parameter(torch.ones(L // 2))
+        # value embedding i feeds layer i and layer L-n+i (early and late layers), none in the middle
+        self.ve_of_layer: list[int | None] = [None] * L
+        n = cfg.num_value_embeds
+        for i in range(min(n, L)):
+            self.ve_of_layer[i] = i
+            self.ve_of_layer[L - n + i] = i
+        self.act_dtype = torch.float32
+        self.use_flex = False
+        self.fp8_head = False
+
+    def is_long_window(self, i: int) -> bool:
+        """Long window on every 4th layer and the last one, half of it elsewhere (record pattern)."""
+        return i % 4 == 0 or i == len(self.blocks) - 1
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = norm(x)
+        if self.fp8_head:
+            from trainer.fp8 import fp8_linear
+            z = fp8_linear(x.flatten(end_dim=-2), self.lm_head.weight).view(*x.shape[:-1], -1)
+        else:
+            z = self.lm_head(x)
+        z = z[..., : self.cfg.vocab_size].float()
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(z / cap)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, window_blocks: torch.Tensor,
+                reduction: str = "mean") -> torch.Tensor:
+        """tokens, targets: (T,) one packed sequence; window_blocks: 0-d int tensor. Returns the loss."""
+        cfg = self.cfg
+        docs = attn_impl.document_ids(tokens)
+        windows = (window_blocks, torch.clamp(window_blocks // 2, min=1))   # long, short
+        if self.use_flex:
+            masks = [attn_impl.flex_block_mask(docs, w, cfg.block_size) for w in windows]
+        else:
+            masks, windows = [None, None], tuple(int(w) for w in windows)
+        x = x0 = norm(self.embed(tokens)[None].to(self.act_dtype))
+        ves = [ve(tokens)[None].to(self.act_dtype) for ve in self.value_embeds]
+        skips, half = [], len(self.skip_weights)
+        for i, block in enumerate(self.blocks):
+            if i >= len(self.blocks) - half and skips:
+                x = x + self.skip_weights[i - (len(self.blocks) - half)] * skips.pop()
+            ve = ves[self.ve_of_layer[i]] if self.ve_of_layer[i] is not None else None
+            j = 0 if self.is_long_window(i) else 1
+            x = block(x, x0, ve, docs, windows[j], cfg.block_size, masks[j])
+            if i < half:
+                skips.append(x)
+        x = x[0]
+        if torch.is_grad_enabled():
+            return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction=reduction)
+        # evaluation: the (T, vocab) fp32 logits of a long validation sequence would not fit; go in slices
+        total = sum(F.cross_entropy(self.logits(x[s:s + EVAL_SLICE]), targets[s:s + EVAL_SLICE], ignore_index=-1,
+                                    reduction="sum") for s in range(0, x.size(0), EVAL_SLICE))
+        return total if reduction == "sum" else total / (targets >= 0).sum()

@@ -1,0 +1,277 @@
+"""Training: untimed warm-up, the timed loop, validation, record log lines, checkpoints, preemption.
+
+Rank 0 prints the record's log lines to stdout and writes OUT/metrics.jsonl and OUT/trainer_timings.json.
+Validation and checkpointing are not counted in train_time, as in the record.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer import checkpoint
+from trainer.config import TrainConfig
+from trainer.data import BOS, TrainBatches, find_shards, validation_chunks
+from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, init_ranks
+from trainer.model import GPT
+from trainer.optim import build_optimizers
+
+log = logging.getLogger("trainer")
+PREEMPTED_EXIT = 75
+
+
+# ----------------------------------------------------------------------------------- schedules
+
+
+def lr_scale(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, flat, then a linear cool-down to 0.1 over the last cooldown_frac of training."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    x = step / cfg.steps
+    if x < 1 - cfg.cooldown_frac:
+        return 1.0
+    w = (1 - x) / cfg.cooldown_frac
+    return w + (1 - w) * 0.1
+
+
+def window_blocks(cfg: TrainConfig, step: int) -> int:
+    """The sliding window grows linearly from window_min_blocks to window_max_blocks over training."""
+    x = min(step / cfg.steps, 1.0)
+    return cfg.window_min_blocks + round((cfg.window_max_blocks - cfg.window_min_blocks) * x)
+
+
+def muon_momentum(cfg: TrainConfig, step: int) -> float:
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+class StopRequest:
+    """Set by SIGUSR1 or by the file OUT/CHECKPOINT_NOW; the ranks agree on it at check steps."""
+
+    def __init__(self, out_dir: Path):
+        self.file = out_dir / "CHECKPOINT_NOW"
+        self.signalled = False
+        try:
+            signal.signal(signal.SIGUSR1, self._on_signal)
+        except ValueError:  # not the main thread (tests that call run() from a thread)
+            pass
+
+    def _on_signal(self, *_):
+        self.signalled = True
+
+    def asked(self) -> bool:
+        return self.signalled or self.file.exists()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data_dir: str, out_dir: str, ranks: Ranks | None = None):
+        self.cfg = cfg.validate()
+        self.out = Path(out_dir)
+        self.ranks = ranks or init_ranks(cfg.device)
+        r = self.ranks
+        if cfg.grad_accum_total % r.world:
+            raise ValueError(f"grad_accum_total={cfg.grad_accum_total} is not divisible by {r.world} ranks")
+        self.cuda = r.device.type == "cuda"
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(cfg).to(r.device)
+        self.model.act_dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.model.use_flex = cfg.attention == "flex" or (cfg.attention == "auto" and self.cuda)
+        self.model.fp8_head = bool(cfg.fp8_head and self.cuda and torch.cuda.get_device_capability(r.device) >= (9, 0))
+        self.compiled = cfg.compile and self.cuda
+        self.forward = torch.compile(self.model, dynamic=False) if self.compiled else self.model
+        self.adam, self.muon = build_optimizers(self.model, cfg)
+        self.reducer = GradientReducer(self.model.parameters(), r.world)
+        self.batches = TrainBatches(find_shards(data_dir, cfg.train_files), cfg.seq_len, r.rank, r.world,
+                                    cfg.grad_accum_total)
+        self.val = validation_chunks(find_shards(data_dir, cfg.val_files), cfg.val_tokens, cfg.val_seq_len,
+                                     r.rank, r.world)
+        self.stop = StopRequest(self.out)
+        self.step = 0
+        self.train_ms = 0.0
+        self.timings = dict(start_unix=time.time(), warmup_s=0.0, first_step_unix=None, train_s=0.0, val_s=0.0,
+                            end_unix=None, steps_done=0, total_steps=cfg.steps)
+        if r.is_main:
+            (self.out / "ckpt").mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------------ pieces of a step
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.astype(np.int64)).to(self.ranks.device, non_blocking=True)
+
+    def train_step(self, micro_batches: list[np.ndarray], step: int) -> torch.Tensor:
+        cfg = self.cfg
+        window = torch.tensor(window_blocks(cfg, step), device=self.ranks.device)
+        total = torch.zeros((), device=self.ranks.device)
+        for i, seq in enumerate(micro_batches):
+            seq_t = self._tensor(seq)
+            self.reducer.arm(last_micro_batch=i == len(micro_batches) - 1)
+            loss = self.forward(seq_t[:-1], seq_t[1:], window)
+            (loss / cfg.grad_accum_total).backward()
+            total += loss.detach()
+        self.reducer.wait()
+        scale = lr_scale(cfg, step)
+        for opt in (self.adam, self.muon):
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+        self.muon.param_groups[0]["momentum"] = muon_momentum(cfg, step)
+        self.adam.step()
+        self.muon.step()
+        self.model.zero_grad(set_to_none=True)
+        return total / len(micro_batches)
+
+    @torch.no_grad()
+    def validate(self, step: int) -> float:
+        window = torch.tensor(window_blocks(self.cfg, step), device=self.ranks.device)
+        loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.ranks.device), 0
+        bs = self.cfg.block_size
+        for chunk in self.val:
+            x, y = chunk[:-1], chunk[1:].astype(np.int64)
+            pad = -len(x) % bs if self.model.use_flex else 0   # flex needs whole blocks; padded targets are ignored
+            x = np.concatenate([x, np.full(pad, BOS, x.dtype)])
+            y = np.concatenate([y, np.full(pad, -1, np.int64)])
+            loss_sum += self.forward(self._tensor(x), self._tensor(y), window, reduction="sum").double()
+            count += len(chunk) - 1
+        total, n = all_sum([loss_sum.item(), float(count)], self.ranks.device)
+        return total / n
+
+    # ---------------------------------------------------------------------------- bookkeeping
+
+    def emit(self, line: str) -> None:
+        if self.ranks.is_main:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    def record(self, **fields) -> None:
+        if self.ranks.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(fields) + "\n")
+
+    def state(self) -> dict:
+        return dict(step=self.step, train_ms=self.train_ms, model=self.model.state_dict(),
+                    adam=self.adam.state_dict(), muon=self.muon.state_dict(), loader=self.batches.state_dict(),
+                    config=self.cfg.to_dict(), world=self.ranks.world, timings=self.timings)
+
+    def save(self, path: Path) -> None:
+        if self.ranks.is_main:
+            checkpoint.save(path, self.state())
+            log.info("saved checkpoint %s", path)
+
+    def restore(self, path: Path) -> None:
+        st = checkpoint.load(path)
+        self.model.load_state_dict(st["model"])
+        self.adam.load_state_dict(st["adam"])
+        self.muon.load_state_dict(st["muon"])
+        self.batches.load_state_dict(st["loader"])
+        self.step, self.train_ms = int(st["step"]), float(st["train_ms"])
+        self.timings.update({k: st["timings"][k] for k in ("warmup_s", "first_step_unix", "val_s")})
+        if self.ranks.is_main:   # drop metrics logged after this checkpoint: they will be logged again
+            mpath = self.out / "metrics.jsonl"
+            if mpath.exists():
+                rows = [json.loads(ln) for ln in mpath.read_text().splitlines() if ln]
+                keep = [json.dumps(r) for r in rows
+                        if r["step"] < self.step or (r["step"] == self.step and "train_loss" in r)]
+                mpath.write_text("".join(ln + "\n" for ln in keep))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def write_timings(self) -> None:
+        if self.ranks.is_main:
+            self.timings.update(end_unix=time.time(), steps_done=self.step, train_s=self.train_ms / 1000)
+            (self.out / "trainer_timings.json").write_text(json.dumps(self.timings, indent=2))
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    # ---------------------------------------------------------------------------------- phases
+
+    def warm_up(self) -> None:
+        """Run every compiled shape on dummy tokens, untimed, then put the model and optimizer back."""
+        n = self.cfg.warmup_compile_steps if self.compiled else 0
+        if n == 0:
+            return
+        t0 = time.time()
+        initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        gen = np.random.default_rng(self.cfg.seed)
+        local = self.cfg.grad_accum_total // self.ranks.world
+        for i in range(n):
+            mb = [gen.integers(0, BOS, self.cfg.seq_len + 1) for _ in range(local)]
+            for seq in mb:
+                seq[:: 4096] = BOS
+            self.train_step(mb, step=(i * self.cfg.steps) // n)
+        self.validate(0)
+        self.model.load_state_dict(initial)
+        self.adam, self.muon = build_optimizers(self.model, self.cfg)
+        self.sync()
+        self.timings["warmup_s"] = time.time() - t0
+        log.info("warm-up of %d steps took %.1fs", n, self.timings["warmup_s"])
+
+    def run(self, resume: str | None = None) -> int:
+        """Train to cfg.steps; returns 0 when done, 75 when stopped on request (after a checkpoint)."""
+        cfg = self.cfg
+        self.warm_up()
+        ckpt = checkpoint.resolve(resume, self.out)
+        if ckpt is not None:
+            self.restore(ckpt)
+        if self.timings["first_step_unix"] is None:
+            self.timings["first_step_unix"] = time.time()
+        start_step = self.step
+        self.sync()
+        t0 = time.perf_counter()
+        while True:
+            step, last = self.step, self.step >= cfg.steps
+            if last or step % cfg.val_every == 0:
+                self.sync()
+                self.train_ms += 1000 * (time.perf_counter() - t0)
+                v0 = time.perf_counter()
+                val = self.validate(step)
+                self.timings["val_s"] += time.perf_counter() - v0
+                avg = self.train_ms / max(step, 1)
+                self.emit(f"step:{step}/{cfg.steps} val_loss:{val:.4f} train_time:{self.train_ms:.0f}ms step_avg:{avg:.2f}ms")
+                self.record(step=step, val_loss=val, train_time_ms=round(self.train_ms, 1),
+                            lr_scale=lr_scale(cfg, step), window=window_blocks(cfg, step))
+                self.sync()
+                t0 = time.perf_counter()
+            if last:
+                break
+            if step > start_step and step % cfg.stop_check_every == 0 and any_rank(self.stop.asked(), self.ranks.device):
+                self.train_ms += 1000 * (time.perf_counter() - t0)
+                self.save(checkpoint.step_path(self.out, step))
+                if self.ranks.is_main and self.stop.file.exists():
+                    self.stop.file.unlink()   # consumed: the resumed run must not stop again at once
+                self.write_timings()
+                self.emit(f"stopped on request at step:{step}/{cfg.steps}; resume with --resume auto")
+                return PREEMPTED_EXIT
+            if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
+                self.train_ms += 1000 * (time.perf_counter() - t0)
+                self.save(checkpoint.step_path(self.out, step))
+                t0 = time.perf_counter()
+            loss = self.train_step(self.batches.next_step(), step)
+            self.step = step + 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                train_loss = all_sum([loss.item()], self.ranks.device)[0] / self.ranks.world
+                self.sync()
+                now = self.train_ms + 1000 * (time.perf_counter() - t0)
+                self.emit(f"step:{self.step}/{cfg.steps} train_loss:{train_loss:.4f} train_time:{now:.0f}ms "
+                          f"step_avg:{now / self.step:.2f}ms")
+                self.record(step=self.step, train_loss=train_loss, train_time_ms=round(now, 1),
+                            lr_scale=lr_scale(cfg, step), window=window_blocks(cfg, step))
+        if cfg.checkpoint_final:
+            self.save(checkpoint.final_path(self.out))
+        self.write_timings()
+        mib = 1024 * 1024
+        if self.cuda:
+            alloc, reserved = torch.cuda.max_memory_allocated() // mib, torch.cuda.max_memory_reserved() // mib
+        else:   # CPU: the process's peak resident memory stands for both
+            alloc = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        self.emit(f"peak memory allocated: {alloc} MiB reserved: {reserved} MiB")
+        return 0
