@@ -245,12 +245,14 @@ class SeedUploader:
             shutil.rmtree(entry)
             return done
         self.store.abort_partial(prefix + "/")
+        # One listing instead of a HEAD per file: only objects whose size already matches are hash-checked.
+        present = {o.key: o.size for o in self.store.list(prefix + "/")}
 
         results: list[ManifestEntry] = []
         failures: list[str] = []
         total = sum((files / k).stat().st_size for k in keys)
         with self._progress(prefix, total) as advance, ThreadPoolExecutor(self.max_workers) as pool:
-            futures = {pool.submit(self._upload_one, files / k, f"{prefix}/{k}"): k for k in keys}
+            futures = {pool.submit(self._upload_one, files / k, f"{prefix}/{k}", present): k for k in keys}
             for fut in as_completed(futures):
                 key = futures[fut]
                 if fut.cancelled():
@@ -281,15 +283,13 @@ class SeedUploader:
         log.info("uploaded %s: %d files, %.1f MB", self.store.url(prefix), len(results), manifest.total_bytes / 1e6)
         return manifest
 
-    def _upload_one(self, path: Path, key: str) -> tuple[int, str]:
+    def _upload_one(self, path: Path, key: str, present: dict[str, int]) -> tuple[int, str]:
         size, digest = path.stat().st_size, sha256_file(path)
-        have = self.store.stat(key)
-        if have is not None and have.size == size and self.store.sha256(key) == digest:
+        if present.get(key) == size and self.store.sha256(key) == digest:
             return size, digest  # already there from an earlier attempt
-        self.store.put_file(path, key, sha256=digest)
-        after = self.store.stat(key)
-        if after is None or after.size != size:
-            raise StoreError(f"{self.store.url(key)}: stored size differs from {path}; run speedrun collect again")
+        info = self.store.put_file(path, key, sha256=digest)
+        if info.size != size:  # the file changed under us: the spool snapshot must be immutable
+            raise StoreError(f"{self.store.url(key)}: {path} changed while uploading; run speedrun collect again")
         return size, digest
 
     def _prune_checkpoints(self, manifest: Manifest) -> None:

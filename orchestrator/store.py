@@ -277,7 +277,7 @@ class S3Store(Store):
             retries={"mode": "standard", "max_attempts": max_attempts},
             connect_timeout=10,
             read_timeout=120,
-            max_pool_connections=max(10, 2 * max_concurrency),
+            max_pool_connections=64,  # several files at once, each with max_concurrency parts
             # Path-style addressing: MinIO and loopback endpoints have no per-bucket DNS names.
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
