@@ -69,10 +69,14 @@ class StageState:
             log.warning("%s is unreadable; every shard will be verified again", self.path)
             return {}
 
-    def record(self, name: str, entry: dict) -> None:
+    def record(self, name: str, entry: dict | None) -> None:
+        """Add or replace the record of `name`; None forgets it."""
         with self.lock:
             shards = self.load()
-            shards[name] = entry
+            if entry is None:
+                shards.pop(name, None)
+            else:
+                shards[name] = entry
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(json.dumps({"version": 1, "shards": shards}, indent=1, sort_keys=True))
             os.replace(tmp, self.path)
@@ -130,12 +134,27 @@ def stage_shards(source: str | Source, dest: str | os.PathLike, train_shards: in
         except OSError as e:
             raise DataError(f"{dest}: cannot create the data directory ({e.strerror}); choose a writable --dest") from None
     fetched = _Transfer(src, dest, state, workers, part_size).run(remotes, progress, console)
+    _remove_foreign_shards(dest, state, src.description, names)
     files = [dest / n for n in names]
     result = StageResult(dest=dest, train_files=[f for f in files if "_train_" in f.name],
                          val_files=[f for f in files if "_val_" in f.name], bytes_fetched=fetched,
                          seconds=time.perf_counter() - t0, info={"source": src.description, **src.info()})
     log.info("staged %d shards in %s (%d bytes fetched, %.1fs)", len(names), dest, fetched, result.seconds)
     return result
+
+
+def _remove_foreign_shards(dest: Path, state: StageState, source: str, names: list[str]) -> None:
+    """Shards an earlier stage brought from ANOTHER source would be read by the trainer's glob next to
+    these ones and silently mix two datasets; they are ours to remove (shards we did not stage stay)."""
+    for name, rec in state.load().items():
+        if name not in names and rec.get("source") != source:
+            if str(rec.get("source", "")).startswith("prepare:"):  # hours of tokenizing: never delete
+                log.warning("%s: %s was prepared here from other documents; the trainer will read it too",
+                            dest, name)
+                continue
+            log.warning("%s: removing %s, staged earlier from %s", dest, name, rec.get("source"))
+            (dest / name).unlink(missing_ok=True)
+            state.record(name, None)
 
 
 def _check_free_space(dest: Path, remotes: list[Remote]) -> None:

@@ -46,8 +46,14 @@ def test_staging_again_is_a_no_op(tmp_path):
 
 def test_another_seed_into_the_same_directory_replaces_the_shards(tmp_path):
     a = _sums(stage_shards(SYN, tmp_path / "d", progress=False).train_files)
-    r = stage_shards(SYN.replace("seed=1", "seed=2"), tmp_path / "d", progress=False)
-    assert r.bytes_fetched > 0 and _sums(r.train_files) != a
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    write_shard(tmp_path / "d" / "fineweb_train_000009.bin", np.arange(5, dtype=np.uint16))  # not staged by us
+    r = stage_shards(SYN.replace("seed=1", "seed=2"), tmp_path / "d", train_shards=2, progress=False)
+    assert r.bytes_fetched > 0 and not set(_sums(r.train_files).values()) & set(a.values())
+    # the old source's third shard would mix two datasets under the trainer's glob: gone; the rest stays
+    assert sorted(p.name for p in (tmp_path / "d").glob("fineweb_*")) == [
+        "fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_train_000009.bin", "fineweb_val_000000.bin"]
+    assert (tmp_path / "d" / "notes.txt").exists()
 
 
 def test_directory_stage_copies_in_parts_and_repairs_a_damaged_copy(source_dir, tmp_path):
