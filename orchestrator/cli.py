@@ -467,8 +467,19 @@ def add_stats_commands(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def cmd_cluster(args) -> int:
+    from orchestrator.cloud import cluster_command
+
+    return cluster_command(args, console)
+
+
 def add_cluster_commands(sub) -> None:
     """`speedrun cluster up|down|status` (orchestrator/cloud.py)."""
+    p = sub.add_parser("cluster", help="rent or release nodes: the Ray cluster launcher on a cluster config")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("config", help="cluster_configs/NAME.yaml with a ray.launcher section, e.g. ray-cluster-aws")
+    p.add_argument("--dry-run", action="store_true", help="print what would be provisioned and its $/hour; call nothing")
+    p.set_defaults(func=cmd_cluster)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,8 +110,17 @@ class SlurmSettings(Strict):
 class RaySettings(Strict):
     address: str = Field("auto", description="Ray dashboard/Jobs address, e.g. http://127.0.0.1:8265")
     cluster_yaml: str | None = Field(None, description="Ray cluster launcher config for `speedrun cluster up|down`")
-    working_dir: str | None = None
-    pip: list[str] = Field(default_factory=list)
+    launcher: dict[str, Any] | None = Field(
+        None, description="the Ray cluster launcher config inline (instead of cluster_yaml); see cluster_configs/ray-cluster-*.yaml")
+    working_dir: str | None = Field(None, description="code shipped with each job; default: this checkout")
+    excludes: list[str] = Field(default_factory=list, description="more paths kept out of the shipped working_dir")
+    pip: list[str] = Field(default_factory=list, description="extra pip packages for the job (runtime_env pip)")
+
+    @model_validator(mode="after")
+    def _one_launcher(self) -> "RaySettings":
+        if self.launcher is not None and self.cluster_yaml is not None:
+            raise ValueError("give either launcher (inline) or cluster_yaml (a file), not both")
+        return self
 
 
 class ClusterConfig(Strict):

@@ -1,0 +1,245 @@
+"""Rented nodes: `speedrun cluster up|down|status CONFIG` over the Ray cluster launcher, and the cost line.
+
+A config for rented machines is an ordinary cluster config (backend: ray) whose `ray.launcher` (inline)
+or `ray.cluster_yaml` (a file) is a Ray cluster-launcher config. `up` hands it to `ray up`
+(ray.autoscaler.sdk.create_or_update_cluster), `down` to `ray down`: we make no cloud API call of
+our own. Before either, the launcher config is checked against the schema that ships with ray
+(ray/autoscaler/ray-schema.json) and against our config (enough GPU nodes for `nodes:`), and
+`--dry-run` prints what would be provisioned and what it costs per hour, contacting nothing.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.config import ClusterConfig, ConfigError, load_cluster
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ cost
+
+
+def cost_line(cluster: ClusterConfig, seconds: float) -> str:
+    """`cost: 8 GPUs x 0.05 h = 0.37 GPU-hours; 1 node x $55.04/node-hour = $2.75` for run summaries."""
+    hours = max(seconds, 0.0) / 3600
+    gpus = cluster.nodes * cluster.gpus_per_node
+    gpu_hours = gpus * hours
+    line = f"cost: {gpus} GPUs x {hours:.2f} h = {gpu_hours:.2f} GPU-hours"
+    if cluster.cost_per_hour is None:
+        return line + f" (no cost_per_hour in cluster config {cluster.name!r}, so no $)"
+    per_gpu_hour = cluster.cost_per_hour / cluster.gpus_per_node
+    return (line + f" x ${per_gpu_hour:,.2f}/GPU-hour (${cluster.cost_per_hour:,.2f}/node-hour)"
+            f" = ${gpu_hours * per_gpu_hour:,.2f}")
+
+
+# ------------------------------------------------------------------------- the launcher config
+
+
+def launcher_config(cluster: ClusterConfig, path: Path) -> tuple[dict[str, Any], str]:
+    """The Ray launcher config of a cluster config, with local file_mounts made absolute. Returns (config, key)."""
+    settings = cluster.ray
+    if cluster.backend != "ray" or settings is None or (settings.launcher is None and settings.cluster_yaml is None):
+        raise ConfigError(f"{path}: ray.launcher: this cluster config provisions nothing; `speedrun cluster up` "
+                          "needs backend: ray and a ray.launcher section (see cluster_configs/ray-cluster-aws.yaml)")
+    if settings.launcher is not None:
+        config, key, base = copy.deepcopy(settings.launcher), "ray.launcher", path.parent
+    else:
+        file = Path(os.path.expanduser(settings.cluster_yaml))
+        file = file if file.is_absolute() else path.parent / file
+        if not file.is_file():
+            raise ConfigError(f"{path}: ray.cluster_yaml: {file} does not exist; give the Ray cluster launcher YAML")
+        try:
+            config = yaml.safe_load(file.read_text())
+        except yaml.YAMLError:
+            raise ConfigError(f"{file}: not valid YAML; fix the syntax") from None
+        key, base = "ray.cluster_yaml", file.parent
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: {key}: must be a mapping (a Ray cluster launcher config)")
+    # Local sides of file_mounts are relative to the config file, not to wherever `speedrun` runs.
+    mounts = config.get("file_mounts") or {}
+    if isinstance(mounts, dict):
+        config["file_mounts"] = {remote: str((base / os.path.expanduser(local)).resolve())
+                                 if isinstance(local, str) and not os.path.isabs(os.path.expanduser(local)) else local
+                                 for remote, local in mounts.items()}
+    return config, key
+
+
+def ray_schema() -> dict[str, Any]:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def check_launcher(config: dict[str, Any], cluster: ClusterConfig, path: Path, key: str) -> None:
+    """Ray's schema, then our own consistency rules; one ConfigError sentence naming the key."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft7Validator(ray_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        where = ".".join([key, *map(str, e.absolute_path)])
+        raise ConfigError(f"{path}: {where}: {e.message} (Ray cluster launcher schema); fix it per ray/autoscaler/ray-schema.json")
+    provider = config["provider"].get("type")
+    if provider == "local":
+        for field in ("head_ip", "worker_ips"):
+            if field not in config["provider"] and "coordinator_address" not in config["provider"]:
+                raise ConfigError(f"{path}: {key}.provider.{field}: required by the on-prem provider; "
+                                  "give the SSH-reachable addresses of the machines")
+    elif provider is not None and not config.get("available_node_types"):
+        raise ConfigError(f"{path}: {key}.available_node_types: missing; declare the head (and worker) node types")
+    gpu_nodes = sum(g.count for g in provisioning(config) if g.gpus is None or g.gpus >= cluster.gpus_per_node)
+    if gpu_nodes < cluster.nodes:
+        raise ConfigError(f"{path}: nodes: {cluster.nodes} nodes of {cluster.gpus_per_node} GPUs asked for, but "
+                          f"{key} starts {gpu_nodes} such node(s); raise min_workers or lower nodes")
+
+
+@dataclass
+class NodeGroup:
+    role: str            # head | worker
+    node_type: str
+    instance: str        # instance type, or the machine's address on-prem
+    count: int
+    where: str           # region / availability zone, or "on-prem"
+    gpus: float | None   # declared GPU resources, None when Ray detects them
+
+
+def provisioning(config: dict[str, Any]) -> list[NodeGroup]:
+    """What `ray up` would start, read from the config alone (no cloud calls): head first."""
+    provider = config.get("provider", {})
+    if provider.get("type") == "local":
+        head = provider.get("head_ip", "(coordinator)")
+        workers = provider.get("worker_ips", [])
+        groups = [NodeGroup("head", "local.cluster.node", f"existing machine {head}", 1, "on-prem", None)]
+        if workers:
+            groups.append(NodeGroup("worker", "local.cluster.node", "existing machines " + ", ".join(workers),
+                                    min(config.get("min_workers", len(workers)), len(workers)), "on-prem", None))
+        return groups
+    where = provider.get("region", "?")
+    if provider.get("availability_zone"):
+        where += f" ({provider['availability_zone']})"
+    head_type = config.get("head_node_type")
+    groups = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        node = spec.get("node_config", {})
+        instance = node.get("InstanceType") or node.get("machineType") or node.get("vmSize") or "?"
+        gpus = (spec.get("resources") or {}).get("GPU")
+        if name == head_type:
+            groups.insert(0, NodeGroup("head", name, instance, 1, where, gpus))
+        if spec.get("min_workers", 0):
+            groups.append(NodeGroup("worker", name, instance, int(spec["min_workers"]), where, gpus))
+    return groups
+
+
+def provisioning_table(cluster: ClusterConfig, config: dict[str, Any], title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("role", "node type", "instance", "count", "where", "$/hour"):
+        t.add_column(col, justify="right" if col in ("count", "$/hour") else "left")
+    rate = cluster.cost_per_hour
+    total = 0
+    for g in provisioning(config):
+        total += g.count
+        t.add_row(g.role, g.node_type, g.instance, str(g.count), g.where, "-" if rate is None else f"{rate * g.count:,.2f}")
+    t.add_row("total", "", "", str(total), "", "-" if rate is None else f"{rate * total:,.2f}", style="bold")
+    return t
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+def load_rented(config_path: str) -> tuple[ClusterConfig, Path, dict[str, Any]]:
+    cluster, path = load_cluster(config_path)
+    config, key = launcher_config(cluster, path)
+    check_launcher(config, cluster, path, key)
+    return cluster, path, config
+
+
+def saved_launcher_path(config: dict[str, Any]) -> Path:
+    """Where `up` keeps the launcher YAML it used, so `ray attach|dashboard|exec FILE` work on it too."""
+    home = Path(os.environ.get("SPEEDRUN_HOME", "~/.cache/speedrun")).expanduser()
+    return home / "clusters" / f"{config['cluster_name']}.yaml"
+
+
+def cluster_up(config_path: str, dry_run: bool, console: Console) -> int:
+    cluster, path, config = load_rented(config_path)
+    console.print(provisioning_table(cluster, config, f"{path}: Ray cluster {config['cluster_name']!r}"))
+    setup = [*config.get("initialization_commands", []), *config.get("setup_commands", []),
+             *config.get("head_setup_commands", []), *config.get("head_start_ray_commands", [])]
+    for line in setup:
+        console.print(f"  $ {line}", markup=False, highlight=False)
+    if dry_run:
+        console.print(f"[dim]dry run: nothing provisioned; `speedrun cluster up {config_path}` runs `ray up` on this[/dim]")
+        return 0
+    from ray.autoscaler.sdk import create_or_update_cluster, get_head_node_ip
+
+    saved = saved_launcher_path(config)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        create_or_update_cluster(str(saved), no_config_cache=True)
+        head = get_head_node_ip(str(saved))
+    except (Exception, SystemExit) as e:  # the launcher aborts with SystemExit / provider errors
+        raise ConfigError(f"{path}: ray up failed ({str(e).strip()[:300] or type(e).__name__}); "
+                          f"its output above names the cause; retry after fixing it, or `speedrun cluster down {config_path}`") from None
+    console.print(f"cluster {config['cluster_name']!r} is up; head node {head}")
+    console.print(f"Jobs API: forward the head's dashboard to {cluster.ray.address} with `ray dashboard {saved}` "
+                  f"(or ssh -N -L 8265:127.0.0.1:8265 {config.get('auth', {}).get('ssh_user', 'ubuntu')}@{head}), then\n"
+                  f"  speedrun launch jobs/speedrun.yaml --cluster {path}")
+    return 0
+
+
+def cluster_down(config_path: str, dry_run: bool, console: Console) -> int:
+    cluster, path, config = load_rented(config_path)
+    console.print(provisioning_table(cluster, config, f"{path}: would stop Ray and release these nodes"))
+    if dry_run:
+        console.print("[dim]dry run: nothing was torn down[/dim]")
+        return 0
+    from ray.autoscaler.sdk import teardown_cluster
+
+    try:
+        teardown_cluster(config)
+    except (Exception, SystemExit) as e:
+        raise ConfigError(f"{path}: ray down failed ({str(e).strip()[:300] or type(e).__name__}); "
+                          "check the nodes in your provider's console so nothing keeps billing") from None
+    console.print(f"cluster {config['cluster_name']!r} is down")
+    return 0
+
+
+def cluster_status(config_path: str, console: Console) -> int:
+    """Head/worker addresses from the launcher, and whether the Jobs API answers at ray.address."""
+    cluster, path, config = load_rented(config_path)
+    from ray.autoscaler.sdk import get_head_node_ip, get_worker_node_ips
+
+    try:
+        head = get_head_node_ip(config)
+        workers = get_worker_node_ips(config)
+    except (Exception, SystemExit) as e:
+        console.print(f"cluster {config['cluster_name']!r}: not running ({str(e).strip()[:200] or type(e).__name__})")
+        return 1
+    console.print(f"cluster {config['cluster_name']!r}: head {head}, workers {', '.join(workers) or 'none'}")
+    import requests
+
+    try:
+        ok = requests.get(f"{cluster.ray.address.rstrip('/')}/api/version", timeout=5).ok
+    except requests.RequestException:
+        ok = False
+    console.print(f"Jobs API at {cluster.ray.address}: {'answers' if ok else 'not reachable (forward the dashboard port)'}")
+    return 0 if ok else 1
+
+
+def cluster_command(args, console: Console) -> int:
+    """`speedrun cluster ACTION CONFIG [--dry-run]`, dispatched from orchestrator/cli.py."""
+    if args.action == "up":
+        return cluster_up(args.config, args.dry_run, console)
+    if args.action == "down":
+        return cluster_down(args.config, args.dry_run, console)
+    return cluster_status(args.config, console)
