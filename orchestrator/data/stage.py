@@ -10,7 +10,6 @@ Per-shard file locks keep two stages on one node from fetching the same shard tw
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from filelock import FileLock
 from rich.filesize import decimal
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from orchestrator.data.parts import InOrderDigest, PartWriter
 from orchestrator.data.shards import DataError, parse_shard_name, shard_name, verify_shard
 from orchestrator.data.sources import Remote, Source, SyntheticSource, TransferError, open_source
 
@@ -290,11 +290,11 @@ class _Transfer:
         try:
             if not done and remote.size:
                 os.posix_fallocate(fd, 0, remote.size)  # ENOSPC now rather than half-way
-            digest = _InOrderDigest(fd, parts, done)
+            digest = InOrderDigest(fd, parts, done)
             meta_lock = threading.Lock()
 
             def part(i: int, start: int, length: int) -> None:
-                self._fetch_range(remote, start, length, _PartWriter(fd, digest, self._advance))
+                self._fetch_range(remote, start, length, PartWriter(fd, digest, self._advance))
                 with meta_lock:
                     meta["done"].append(i)
                     tmp = meta_path.with_suffix(".tmp")
@@ -315,7 +315,7 @@ class _Transfer:
         finally:
             os.close(fd)
 
-    def _fetch_range(self, remote: Remote, start: int, length: int, writer: "_PartWriter") -> None:
+    def _fetch_range(self, remote: Remote, start: int, length: int, writer: PartWriter) -> None:
         @retry(retry=retry_if_exception_type(TransferError), stop=stop_after_attempt(PART_ATTEMPTS),
                wait=wait_exponential(multiplier=0.2, max=3), reraise=True)
         def attempt() -> None:
@@ -326,85 +326,6 @@ class _Transfer:
             attempt()
         except TransferError as e:
             raise DataError(f"{remote.name}: transfer failed {PART_ATTEMPTS} times ({e}); check the source") from None
-
-
-class _PartWriter:
-    """The sink of one part: write at the offset, count for the progress bar, feed the running digest."""
-
-    def __init__(self, fd: int, digest: "_InOrderDigest", advance):
-        self.fd, self.digest, self.advance = fd, digest, advance
-        self.counted = 0
-
-    def restart(self, start: int) -> None:
-        if self.counted:
-            self.advance(-self.counted)
-            self.counted = 0
-            self.digest.rewind(start)
-
-    def write(self, offset: int, data) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            self.digest.feed(offset, view[:n])
-            offset += n
-            view = view[n:]
-            self.counted += n
-            self.advance(n)
-
-    def copied(self, offset: int, n: int) -> None:
-        self.counted += n
-        self.advance(n)
-
-
-class _InOrderDigest:
-    """sha256 of a file whose parts land out of order. Bytes that arrive right where the hashed prefix
-    ends are hashed on the spot (a file fetched in one stream is never read back); the rest is read back
-    from the page cache once every part before it is done."""
-
-    def __init__(self, fd: int, parts: list[tuple[int, int, int]], done: set[int]):
-        self.fd, self.parts, self.done = fd, parts, set(done)
-        self.h = hashlib.sha256()
-        self.pos = 0  # bytes hashed so far: always a prefix of the file
-        self.lock = threading.Lock()
-        self.stale = False  # bytes already hashed were written again: hash the whole file at the end
-
-    def rewind(self, offset: int) -> None:
-        with self.lock:
-            if self.pos > offset:
-                self.stale = True
-
-    def feed(self, offset: int, data) -> None:
-        if offset == self.pos and not self.stale:
-            with self.lock:
-                if offset == self.pos and not self.stale:
-                    self.h.update(data)
-                    self.pos += len(data)
-
-    def part_done(self, i: int) -> None:
-        self.done.add(i)
-        if self.lock.acquire(blocking=False):
-            try:
-                self._catch_up()
-            finally:
-                self.lock.release()
-
-    def _catch_up(self) -> None:
-        for i, start, length in self.parts:
-            end = start + length
-            if self.pos >= end:
-                continue
-            if i not in self.done:
-                return
-            while self.pos < end:
-                self.h.update(os.pread(self.fd, min(8 << 20, end - self.pos), self.pos))
-                self.pos = min(end, self.pos + (8 << 20))
-
-    def finish(self) -> str:
-        with self.lock:
-            if self.stale:
-                self.h, self.pos, self.stale = hashlib.sha256(), 0, False
-            self._catch_up()
-        return self.h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -100,17 +100,17 @@ def test_a_shard_with_a_bad_header_in_the_source_is_refused(tmp_path):
 
 
 def test_in_order_digest_matches_sha256_whatever_order_the_parts_land_in(tmp_path):
-    from orchestrator.data.stage import _InOrderDigest, _PartWriter
+    from orchestrator.data.parts import InOrderDigest, PartWriter
 
     data = np.random.default_rng(0).integers(0, 256, 1_000_003, dtype=np.uint8).tobytes()
     parts = [(i, s, min(65536, len(data) - s)) for i, s in enumerate(range(0, len(data), 65536))]
     order = np.random.default_rng(1).permutation(len(parts))
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     try:
-        digest = _InOrderDigest(fd, parts, set())
+        digest = InOrderDigest(fd, parts, set())
         for k, i in enumerate(order):
             _, s, n = parts[i]
-            w = _PartWriter(fd, digest, lambda n: None)
+            w = PartWriter(fd, digest, lambda n: None)
             w.write(s, data[s: s + n // 2])
             if k % 5 == 0:  # a retried part: what was hashed must not be trusted any more
                 w.restart(s)
