@@ -231,7 +231,8 @@ class SeedUploader:
         except (UploadIncomplete, UploadConflict):
             raise
         except StoreError as e:  # the store is unreachable or refusing: the entry stays for collect
-            raise UploadIncomplete(f"{e}; the seed waits in {entry}; run `speedrun collect` later") from e
+            raise UploadIncomplete(f"{e}; the seed waits in {entry}; "
+                                   f"run `speedrun collect {record['prefix'].split('/')[0]}` later") from e
 
     def _finish(self, entry: Path, record: dict) -> Manifest:
         prefix, keys = record["prefix"], record["files"]
@@ -272,7 +273,7 @@ class SeedUploader:
                     failures.append(key)
         if failures:
             raise UploadIncomplete(f"{self.store.url(prefix)}: {len(failures)} of {len(keys)} files were not uploaded "
-                                   f"(first: {sorted(failures)[0]}); they wait in {entry}; run `speedrun collect` later")
+                                   f"(first: {sorted(failures)[0]}); they wait in {entry}; run `speedrun collect {prefix.split('/')[0]}` later")
         manifest = Manifest(prefix, sorted(results, key=lambda f: f.key), state=record.get("state"))
         if not record.get("write_manifest", True):
             shutil.rmtree(entry, ignore_errors=True)

@@ -12,6 +12,8 @@ points TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under one root (`compile_cac
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -24,6 +26,7 @@ from orchestrator.store import Store, StoreError, validate_key
 log = logging.getLogger(__name__)
 
 PREFIX = "compile-cache"
+MARKER = ".speedrun-restored.json"  # what restore unpacked, so save can skip an unchanged cache
 # Lock files and half-written temp files are per-process state, not cache content.
 SKIP = re.compile(r"(\.lock$|\.tmp|^tmp|\.pid$)")
 
@@ -42,6 +45,20 @@ def compile_cache_env(root: str | os.PathLike) -> dict[str, str]:
     """The environment variables that put both caches under `root` (what save/restore carry)."""
     root = Path(root)
     return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton")}
+
+
+def _cache_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+                  and p.name != MARKER and not SKIP.search(p.name))
+
+
+def _fingerprint(root: Path, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
+    return h.hexdigest()
 
 
 def _safe_members(tar: tarfile.TarFile, dest: Path):
@@ -70,18 +87,26 @@ def restore_compile_cache(store: Store, key: str, dest_dir: str | os.PathLike) -
                 tar.extractall(dest, members=members, **kwargs)
         except tarfile.TarError as e:
             raise StoreError(f"{store.url(key)}: not a readable tar ({e}); delete it so the next node saves a fresh one") from None
+    (dest / MARKER).write_text(json.dumps({"key": key, "fingerprint": _fingerprint(dest, _cache_files(dest))}))
     log.info("compile cache restored from %s (%d files)", store.url(key), len(members))
     return True
 
 
 def save_compile_cache(store: Store, key: str, src_dir: str | os.PathLike) -> int:
-    """Upload src_dir as an uncompressed tar at `key` (one atomic PUT replaces the old one); returns bytes."""
+    """Upload src_dir as an uncompressed tar at `key` (one atomic PUT replaces the old one); returns bytes,
+    0 when there is nothing to save or nothing changed since this key was restored here."""
     validate_key(key)
     src = Path(src_dir)
-    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink()
-                   and not SKIP.search(p.name)) if src.is_dir() else []
+    files = _cache_files(src)
     if not files:
         log.info("compile cache: %s is empty, nothing to save", src)
+        return 0
+    try:
+        restored = json.loads((src / MARKER).read_text())
+    except (OSError, ValueError):
+        restored = {}
+    if restored.get("key") == key and restored.get("fingerprint") == _fingerprint(src, files) and store.exists(key):
+        log.info("compile cache unchanged since it was restored from %s; not uploaded again", store.url(key))
         return 0
     with tempfile.TemporaryDirectory(prefix=".compile-cache-") as tmp:
         archive = Path(tmp) / "cache.tar"

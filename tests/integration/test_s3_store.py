@@ -102,7 +102,7 @@ def test_throttling_beyond_the_budget_spools_and_collect_finishes(moto_s3, s3_en
     seed = make_seed(tmp_path / "seed", big_mb=6, small=3)
     with FaultProxy(moto_s3.port, throttle_first=-1) as proxy:
         store = open_store(f"s3://{b}/p?endpoint_url={proxy.endpoint}", retry_budget_s=1.0)
-        with pytest.raises(UploadIncomplete, match="run `speedrun collect` later"):
+        with pytest.raises(UploadIncomplete, match="run `speedrun collect sw` later"):
             SeedUploader(store, tmp_path / "spool").upload_seed(seed, "sw/seed-0")
     assert proxy.throttled > 1  # botocore and tenacity both tried again
     assert moto_s3.client().list_objects_v2(Bucket=b).get("KeyCount") == 0

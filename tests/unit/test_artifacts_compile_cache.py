@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from orchestrator.compile_cache import cache_key, compile_cache_env, restore_compile_cache, save_compile_cache
+from orchestrator.compile_cache import MARKER, cache_key, compile_cache_env, restore_compile_cache, save_compile_cache
 from orchestrator.store import LocalStore, StoreError, validate_key
 
 
@@ -33,7 +33,8 @@ def test_save_then_restore_on_a_fresh_node(tmp_path):
     assert not restore_compile_cache(store, key, tmp_path / "b")  # cold: nothing in the store yet
     assert save_compile_cache(store, key, node_a) > 0
     assert restore_compile_cache(store, key, tmp_path / "b")
-    got = sorted(p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file())
+    got = sorted(p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*")
+                 if p.is_file() and p.name != MARKER)
     assert got == ["inductor/fx/graph.py", "triton/HASH/kernel.cubin"]
     assert (tmp_path / "b" / "triton" / "HASH" / "kernel.cubin").read_bytes() == b"\x7fELF" + bytes(1000)
 
@@ -68,3 +69,17 @@ def test_corrupt_archive_is_one_clear_error(tmp_path):
     store.put_bytes(b"not a tar at all" * 100, key)
     with pytest.raises(StoreError, match="not a readable tar"):
         restore_compile_cache(store, key, tmp_path / "dest")
+
+
+def test_unchanged_cache_is_not_uploaded_again(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    key = cache_key("code", "2.13.0", "cpu")
+    (tmp_path / "a" / "triton").mkdir(parents=True)
+    (tmp_path / "a" / "triton" / "k.cubin").write_bytes(b"1" * 100)
+    assert save_compile_cache(store, key, tmp_path / "a") > 0
+    assert restore_compile_cache(store, key, tmp_path / "b")
+    assert save_compile_cache(store, key, tmp_path / "b") == 0  # the seeds compiled nothing new
+    (tmp_path / "b" / "triton" / "new.cubin").write_bytes(b"2" * 50)  # a new kernel: worth saving
+    assert save_compile_cache(store, key, tmp_path / "b") > 0
+    assert restore_compile_cache(store, key, tmp_path / "c")
+    assert (tmp_path / "c" / "triton" / "new.cubin").read_bytes() == b"2" * 50
