@@ -19,7 +19,8 @@ through `redact`) and writes `pending.json`; then uploads every file concurrentl
 checks each against its sha256, writes `<prefix>/manifest.json` LAST (the commit marker), drops
 checkpoints beyond the newest keep_last_ckpt from the store, and deletes the spool entry. Whatever fails
 stays in the spool with its record, and `collect` finishes it later, idempotently: objects already
-present with the right hash are skipped, a committed seed is never overwritten with different content.
+present with the right hash are skipped, a committed seed is never overwritten with different content
+(UploadConflict), except that a newer attempt replaces a seed committed with a state other than "succeeded".
 """
 from __future__ import annotations
 
@@ -238,6 +239,12 @@ class SeedUploader:
         prefix, keys = record["prefix"], record["files"]
         files = entry / "files"
         done = read_manifest(self.store, prefix)
+        if done is not None and done.state not in (None, "succeeded") and record["created_at"] > done.created_at:
+            # A newer attempt of a seed committed as failed: un-commit first, so that no manifest ever
+            # lists objects that no longer match it, then upload as usual.
+            log.warning("%s was committed as %s; replacing it with a newer attempt", self.store.url(prefix), done.state)
+            self.store.delete(f"{prefix}/{MANIFEST}")
+            done = None
         if done is not None:
             mine = {(k, (files / k).stat().st_size, sha256_file(files / k)) for k in keys}
             if done.content() != mine:

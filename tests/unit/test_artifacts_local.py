@@ -146,3 +146,16 @@ def test_two_pass_upload_commits_once_and_resends_only_changes(tmp_path, monkeyp
     assert sent == ["sw/seed-0/timings.json"]
     assert read_manifest(store, "sw/seed-0").state == "succeeded" == m.state
     assert store.get_bytes("sw/seed-0/timings.json") == b'{"upload_s": 1.5}'
+
+
+def test_a_seed_committed_as_failed_is_replaced_by_a_newer_attempt(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    up = SeedUploader(store, tmp_path / "spool")
+    up.upload_seed(make_seed(tmp_path / "a", ckpts=(1,)), "sw/seed-0", state="failed")
+    retry = make_seed(tmp_path / "b", ckpts=(9,))
+    m = up.upload_seed(retry, "sw/seed-0", state="succeeded", keep_last_ckpt=1)
+    assert read_manifest(store, "sw/seed-0").state == "succeeded" == m.state
+    assert [o.key for o in store.list("sw/seed-0/ckpt/")] == ["sw/seed-0/ckpt/final.pt"]  # the failed try's step_1 pruned
+    assert collect(store, tmp_path / "spool", "sw").verified == ["sw/seed-0"]
+    with pytest.raises(UploadConflict):  # a succeeded seed stays as committed
+        up.upload_seed(make_seed(tmp_path / "c", ckpts=(5,)), "sw/seed-0", state="succeeded")
