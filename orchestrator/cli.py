@@ -431,11 +431,12 @@ def cmd_report(args) -> int:
     except _stats_errors() as e:
         err_console.print(f"error: {e}", style="red", markup=False)
         return 2
-    t = Table(title=f"report of {args.sweep}", title_justify="left")
-    for col in ("file", "size", "local", "store"):
+    t = Table(title=f"report of {args.sweep}", title_justify="left",
+              caption=f"local: {out}/\nstore: {url.rstrip('/')}/{manifest.prefix}/", caption_justify="left")
+    for col in ("file", "size", "sha256"):
         t.add_column(col)
     for f in manifest.files:
-        t.add_row(f.key, f"{f.size / 1024:.0f} KiB", str(out / f.key), f"{url.rstrip('/')}/{manifest.prefix}/{f.key}")
+        t.add_row(f.key, f"{f.size / 1024:.0f} KiB", f.sha256[:16])
     console.print(t)
     return 0
 
