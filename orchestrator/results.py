@@ -137,8 +137,9 @@ def parse_line(line: str) -> StepEvent | MemoryEvent | None:
     m = _STEP_RE.search(line)
     if m:
         values: dict[str, float] = {}
-        for key, raw, _unit in _PAIR_RE.findall(line[m.end():]):
-            values[key.lower()] = _number(raw)
+        for key, raw, unit in _PAIR_RE.findall(line[m.end():]):
+            # Times are kept in ms; a trainer that prints seconds (`train_time:168.9s`) is converted.
+            values[key.lower()] = _number(raw) * (1000.0 if unit.lower() == "s" else 1.0)
         # Old logs used `time:` or `train_time:`; `step_avg` of step 0 is `nanms`.
         return StepEvent(
             step=int(m.group(1)),

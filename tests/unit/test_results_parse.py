@@ -146,3 +146,8 @@ def test_retry_appended_to_the_same_log_supersedes_the_dead_attempt():
     r = parse_log(text)
     assert not r.complete and r.steps_done == 4 and r.final_val_loss == 4.1
     assert r.reason == "stopped at step 4/10"
+
+
+def test_times_in_seconds_are_converted_to_ms():
+    e = parse_line("step:1695/1695 val_loss:3.2772 train_time:168.938s step_avg:0.09967s")
+    assert e.train_time_ms == pytest.approx(168938) and e.step_avg_ms == pytest.approx(99.67)
