@@ -329,7 +329,15 @@ def log_tail(folder: Path, job_id: str, n: int = LOG_TAIL_LINES) -> str:
     path = log_path(folder, job_id)
     if not path.exists():
         return "(no log yet)"
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    # submitit's own traceback of NodeTask's RuntimeError repeats what the node runner said: cut it
+    errors = [i for i, ln in enumerate(lines) if ln.startswith("submitit ERROR")]
+    if errors:
+        first = errors[-1]
+        while first > 0 and lines[first - 1].startswith("submitit ERROR"):
+            first -= 1
+        lines = lines[:first]
+    lines = [ln for ln in lines if ln.strip() and not ln.startswith("submitit ")]
     return "\n".join(lines[-n:])
 
 
@@ -369,6 +377,8 @@ def _job_state(folder: Path, job_id: str, slurm_state: str | None, cancelled: bo
         outcome, value = pickle_load(result)
         if outcome == "success":
             return RunState.SUCCEEDED, ""
+        if cancelled:  # the node runner was stopped by our scancel; its error is the cancel itself
+            return RunState.CANCELLED, "cancelled"
         reason = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
         return RunState.FAILED, f"failed: {reason}; last lines of its log:\n{log_tail(folder, job_id)}"
     if cancelled or state == RunState.CANCELLED:

@@ -11,6 +11,7 @@ CPUs=16 and eight fake GPUs (empty files behind gres.conf), which is what the 8x
 """
 from __future__ import annotations
 
+import ctypes
 import grp
 import os
 import pwd
@@ -23,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 NODE = "speedrun-node"
 PARTITION = "debug"
 BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
@@ -34,6 +37,12 @@ def missing_binaries() -> list[str]:
 
 def _binary(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def _die_with_parent() -> None:
+    """Runs in each daemon before exec: a killed test run (CI timeout) must not leave daemons behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_ports(n: int) -> list[int]:
@@ -148,7 +157,8 @@ class SlurmCluster:
             [_binary("munged"), "--foreground", f"--socket={munge / 'munge.socket'}", f"--key-file={key}",
              f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
              f"--seed-file={munge / 'munged.seed'}"],
-            user=uid, group=gid, stdout=subprocess.DEVNULL, stderr=open(self.root / "log" / "munged.err", "wb"),
+            user=uid, group=gid, preexec_fn=_die_with_parent,
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "log" / "munged.err", "wb"),
         )
         self._wait_for(lambda: (munge / "munge.socket").exists(), 10.0, "munged to open its socket", "munged")
 
@@ -156,7 +166,7 @@ class SlurmCluster:
         env = self.env
         for name, args in (("slurmctld", ["-D", "-i"]), ("slurmd", ["-D", "-N", NODE])):
             self.procs[name] = subprocess.Popen(
-                [_binary(name), *args, "-f", str(self.conf)], env=env, cwd=self.root,
+                [_binary(name), *args, "-f", str(self.conf)], env=env, cwd=self.root, preexec_fn=_die_with_parent,
                 stdout=subprocess.DEVNULL, stderr=open(self.root / "log" / f"{name}.err", "wb"),
             )
 
@@ -221,6 +231,29 @@ class SlurmCluster:
         """A requeued job waits ~2 minutes (BeginTime) before it may run again; let it start now."""
         self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
         self.run("scontrol", "release", job_id, check=False)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """One Slurm cluster for the whole test session; SLURM_CONF points every client (and submitit) at it."""
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing); scripts/bootstrap.sh installs slurm-wlm and munge")
+    if os.geteuid() != 0:
+        pytest.skip("the loopback Slurm cluster runs slurmd as root; run the Slurm tests as root")
+    cluster = SlurmCluster.start()
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+        if not os.environ.get("SPEEDRUN_KEEP_SLURM"):  # set it to read the daemons' logs after a failure
+            shutil.rmtree(cluster.root, ignore_errors=True)
 
 
 if __name__ == "__main__":

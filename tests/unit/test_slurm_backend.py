@@ -112,13 +112,17 @@ def test_job_states_from_queue_result_and_cancel_marker(tmp_path):
 
     assert _job_state(tmp_path, "7", "RUNNING", False)[0] == RunState.RUNNING
     assert _job_state(tmp_path, "7", "PENDING", False)[0] == RunState.PENDING
-    (tmp_path / "7_0_log.out").write_text("[node] staging\nTraceback\nValueError: bad shard\n")
+    (tmp_path / "7_0_log.out").write_text("submitit INFO - Starting\n[node] staging\nTraceback\nValueError: bad shard\n"
+                                          "submitit ERROR - Submitted job triggered an exception\nTraceback\n"
+                                          "RuntimeError: node runner exited with code 1\n")
     state, why = _job_state(tmp_path, "7", None, False)
-    assert state == RunState.FAILED and why.startswith("died") and "ValueError: bad shard" in why
+    assert state == RunState.FAILED and why.startswith("died") and why.endswith("ValueError: bad shard")
+    assert "submitit" not in why  # the tail is the node runner's output, not submitit's traceback of it
     assert _job_state(tmp_path, "7", None, True)[0] == RunState.CANCELLED
     cloudpickle_dump(("error", "Traceback...\nRuntimeError: node runner exited with code 1"), tmp_path / "7_0_result.pkl")
     state, why = _job_state(tmp_path, "7", "COMPLETED", False)
     assert state == RunState.FAILED and "exited with code 1" in why and "bad shard" in why
+    assert _job_state(tmp_path, "7", "COMPLETED", True)[0] == RunState.CANCELLED  # our scancel made that error
     cloudpickle_dump(("success", {"exit_code": 0}), tmp_path / "8_0_result.pkl")
     assert _job_state(tmp_path, "8", "COMPLETED", False)[0] == RunState.SUCCEEDED
 
