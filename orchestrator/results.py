@@ -221,6 +221,8 @@ def parse_log(text: str) -> RunResult:
     result.steps_done = max([p.step for p in result.val_points] + [p.step for p in result.train_points])
     timed = [e for e in (*result.val_points, *result.train_points) if e.train_time_ms is not None]
     if timed:
+        # The last step's time. Val points come first in `timed`, and max() keeps the first of equals: at the
+        # final step the val line's time (after validation) is the one records quote.
         latest = max(timed, key=lambda p: p.step)
         result.train_time_ms = latest.train_time_ms
         result.step_avg_ms = latest.step_avg_ms

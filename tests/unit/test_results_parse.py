@@ -151,3 +151,14 @@ def test_retry_appended_to_the_same_log_supersedes_the_dead_attempt():
 def test_times_in_seconds_are_converted_to_ms():
     e = parse_line("step:1695/1695 val_loss:3.2772 train_time:168.938s step_avg:0.09967s")
     assert e.train_time_ms == pytest.approx(168938) and e.step_avg_ms == pytest.approx(99.67)
+
+
+def test_untimed_warmup_steps_then_timer_reset():
+    # Early-2025 records timed the first 10 steps with compilation, then restarted the clock at step 11.
+    text = ("step:0/14 val_loss:10.8258 train_time:0ms step_avg:nanms\n"
+            + "".join(f"step:{s}/14 train_time:{26000 + 120 * s}ms step_avg:nanms\n" for s in range(1, 11))
+            + "".join(f"step:{s}/14 train_time:{120 * (s - 10)}ms step_avg:120.00ms\n" for s in range(11, 15))
+            + "step:14/14 val_loss:3.2814 train_time:495ms step_avg:123.75ms\n")
+    r = parse_log(text)
+    assert r.complete and r.train_time_ms == 495 and r.step_avg_ms == 123.75
+    assert len(r.train_points) == 14  # a clock going back is not a resume: the step number went on
