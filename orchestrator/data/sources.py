@@ -318,6 +318,11 @@ class S3Source(Source):
         except (self._exc.EndpointConnectionError, self._exc.ReadTimeoutError,
                 self._exc.ResponseStreamingError) as e:
             raise TransferError(f"{remote.name}: {e}") from None
+        except self._exc.ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "error")
+            if str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")).startswith("5"):
+                raise TransferError(f"{remote.name}: S3 answered {code}") from None
+            raise DataError(f"{remote.name}: S3 refused the download ({code}); check the object and credentials") from None
         if offset < start + length:
             raise TransferError(f"{remote.name}: S3 sent {offset - start} of {length} bytes")
 
@@ -355,16 +360,15 @@ class SyntheticSource(Source):
 def open_source(source: str) -> Source:
     """The Source for a URL or a directory path; DataError for an unknown scheme."""
     scheme = source.split("://", 1)[0].lower() if "://" in source else "file"
-    if scheme == "file":
-        return DirectorySource(source)
-    if scheme in ("http", "https"):
-        return HttpSource(source)
-    if scheme == "hf":
-        return HubSource(source)
-    if scheme == "s3":
-        return S3Source(source)
-    if scheme == "synthetic":
-        return SyntheticSource(source)
+    kinds = {"file": DirectorySource, "http": HttpSource, "https": HttpSource, "hf": HubSource, "s3": S3Source,
+             "synthetic": SyntheticSource}
+    extra = {"hf": "hf", "s3": "s3"}
+    if scheme in kinds:
+        try:
+            return kinds[scheme](source)
+        except ImportError as e:
+            raise DataError(f"{source}: this source needs the Python package {e.name!r}; "
+                            f"pip install 'speedrun[{extra.get(scheme, 'dev')}]'") from None
     raise DataError(f"{source}: unknown source scheme {scheme!r}; use a directory, http(s)://, hf://, s3:// or synthetic://")
 
 

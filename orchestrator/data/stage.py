@@ -46,6 +46,10 @@ class StageResult:
     info: dict = field(default_factory=dict)
 
 
+class _Aborted(Exception):
+    """Another shard failed or the user interrupted: this transfer stops at its next write."""
+
+
 class _Corrupt(Exception):
     """A fetched shard failed verification; it is fetched again once."""
 
@@ -176,6 +180,8 @@ class _Transfer:
         self.src, self.dest, self.state = src, dest, state
         self.workers, self.part_size = workers, part_size
         self.files_in_flight = 1
+        self.abort = threading.Event()
+        self.disk_full = False
         self.bytes = 0
         self._count_lock = threading.Lock()
 
@@ -192,17 +198,23 @@ class _Transfer:
             self.bar = bar
             self.files_in_flight = len(remotes)
             futures = [files.submit(self._stage_one, r) for r in remotes]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in futures:
-                if f.done() and f.exception():
-                    for g in futures:
-                        g.cancel()
-                    raise f.exception()
-            for f in futures:
-                f.result()
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+                if any(f.done() and f.exception() for f in futures):
+                    self.abort.set()
+                    wait(futures)
+                    errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+                    raise next((e for e in errors if not isinstance(e, _Aborted)), errors[0])
+            except BaseException:  # a failed shard or Ctrl-C: stop the other transfers now, not when they end
+                self.abort.set()
+                for g in futures:
+                    g.cancel()
+                raise
         return self.bytes
 
     def _advance(self, n: int) -> None:
+        if self.abort.is_set():
+            raise _Aborted()
         with self._count_lock:
             self.bytes += n
         self.bar.advance(self.task, n)
@@ -217,22 +229,33 @@ class _Transfer:
             expected = remote.sha256 or (earlier.get("sha256") if earlier.get("source") == self.src.description
                                          and earlier.get("size") == remote.size else None)
             try:
-                self._fetch_verified(remote, expected)
-            except _Corrupt as first:
-                log.warning("%s failed verification (%s); fetching it again", remote.name, first)
-                self._discard(remote)
-                try:
-                    self._fetch_verified(remote, expected, fresh=True)
-                except _Corrupt as second:
+                self._fetch_twice(remote, expected)
+            except _Aborted:
+                if self.disk_full:  # a partial file would hold on to the space the user must free
                     self._discard(remote)
-                    raise DataError(f"{remote.name}: fetched twice from {self.src.description} and still {second}; "
-                                    "the source copy is damaged") from None
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    self._discard(remote)
-                    raise DataError(f"{remote.name}: the disk under {self.dest} is full; free space or stage "
-                                    "to another directory") from None
                 raise
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                self.disk_full = True
+                self.abort.set()
+                self._discard(remote)
+                raise DataError(f"{remote.name}: the disk under {self.dest} is full; free space or stage "
+                                "to another directory") from None
+
+    def _fetch_twice(self, remote: Remote, expected: str | None) -> None:
+        """A shard that fails verification is fetched once more from scratch, then it is an error."""
+        try:
+            self._fetch_verified(remote, expected)
+        except _Corrupt as first:
+            log.warning("%s failed verification (%s); fetching it again", remote.name, first)
+            self._discard(remote)
+            try:
+                self._fetch_verified(remote, expected, fresh=True)
+            except _Corrupt as second:
+                self._discard(remote)
+                raise DataError(f"{remote.name}: fetched twice from {self.src.description} and still {second}; "
+                                "the source copy is damaged") from None
 
     def _discard(self, remote: Remote) -> None:
         for p in (self.dest / f".{remote.name}.partial", self.dest / f".{remote.name}.partial.json"):
@@ -294,6 +317,8 @@ class _Transfer:
             meta_lock = threading.Lock()
 
             def part(i: int, start: int, length: int) -> None:
+                if self.abort.is_set():
+                    raise _Aborted()
                 self._fetch_range(remote, start, length, PartWriter(fd, digest, self._advance))
                 with meta_lock:
                     meta["done"].append(i)
@@ -306,9 +331,10 @@ class _Transfer:
             wait(futures, return_when=FIRST_EXCEPTION)
             for f in futures:
                 if f.done() and f.exception():
+                    self.abort.set()  # a failed part fails the stage: every transfer stops
                     for g in futures:
                         g.cancel()
-                    wait(futures)
+                    wait(futures)  # no thread may write to fd once it is closed
                     raise f.exception()
             os.fsync(fd)
             return digest.finish()
@@ -319,6 +345,8 @@ class _Transfer:
         @retry(retry=retry_if_exception_type(TransferError), stop=stop_after_attempt(PART_ATTEMPTS),
                wait=wait_exponential(multiplier=0.2, max=3), reraise=True)
         def attempt() -> None:
+            if self.abort.is_set():
+                raise _Aborted()
             writer.restart(start)  # a retried part starts over; the bar gives back what it had counted
             self.src.fetch_range(remote, start, length, writer)
 

@@ -3,7 +3,7 @@
 `ShardServer(root)` serves files under `root` with HEAD, GET and single `Range: bytes=a-b` requests
 (206 answers, Accept-Ranges), the way nginx or a CDN does. Faults are set per file name:
 `corrupt` (flip a byte of every answer, or only the first `times`), `truncate` (close the connection
-half-way), `delay` (seconds slept per 64 KiB, to keep a transfer in flight), `no_ranges`.
+half-way), `delay` (seconds slept per 64 KiB, to keep a transfer in flight), `no_ranges`, `gone` (404 on GET only).
 With `hub=True` it also answers the Hugging Face hub's `/datasets/<repo>/resolve/<rev>/<file>` URLs
 like the hub does: a 302 to a CDN path on another host name (localhost) carrying X-Linked-Size and X-Linked-Etag (the sha256); files
 come from `root/<repo>/<file>`. Every request is logged in `server.requests`.
@@ -29,6 +29,7 @@ class Fault:
     times: int | None = None  # how many answers the fault hits; None = all
     delay: float = 0.0
     no_ranges: bool = False
+    gone: bool = False  # HEAD still answers, GET says 404: removed from the mirror mid-stage
 
     def fire(self) -> bool:
         if self.times is None:
@@ -75,6 +76,8 @@ class _Handler(BaseHTTPRequestHandler):
         file = (owner.root / path.lstrip("/")).resolve()
         if owner.root not in file.parents or not file.is_file():
             return self._answer(404, b"not found\n", body)
+        if body and owner.faults.get(file.name, Fault()).gone:
+            return self._answer(404, b"gone\n", body)
         self._send_file(file, body, entry)
 
     def _resolve(self, repo: str, name: str) -> None:

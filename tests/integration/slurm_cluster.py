@@ -227,6 +227,11 @@ class SlurmCluster:
         out = self.run("squeue", "-h", "-o", "%i|%T|%r").stdout
         return [dict(zip(("id", "state", "reason"), line.split("|"))) for line in out.splitlines() if line]
 
+    def job_pids(self, job_id: str) -> list[int]:
+        """PIDs of the processes of a running job on this node (started by this cluster's slurmd)."""
+        out = self.run("scontrol", "listpids", job_id, check=False).stdout.splitlines()[1:]
+        return [int(line.split()[0]) for line in out if line.split() and line.split()[0].isdigit()]
+
     def release(self, job_id: str) -> None:
         """A requeued job waits ~2 minutes (BeginTime) before it may run again; let it start now."""
         self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)

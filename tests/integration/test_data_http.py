@@ -91,6 +91,18 @@ def test_a_shard_corrupted_at_the_source_fails_with_its_name(server, shards, tmp
         (shards / "SHA256SUMS").unlink()
 
 
+def test_one_failed_shard_stops_the_other_transfers(server, tmp_path):
+    server.faults["fineweb_train_000001.bin"] = Fault(gone=True)
+    for name in ("fineweb_train_000002.bin", "fineweb_train_000003.bin"):
+        server.faults[name] = Fault(delay=1.0)  # 1 s per 64 KiB part: 7 s per shard
+    with pytest.raises(DataError, match=r"fineweb_train_000001\.bin: disappeared from the source"):
+        stage_shards(server.url, tmp_path / "d", train_shards=3, val_shards=0, part_size=65536, workers=3,
+                     progress=False)
+    assert server.bytes_served("fineweb_train_000002.bin") < SIZE
+    assert server.bytes_served("fineweb_train_000003.bin") < SIZE
+    assert not (tmp_path / "d" / "fineweb_train_000002.bin").exists()
+
+
 def test_a_shard_truncated_by_the_server_every_time_is_a_clear_error(server, tmp_path):
     server.faults["fineweb_val_000000.bin"] = Fault(truncate=True)
     with pytest.raises(DataError, match=r"fineweb_val_000000\.bin: transfer failed 4 times"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -172,3 +173,19 @@ def test_a_crash_before_the_first_step_is_reported_with_the_log_tail(speedrun):
     assert proc.returncode == 1
     status = speedrun("status", sweep)
     assert "FAILED" in status.stdout and str(missing) in status.stdout, status.stdout
+
+
+def test_a_job_that_dies_is_resubmitted_when_retries_allow(speedrun, slurm_cluster):  # noqa: F811
+    sweep, _ = speedrun.launch("--seeds", "1", sets=[*TINY, "retries=1"])
+    job_id = speedrun.handle(sweep).job_ids[0]
+    speedrun.wait_for(lambda: "step:1/" in speedrun.log_text(sweep))
+    # SIGKILL to every process of the job, as when its node dies: no result, no checkpoint, no requeue
+    # (scancel --signal=KILL would let Slurm send SIGTERM first, and the node runner checkpoint on it)
+    for pid in slurm_cluster.job_pids(job_id):
+        os.kill(pid, signal.SIGKILL)
+    speedrun.wait_for(lambda: all(j["id"] != job_id or j["state"] not in ("RUNNING", "COMPLETING")
+                                  for j in slurm_cluster.queue()))
+    final = speedrun.backend(sweep).wait(speedrun.handle(sweep), poll_s=0.5, timeout_s=240)
+    assert final.state == RunState.SUCCEEDED, final.detail
+    assert job_id not in final.jobs and len(final.jobs) == 1  # the seed ran again as a new job
+    assert (speedrun.store / sweep / "seed-0" / "manifest.json").is_file()
