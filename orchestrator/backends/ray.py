@@ -21,7 +21,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -267,8 +266,11 @@ def run_node(plan_json: str, rank: int, nnodes: int, master_addr: str, master_po
     plan = LaunchPlan.from_json(plan_json)
     # The launching machine's interpreter means nothing here; this Ray worker's is the cluster's python.
     plan.python = os.path.expanduser(plan.cluster.python) if plan.cluster.python else sys.executable
-    work = Path(tempfile.mkdtemp(prefix=f"speedrun-{plan.sweep_id}-node{rank}-"))
-    plan_file = work / "plan.json"
+    from orchestrator.config import expand
+
+    work = expand(plan.cluster.work_dir) / plan.sweep_id  # the node runner's own work directory
+    work.mkdir(parents=True, exist_ok=True)
+    plan_file = work / f"plan-node{rank}.json"
     plan_file.write_text(plan.to_json())
     cmd = [plan.python, "-m", "orchestrator.node", "--plan", str(plan_file)]
     if nnodes > 1:

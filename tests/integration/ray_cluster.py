@@ -7,6 +7,7 @@ touched (`ray stop` would kill every Ray process by name).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,7 +50,7 @@ class RayHead:
                 mine.append(p)
         return mine
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 8.0) -> None:
         procs = self.processes()
         for p in procs:
             try:
@@ -63,6 +64,7 @@ class RayHead:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start_ray_head(num_gpus: int = 8, num_cpus: int = 2) -> RayHead:
