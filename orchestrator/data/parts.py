@@ -7,8 +7,11 @@ read back from the page cache as soon as every part before it is done.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import os
 import threading
+from concurrent.futures import Future
 
 
 class PartWriter:
@@ -88,3 +91,51 @@ class InOrderDigest:
                 self.h, self.pos, self.stale = hashlib.sha256(), 0, False
             self._catch_up()
         return self.h.hexdigest()
+
+
+class OrderedPool:
+    """Worker threads that always take the waiting task with the lowest key: (shard order, part index).
+
+    Shards therefore complete in order, and a shard queued later never delays one queued earlier, which
+    keeps a killed stage's unfinished work small and makes a failure surface before later shards run.
+    """
+
+    def __init__(self, workers: int):
+        self._heap: list = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._seq = itertools.count()  # ties keep submission order; futures are never compared
+        self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, key: tuple, fn, *args) -> Future:
+        future: Future = Future()
+        with self._cv:
+            heapq.heappush(self._heap, (key, next(self._seq), future, fn, args))
+            self._cv.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if not self._heap:
+                    return
+                _, _, future, fn, args = heapq.heappop(self._heap)
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def __enter__(self) -> "OrderedPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()

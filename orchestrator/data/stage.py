@@ -24,7 +24,7 @@ from filelock import FileLock
 from rich.filesize import decimal
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from orchestrator.data.parts import InOrderDigest, PartWriter
+from orchestrator.data.parts import InOrderDigest, OrderedPool, PartWriter
 from orchestrator.data.shards import DataError, parse_shard_name, shard_name, verify_shard
 from orchestrator.data.sources import Remote, Source, SyntheticSource, TransferError, open_source
 
@@ -193,7 +193,8 @@ class _Transfer:
 
         bar = Progress(TextColumn("staging {task.description}"), BarColumn(), DownloadColumn(),
                        TransferSpeedColumn(), TimeRemainingColumn(), console=console, disable=not progress)
-        with bar, ThreadPoolExecutor(self.workers) as self.parts, ThreadPoolExecutor(FILES_AT_ONCE) as files:
+        self.order = {r.name: i for i, r in enumerate(remotes)}
+        with bar, OrderedPool(self.workers) as self.parts, ThreadPoolExecutor(FILES_AT_ONCE) as files:
             self.task = bar.add_task(f"{len(remotes)} shards", total=sum(r.size for r in remotes))
             self.bar = bar
             self.files_in_flight = len(remotes)
@@ -327,7 +328,8 @@ class _Transfer:
                     os.replace(tmp, meta_path)
                 digest.part_done(i)
 
-            futures = [self.parts.submit(part, *p) for p in parts if p[0] not in done]
+            order = self.order[remote.name]
+            futures = [self.parts.submit((order, p[0]), part, *p) for p in parts if p[0] not in done]
             wait(futures, return_when=FIRST_EXCEPTION)
             for f in futures:
                 if f.done() and f.exception():

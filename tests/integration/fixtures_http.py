@@ -137,6 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
             f.seek(start)
             pos = start
             while pos < stop:
+                if fault.delay:  # before the block, so that even a one-block answer takes this long
+                    time.sleep(fault.delay)
                 block = bytearray(f.read(min(1 << 16, stop - pos)))
                 if corrupt and pos == start:
                     block[len(block) // 2] ^= 0xFF
@@ -146,8 +148,6 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 pos += len(block)
                 entry.bytes_sent += len(block)
-                if fault.delay:
-                    time.sleep(fault.delay)
         if truncate:
             self.close_connection = True
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,23 +33,38 @@ def free_port() -> int:
 @dataclass
 class RayHead:
     address: str       # the Jobs API / dashboard, http://127.0.0.1:PORT
-    gcs_address: str   # what `ray.init(address=...)` takes
+    gcs_address: str   # what `ray.init(address=...)` and `ray start --address` take
     temp_dir: Path
-    pgid: int
+    pgids: list[int]   # one process group per `ray start` (head, then any added node)
     env: dict = field(repr=False)  # never printed: it is the whole process environment
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of this cluster: the `ray start` group plus workers that name our temp dir."""
+        """Every process of this cluster: the `ray start` groups plus workers that name our temp dir."""
         mine = []
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
-                in_group = self.pgid > 0 and os.getpgid(p.pid) == self.pgid
+                in_group = os.getpgid(p.pid) in self.pgids
             except (ProcessLookupError, PermissionError):
                 continue
             cmd = " ".join(p.info["cmdline"] or [])
             if in_group or str(self.temp_dir) in cmd:
                 mine.append(p)
         return mine
+
+    def add_node(self, num_gpus: int = 8, num_cpus: int = 1) -> None:
+        """A second raylet on this machine: to Ray a separate node, so STRICT_SPREAD can place two bundles.
+
+        `ray start --address` refuses to join while Ray is pinned to loopback, so the node is started
+        the way ray.cluster_utils does it, in a child process of ours (`python ray_cluster.py node ...`)
+        that lives in its own process group.
+        """
+        proc = subprocess.Popen([sys.executable, __file__, "node", self.gcs_address, str(num_gpus), str(num_cpus)],
+                                env=self.env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.pgids.append(proc.pid)
+        line = proc.stdout.readline()  # "ready" once the node has registered
+        if line.strip() != "ready":
+            self.stop()
+            raise RuntimeError(f"the second Ray node did not start: {line!r}")
 
     def stop(self, grace_s: float = 8.0) -> None:
         procs = self.processes()
@@ -67,6 +83,16 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def _ray_start(args: list[str], env: dict) -> int:
+    """Run `ray start ARGS` in a new session; returns the process group its daemons keep (its pid)."""
+    proc = subprocess.Popen([str(VENV_BIN / "ray"), "start", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out, _ = proc.communicate(timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray start failed ({proc.returncode}):\n{out[-3000:]}")
+    return proc.pid
+
+
 def start_ray_head(num_gpus: int = 8, num_cpus: int = 2) -> RayHead:
     # A short path: Ray's unix sockets live under the temp dir and must stay under 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="sr-ray-", dir="/tmp"))
@@ -79,32 +105,20 @@ def start_ray_head(num_gpus: int = 8, num_cpus: int = 2) -> RayHead:
         # Job entrypoints run `python` from the raylet's PATH: make it this interpreter.
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
     )
-    cmd = [
-        str(VENV_BIN / "ray"), "start", "--head",
-        "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-        f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-        f"--object-store-memory={256 * 1024 * 1024}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
-    # `ray start` exits after daemonising; its daemons keep its process group id (its pid).
-    head = RayHead(f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", temp_dir, _pgid_of(temp_dir), env)
-    if proc.returncode != 0:
+    head = RayHead(f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", temp_dir, [], env)
+    try:
+        head.pgids.append(_ray_start([
+            "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--object-store-memory={256 * 1024 * 1024}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
+        ], env))
+        _wait_for_jobs_api(head.address)
+    except BaseException:
         head.stop()
-        raise RuntimeError(f"ray start failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    _wait_for_jobs_api(head.address)
+        raise
     return head
-
-
-def _pgid_of(temp_dir: Path) -> int:
-    """The process group of the daemons `ray start` left behind (found by their temp dir)."""
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "gcs_server" in cmd and str(temp_dir) in cmd:
-            return os.getpgid(p.pid)
-    return -1
 
 
 def _wait_for_jobs_api(address: str, timeout_s: float = 60.0) -> None:
@@ -130,3 +144,22 @@ def ray_head():
         yield head
     finally:
         head.stop()
+
+
+def _run_node(gcs_address: str, num_gpus: int, num_cpus: int) -> None:
+    """Body of `add_node`: one more raylet joined to the head, alive until this process is stopped."""
+    import ray._private.node
+    import ray._private.parameter
+
+    params = ray._private.parameter.RayParams(
+        gcs_address=gcs_address, node_ip_address="127.0.0.1", num_cpus=num_cpus, num_gpus=num_gpus,
+        object_store_memory=128 * 1024 * 1024, min_worker_port=0, max_worker_port=0, node_manager_port=0,
+        include_log_monitor=False)
+    ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+    print("ready", flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})  # then the atexit handler stops the node's processes
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["node"]:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    _run_node(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
