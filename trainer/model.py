@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from trainer import attention as attn_impl
 from trainer.config import TrainConfig
 
-EVAL_SLICE = 8192   # tokens per slice of the lm-head + loss under no_grad
+EVAL_SLICE = {"cuda": 32768, "cpu": 1024}   # tokens per slice of the lm-head + loss under no_grad
 ATTN_SCALE = 0.12   # with QK-norm, a fixed scale a bit above 1/sqrt(128) trains faster (record value)
 
 
@@ -176,6 +176,7 @@ class GPT(nn.Module):
         if torch.is_grad_enabled():
             return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction=reduction)
         # evaluation: the (T, vocab) fp32 logits of a long validation sequence would not fit; go in slices
-        total = sum(F.cross_entropy(self.logits(x[s:s + EVAL_SLICE]), targets[s:s + EVAL_SLICE], ignore_index=-1,
-                                    reduction="sum") for s in range(0, x.size(0), EVAL_SLICE))
+        n = EVAL_SLICE.get(x.device.type, 1024)
+        total = sum(F.cross_entropy(self.logits(x[s:s + n]), targets[s:s + n], ignore_index=-1, reduction="sum")
+                    for s in range(0, x.size(0), n))
         return total if reduction == "sum" else total / (targets >= 0).sum()
