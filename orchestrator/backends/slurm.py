@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock
+
 from orchestrator.backends.base import Backend, Handle, RunState, RunStatus
 from orchestrator.config import REPO_ROOT, ClusterConfig, ConfigError, expand
 from orchestrator.plan import LaunchPlan
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # the node runner's "checkpointed, run me again" (orchestrator/node.py)
 LOG_TAIL_LINES = 20
+NOT_REQUEUED = "checkpointed (exit 75) but was not requeued"  # resumable: `retries:` runs it again
 CHECKPOINT_WAIT_S = 600  # longest wait for the trainer to save after the signal
 
 # Slurm job states -> ours. A requeued job shows PENDING/REQUEUED again, so it is not finished.
@@ -98,8 +101,7 @@ class NodeTask(Checkpointable):
         if rc == 0:
             return {"exit_code": 0, "requeues": self.requeues}
         if rc == EXIT_PREEMPTED:
-            raise RuntimeError("node runner checkpointed (exit 75) on a signal that was not submitit's; "
-                               "launch again to resume")
+            raise RuntimeError(f"node runner {NOT_REQUEUED}: it was stopped by a signal that was not submitit's")
         raise RuntimeError(f"node runner exited with code {rc}")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> "submitit.helpers.DelayedSubmission":
@@ -238,34 +240,39 @@ class SlurmBackend(Backend):
 
     # ----------------------------------------------------------------------------------- status
     def status(self, handle: Handle) -> RunStatus:
+        """Every live job's state; a job that died without a result is re-submitted while `retries:` allow."""
         folder = Path(handle.data["folder"])
-        jobs = _read_jobs(folder)
-        live = [j for j in jobs if not j.get("replaced_by")]
-        states, details = {}, []
-        queue = _slurm_states([j["id"] for j in live])
-        cancelled = (folder / "cancelled").exists()
-        for j in live:
-            state, why = _job_state(folder, j["id"], queue.get(j["id"]), cancelled)
-            if state == RunState.FAILED and why.startswith("died") and j["attempt"] < self._retries(folder):
-                state, why = self._resubmit(folder, jobs, j), "re-submitted"
-            states[j["id"]] = state
-            if why:
-                details.append(f"job {j['id']} (seeds {j['seeds']}): {why}")
-        jobs_now = {j["id"]: states.get(j["id"], RunState.UNKNOWN) for j in _read_jobs(folder) if not j.get("replaced_by")}
-        return RunStatus(state=_overall(list(jobs_now.values())), detail="; ".join(details), jobs=jobs_now)
+        with FileLock(str(folder / "jobs.json.lock")):  # two watchers must not both re-submit a dead job
+            jobs = _read_jobs(folder)
+            live = [j for j in jobs if not j.get("replaced_by")]
+            queue = _slurm_states([j["id"] for j in live])
+            cancelled = (folder / "cancelled").exists()
+            states: dict[str, RunState] = {}
+            details = []
+            for j in live:
+                state, why, retryable = _job_state(folder, j["id"], queue.get(j["id"]), cancelled)
+                if retryable and j["attempt"] < self._retries(folder):
+                    new = self._resubmit(folder, jobs, j)
+                    states[new["id"]] = RunState.PENDING
+                    details.append(f"job {j['id']} (seeds {j['seeds']}) {why.split(';')[0]}; re-submitted as job {new['id']}")
+                    continue
+                states[j["id"]] = state
+                if why:
+                    details.append(f"job {j['id']} (seeds {j['seeds']}): {why}")
+        return RunStatus(state=_overall(list(states.values())), detail="; ".join(details), jobs=states)
 
     def _retries(self, folder: Path) -> int:
         return LaunchPlan.from_json((folder / "plan.json").read_text()).job.retries
 
-    def _resubmit(self, folder: Path, jobs: list[dict[str, Any]], failed: dict[str, Any]) -> RunState:
-        """A job that died without a result (node failure, killed): run its seeds again; done ones are skipped."""
+    def _resubmit(self, folder: Path, jobs: list[dict[str, Any]], dead: dict[str, Any]) -> dict[str, Any]:
+        """Run a dead job's seeds again (node failure, killed); the node runner skips seeds already in the store."""
         plan = LaunchPlan.from_json((folder / "plan.json").read_text())
-        new = self._submit_seeds(plan, [failed["seeds"]], attempt=failed["attempt"] + 1)[0]
-        failed["replaced_by"] = new["id"]
+        new = self._submit_seeds(plan, [dead["seeds"]], attempt=dead["attempt"] + 1)[0]
+        dead["replaced_by"] = new["id"]
         jobs.append(new)
         _write_jobs(folder, jobs)
-        log.warning("job %s died; re-submitted seeds %s as job %s", failed["id"], failed["seeds"], new["id"])
-        return RunState.PENDING
+        log.warning("job %s died; re-submitted seeds %s as job %s", dead["id"], dead["seeds"], new["id"])
+        return new
 
     # ------------------------------------------------------------------------------------- logs
     def logs(self, handle: Handle, follow: bool = False) -> Iterator[str]:
@@ -365,26 +372,28 @@ def _base_ids(job_ids: list[str]) -> list[str]:
     return sorted({j.split("_")[0] for j in job_ids})
 
 
-def _job_state(folder: Path, job_id: str, slurm_state: str | None, cancelled: bool) -> tuple[RunState, str]:
-    """Our state of one job and, when it did not succeed, why (with the tail of its log)."""
+def _job_state(folder: Path, job_id: str, slurm_state: str | None, cancelled: bool) -> tuple[RunState, str, bool]:
+    """Our state of one job, why it did not succeed (with the tail of its log), and whether running
+    its seeds again makes sense (it died, or it checkpointed without being requeued)."""
     result = folder / f"{job_id}_0_result.pkl"
-    state = SLURM_STATES.get((slurm_state or "").split()[0], RunState.UNKNOWN) if slurm_state else None
+    state = SLURM_STATES.get(slurm_state.split()[0], RunState.UNKNOWN) if slurm_state else None
     if state in (RunState.PENDING, RunState.RUNNING):
-        return state, ""
+        return state, "", False
+    outcome, value = "none", ""
     if result.exists():
         from submitit.core.utils import pickle_load
 
         outcome, value = pickle_load(result)
-        if outcome == "success":
-            return RunState.SUCCEEDED, ""
-        if cancelled:  # the node runner was stopped by our scancel; its error is the cancel itself
-            return RunState.CANCELLED, "cancelled"
+    if outcome == "success":
+        return RunState.SUCCEEDED, "", False
+    if cancelled or state == RunState.CANCELLED:  # our scancel (or the user's): its error is the cancel itself
+        return RunState.CANCELLED, "cancelled", False
+    tail = log_tail(folder, job_id)
+    if outcome == "error":
         reason = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
-        return RunState.FAILED, f"failed: {reason}; last lines of its log:\n{log_tail(folder, job_id)}"
-    if cancelled or state == RunState.CANCELLED:
-        return RunState.CANCELLED, "cancelled"
+        return RunState.FAILED, f"failed: {reason}; last lines of its log:\n{tail}", NOT_REQUEUED in reason
     what = slurm_state or "gone from the queue"
-    return RunState.FAILED, f"died ({what}) before reporting a result; last lines of its log:\n{log_tail(folder, job_id)}"
+    return RunState.FAILED, f"died ({what}) before reporting a result; last lines of its log:\n{tail}", True
 
 
 def _overall(states: list[RunState]) -> RunState:

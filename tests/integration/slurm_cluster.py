@@ -45,6 +45,13 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _free_ports(n: int) -> list[int]:
     socks = []
     for _ in range(n):
@@ -228,9 +235,10 @@ class SlurmCluster:
         return [dict(zip(("id", "state", "reason"), line.split("|"))) for line in out.splitlines() if line]
 
     def job_pids(self, job_id: str) -> list[int]:
-        """PIDs of the processes of a running job on this node (started by this cluster's slurmd)."""
+        """PIDs of a running job's own processes on this node (not Slurm's slurmstepd that watches them)."""
         out = self.run("scontrol", "listpids", job_id, check=False).stdout.splitlines()[1:]
-        return [int(line.split()[0]) for line in out if line.split() and line.split()[0].isdigit()]
+        pids = [int(line.split()[0]) for line in out if line.split() and line.split()[0].isdigit()]
+        return [p for p in pids if _comm(p) not in ("slurmstepd", "")]
 
     def release(self, job_id: str) -> None:
         """A requeued job waits ~2 minutes (BeginTime) before it may run again; let it start now."""

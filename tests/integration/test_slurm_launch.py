@@ -178,7 +178,7 @@ def test_a_crash_before_the_first_step_is_reported_with_the_log_tail(speedrun):
 def test_a_job_that_dies_is_resubmitted_when_retries_allow(speedrun, slurm_cluster):  # noqa: F811
     sweep, _ = speedrun.launch("--seeds", "1", sets=[*TINY, "retries=1"])
     job_id = speedrun.handle(sweep).job_ids[0]
-    speedrun.wait_for(lambda: "step:1/" in speedrun.log_text(sweep))
+    speedrun.wait_for(lambda: "seed 0: attempt 1" in speedrun.log_text(sweep))
     # SIGKILL to every process of the job, as when its node dies: no result, no checkpoint, no requeue
     # (scancel --signal=KILL would let Slurm send SIGTERM first, and the node runner checkpoint on it)
     for pid in slurm_cluster.job_pids(job_id):
