@@ -150,17 +150,17 @@ class HttpSource(Source):
 
         self._requests = requests
         self.base = base_url.rstrip("/") + "/"
-        self.description = self.base
+        self.description = redact(self.base)
         self.headers = headers or {}
         self._local = threading.local()
         self._final_url: dict[str, str] = {}
         self.index: dict[str, str] = {}
         if use_index:
-            r = self._call("GET", self.base + INDEX_NAME, what=self.base)
+            r = self._call("GET", self.base + INDEX_NAME, what=self.description)
             if r.status_code == 200:
                 self.index = parse_index(r.text)
             elif r.status_code not in (403, 404):
-                raise DataError(f"{self.base}: the server answered HTTP {r.status_code}; check the URL")
+                raise DataError(f"{self.description}: the server answered HTTP {r.status_code}; check the URL")
 
     def url_for(self, name: str) -> str:
         return self.base + name
@@ -176,10 +176,10 @@ class HttpSource(Source):
         try:
             return self._session().request(method, url, timeout=(10, 60), **kw)
         except self._requests.exceptions.ConnectionError as e:
-            raise DataError(f"{what}: cannot reach the source at {url} ({_root_cause(e)}); "
+            raise DataError(f"{what}: cannot reach the source at {redact(url)} ({_root_cause(e)}); "
                             "check the URL and that the server is up") from None
         except self._requests.exceptions.Timeout:
-            raise DataError(f"{what}: the source at {url} did not answer in time; check the server") from None
+            raise DataError(f"{what}: the source at {redact(url)} did not answer in time; check the server") from None
 
     def available(self) -> list[str]:
         if self.index:
@@ -191,17 +191,17 @@ class HttpSource(Source):
         if r.status_code == 404:
             return None
         if r.status_code >= 400:
-            raise DataError(f"{name}: the source answered HTTP {r.status_code} for {self.url_for(name)}")
+            raise DataError(f"{name}: the source answered HTTP {r.status_code} for {redact(self.url_for(name))}")
         return r
 
     def describe(self, name: str) -> Remote:
         r = self._head(name)
         if r is None:
-            raise DataError(f"{name}: not found at {self.url_for(name)} (HTTP 404); the source has no such shard")
+            raise DataError(f"{name}: not found at {redact(self.url_for(name))} (HTTP 404); the source has no such shard")
         first = r.history[0].headers if r.history else r.headers
         size = first.get("X-Linked-Size") or r.headers.get("Content-Length")
         if size is None:
-            raise DataError(f"{name}: the source at {self.url_for(name)} does not say the file's size")
+            raise DataError(f"{name}: the source at {redact(self.url_for(name))} does not say the file's size")
         self._final_url[name] = r.url
         if r.headers.get("Accept-Ranges", "").lower() != "bytes":
             self.ranged = False
@@ -217,7 +217,7 @@ class HttpSource(Source):
         try:
             with self._session().get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
                 if r.status_code == 404:
-                    raise DataError(f"{remote.name}: disappeared from the source ({url} answers 404)")
+                    raise DataError(f"{remote.name}: disappeared from the source ({redact(url)} answers 404)")
                 if r.status_code not in (200, 206) or (r.status_code == 200 and (start or length != remote.size)):
                     raise TransferError(f"{remote.name}: HTTP {r.status_code} for bytes {start}-{start + length - 1}")
                 offset = start
@@ -370,6 +370,16 @@ def open_source(source: str) -> Source:
             raise DataError(f"{source}: this source needs the Python package {e.name!r}; "
                             f"pip install 'speedrun[{extra.get(scheme, 'dev')}]'") from None
     raise DataError(f"{source}: unknown source scheme {scheme!r}; use a directory, http(s)://, hf://, s3:// or synthetic://")
+
+
+def redact(url: str) -> str:
+    """The URL without user:password@ and query values, fit for logs, errors and env.json."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(f"{kv.split('=', 1)[0]}=***" for kv in parts.query.split("&")) if parts.query else ""
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def _root_cause(e: BaseException) -> str:

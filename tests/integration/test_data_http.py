@@ -61,6 +61,16 @@ def test_http_stage_lists_by_probing_and_fetches_ranged_parts(server, shards, tm
     assert stage_shards(server.url, tmp_path / "d", train_shards=4, progress=False).bytes_fetched == 0
 
 
+def test_credentials_in_the_url_are_used_but_never_recorded(server, tmp_path):
+    url = server.url.replace("http://", "http://reader:s3cret@") + "/"
+    r = stage_shards(url, tmp_path / "d", train_shards=1, val_shards=0, progress=False)
+    assert any(q.authorization and q.authorization.startswith("Basic ") for q in server.requests)
+    assert "s3cret" not in str(r.info) and "s3cret" not in (tmp_path / "d" / ".speedrun-shards.json").read_text()
+    with pytest.raises(DataError) as e:
+        stage_shards(url, tmp_path / "d", train_shards=9, progress=False)
+    assert "s3cret" not in str(e.value)
+
+
 def test_a_server_without_ranges_still_works(server, tmp_path):
     server.faults["fineweb_train_000001.bin"] = Fault(no_ranges=True)
     r = stage_shards(server.url, tmp_path / "d", train_shards=1, val_shards=0, part_size=100_000, progress=False)
