@@ -39,8 +39,8 @@ def orthogonalize(G: torch.Tensor, coeffs=POLAR_EXPRESS, dtype=torch.bfloat16) -
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised; lr scaled by sqrt(max(1, rows/cols)) as in the record.
 
-    With a process group, the matrices of each shape are dealt round-robin to the ranks; each rank
-    orthogonalises its own and the updates are all-gathered, in fixed-size groups of `world` matrices.
+    With a process group, the matrices of each shape are split into one contiguous slice per rank; each
+    rank orthogonalises its slice as one batch and the slices are all-gathered.
     """
 
     def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, coeffs=POLAR_EXPRESS, group=None):
@@ -75,19 +75,22 @@ class Muon(torch.optim.Optimizer):
         rank, world = self._world()
         for params in self.shape_groups:
             params = [p for p in params if p in directions]
-            for base in range(0, len(params), world):
-                chunk = params[base:base + world]
-                mine = chunk[rank] if rank < len(chunk) else None
-                update = (orthogonalize(directions[mine], self.coeffs) if mine is not None
-                          else torch.zeros_like(chunk[0], dtype=torch.bfloat16))
-                if world > 1:
-                    gathered = [torch.empty_like(update) for _ in range(world)]
-                    dist.all_gather(gathered, update.contiguous(), group=self.group)
-                else:
-                    gathered = [update]
-                for p, u in zip(chunk, gathered):
-                    scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                    p.add_(u.to(p.dtype), alpha=-lr * scale)
+            if not params:
+                continue
+            # rank r owns a contiguous slice of k matrices of this shape and orthogonalises them in one batch
+            k = -(-len(params) // world)
+            mine = params[rank * k:(rank + 1) * k]
+            stack = torch.zeros((k, *params[0].shape), dtype=torch.bfloat16, device=params[0].device)
+            if mine:
+                stack[:len(mine)] = torch.stack([directions[p] for p in mine])
+            update = orthogonalize(stack, self.coeffs)
+            if world > 1:
+                gathered = [torch.empty_like(update) for _ in range(world)]
+                dist.all_gather(gathered, update, group=self.group)
+                update = torch.cat(gathered)
+            for p, u in zip(params, update):
+                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                p.add_(u.to(p.dtype), alpha=-lr * scale)
 
 
 def split_parameters(model) -> dict[str, list]:
@@ -108,7 +111,8 @@ def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
     adam = torch.optim.Adam(
         [dict(params=parts["embed"], lr=cfg.adam_embed_lr), dict(params=parts["head"], lr=cfg.adam_head_lr),
          dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)],
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10, fused=False, foreach=True)
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10,
+        **({"fused": True} if model.embed.weight.is_cuda else {"foreach": True}))   # one kernel for all on GPU
     muon = Muon(parts["hidden"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, group=group)
     for opt in (adam, muon):
         for g in opt.param_groups:

@@ -88,3 +88,20 @@ def test_flex_block_mask_covers_exactly_the_dense_mask(window_blocks):
                 assert tile.any() and not tile.all()
     assert math.isclose(float(kinds.count_nonzero()), float(sum(
         dense[a * bs:(a + 1) * bs, b * bs:(b + 1) * bs].any() for a in range(nb) for b in range(nb))))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("window_blocks", [1, 3])
+def test_flex_attention_with_our_block_mask_matches_dense(window_blocks):
+    """FlexAttention (eager on CPU; compiled on the GPU, see test_trainer_gpu.py) computes the dense answer."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from trainer.attention import flex_attention
+
+    T, bs = 512, 128
+    tokens = packed_tokens(T, (0, 100, 130, 300, 301, 450))
+    docs = document_ids(tokens)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, T, 32) for _ in range(3))
+    got = flex_attention(q, k, v, flex_block_mask(docs, torch.tensor(window_blocks), bs), 0.3)
+    ref = dense_attention(q, k, v, docs, window_blocks, bs, 0.3)
+    assert torch.allclose(got, ref, atol=1e-5)

@@ -1,0 +1,204 @@
+"""Time the trainer's optimizer step on this GPU: ms/step, tokens/s, model TFLOP/s, MFU, memory, compile time.
+
+    python bench/trainer_step.py [--steps 20] [--set KEY=VALUE ...] [--phases cold,warm]
+
+Each phase runs in a fresh process: 'cold' starts from an empty inductor/Triton cache, 'warm' reuses the
+cache the cold run filled (the directory is keyed by the trainer's code hash, the torch version and the GPU
+name, as a node would keep it between seeds). A phase builds the default config (overrides with --set),
+generates Markov shards with FineWeb-like document lengths, runs the trainer's untimed warm-up (timed here
+as compile+warm-up seconds), then times --steps optimizer steps with CUDA events. The timed steps walk the
+whole schedule (step i of N runs at training step i*steps/N) so the growing attention window is averaged
+as in a real run.
+
+FLOPs: 6 x (matmul parameters) x tokens for the linear layers and the lm-head (the real 50257 rows;
+embeddings are lookups and count 0), plus attention over the spans actually computed: for every query,
+the keys it may see (causal, same document, inside its layer's long or short window) times 4 x head_dim x
+heads FLOPs forward (QK^T and PV), x3 for forward+backward. MFU divides by the GPU's dense bf16 peak.
+Writes bench/results/trainer_step-<gpu>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+SHARD_URL = "synthetic://markov?seed=0&doc_len=700&train_shards=2&val_shards=1&shard_tokens={n}"
+
+
+def code_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted((REPO / "trainer").rglob("*.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cache_dir(gpu: str, torch_version: str) -> Path:
+    key = f"{code_hash()}-torch{torch_version}-{gpu.replace(' ', '_')}"
+    return Path(os.environ.get("SPEEDRUN_COMPILE_CACHE", Path.home() / ".cache" / "speedrun" / "compile")) / key
+
+
+def visible_keys(docs, window: int, block: int):
+    """Per query, how many keys it attends to under the causal + document + block-window rule."""
+    import numpy as np
+
+    T = docs.size
+    i = np.arange(T)
+    starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
+    doc_start = starts[np.searchsorted(starts, i, side="right") - 1]
+    win_start = np.maximum(i // block - window + 1, 0) * block
+    return (i - np.maximum(doc_start, win_start) + 1).sum()
+
+
+def attention_flops(cfg, micro_batches, window: int) -> float:
+    import numpy as np
+
+    from trainer.data import BOS
+
+    long_w, short_w = window, max(1, window // 2)
+    n_long = sum(1 for i in range(cfg.num_layers) if i % 4 == 0 or i == cfg.num_layers - 1)
+    total = 0.0
+    for seq in micro_batches:
+        docs = np.cumsum(seq[:-1] == BOS)
+        keys = n_long * visible_keys(docs, long_w, cfg.block_size) + \
+            (cfg.num_layers - n_long) * visible_keys(docs, short_w, cfg.block_size)
+        total += 3 * 4 * cfg.num_heads * cfg.head_dim * keys
+    return total
+
+
+def run_phase(args) -> dict:
+    """One fresh process: compile+warm-up, then the timed steps."""
+    import numpy as np
+    import torch
+
+    from trainer.__main__ import parse_value
+    from trainer.config import TrainConfig
+    from trainer.fixtures import markov_shards
+    from trainer.train import Trainer, window_blocks
+
+    overrides = {"val_tokens": 262144}
+    for item in args.set:
+        k, _, v = item.partition("=")
+        overrides[k] = parse_value(k, v)
+    cfg = TrainConfig.from_dict(overrides)
+    tokens_per_step = cfg.seq_len * cfg.grad_accum_total
+    data = Path(tempfile.mkdtemp(prefix="bench-shards-"))
+    need = tokens_per_step * (args.steps + 2) // 2 + cfg.val_tokens + 1
+    markov_shards(data, SHARD_URL.format(n=max(need, 1 << 20)))
+    out = Path(tempfile.mkdtemp(prefix="bench-out-"))
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, str(data), str(out))
+    trainer.warm_up()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times, flops, losses = [], [], []
+    for i in range(args.steps):
+        step = i * cfg.steps // args.steps
+        batch = trainer.batches.next_step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = trainer.train_step(batch, step)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        losses.append(loss.item())
+        flops.append(attention_flops(cfg, batch, window_blocks(cfg, step)))
+    model = trainer.model
+    matmul_params = sum(p.numel() for b in model.blocks for p in b.parameters() if p.ndim >= 2)
+    matmul_params += cfg.vocab_size * cfg.model_dim
+    dense = 6 * matmul_params * tokens_per_step
+    med = statistics.median(times)
+    step_flops = dense + statistics.mean(flops)
+    gpu = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+    return dict(
+        phase=args.phase, gpu=gpu, torch=torch.__version__, steps_timed=args.steps, config=cfg.to_dict(),
+        ms_per_step_median=med, ms_per_step_min=min(times), ms_per_step_max=max(times),
+        ms_per_step_p10=float(np.percentile(times, 10)), ms_per_step_p90=float(np.percentile(times, 90)),
+        tokens_per_step=tokens_per_step, tokens_per_s=tokens_per_step / (med / 1000),
+        model_tflop_per_step=step_flops / 1e12, attention_share=statistics.mean(flops) / step_flops,
+        tflops=step_flops / (med / 1000) / 1e12, mfu=(step_flops / (med / 1000) / 1e12 / peak) if peak else None,
+        peak_bf16_tflops=peak, peak_memory_allocated_mib=torch.cuda.max_memory_allocated() // 2**20,
+        peak_memory_reserved_mib=torch.cuda.max_memory_reserved() // 2**20, compile_warmup_s=compile_s,
+        fp8_head=model.fp8_head, flex=model.use_flex, losses=losses, times_ms=times,
+        mean_doc_tokens=701, cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+
+
+def table(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"trainer step, {results[0]['gpu']} (torch {results[0]['torch']})")
+    for col in ("phase", "ms/step (median)", "spread p10-p90", "tokens/s", "TFLOP/s", "MFU", "peak alloc MiB",
+                "compile+warm-up s"):
+        t.add_column(col)
+    for r in results:
+        t.add_row(r["phase"], f"{r['ms_per_step_median']:.1f}", f"{r['ms_per_step_p10']:.1f}-{r['ms_per_step_p90']:.1f}",
+                  f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.0f}", f"{r['mfu']:.1%}" if r["mfu"] else "-",
+                  str(r["peak_memory_allocated_mib"]), f"{r['compile_warmup_s']:.0f}")
+    Console().print(t)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--phases", default="cold,warm")
+    p.add_argument("--phase", default=None, help=argparse.SUPPRESS)   # the child process
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = p.parse_args()
+    if args.phase:
+        Path(args.result).write_text(json.dumps(run_phase(args)))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench/trainer_step.py needs a CUDA GPU; none is visible", file=sys.stderr)
+        return 1
+    gpu = torch.cuda.get_device_name()
+    cache = cache_dir(gpu, torch.__version__)
+    results = []
+    for phase in args.phases.split(","):
+        if phase == "cold" and cache.exists():
+            shutil.rmtree(cache)
+        cache.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
+        result = Path(tempfile.mkdtemp()) / "result.json"
+        cmd = [sys.executable, __file__, "--phase", phase, "--result", str(result), "--steps", str(args.steps)]
+        cmd += [a for s in args.set for a in ("--set", s)]
+        done = subprocess.run(cmd, env=env)
+        if done.returncode != 0 or not result.exists():
+            print(f"phase {phase} failed with exit code {done.returncode}", file=sys.stderr)
+            break
+        results.append(json.loads(result.read_text()))
+        write(results, args.out, gpu)   # partial results survive a later phase's failure
+    if results:
+        table(results)
+    return 0 if results else 1
+
+
+def write(results: list[dict], out: str, gpu: str) -> Path:
+    name = "".join(c if c.isalnum() else "-" for c in gpu).strip("-").lower()
+    path = Path(out) / f"trainer_step-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"gpu": gpu, "phases": results}
+    if len(results) == 2 and results[0]["phase"] == "cold":
+        summary["warm_over_cold_compile"] = results[1]["compile_warmup_s"] / results[0]["compile_warmup_s"]
+    path.write_text(json.dumps(summary, indent=2))
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
