@@ -59,7 +59,7 @@ def _print_plan(plan, backend) -> None:
     t.add_row("store", f"{plan.store_url}/{plan.sweep_id}/")
     t.add_row("code", f"{plan.code.get('commit') or 'unknown'}{' (dirty)' if plan.code.get('dirty') else ''}")
     console.print(t)
-    console.print(backend.describe(plan), markup=False)
+    console.print(backend.describe(plan), markup=False, soft_wrap=True)  # sbatch lines must stay copyable
 
 
 def _follow(backend, handle) -> None:
