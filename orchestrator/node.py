@@ -58,6 +58,7 @@ class SeedOutcome:
     exit_code: int | None = None
     attempts: int = 0
     reason: str = ""
+    upload_pending: bool = False  # trained, but its artifacts still wait in the spool
     timings: dict = field(default_factory=dict)
 
 
@@ -351,9 +352,18 @@ class NodeRunner:
             self.console.print(f"[node] seed {seed} failed ({outcome.reason}); last lines of train.log:\n{tail}",
                                markup=False)
         if self.node.is_first:
-            self.upload_seed(seed, out, outcome, run_t)
+            from orchestrator.store import StoreError
+
+            try:
+                self.upload_seed(seed, out, outcome, run_t)
+            except StoreError as e:  # the files wait in the spool; the next seeds still run
+                outcome.upload_pending = True
+                self.console.print(f"[node] seed {seed}: {outcome.state}, but its upload is unfinished ({e}); "
+                                   f"the files wait in {self.work / 'spool'}: run `speedrun collect "
+                                   f"{self.plan.sweep_id}` to finish it", markup=False)
+                return outcome
             self.console.print(f"[node] seed {seed}: {outcome.state}; artifacts in "
-                               f"{self.plan.store_url.rstrip('/')}/{self.seed_prefix(seed)}/")
+                               f"{self.store.url(self.seed_prefix(seed))}/", markup=False)
         return outcome
 
     def run(self) -> int:
@@ -377,8 +387,9 @@ class NodeRunner:
             outcomes.append(o)
         self.save_compile_cache()
         failed = [o.seed for o in outcomes if o.state != "succeeded"]
-        if failed:
-            self.console.print(f"[node] failed seeds: {failed}")
+        pending = [o.seed for o in outcomes if o.upload_pending]
+        if failed or pending:
+            self.console.print(f"[node] failed seeds: {failed or 'none'}; seeds waiting in the spool: {pending or 'none'}")
             return 1
         self.console.print("[node] all seeds done")
         return 0
