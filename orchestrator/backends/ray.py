@@ -149,6 +149,7 @@ class RayBackend(Backend):
             yield from map(names.rewrite, client.get_job_logs(sid).splitlines())
             return
         # tail_job_logs is an async generator over a websocket; drive it from this thread.
+        logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed"
         loop = asyncio.new_event_loop()
         chunks = client.tail_job_logs(sid)
         pending = ""
@@ -268,6 +269,7 @@ def run_node(plan_json: str, rank: int, nnodes: int, master_addr: str, master_po
     plan.python = os.path.expanduser(plan.cluster.python) if plan.cluster.python else sys.executable
     from orchestrator.config import expand
 
+    os.environ["SPEEDRUN_NODE_RANK"] = str(rank)  # this worker serves this one task: expand() may name it
     work = expand(plan.cluster.work_dir) / plan.sweep_id  # the node runner's own work directory
     work.mkdir(parents=True, exist_ok=True)
     plan_file = work / f"plan-node{rank}.json"
@@ -277,6 +279,7 @@ def run_node(plan_json: str, rank: int, nnodes: int, master_addr: str, master_po
         cmd += ["--node-rank", str(rank), "--nnodes", str(nnodes), "--master-addr", master_addr, "--master-port", str(master_port)]
     if plan.cluster.setup:  # the cluster's shell set-up lines (modules, venvs), then the node runner
         cmd = ["bash", "-c", "set -e\n" + "\n".join(plan.cluster.setup) + '\nexec "$@"', "bash", *cmd]
+    # Nodes that share a filesystem can keep apart with data_dir/work_dir naming $SPEEDRUN_NODE_RANK.
     proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
     import ray
     import psutil  # Ray bundles it (ray/thirdparty_files), importable once ray is

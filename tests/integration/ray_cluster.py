@@ -7,6 +7,7 @@ touched (`ray stop` would kill every Ray process by name).
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -37,6 +38,17 @@ class RayHead:
     temp_dir: Path
     pgids: list[int]   # one process group per `ray start` (head, then any added node)
     env: dict = field(repr=False)  # never printed: it is the whole process environment
+    watchdogs: list = field(default_factory=list, repr=False)
+
+    def _own(self, pgid: int) -> None:
+        """Record a process group, and leave a watchdog that stops it if this test process dies
+        without tearing down (pytest killed by a timeout): a Ray head must not outlive its tests."""
+        self.pgids.append(pgid)
+        self.watchdogs.append(subprocess.Popen(
+            ["bash", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 2; done; "
+                           f"kill -TERM -- -{pgid} 2>/dev/null; sleep 5; kill -KILL -- -{pgid} 2>/dev/null; "
+                           f"rm -rf {shlex.quote(str(self.temp_dir))}"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this cluster: the `ray start` groups plus workers that name our temp dir."""
@@ -60,13 +72,16 @@ class RayHead:
         """
         proc = subprocess.Popen([sys.executable, __file__, "node", self.gcs_address, str(num_gpus), str(num_cpus)],
                                 env=self.env, stdout=subprocess.PIPE, text=True, start_new_session=True)
-        self.pgids.append(proc.pid)
+        self._own(proc.pid)
         line = proc.stdout.readline()  # "ready" once the node has registered
         if line.strip() != "ready":
             self.stop()
             raise RuntimeError(f"the second Ray node did not start: {line!r}")
 
     def stop(self, grace_s: float = 8.0) -> None:
+        for w in self.watchdogs:  # ours to end first: their pgids are about to be free for reuse
+            w.kill()
+            w.wait()
         procs = self.processes()
         for p in procs:
             try:
@@ -107,7 +122,7 @@ def start_ray_head(num_gpus: int = 8, num_cpus: int = 2) -> RayHead:
     )
     head = RayHead(f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", temp_dir, [], env)
     try:
-        head.pgids.append(_ray_start([
+        head._own(_ray_start([
             "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",

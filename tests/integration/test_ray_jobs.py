@@ -154,3 +154,26 @@ def test_killed_node_runner_is_reported_and_retried(speedrun):
         "the killed node runner's torchrun workers were left running beside the retry"
     manifest = read_manifest(open_store(str(speedrun.store)), f"{sweep}/seed-0")
     assert manifest is not None and manifest.state == "succeeded"
+
+
+@pytest.fixture(scope="module")
+def second_node(ray_head):  # noqa: F811
+    """Make the test cluster two Ray nodes (8 declared GPUs each); the module's last test uses it."""
+    ray_head.add_node(num_gpus=8, num_cpus=1)
+    return ray_head
+
+
+def test_two_nodes_one_node_runner_per_bundle_with_one_torchrun_rendezvous(speedrun, second_node):
+    # Both "nodes" share this machine's disk: keep their directories apart by node rank.
+    per_node = [f"cluster.data_dir={speedrun.root}/data-$SPEEDRUN_NODE_RANK",
+                f"cluster.work_dir={speedrun.root}/work-$SPEEDRUN_NODE_RANK"]
+    sweep, proc = speedrun.launch(sets=["cluster.nodes=2", "trainer.grad_accum_total=2", *per_node], detach=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    log = speedrun.log_text(sweep)
+    for rank in (0, 1):
+        assert f"[node {rank}] {MARK} node {rank}: node runner pid" in log, log[-3000:]
+        assert re.search(rf"\[node {rank}\] .*node {rank}/2 on", log), log[-3000:]
+        assert (speedrun.root / f"work-{rank}" / sweep).is_dir()
+    assert "[node 0] step:6/6 val_loss" in log
+    manifest = read_manifest(open_store(str(speedrun.store)), f"{sweep}/seed-0")
+    assert manifest is not None and manifest.state == "succeeded"
