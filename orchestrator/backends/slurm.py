@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from filelock import FileLock
+from rich.console import Console
 
 from orchestrator.backends.base import Backend, Handle, RunState, RunStatus
 from orchestrator.config import REPO_ROOT, ClusterConfig, ConfigError, expand
@@ -44,14 +46,11 @@ CHECKPOINT_WAIT_S = 600  # longest wait for the trainer to save after the signal
 
 # Slurm job states -> ours. A requeued job shows PENDING/REQUEUED again, so it is not finished.
 SLURM_STATES = {
-    "PENDING": RunState.PENDING, "CONFIGURING": RunState.PENDING, "REQUEUED": RunState.PENDING,
-    "REQUEUE_HOLD": RunState.PENDING, "REQUEUE_FED": RunState.PENDING, "RESV_DEL_HOLD": RunState.PENDING,
-    "RUNNING": RunState.RUNNING, "COMPLETING": RunState.RUNNING, "SUSPENDED": RunState.RUNNING,
-    "STAGE_OUT": RunState.RUNNING, "SIGNALING": RunState.RUNNING, "RESIZING": RunState.RUNNING,
+    **dict.fromkeys(["PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"], RunState.PENDING),
+    **dict.fromkeys(["RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING"], RunState.RUNNING),
+    **dict.fromkeys(["FAILED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+                     "SPECIAL_EXIT", "REVOKED"], RunState.FAILED),
     "COMPLETED": RunState.SUCCEEDED, "CANCELLED": RunState.CANCELLED,
-    "FAILED": RunState.FAILED, "NODE_FAIL": RunState.FAILED, "TIMEOUT": RunState.FAILED,
-    "OUT_OF_MEMORY": RunState.FAILED, "BOOT_FAIL": RunState.FAILED, "DEADLINE": RunState.FAILED,
-    "PREEMPTED": RunState.FAILED, "SPECIAL_EXIT": RunState.FAILED, "REVOKED": RunState.FAILED,
 }
 
 
@@ -88,7 +87,7 @@ class NodeTask(Checkpointable):
         child_env = dict(os.environ, PYTHONUNBUFFERED="1")
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
         if self.requeues:
-            print(f"[slurm] job {env.job_id}: requeued {self.requeues} time(s); resuming", flush=True)
+            _say(f"job {env.job_id}: requeued {self.requeues} time(s); resuming")
         # Slurm delivers USR2 to every process of the step; only this process (submitit) must act
         # on it, so the node runner and the trainers under it ignore it (SIG_IGN survives exec).
         self._proc = subprocess.Popen(argv, env=child_env, cwd=REPO_ROOT,
@@ -109,11 +108,17 @@ class NodeTask(Checkpointable):
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # scancel --signal may deliver it twice; act once
         proc = self._proc
         if proc is not None and proc.returncode is None:
-            print("[slurm] preemption/time-limit signal: asking the node runner to checkpoint", flush=True)
+            _say("preemption/time-limit signal: asking the node runner to checkpoint")
             proc.send_signal(signal.SIGUSR1)
             rc = _reap(proc, CHECKPOINT_WAIT_S)
-            print(f"[slurm] node runner stopped with exit code {rc} (75 = checkpointed); requeueing", flush=True)
+            _say(f"node runner stopped with exit code {rc} (75 = checkpointed); requeueing")
         return submitit.helpers.DelayedSubmission(NodeTask(self.plan_json, self.python, self.requeues + 1))
+
+
+def _say(message: str) -> None:
+    """A line in the job's log (the task's stdout), next to the node runner's own lines."""
+    Console(highlight=False, soft_wrap=True).print(f"[slurm] {message}", markup=False)
+    sys.stdout.flush()
 
 
 def _reap(proc: subprocess.Popen, timeout_s: float) -> int | None:
@@ -208,9 +213,6 @@ class SlurmBackend(Backend):
 
     # ----------------------------------------------------------------------------------- submit
     def _executor(self, plan: LaunchPlan):
-        if not _have("sbatch"):
-            raise ConfigError(f"{plan.cluster_file}: backend: slurm, but sbatch is not on PATH here; "
-                              "launch from a Slurm login node or pick another --cluster")
         ex = submitit.SlurmExecutor(folder=self.folder(plan), python=self.python(plan),
                                     max_num_timeout=self.cluster.slurm.max_requeues)
         ex.update_parameters(**self.parameters(plan))
@@ -227,6 +229,9 @@ class SlurmBackend(Backend):
         return [{"id": j.job_id, "seeds": seeds, "attempt": attempt} for j, seeds in zip(jobs, groups)]
 
     def submit(self, plan: LaunchPlan) -> Handle:
+        if shutil.which("sbatch") is None:
+            raise ConfigError(f"{plan.cluster_file}: backend: slurm, but sbatch is not on PATH here; "
+                              "launch from a Slurm login node or pick another --cluster")
         folder = self.folder(plan)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "plan.json").write_text(plan.to_json())
@@ -312,12 +317,6 @@ class SlurmBackend(Backend):
 # ------------------------------------------------------------------------------------- helpers
 
 
-def _have(binary: str) -> bool:
-    from shutil import which
-
-    return which(binary) is not None
-
-
 def _write_jobs(folder: Path, jobs: list[dict[str, Any]]) -> None:
     tmp = folder / "jobs.json.tmp"
     tmp.write_text(json.dumps(jobs, indent=2))
@@ -359,7 +358,7 @@ def _slurm_states(job_ids: list[str]) -> dict[str, str]:
         jid, _, state = line.strip().partition("|")
         out[jid] = state
     missing = [j for j in job_ids if j not in out]
-    if missing and _have("sacct"):
+    if missing and shutil.which("sacct"):
         a = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(missing)],
                            capture_output=True, text=True, timeout=60)
         for line in a.stdout.splitlines() if a.returncode == 0 else []:
