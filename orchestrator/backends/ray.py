@@ -200,12 +200,6 @@ class _NodeNames:
         return f"[node {self.rank_of_pid.get(m.group(2), '?')}] {rest}"
 
 
-    def cancel(self, handle: Handle) -> None:
-        client = self._client_for(handle)
-        for sid in handle.job_ids:
-            client.stop_job(sid)
-
-
 def submission_id(plan: "LaunchPlan") -> str:
     return f"speedrun-{plan.sweep_id}"
 
@@ -262,14 +256,18 @@ def node_address() -> tuple[str, int]:
 
 def run_node(plan_json: str, rank: int, nnodes: int, master_addr: str, master_port: int) -> int:
     """One node runner on this bundle's machine; returns its exit code."""
+    import psutil  # Ray bundles it (ray/thirdparty_files); importable in a Ray worker
+    import ray
+
+    from orchestrator.config import expand
     from orchestrator.plan import LaunchPlan
 
     plan = LaunchPlan.from_json(plan_json)
     # The launching machine's interpreter means nothing here; this Ray worker's is the cluster's python.
     plan.python = os.path.expanduser(plan.cluster.python) if plan.cluster.python else sys.executable
-    from orchestrator.config import expand
-
-    os.environ["SPEEDRUN_NODE_RANK"] = str(rank)  # this worker serves this one task: expand() may name it
+    # Nodes that share a filesystem keep apart by naming $SPEEDRUN_NODE_RANK in data_dir/work_dir
+    # (expand() reads it here and in the node runner, which inherits it).
+    os.environ["SPEEDRUN_NODE_RANK"] = str(rank)
     work = expand(plan.cluster.work_dir) / plan.sweep_id  # the node runner's own work directory
     work.mkdir(parents=True, exist_ok=True)
     plan_file = work / f"plan-node{rank}.json"
@@ -279,11 +277,7 @@ def run_node(plan_json: str, rank: int, nnodes: int, master_addr: str, master_po
         cmd += ["--node-rank", str(rank), "--nnodes", str(nnodes), "--master-addr", master_addr, "--master-port", str(master_port)]
     if plan.cluster.setup:  # the cluster's shell set-up lines (modules, venvs), then the node runner
         cmd = ["bash", "-c", "set -e\n" + "\n".join(plan.cluster.setup) + '\nexec "$@"', "bash", *cmd]
-    # Nodes that share a filesystem can keep apart with data_dir/work_dir naming $SPEEDRUN_NODE_RANK.
     proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
-    import ray
-    import psutil  # Ray bundles it (ray/thirdparty_files), importable once ray is
-
     _say(f"node {rank}: node runner pid {proc.pid} on {ray.util.get_node_ip_address()}, seeds {plan.seeds}")
     tree: list = []
     try:
@@ -316,17 +310,13 @@ def _describe_exit(code: int | str) -> str:
 
 def _unfinished(plan: "LaunchPlan", candidates: list[int]) -> list[int]:
     """Seeds among candidates without a succeeded manifest in the store (all of them if the store cannot say)."""
-    try:
-        from orchestrator.artifacts import read_manifest
-        from orchestrator.store import open_store
+    from orchestrator.artifacts import read_manifest
+    from orchestrator.store import open_store
 
+    try:
         store = open_store(plan.store_url)
-        done = set()
-        for s in candidates:
-            m = read_manifest(store, f"{plan.sweep_id}/seed-{s}")
-            if m is not None and (m.state or "succeeded") == "succeeded":
-                done.add(s)
-        return [s for s in candidates if s not in done]
+        manifests = {s: read_manifest(store, f"{plan.sweep_id}/seed-{s}") for s in candidates}
+        return [s for s, m in manifests.items() if m is None or (m.state or "succeeded") != "succeeded"]
     except Exception as e:  # noqa: BLE001  any store trouble: re-run them all rather than lose one
         _say(f"cannot read the store to find finished seeds ({type(e).__name__}); re-running all of {candidates}")
         return list(candidates)
@@ -352,6 +342,8 @@ def _run_attempt(plan: "LaunchPlan", pg) -> dict[int, int | str]:
             rank = refs[done[0]]
             try:
                 codes[rank] = ray.get(done[0])
+            except ray.exceptions.TaskCancelledError:
+                codes[rank] = "stopped with the other nodes"
             except ray.exceptions.RayError as e:  # the Ray worker itself died (killed, OOM, node lost)
                 codes[rank] = f"Ray worker lost ({type(e).__name__})"
             if codes[rank] != 0 and pending:
