@@ -114,6 +114,7 @@ def run_phase(args) -> dict:
         times.append(start.elapsed_time(end))
         losses.append(loss.item())
         flops.append(attention_flops(cfg, batch, window_blocks(cfg, step)))
+    profile = profile_steps(trainer, cfg) if args.profile else None
     model = trainer.model
     matmul_params = sum(p.numel() for b in model.blocks for p in b.parameters() if p.ndim >= 2)
     matmul_params += cfg.vocab_size * cfg.model_dim
@@ -132,7 +133,27 @@ def run_phase(args) -> dict:
         peak_bf16_tflops=peak, peak_memory_allocated_mib=torch.cuda.max_memory_allocated() // 2**20,
         peak_memory_reserved_mib=torch.cuda.max_memory_reserved() // 2**20, compile_warmup_s=compile_s,
         fp8_head=model.fp8_head, flex=model.use_flex, losses=losses, times_ms=times,
-        mean_doc_tokens=701, cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        mean_doc_tokens=701, cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"), profile=profile,
+        graph_breaks=dict(torch._dynamo.utils.counters["graph_break"]),
+        unique_graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+
+
+def profile_steps(trainer, cfg, n: int = 2) -> list[dict]:
+    """The GPU kernels of n steps, by total time: where a step's milliseconds go."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            trainer.train_step(trainer.batches.next_step(), cfg.steps // 2)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append(dict(name=e.key[:120], ms_per_step=t / 1000 / n, calls_per_step=e.count / n))
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:40]
 
 
 def table(results: list[dict]) -> None:
@@ -155,6 +176,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--phases", default="cold,warm")
+    p.add_argument("--profile", action="store_true", help="add the top GPU kernels of 2 steps to the last phase")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)   # the child process
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -178,6 +200,8 @@ def main() -> int:
         result = Path(tempfile.mkdtemp()) / "result.json"
         cmd = [sys.executable, __file__, "--phase", phase, "--result", str(result), "--steps", str(args.steps)]
         cmd += [a for s in args.set for a in ("--set", s)]
+        if args.profile and phase == args.phases.split(",")[-1]:
+            cmd.append("--profile")
         done = subprocess.run(cmd, env=env)
         if done.returncode != 0 or not result.exists():
             print(f"phase {phase} failed with exit code {done.returncode}", file=sys.stderr)
@@ -186,6 +210,8 @@ def main() -> int:
         write(results, args.out, gpu)   # partial results survive a later phase's failure
     if results:
         table(results)
+        for row in (results[-1].get("profile") or [])[:25]:
+            print(f"{row['ms_per_step']:9.2f} ms {row['calls_per_step']:7.1f}x  {row['name']}")
     return 0 if results else 1
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import flex_attention as _flex
 
 from trainer.data import BOS
 
@@ -38,8 +40,6 @@ def flex_block_mask(docs: torch.Tensor, window_blocks: torch.Tensor, block_size:
     blocks that only partly qualify run the mask_mod. window_blocks is a tensor so a growing window
     never triggers a recompile.
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
     T = docs.numel()
     nb = T // block_size
     per_block = docs.view(nb, block_size)
@@ -69,6 +69,4 @@ def flex_block_mask(docs: torch.Tensor, window_blocks: torch.Tensor, block_size:
 
 
 def flex_attention(q, k, v, block_mask, scale: float) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import flex_attention as _flex
-
     return _flex(q, k, v, block_mask=block_mask, scale=scale)

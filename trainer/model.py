@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from trainer import attention as attn_impl
 from trainer.config import TrainConfig
+from trainer.fp8 import fp8_linear
 
 EVAL_SLICE = {"cuda": 32768, "cpu": 1024}   # tokens per slice of the lm-head + loss under no_grad
 ATTN_SCALE = 0.12   # with QK-norm, a fixed scale a bit above 1/sqrt(128) trains faster (record value)
@@ -143,7 +144,6 @@ class GPT(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = norm(x)
         if self.fp8_head:
-            from trainer.fp8 import fp8_linear
             z = fp8_linear(x.flatten(end_dim=-2), self.lm_head.weight).view(*x.shape[:-1], -1)
         else:
             z = self.lm_head(x)
