@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -77,14 +78,15 @@ class NodeTask(Checkpointable):
         hosts = env.hostnames
         return [self.python, "-m", "orchestrator.node", "--plan", str(plan_path),
                 "--node-rank", str(env.node), "--nnodes", str(env.num_nodes),
-                "--master-addr", hosts[0] if hosts else "127.0.0.1",
+                "--master-addr", _node_address(hosts[0]) if hosts else "127.0.0.1",
                 # one port per job so that two runs sharing a first node do not collide
                 "--master-port", str(20000 + int(base_id) % 20000)]
 
     def __call__(self) -> dict[str, Any]:
         env = submitit.JobEnvironment()
         argv = self.node_command(env)
-        child_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Nodes that share a filesystem keep apart by naming $SPEEDRUN_NODE_RANK in data_dir/work_dir
+        child_env = dict(os.environ, PYTHONUNBUFFERED="1", SPEEDRUN_NODE_RANK=str(env.node))
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
         if self.requeues:
             _say(f"job {env.job_id}: requeued {self.requeues} time(s); resuming")
@@ -113,6 +115,16 @@ class NodeTask(Checkpointable):
             rc = _reap(proc, CHECKPOINT_WAIT_S)
             _say(f"node runner stopped with exit code {rc} (75 = checkpointed); requeueing")
         return submitit.helpers.DelayedSubmission(NodeTask(self.plan_json, self.python, self.requeues + 1))
+
+
+def _node_address(name: str) -> str:
+    """Where the other nodes reach node `name`: Slurm's NodeAddr (node names need not resolve)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", name, "-o"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return name
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    return m.group(1) if m else name
 
 
 def _say(message: str) -> None:

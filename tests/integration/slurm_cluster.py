@@ -1,8 +1,9 @@
-"""A real single-node Slurm cluster on loopback for the integration tests (and for bench/ by hand).
+"""A real Slurm cluster on loopback for the integration tests (and for scripts/slurm by hand).
 
 Debian's slurm-wlm and munge, started from a temp directory that holds every config, state, spool,
-log, pid file and the munge socket; stopped by the PIDs started here, never by name. One node with
-CPUs=16 and eight fake GPUs (empty files behind gres.conf), which is what the 8xH100 recipe asks for.
+log, pid file and the munge socket; stopped by the PIDs started here, never by name. Each node
+(two by default, one slurmd each on 127.0.0.1) declares CPUs=16 and eight fake GPUs (empty files
+behind gres.conf), which is what the 8xH100 recipe asks for; two make multi-node jobs testable.
 
     with SlurmCluster.start() as cluster:     # or the `slurm_cluster` pytest fixture
         subprocess.run(["sbatch", ...], env=cluster.env)
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-NODE = "speedrun-node"
+NODE_PREFIX = "speedrun-node"  # nodes speedrun-node1..N, each its own slurmd on 127.0.0.1
 PARTITION = "debug"
 BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
 
@@ -69,18 +70,17 @@ ClusterName=speedrun
 SlurmctldHost={hostname}(127.0.0.1)
 MailProg=/bin/true
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={munge_socket}
 CredType=cred/munge
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -99,14 +99,14 @@ JobCompType=jobcomp/none
 MinJobAge=600
 KillWait=5
 InactiveLimit=0
-NodeName={node} NodeHostname={hostname} NodeAddr=127.0.0.1 CPUs=16 RealMemory=64000 Gres=gpu:8 State=UNKNOWN
-PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}PartitionName={partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=UP
 """
 
 
 @dataclass
 class SlurmCluster:
     root: Path
+    nodes: list[str] = field(default_factory=lambda: [f"{NODE_PREFIX}1"])
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -121,12 +121,12 @@ class SlurmCluster:
     # ------------------------------------------------------------------------------ start/stop
 
     @classmethod
-    def start(cls, root: Path | None = None, timeout_s: float = 30.0) -> "SlurmCluster":
+    def start(cls, nodes: int = 2, root: Path | None = None, timeout_s: float = 30.0) -> "SlurmCluster":
         if os.geteuid() != 0:
             raise RuntimeError("the Slurm test cluster runs slurmd as root; run the tests as root")
         root = Path(root or tempfile.mkdtemp(prefix="speedrun-slurm-"))
         root.chmod(0o755)  # munged runs as the munge user and must reach its socket directory
-        cluster = cls(root)
+        cluster = cls(root, nodes=[f"{NODE_PREFIX}{i + 1}" for i in range(nodes)])
         try:
             cluster._write_configs()
             cluster._start_munged()
@@ -143,12 +143,20 @@ class SlurmCluster:
         # gres needs File= entries; empty regular files keep the node from draining
         for i in range(8):
             (self.root / "gpus" / f"fakegpu{i}").touch()
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        # one line per node; all on this host, told apart by their slurmd port (SlurmdParameters=config_overrides
+        # lets each declare 16 CPUs and 8 GPUs whatever this machine has)
+        node_lines = "".join(
+            f"NodeName={n} NodeHostname={socket.gethostname().split('.')[0]} NodeAddr=127.0.0.1 Port={port} "
+            "CPUs=16 RealMemory=64000 Gres=gpu:8 State=UNKNOWN\n" for n, port in zip(self.nodes, node_ports))
         self.conf.write_text(SLURM_CONF.format(
-            node=NODE, hostname=socket.gethostname().split(".")[0], partition=PARTITION, root=self.root,
-            ctld_port=ctld_port, slurmd_port=slurmd_port, munge_socket=self.root / "munge" / "munge.socket",
+            hostname=socket.gethostname().split(".")[0], partition=PARTITION, root=self.root, ctld_port=ctld_port,
+            munge_socket=self.root / "munge" / "munge.socket", node_lines=node_lines, nodes=",".join(self.nodes),
         ))
-        (self.root / "etc" / "gres.conf").write_text(f"NodeName={NODE} Name=gpu File={self.root}/gpus/fakegpu[0-7]\n")
+        (self.root / "etc" / "gres.conf").write_text(
+            "".join(f"NodeName={n} Name=gpu File={self.root}/gpus/fakegpu[0-7]\n" for n in self.nodes))
+        for n in self.nodes:
+            (self.root / "spool" / n).mkdir(exist_ok=True)
 
     def _start_munged(self) -> None:
         munge = self.root / "munge"
@@ -171,18 +179,20 @@ class SlurmCluster:
 
     def _start_slurm(self) -> None:
         env = self.env
-        for name, args in (("slurmctld", ["-D", "-i"]), ("slurmd", ["-D", "-N", NODE])):
+        daemons = [("slurmctld", "slurmctld", ["-D", "-i"])] + [(f"slurmd-{n}", "slurmd", ["-D", "-N", n]) for n in self.nodes]
+        for name, binary, args in daemons:
             self.procs[name] = subprocess.Popen(
-                [_binary(name), *args, "-f", str(self.conf)], env=env, cwd=self.root, preexec_fn=_die_with_parent,
+                [_binary(binary), *args, "-f", str(self.conf)], env=env, cwd=self.root, preexec_fn=_die_with_parent,
                 stdout=subprocess.DEVNULL, stderr=open(self.root / "log" / f"{name}.err", "wb"),
             )
 
     def _wait_node_idle(self, timeout_s: float) -> None:
         def idle() -> bool:
             out = self.run("sinfo", "-h", "-N", "-o", "%t", check=False)
-            return out.returncode == 0 and out.stdout.strip() == "idle"
+            states = out.stdout.split()
+            return out.returncode == 0 and len(states) == len(self.nodes) and set(states) == {"idle"}
 
-        self._wait_for(idle, timeout_s, "the Slurm node to become idle", "slurmctld")
+        self._wait_for(idle, timeout_s, "every Slurm node to become idle", "slurmctld")
 
     def _wait_for(self, ready, timeout_s: float, what: str, log: str) -> None:
         deadline = time.monotonic() + timeout_s

@@ -189,3 +189,20 @@ def test_a_job_that_dies_is_resubmitted_when_retries_allow(speedrun, slurm_clust
     assert final.state == RunState.SUCCEEDED, final.detail
     assert job_id not in final.jobs and len(final.jobs) == 1  # the seed ran again as a new job
     assert (speedrun.store / sweep / "seed-0" / "manifest.json").is_file()
+
+
+def test_two_nodes_run_one_node_runner_each_with_one_torchrun_rendezvous(speedrun):
+    # Both nodes share this machine's disk: keep their directories apart by node rank.
+    per_node = [f"cluster.data_dir={speedrun.root}/data-$SPEEDRUN_NODE_RANK",
+                f"cluster.work_dir={speedrun.root}/work-$SPEEDRUN_NODE_RANK"]
+    sweep, proc = speedrun.launch("--seeds", "1", sets=[*TINY, "cluster.nodes=2", "trainer.grad_accum_total=2",
+                                                       *per_node], detach=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    job_id = speedrun.handle(sweep).job_ids[0]
+    folder = Path(speedrun.handle(sweep).data["folder"])
+    for rank in (0, 1):
+        node_log = (folder / f"{job_id}_{rank}_log.out").read_text()
+        assert f"node {rank}/2 on" in node_log, node_log[-3000:]
+        assert (speedrun.root / f"work-{rank}" / sweep).is_dir()
+    assert f"step:{STEPS}/{STEPS} val_loss" in speedrun.log_text(sweep)
+    assert json.loads((speedrun.store / sweep / "seed-0" / "manifest.json").read_text())["files"]

@@ -89,14 +89,15 @@ def fake_env(node: int, nnodes: int, folder: Path) -> SimpleNamespace:
                            hostnames=["gpu-a", "gpu-b"][:nnodes], node=node, num_nodes=nnodes)
 
 
-def test_every_node_rendezvouses_on_the_first_node(tmp_path):
+def test_every_node_rendezvouses_on_the_first_node(tmp_path, monkeypatch):
+    monkeypatch.setattr("orchestrator.backends.slurm._node_address", {"gpu-a": "10.0.0.1"}.get)
     task = NodeTask('{"x": 1}', "/venv/bin/python")
     cmds = [task.node_command(fake_env(r, 2, tmp_path)) for r in (0, 1)]
     for rank, cmd in enumerate(cmds):
         args = dict(zip(cmd[3::2], cmd[4::2]))
         assert cmd[:3] == ["/venv/bin/python", "-m", "orchestrator.node"]
         assert args["--node-rank"] == str(rank) and args["--nnodes"] == "2"
-        assert args["--master-addr"] == "gpu-a" and args["--master-port"] == str(20000 + 4242)
+        assert args["--master-addr"] == "10.0.0.1" and args["--master-port"] == str(20000 + 4242)
     assert (tmp_path / "plan-4242.json").read_text() == '{"x": 1}'
 
 
