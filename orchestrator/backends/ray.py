@@ -358,6 +358,26 @@ def _run_attempt(plan: "LaunchPlan", pg) -> dict[int, int | str]:
     return codes
 
 
+def next_step(codes: dict[int, int | str], seeds: list[int], unfinished: list[int], retries_used: int,
+              retries: int, requeues: int) -> tuple[str, str]:
+    """After one attempt (node rank -> exit code or what happened to its Ray worker), with the
+    sweep's seeds and those still without a succeeded manifest: ("done" | "failed" | "retry" |
+    "resume", the line that reports it)."""
+    if all(code == 0 for code in codes.values()):
+        return "done", f"all seeds done: {seeds}"
+    why = "; ".join(f"node {r}: {_describe_exit(code)}" for r, code in sorted(codes.items()) if code != 0)
+    if not unfinished:
+        return "done", f"a node runner failed ({why}) but every seed has its manifest"
+    if all(code in (0, PREEMPTED) for code in codes.values()) and requeues < MAX_REQUEUES:
+        return "resume", f"preempted ({why}); resuming seeds {unfinished} (requeue {requeues + 1})"
+    if all(code in (0, SEEDS_FAILED) for code in codes.values()):
+        # The node runner already retried each failed seed `retries` times itself.
+        return "failed", f"failed ({why}); seeds {unfinished} failed after their retries"
+    if retries_used >= retries:
+        return "failed", f"failed ({why}); seeds {unfinished} unfinished, no retries left (retries: {retries})"
+    return "retry", f"failed ({why}); retry {retries_used + 1} of {retries} for seeds {unfinished}"
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -384,27 +404,16 @@ def drive() -> int:
         while True:
             _say(f"starting seeds {remaining} on {c.nodes} node(s)")
             codes = _run_attempt(plan.for_seeds(remaining), pg)
-            if all(code == 0 for code in codes.values()):
-                _say(f"all seeds done: {plan.seeds}")
+            if any(code != 0 for code in codes.values()):
+                remaining = _unfinished(plan, remaining)
+            action, message = next_step(codes, plan.seeds, remaining, retries_used, plan.job.retries, requeues)
+            _say(message)
+            if action == "done":
                 return 0
-            why = "; ".join(f"node {r}: {_describe_exit(code)}" for r, code in sorted(codes.items()) if code != 0)
-            remaining = _unfinished(plan, remaining)
-            if not remaining:
-                _say(f"a node runner failed ({why}) but every seed has its manifest")
-                return 0
-            if all(code in (0, PREEMPTED) for code in codes.values()) and requeues < MAX_REQUEUES:
-                requeues += 1
-                _say(f"preempted ({why}); resuming seeds {remaining} (requeue {requeues})")
-                continue
-            if all(code in (0, SEEDS_FAILED) for code in codes.values()):
-                # The node runner already retried each failed seed `retries` times itself.
-                _say(f"failed ({why}); seeds {remaining} failed after their retries")
+            if action == "failed":
                 return 1
-            if retries_used >= plan.job.retries:
-                _say(f"failed ({why}); seeds {remaining} unfinished, no retries left (retries: {plan.job.retries})")
-                return 1
-            retries_used += 1
-            _say(f"failed ({why}); retry {retries_used} of {plan.job.retries} for seeds {remaining}")
+            requeues += action == "resume"
+            retries_used += action == "retry"
     except KeyboardInterrupt:
         _say("stopped: node runners were asked to checkpoint and exit")
         return 130

@@ -82,3 +82,25 @@ def test_ray_task_prefixes_become_node_names():
 def test_handle_round_trips_through_json():
     h = Handle(backend="ray", sweep_id="s", job_ids=["speedrun-s"], data={"address": "http://127.0.0.1:8265", "nodes": 1})
     assert Handle.from_dict(json.loads(json.dumps(h.to_dict()))) == h
+
+
+def test_what_the_driver_does_after_an_attempt():
+    from orchestrator.backends.ray import next_step
+
+    assert next_step({0: 0, 1: 0}, [0, 1], [0, 1], 0, 0, 0) == ("done", "all seeds done: [0, 1]")
+    # A node runner killed outright: retried while retries last, then the run fails, naming why.
+    assert next_step({0: -9}, [0, 1], [1], 0, 1, 0) == (
+        "retry", "failed (node 0: killed by SIGKILL); retry 1 of 1 for seeds [1]")
+    action, line = next_step({0: -9}, [0, 1], [1], 1, 1, 0)
+    assert action == "failed" and "no retries left (retries: 1)" in line
+    # The node runner already spent the seed's retries on its trainer: no second round here.
+    action, line = next_step({0: 1}, [0], [0], 0, 3, 0)
+    assert action == "failed" and "failed after their retries" in line
+    # Its Ray worker or machine lost: that is a retry too; the other node was stopped with it.
+    action, line = next_step({0: "Ray worker lost (WorkerCrashedError)", 1: "stopped with the other nodes"},
+                             [0], [0], 0, 1, 0)
+    assert action == "retry" and "node 0: Ray worker lost" in line and "node 1: stopped with the other nodes" in line
+    # Preempted (checkpointed, exit 75): resumed without spending a retry.
+    assert next_step({0: 75}, [0], [0], 0, 0, 0)[0] == "resume"
+    # Failed exit, yet every seed committed its manifest: nothing to redo.
+    assert next_step({0: -15}, [0], [], 0, 0, 0)[0] == "done"
