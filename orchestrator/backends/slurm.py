@@ -320,8 +320,8 @@ class SlurmBackend(Backend):
     # ----------------------------------------------------------------------------------- cancel
     def cancel(self, handle: Handle) -> None:
         folder = Path(handle.data["folder"])
-        (folder / "cancelled").touch()  # so that status says CANCELLED and no retry re-submits
         ids = [j["id"] for j in _read_jobs(folder)]
+        (folder / "cancelled").touch()  # so that status says CANCELLED and no retry re-submits
         if ids:
             subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
 
@@ -336,7 +336,11 @@ def _write_jobs(folder: Path, jobs: list[dict[str, Any]]) -> None:
 
 
 def _read_jobs(folder: Path) -> list[dict[str, Any]]:
-    return json.loads((folder / "jobs.json").read_text())
+    try:
+        return json.loads((folder / "jobs.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{folder}/jobs.json: this run's submitit folder is not here; run the command on the "
+                          "machine that launched it, or one that shares its filesystem") from None
 
 
 def log_path(folder: Path, job_id: str, task: int = 0) -> Path:

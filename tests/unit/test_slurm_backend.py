@@ -138,3 +138,12 @@ def test_run_state_is_the_least_finished_job():
     assert _overall([S.SUCCEEDED, S.SUCCEEDED]) == S.SUCCEEDED
     assert _overall([S.SUCCEEDED, S.FAILED]) == S.FAILED
     assert _overall([S.CANCELLED, S.FAILED]) == S.CANCELLED
+
+
+def test_a_run_launched_elsewhere_is_one_clear_error(tmp_path):
+    from orchestrator.backends.base import Handle
+
+    backend = SlurmBackend(cluster())
+    handle = Handle(backend="slurm", sweep_id="x", job_ids=["1"], data={"folder": str(tmp_path / "x")})
+    with pytest.raises(ConfigError, match="submitit folder is not here"):
+        backend.cancel(handle)
