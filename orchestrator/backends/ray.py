@@ -111,7 +111,7 @@ class RayBackend(Backend):
 
     # ----------------------------------------------------------------------------- the handle
     def submit(self, plan: "LaunchPlan") -> Handle:
-        client = _job_client(self.cluster.ray.address)
+        client = _job_client(self.cluster.ray.address, key=f"{plan.cluster_file}: ray.address")
         sid = submission_id(plan)
         if not log.isEnabledFor(logging.DEBUG):  # Ray narrates every file it leaves out of the package
             for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):
@@ -120,8 +120,13 @@ class RayBackend(Backend):
             client.submit_job(entrypoint=self.entrypoint(), submission_id=sid, runtime_env=self.runtime_env(plan),
                               metadata={"sweep_id": plan.sweep_id, "job": plan.job.name})
         except (RuntimeError, ValueError) as e:
-            raise ConfigError(f"ray: the Ray cluster at {client.get_address()} refused the job: {str(e).strip()[:300]}") from None
+            raise ConfigError(f"{plan.cluster_file}: ray: the Ray cluster at {client.get_address()} refused the job: "
+                              f"{str(e).strip()[:300]}") from None
         log.info("submitted Ray job %s to %s", sid, client.get_address())
+        host = re.sub(r"^\w+://", "", client.get_address()).split(":")[0]
+        if "://" not in plan.store_url and host not in ("127.0.0.1", "localhost"):
+            log.warning("store %s is a directory on this machine: the Ray nodes at %s write to a directory of that "
+                        "name on their own disks; use s3://bucket/prefix to get the artifacts back", plan.store_url, host)
         return Handle(backend=self.name, sweep_id=plan.sweep_id, job_ids=[sid],
                       data={"address": client.get_address(), "nodes": self.cluster.nodes})
 

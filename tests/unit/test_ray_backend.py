@@ -53,7 +53,7 @@ def test_unreachable_ray_address_is_one_sentence():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
     plan, cluster = _plan(**{"ray.address": f"http://127.0.0.1:{port}"})
-    with pytest.raises(ConfigError, match=rf"ray\.address: cannot reach the Ray Jobs API at http://127\.0\.0\.1:{port}"):
+    with pytest.raises(ConfigError, match=rf"ray\.yaml: ray\.address: cannot reach the Ray Jobs API at http://127\.0\.0\.1:{port}"):
         RayBackend(cluster).submit(plan)
 
 
