@@ -259,6 +259,7 @@ class SlurmBackend(Backend):
     def status(self, handle: Handle) -> RunStatus:
         """Every live job's state; a job that died without a result is re-submitted while `retries:` allow."""
         folder = Path(handle.data["folder"])
+        _read_jobs(folder)  # one clear error if the folder is not on this machine, before taking its lock
         with FileLock(str(folder / "jobs.json.lock")):  # two watchers must not both re-submit a dead job
             jobs = _read_jobs(folder)
             live = [j for j in jobs if not j.get("replaced_by")]

@@ -147,3 +147,5 @@ def test_a_run_launched_elsewhere_is_one_clear_error(tmp_path):
     handle = Handle(backend="slurm", sweep_id="x", job_ids=["1"], data={"folder": str(tmp_path / "x")})
     with pytest.raises(ConfigError, match="submitit folder is not here"):
         backend.cancel(handle)
+    with pytest.raises(ConfigError, match="submitit folder is not here"):
+        backend.status(handle)
