@@ -47,7 +47,8 @@ CHECKPOINT_WAIT_S = 600  # longest wait for the trainer to save after the signal
 
 # Slurm job states -> ours. A requeued job shows PENDING/REQUEUED again, so it is not finished.
 SLURM_STATES = {
-    **dict.fromkeys(["PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"], RunState.PENDING),
+    **dict.fromkeys(["PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"],
+                    RunState.PENDING),
     **dict.fromkeys(["RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING"], RunState.RUNNING),
     **dict.fromkeys(["FAILED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
                      "SPECIAL_EXIT", "REVOKED"], RunState.FAILED),
@@ -120,7 +121,8 @@ class NodeTask(Checkpointable):
 def _node_address(name: str) -> str:
     """Where the other nodes reach node `name`: Slurm's NodeAddr (node names need not resolve)."""
     try:
-        out = subprocess.run(["scontrol", "show", "node", name, "-o"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(["scontrol", "show", "node", name, "-o"], capture_output=True, text=True,
+                             timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return name
     m = re.search(r"\bNodeAddr=(\S+)", out)
@@ -272,7 +274,8 @@ class SlurmBackend(Backend):
                 if retryable and j["attempt"] < self._retries(folder):
                     new = self._resubmit(folder, jobs, j)
                     states[new["id"]] = RunState.PENDING
-                    details.append(f"job {j['id']} (seeds {j['seeds']}) {why.split(';')[0]}; re-submitted as job {new['id']}")
+                    details.append(f"job {j['id']} (seeds {j['seeds']}) {why.split(';')[0]}; "
+                                   f"re-submitted as job {new['id']}")
                     continue
                 states[j["id"]] = state
                 if why:

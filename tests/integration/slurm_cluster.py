@@ -179,7 +179,8 @@ class SlurmCluster:
 
     def _start_slurm(self) -> None:
         env = self.env
-        daemons = [("slurmctld", "slurmctld", ["-D", "-i"])] + [(f"slurmd-{n}", "slurmd", ["-D", "-N", n]) for n in self.nodes]
+        daemons = [("slurmctld", "slurmctld", ["-D", "-i"])]
+        daemons += [(f"slurmd-{n}", "slurmd", ["-D", "-N", n]) for n in self.nodes]
         for name, binary, args in daemons:
             self.procs[name] = subprocess.Popen(
                 [_binary(binary), *args, "-f", str(self.conf)], env=env, cwd=self.root, preexec_fn=_die_with_parent,
@@ -261,7 +262,8 @@ def slurm_cluster():
     """One Slurm cluster for the whole test session; SLURM_CONF points every client (and submitit) at it."""
     missing = missing_binaries()
     if missing:
-        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing); scripts/bootstrap.sh installs slurm-wlm and munge")
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing); "
+                    "scripts/bootstrap.sh installs slurm-wlm and munge")
     if os.geteuid() != 0:
         pytest.skip("the loopback Slurm cluster runs slurmd as root; run the Slurm tests as root")
     cluster = SlurmCluster.start()
