@@ -119,10 +119,10 @@ def provisioning(config: dict[str, Any]) -> list[NodeGroup]:
     if provider.get("type") == "local":
         head = provider.get("head_ip", "(coordinator)")
         workers = provider.get("worker_ips", [])
-        groups = [NodeGroup("head", "local.cluster.node", f"existing machine {head}", 1, "on-prem", None)]
+        groups = [NodeGroup("head", "on-prem", "existing machine", 1, head, None)]
         if workers:
-            groups.append(NodeGroup("worker", "local.cluster.node", "existing machines " + ", ".join(workers),
-                                    min(config.get("min_workers", len(workers)), len(workers)), "on-prem", None))
+            groups.append(NodeGroup("worker", "on-prem", "existing machine",
+                                    min(config.get("min_workers", len(workers)), len(workers)), ", ".join(workers), None))
         return groups
     where = provider.get("region", "?")
     if provider.get("availability_zone"):

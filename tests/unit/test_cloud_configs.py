@@ -114,3 +114,16 @@ def test_cost_line_is_gpu_hours_times_the_rate():
     assert "$6.88/GPU-hour" in line and line.endswith("= $55.04")
     free = ClusterConfig(name="mine", backend="local", gpus_per_node=2)
     assert "no cost_per_hour" in cost_line(free, 3600) and "$" not in cost_line(free, 3600).split("(")[0]
+
+
+def test_cli_cluster_dry_run_and_bad_input(capsys):
+    from orchestrator.cli import main
+
+    assert main(["cluster", "up", "ray-cluster-onprem", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "existing machine" in out and "10.0.0.10" in out and "16.00" in out and "mount-nvme.sh" in out
+    assert main(["cluster", "up", "ray", "--dry-run"]) == 2  # a cluster config that provisions nothing
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps at the terminal width
+    assert "ray.launcher: this cluster config provisions nothing" in err and "Traceback" not in err
+    assert main(["cluster", "down", "no-such-cluster", "--dry-run"]) == 2
+    assert "no cluster_configs/no-such-cluster.yaml" in " ".join(capsys.readouterr().err.split())
