@@ -1,8 +1,9 @@
-"""A real one-node Ray cluster on 127.0.0.1 declaring 8 GPUs, for the Ray integration tests.
+"""A real Ray cluster on 127.0.0.1 declaring 8 GPUs per node, for the Ray integration tests.
 
-`ray start --head` runs in its own process group with a private temp dir; teardown stops the
-processes of that group and those naming that temp dir, by PID, so no other Ray on the machine is
-touched (`ray stop` would kill every Ray process by name).
+`ray start --head` runs in its own process group with a private temp dir (`add_node` joins a second
+raylet, for placement groups that spread over two nodes). Teardown stops the processes of those
+groups and those naming that temp dir, by PID, so no other Ray on the machine is touched (`ray stop`
+would kill every Ray process by name); a watchdog does the same if the test process dies first.
 """
 from __future__ import annotations
 
