@@ -19,9 +19,14 @@ BASE="$(pick_python "${1:-}")" || {
     exit 1
 }
 if [ ! -x "$VENV/bin/python" ]; then
-    # --system-site-packages: torch, triton and CUDA libraries come from the image, not from pip.
-    "$BASE" -m venv --system-site-packages "$VENV"
+    "$BASE" -m venv "$VENV"
 fi
+# torch, triton and the CUDA libraries stay where the image put them. BASE may itself be a venv
+# (the Deep Learning AMIs' /opt/pytorch), which --system-site-packages would not reach: a .pth
+# file puts its site-packages on our sys.path, after our own.
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+"$BASE" -c 'import sysconfig; p = sysconfig.get_paths(); print(p["purelib"]); print(p["platlib"])' | sort -u \
+    > "$SITE/speedrun-base-python.pth"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e "$REPO[ray,s3,hf]"
+"$VENV/bin/python" -m pip install --quiet -e "${REPO}[ray,s3,hf]"
 "$VENV/bin/python" -c "import torch, ray, orchestrator; print('speedrun ready: torch', torch.__version__, 'cuda', torch.version.cuda, 'ray', ray.__version__, 'gpus', torch.cuda.device_count())"
