@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -72,10 +73,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "slurm_latency.json")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="speedrun-slurm-latency-"))
-    with SlurmCluster.start() as cluster:
+    cluster = SlurmCluster.start()
+    try:
         os.environ["SLURM_CONF"] = str(cluster.conf)
         one_run(root, root / "store", "warm-up")  # stages the shards once, like a node that ran the job before
         runs = [one_run(root, root / "store", str(i)) for i in range(args.runs)]
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     keys = list(runs[0])
     table = Table(title=f"Slurm submit-to-first-step on {socket.gethostname()} ({os.cpu_count()} cores, loadavg "
                         f"{os.getloadavg()[0]:.1f})", title_justify="left")
