@@ -150,8 +150,13 @@ class RayBackend(Backend):
         client = self._client_for(handle)
         sid = handle.job_ids[0]
         names = _NodeNames(handle.data.get("nodes", 1))
+        try:
+            text = client.get_job_logs(sid)
+        except RuntimeError as e:  # the job is unknown there (cluster restarted, wrong address)
+            raise ConfigError(f"run {handle.sweep_id}: Ray job {sid} not found at {client.get_address()} "
+                              f"({str(e).strip()[:160]}); its artifacts are in the store") from None
         if not follow:
-            yield from map(names.rewrite, client.get_job_logs(sid).splitlines())
+            yield from map(names.rewrite, text.splitlines())
             return
         # tail_job_logs is an async generator over a websocket; drive it from this thread.
         logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed"

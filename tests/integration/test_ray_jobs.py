@@ -20,6 +20,7 @@ from ray_cluster import ray_head  # noqa: F401 (session fixture)
 from orchestrator.artifacts import read_manifest, verify_manifest
 from orchestrator.backends.base import Handle, RunState
 from orchestrator.backends.ray import MARK, RayBackend
+from orchestrator.config import ClusterConfig, ConfigError
 from orchestrator.plan import LaunchPlan
 from orchestrator.store import open_store
 
@@ -177,3 +178,11 @@ def test_two_nodes_one_node_runner_per_bundle_with_one_torchrun_rendezvous(speed
     assert "[node 0] step:6/6 val_loss" in log
     manifest = read_manifest(open_store(str(speedrun.store)), f"{sweep}/seed-0")
     assert manifest is not None and manifest.state == "succeeded"
+
+
+def test_a_run_unknown_to_the_cluster_is_one_sentence(ray_head):  # noqa: F811
+    backend = RayBackend(ClusterConfig(name="t", backend="ray", ray={"address": ray_head.address}))
+    handle = Handle(backend="ray", sweep_id="gone", job_ids=["speedrun-gone"], data={"address": ray_head.address})
+    assert backend.status(handle).state is RunState.UNKNOWN
+    with pytest.raises(ConfigError, match=r"run gone: Ray job speedrun-gone not found at http://127\.0\.0\.1:"):
+        list(backend.logs(handle))
