@@ -89,6 +89,7 @@ def cmd_launch(args) -> int:
         _print_plan(plan, backend)
         console.print("[dim]dry run: nothing was created or submitted[/dim]")
         return 0
+    backend.check(plan)
     store = open_store(plan.store_url)
     store.put_bytes(plan.to_json().encode(), f"{plan.sweep_id}/plan.json")
     handle = backend.submit(plan)
@@ -487,9 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from orchestrator.data import DataError
+    from orchestrator.store import StoreError
+
     try:
         return args.func(args) or 0
-    except ConfigError as e:
+    except (ConfigError, StoreError, DataError) as e:  # bad input or an unreachable service: one sentence
         err_console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 2
 

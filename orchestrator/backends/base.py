@@ -69,6 +69,12 @@ class Backend(ABC):
     def describe(self, plan: "LaunchPlan") -> str:
         """What submit() would do, as text for --dry-run (an sbatch script, a Ray entrypoint, a command)."""
 
+    def check(self, plan: "LaunchPlan") -> None:
+        """Raise ConfigError if submit() cannot work from here (no sbatch, no Ray address); has no side effects.
+
+        Called before anything is written, so a launch that cannot be submitted leaves nothing behind.
+        """
+
     @abstractmethod
     def submit(self, plan: "LaunchPlan") -> Handle:
         """Start one node-runner invocation per node and return at once."""

@@ -242,10 +242,13 @@ class SlurmBackend(Backend):
                 jobs = [ex.submit(t) for t in tasks]
         return [{"id": j.job_id, "seeds": seeds, "attempt": attempt} for j, seeds in zip(jobs, groups)]
 
-    def submit(self, plan: LaunchPlan) -> Handle:
+    def check(self, plan: LaunchPlan) -> None:
         if shutil.which("sbatch") is None:
             raise ConfigError(f"{plan.cluster_file}: backend: slurm, but sbatch is not on PATH here; "
                               "launch from a Slurm login node or pick another --cluster")
+
+    def submit(self, plan: LaunchPlan) -> Handle:
+        self.check(plan)
         folder = self.folder(plan)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "plan.json").write_text(plan.to_json())
