@@ -68,7 +68,7 @@ def _follow(backend, handle) -> None:
 
     if not console.is_terminal:
         for line in backend.logs(handle, follow=True):
-            console.print(line, markup=False)
+            console.print(line, markup=False, soft_wrap=True)
         return
     with console.status("waiting for the first step...") as status:
         for line in backend.logs(handle, follow=True):
@@ -77,7 +77,7 @@ def _follow(backend, handle) -> None:
                 status.update(f"step {ev.step}/{ev.total_steps}  train_loss {ev.train_loss:.4f}  "
                               f"train_time {ev.train_time_ms / 1000:.1f}s  step_avg {ev.step_avg_ms or 0:.1f}ms")
             else:
-                console.print(line, markup=False)
+                console.print(line, markup=False, soft_wrap=True)
 
 
 def cmd_launch(args) -> int:
@@ -128,8 +128,9 @@ def _print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
     for r in s.seeds:
         t.add_row(str(r.seed), r.state, _fmt(r.val_loss, ".4f"), _fmt(r.train_time_s, ".1f", " s"),
                   _fmt(r.step_avg_ms, ".1f", " ms"), _fmt(r.peak_mem_mib, ".0f", " MiB"),
-                  f"{store_url.rstrip('/')}/{sweep_id}/seed-{r.seed}/")
+                  f"seed-{r.seed}/")
     console.print(t)
+    console.print(f"artifacts: {store_url.rstrip('/')}/{sweep_id}/", markup=False, soft_wrap=True)
     if s.entropy_rate_nats is not None:
         console.print(f"data entropy rate (best possible val loss): {s.entropy_rate_nats:.4f} nats")
     if cluster is not None and cluster.cost_per_hour and s.wall_s:
@@ -213,7 +214,7 @@ def cmd_status(args) -> int:
 def cmd_logs(args) -> int:
     backend, handle, _, _ = _backend_for(args.run)
     for line in backend.logs(handle, follow=args.follow):
-        console.print(line, markup=False)
+        console.print(line, markup=False, soft_wrap=True)
     return 0
 
 
