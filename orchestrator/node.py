@@ -112,7 +112,8 @@ class NodeRunner:
     def __init__(self, plan: LaunchPlan, node: NodeEnvironment | None = None, console: Console | None = None):
         self.plan = plan
         self.node = node or NodeEnvironment()
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        # markup off: "[node]" and the trainer's own lines are plain text, not rich markup
+        self.console = console or Console(highlight=False, soft_wrap=True, markup=False)
         self.work = expand(plan.cluster.work_dir) / plan.sweep_id
         self.cache_root = expand(plan.cluster.work_dir) / "compile-cache"
         self._current_out: Path | None = None

@@ -110,6 +110,9 @@ class RayBackend(Backend):
         ])
 
     # ----------------------------------------------------------------------------- the handle
+    def check(self, plan: "LaunchPlan") -> None:
+        _job_client(self.cluster.ray.address, key=f"{plan.cluster_file}: ray.address")  # reachable, or one sentence
+
     def submit(self, plan: "LaunchPlan") -> Handle:
         client = _job_client(self.cluster.ray.address, key=f"{plan.cluster_file}: ray.address")
         sid = submission_id(plan)

@@ -191,3 +191,12 @@ def test_plan_round_trips_through_json():
     assert again.to_dict() == plan.to_dict()
     assert plan.seeds == [0, 1, 2]
     assert plan.sweep_id.startswith("smoke-19700101T000000Z-")
+
+
+def test_unreachable_ray_cluster_leaves_nothing(workspace, capsys):
+    """The backend's pre-flight check runs before the plan is written to the store."""
+    pytest.importorskip("ray")
+    shutil.copy(REPO / "cluster_configs/ray.yaml", workspace / "cluster_configs/ray.yaml")
+    rc, err = run_cli(workspace, capsys, "launch", "jobs/smoke.yaml", "--cluster", "ray",
+                      "--set", "cluster.ray.address=http://127.0.0.1:9", "--store", str(workspace / "runs"))
+    assert rc == 2 and "ray.address" in err and "cannot reach" in err
