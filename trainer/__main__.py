@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import logging
@@ -54,17 +53,6 @@ def build_config(args) -> TrainConfig:
         raise ValueError(f"{where}: {e}") from None
 
 
-def keep_freed_memory() -> None:
-    """CPU runs free and re-fault ~200 MB of logits every micro-batch; keeping freed memory in the heap
-    (glibc mallopt: no mmap for big blocks, no trim) halves the CPU time per step. No-op off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 31)   # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer", description="Train the speedrun GPT (run under torchrun).")
     p.add_argument("--data-dir", required=True)
@@ -81,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("trainer").error("%s", e)
         return USAGE_ERROR
 
-    keep_freed_memory()
     from trainer.data import ShardError   # torch is imported only once the arguments are known to be good
     from trainer.train import Trainer
 

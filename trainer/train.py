@@ -5,6 +5,7 @@ Validation and checkpointing are not counted in train_time, as in the record.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import resource
@@ -55,6 +56,17 @@ def muon_momentum(cfg: TrainConfig, step: int) -> float:
 # ------------------------------------------------------------------------------------- the run
 
 
+def keep_freed_memory() -> None:
+    """CPU runs free and re-fault ~200 MB of logits every micro-batch; keeping freed memory in the heap
+    (glibc mallopt: no mmap for big blocks, no trim) halves the CPU time per step. No-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 31)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class StopRequest:
     """Set by SIGUSR1 or by the file OUT/CHECKPOINT_NOW; the ranks agree on it at check steps."""
 
@@ -82,6 +94,8 @@ class Trainer:
         if cfg.grad_accum_total % r.world:
             raise ValueError(f"grad_accum_total={cfg.grad_accum_total} is not divisible by {r.world} ranks")
         self.cuda = r.device.type == "cuda"
+        if not self.cuda:
+            keep_freed_memory()
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg).to(r.device)
         self.model.act_dtype = torch.bfloat16 if self.cuda else torch.float32

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,15 @@ from trainer.fixtures import markov_shards, tiny_config  # noqa: E402
 from trainer.train import PREEMPTED_EXIT, Trainer  # noqa: E402
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs use one thread, as each torchrun rank does (spinning threads cost more than they give)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +113,21 @@ def test_checkpoint_now_exits_75_then_resume_finishes(markov, tmp_path):
 
 def test_small_model_reaches_the_markov_entropy_rate(markov, tmp_path):
     data, entropy = markov
-    cfg = tiny_config(steps=120, val_every=60, seq_len=1024, val_tokens=8192, adam_head_lr=0.02, adam_embed_lr=0.6,
+    cfg = tiny_config(steps=60, val_every=60, seq_len=1024, val_tokens=8192, adam_head_lr=0.02, adam_embed_lr=0.6,
                       log_every=20)
     Trainer(cfg, str(data), str(tmp_path)).run()
-    final = rows(tmp_path, "val_loss")[120]
+    final = rows(tmp_path, "val_loss")[60]
     assert entropy <= final + 0.02          # no model beats the source (small slack: a finite val sample)
     assert final < entropy + 0.1, f"val loss {final:.3f} vs entropy rate {entropy:.3f}"
+
+
+def test_sigusr1_checkpoints_and_returns_75(markov, tmp_path):
+    data, _ = markov
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        trainer = Trainer(tiny_config(steps=6, val_every=6, stop_check_every=2), str(data), str(tmp_path))
+        os.kill(os.getpid(), signal.SIGUSR1)     # as Slurm's --signal would, before the time limit
+        assert trainer.run() == PREEMPTED_EXIT
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert (tmp_path / "ckpt" / "step_000002.pt").is_file() and not (tmp_path / "ckpt" / "final.pt").exists()
