@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, args.data_dir, args.out_dir)
         code = trainer.run(resume=args.resume)
-    except (ShardError, FileNotFoundError) as e:
+    except (ShardError, FileNotFoundError, ValueError) as e:   # bad data, checkpoint path or rank count
         logging.getLogger("trainer").error("%s", e)
         code = 1
     finally:

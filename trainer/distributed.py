@@ -24,7 +24,7 @@ def init_ranks(device_pref: str) -> Ranks:
     """Join torchrun's group (NCCL on CUDA, gloo on CPU); a single process needs no group at all."""
     want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but torch sees no CUDA GPU; use device=auto or cpu")
+        raise ValueError("device: cuda was asked for but torch sees no CUDA GPU; use device=auto or cpu")
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -82,3 +82,10 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def barrier() -> None:
+    """Ranks leave together: a gloo rank that tears its group down while rank 0 still writes the
+    checkpoint can abort at exit ('terminate called without an active exception')."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

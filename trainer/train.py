@@ -20,7 +20,7 @@ import torch
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import BOS, TrainBatches, find_shards, validation_chunks
-from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, init_ranks
+from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, barrier, init_ranks
 from trainer.model import GPT
 from trainer.optim import build_optimizers
 
@@ -93,6 +93,11 @@ class Trainer:
         r = self.ranks
         if cfg.grad_accum_total % r.world:
             raise ValueError(f"grad_accum_total={cfg.grad_accum_total} is not divisible by {r.world} ranks")
+        # the data first: a missing or malformed shard fails before any model is built
+        self.batches = TrainBatches(find_shards(data_dir, cfg.train_files), cfg.seq_len, r.rank, r.world,
+                                    cfg.grad_accum_total)
+        self.val = validation_chunks(find_shards(data_dir, cfg.val_files), cfg.val_tokens, cfg.val_seq_len,
+                                     r.rank, r.world)
         self.cuda = r.device.type == "cuda"
         if not self.cuda:
             keep_freed_memory()
@@ -105,10 +110,6 @@ class Trainer:
         self.forward = torch.compile(self.model, dynamic=False) if self.compiled else self.model
         self.adam, self.muon = build_optimizers(self.model, cfg)
         self.reducer = GradientReducer(self.model.parameters(), r.world)
-        self.batches = TrainBatches(find_shards(data_dir, cfg.train_files), cfg.seq_len, r.rank, r.world,
-                                    cfg.grad_accum_total)
-        self.val = validation_chunks(find_shards(data_dir, cfg.val_files), cfg.val_tokens, cfg.val_seq_len,
-                                     r.rank, r.world)
         self.stop = StopRequest(self.out)
         self.step = 0
         self.train_ms = 0.0
@@ -276,6 +277,7 @@ class Trainer:
                     self.stop.file.unlink()   # consumed: the resumed run must not stop again at once
                 self.write_timings()
                 self.emit(f"stopped on request at step:{step}/{cfg.steps}; resume with --resume auto")
+                barrier()
                 return PREEMPTED_EXIT
             if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
                 self.train_ms += 1000 * (time.perf_counter() - t0)
@@ -300,4 +302,5 @@ class Trainer:
         else:   # CPU: the process's peak resident memory stands for both
             alloc = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         self.emit(f"peak memory allocated: {alloc} MiB reserved: {reserved} MiB")
+        barrier()
         return 0

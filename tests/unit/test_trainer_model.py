@@ -99,3 +99,9 @@ def test_bad_config_file_exits_2(tmp_path, caplog):
     (tmp_path / "cfg.json").write_text(json.dumps({"num_layers": "twelve"}))
     code = trainer_main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--config", str(tmp_path / "cfg.json")])
     assert code == 2 and "cfg.json" in caplog.text
+
+
+def test_missing_shards_exit_1_naming_the_directory(tmp_path, caplog):
+    code = trainer_main(["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "o"),
+                         "--set", "device=cpu", "--set", "compile=false"])
+    assert code == 1 and "nowhere" in caplog.text and "no file matches" in caplog.text
