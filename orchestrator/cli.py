@@ -131,6 +131,9 @@ def _print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
                   f"seed-{r.seed}/")
     console.print(t)
     console.print(f"artifacts: {store_url.rstrip('/')}/{sweep_id}/", markup=False, soft_wrap=True)
+    for r in s.seeds:
+        if r.state != "succeeded" and r.reason:
+            console.print(f"seed {r.seed}: {r.state}: {r.reason}", style="red", markup=False, soft_wrap=True)
     if s.entropy_rate_nats is not None:
         console.print(f"data entropy rate (best possible val loss): {s.entropy_rate_nats:.4f} nats")
     if cluster is not None and cluster.cost_per_hour and s.wall_s:
