@@ -21,6 +21,14 @@ err_console = Console(stderr=True, highlight=False)
 # ------------------------------------------------------------------------------------------ launch
 
 
+def _open_store(url: str):
+    """The store as the CLI uses it: a person is waiting, so an unreachable endpoint fails in ~20 s, not the
+    node uploader's 5-minute budget (which exists so that artifacts are never lost)."""
+    from orchestrator.store import open_store
+
+    return open_store(url, retry_budget_s=20.0) if str(url).startswith("s3://") else open_store(url)
+
+
 def _prepare_launch(args):
     """Load, validate and plan; creates nothing. Returns (plan, backend)."""
     from orchestrator.backends.base import get_backend
@@ -82,7 +90,6 @@ def _follow(backend, handle) -> None:
 
 def cmd_launch(args) -> int:
     from orchestrator.runs import RunRecord, record_run
-    from orchestrator.store import open_store
 
     plan, backend = _prepare_launch(args)
     if args.dry_run:
@@ -90,7 +97,7 @@ def cmd_launch(args) -> int:
         console.print("[dim]dry run: nothing was created or submitted[/dim]")
         return 0
     backend.check(plan)
-    store = open_store(plan.store_url)
+    store = _open_store(plan.store_url)
     store.put_bytes(plan.to_json().encode(), f"{plan.sweep_id}/plan.json")
     handle = backend.submit(plan)
     record_run(RunRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
@@ -149,18 +156,17 @@ def _store_for(args, run_id: str | None = None):
     """The store named by --store, else the one recorded for RUN, else the local cluster's default."""
     from orchestrator.config import load_cluster
     from orchestrator.runs import find_run
-    from orchestrator.store import open_store
 
     if args.store:
-        return open_store(args.store), args.store
+        return _open_store(args.store), args.store
     if run_id:
         try:
             rec = find_run(run_id)
-            return open_store(rec.store_url), rec.store_url
+            return _open_store(rec.store_url), rec.store_url
         except ConfigError:
             pass
     cluster, _ = load_cluster(args.cluster)
-    return open_store(cluster.store), cluster.store
+    return _open_store(cluster.store), cluster.store
 
 
 def cmd_runs(args) -> int:
@@ -197,9 +203,8 @@ def _backend_for(run_id: str):
     from orchestrator.plan import LaunchPlan
 
     rec = find_run(run_id)
-    from orchestrator.store import open_store
 
-    store = open_store(rec.store_url)
+    store = _open_store(rec.store_url)
     plan = LaunchPlan.from_json(store.get_bytes(f"{run_id}/plan.json").decode())
     cluster: ClusterConfig = plan.cluster
     return get_backend(cluster), rec.handle_obj, store, rec
