@@ -9,11 +9,9 @@ checkpoint (the backend requeues and this resumes); 1: a seed failed after its r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -22,7 +20,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 from rich.console import Console
@@ -30,11 +27,11 @@ from rich.console import Console
 from orchestrator.compile_cache import compile_cache_env
 from orchestrator.config import REPO_ROOT, expand
 from orchestrator.plan import LaunchPlan
+from orchestrator.provenance import describe_devices, environment_record, package_version, trainer_code_hash
 
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on request; run again to resume
-ENV_KEYS_RECORDED = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_NODELIST", "RAY_JOB_ID", "OMP_NUM_THREADS")
 
 
 @dataclass
@@ -60,52 +57,6 @@ class SeedOutcome:
     reason: str = ""
     upload_pending: bool = False  # trained, but its artifacts still wait in the spool
     timings: dict = field(default_factory=dict)
-
-
-def trainer_code_hash(root: Path = REPO_ROOT) -> str:
-    """Hash of the code that decides what gets compiled: the trainer package."""
-    h = hashlib.sha256()
-    for p in sorted((root / "trainer").rglob("*.py")):
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def describe_devices(device: str) -> list[str]:
-    if device == "cuda" and shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-        if out.returncode == 0:
-            return [line.strip() for line in out.stdout.splitlines() if line.strip()]
-    return [f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"]
-
-
-def environment_record(plan: LaunchPlan, data_info: dict | None = None) -> dict:
-    """env.json: what ran where. Only named, non-secret facts; never the process environment wholesale."""
-    return {
-        "data": {"source": plan.job.data.source, **(data_info or {})},
-        "sweep_id": plan.sweep_id,
-        "git_commit": plan.code.get("commit"),
-        "git_dirty": plan.code.get("dirty"),
-        "trainer_code_hash": trainer_code_hash(),
-        "python": platform.python_version(),
-        "torch": package_version("torch"),
-        "triton": package_version("triton"),
-        "speedrun": package_version("speedrun"),
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "devices": describe_devices(plan.cluster.device),
-        "backend": plan.cluster.backend,
-        "cluster": plan.cluster.name,
-        "env": {k: os.environ[k] for k in ENV_KEYS_RECORDED if k in os.environ},
-    }
 
 
 class NodeRunner:
