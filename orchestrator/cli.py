@@ -321,18 +321,10 @@ def add_data_commands(sub) -> None:
     p.set_defaults(func=_data_verify)
 
 
-def _data_error(e) -> int:
-    err_console.print(f"error: {e}", style="red", markup=False, soft_wrap=True)  # one sentence, one line
-    return 2
-
-
 def _data_stage(args) -> int:
-    from orchestrator.data import DataError, stage_shards
+    from orchestrator.data import stage_shards
 
-    try:
-        r = stage_shards(args.source, args.dest, args.train_shards, args.val_shards, console=err_console)
-    except DataError as e:
-        return _data_error(e)
+    r = stage_shards(args.source, args.dest, args.train_shards, args.val_shards, console=err_console)
     console.print(f"{len(r.train_files)} train + {len(r.val_files)} val shards in {r.dest}: "
                   f"{r.bytes_fetched / 1e6:.1f} MB fetched in {r.seconds:.1f} s")
     if "entropy_rate_nats" in r.info:
@@ -341,25 +333,19 @@ def _data_stage(args) -> int:
 
 
 def _data_prepare(args) -> int:
-    from orchestrator.data import DataError, prepare_shards
+    from orchestrator.data import prepare_shards
 
-    try:
-        r = prepare_shards(args.input, args.out, args.encoding_file, args.val_docs, args.shard_tokens,
-                           args.workers, args.text_field)
-    except DataError as e:
-        return _data_error(e)
+    r = prepare_shards(args.input, args.out, args.encoding_file, args.val_docs, args.shard_tokens,
+                       args.workers, args.text_field)
     console.print(f"{r.documents} documents, {r.tokens} tokens -> {len(r.val_files)} val + "
                   f"{len(r.train_files)} train shards in {r.out} ({r.seconds:.1f} s)")
     return 0
 
 
 def _data_verify(args) -> int:
-    from orchestrator.data import DataError, verify_dir
+    from orchestrator.data import verify_dir
 
-    try:
-        checks = verify_dir(args.dir)
-    except DataError as e:
-        return _data_error(e)
+    checks = verify_dir(args.dir)
     t = Table(title=f"shards in {args.dir}", title_justify="left")
     for col in ("shard", "tokens", "sha256", "status"):
         t.add_column(col, justify="right" if col == "tokens" else "left")
@@ -387,23 +373,12 @@ def _stats_runs(args, what: list[str]):
     return load_sweep_runs(store, what[0]), f"{url.rstrip('/')}/{what[0]}"
 
 
-def _stats_errors():
-    from orchestrator.results import ResultsError
-    from orchestrator.store import StoreError
-
-    return (ResultsError, StoreError)
-
-
 def cmd_stats(args) -> int:
     import json
 
     from orchestrator.stats import render_stats, sweep_stats
 
-    try:
-        runs, where = _stats_runs(args, args.what)
-    except _stats_errors() as e:
-        err_console.print(f"error: {e}", style="red", markup=False)
-        return 2
+    runs, where = _stats_runs(args, args.what)
     s = sweep_stats([r.summary for r in runs], args.target)
     if args.json:
         sys.stdout.write(json.dumps(s.to_dict(), indent=2) + "\n")
@@ -417,12 +392,8 @@ def cmd_compare(args) -> int:
 
     from orchestrator.stats import compare, render_comparison
 
-    try:
-        a, where_a = _stats_runs(args, [args.a])
-        b, where_b = _stats_runs(args, [args.b])
-    except _stats_errors() as e:
-        err_console.print(f"error: {e}", style="red", markup=False)
-        return 2
+    a, _ = _stats_runs(args, [args.a])
+    b, _ = _stats_runs(args, [args.b])
     c = compare([r.summary for r in a], [r.summary for r in b], args.a, args.b)
     if args.json:
         sys.stdout.write(json.dumps(c.to_dict(), indent=2) + "\n")
@@ -434,13 +405,9 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from orchestrator.report import write_report
 
-    try:
-        store, url = _store_for(args, args.sweep)
-        out = Path(args.out or f"{args.sweep}-report")
-        manifest = write_report(store, args.sweep, out, args.target)
-    except _stats_errors() as e:
-        err_console.print(f"error: {e}", style="red", markup=False)
-        return 2
+    store, url = _store_for(args, args.sweep)
+    out = Path(args.out or f"{args.sweep}-report")
+    manifest = write_report(store, args.sweep, out, args.target)
     t = Table(title=f"report of {args.sweep}", title_justify="left",
               caption=f"local: {out}/\nstore: {url.rstrip('/')}/{manifest.prefix}/", caption_justify="left")
     for col in ("file", "size", "sha256"):
@@ -498,12 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from orchestrator.data import DataError
+    from orchestrator.results import ResultsError
     from orchestrator.store import StoreError
 
     try:
         return args.func(args) or 0
-    except (ConfigError, StoreError, DataError) as e:  # bad input or an unreachable service: one sentence
-        err_console.print(f"error: {e}", style="red", markup=False, highlight=False)
+    except (ConfigError, StoreError, DataError, ResultsError) as e:  # bad input or an unreachable service
+        err_console.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
 
 
