@@ -251,8 +251,32 @@ class SlurmCluster:
         pids = [int(line.split()[0]) for line in out if line.split() and line.split()[0].isdigit()]
         return [p for p in pids if _comm(p) not in ("slurmstepd", "")]
 
-    def release(self, job_id: str) -> None:
-        """A requeued job waits ~2 minutes (BeginTime) before it may run again; let it start now."""
+    def processes_of(self, job_id: str) -> list[int]:
+        """Live (not zombie) processes of a job: its slurmstepd and everything started under it."""
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+                cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environ = (d / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if cmdline.startswith(f"slurmstepd: [{job_id}.") or f"SLURM_JOB_ID={job_id}".encode() in environ:
+                pids.append(int(d.name))
+        return pids
+
+    def release(self, job_id: str, settle_s: float = 60.0) -> None:
+        """A requeued job waits ~2 minutes (BeginTime) before it may run again; let it start now.
+
+        Only once its previous run's processes are gone: on a real cluster the 2-minute wait covers
+        that, and a job started while its old step is still being torn down fails to launch."""
+        deadline = time.monotonic() + settle_s
+        while self.processes_of(job_id) and time.monotonic() < deadline:
+            time.sleep(0.5)
         self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
         self.run("scontrol", "release", job_id, check=False)
 
