@@ -6,6 +6,17 @@ from pathlib import Path
 
 import pytest
 
+# Without a GPU, the Triton kernels of trainer/kernels run under Triton's interpreter (numpy on the CPU), so
+# their tests check the very same kernel code here that runs compiled on the GPU. Set before any kernel
+# module is imported: @triton.jit reads it when it decorates.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 
 
