@@ -32,6 +32,7 @@ class TrainConfig:
     block_size: int = 128
     fp8_head: bool = True                     # FP8 lm-head matmul on Hopper; ignored elsewhere
     attention: str = "auto"                   # auto | flex | dense
+    mlp_kernel: str = "torch"                 # torch | triton: fused relu^2 MLP kernels, CUDA only
     # --- schedule
     steps: int = 1695
     cooldown_frac: float = 0.45
@@ -73,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"seq_len: must be a multiple of block_size={self.block_size} (got {self.seq_len})")
         if self.attention not in ("auto", "flex", "dense"):
             raise ValueError(f"attention: must be auto, flex or dense (got {self.attention!r})")
+        if self.mlp_kernel not in ("torch", "triton"):
+            raise ValueError(f"mlp_kernel: must be torch or triton (got {self.mlp_kernel!r})")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")
         return self

@@ -89,12 +89,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: int):
+    def __init__(self, dim: int, ratio: int, kernel: str = "torch"):
         super().__init__()
         self.c_fc = CastedLinear(dim, ratio * dim)
         self.c_proj = CastedLinear(ratio * dim, dim, zero_init=True)
+        self.fused = None
+        if kernel == "triton":   # relu^2 inside the matmuls' epilogues (imported here: triton only when asked for)
+            from trainer.kernels.linear_relu2 import mlp_relu2
+            self.fused = mlp_relu2
 
     def forward(self, x):
+        if self.fused is not None and x.is_cuda:
+            return self.fused(x, self.c_fc.weight, self.c_proj.weight)
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
@@ -102,7 +108,7 @@ class Block(nn.Module):
     def __init__(self, cfg: TrainConfig):
         super().__init__()
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim)
-        self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio)
+        self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
     def forward(self, x, x0, ve, docs, window_blocks, block_size, block_mask):
