@@ -1,10 +1,13 @@
 """Time the trainer's optimizer step on this GPU: ms/step, tokens/s, model TFLOP/s, MFU, memory, compile time.
 
     python bench/trainer_step.py [--steps 20] [--set KEY=VALUE ...] [--phases cold,warm]
+                                 [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--profile]
 
 Each phase runs in a fresh process: 'cold' starts from an empty inductor/Triton cache, 'warm' reuses the
 cache the cold run filled (the directory is keyed by the trainer's code hash, the torch version and the GPU
-name, as a node would keep it between seeds). A phase builds the default config (overrides with --set),
+name, as a node would keep it between seeds). Each --variant then runs once more, in its own process, with
+its overrides on top of --set: the before/after of one change, measured in the same run on the same GPU
+(its compile seconds are not a cold figure: it shares the cache with the runs before it). A phase builds the default config (overrides with --set),
 generates Markov shards with FineWeb-like document lengths, runs the trainer's untimed warm-up (timed here
 as compile+warm-up seconds), then times --steps optimizer steps with CUDA events. The timed steps walk the
 whole schedule (step i of N runs at training step i*steps/N) so the growing attention window is averaged
@@ -124,7 +127,7 @@ def run_phase(args) -> dict:
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
     return dict(
-        phase=args.phase, gpu=gpu, torch=torch.__version__, steps_timed=args.steps, config=cfg.to_dict(),
+        phase=args.phase, overrides=args.set, warmup_parts_s=trainer.warmup_parts, gpu=gpu, torch=torch.__version__, steps_timed=args.steps, config=cfg.to_dict(),
         ms_per_step_median=med, ms_per_step_min=min(times), ms_per_step_max=max(times),
         ms_per_step_p10=float(np.percentile(times, 10)), ms_per_step_p90=float(np.percentile(times, 90)),
         tokens_per_step=tokens_per_step, tokens_per_s=tokens_per_step / (med / 1000),
@@ -161,11 +164,12 @@ def table(results: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title=f"trainer step, {results[0]['gpu']} (torch {results[0]['torch']})")
-    for col in ("phase", "ms/step (median)", "spread p10-p90", "tokens/s", "TFLOP/s", "MFU", "peak alloc MiB",
+    for col in ("run", "overrides", "ms/step (median)", "spread p10-p90", "tokens/s", "TFLOP/s", "MFU", "peak alloc MiB",
                 "compile+warm-up s"):
         t.add_column(col)
     for r in results:
-        t.add_row(r["phase"], f"{r['ms_per_step_median']:.1f}", f"{r['ms_per_step_p10']:.1f}-{r['ms_per_step_p90']:.1f}",
+        t.add_row(r["phase"], " ".join(s for s in r.get("overrides", []) if not s.startswith("val_")) or "-",
+                  f"{r['ms_per_step_median']:.1f}", f"{r['ms_per_step_p10']:.1f}-{r['ms_per_step_p90']:.1f}",
                   f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.0f}", f"{r['mfu']:.1%}" if r["mfu"] else "-",
                   str(r["peak_memory_allocated_mib"]), f"{r['compile_warmup_s']:.0f}")
     Console().print(t)
@@ -176,6 +180,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--phases", default="cold,warm")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="one more timed run with these overrides, labelled NAME in the table")
     p.add_argument("--profile", action="store_true", help="add the top GPU kernels of 2 steps to the last phase")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)   # the child process
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -191,23 +197,27 @@ def main() -> int:
         return 1
     gpu = torch.cuda.get_device_name()
     cache = cache_dir(gpu, torch.__version__)
+    runs = [(phase, phase, args.set) for phase in args.phases.split(",") if phase]
+    for v in args.variant:
+        name, _, sets = v.partition(":")
+        runs.append((name, "variant", args.set + [s for s in sets.split(",") if s]))
     results = []
-    for phase in args.phases.split(","):
+    for i, (label, phase, sets) in enumerate(runs):
         if phase == "cold" and cache.exists():
             shutil.rmtree(cache)
         cache.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
         result = Path(tempfile.mkdtemp()) / "result.json"
-        cmd = [sys.executable, __file__, "--phase", phase, "--result", str(result), "--steps", str(args.steps)]
-        cmd += [a for s in args.set for a in ("--set", s)]
-        if args.profile and phase == args.phases.split(",")[-1]:
+        cmd = [sys.executable, __file__, "--phase", label, "--result", str(result), "--steps", str(args.steps)]
+        cmd += [a for s in sets for a in ("--set", s)]
+        if args.profile and i == len(runs) - 1:
             cmd.append("--profile")
         done = subprocess.run(cmd, env=env)
         if done.returncode != 0 or not result.exists():
-            print(f"phase {phase} failed with exit code {done.returncode}", file=sys.stderr)
-            break
+            print(f"run {label} failed with exit code {done.returncode}", file=sys.stderr)
+            continue
         results.append(json.loads(result.read_text()))
-        write(results, args.out, gpu)   # partial results survive a later phase's failure
+        write(results, args.out, gpu)   # partial results survive a later run's failure
     if results:
         table(results)
         for row in (results[-1].get("profile") or [])[:25]:
@@ -220,8 +230,9 @@ def write(results: list[dict], out: str, gpu: str) -> Path:
     path = Path(out) / f"trainer_step-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {"gpu": gpu, "phases": results}
-    if len(results) == 2 and results[0]["phase"] == "cold":
-        summary["warm_over_cold_compile"] = results[1]["compile_warmup_s"] / results[0]["compile_warmup_s"]
+    by_phase = {r["phase"]: r for r in results}
+    if "cold" in by_phase and "warm" in by_phase:
+        summary["warm_over_cold_compile"] = by_phase["warm"]["compile_warmup_s"] / by_phase["cold"]["compile_warmup_s"]
     path.write_text(json.dumps(summary, indent=2))
     return path
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from trainer import attention as attn_impl
 from trainer.config import TrainConfig
 from trainer.fp8 import fp8_linear
+from trainer.head import head_loss
 
 EVAL_SLICE = {"cuda": 32768, "cpu": 1024}   # tokens per slice of the lm-head + loss under no_grad
 ATTN_SCALE = 0.12   # with QK-norm, a fixed scale a bit above 1/sqrt(128) trains faster (record value)
@@ -142,6 +143,7 @@ class GPT(nn.Module):
         self.act_dtype = torch.float32
         self.use_flex = False
         self.fp8_head = False
+        self.fused_head_loss = False
 
     def is_long_window(self, i: int) -> bool:
         """Long window on every 4th layer and the last one, half of it elsewhere (record pattern)."""
@@ -179,10 +181,16 @@ class GPT(nn.Module):
             if i < half:
                 skips.append(x)
         x = x[0]
-        if torch.is_grad_enabled():
+        if self.fused_head_loss:
+            # the logits live and die inside the op; their gradient is computed in the forward pass
+            n = x.size(0) if torch.is_grad_enabled() else EVAL_SLICE.get(x.device.type, 1024)
+            total = sum(head_loss(norm(x[s:s + n]), self.lm_head.weight, targets[s:s + n], cfg.vocab_size,
+                                  cfg.logit_softcap, fp8=self.fp8_head) for s in range(0, x.size(0), n))
+        elif torch.is_grad_enabled():
             return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction=reduction)
-        # evaluation: the (T, vocab) fp32 logits of a long validation sequence would not fit; go in slices
-        n = EVAL_SLICE.get(x.device.type, 1024)
-        total = sum(F.cross_entropy(self.logits(x[s:s + n]), targets[s:s + n], ignore_index=-1, reduction="sum")
-                    for s in range(0, x.size(0), n))
+        else:
+            # evaluation: the (T, vocab) fp32 logits of a long validation sequence would not fit; go in slices
+            n = EVAL_SLICE.get(x.device.type, 1024)
+            total = sum(F.cross_entropy(self.logits(x[s:s + n]), targets[s:s + n], ignore_index=-1,
+                                        reduction="sum") for s in range(0, x.size(0), n))
         return total if reduction == "sum" else total / (targets >= 0).sum()

@@ -106,6 +106,7 @@ class Trainer:
         self.model.act_dtype = torch.bfloat16 if self.cuda else torch.float32
         self.model.use_flex = cfg.attention == "flex" or (cfg.attention == "auto" and self.cuda)
         self.model.fp8_head = bool(cfg.fp8_head and self.cuda and torch.cuda.get_device_capability(r.device) >= (9, 0))
+        self.model.fused_head_loss = cfg.fused_head_loss and self.cuda
         self.compiled = cfg.compile and self.cuda
         self.forward = torch.compile(self.model, dynamic=False) if self.compiled else self.model
         self.adam, self.muon = build_optimizers(self.model, cfg)
@@ -113,6 +114,7 @@ class Trainer:
         self.stop = StopRequest(self.out)
         self.step = 0
         self.train_ms = 0.0
+        self.warmup_parts: dict[str, float] = {}   # where compile+warm-up time went (first step = compile)
         self.timings = dict(start_unix=time.time(), warmup_s=0.0, first_step_unix=None, train_s=0.0, val_s=0.0,
                             end_unix=None, steps_done=0, total_steps=cfg.steps)
         if r.is_main:
@@ -219,6 +221,9 @@ class Trainer:
         gen = np.random.default_rng(self.cfg.seed)
         local = self.cfg.grad_accum_total // self.ranks.world
         for i in range(n):
+            if i == 1:
+                self.sync()
+                self.warmup_parts["first_step_s"] = time.time() - t0
             mb = [gen.integers(0, BOS, self.cfg.seq_len + 1) for _ in range(local)]
             for seq in mb:
                 seq[:: 4096] = BOS
@@ -235,12 +240,18 @@ class Trainer:
                 torch._dynamo.reset()
                 self.forward = torch.compile(self.model, dynamic=False)
                 self.train_step(mb, step=0)
+        self.sync()
+        v0 = time.time()
+        self.warmup_parts["steps_s"] = v0 - t0
         self.validate(0)
+        self.sync()
+        self.warmup_parts["validation_s"] = time.time() - v0
         self.model.load_state_dict(initial)
         self.adam, self.muon = build_optimizers(self.model, self.cfg)
         self.sync()
         self.timings["warmup_s"] = time.time() - t0
-        log.info("warm-up of %d steps took %.1fs", n, self.timings["warmup_s"])
+        log.info("warm-up of %d steps took %.1fs (%s)", n, self.timings["warmup_s"],
+                 ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items()))
 
     def run(self, resume: str | None = None) -> int:
         """Train to cfg.steps; returns 0 when done, 75 when stopped on request (after a checkpoint)."""

@@ -61,6 +61,9 @@ def test_compiled_model_with_flex_matches_dense_model():
     model.use_flex = True
     flex = torch.compile(model, dynamic=False)(t[:-1], t[1:], w)
     assert abs(flex.item() - dense.item()) < 2e-2 * dense.item()
+    model.fused_head_loss = True      # the fused head + soft-capped loss op, compiled with the rest
+    fused = torch.compile(model, dynamic=False)(t[:-1], t[1:], w)
+    assert abs(fused.item() - dense.item()) < 2e-2 * dense.item()
 
 
 @hopper
@@ -68,9 +71,11 @@ def test_fp8_linear_close_to_bf16():
     fp8_linear_matches_reference("cuda", M=4096, K=768, N=50304)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @hopper
-def test_fp8_head_loss_tracks_bf16_head():
-    """Same init, same batches: the FP8 head's training curve stays within a few % of the bf16 head's."""
+def test_fp8_head_loss_tracks_bf16_head(fused):
+    """Same init, same batches: the FP8 head's training curve stays within a few % of the bf16 head's
+    (the plain torch head, and the fused head + loss op)."""
     cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=1024, adam_head_lr=0.02, adam_embed_lr=0.6)
     from trainer.optim import build_optimizers
 
@@ -87,7 +92,7 @@ def test_fp8_head_loss_tracks_bf16_head():
     for fp8 in (False, True):
         torch.manual_seed(0)
         model = GPT(cfg).cuda()
-        model.act_dtype, model.fp8_head = torch.bfloat16, fp8
+        model.act_dtype, model.fp8_head, model.fused_head_loss = torch.bfloat16, fp8, fused
         adam, muon = build_optimizers(model, cfg)
         losses = []
         for s in seqs:

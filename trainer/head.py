@@ -1,0 +1,122 @@
+"""The lm head and its soft-capped cross-entropy as one op, so the (tokens x vocab) logits never outlive it.
+
+Forward: logits = x @ W^T (FP8 on Hopper, bf16 otherwise), then trainer/kernels/softcap_ce.py computes
+every row's loss and, in the same kernel, the gradient of the loss with respect to the logits. The
+logits are freed at once; backward is then two matmuls over that stored gradient. This is the shape the
+record gives its head: the loss's backward is known in the forward, so it is computed there.
+
+FP8 mode: x (rms-normed, so |x| <= sqrt(dim)) and W are cast to e4m3 with scales known up front (a fixed
+bound for x, W's amax), the gradient to e5m2 scaled by an exact power of two. The kernel writes the
+gradient twice, row-major and transposed, because _scaled_mm wants a row-major first operand for both
+grad_x = G @ W and grad_W = G^T @ x; a transposed copy of G would be one more pass over 2.4 GB per
+micro-batch.
+
+A torch.library custom op: torch.compile keeps it as one opaque node (no tracing into Triton), and the
+backward below is ordinary torch code that compiles with the rest of the graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E4M3_MAX = 448.0
+
+
+def _none(x: torch.Tensor) -> torch.Tensor:
+    """A placeholder output (a custom op's outputs must be distinct tensors)."""
+    return x.new_empty((0,))
+
+
+def _x_scale(dim: int) -> float:
+    return math.sqrt(dim) / E4M3_MAX
+
+
+@torch.library.custom_op("speedrun::head_loss", mutates_args=())
+def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float, fp8: bool,
+               need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
+    """Returns (sum of row losses, G, G^T, x8^T, W8^T, W's scale); G^T, x8^T, W8^T only in FP8 mode, and
+    G only when need_grad. The last four are what backward needs, nothing for callers."""
+    if fp8:
+        x_s = _x_scale(x.size(1))
+        w_s = (w.detach().abs().amax().float() / E4M3_MAX).clamp(min=1e-30)
+        x8 = (x * (1.0 / x_s)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        w8 = (w.detach() / w_s).to(E4M3)
+        x_s_t = torch.full((), x_s, dtype=torch.float32, device=x.device)
+        logits = torch._scaled_mm(x8, w8.t(), scale_a=x_s_t, scale_b=w_s, out_dtype=torch.bfloat16,
+                                  use_fast_accum=True)
+    else:
+        w_s = torch.ones((), dtype=torch.float32, device=x.device)
+        logits = x @ w.detach().to(x.dtype).t()
+    if not need_grad:
+        return softcap_cross_entropy(logits, targets, vocab, cap).sum(), _none(x), _none(x), _none(x), _none(x), w_s
+    if fp8:
+        g = torch.empty(logits.shape, dtype=E5M2, device=x.device)
+        g_t = torch.empty(logits.shape[::-1], dtype=E5M2, device=x.device)
+        loss = softcap_cross_entropy(logits, targets, vocab, cap, grad=g, grad_t=g_t, grad_mult=FP8_GRAD_SCALE)
+        return loss.sum(), g, g_t, x8.t().contiguous(), w8.t().contiguous(), w_s
+    loss = softcap_cross_entropy(logits, targets, vocab, cap, grad=logits)   # the gradient replaces the logits
+    return loss.sum(), logits, _none(x), _none(x), _none(x), w_s
+
+
+@_head_loss.register_fake
+def _(x, w, targets, vocab, cap, fp8, need_grad):
+    M, K, N = x.size(0), x.size(1), w.size(0)
+    loss, w_s = x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32)
+    if not need_grad:
+        return loss, _none(x), _none(x), _none(x), _none(x), w_s
+    if fp8:
+        return (loss, x.new_empty((M, N), dtype=E5M2), x.new_empty((N, M), dtype=E5M2),
+                x.new_empty((K, M), dtype=E4M3), x.new_empty((K, N), dtype=E4M3), w_s)
+    return loss, x.new_empty((M, N)), _none(x), _none(x), _none(x), w_s
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, _, _, _, fp8, _ = inputs
+    _, g, g_t, x8_t, w8_t, w_s = output
+    ctx.fp8 = fp8
+    ctx.w_dtype = w.dtype
+    ctx.mark_non_differentiable(*output[1:])
+    if fp8:
+        ctx.save_for_backward(g, g_t, x8_t, w8_t, w_s)
+    else:
+        ctx.save_for_backward(g, x, w)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if ctx.fp8:
+        g, g_t, x8_t, w8_t, w_s = ctx.saved_tensors
+        g_s = grad_loss.float() * (1.0 / FP8_GRAD_SCALE)
+        x_s = torch.full((), _x_scale(x8_t.size(0)), dtype=torch.float32, device=g.device)
+        # operands: row-major first, column-major second (the transposes below are views, not copies)
+        grad_x = torch._scaled_mm(g, w8_t.t(), scale_a=g_s, scale_b=w_s, out_dtype=torch.bfloat16)
+        grad_w = torch._scaled_mm(g_t, x8_t.t(), scale_a=g_s, scale_b=x_s, out_dtype=torch.float32)
+    else:
+        g, x, w = ctx.saved_tensors
+        s = grad_loss.to(g.dtype)
+        grad_x = (g @ w.to(g.dtype)) * s
+        grad_w = (g.t() @ x).float() * grad_loss
+    return grad_x, grad_w.to(ctx.w_dtype), None, None, None, None, None
+
+
+_head_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
+              fp8: bool = False) -> torch.Tensor:
+    """Sum over rows of the cross-entropy of cap*tanh(x @ w.T / cap)[:, :vocab]; rows with target < 0 add 0.
+
+    x: (M, K) activations (bf16), w: (N_padded, K) with N_padded >= vocab; FP8 needs M, K, N_padded
+    multiples of 16 and |x| <= sqrt(K) (rms-normed rows).
+    """
+    return _head_loss(x.contiguous(), w, targets.contiguous(), vocab, float(cap), fp8, torch.is_grad_enabled())[0]
+
+
+def head_loss_reference(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float):
+    """The same loss in plain torch (float32 logits), for tests and benchmarks."""
+    z = (x @ w.to(x.dtype).t())[:, :vocab].float()
+    return torch.nn.functional.cross_entropy(cap * torch.tanh(z / cap), targets, ignore_index=-1, reduction="sum")
