@@ -198,6 +198,7 @@ def main() -> int:
     gpu = torch.cuda.get_device_name()
     cache = cache_dir(gpu, torch.__version__)
     runs = [(phase, phase, args.set) for phase in args.phases.split(",") if phase]
+    n_phases = len(runs)
     for v in args.variant:
         name, _, sets = v.partition(":")
         runs.append((name, "variant", args.set + [s for s in sets.split(",") if s]))
@@ -210,7 +211,7 @@ def main() -> int:
         result = Path(tempfile.mkdtemp()) / "result.json"
         cmd = [sys.executable, __file__, "--phase", label, "--result", str(result), "--steps", str(args.steps)]
         cmd += [a for s in sets for a in ("--set", s)]
-        if args.profile and i == len(runs) - 1:
+        if args.profile and i == n_phases - 1:   # the kernels of the last cold/warm run
             cmd.append("--profile")
         done = subprocess.run(cmd, env=env)
         if done.returncode != 0 or not result.exists():
@@ -220,7 +221,8 @@ def main() -> int:
         write(results, args.out, gpu)   # partial results survive a later run's failure
     if results:
         table(results)
-        for row in (results[-1].get("profile") or [])[:25]:
+        profiled = next((r["profile"] for r in results if r.get("profile")), None)
+        for row in (profiled or [])[:25]:
             print(f"{row['ms_per_step']:9.2f} ms {row['calls_per_step']:7.1f}x  {row['name']}")
     return 0 if results else 1
 
