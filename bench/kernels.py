@@ -1,0 +1,167 @@
+"""Time each Triton kernel of trainer/kernels against the torch code it replaces, compiled with torch.compile.
+
+    python bench/kernels.py [--reps 20] [--only SUBSTRING] [--out bench/results]
+
+The baseline is what the trainer runs without the kernel: the same math in plain torch under
+torch.compile. Each case builds its inputs at the trainer's real shapes and returns (torch_fn, triton_fn),
+two no-argument callables doing the same work; both are called a few times to compile and warm up, then
+timed one call at a time with CUDA events, and the median of --reps calls is reported. A kernel adds its
+rows with the @case decorator below. Writes bench/results/kernels-<gpu>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TOKENS, DIM, HIDDEN, LAYERS, ACCUM = 48 * 1024, 768, 4 * 768, 12, 8   # the record's micro-batch and model
+
+
+@dataclass
+class Case:
+    name: str
+    shape: str
+    build: Callable[[], tuple[Callable[[], object], Callable[[], object]]]
+    calls_per_step: int = 0   # times the trainer runs this per optimizer step (0: not a trainer call)
+
+
+CASES: list[Case] = []
+
+
+def case(name: str, shape: str, calls_per_step: int = 0):
+    """Register a benchmark: the decorated function builds inputs and returns (torch_fn, triton_fn)."""
+    def register(build):
+        CASES.append(Case(name, shape, build, calls_per_step))
+        return build
+    return register
+
+
+# --- linear + relu^2 (trainer/kernels/linear_relu2.py)
+
+def _mlp_inputs(requires_grad: bool):
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(TOKENS, DIM, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(requires_grad)
+    w_fc = (torch.randn(HIDDEN, DIM, device="cuda", generator=g) * DIM ** -0.5).requires_grad_(requires_grad)
+    w_proj = (torch.randn(DIM, HIDDEN, device="cuda", generator=g) * HIDDEN ** -0.5).requires_grad_(requires_grad)
+    return x, w_fc, w_proj
+
+
+MLP_SHAPE = f"{TOKENS}x{DIM} -> {HIDDEN} -> {DIM}"
+
+
+@case("mlp relu^2 fwd", MLP_SHAPE, calls_per_step=LAYERS * ACCUM)
+def mlp_forward():
+    import torch
+
+    from trainer.kernels.linear_relu2 import mlp_relu2, mlp_relu2_reference
+
+    x, w_fc, w_proj = _mlp_inputs(requires_grad=False)
+    ref = torch.compile(mlp_relu2_reference)
+    return (lambda: ref(x, w_fc, w_proj)), (lambda: mlp_relu2(x, w_fc, w_proj))
+
+
+@case("mlp relu^2 fwd+bwd", MLP_SHAPE, calls_per_step=LAYERS * ACCUM)
+def mlp_forward_backward():
+    import torch
+
+    from trainer.kernels.linear_relu2 import mlp_relu2, mlp_relu2_reference
+
+    x, w_fc, w_proj = _mlp_inputs(requires_grad=True)
+    grad_y = torch.randn(TOKENS, DIM, device="cuda", dtype=torch.bfloat16)
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(x, w_fc, w_proj), (x, w_fc, w_proj), grad_y)
+
+    return step(torch.compile(mlp_relu2_reference)), step(mlp_relu2)
+
+
+@case("c_fc matmul: cuBLAS bare vs Triton + relu^2", f"{TOKENS}x{DIM} @ {DIM}x{HIDDEN}")
+def fc_matmul_alone():
+    """The fused forward matmul against cuBLAS doing the matmul alone: how far the Triton mainloop is off."""
+    from trainer.kernels.linear_relu2 import matmul_relu2
+
+    x, w_fc, _ = _mlp_inputs(requires_grad=False)
+    w = w_fc.bfloat16()
+    return (lambda: x @ w.t()), (lambda: matmul_relu2(x, w.t()))
+
+
+# --- timing
+
+def median_ms(fn, reps: int, warmup: int = 5) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run(cases: list[Case], reps: int) -> list[dict]:
+    rows = []
+    for c in cases:
+        torch_fn, triton_fn = c.build()
+        ms_torch, ms_triton = median_ms(torch_fn, reps), median_ms(triton_fn, reps)
+        row = dict(kernel=c.name, shape=c.shape, ms_torch=ms_torch, ms_triton=ms_triton,
+                   speedup=ms_torch / ms_triton, calls_per_step=c.calls_per_step,
+                   ms_saved_per_step=(ms_torch - ms_triton) * c.calls_per_step if c.calls_per_step else None)
+        rows.append(row)
+        del torch_fn, triton_fn
+    return rows
+
+
+def show(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("kernel", "shape", "ms torch", "ms triton", "speed-up", "ms saved / step"):
+        t.add_column(col, justify="left" if col in ("kernel", "shape") else "right")
+    for r in rows:
+        saved = f"{r['ms_saved_per_step']:.1f}" if r["ms_saved_per_step"] is not None else "-"
+        t.add_row(r["kernel"], r["shape"], f"{r['ms_torch']:.3f}", f"{r['ms_triton']:.3f}", f"{r['speedup']:.2f}x",
+                  saved)
+    Console().print(t)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--only", default="", help="run the cases whose name contains this")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = ap.parse_args(argv)
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU and none is visible.", file=sys.stderr)
+        return 1
+    gpu = torch.cuda.get_device_name()
+    rows = run([c for c in CASES if args.only in c.name], args.reps)
+    show(rows, f"kernels vs torch.compile, {gpu} (torch {torch.__version__}, triton {triton.__version__}), "
+               f"median of {args.reps}")
+    name = "".join(ch if ch.isalnum() else "-" for ch in gpu).strip("-").lower()
+    path = Path(args.out) / f"kernels-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, reps=args.reps,
+                                    rows=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

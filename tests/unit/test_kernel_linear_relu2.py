@@ -1,0 +1,170 @@
+"""The fused relu^2 MLP (trainer/kernels/linear_relu2.py) against plain torch float32 math.
+
+Without a GPU the Triton kernel runs under Triton's interpreter (tests/conftest.py), so the small shapes
+here check the same kernel code, ragged edges included; the `gpu` tests repeat it at the record's shapes,
+compiled, and inside the model.
+"""
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from trainer.kernels.linear_relu2 import (  # noqa: E402
+    GPU_CONFIG, _mlp_fwd, matmul_relu2, mlp_relu2, mlp_relu2_reference)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+BF16_TOL = 1.5e-2   # bf16 operands and outputs land near 4e-3 here
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def inputs(M, K, N, device="cpu", seed=0, lead=()):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(*lead, M, K, generator=g, device=device).to(torch.bfloat16)
+    w_fc = torch.randn(N, K, generator=g, device=device) * K ** -0.5
+    w_proj = torch.randn(K, N, generator=g, device=device) * N ** -0.5
+    return x, w_fc, w_proj
+
+
+def reference(x, w_fc, w_proj, g):
+    """y and the grads of x, w_fc, w_proj in float32 math on the same bf16 values the kernel sees."""
+    xr, ar, br = (t.detach().float().requires_grad_() for t in (x, w_fc.bfloat16(), w_proj.bfloat16()))
+    yr = mlp_relu2_reference(xr, ar, br)
+    yr.backward(g.float())
+    return yr, xr.grad, ar.grad, br.grad
+
+
+def assert_matches_reference(x, w_fc, w_proj, y, g, grads, tol=BF16_TOL):
+    names = ("y", "grad_x", "grad_w_fc", "grad_w_proj")
+    want = reference(x, w_fc, w_proj, g)
+    got = (y, *grads)
+    assert y.dtype == x.dtype and y.shape == want[0].shape
+    assert [t.dtype for t in grads] == [x.dtype, w_fc.dtype, w_proj.dtype]   # weight grads in the params' dtype
+    errors = {n: rel(a, b) for n, a, b in zip(names, got, want)}
+    assert all(e < tol for e in errors.values()), errors
+
+
+def check_against_reference(x, w_fc, w_proj):
+    xs, a, b = (t.detach().clone().requires_grad_() for t in (x, w_fc, w_proj))
+    y = mlp_relu2(xs, a, b)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert_matches_reference(x, w_fc, w_proj, y, g, (xs.grad, a.grad, b.grad))
+
+
+@pytest.mark.parametrize("M,K,N", [(64, 64, 128), (200, 80, 136), (33, 40, 70)])
+def test_mlp_forward_and_grads_match_reference(M, K, N):
+    check_against_reference(*inputs(M, K, N, seed=M))
+
+
+def test_mlp_keeps_leading_dims():
+    check_against_reference(*inputs(96, 64, 128, lead=(1,)))
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_epilogues_with_the_gpu_tile_on_ragged_shapes(backward):
+    """The H100 tile (128x256x64) on a shape smaller than one tile: only the store masks keep it in bounds."""
+    M, K, N = 150, 96, 200
+    x, w_fc, _ = inputs(M, K, N)
+    b = w_fc.bfloat16().t()
+    pre = x.float() @ b.float()
+    h = (torch.relu(pre) ** 2).bfloat16() if backward else None
+    out = matmul_relu2(x, b, h=h, config=GPU_CONFIG)
+    ref = pre * 2 * torch.sqrt(h.float()) if backward else torch.relu(pre) ** 2
+    assert rel(out, ref) < BF16_TOL
+
+
+def test_units_whose_relu_is_off_get_no_gradient():
+    x, w_fc, w_proj = inputs(64, 64, 128)
+    x = x.abs()
+    w_fc[:8] = -w_fc[:8].abs()   # x >= 0 and these rows <= 0: pre <= 0 for units 0..7 on every row
+    w_fc.requires_grad_()
+    mlp_relu2(x, w_fc, w_proj).square().sum().backward()
+    alive = ((x.float() @ w_fc.detach().bfloat16().float().t()) > 0).any(dim=0)
+    assert not alive[:8].any() and alive.sum() > 64
+    assert torch.all(w_fc.grad[:8] == 0) and torch.all(w_fc.grad[alive].abs().sum(dim=1) > 0)
+
+
+def test_custom_op_registration_is_consistent():
+    """Schema, fake (meta) kernel and autograd registration, as torch.compile will rely on them."""
+    x, w_fc, w_proj = inputs(48, 32, 64)
+    torch.library.opcheck(_mlp_fwd, (x.requires_grad_(), w_fc.requires_grad_(), w_proj.requires_grad_()),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_model_on_cpu_keeps_the_torch_path():
+    from trainer.model import MLP
+
+    torch.manual_seed(0)
+    torch_mlp, triton_mlp = MLP(32, 4, "torch"), MLP(32, 4, "triton")
+    torch.nn.init.normal_(torch_mlp.c_proj.weight)
+    triton_mlp.load_state_dict(torch_mlp.state_dict())
+    x = torch.randn(2, 16, 32)
+    assert triton_mlp.fused is not None and torch.equal(torch_mlp(x), triton_mlp(x))
+
+
+def test_config_names_a_bad_mlp_kernel():
+    from trainer.config import TrainConfig
+
+    assert TrainConfig(mlp_kernel="triton").validate().mlp_kernel == "triton"
+    with pytest.raises(ValueError, match="^mlp_kernel: must be torch or triton"):
+        TrainConfig(mlp_kernel="cuda").validate()
+
+
+# --- GPU: the record's shapes, compiled, and in the model
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("M", [8192, 49152])
+def test_gpu_record_shapes_match_reference(M):
+    check_against_reference(*inputs(M, 768, 3072, device="cuda", seed=M))
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_compiled_module_matches_reference():
+    """Under torch.compile (fullgraph: the op must not break the graph), forward and backward."""
+    class FusedMLP(torch.nn.Module):
+        def __init__(self, w_fc, w_proj):
+            super().__init__()
+            self.w_fc, self.w_proj = torch.nn.Parameter(w_fc.clone()), torch.nn.Parameter(w_proj.clone())
+
+        def forward(self, x):
+            return mlp_relu2(x, self.w_fc, self.w_proj)
+
+    x, w_fc, w_proj = inputs(8192, 768, 3072, device="cuda", lead=(1,))
+    mod = FusedMLP(w_fc, w_proj)
+    compiled = torch.compile(mod, fullgraph=True)
+    xs = x.clone().requires_grad_()
+    y = compiled(xs)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert_matches_reference(x, w_fc, w_proj, y, g, (xs.grad, mod.w_fc.grad, mod.w_proj.grad))
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_model_with_triton_mlp_matches_torch_mlp():
+    from trainer.fixtures import tiny_config
+    from trainer.model import GPT
+
+    losses, grads = {}, {}
+    for kernel in ("torch", "triton"):
+        cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=2048, num_layers=2, mlp_kernel=kernel)
+        torch.manual_seed(0)
+        model = GPT(cfg).cuda()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim >= 2 and not p.any():
+                    p.normal_(0, 0.02)
+        model.act_dtype = torch.bfloat16
+        tokens = torch.randint(0, cfg.vocab_size, (cfg.seq_len + 1,), generator=torch.Generator().manual_seed(1))
+        tokens = tokens.cuda()
+        loss = model(tokens[:-1], tokens[1:], torch.tensor(4, device="cuda"))
+        loss.backward()
+        losses[kernel] = loss.item()
+        grads[kernel] = model.blocks[0].mlp.c_fc.weight.grad.clone()
+    assert abs(losses["torch"] - losses["triton"]) < 1e-2 * abs(losses["torch"])
+    assert rel(grads["triton"], grads["torch"]) < 3e-2
