@@ -11,15 +11,18 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from trainer.head import head_loss, head_loss_reference  # noqa: E402
-from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy  # noqa: E402
+from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy, transpose  # noqa: E402
 from trainer.kernels.softcap_ce import softcap_cross_entropy_reference as reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"      # the small cases: interpreted on a CPU machine, compiled on a GPU one
+# on the GPU the kernel uses the hardware's approximate tanh (relative error ~2^-11): losses agree to ~1e-4
+LOSS_TOL = dict(rtol=1e-4, atol=3e-4) if CUDA else dict(rtol=1e-5, atol=1e-5)
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 hopper = pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() < (9, 0), reason="FP8 needs Hopper")
 
 
-def logits_and_targets(M, N_pad, vocab, device="cpu", seed=0, spread=8.0):
+def logits_and_targets(M, N_pad, vocab, device=DEV, seed=0, spread=8.0):
     g = torch.Generator().manual_seed(seed)
     z = (torch.randn(M, N_pad, generator=g) * spread).bfloat16()
     t = torch.randint(0, vocab, (M,), generator=g)
@@ -32,62 +35,71 @@ def logits_and_targets(M, N_pad, vocab, device="cpu", seed=0, spread=8.0):
 def test_losses_and_gradient_match_torch(M, N_pad, vocab, block_m):
     z, t = logits_and_targets(M, N_pad, vocab)
     ref_loss, ref_grad = reference(z, t, vocab, 15.0)
-    grad = torch.empty(M, N_pad, dtype=torch.float32)
+    grad = torch.empty(M, N_pad, dtype=torch.float32, device=DEV)
     loss = softcap_cross_entropy(z, t, vocab, 15.0, grad=grad, block_m=block_m, block_n=128)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=2e-6)
     assert (loss[t < 0] == 0).all() and (grad[t < 0] == 0).all()       # ignored rows contribute nothing
     assert (grad[:, vocab:] == 0).all()                                  # nor do the padded columns
 
 
-def test_gradient_written_in_place_and_transposed():
+def test_gradient_written_in_place_and_scaled():
     z, t = logits_and_targets(70, 384, 300, seed=1)
     _, ref_grad = reference(z, t, 300, 15.0)
     inplace = z.clone()
-    grad_t = torch.empty(384, 70, dtype=torch.bfloat16)
-    softcap_cross_entropy(inplace, t, 300, 15.0, grad=inplace, grad_t=grad_t, grad_mult=0.5)
+    softcap_cross_entropy(inplace, t, 300, 15.0, grad=inplace, grad_mult=0.5)
     torch.testing.assert_close(inplace.float(), 0.5 * ref_grad, rtol=1e-2, atol=1e-4)
-    assert torch.equal(grad_t.t(), inplace)
+
+
+@pytest.mark.parametrize("R,C,block", [(70, 300, 32), (64, 128, 64), (5, 3, 16)])
+def test_transpose(R, C, block):
+    src = torch.randn(R, C, device=DEV).bfloat16()
+    dst = torch.full((C, R), float("nan"), device=DEV).bfloat16()
+    transpose(src, dst, block=block)
+    assert torch.equal(dst, src.t())
+    with pytest.raises(ValueError, match="transpose"):
+        transpose(src, torch.empty(R, C, device=DEV).bfloat16())
 
 
 def test_extreme_logits_stay_finite():
     """Logits far beyond the cap (a diverging run) still give finite losses and gradients."""
-    z = torch.tensor([[1e4, -1e4, 0.0, 50.0], [-3e38, 3e38, 1.0, 2.0]]).bfloat16()
-    t = torch.tensor([1, 0])
-    grad = torch.empty(2, 4)
+    z = torch.tensor([[1e4, -1e4, 0.0, 50.0], [-3e38, 3e38, 1.0, 2.0]], device=DEV).bfloat16()
+    t = torch.tensor([1, 0], device=DEV)
+    grad = torch.empty(2, 4, device=DEV)
     loss = softcap_cross_entropy(z, t, 4, 15.0, grad=grad)
     ref_loss, ref_grad = reference(z, t, 4, 15.0)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=2e-6)
 
 
 def test_loss_only_mode_writes_no_gradient():
     z, t = logits_and_targets(40, 256, 200, seed=2)
     before = z.clone()
     loss = softcap_cross_entropy(z, t, 200, 15.0)
-    torch.testing.assert_close(loss, reference(z, t, 200, 15.0)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, reference(z, t, 200, 15.0)[0], **LOSS_TOL)
     assert torch.equal(z, before)
 
 
-def test_head_op_matches_torch_autograd_on_cpu():
-    """The bf16/fp32 head op (the kernel's gradient, then two matmuls) equals autograd through torch."""
+def test_head_op_matches_torch_autograd():
+    """The fp32 head op (the kernel's gradient, then two matmuls) equals autograd through torch."""
     torch.manual_seed(0)
     M, K, N_pad, vocab = 64, 32, 256, 250
-    x = torch.nn.functional.rms_norm(torch.randn(M, K), (K,)).requires_grad_()
-    w = (torch.randn(N_pad, K) * 0.3).requires_grad_()
-    t = torch.randint(0, vocab, (M,))
+    x = torch.nn.functional.rms_norm(torch.randn(M, K, device=DEV), (K,)).requires_grad_()
+    w = (torch.randn(N_pad, K, device=DEV) * 0.3).requires_grad_()
+    t = torch.randint(0, vocab, (M,), device=DEV)
     t[5] = -1
     loss = head_loss(x, w, t, vocab, 15.0)
     (loss * 0.25).backward()
     rx, rw = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ref = head_loss_reference(rx, rw, t, vocab, 15.0)
     (ref * 0.25).backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(x.grad, rx.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(w.grad, rw.grad, rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=2e-3, atol=1e-3) if CUDA else dict(rtol=1e-4, atol=1e-5)   # TF32 matmuls on the GPU
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(x.grad, rx.grad, **tol)
+    torch.testing.assert_close(w.grad, rw.grad, **tol)
     with torch.no_grad():
-        torch.testing.assert_close(head_loss(x, w, t, vocab, 15.0), ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(head_loss(x, w, t, vocab, 15.0), ref, rtol=1e-4, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -114,8 +126,9 @@ def test_fp8_gradient_is_the_rounded_reference():
     z, t = logits_and_targets(M, N_pad, vocab, "cuda", seed=3, spread=4.0)
     _, ref_grad = reference(z, t, vocab, 15.0)
     g8 = torch.empty(M, N_pad, dtype=torch.float8_e5m2, device="cuda")
-    g8_t = torch.empty(N_pad, M, dtype=torch.float8_e5m2, device="cuda")
-    softcap_cross_entropy(z, t, vocab, 15.0, grad=g8, grad_t=g8_t, grad_mult=FP8_GRAD_SCALE)
+    g8_t = torch.full((N_pad, M), float("nan"), device="cuda").to(torch.float8_e5m2)
+    softcap_cross_entropy(z, t, vocab, 15.0, grad=g8, grad_mult=FP8_GRAD_SCALE)
+    transpose(g8, g8_t)
     assert torch.equal(g8_t.t().float(), g8.float())
     expect = (ref_grad * FP8_GRAD_SCALE).to(torch.float8_e5m2).float()
     # the kernel's exp differs from torch's in the last bits: a value on a rounding edge may go either way
