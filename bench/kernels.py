@@ -170,6 +170,70 @@ def head_fp8():
     return (lambda: torch.autograd.grad(ref(x, w, t), (x, w))), (lambda: torch.autograd.grad(fused(x, w, t), (x, w)))
 
 
+# --- FlexAttention kernel options (trainer/attention.py), and FP8 for the MLP matmuls (not in the trainer)
+
+FLEX_OPTIONS = {
+    "safe rows + prescale": dict(ROWS_GUARANTEED_SAFE=True, PRESCALE_QK=True),
+    "TMA": dict(USE_TMA=True),
+    "safe rows + prescale + TMA": dict(ROWS_GUARANTEED_SAFE=True, PRESCALE_QK=True, USE_TMA=True),
+    "fwd 128x128, 2 stages": dict(BLOCK_M=128, BLOCK_N=128, num_stages=2),
+    "bwd 32/128/128/32": dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=32),
+}
+
+
+def _flex_case(options: dict):
+    def build():
+        import numpy as np
+        import torch
+        from torch.nn.attention.flex_attention import flex_attention
+
+        from trainer.attention import document_ids, flex_block_mask
+        from trainer.data import BOS
+
+        rng = np.random.default_rng(0)   # packed documents of FineWeb-like length (mean ~700 tokens)
+        tokens = torch.from_numpy(rng.integers(0, BOS, TOKENS)).cuda()
+        starts = np.cumsum(rng.geometric(1 / 700, TOKENS // 100))
+        tokens[torch.from_numpy(starts[starts < TOKENS])] = BOS
+        tokens[0] = BOS
+        mask = flex_block_mask(document_ids(tokens), torch.tensor(14, device="cuda"), 128)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, 6, TOKENS, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for _ in range(3))
+        dy = torch.randn_like(q)
+        base = torch.compile(flex_attention, dynamic=False)
+        tuned = torch.compile(flex_attention, dynamic=False)
+
+        def step(fn, **kw):
+            return lambda: torch.autograd.grad(fn(q, k, v, block_mask=mask, scale=0.12, **kw), (q, k, v), dy)
+
+        return step(base), step(tuned, kernel_options=options)
+    return build
+
+
+for _name, _opts in FLEX_OPTIONS.items():
+    case(f"flex attention fwd+bwd, window 14: default vs {_name}", f"{TOKENS} tokens, 6x128 heads",
+         calls_per_step=LAYERS * ACCUM)(_flex_case(_opts))
+
+
+def _fp8_matmul_case(M: int, K: int, N: int):
+    def build():
+        import torch
+
+        a = torch.randn(M, K, device="cuda").bfloat16()
+        b = torch.randn(N, K, device="cuda").bfloat16()
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        one = torch.ones((), device="cuda")
+        return (lambda: a @ b.t()), (lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one,
+                                                               out_dtype=torch.bfloat16, use_fast_accum=True))
+    return build
+
+
+case("MLP up matmul alone: bf16 vs FP8 (casts not counted)", f"{TOKENS}x{DIM} @ {DIM}x{HIDDEN}")(
+    _fp8_matmul_case(TOKENS, DIM, HIDDEN))
+case("MLP down matmul alone: bf16 vs FP8 (casts not counted)", f"{TOKENS}x{HIDDEN} @ {HIDDEN}x{DIM}")(
+    _fp8_matmul_case(TOKENS, HIDDEN, DIM))
+
+
 # --- timing
 
 def median_ms(fn, reps: int, warmup: int = 5) -> float:
@@ -192,8 +256,12 @@ def median_ms(fn, reps: int, warmup: int = 5) -> float:
 def run(cases: list[Case], reps: int) -> list[dict]:
     rows = []
     for c in cases:
-        torch_fn, triton_fn = c.build()
-        ms_torch, ms_triton = median_ms(torch_fn, reps), median_ms(triton_fn, reps)
+        try:
+            torch_fn, triton_fn = c.build()
+            ms_torch, ms_triton = median_ms(torch_fn, reps), median_ms(triton_fn, reps)
+        except Exception as e:   # noqa: BLE001 - one case that fails to build or compile must not hide the others
+            print(f"{c.name}: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
+            continue
         row = dict(kernel=c.name, shape=c.shape, ms_torch=ms_torch, ms_triton=ms_triton,
                    speedup=ms_torch / ms_triton, calls_per_step=c.calls_per_step,
                    ms_saved_per_step=(ms_torch - ms_triton) * c.calls_per_step if c.calls_per_step else None)

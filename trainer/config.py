@@ -53,7 +53,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                      # auto | cuda | cpu
     compile: bool = True                      # torch.compile on CUDA; off on CPU
-    warmup_compile_steps: int = 10            # untimed steps on dummy data, then the state is reset
+    warmup_compile_steps: int = 3             # untimed steps on dummy data (the first compiles), then the state is reset
     checkpoint_every: int = 0
     checkpoint_final: bool = True
     stop_check_every: int = 10                # how often ranks agree on a checkpoint-and-stop request

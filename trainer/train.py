@@ -102,7 +102,8 @@ class Trainer:
         if not self.cuda:
             keep_freed_memory()
         torch.manual_seed(cfg.seed)
-        self.model = GPT(cfg).to(r.device)
+        with torch.device(r.device):   # initialised where it trains: no 200M-parameter init on the host first
+            self.model = GPT(cfg)
         self.model.act_dtype = torch.bfloat16 if self.cuda else torch.float32
         self.model.use_flex = cfg.attention == "flex" or (cfg.attention == "auto" and self.cuda)
         self.model.fp8_head = bool(cfg.fp8_head and self.cuda and torch.cuda.get_device_capability(r.device) >= (9, 0))
