@@ -5,8 +5,8 @@
 The baseline is what the trainer runs without the kernel: the same math in plain torch under
 torch.compile. Each case builds its inputs at the trainer's real shapes and returns (torch_fn, triton_fn),
 two no-argument callables doing the same work; both are called a few times to compile and warm up, then
-timed one call at a time with CUDA events, and the median of --reps calls is reported. A kernel adds its
-rows with the @case decorator below. Writes bench/results/kernels-<gpu>.json.
+timed with CUDA events over a few back-to-back calls, per call, and the median of --reps such samples is
+reported. A kernel adds its rows with the @case decorator below. Writes bench/results/kernels-<gpu>.json.
 """
 from __future__ import annotations
 
@@ -236,7 +236,10 @@ case("MLP down matmul alone: bf16 vs FP8 (casts not counted)", f"{TOKENS}x{HIDDE
 
 # --- timing
 
-def median_ms(fn, reps: int, warmup: int = 5) -> float:
+def median_ms(fn, reps: int, warmup: int = 5, calls: int = 4) -> float:
+    """Median over reps samples of the mean time of `calls` back-to-back calls: as in the trainer, the host
+    queues the next launch while the GPU runs, so per-launch host overhead (larger for a Python Triton
+    launch than for a compiled graph) counts only where it would stall the GPU."""
     import torch
 
     for _ in range(warmup):
@@ -246,10 +249,11 @@ def median_ms(fn, reps: int, warmup: int = 5) -> float:
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
 
 
