@@ -33,7 +33,7 @@ class TrainConfig:
     fp8_head: bool = True                     # FP8 lm-head matmul on Hopper; ignored elsewhere
     fused_head_loss: bool = True              # lm head + soft-capped cross-entropy as one op with a Triton kernel (CUDA)
     attention: str = "auto"                   # auto | flex | dense
-    mlp_kernel: str = "torch"                 # torch | triton: fused relu^2 MLP kernels, CUDA only
+    mlp_kernel: str = "triton"                # triton (fused relu^2 MLP kernels, CUDA only; CPU runs torch) | torch
     # --- schedule
     steps: int = 1695
     cooldown_frac: float = 0.45

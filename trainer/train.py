@@ -88,6 +88,8 @@ class StopRequest:
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: str, out_dir: str, ranks: Ranks | None = None):
         self.cfg = cfg.validate()
+        t0 = time.time()
+        self.warmup_parts: dict[str, float] = {}   # where start-up time goes (first warm-up step = compile)
         self.out = Path(out_dir)
         self.ranks = ranks or init_ranks(cfg.device)
         r = self.ranks
@@ -99,6 +101,7 @@ class Trainer:
         self.val = validation_chunks(find_shards(data_dir, cfg.val_files), cfg.val_tokens, cfg.val_seq_len,
                                      r.rank, r.world)
         self.cuda = r.device.type == "cuda"
+        self.warmup_parts["ranks_and_data_s"] = time.time() - t0
         if not self.cuda:
             keep_freed_memory()
         torch.manual_seed(cfg.seed)
@@ -108,6 +111,8 @@ class Trainer:
         self.model.use_flex = cfg.attention == "flex" or (cfg.attention == "auto" and self.cuda)
         self.model.fp8_head = bool(cfg.fp8_head and self.cuda and torch.cuda.get_device_capability(r.device) >= (9, 0))
         self.model.fused_head_loss = cfg.fused_head_loss and self.cuda
+        self.sync()
+        self.warmup_parts["model_s"] = time.time() - t0 - self.warmup_parts["ranks_and_data_s"]
         self.compiled = cfg.compile and self.cuda
         self.forward = torch.compile(self.model, dynamic=False) if self.compiled else self.model
         self.adam, self.muon = build_optimizers(self.model, cfg)
@@ -115,7 +120,6 @@ class Trainer:
         self.stop = StopRequest(self.out)
         self.step = 0
         self.train_ms = 0.0
-        self.warmup_parts: dict[str, float] = {}   # where compile+warm-up time went (first step = compile)
         self.timings = dict(start_unix=time.time(), warmup_s=0.0, first_step_unix=None, train_s=0.0, val_s=0.0,
                             end_unix=None, steps_done=0, total_steps=cfg.steps)
         if r.is_main:
