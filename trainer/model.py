@@ -96,8 +96,11 @@ class MLP(nn.Module):
         self.c_proj = CastedLinear(ratio * dim, dim, zero_init=True)
         self.fused = None
         if kernel == "triton":   # relu^2 inside the matmuls' epilogues (imported here: triton only when asked for)
-            from trainer.kernels.linear_relu2 import mlp_relu2
-            self.fused = mlp_relu2
+            try:
+                from trainer.kernels.linear_relu2 import mlp_relu2
+                self.fused = mlp_relu2
+            except ImportError:   # a CPU-only torch without triton: the torch path is what runs on CPU anyway
+                pass
 
     def forward(self, x):
         if self.fused is not None and x.is_cuda:

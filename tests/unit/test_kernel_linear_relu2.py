@@ -106,6 +106,16 @@ def test_model_on_cpu_keeps_the_torch_path():
     assert triton_mlp.fused is not None and torch.equal(torch_mlp(x), triton_mlp(x))
 
 
+def test_model_without_triton_builds_and_runs_the_torch_path(monkeypatch):
+    import sys
+
+    from trainer.model import MLP
+
+    monkeypatch.setitem(sys.modules, "trainer.kernels.linear_relu2", None)   # import now raises ImportError
+    mlp = MLP(32, 4, "triton")
+    assert mlp.fused is None and mlp(torch.randn(4, 32)).shape == (4, 32)
+
+
 def test_config_names_a_bad_mlp_kernel():
     from trainer.config import TrainConfig
 
