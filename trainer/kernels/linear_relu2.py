@@ -10,7 +10,7 @@ under torch.compile): the MLP forward 0.850 -> 0.719 ms, 12.5 ms per optimizer s
 micro-batches); forward+backward 2.549 -> 2.413 ms, 13.1 ms per step, so the backward only breaks even: the
 fused backward matmul (~0.53 ms) costs what cuBLAS (0.33 ms) plus inductor's pointwise pass take, because
 its epilogue's read of h is not hidden behind the main loop. The forward matmul runs at 0.85x cuBLAS (0.384
-vs 0.325 ms without relu^2). Those figures predate the 128x128 backward tile, 3-5% faster in the sweep.
+vs 0.325 ms without relu^2). Those figures predate the 128x128 backward tile (0-5% faster in sweeps).
 
 `mlp_relu2` is a torch.library custom op (namespace `speedrun`) with its own backward op, so
 torch.compile keeps both as opaque calls instead of tracing into the Triton launches.
@@ -84,10 +84,10 @@ def _matmul_relu2_kernel(a_ptr, b_ptr, c_ptr, h_ptr, M, N, K: tl.constexpr,
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), picked by a sweep on an H100 at the record's
 # shapes (K = 768). Forward: a 128x256 tile, 8 warps (two warpgroups issuing wgmma), 3 stages of 64-deep K
-# tiles (147 KB of shared memory, one program per SM). Backward: 128x128 with 4 warps fits two programs per
-# SM, so one program's epilogue (it reads an h tile, the forward's does not) overlaps the other's main loop;
-# 3-5% faster there than 128x256, 5% slower in the forward. The interpreter gets small tiles so the tests'
-# small shapes still cover several programs, the grouped ordering and the ragged edges.
+# tiles (147 KB of shared memory, one program per SM). Backward: 128x128 with 4 warps, two programs per SM
+# so one's epilogue (it reads an h tile) may overlap the other's main loop: 3-5% faster than 128x256 in one
+# sweep, within 1% in a repeat; loading h before the main loop was slower (registers). The interpreter gets
+# small tiles so the tests' small shapes still cover several programs, the grouped ordering and ragged edges.
 GPU_FWD_CONFIG = (128, 256, 64, 8, 8, 3)
 GPU_BWD_CONFIG = (128, 128, 64, 8, 4, 3)
 INTERPRET_CONFIG = (32, 64, 32, 2, 4, 1)
