@@ -16,7 +16,11 @@ import torch.nn.functional as F
 from trainer import attention as attn_impl
 from trainer.config import TrainConfig
 from trainer.fp8 import fp8_linear
-from trainer.head import head_loss
+
+try:
+    from trainer.head import head_loss
+except ImportError:   # a CPU-only torch without triton: the fused head + loss op is a CUDA path anyway
+    head_loss = None
 
 EVAL_SLICE = {"cuda": 32768, "cpu": 1024}   # tokens per slice of the lm-head + loss under no_grad
 ATTN_SCALE = 0.12   # with QK-norm, a fixed scale a bit above 1/sqrt(128) trains faster (record value)
