@@ -16,17 +16,27 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 E4M3_MAX, E5M2_MAX = 448.0, 57344.0
 
 
-def _to_fp8(t: torch.Tensor, inv_scale, dtype: torch.dtype, limit: float) -> torch.Tensor:
+def to_fp8(t: torch.Tensor, inv_scale, dtype: torch.dtype, limit: float) -> torch.Tensor:
     return (t * inv_scale).clamp(-limit, limit).to(dtype)
+
+
+def activation_scale(dim: int) -> float:
+    """The e4m3 scale of rms-normed rows, fixed up front: none of their entries exceeds sqrt(dim)."""
+    return dim ** 0.5 / E4M3_MAX
+
+
+def weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """The e4m3 scale of a weight matrix: its amax (a 0-d fp32 tensor, so no host sync)."""
+    return (w.detach().abs().amax().float() / E4M3_MAX).clamp(min=1e-30)
 
 
 class FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, grad_bound: float) -> torch.Tensor:
-        x_s = x.size(-1) ** 0.5 / E4M3_MAX
-        w_s = (w.detach().abs().amax().float() / E4M3_MAX).clamp(min=1e-30)
-        x8 = _to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX)
-        w8 = _to_fp8(w, w_s.reciprocal(), E4M3, E4M3_MAX)
+        x_s = activation_scale(x.size(-1))
+        w_s = weight_scale(w)
+        x8 = to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX)
+        w8 = to_fp8(w, w_s.reciprocal(), E4M3, E4M3_MAX)
         x_s_t = torch.full((), x_s, dtype=torch.float32, device=x.device)
         out = torch._scaled_mm(x8, w8.t(), scale_a=x_s_t, scale_b=w_s, out_dtype=torch.bfloat16, use_fast_accum=True)
         ctx.save_for_backward(x8, w8, x_s_t, w_s)
@@ -36,7 +46,7 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x8, w8, x_s_t, w_s = ctx.saved_tensors
-        g8 = _to_fp8(g, 1.0 / ctx.g_s, E5M2, E5M2_MAX)
+        g8 = to_fp8(g, 1.0 / ctx.g_s, E5M2, E5M2_MAX)
         g_s_t = torch.full((), ctx.g_s, dtype=torch.float32, device=g.device)
         # _scaled_mm wants a row-major first operand and a column-major second one
         grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_s_t, scale_b=w_s, out_dtype=torch.bfloat16)

@@ -15,23 +15,15 @@ backward below is ordinary torch code that compiles with the rest of the graph.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from trainer.fp8 import E4M3, E4M3_MAX, E5M2, activation_scale, to_fp8, weight_scale
 from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy, transpose
-
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-E4M3_MAX = 448.0
 
 
 def _none(x: torch.Tensor) -> torch.Tensor:
     """A placeholder output (a custom op's outputs must be distinct tensors)."""
     return x.new_empty((0,))
-
-
-def _x_scale(dim: int) -> float:
-    return math.sqrt(dim) / E4M3_MAX
 
 
 @torch.library.custom_op("speedrun::head_loss", mutates_args=())
@@ -41,10 +33,10 @@ def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: i
     """Returns (sum of row losses, G, G^T, x8^T, W8^T, W's scale); G^T, x8^T, W8^T only in FP8 mode, and
     G only when need_grad. The last four are what backward needs, nothing for callers."""
     if fp8:
-        x_s = _x_scale(x.size(1))
-        w_s = (w.detach().abs().amax().float() / E4M3_MAX).clamp(min=1e-30)
-        x8 = (x * (1.0 / x_s)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-        w8 = (w.detach() / w_s).to(E4M3)
+        x_s = activation_scale(x.size(1))
+        w_s = weight_scale(w)
+        x8 = to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX)
+        w8 = (w.detach() / w_s).to(E4M3)   # |w| <= amax: no clamp needed
         x_s_t = torch.full((), x_s, dtype=torch.float32, device=x.device)
         logits = torch._scaled_mm(x8, w8.t(), scale_a=x_s_t, scale_b=w_s, out_dtype=torch.bfloat16,
                                   use_fast_accum=True)
@@ -95,7 +87,7 @@ def _backward(ctx, grad_loss, *_unused):
     if ctx.fp8:
         g, g_t, x8_t, w8_t, w_s = ctx.saved_tensors
         g_s = grad_loss.float() * (1.0 / FP8_GRAD_SCALE)
-        x_s = torch.full((), _x_scale(x8_t.size(0)), dtype=torch.float32, device=g.device)
+        x_s = torch.full((), activation_scale(x8_t.size(0)), dtype=torch.float32, device=g.device)
         # operands: row-major first, column-major second (the transposes below are views, not copies)
         grad_x = torch._scaled_mm(g, w8_t.t(), scale_a=g_s, scale_b=w_s, out_dtype=torch.bfloat16)
         grad_w = torch._scaled_mm(g_t, x8_t.t(), scale_a=g_s, scale_b=x_s, out_dtype=torch.float32)

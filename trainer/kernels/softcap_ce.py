@@ -2,11 +2,11 @@
 
 Fuses: soft cap (cap * tanh(z / cap)), log-sum-exp, the target's log-probability, and the gradient
 dL/dz = (softmax - onehot) * (1 - tanh^2), written as the lm-head backward wants it (bf16 in place of the
-logits, or FP8 e5m2 twice: row-major for grad_x and transposed for grad_w, so no transpose pass follows).
+logits, or FP8 e5m2); `transpose` below then lays the FP8 gradient out for the weight-gradient matmul.
 What it saves: compiled torch runs the cap, the log-softmax and its backward as three to four passes over
 a (tokens x vocab) tensor, partly in fp32 (about 145 ms per 393K-token step on an H100, plus ~170 ms of
-FP8 casts and a transposed copy of the gradient); this kernel reads the bf16 logits twice and writes the
-gradient once.
+FP8 casts and torch's strided transpose of the gradient); this kernel reads the bf16 logits twice and
+writes the gradient once (bench/kernels.py: 6.2 ms against 19.1 ms per 48K-token micro-batch).
 
 The soft cap bounds every capped logit to [-cap, cap], so the softmax needs no running maximum: exp(s - cap)
 lies in [e^-2cap, 1] and a plain sum in fp32 cannot overflow. The gradient is computed for a loss of 1 per
