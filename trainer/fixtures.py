@@ -17,6 +17,22 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**base).validate()
 
 
+def randomised_model(cfg: TrainConfig, std: float = 0.05, device: str = "cpu"):
+    """A GPT (seed 0) whose zero-initialised projections and head are filled with noise of this std, so every
+    layer carries information (at init they would hide any information flow from a test)."""
+    import torch
+
+    from trainer.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0, std)
+    return model
+
+
 def markov_shards(dest: Path, url: str = "synthetic://markov?seed=0&states=64&branch=4&shard_tokens=262144") -> float:
     """Write the synthetic source's train and val shards into dest; return its entropy rate in nats."""
     from orchestrator.data.synthetic import MarkovSource

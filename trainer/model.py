@@ -188,16 +188,18 @@ class GPT(nn.Module):
             if i < half:
                 skips.append(x)
         x = x[0]
-        if self.fused_head_loss:
-            # the logits live and die inside the op; their gradient is computed in the forward pass
-            n = x.size(0) if torch.is_grad_enabled() else EVAL_SLICE.get(x.device.type, 1024)
-            total = sum(head_loss(norm(x[s:s + n]), self.lm_head.weight, targets[s:s + n], cfg.vocab_size,
-                                  cfg.logit_softcap, fp8=self.fp8_head) for s in range(0, x.size(0), n))
-        elif torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not self.fused_head_loss:
             return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction=reduction)
-        else:
-            # evaluation: the (T, vocab) fp32 logits of a long validation sequence would not fit; go in slices
-            n = EVAL_SLICE.get(x.device.type, 1024)
-            total = sum(F.cross_entropy(self.logits(x[s:s + n]), targets[s:s + n], ignore_index=-1,
-                                        reduction="sum") for s in range(0, x.size(0), n))
+        # one slice when training (the fused op); evaluation goes in slices: the (T, vocab) logits of a long
+        # validation sequence would not fit
+        n = x.size(0) if torch.is_grad_enabled() else EVAL_SLICE.get(x.device.type, 1024)
+        total = sum(self.summed_loss(x[s:s + n], targets[s:s + n]) for s in range(0, x.size(0), n))
         return total if reduction == "sum" else total / (targets >= 0).sum()
+
+    def summed_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of these rows. The fused op keeps the logits inside it and computes their
+        gradient in the forward pass; the torch path materialises fp32 logits."""
+        if self.fused_head_loss:
+            return head_loss(norm(x), self.lm_head.weight, targets, self.cfg.vocab_size, self.cfg.logit_softcap,
+                             fp8=self.fp8_head)
+        return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction="sum")

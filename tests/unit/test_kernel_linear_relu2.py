@@ -158,18 +158,12 @@ def test_gpu_compiled_module_matches_reference():
 @pytest.mark.gpu
 @cuda
 def test_gpu_model_with_triton_mlp_matches_torch_mlp():
-    from trainer.fixtures import tiny_config
-    from trainer.model import GPT
+    from trainer.fixtures import randomised_model, tiny_config
 
     losses, grads = {}, {}
     for kernel in ("torch", "triton"):
         cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=2048, num_layers=2, mlp_kernel=kernel)
-        torch.manual_seed(0)
-        model = GPT(cfg).cuda()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim >= 2 and not p.any():
-                    p.normal_(0, 0.02)
+        model = randomised_model(cfg, std=0.02, device="cuda")
         model.act_dtype = torch.bfloat16
         tokens = torch.randint(0, cfg.vocab_size, (cfg.seq_len + 1,), generator=torch.Generator().manual_seed(1))
         tokens = tokens.cuda()

@@ -5,7 +5,7 @@ torch = pytest.importorskip("torch")
 
 from trainer.attention import dense_attention, document_ids, flex_block_mask  # noqa: E402
 from trainer.data import BOS  # noqa: E402
-from trainer.fixtures import tiny_config  # noqa: E402
+from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
 from test_trainer_fp8 import fp8_linear_matches_reference  # noqa: E402
 from trainer.model import GPT  # noqa: E402
 
@@ -48,12 +48,7 @@ def test_compiled_flex_attention_matches_dense_reference(window_blocks):
 
 def test_compiled_model_with_flex_matches_dense_model():
     cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=2048, num_layers=4, num_value_embeds=2)
-    torch.manual_seed(0)
-    model = GPT(cfg).cuda()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2 and not p.any():
-                p.normal_(0, 0.02)
+    model = randomised_model(cfg, std=0.02, device="cuda")
     model.act_dtype = torch.bfloat16
     t = packed(cfg.seq_len + 1, 5, 0)
     w = torch.tensor(4, device="cuda")

@@ -8,20 +8,10 @@ torch = pytest.importorskip("torch")
 
 from trainer.__main__ import main as trainer_main  # noqa: E402
 from trainer.data import BOS  # noqa: E402
-from trainer.fixtures import tiny_config  # noqa: E402
+from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
 from trainer.model import GPT  # noqa: E402
 from trainer.optim import split_parameters  # noqa: E402
 from trainer.train import lr_scale, muon_momentum, window_blocks  # noqa: E402
-
-
-def randomised_model(cfg):
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    with torch.no_grad():   # zero-initialised projections would hide any information flow
-        for p in model.parameters():
-            if p.ndim >= 2 and not p.any():
-                p.normal_(0, 0.05)
-    return model
 
 
 def sequence(T=256, starts=(0, 100)):
