@@ -90,7 +90,44 @@ def fc_matmul_alone():
 
     x, w_fc, _ = _mlp_inputs(requires_grad=False)
     w = w_fc.bfloat16()
-    return (lambda: x @ w.t()), (lambda: matmul_relu2(x, w.t()))
+    return (lambda: x @ w.t()), (lambda: matmul_relu2(x, w))
+
+
+@case("grad_h matmul: cuBLAS bare vs Triton * 2 sqrt(h)", f"{TOKENS}x{DIM} @ {DIM}x{HIDDEN}")
+def grad_h_matmul_alone():
+    """The fused backward matmul (it also reads h) against cuBLAS doing the matmul alone."""
+    import torch
+
+    from trainer.kernels.linear_relu2 import matmul_relu2
+
+    x, w_fc, w_proj = _mlp_inputs(requires_grad=False)
+    g = torch.randn(TOKENS, DIM, device="cuda", dtype=torch.bfloat16)
+    h = matmul_relu2(x, w_fc.bfloat16())
+    w = w_proj.bfloat16()
+    w_t = w.t().contiguous()
+    return (lambda: g @ w), (lambda: matmul_relu2(g, w_t, h=h))
+
+
+def _mlp_fp8_case(mode: str):
+    """The FP8 mode against the bf16 kernels, forward+backward, the casts included (compiled, as in the model)."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.kernels.linear_relu2 import mlp_relu2
+
+    x, w_fc, w_proj = _mlp_inputs(requires_grad=True)
+    grad_y = torch.randn(TOKENS, DIM, device="cuda", dtype=torch.bfloat16)
+
+    def step(fp8):
+        fn = torch.compile(lambda x, a, b: mlp_relu2(F.rms_norm(x, (DIM,)), a, b, fp8=fp8))
+        return lambda: torch.autograd.grad(fn(x, w_fc, w_proj), (x, w_fc, w_proj), grad_y)
+
+    return step("none"), step(mode)
+
+
+case("mlp relu^2 fwd+bwd: bf16 vs fp8=forward", MLP_SHAPE, calls_per_step=LAYERS * ACCUM)(
+    lambda: _mlp_fp8_case("forward"))
+case("mlp relu^2 fwd+bwd: bf16 vs fp8=all", MLP_SHAPE, calls_per_step=LAYERS * ACCUM)(lambda: _mlp_fp8_case("all"))
 
 
 # --- soft-capped cross-entropy and the lm head (trainer/kernels/softcap_ce.py, trainer/head.py)

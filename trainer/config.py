@@ -34,6 +34,8 @@ class TrainConfig:
     fused_head_loss: bool = True              # lm head + soft-capped cross-entropy as one op with a Triton kernel (CUDA)
     attention: str = "auto"                   # auto | flex | dense
     mlp_kernel: str = "triton"                # triton (fused relu^2 MLP kernels, CUDA only; CPU runs torch) | torch
+    mlp_fp8: str = "all"                      # none | forward (up-projection in FP8) | all (+ the backward's grad_h);
+                                              # inside the triton MLP kernel on Hopper, ignored elsewhere
     # --- schedule
     steps: int = 1695
     cooldown_frac: float = 0.45
@@ -77,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"attention: must be auto, flex or dense (got {self.attention!r})")
         if self.mlp_kernel not in ("torch", "triton"):
             raise ValueError(f"mlp_kernel: must be torch or triton (got {self.mlp_kernel!r})")
+        if self.mlp_fp8 not in ("none", "forward", "all"):
+            raise ValueError(f"mlp_fp8: must be none, forward or all (got {self.mlp_fp8!r})")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")
         return self

@@ -99,6 +99,7 @@ class MLP(nn.Module):
         self.c_fc = CastedLinear(dim, ratio * dim)
         self.c_proj = CastedLinear(ratio * dim, dim, zero_init=True)
         self.fused = None
+        self.fp8 = "none"   # set by the trainer where the GPU has FP8 tensor cores (mlp_relu2's modes)
         if kernel == "triton":   # relu^2 inside the matmuls' epilogues (imported here: triton only when asked for)
             try:
                 from trainer.kernels.linear_relu2 import mlp_relu2
@@ -108,7 +109,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.fused is not None and x.is_cuda:
-            return self.fused(x, self.c_fc.weight, self.c_proj.weight)
+            return self.fused(x, self.c_fc.weight, self.c_proj.weight, fp8=self.fp8)
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
@@ -149,6 +150,7 @@ class GPT(nn.Module):
             self.ve_of_layer[L - n + i] = i
         self.act_dtype = torch.float32
         self.use_flex = False
+        self.fp8_capable = False   # the trainer sets these three for its GPU
         self.fp8_head = False
         self.fused_head_loss = False
 

@@ -109,8 +109,12 @@ class Trainer:
             self.model = GPT(cfg)
         self.model.act_dtype = torch.bfloat16 if self.cuda else torch.float32
         self.model.use_flex = cfg.attention == "flex" or (cfg.attention == "auto" and self.cuda)
-        self.model.fp8_head = bool(cfg.fp8_head and self.cuda and torch.cuda.get_device_capability(r.device) >= (9, 0))
+        self.model.fp8_capable = self.cuda and torch.cuda.get_device_capability(r.device) >= (9, 0)
+        self.model.fp8_head = bool(cfg.fp8_head and self.model.fp8_capable)
         self.model.fused_head_loss = cfg.fused_head_loss and self.cuda
+        if self.model.fp8_capable:
+            for block in self.model.blocks:
+                block.mlp.fp8 = cfg.mlp_fp8
         self.sync()
         self.warmup_parts["model_s"] = time.time() - t0 - self.warmup_parts["ranks_and_data_s"]
         self.compiled = cfg.compile and self.cuda
@@ -130,12 +134,20 @@ class Trainer:
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(np.int64)).to(self.ranks.device, non_blocking=True)
 
+    def _step_tensors(self, micro_batches: list[np.ndarray], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's tokens and window in one copy from pinned memory: the host never waits on the GPU here
+        (a copy from pageable memory may), so it can queue the next micro-batch while the GPU runs this one."""
+        host = torch.from_numpy(np.concatenate([np.stack(micro_batches).astype(np.int64).ravel(), [window]]))
+        if self.cuda:
+            host = host.pin_memory()   # from torch's caching host allocator: not reused before the copy is done
+        dev = host.to(self.ranks.device, non_blocking=True)
+        return dev[:-1].view(len(micro_batches), -1), dev[-1]
+
     def train_step(self, micro_batches: list[np.ndarray], step: int) -> torch.Tensor:
         cfg = self.cfg
-        window = torch.tensor(window_blocks(cfg, step), device=self.ranks.device)
+        tokens, window = self._step_tensors(micro_batches, window_blocks(cfg, step))
         total = torch.zeros((), device=self.ranks.device)
-        for i, seq in enumerate(micro_batches):
-            seq_t = self._tensor(seq)
+        for i, seq_t in enumerate(tokens):
             self.reducer.arm(last_micro_batch=i == len(micro_batches) - 1)
             loss = self.forward(seq_t[:-1], seq_t[1:], window)
             (loss / cfg.grad_accum_total).backward()

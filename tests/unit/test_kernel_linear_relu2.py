@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from trainer.kernels.linear_relu2 import (  # noqa: E402
-    GPU_BWD_CONFIG, GPU_FWD_CONFIG, _mlp_fwd, matmul_relu2, mlp_relu2, mlp_relu2_reference)
+    GPU_CONFIGS, _mlp_fwd, matmul_relu2, mlp_relu2, mlp_relu2_reference)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # compiled kernels take CUDA tensors only
@@ -55,7 +55,7 @@ def check_against_reference(x, w_fc, w_proj):
     assert_matches_reference(x, w_fc, w_proj, y, g, (xs.grad, a.grad, b.grad))
 
 
-@pytest.mark.parametrize("M,K,N", [(64, 64, 128), (200, 80, 136), (33, 40, 70)])
+@pytest.mark.parametrize("M,K,N", [(64, 64, 128), (200, 80, 136), (33, 40, 72)])
 def test_mlp_forward_and_grads_match_reference(M, K, N):
     check_against_reference(*inputs(M, K, N, seed=M))
 
@@ -66,15 +66,73 @@ def test_mlp_keeps_leading_dims():
 
 @pytest.mark.parametrize("backward", [False, True])
 def test_epilogues_with_the_gpu_tile_on_ragged_shapes(backward):
-    """The H100 tiles (128x256, 128x128) on a shape smaller than two: only the store masks keep them in bounds."""
+    """The H100 tiles (128x256) on a shape smaller than two, K not a multiple of the K step: only TMA's
+    zero-filled loads and clipped stores keep them in bounds."""
     M, K, N = 150, 96, 200
     x, w_fc, _ = inputs(M, K, N)
-    b = w_fc.bfloat16().t()
-    pre = x.float() @ b.float()
+    b = w_fc.bfloat16()
+    pre = x.float() @ b.float().t()
     h = (torch.relu(pre) ** 2).bfloat16() if backward else None
-    out = matmul_relu2(x, b, h=h, config=GPU_BWD_CONFIG if backward else GPU_FWD_CONFIG)
+    out = matmul_relu2(x, b, h=h, config=GPU_CONFIGS[(backward, False)])
     ref = pre * 2 * torch.sqrt(h.float()) if backward else torch.relu(pre) ** 2
     assert rel(out, ref) < BF16_TOL
+
+
+def fp8_reference(x, w_fc, w_proj, g, mode):
+    """y and the grads of x, w_fc, w_proj in float32 math on the FP8 modes' own operands: x and w_fc as
+    their e4m3 values in the forward, grad_y (e5m2) and w_proj (e4m3) in the grad_h matmul under "all"."""
+    from trainer.fp8 import E4M3, E4M3_MAX, E5M2, E5M2_MAX, activation_scale, to_fp8, weight_scale
+
+    x_s, w_s = activation_scale(x.size(-1)), weight_scale(w_fc)
+    x_q = to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX).float() * x_s
+    w_q = (w_fc / w_s).to(E4M3).float() * w_s
+    h = (torch.relu(x_q.float() @ w_q.t()) ** 2).bfloat16().float()   # the kernel stores h in bf16
+    wp = w_proj.bfloat16().float()
+    y = h @ wp.t()
+    if mode == "all":
+        g_s = g.abs().amax().float() / E5M2_MAX
+        p_s = weight_scale(w_proj)
+        grad_h = (to_fp8(g, 1.0 / g_s, E5M2, E5M2_MAX).float() * g_s) @ ((w_proj / p_s).to(E4M3).float() * p_s)
+    else:
+        grad_h = g.float() @ wp
+    grad_pre = (grad_h * 2 * h.sqrt()).bfloat16().float()
+    return y, grad_pre @ w_fc.bfloat16().float(), grad_pre.t() @ x.float(), g.float().t() @ h
+
+
+def check_fp8(x, w_fc, w_proj, mode):
+    """The kernels on FP8 operands: against float32 math on the same quantised values (tight), and
+    against the bf16 MLP (loose: what FP8 rounding costs)."""
+    x = torch.nn.functional.rms_norm(x.float(), (x.size(-1),)).bfloat16()   # the model feeds rms-normed rows
+    xs, a, b = (t.detach().clone().requires_grad_() for t in (x, w_fc, w_proj))
+    y = mlp_relu2(xs, a, b, fp8=mode)
+    g = torch.randn_like(y)
+    y.backward(g)
+    got = (y, xs.grad, a.grad, b.grad)
+    names = ("y", "grad_x", "grad_w_fc", "grad_w_proj")
+    for name, have, want in zip(names, got, fp8_reference(x, w_fc, w_proj, g, mode)):
+        assert rel(have, want) < BF16_TOL, (name, rel(have, want))
+    for name, have, want in zip(names, got, reference(x, w_fc, w_proj, g)):
+        assert rel(have, want) < 0.15, (name, rel(have, want))
+
+
+@pytest.mark.parametrize("mode", ["forward", "all"])
+@pytest.mark.parametrize("M,K,N", [(64, 64, 128), (200, 80, 144)])
+def test_fp8_modes_match_their_own_rounding(mode, M, K, N):
+    check_fp8(*inputs(M, K, N, seed=M), mode)
+
+
+def test_fp8_mode_is_checked():
+    x, w_fc, w_proj = inputs(64, 64, 128)
+    with pytest.raises(ValueError, match="fp8 must be one of"):
+        mlp_relu2(x, w_fc, w_proj, fp8="e4m3")
+
+
+@pytest.mark.parametrize("M,K,N,problem", [(64, 64, 70, "N=70 must be a multiple of 8"),
+                                           (64, 60, 128, "16-byte aligned rows")])
+def test_shapes_tma_cannot_take_are_refused_in_one_sentence(M, K, N, problem):
+    x, w_fc, _ = inputs(M, K, N)
+    with pytest.raises(ValueError, match=problem):
+        matmul_relu2(x, w_fc.bfloat16())
 
 
 def test_units_whose_relu_is_off_get_no_gradient():
@@ -91,7 +149,8 @@ def test_units_whose_relu_is_off_get_no_gradient():
 def test_custom_op_registration_is_consistent():
     """Schema, fake (meta) kernel and autograd registration, as torch.compile will rely on them."""
     x, w_fc, w_proj = inputs(48, 32, 64)
-    torch.library.opcheck(_mlp_fwd, (x.requires_grad_(), w_fc.requires_grad_(), w_proj.requires_grad_()),
+    torch.library.opcheck(_mlp_fwd, (x.requires_grad_(), w_fc.requires_grad_(), w_proj.requires_grad_(), None, None,
+                                     None, False),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -122,6 +181,9 @@ def test_config_names_a_bad_mlp_kernel():
     assert TrainConfig(mlp_kernel="triton").validate().mlp_kernel == "triton"
     with pytest.raises(ValueError, match="^mlp_kernel: must be torch or triton"):
         TrainConfig(mlp_kernel="cuda").validate()
+    with pytest.raises(ValueError, match="^mlp_fp8: must be none, forward or all"):
+        TrainConfig(mlp_fp8="yes").validate()
+    assert TrainConfig(mlp_kernel="torch").validate().mlp_fp8 == "all"   # the default; ignored by the torch MLP
 
 
 # --- GPU: the record's shapes, compiled, and in the model
@@ -131,6 +193,14 @@ def test_config_names_a_bad_mlp_kernel():
 @pytest.mark.parametrize("M", [8192, 49152])
 def test_gpu_record_shapes_match_reference(M):
     check_against_reference(*inputs(M, 768, 3072, device="cuda", seed=M))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0), reason="FP8 needs Hopper")
+@pytest.mark.parametrize("mode", ["forward", "all"])
+def test_gpu_fp8_modes_at_record_shapes(mode):
+    check_fp8(*inputs(49152, 768, 3072, device="cuda", seed=5), mode)
 
 
 @pytest.mark.gpu

@@ -66,11 +66,11 @@ def test_fp8_linear_close_to_bf16():
     fp8_linear_matches_reference("cuda", M=4096, K=768, N=50304)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("part", ["head", "fused head", "mlp forward", "mlp all"])
 @hopper
-def test_fp8_head_loss_tracks_bf16_head(fused):
-    """Same init, same batches: the FP8 head's training curve stays within a few % of the bf16 head's
-    (the plain torch head, and the fused head + loss op)."""
+def test_fp8_training_curve_tracks_bf16(part):
+    """Same init, same batches: with one part in FP8 (the plain torch head, the fused head + loss op, the
+    MLP's forward, the MLP's forward and grad_h matmul), the training curve stays within a few % of bf16's."""
     cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=1024, adam_head_lr=0.02, adam_embed_lr=0.6)
     from trainer.optim import build_optimizers
 
@@ -87,7 +87,10 @@ def test_fp8_head_loss_tracks_bf16_head(fused):
     for fp8 in (False, True):
         torch.manual_seed(0)
         model = GPT(cfg).cuda()
-        model.act_dtype, model.fp8_head, model.fused_head_loss = torch.bfloat16, fp8, fused
+        model.act_dtype, model.fused_head_loss = torch.bfloat16, part == "fused head"
+        model.fp8_head = fp8 and part.endswith("head")
+        for block in model.blocks:
+            block.mlp.fp8 = part.split()[1] if fp8 and part.startswith("mlp") else "none"
         adam, muon = build_optimizers(model, cfg)
         losses = []
         for s in seqs:

@@ -5,12 +5,17 @@ accumulator, so the (tokens x hidden) pre-activation is never written, read back
 separate pointwise kernel. Backward: the matmul that produces grad_h = grad_y @ w_proj multiplies by
 the relu^2 derivative 2*relu(pre) in its epilogue, so grad_h never reaches memory either. The other
 four matmuls (y = h @ w_proj.T, grad_x, both weight grads) stay in cuBLAS.
-Measured on an H100 (bench/kernels.py, 49152 tokens x 768 -> 3072 -> 768, per call, against the same math
-under torch.compile): the MLP forward 0.850 -> 0.719 ms, 12.5 ms per optimizer step (12 layers x 8
-micro-batches); forward+backward 2.549 -> 2.413 ms, 13.1 ms per step, so the backward only breaks even: the
-fused backward matmul (~0.53 ms) costs what cuBLAS (0.33 ms) plus inductor's pointwise pass take, because
-its epilogue's read of h is not hidden behind the main loop. The forward matmul runs at 0.85x cuBLAS (0.384
-vs 0.325 ms without relu^2). Those figures predate the 128x128 backward tile (0-5% faster in sweeps).
+
+The kernel is persistent (one program per SM walks the output tiles), loads its operands with the
+Hopper tensor-copy engine (TMA descriptors) and lets Triton warp-specialise the loop, so one tile's
+epilogue overlaps the next tile's loads. That matters here: K is only 768, a tile's main loop is 12
+steps long, and the epilogue (writing h, or reading h back) is a large part of each tile.
+
+FP8 (`fp8="forward"` or `"all"`): the same kernel takes e4m3/e5m2 operands and a scale. The forward's x
+is rms-normed (|x| <= sqrt(dim), a fixed e4m3 scale) and w_fc is scaled by its amax; the backward's
+grad_y is scaled by its amax into e5m2 and w_proj into e4m3. The casts run in the caller's compiled
+graph (fused into the kernels that produce x and grad_y), not here. Weight gradients and grad_x stay bf16.
+bench/kernels.py has the timings against cuBLAS and the torch code.
 
 `mlp_relu2` is a torch.library custom op (namespace `speedrun`) with its own backward op, so
 torch.compile keeps both as opaque calls instead of tracing into the Triton launches.
@@ -23,95 +28,135 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from trainer.fp8 import E4M3, E4M3_MAX, E5M2, E5M2_MAX, activation_scale, to_fp8, weight_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+FP8_MODES = ("none", "forward", "all")
 
 
 @triton.jit
-def _matmul_relu2_kernel(a_ptr, b_ptr, c_ptr, h_ptr, M, N, K: tl.constexpr,
-                         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_hm, stride_hn,
-                         BACKWARD: tl.constexpr, INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """c = epilogue(a @ b) for a (M, K), b (K, N) given by strides, fp32 accumulation.
-
-    BACKWARD=False: c = relu(acc)^2.  BACKWARD=True: c = acc * 2*sqrt(h), h = relu(pre)^2 of the forward.
-    """
+def _tile(tile, a_desc, b_desc, c_desc, h_desc, scale, num_m, num_n, K: tl.constexpr, BACKWARD: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+          SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """One output tile: acc = scale * a[rows] @ b[cols].T over all of K, then the epilogue and the store."""
     # grouped ordering: GROUP_M row-blocks sweep the column-blocks together, so their b tiles stay in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
+    first_m = (tile // in_group) * GROUP_M
     group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # rows/cols past the edge wrap onto valid ones, so the main loop's loads need no M/N mask; the store masks
-    rows_in = rows % M
-    cols_in = cols % N
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows_in[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols_in[None, :] * stride_bn
+    off_m = (first_m + (tile % in_group) % group_m) * BLOCK_M
+    off_n = ((tile % in_group) // group_m) * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k0
-            a = tl.load(a_ptrs, mask=ks[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=ks[:, None] < k_left, other=0.0)
-        if INTERPRET:   # the interpreter's dot multiplies bf16 as raw uint16 bits; compiled code never takes this
+    for k0 in range(0, K, BLOCK_K):   # TMA zero-fills reads past M, N and K: no masks
+        a = a_desc.load([off_m, k0])
+        b = b_desc.load([off_n, k0])
+        if UPCAST:   # the interpreter's dot multiplies bf16 as raw bits; compiled code never takes this
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        acc = tl.dot(a, b.T, acc)
+    acc = acc * scale
+    # SPLIT: the epilogue in two column halves, so a 128x256 tile's h and output buffers fit beside the
+    # pipeline's shared memory (stores past M or N are dropped by TMA)
+    if SPLIT:
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _epilogue(acc0, c_desc, h_desc, off_m, off_n, BACKWARD)
+        _epilogue(acc1, c_desc, h_desc, off_m, off_n + BLOCK_N // 2, BACKWARD)
+    else:
+        _epilogue(acc, c_desc, h_desc, off_m, off_n, BACKWARD)
 
-    # int64 offsets in the epilogue: tokens x hidden passes 2^31 elements at a few micro-batches' worth of rows
-    rows64 = rows.to(tl.int64)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    if BACKWARD:
-        h = tl.load(h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn, mask=mask, other=0.0)
-        out = acc * (2.0 * tl.sqrt(h.to(tl.float32)))
+
+@triton.jit
+def _epilogue(acc, c_desc, h_desc, off_m, off_n, BACKWARD: tl.constexpr):
+    if BACKWARD:   # grad_pre = grad_h * 2*relu(pre), and relu(pre) = sqrt(h)
+        h = h_desc.load([off_m, off_n]).to(tl.float32)
+        out = acc * (2.0 * tl.sqrt(h))
     else:
         r = tl.maximum(acc, 0.0)
         out = r * r
-    tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :] * stride_cn, out.to(c_ptr.dtype.element_ty),
-             mask=mask)
+    c_desc.store([off_m, off_n], out.to(c_desc.dtype))
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), picked by a sweep on an H100 at the record's
-# shapes (K = 768). Forward: a 128x256 tile, 8 warps (two warpgroups issuing wgmma), 3 stages of 64-deep K
-# tiles (147 KB of shared memory, one program per SM). Backward: 128x128 with 4 warps, two programs per SM
-# so one's epilogue (it reads an h tile) may overlap the other's main loop: 3-5% faster than 128x256 in one
-# sweep, within 1% in a repeat; loading h before the main loop was slower (registers). The interpreter gets
-# small tiles so the tests' small shapes still cover several programs, the grouped ordering and ragged edges.
-GPU_FWD_CONFIG = (128, 256, 64, 8, 8, 3)
-GPU_BWD_CONFIG = (128, 128, 64, 8, 4, 3)
-INTERPRET_CONFIG = (32, 64, 32, 2, 4, 1)
+@triton.jit
+def _matmul_relu2_kernel(a_desc, b_desc, c_desc, h_desc, scale_ptr, M, N, num_tiles, K: tl.constexpr,
+                         BACKWARD: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr,
+                         WARP_SPECIALIZE: tl.constexpr, PROGRAMS: tl.constexpr, INTERPRET: tl.constexpr,
+                         TILES_PER_PROGRAM: tl.constexpr):
+    """c = epilogue(scale * a @ b.T), a (M, K) and b (N, K) K-contiguous; program p takes tiles p, p+PROGRAMS, ...
+
+    BACKWARD=False: c = relu(acc)^2.  BACKWARD=True: c = acc * 2*sqrt(h), h = relu(pre)^2 of the forward.
+    """
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    scale = 1.0
+    if SCALED:
+        scale = tl.load(scale_ptr)
+    if INTERPRET:   # the interpreter takes no run-time loop bounds
+        for i in range(TILES_PER_PROGRAM):
+            tile = tl.program_id(0) + i * PROGRAMS
+            if tile < num_tiles:
+                _tile(tile, a_desc, b_desc, c_desc, h_desc, scale, num_m, num_n, K, BACKWARD, BLOCK_M, BLOCK_N,
+                      BLOCK_K, GROUP_M, SPLIT, True)
+    else:
+        for tile in tl.range(tl.program_id(0), num_tiles, PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
+            _tile(tile, a_desc, b_desc, c_desc, h_desc, scale, num_m, num_n, K, BACKWARD, BLOCK_M, BLOCK_N,
+                  BLOCK_K, GROUP_M, SPLIT, False)
 
 
-def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None,
-                 config: tuple | None = None) -> torch.Tensor:
-    """relu(a @ b)^2, or with h given, (a @ b) * 2*sqrt(h). a (M, K), b (K, N) any strides; out (M, N) in a's dtype."""
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split epilogue, warp-specialise), the fastest
+# of a sweep on an H100 at the record's shapes (49152 x 768 -> 3072; scratch sweep, numbers in
+# bench/kernels.py's rows): 128x256 tiles with two warpgroups; FP8 takes 128-deep K steps (same bytes).
+# An unsplit 128x256 backward epilogue does not fit in shared memory beside 3 stages.
+GPU_CONFIGS = {
+    (False, False): (128, 256, 64, 8, 8, 3, False, True),    # bf16 forward: 0.357 ms (cuBLAS matmul alone 0.330)
+    (True, False): (128, 256, 64, 8, 8, 3, True, True),      # bf16 backward: 0.461 ms
+    (False, True): (128, 256, 128, 8, 8, 4, True, True),     # FP8 forward: 0.221 ms
+    (True, True): (128, 256, 128, 8, 8, 3, True, False),     # FP8 backward: 0.333 ms
+}
+# small tiles under the interpreter, so the tests' small shapes still cover several tiles per program,
+# the grouped ordering and ragged edges
+INTERPRET_CONFIG = (32, 64, 32, 2, 4, 1, True, False)
+
+
+def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 config: tuple | None = None, programs: int | None = None) -> torch.Tensor:
+    """relu(s * a @ b.T)^2, or with h given, (s * a @ b.T) * 2*sqrt(h); bf16 (M, N) out.
+
+    a (M, K) and b (N, K), both with K contiguous and 16-byte aligned rows (TMA); bf16, or FP8 with
+    `scale` (a 0-d fp32 tensor, the product of both operands' scales). programs: the persistent grid's
+    size (default: the GPU's SM count).
+    """
     M, K = a.shape
-    K2, N = b.shape
-    assert K == K2 and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
-    bm, bn, bk, group, warps, stages = config or (
-        INTERPRET_CONFIG if INTERPRET else GPU_FWD_CONFIG if h is None else GPU_BWD_CONFIG)
-    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    N, K2 = b.shape
+    if K != K2 or (a.dtype == torch.bfloat16) != (b.dtype == torch.bfloat16):
+        raise ValueError(f"matmul_relu2: a {tuple(a.shape)} {a.dtype} and b {tuple(b.shape)} {b.dtype} do not "
+                         "match (b is (N, K); both bf16 or both FP8)")
+    for name, t in (("a", a), ("b", b), ("h", h)):
+        if t is not None and (t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16):
+            raise ValueError(f"matmul_relu2: {name} needs a unit last stride and 16-byte aligned rows (TMA)")
+    fp8 = a.dtype != torch.bfloat16
+    if fp8 != (scale is not None):
+        raise ValueError("matmul_relu2: FP8 operands take a scale, bf16 ones none")
+    bm, bn, bk, group, warps, stages, split, ws = config or (
+        INTERPRET_CONFIG if INTERPRET else GPU_CONFIGS[(h is not None, fp8)])
+    c = torch.empty((M, N), device=a.device, dtype=torch.bfloat16)
+    if (N * c.element_size()) % 16:
+        raise ValueError(f"matmul_relu2: N={N} must be a multiple of 8 (16-byte rows of bf16 output for TMA)")
     if M == 0 or N == 0:
         return c
-    aux = h if h is not None else c   # unread in the forward; any pointer will do
-    if h is not None:
-        assert h.shape == (M, N), (h.shape, (M, N))
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _matmul_relu2_kernel[grid](a, b, c, aux, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                               c.stride(0), c.stride(1), aux.stride(0), aux.stride(1),
-                               BACKWARD=h is not None, INTERPRET=INTERPRET, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                               GROUP_M=group, num_warps=warps, num_stages=stages)
+    if h is not None and h.shape != (M, N):
+        raise ValueError(f"matmul_relu2: h is {tuple(h.shape)}, the output {(M, N)}")
+    sub_n = bn // 2 if split else bn
+    descs = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
+             TensorDescriptor.from_tensor(c, [bm, sub_n]), TensorDescriptor.from_tensor(h if h is not None else c, [bm, sub_n]))
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if programs is None:
+        programs = 4 if INTERPRET else torch.cuda.get_device_properties(a.device).multi_processor_count
+    programs = min(programs, tiles)
+    _matmul_relu2_kernel[(programs,)](
+        *descs, scale if scale is not None else c, M, N, tiles, K, BACKWARD=h is not None, SCALED=fp8,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, SPLIT=split, WARP_SPECIALIZE=ws, PROGRAMS=programs,
+        INTERPRET=INTERPRET, TILES_PER_PROGRAM=triton.cdiv(tiles, programs), num_warps=warps, num_stages=stages)
     return c
 
 
@@ -119,27 +164,39 @@ def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None
 # sqrt(h): no pre tensor is written (tokens x hidden bf16, ~300 MB per layer at the record's shapes), no
 # matmul is recomputed, and sqrt of a bf16 h is as accurate as a bf16 pre (half of h's relative error).
 @torch.library.custom_op("speedrun::mlp_relu2_fwd", mutates_args=())
-def _mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, x8: torch.Tensor | None,
+             w_fc8: torch.Tensor | None, scale: torch.Tensor | None,
+             fp8_backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x8, w_fc8, scale: the FP8 forward's operands (the caller casts them), or all None for bf16.
+    fp8_backward: whether the backward's grad_h matmul runs in FP8 (read by the autograd formula only)."""
     x2 = x.reshape(-1, x.size(-1))
-    h = matmul_relu2(x2, w_fc.to(x.dtype).t())
+    if x8 is not None:
+        h = matmul_relu2(x8.reshape(-1, x8.size(-1)), w_fc8, scale=scale)
+    else:
+        h = matmul_relu2(x2, w_fc.to(x.dtype))
     y = h @ w_proj.to(x.dtype).t()
     return y.view(*x.shape[:-1], -1), h.view(*x.shape[:-1], -1)
 
 
 @_mlp_fwd.register_fake
-def _(x, w_fc, w_proj):
+def _(x, w_fc, w_proj, x8, w_fc8, scale, fp8_backward):
     lead = x.shape[:-1]
     return x.new_empty((*lead, w_proj.size(0))), x.new_empty((*lead, w_fc.size(0)))
 
 
 @torch.library.custom_op("speedrun::mlp_relu2_bwd", mutates_args=())
-def _mlp_bwd(grad_y: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_fc: torch.Tensor,
-             w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mlp_bwd(grad_y: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
+             g8: torch.Tensor | None, w_proj8_t: torch.Tensor | None,
+             scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """g8, w_proj8_t, scale: FP8 grad_y and w_proj.T for the grad_h matmul (the caller casts them), or None."""
     dt = x.dtype
     x2, h2 = x.reshape(-1, x.size(-1)), h.reshape(-1, h.size(-1))
     g2 = grad_y.reshape(-1, grad_y.size(-1)).to(dt)
-    w_fc_c, w_proj_c = w_fc.to(dt), w_proj.to(dt)
-    grad_pre = matmul_relu2(g2, w_proj_c, h=h2)   # grad_y @ w_proj, times 2*relu(pre)
+    w_fc_c = w_fc.to(dt)
+    if g8 is not None:
+        grad_pre = matmul_relu2(g8.reshape(-1, g8.size(-1)), w_proj8_t, h=h2, scale=scale)
+    else:   # grad_y @ w_proj, times 2*relu(pre)
+        grad_pre = matmul_relu2(g2, w_proj.t().to(dt).contiguous(), h=h2)
     grad_x = grad_pre @ w_fc_c
     grad_w_fc = (grad_pre.t() @ x2).to(w_fc.dtype)     # bf16 matmul like the unfused path, then the param dtype
     grad_w_proj = (g2.t() @ h2).to(w_proj.dtype)
@@ -147,28 +204,51 @@ def _mlp_bwd(grad_y: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_fc: torch
 
 
 @_mlp_bwd.register_fake
-def _(grad_y, x, h, w_fc, w_proj):
+def _(grad_y, x, h, w_fc, w_proj, g8, w_proj8_t, scale):
     return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_fc, w_proj = inputs
+    x, w_fc, w_proj = inputs[:3]
+    ctx.fp8_backward = inputs[6]
     ctx.save_for_backward(x, output[1], w_fc, w_proj)
 
 
 def _backward(ctx, grad_y, grad_h):
-    # grad_h is always None/zero: mlp_relu2 below hands out y only, h is the backward's saved activation
+    # grad_h is always None/zero: mlp_relu2 below hands out y only, h is the backward's saved activation.
+    # This function is traced into the compiled backward graph, so the FP8 casts below fuse with the
+    # kernel that produces grad_y; the op that follows is opaque.
     x, h, w_fc, w_proj = ctx.saved_tensors
-    return _mlp_bwd(grad_y, x, h, w_fc, w_proj)
+    g8 = w8_t = scale = None
+    if ctx.fp8_backward:
+        g = grad_y.detach()
+        g_s = (g.abs().amax().float() / E5M2_MAX).clamp(min=1e-30)
+        g8 = to_fp8(g, g_s.reciprocal(), E5M2, E5M2_MAX)
+        w_s = weight_scale(w_proj)
+        w8_t = (w_proj.detach().t() / w_s).to(E4M3).contiguous()
+        scale = g_s * w_s
+    grads = _mlp_bwd(grad_y, x, h, w_fc, w_proj, g8, w8_t, scale)
+    return (*grads, None, None, None, None)
 
 
 _mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def mlp_relu2(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
+def mlp_relu2(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, fp8: str = "none") -> torch.Tensor:
     """relu(x @ w_fc.T)^2 @ w_proj.T with x (..., dim) bf16 and the weights in any float dtype (cast at use);
-    weight gradients come back in the weights' dtype."""
-    return _mlp_fwd(x, w_fc, w_proj)[0]
+    weight gradients come back in the weights' dtype. fp8: "none", "forward" (the up-projection in FP8;
+    x must be rms-normed) or "all" (also the backward's grad_h matmul); FP8 needs a Hopper GPU."""
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"mlp_relu2: fp8 must be one of {FP8_MODES} (got {fp8!r})")
+    if fp8 == "none":
+        return _mlp_fwd(x, w_fc, w_proj, None, None, None, False)[0]
+    with torch.no_grad():   # straight-through: the backward differentiates the bf16 math
+        x_s = activation_scale(x.size(-1))
+        w_s = weight_scale(w_fc)
+        x8 = to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX)
+        w_fc8 = (w_fc / w_s).to(E4M3)   # |w| <= amax: no clamp needed
+        scale = w_s * x_s
+    return _mlp_fwd(x, w_fc, w_proj, x8, w_fc8, scale, fp8 == "all")[0]
 
 
 def mlp_relu2_reference(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
