@@ -141,8 +141,9 @@ def run_phase(args) -> dict:
         unique_graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
 
 
-def profile_steps(trainer, cfg, n: int = 2) -> list[dict]:
-    """The GPU kernels of n steps, by total time: where a step's milliseconds go."""
+def profile_steps(trainer, cfg, n: int = 2) -> dict:
+    """The GPU kernels of n steps, by total time: where a step's milliseconds go; and how long the GPU sat
+    idle between kernels (the union of kernel intervals against the span from the first to the last)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -156,7 +157,16 @@ def profile_steps(trainer, cfg, n: int = 2) -> list[dict]:
         if t > 0:
             rows.append(dict(name=e.key[:120], ms_per_step=t / 1000 / n, calls_per_step=e.count / n))
     rows.sort(key=lambda r: -r["ms_per_step"])
-    return rows[:40]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:   # union of the kernels' intervals, in microseconds
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    span = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    return dict(kernels=rows[:40], kernel_ms_per_step=sum(r["ms_per_step"] for r in rows),
+                gpu_busy_ms_per_step=busy / 1000 / n, gpu_span_ms_per_step=span / 1000 / n)
 
 
 def table(results: list[dict]) -> None:
@@ -182,7 +192,8 @@ def main() -> int:
     p.add_argument("--phases", default="cold,warm")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="one more timed run with these overrides, labelled NAME in the table")
-    p.add_argument("--profile", action="store_true", help="add the top GPU kernels of 2 steps to the last phase")
+    p.add_argument("--profile", action="store_true",
+                   help="add the top GPU kernels of 2 steps, and the GPU's idle time, to the last cold/warm phase")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)   # the child process
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -222,8 +233,11 @@ def main() -> int:
     if results:
         table(results)
         profiled = next((r["profile"] for r in results if r.get("profile")), None)
-        for row in (profiled or [])[:25]:
-            print(f"{row['ms_per_step']:9.2f} ms {row['calls_per_step']:7.1f}x  {row['name']}")
+        if profiled:
+            print(f"GPU busy {profiled['gpu_busy_ms_per_step']:.1f} ms of a {profiled['gpu_span_ms_per_step']:.1f} ms "
+                  f"step span (kernels {profiled['kernel_ms_per_step']:.1f} ms); the top kernels:")
+            for row in profiled["kernels"][:25]:
+                print(f"{row['ms_per_step']:9.2f} ms {row['calls_per_step']:7.1f}x  {row['name']}")
     return 0 if results else 1
 
 

@@ -31,6 +31,7 @@ class TrainConfig:
     window_max_blocks: int = 14
     block_size: int = 128
     fp8_head: bool = True                     # FP8 lm-head matmul on Hopper; ignored elsewhere
+    qkv_fp8: bool = True                      # the attention's q, k, v projection forward in FP8 on Hopper; ignored elsewhere
     fused_head_loss: bool = True              # lm head + soft-capped cross-entropy as one op with a Triton kernel (CUDA)
     attention: str = "auto"                   # auto | flex | dense
     mlp_kernel: str = "triton"                # triton (fused relu^2 MLP kernels, CUDA only; CPU runs torch) | torch

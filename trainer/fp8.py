@@ -55,6 +55,33 @@ class FP8Linear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class FP8ForwardLinear(torch.autograd.Function):
+    """x @ w.T with only the forward in FP8: e4m3 x (rms-normed rows, the fixed scale) and w (its amax).
+    The backward is bf16 matmuls on the unrounded x and w (straight-through), since the gradient that
+    comes back has no bound known up front. Used for the attention's q, k, v projection."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x_s = activation_scale(x.size(-1))
+        w_s = weight_scale(w)
+        x8 = to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX)
+        w8 = (w.detach() / w_s).to(E4M3)   # |w| <= amax: no clamp needed
+        x_s_t = torch.full((), x_s, dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(x, w)
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_s_t, scale_b=w_s, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        return g @ w.to(g.dtype), (g.t() @ x).to(w.dtype)
+
+
+def fp8_forward_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) rms-normed bf16 @ w.T (w (N, K), any float dtype; gradient in w's dtype); K and N multiples of 16."""
+    lead = x.shape[:-1]
+    return FP8ForwardLinear.apply(x.reshape(-1, x.size(-1)).contiguous(), w).view(*lead, -1)
+
+
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, grad_bound: float | None = None) -> torch.Tensor:
     """x (M, K) @ w.T in FP8; M, K and N multiples of 16. grad_bound: largest |dL/dout| (default 1/M,
     the mean cross-entropy's)."""

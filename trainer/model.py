@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from trainer import attention as attn_impl
 from trainer.config import TrainConfig
-from trainer.fp8 import fp8_linear
+from trainer.fp8 import fp8_forward_linear, fp8_linear
 
 try:
     from trainer.head import head_loss
@@ -74,10 +74,14 @@ class Attention(nn.Module):
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))   # mix of v and the value embedding
         self.rotary = Rotary(head_dim)
         self.c_proj = CastedLinear(hdim, dim, zero_init=True)
+        self.fp8 = False   # the q, k, v projection's forward in FP8 (set by the trainer on Hopper)
 
     def forward(self, x, ve, docs, window_blocks, block_size, block_mask):
         B, T, _ = x.shape
-        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).to(x.dtype))
+        if self.fp8 and x.is_cuda:   # x is rms-normed: FP8 with a fixed scale
+            qkv = fp8_forward_linear(x, self.qkv_w.flatten(end_dim=1))
+        else:
+            qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).to(x.dtype))
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = self.rotary(norm(q)), self.rotary(norm(k))
         if ve is not None:

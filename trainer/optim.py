@@ -62,16 +62,16 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         hp = self.param_groups[0]
         lr, mom = hp["lr"], hp["momentum"]
-        directions = {}
-        for p in hp["params"]:
-            if p.grad is None:
-                continue
-            st = self.state[p]
-            if "momentum" not in st:
-                st["momentum"] = torch.zeros_like(p)
-            buf = st["momentum"]
-            buf.lerp_(p.grad, 1 - mom)
-            directions[p] = p.grad.lerp(buf, mom) if hp["nesterov"] else buf
+        live = [p for p in hp["params"] if p.grad is not None]
+        for p in live:
+            if "momentum" not in self.state[p]:
+                self.state[p]["momentum"] = torch.zeros_like(p)
+        # one multi-tensor kernel per update instead of one per matrix: the optimizer step is launch-bound
+        grads, bufs = [p.grad for p in live], [self.state[p]["momentum"] for p in live]
+        if live:
+            torch._foreach_lerp_(bufs, grads, 1 - mom)
+        dirs = torch._foreach_lerp(grads, bufs, mom) if hp["nesterov"] and live else bufs
+        directions = dict(zip(live, dirs))
         rank, world = self._world()
         for params in self.shape_groups:
             params = [p for p in params if p in directions]
@@ -88,9 +88,8 @@ class Muon(torch.optim.Optimizer):
                 gathered = [torch.empty_like(update) for _ in range(world)]
                 dist.all_gather(gathered, update, group=self.group)
                 update = torch.cat(gathered)
-            for p, u in zip(params, update):
-                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.add_(u.to(p.dtype), alpha=-lr * scale)
+            scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5   # one shape per group
+            torch._foreach_add_(params, list(update[:len(params)].to(params[0].dtype).unbind()), alpha=-lr * scale)
 
 
 def split_parameters(model) -> dict[str, list]:

@@ -115,6 +115,7 @@ class Trainer:
         if self.model.fp8_capable:
             for block in self.model.blocks:
                 block.mlp.fp8 = cfg.mlp_fp8
+                block.attn.fp8 = cfg.qkv_fp8
         self.sync()
         self.warmup_parts["model_s"] = time.time() - t0 - self.warmup_parts["ranks_and_data_s"]
         self.compiled = cfg.compile and self.cuda

@@ -6,7 +6,7 @@ torch = pytest.importorskip("torch")
 from trainer.attention import dense_attention, document_ids, flex_block_mask  # noqa: E402
 from trainer.data import BOS  # noqa: E402
 from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
-from test_trainer_fp8 import fp8_linear_matches_reference  # noqa: E402
+from test_trainer_fp8 import fp8_forward_linear_matches_reference, fp8_linear_matches_reference  # noqa: E402
 from trainer.model import GPT  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -66,11 +66,16 @@ def test_fp8_linear_close_to_bf16():
     fp8_linear_matches_reference("cuda", M=4096, K=768, N=50304)
 
 
-@pytest.mark.parametrize("part", ["head", "fused head", "mlp forward", "mlp all"])
+@hopper
+def test_fp8_forward_linear_at_the_qkv_shape():
+    fp8_forward_linear_matches_reference("cuda", M=8192, K=768, N=2304)
+
+
+@pytest.mark.parametrize("part", ["head", "fused head", "mlp forward", "mlp all", "qkv"])
 @hopper
 def test_fp8_training_curve_tracks_bf16(part):
     """Same init, same batches: with one part in FP8 (the plain torch head, the fused head + loss op, the
-    MLP's forward, the MLP's forward and grad_h matmul), the training curve stays within a few % of bf16's."""
+    MLP's forward, the MLP's forward and grad_h matmul, the q, k, v projection), the training curve stays within a few % of bf16's."""
     cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=1024, adam_head_lr=0.02, adam_embed_lr=0.6)
     from trainer.optim import build_optimizers
 
@@ -91,6 +96,7 @@ def test_fp8_training_curve_tracks_bf16(part):
         model.fp8_head = fp8 and part.endswith("head")
         for block in model.blocks:
             block.mlp.fp8 = part.split()[1] if fp8 and part.startswith("mlp") else "none"
+            block.attn.fp8 = fp8 and part == "qkv"
         adam, muon = build_optimizers(model, cfg)
         losses = []
         for s in seqs:

@@ -12,9 +12,11 @@ epilogue overlaps the next tile's loads. That matters here: K is only 768, a til
 steps long, and the epilogue (writing h, or reading h back) is a large part of each tile.
 
 FP8 (`fp8="forward"` or `"all"`): the same kernel takes e4m3/e5m2 operands and a scale. The forward's x
-is rms-normed (|x| <= sqrt(dim), a fixed e4m3 scale) and w_fc is scaled by its amax; the backward's
-grad_y is scaled by its amax into e5m2 and w_proj into e4m3. The casts run in the caller's compiled
-graph (fused into the kernels that produce x and grad_y), not here. Weight gradients and grad_x stay bf16.
+is rms-normed (|x| <= sqrt(dim), a fixed e4m3 scale) and w_fc is scaled by its amax; the up-projection's
+epilogue also writes h in e4m3 (scaled by a bound, see mlp_relu2) for cuBLAS's FP8 down-projection. Under
+"all" the backward's grad_y is scaled by its amax into e5m2 and w_proj into e4m3. The casts run in the
+caller's compiled graph (fused into the kernels that produce x and grad_y), not here. Weight gradients and
+grad_x stay bf16.
 bench/kernels.py has the timings against cuBLAS and the torch code.
 
 `mlp_relu2` is a torch.library custom op (namespace `speedrun`) with its own backward op, so
@@ -37,9 +39,9 @@ FP8_MODES = ("none", "forward", "all")
 
 
 @triton.jit
-def _tile(tile, a_desc, b_desc, c_desc, h_desc, scale, num_m, num_n, K: tl.constexpr, BACKWARD: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-          SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+def _tile(tile, a_desc, b_desc, c_desc, h_desc, scale, out8_inv, num_m, num_n, K: tl.constexpr,
+          BACKWARD: tl.constexpr, OUT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     """One output tile: acc = scale * a[rows] @ b[cols].T over all of K, then the epilogue and the store."""
     # grouped ordering: GROUP_M row-blocks sweep the column-blocks together, so their b tiles stay in L2
     in_group = GROUP_M * num_n
@@ -59,26 +61,30 @@ def _tile(tile, a_desc, b_desc, c_desc, h_desc, scale, num_m, num_n, K: tl.const
     # pipeline's shared memory (stores past M or N are dropped by TMA)
     if SPLIT:
         acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _epilogue(acc0, c_desc, h_desc, off_m, off_n, BACKWARD)
-        _epilogue(acc1, c_desc, h_desc, off_m, off_n + BLOCK_N // 2, BACKWARD)
+        _epilogue(acc0, c_desc, h_desc, out8_inv, off_m, off_n, BACKWARD, OUT8)
+        _epilogue(acc1, c_desc, h_desc, out8_inv, off_m, off_n + BLOCK_N // 2, BACKWARD, OUT8)
     else:
-        _epilogue(acc, c_desc, h_desc, off_m, off_n, BACKWARD)
+        _epilogue(acc, c_desc, h_desc, out8_inv, off_m, off_n, BACKWARD, OUT8)
 
 
 @triton.jit
-def _epilogue(acc, c_desc, h_desc, off_m, off_n, BACKWARD: tl.constexpr):
+def _epilogue(acc, c_desc, h_desc, out8_inv, off_m, off_n, BACKWARD: tl.constexpr, OUT8: tl.constexpr):
+    """The forward writes h = relu(acc)^2 (and with OUT8 also h * out8_inv in e4m3, saturating, into h_desc);
+    the backward reads h from h_desc and writes acc * 2*sqrt(h)."""
     if BACKWARD:   # grad_pre = grad_h * 2*relu(pre), and relu(pre) = sqrt(h)
         h = h_desc.load([off_m, off_n]).to(tl.float32)
         out = acc * (2.0 * tl.sqrt(h))
     else:
         r = tl.maximum(acc, 0.0)
         out = r * r
+        if OUT8:
+            h_desc.store([off_m, off_n], tl.minimum(out * out8_inv, 448.0).to(h_desc.dtype))
     c_desc.store([off_m, off_n], out.to(c_desc.dtype))
 
 
 @triton.jit
 def _matmul_relu2_kernel(a_desc, b_desc, c_desc, h_desc, scale_ptr, M, N, num_tiles, K: tl.constexpr,
-                         BACKWARD: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BACKWARD: tl.constexpr, SCALED: tl.constexpr, OUT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr,
                          WARP_SPECIALIZE: tl.constexpr, PROGRAMS: tl.constexpr, INTERPRET: tl.constexpr,
                          TILES_PER_PROGRAM: tl.constexpr):
@@ -89,18 +95,21 @@ def _matmul_relu2_kernel(a_desc, b_desc, c_desc, h_desc, scale_ptr, M, N, num_ti
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     scale = 1.0
-    if SCALED:
+    out8_inv = 1.0
+    if SCALED:   # scale_ptr[0]: the product of a's and b's scales; scale_ptr[1]: 1 / the e4m3 h's scale
         scale = tl.load(scale_ptr)
+        if OUT8:
+            out8_inv = tl.load(scale_ptr + 1)
     if INTERPRET:   # the interpreter takes no run-time loop bounds
         for i in range(TILES_PER_PROGRAM):
             tile = tl.program_id(0) + i * PROGRAMS
             if tile < num_tiles:
-                _tile(tile, a_desc, b_desc, c_desc, h_desc, scale, num_m, num_n, K, BACKWARD, BLOCK_M, BLOCK_N,
-                      BLOCK_K, GROUP_M, SPLIT, True)
+                _tile(tile, a_desc, b_desc, c_desc, h_desc, scale, out8_inv, num_m, num_n, K, BACKWARD, OUT8,
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, True)
     else:
         for tile in tl.range(tl.program_id(0), num_tiles, PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
-            _tile(tile, a_desc, b_desc, c_desc, h_desc, scale, num_m, num_n, K, BACKWARD, BLOCK_M, BLOCK_N,
-                  BLOCK_K, GROUP_M, SPLIT, False)
+            _tile(tile, a_desc, b_desc, c_desc, h_desc, scale, out8_inv, num_m, num_n, K, BACKWARD, OUT8,
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, False)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split epilogue, warp-specialise), the fastest
@@ -110,7 +119,8 @@ def _matmul_relu2_kernel(a_desc, b_desc, c_desc, h_desc, scale_ptr, M, N, num_ti
 GPU_CONFIGS = {
     (False, False): (128, 256, 64, 8, 8, 3, False, True),    # bf16 forward: 0.357 ms (cuBLAS matmul alone 0.330)
     (True, False): (128, 256, 64, 8, 8, 3, True, True),      # bf16 backward: 0.461 ms
-    (False, True): (128, 256, 128, 8, 8, 4, True, True),     # FP8 forward: 0.221 ms
+    (False, True): (128, 256, 128, 8, 8, 3, True, True),     # FP8 forward: 0.225 ms (4 stages: 0.221, but no
+                                                             # room for the e4m3 h's store buffer)
     (True, True): (128, 256, 128, 8, 8, 3, True, False),     # FP8 backward: 0.333 ms
 }
 # small tiles under the interpreter, so the tests' small shapes still cover several tiles per program,
@@ -119,12 +129,14 @@ INTERPRET_CONFIG = (32, 64, 32, 2, 4, 1, True, False)
 
 
 def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                 config: tuple | None = None, programs: int | None = None) -> torch.Tensor:
+                 out8: torch.Tensor | None = None, config: tuple | None = None,
+                 programs: int | None = None) -> torch.Tensor:
     """relu(s * a @ b.T)^2, or with h given, (s * a @ b.T) * 2*sqrt(h); bf16 (M, N) out.
 
     a (M, K) and b (N, K), both with K contiguous and 16-byte aligned rows (TMA); bf16, or FP8 with
-    `scale` (a 0-d fp32 tensor, the product of both operands' scales). programs: the persistent grid's
-    size (default: the GPU's SM count).
+    `scale`: fp32 [the product of a's and b's scales, 1 / out8's scale]. out8: an (M, N) e4m3 tensor
+    the FP8 forward also writes relu(.)^2 into, divided by its scale and saturated at 448.
+    programs: the persistent grid's size (default: the GPU's SM count).
     """
     M, K = a.shape
     N, K2 = b.shape
@@ -137,6 +149,9 @@ def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None
     fp8 = a.dtype != torch.bfloat16
     if fp8 != (scale is not None):
         raise ValueError("matmul_relu2: FP8 operands take a scale, bf16 ones none")
+    if out8 is not None and (h is not None or not fp8 or out8.shape != (M, N) or out8.dtype != E4M3
+                             or scale.numel() < 2):
+        raise ValueError("matmul_relu2: out8 is the FP8 forward's (M, N) e4m3 output, with 1 / its scale in scale[1]")
     bm, bn, bk, group, warps, stages, split, ws = config or (
         INTERPRET_CONFIG if INTERPRET else GPU_CONFIGS[(h is not None, fp8)])
     c = torch.empty((M, N), device=a.device, dtype=torch.bfloat16)
@@ -147,14 +162,15 @@ def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None
     if h is not None and h.shape != (M, N):
         raise ValueError(f"matmul_relu2: h is {tuple(h.shape)}, the output {(M, N)}")
     sub_n = bn // 2 if split else bn
+    aux = h if h is not None else out8 if out8 is not None else c   # read by the backward, written by OUT8
     descs = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
-             TensorDescriptor.from_tensor(c, [bm, sub_n]), TensorDescriptor.from_tensor(h if h is not None else c, [bm, sub_n]))
+             TensorDescriptor.from_tensor(c, [bm, sub_n]), TensorDescriptor.from_tensor(aux, [bm, sub_n]))
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if programs is None:
         programs = 4 if INTERPRET else torch.cuda.get_device_properties(a.device).multi_processor_count
     programs = min(programs, tiles)
     _matmul_relu2_kernel[(programs,)](
-        *descs, scale if scale is not None else c, M, N, tiles, K, BACKWARD=h is not None, SCALED=fp8,
+        *descs, scale if scale is not None else c, M, N, tiles, K, BACKWARD=h is not None, SCALED=fp8, OUT8=out8 is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, SPLIT=split, WARP_SPECIALIZE=ws, PROGRAMS=programs,
         INTERPRET=INTERPRET, TILES_PER_PROGRAM=triton.cdiv(tiles, programs), num_warps=warps, num_stages=stages)
     return c
@@ -165,21 +181,27 @@ def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None
 # matmul is recomputed, and sqrt of a bf16 h is as accurate as a bf16 pre (half of h's relative error).
 @torch.library.custom_op("speedrun::mlp_relu2_fwd", mutates_args=())
 def _mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, x8: torch.Tensor | None,
-             w_fc8: torch.Tensor | None, scale: torch.Tensor | None,
+             w_fc8: torch.Tensor | None, w_proj8: torch.Tensor | None, scales: torch.Tensor | None,
+             h_scale: torch.Tensor | None, proj_scale: torch.Tensor | None,
              fp8_backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x8, w_fc8, scale: the FP8 forward's operands (the caller casts them), or all None for bf16.
-    fp8_backward: whether the backward's grad_h matmul runs in FP8 (read by the autograd formula only)."""
+    """x8, w_fc8, w_proj8 and their scales: the FP8 forward's operands (the caller casts them, see
+    mlp_relu2), or all None for bf16. scales: [x's times w_fc's, 1 / h_scale] for the kernel; h_scale and
+    proj_scale are separate 0-d tensors since cuBLAS wants its scale pointers aligned. fp8_backward:
+    whether the backward's grad_h matmul runs in FP8 (read by the autograd formula only)."""
     x2 = x.reshape(-1, x.size(-1))
     if x8 is not None:
-        h = matmul_relu2(x8.reshape(-1, x8.size(-1)), w_fc8, scale=scale)
+        h8 = torch.empty((x2.size(0), w_fc.size(0)), dtype=E4M3, device=x.device)
+        h = matmul_relu2(x8.reshape(-1, x8.size(-1)), w_fc8, scale=scales, out8=h8)
+        y = torch._scaled_mm(h8, w_proj8.t(), scale_a=h_scale, scale_b=proj_scale, out_dtype=x.dtype,
+                             use_fast_accum=True)
     else:
         h = matmul_relu2(x2, w_fc.to(x.dtype))
-    y = h @ w_proj.to(x.dtype).t()
+        y = h @ w_proj.to(x.dtype).t()
     return y.view(*x.shape[:-1], -1), h.view(*x.shape[:-1], -1)
 
 
 @_mlp_fwd.register_fake
-def _(x, w_fc, w_proj, x8, w_fc8, scale, fp8_backward):
+def _(x, w_fc, w_proj, x8, w_fc8, w_proj8, scales, h_scale, proj_scale, fp8_backward):
     lead = x.shape[:-1]
     return x.new_empty((*lead, w_proj.size(0))), x.new_empty((*lead, w_fc.size(0)))
 
@@ -210,7 +232,7 @@ def _(grad_y, x, h, w_fc, w_proj, g8, w_proj8_t, scale):
 
 def _setup_context(ctx, inputs, output):
     x, w_fc, w_proj = inputs[:3]
-    ctx.fp8_backward = inputs[6]
+    ctx.fp8_backward = inputs[9]
     ctx.save_for_backward(x, output[1], w_fc, w_proj)
 
 
@@ -228,7 +250,7 @@ def _backward(ctx, grad_y, grad_h):
         w8_t = (w_proj.detach().t() / w_s).to(E4M3).contiguous()
         scale = g_s * w_s
     grads = _mlp_bwd(grad_y, x, h, w_fc, w_proj, g8, w8_t, scale)
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 _mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -236,19 +258,25 @@ _mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def mlp_relu2(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, fp8: str = "none") -> torch.Tensor:
     """relu(x @ w_fc.T)^2 @ w_proj.T with x (..., dim) bf16 and the weights in any float dtype (cast at use);
-    weight gradients come back in the weights' dtype. fp8: "none", "forward" (the up-projection in FP8;
-    x must be rms-normed) or "all" (also the backward's grad_h matmul); FP8 needs a Hopper GPU."""
+    weight gradients come back in the weights' dtype. fp8: "none", "forward" (both forward matmuls in FP8;
+    x must be rms-normed) or "all" (also the backward's grad_h matmul); FP8 needs a Hopper GPU.
+
+    FP8 scales: x by its fixed bound sqrt(dim), each weight by its amax, and h = relu(pre)^2 by a bound too:
+    |pre_j| <= |x| |w_fc[j]| = sqrt(dim) |w_fc[j]| for rms-normed x, so h <= dim * max_j |w_fc[j]|^2. No
+    pass over h is needed to scale it; the price is a few of e4m3's 17 binades of range."""
     if fp8 not in FP8_MODES:
         raise ValueError(f"mlp_relu2: fp8 must be one of {FP8_MODES} (got {fp8!r})")
     if fp8 == "none":
-        return _mlp_fwd(x, w_fc, w_proj, None, None, None, False)[0]
+        return _mlp_fwd(x, w_fc, w_proj, None, None, None, None, None, None, False)[0]
     with torch.no_grad():   # straight-through: the backward differentiates the bf16 math
         x_s = activation_scale(x.size(-1))
-        w_s = weight_scale(w_fc)
+        fc_s, proj_s = weight_scale(w_fc), weight_scale(w_proj)
         x8 = to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX)
-        w_fc8 = (w_fc / w_s).to(E4M3)   # |w| <= amax: no clamp needed
-        scale = w_s * x_s
-    return _mlp_fwd(x, w_fc, w_proj, x8, w_fc8, scale, fp8 == "all")[0]
+        w_fc8 = (w_fc / fc_s).to(E4M3)   # |w| <= amax: no clamp needed
+        w_proj8 = (w_proj / proj_s).to(E4M3)
+        h_s = (x.size(-1) * w_fc.float().square().sum(dim=1).amax() / E4M3_MAX).clamp(min=1e-30)
+        scales = torch.stack([fc_s * x_s, h_s.reciprocal()]).float()
+    return _mlp_fwd(x, w_fc, w_proj, x8, w_fc8, w_proj8, scales, h_s.float(), proj_s, fp8 == "all")[0]
 
 
 def mlp_relu2_reference(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
