@@ -138,6 +138,7 @@ def run_phase(args) -> dict:
         fp8_head=model.fp8_head, flex=model.use_flex, losses=losses, times_ms=times,
         mean_doc_tokens=701, cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"), profile=profile,
         graph_breaks=dict(torch._dynamo.utils.counters["graph_break"]),
+        compile_cache=({k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("inductor", "aot_autograd")}),
         unique_graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
 
 
