@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+MLP_FP8_MODES = ("none", "forward", "all")   # mlp_fp8's values (trainer/kernels/linear_relu2.py runs them)
+
 
 @dataclass
 class TrainConfig:
@@ -80,7 +82,7 @@ class TrainConfig:
             raise ValueError(f"attention: must be auto, flex or dense (got {self.attention!r})")
         if self.mlp_kernel not in ("torch", "triton"):
             raise ValueError(f"mlp_kernel: must be torch or triton (got {self.mlp_kernel!r})")
-        if self.mlp_fp8 not in ("none", "forward", "all"):
+        if self.mlp_fp8 not in MLP_FP8_MODES:
             raise ValueError(f"mlp_fp8: must be none, forward or all (got {self.mlp_fp8!r})")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")

@@ -30,13 +30,23 @@ def weight_scale(w: torch.Tensor) -> torch.Tensor:
     return (w.detach().abs().amax().float() / E4M3_MAX).clamp(min=1e-30)
 
 
+def activation_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Rms-normed rows in e4m3 with their fixed scale (see activation_scale)."""
+    x_s = activation_scale(x.size(-1))
+    return to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX), x_s
+
+
+def weight_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight in e4m3 with its amax scale (a 0-d tensor); |w| <= amax, so no clamp is needed."""
+    w_s = weight_scale(w)
+    return (w.detach() / w_s).to(E4M3), w_s
+
+
 class FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, grad_bound: float) -> torch.Tensor:
-        x_s = activation_scale(x.size(-1))
-        w_s = weight_scale(w)
-        x8 = to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX)
-        w8 = to_fp8(w, w_s.reciprocal(), E4M3, E4M3_MAX)
+        x8, x_s = activation_to_fp8(x)
+        w8, w_s = weight_to_fp8(w)
         x_s_t = torch.full((), x_s, dtype=torch.float32, device=x.device)
         out = torch._scaled_mm(x8, w8.t(), scale_a=x_s_t, scale_b=w_s, out_dtype=torch.bfloat16, use_fast_accum=True)
         ctx.save_for_backward(x8, w8, x_s_t, w_s)
@@ -62,10 +72,8 @@ class FP8ForwardLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        x_s = activation_scale(x.size(-1))
-        w_s = weight_scale(w)
-        x8 = to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX)
-        w8 = (w.detach() / w_s).to(E4M3)   # |w| <= amax: no clamp needed
+        x8, x_s = activation_to_fp8(x)
+        w8, w_s = weight_to_fp8(w)
         x_s_t = torch.full((), x_s, dtype=torch.float32, device=x.device)
         ctx.save_for_backward(x, w)
         return torch._scaled_mm(x8, w8.t(), scale_a=x_s_t, scale_b=w_s, out_dtype=torch.bfloat16, use_fast_accum=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.fp8 import E4M3, E4M3_MAX, E5M2, activation_scale, to_fp8, weight_scale
+from trainer.fp8 import E4M3, E5M2, activation_scale, activation_to_fp8, weight_to_fp8
 from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy, transpose
 
 
@@ -33,10 +33,8 @@ def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: i
     """Returns (sum of row losses, G, G^T, x8^T, W8^T, W's scale); G^T, x8^T, W8^T only in FP8 mode, and
     G only when need_grad. The last four are what backward needs, nothing for callers."""
     if fp8:
-        x_s = activation_scale(x.size(1))
-        w_s = weight_scale(w)
-        x8 = to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX)
-        w8 = (w.detach() / w_s).to(E4M3)   # |w| <= amax: no clamp needed
+        x8, x_s = activation_to_fp8(x)
+        w8, w_s = weight_to_fp8(w)
         x_s_t = torch.full((), x_s, dtype=torch.float32, device=x.device)
         logits = torch._scaled_mm(x8, w8.t(), scale_a=x_s_t, scale_b=w_s, out_dtype=torch.bfloat16,
                                   use_fast_accum=True)

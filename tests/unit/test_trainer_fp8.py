@@ -10,6 +10,14 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def cpu_fp8_or_skip(fn, *args):
+    """fn(*args), or skip the test where this torch has no CPU FP8 matmul."""
+    try:
+        return fn(*args)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"this torch has no CPU FP8 matmul: {e}")
+
+
 def fp8_linear_matches_reference(device, M, K, N):
     torch.manual_seed(0)
     x = torch.nn.functional.rms_norm(torch.randn(M, K, device=device), (K,)).bfloat16().requires_grad_()
@@ -41,27 +49,18 @@ def fp8_forward_linear_matches_reference(device, M, K, N):
 
 
 def test_fp8_forward_linear_on_cpu():
-    try:
-        fp8_forward_linear(torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(16, 32))
-    except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"this torch has no CPU FP8 matmul: {e}")
+    cpu_fp8_or_skip(fp8_forward_linear, torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(16, 32))
     fp8_forward_linear_matches_reference("cpu", M=256, K=128, N=384)
 
 
 def test_fp8_linear_close_to_float32_on_cpu():
-    try:
-        fp8_linear(torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(16, 32))
-    except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"this torch has no CPU FP8 matmul: {e}")
+    cpu_fp8_or_skip(fp8_linear, torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(16, 32))
     fp8_linear_matches_reference("cpu", M=256, K=128, N=512)
 
 
 def test_fp8_activations_never_overflow():
     """Rms-normed rows can hold one entry of size sqrt(dim): the fixed scale keeps it finite."""
-    try:
-        x = torch.zeros(16, 64, dtype=torch.bfloat16)
-        x[:, 0] = 64 ** 0.5
-        y = fp8_linear(x, torch.ones(16, 64))
-    except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"this torch has no CPU FP8 matmul: {e}")
+    x = torch.zeros(16, 64, dtype=torch.bfloat16)
+    x[:, 0] = 64 ** 0.5
+    y = cpu_fp8_or_skip(fp8_linear, x, torch.ones(16, 64))
     assert torch.isfinite(y.float()).all() and torch.allclose(y.float(), torch.full((16, 16), 8.0), rtol=0.07)

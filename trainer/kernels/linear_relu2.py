@@ -32,10 +32,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from trainer.fp8 import E4M3, E4M3_MAX, E5M2, E5M2_MAX, activation_scale, to_fp8, weight_scale
+from trainer.config import MLP_FP8_MODES
+from trainer.fp8 import E4M3, E4M3_MAX, E5M2, E5M2_MAX, activation_to_fp8, to_fp8, weight_to_fp8
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-FP8_MODES = ("none", "forward", "all")
 
 
 @triton.jit
@@ -113,8 +113,8 @@ def _matmul_relu2_kernel(a_desc, b_desc, c_desc, h_desc, scale_ptr, M, N, num_ti
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split epilogue, warp-specialise), the fastest
-# of a sweep on an H100 at the record's shapes (49152 x 768 -> 3072; scratch sweep, numbers in
-# bench/kernels.py's rows): 128x256 tiles with two warpgroups; FP8 takes 128-deep K steps (same bytes).
+# of a one-off sweep on an H100 at the record's shapes (49152 x 768 -> 3072; the sweep script was not kept,
+# bench/kernels.py times the chosen configs): 128x256 tiles with two warpgroups; FP8 takes 128-deep K steps (same bytes).
 # An unsplit 128x256 backward epilogue does not fit in shared memory beside 3 stages.
 GPU_CONFIGS = {
     (False, False): (128, 256, 64, 8, 8, 3, False, True),    # bf16 forward: 0.357 ms (cuBLAS matmul alone 0.330)
@@ -246,8 +246,8 @@ def _backward(ctx, grad_y, grad_h):
         g = grad_y.detach()
         g_s = (g.abs().amax().float() / E5M2_MAX).clamp(min=1e-30)
         g8 = to_fp8(g, g_s.reciprocal(), E5M2, E5M2_MAX)
-        w_s = weight_scale(w_proj)
-        w8_t = (w_proj.detach().t() / w_s).to(E4M3).contiguous()
+        w8, w_s = weight_to_fp8(w_proj)
+        w8_t = w8.t().contiguous()
         scale = g_s * w_s
     grads = _mlp_bwd(grad_y, x, h, w_fc, w_proj, g8, w8_t, scale)
     return (*grads, None, None, None, None, None, None, None)
@@ -264,16 +264,14 @@ def mlp_relu2(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, fp8: st
     FP8 scales: x by its fixed bound sqrt(dim), each weight by its amax, and h = relu(pre)^2 by a bound too:
     |pre_j| <= |x| |w_fc[j]| = sqrt(dim) |w_fc[j]| for rms-normed x, so h <= dim * max_j |w_fc[j]|^2. No
     pass over h is needed to scale it; the price is a few of e4m3's 17 binades of range."""
-    if fp8 not in FP8_MODES:
-        raise ValueError(f"mlp_relu2: fp8 must be one of {FP8_MODES} (got {fp8!r})")
+    if fp8 not in MLP_FP8_MODES:
+        raise ValueError(f"mlp_relu2: fp8 must be one of {MLP_FP8_MODES} (got {fp8!r})")
     if fp8 == "none":
         return _mlp_fwd(x, w_fc, w_proj, None, None, None, None, None, None, False)[0]
     with torch.no_grad():   # straight-through: the backward differentiates the bf16 math
-        x_s = activation_scale(x.size(-1))
-        fc_s, proj_s = weight_scale(w_fc), weight_scale(w_proj)
-        x8 = to_fp8(x, 1.0 / x_s, E4M3, E4M3_MAX)
-        w_fc8 = (w_fc / fc_s).to(E4M3)   # |w| <= amax: no clamp needed
-        w_proj8 = (w_proj / proj_s).to(E4M3)
+        x8, x_s = activation_to_fp8(x)
+        w_fc8, fc_s = weight_to_fp8(w_fc)
+        w_proj8, proj_s = weight_to_fp8(w_proj)
         h_s = (x.size(-1) * w_fc.float().square().sum(dim=1).amax() / E4M3_MAX).clamp(min=1e-30)
         scales = torch.stack([fc_s * x_s, h_s.reciprocal()]).float()
     return _mlp_fwd(x, w_fc, w_proj, x8, w_fc8, w_proj8, scales, h_s.float(), proj_s, fp8 == "all")[0]
