@@ -94,6 +94,7 @@ def run_phase(args) -> dict:
         k, _, v = item.partition("=")
         overrides[k] = parse_value(k, v)
     cfg = TrainConfig.from_dict(overrides)
+    bypasses = cache_bypass_reasons()
     tokens_per_step = cfg.seq_len * cfg.grad_accum_total
     data = Path(tempfile.mkdtemp(prefix="bench-shards-"))
     need = tokens_per_step * (args.steps + 2) // 2 + cfg.val_tokens + 1
@@ -139,7 +140,27 @@ def run_phase(args) -> dict:
         mean_doc_tokens=701, cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"), profile=profile,
         graph_breaks=dict(torch._dynamo.utils.counters["graph_break"]),
         compile_cache=({k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("inductor", "aot_autograd")}),
+        autograd_cache_bypass_reasons=bypasses,
         unique_graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+
+
+def cache_bypass_reasons() -> list[str]:
+    """The reasons AOTAutograd gives (at INFO) for not caching a graph: a bypassed graph is traced again on
+    every warm start. Filled as compilation goes."""
+    import logging
+
+    reasons: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if "ypass" in msg:
+                reasons.append(msg[:300])
+
+    lg = logging.getLogger("torch._functorch._aot_autograd.autograd_cache")
+    lg.setLevel(logging.INFO)
+    lg.addHandler(Keep())
+    return reasons
 
 
 def profile_steps(trainer, cfg, n: int = 2) -> dict:
@@ -158,16 +179,23 @@ def profile_steps(trainer, cfg, n: int = 2) -> dict:
         if t > 0:
             rows.append(dict(name=e.key[:120], ms_per_step=t / 1000 / n, calls_per_step=e.count / n))
     rows.sort(key=lambda r: -r["ms_per_step"])
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:   # union of the kernels' intervals, in microseconds
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end, last, gaps = 0.0, float("-inf"), "", []
+    for a, b, name in kernels:   # union of the kernels' intervals, in microseconds; the holes between them
+        if a > end > float("-inf"):
+            gaps.append((a - end, last, name))
         if b > end:
             busy += b - max(a, end)
-            end = b
-    span = (spans[-1][1] - spans[0][0]) if spans else 0.0
+            end, last = b, name
+    span = (kernels[-1][1] - kernels[0][0]) if kernels else 0.0
+    buckets = {"under_10us": 0.0, "10us_to_100us": 0.0, "over_100us": 0.0}
+    for g, _, _ in gaps:
+        buckets["under_10us" if g < 10 else "10us_to_100us" if g < 100 else "over_100us"] += g / 1000 / n
+    widest = [dict(us=round(g, 1), after=a[:80], before=b[:80]) for g, a, b in sorted(gaps, reverse=True)[:12]]
     return dict(kernels=rows[:40], kernel_ms_per_step=sum(r["ms_per_step"] for r in rows),
-                gpu_busy_ms_per_step=busy / 1000 / n, gpu_span_ms_per_step=span / 1000 / n)
+                gpu_busy_ms_per_step=busy / 1000 / n, gpu_span_ms_per_step=span / 1000 / n,
+                idle_ms_per_step_by_gap=buckets, idle_gaps_per_step=len(gaps) / n, widest_idle_gaps=widest)
 
 
 def table(results: list[dict]) -> None:
@@ -239,6 +267,10 @@ def main() -> int:
                   f"step span (kernels {profiled['kernel_ms_per_step']:.1f} ms); the top kernels:")
             for row in profiled["kernels"][:25]:
                 print(f"{row['ms_per_step']:9.2f} ms {row['calls_per_step']:7.1f}x  {row['name']}")
+            print(f"idle ms per step by gap length: {profiled['idle_ms_per_step_by_gap']} "
+                  f"({profiled['idle_gaps_per_step']:.0f} gaps); the widest:")
+            for g in profiled["widest_idle_gaps"]:
+                print(f"{g['us']:9.1f} us  after {g['after']}  before {g['before']}")
     return 0 if results else 1
 
 
