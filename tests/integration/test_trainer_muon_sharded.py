@@ -1,6 +1,8 @@
 """Sharded Muon on 2 gloo ranks gives exactly the update of unsharded Muon."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -32,17 +34,14 @@ def run_muon(params, grads):
 
 def worker(rank, world, init_file, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        params, grads = make_params_and_grads(3)
-        out = run_muon(params, grads)
-        if rank == 0:
-            torch.save(out, result_file)
-        else:
-            dist.barrier()
-            return
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    params, grads = make_params_and_grads(3)
+    out = run_muon(params, grads)
+    if rank == 0:
+        torch.save(out, result_file)
+    dist.barrier()
+    # leave without tearing gloo down: its teardown races the peer's and can abort a finished worker
+    # ('terminate called without an active exception', seen once in CI); the result is on disk already
+    os._exit(0)
 
 
 def test_sharded_muon_equals_unsharded(tmp_path):
