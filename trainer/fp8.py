@@ -42,7 +42,8 @@ def weight_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.detach() / w_s).to(E4M3), w_s
 
 
-def _scale_tensor(scale: float, like: torch.Tensor) -> torch.Tensor:
+def scale_tensor(scale: float, like: torch.Tensor) -> torch.Tensor:
+    """A fixed scale as the 0-d fp32 tensor _scaled_mm takes, on like's device."""
     return torch.full((), scale, dtype=torch.float32, device=like.device)
 
 
@@ -76,7 +77,7 @@ def _fp8_mm_backward(ctx, g: torch.Tensor):
         return None, None, None, None, g @ w.to(g.dtype), (g.t() @ x).to(w.dtype), None
     x8, w8, x_s, w_s = ctx.saved_tensors
     g_s = ctx.grad_bound / E5M2_MAX
-    g8, g_s_t = to_fp8(g, 1.0 / g_s, E5M2, E5M2_MAX), _scale_tensor(g_s, g)
+    g8, g_s_t = to_fp8(g, 1.0 / g_s, E5M2, E5M2_MAX), scale_tensor(g_s, g)
     # _scaled_mm wants a row-major first operand and a column-major second one
     grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_s_t, scale_b=w_s, out_dtype=torch.bfloat16)
     grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_s_t, scale_b=x_s,
@@ -90,7 +91,7 @@ _fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup)
 def _fp8_matmul(x: torch.Tensor, w: torch.Tensor, grad_bound: float) -> torch.Tensor:
     x8, x_s = activation_to_fp8(x)
     w8, w_s = weight_to_fp8(w)
-    return _fp8_mm(x8, w8, _scale_tensor(x_s, x), w_s, x, w, grad_bound)
+    return _fp8_mm(x8, w8, scale_tensor(x_s, x), w_s, x, w, grad_bound)
 
 
 def fp8_forward_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.fp8 import E4M3, E5M2, activation_scale, activation_to_fp8, weight_to_fp8
+from trainer.fp8 import E4M3, E5M2, activation_scale, activation_to_fp8, scale_tensor, weight_to_fp8
 from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy, transpose
 
 
@@ -35,7 +35,7 @@ def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: i
     if fp8:
         x8, x_s = activation_to_fp8(x)
         w8, w_s = weight_to_fp8(w)
-        x_s_t = torch.full((), x_s, dtype=torch.float32, device=x.device)
+        x_s_t = scale_tensor(x_s, x)
         logits = torch._scaled_mm(x8, w8.t(), scale_a=x_s_t, scale_b=w_s, out_dtype=torch.bfloat16,
                                   use_fast_accum=True)
     else:
@@ -85,7 +85,7 @@ def _backward(ctx, grad_loss, *_unused):
     if ctx.fp8:
         g, g_t, x8_t, w8_t, w_s = ctx.saved_tensors
         g_s = grad_loss.float() * (1.0 / FP8_GRAD_SCALE)
-        x_s = torch.full((), activation_scale(x8_t.size(0)), dtype=torch.float32, device=g.device)
+        x_s = scale_tensor(activation_scale(x8_t.size(0)), g)
         # operands: row-major first, column-major second (the transposes below are views, not copies)
         grad_x = torch._scaled_mm(g, w8_t.t(), scale_a=g_s, scale_b=w_s, out_dtype=torch.bfloat16)
         grad_w = torch._scaled_mm(g_t, x8_t.t(), scale_a=g_s, scale_b=x_s, out_dtype=torch.float32)

@@ -154,8 +154,7 @@ class GPT(nn.Module):
             self.ve_of_layer[L - n + i] = i
         self.act_dtype = torch.float32
         self.use_flex = False
-        self.fp8_capable = False   # the trainer sets these three for its GPU
-        self.fp8_head = False
+        self.fp8_head = False   # the trainer sets these two for its GPU
         self.fused_head_loss = False
 
     def is_long_window(self, i: int) -> bool:

@@ -109,10 +109,10 @@ class Trainer:
             self.model = GPT(cfg)
         self.model.act_dtype = torch.bfloat16 if self.cuda else torch.float32
         self.model.use_flex = cfg.attention == "flex" or (cfg.attention == "auto" and self.cuda)
-        self.model.fp8_capable = self.cuda and torch.cuda.get_device_capability(r.device) >= (9, 0)
-        self.model.fp8_head = bool(cfg.fp8_head and self.model.fp8_capable)
+        fp8_capable = self.cuda and torch.cuda.get_device_capability(r.device) >= (9, 0)
+        self.model.fp8_head = bool(cfg.fp8_head and fp8_capable)
         self.model.fused_head_loss = cfg.fused_head_loss and self.cuda
-        if self.model.fp8_capable:
+        if fp8_capable:
             for block in self.model.blocks:
                 block.mlp.fp8 = cfg.mlp_fp8
                 block.attn.fp8 = cfg.qkv_fp8
