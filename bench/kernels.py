@@ -6,11 +6,14 @@ The baseline is what the trainer runs without the kernel: the same math in plain
 torch.compile. Each case builds its inputs at the trainer's real shapes and returns (torch_fn, triton_fn),
 two no-argument callables doing the same work; both are called a few times to compile and warm up, then
 timed with CUDA events over a few back-to-back calls, per call, and the median of --reps such samples is
-reported. A kernel adds its rows with the @case decorator below. Writes bench/results/kernels-<gpu>.json.
+reported. A kernel adds its rows with the @case decorator below. Writes bench/results/kernels-<gpu>.json:
+the rows of this run, each stamped with its date and versions, and the earlier rows of cases not run
+this time (--only), kept as they were.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -108,8 +111,9 @@ def grad_h_matmul_alone():
     return (lambda: g @ w), (lambda: matmul_relu2(g, w_t, h=h))
 
 
-def _mlp_fp8_case(mode: str):
-    """The FP8 mode against the bf16 kernels, forward+backward, the casts included (compiled, as in the model)."""
+def _mlp_fp8_case(mode: str, baseline: str = "none"):
+    """The FP8 mode against the baseline mode (bf16 kernels by default), forward+backward, the casts included
+    (compiled, as in the model)."""
     import torch
     import torch.nn.functional as F
 
@@ -122,12 +126,14 @@ def _mlp_fp8_case(mode: str):
         fn = torch.compile(lambda x, a, b: mlp_relu2(F.rms_norm(x, (DIM,)), a, b, fp8=fp8))
         return lambda: torch.autograd.grad(fn(x, w_fc, w_proj), (x, w_fc, w_proj), grad_y)
 
-    return step("none"), step(mode)
+    return step(baseline), step(mode)
 
 
 case("mlp relu^2 fwd+bwd: bf16 vs fp8=forward", MLP_SHAPE, calls_per_step=LAYERS * ACCUM)(
     lambda: _mlp_fp8_case("forward"))
 case("mlp relu^2 fwd+bwd: bf16 vs fp8=all", MLP_SHAPE, calls_per_step=LAYERS * ACCUM)(lambda: _mlp_fp8_case("all"))
+case("mlp relu^2 fwd+bwd: fp8=grad_h vs fp8=all (grad_x in FP8)", MLP_SHAPE, calls_per_step=LAYERS * ACCUM)(
+    lambda: _mlp_fp8_case("all", baseline="grad_h"))
 
 
 # --- soft-capped cross-entropy and the lm head (trainer/kernels/softcap_ce.py, trainer/head.py)
@@ -252,16 +258,16 @@ for _name, _opts in FLEX_OPTIONS.items():
          calls_per_step=LAYERS * ACCUM)(_flex_case(_opts))
 
 
-def _fp8_matmul_case(M: int, K: int, N: int):
+def _fp8_matmul_case(M: int, K: int, N: int, a_dtype: str = "float8_e4m3fn", fast_accum: bool = True):
     def build():
         import torch
 
         a = torch.randn(M, K, device="cuda").bfloat16()
         b = torch.randn(N, K, device="cuda").bfloat16()
-        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        a8, b8 = a.to(getattr(torch, a_dtype)), b.to(torch.float8_e4m3fn)
         one = torch.ones((), device="cuda")
         return (lambda: a @ b.t()), (lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one,
-                                                               out_dtype=torch.bfloat16, use_fast_accum=True))
+                                                               out_dtype=torch.bfloat16, use_fast_accum=fast_accum))
     return build
 
 
@@ -269,6 +275,9 @@ case("MLP up matmul alone: bf16 vs FP8 (casts not counted)", f"{TOKENS}x{DIM} @ 
     _fp8_matmul_case(TOKENS, DIM, HIDDEN))
 case("MLP down matmul alone: bf16 vs FP8 (casts not counted)", f"{TOKENS}x{HIDDEN} @ {HIDDEN}x{DIM}")(
     _fp8_matmul_case(TOKENS, HIDDEN, DIM))
+for _fast in (False, True):
+    case(f"MLP grad_x matmul alone: bf16 vs e5m2 x e4m3, fast accumulation {'on' if _fast else 'off'}",
+         f"{TOKENS}x{HIDDEN} @ {HIDDEN}x{DIM}")(_fp8_matmul_case(TOKENS, HIDDEN, DIM, "float8_e5m2", _fast))
 
 
 # --- timing
@@ -344,8 +353,14 @@ def main(argv=None) -> int:
     name = "".join(ch if ch.isalnum() else "-" for ch in gpu).strip("-").lower()
     path = Path(args.out) / f"kernels-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, reps=args.reps,
-                                    rows=rows), indent=2))
+    stamp = f"{datetime.date.today()}, torch {torch.__version__}, triton {triton.__version__}"
+    rows = [dict(r, measured=stamp) for r in rows]
+    ran = {r["kernel"] for r in rows}
+    kept = json.loads(path.read_text()).get("rows", []) if path.exists() else []
+    order = [c.name for c in CASES]
+    merged = sorted([r for r in kept if r["kernel"] not in ran] + rows,
+                    key=lambda r: order.index(r["kernel"]) if r["kernel"] in order else len(order))
+    path.write_text(json.dumps(dict(gpu=gpu, reps=args.reps, rows=merged), indent=2))
     return 0
 
 

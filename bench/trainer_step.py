@@ -9,7 +9,9 @@ name, as a node would keep it between seeds). Each --variant then runs once more
 its overrides on top of --set: the before/after of one change, measured in the same run on the same GPU
 (its compile seconds are not a cold figure: it shares the cache with the runs before it). A phase builds the default config (overrides with --set),
 generates Markov shards with FineWeb-like document lengths, runs the trainer's untimed warm-up (timed here
-as compile+warm-up seconds), then times --steps optimizer steps with CUDA events. The timed steps walk the
+as compile+warm-up seconds), then times --steps optimizer steps with CUDA events, as the trainer's loop
+runs them (each step's loss read once the next is queued), then --steps more waiting for each step to end
+before the next begins (the 'synced' column: the loop's way before it deferred that read). The timed steps walk the
 whole schedule (step i of N runs at training step i*steps/N) so the growing attention window is averaged
 as in a real run.
 
@@ -87,7 +89,7 @@ def run_phase(args) -> dict:
     from trainer.__main__ import parse_value
     from trainer.config import TrainConfig
     from trainer.fixtures import markov_shards
-    from trainer.train import Trainer, window_blocks
+    from trainer.train import Trainer
 
     overrides = {"val_tokens": 262144}
     for item in args.set:
@@ -106,18 +108,8 @@ def run_phase(args) -> dict:
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
-    times, flops, losses = [], [], []
-    for i in range(args.steps):
-        step = i * cfg.steps // args.steps
-        batch = trainer.batches.next_step()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = trainer.train_step(batch, step)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-        losses.append(loss.item())
-        flops.append(attention_flops(cfg, batch, window_blocks(cfg, step)))
+    times, flops, losses = timed_steps(trainer, cfg, args.steps, synced=False)
+    synced_times = timed_steps(trainer, cfg, args.steps, synced=True)[0]
     profile = profile_steps(trainer, cfg) if args.profile else None
     model = trainer.model
     matmul_params = sum(p.numel() for b in model.blocks for p in b.parameters() if p.ndim >= 2)
@@ -131,6 +123,7 @@ def run_phase(args) -> dict:
         phase=args.phase, overrides=args.set, warmup_parts_s=trainer.warmup_parts, gpu=gpu, torch=torch.__version__, steps_timed=args.steps, config=cfg.to_dict(),
         ms_per_step_median=med, ms_per_step_min=min(times), ms_per_step_max=max(times),
         ms_per_step_p10=float(np.percentile(times, 10)), ms_per_step_p90=float(np.percentile(times, 90)),
+        ms_per_step_synced_median=statistics.median(synced_times), synced_times_ms=synced_times,
         tokens_per_step=tokens_per_step, tokens_per_s=tokens_per_step / (med / 1000),
         model_tflop_per_step=step_flops / 1e12, attention_share=statistics.mean(flops) / step_flops,
         tflops=step_flops / (med / 1000) / 1e12, mfu=(step_flops / (med / 1000) / 1e12 / peak) if peak else None,
@@ -142,6 +135,37 @@ def run_phase(args) -> dict:
         compile_cache=({k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("inductor", "aot_autograd")}),
         autograd_cache_bypass_reasons=bypasses,
         unique_graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+
+
+def timed_steps(trainer, cfg, n: int, synced: bool) -> tuple[list[float], list[float], list[float]]:
+    """n optimizer steps walking the schedule: each one's milliseconds (CUDA events around it), attention
+    FLOPs and loss. As the trainer's loop runs them (synced=False), a step's loss is read once the next
+    step is queued, so each step starts with work queued; synced=True waits for each step before the next
+    starts (the loop before it deferred that read): every step then begins with the host launching into
+    an idle GPU."""
+    import torch
+
+    from trainer.distributed import sum_to_host
+    from trainer.train import window_blocks
+
+    marks, flops, losses, pending = [], [], [], None
+    for i in range(n):
+        step = i * cfg.steps // n
+        batch = trainer.batches.next_step()
+        start = trainer.mark()
+        loss = trainer.train_step(batch, step)
+        marks.append((start, trainer.mark()))
+        queued = (sum_to_host(loss, trainer.ranks.device), marks[-1][1])
+        if synced:
+            torch.cuda.synchronize()
+        if pending is not None:
+            pending[1].synchronize()
+            losses.append(pending[0].item())
+        pending = queued
+        flops.append(attention_flops(cfg, batch, window_blocks(cfg, step)))
+    torch.cuda.synchronize()
+    losses.append(pending[0].item())
+    return [a.elapsed_time(b) for a, b in marks], flops, losses
 
 
 def cache_bypass_reasons() -> list[str]:
@@ -203,12 +227,13 @@ def table(results: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title=f"trainer step, {results[0]['gpu']} (torch {results[0]['torch']})")
-    for col in ("run", "overrides", "ms/step (median)", "spread p10-p90", "tokens/s", "TFLOP/s", "MFU", "peak alloc MiB",
-                "compile+warm-up s"):
+    for col in ("run", "overrides", "ms/step (median)", "spread p10-p90", "synced each step", "tokens/s", "TFLOP/s",
+                "MFU", "peak alloc MiB", "compile+warm-up s"):
         t.add_column(col)
     for r in results:
         t.add_row(r["phase"], " ".join(s for s in r.get("overrides", []) if not s.startswith("val_")) or "-",
                   f"{r['ms_per_step_median']:.1f}", f"{r['ms_per_step_p10']:.1f}-{r['ms_per_step_p90']:.1f}",
+                  f"{r['ms_per_step_synced_median']:.1f}",
                   f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.0f}", f"{r['mfu']:.1%}" if r["mfu"] else "-",
                   str(r["peak_memory_allocated_mib"]), f"{r['compile_warmup_s']:.0f}")
     Console().print(t)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-MLP_FP8_MODES = ("none", "forward", "all")   # mlp_fp8's values (trainer/kernels/linear_relu2.py runs them)
+MLP_FP8_MODES = ("none", "forward", "grad_h", "all")   # mlp_fp8's values (trainer/kernels/linear_relu2.py runs them)
 
 
 @dataclass
@@ -37,8 +37,8 @@ class TrainConfig:
     fused_head_loss: bool = True              # lm head + soft-capped cross-entropy as one op with a Triton kernel (CUDA)
     attention: str = "auto"                   # auto | flex | dense
     mlp_kernel: str = "triton"                # triton (fused relu^2 MLP kernels, CUDA only; CPU runs torch) | torch
-    mlp_fp8: str = "all"                      # none | forward (up-projection in FP8) | all (+ the backward's grad_h);
-                                              # inside the triton MLP kernel on Hopper, ignored elsewhere
+    mlp_fp8: str = "all"                      # none | forward (both forward matmuls in FP8) | grad_h (+ the backward's
+                                              # grad_h) | all (+ grad_x); the triton MLP on Hopper, ignored elsewhere
     # --- schedule
     steps: int = 1695
     cooldown_frac: float = 0.45
@@ -83,7 +83,7 @@ class TrainConfig:
         if self.mlp_kernel not in ("torch", "triton"):
             raise ValueError(f"mlp_kernel: must be torch or triton (got {self.mlp_kernel!r})")
         if self.mlp_fp8 not in MLP_FP8_MODES:
-            raise ValueError(f"mlp_fp8: must be none, forward or all (got {self.mlp_fp8!r})")
+            raise ValueError(f"mlp_fp8: must be none, forward, grad_h or all (got {self.mlp_fp8!r})")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")
         return self

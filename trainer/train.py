@@ -20,7 +20,7 @@ import torch
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import BOS, TrainBatches, find_shards, validation_chunks
-from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, barrier, init_ranks
+from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, barrier, init_ranks, sum_to_host
 from trainer.model import GPT
 from trainer.optim import build_optimizers
 
@@ -125,6 +125,7 @@ class Trainer:
         self.stop = StopRequest(self.out)
         self.step = 0
         self.train_ms = 0.0
+        self.segment = None   # the mark where the current stretch of train_time began (see run)
         self.timings = dict(start_unix=time.time(), warmup_s=0.0, first_step_unix=None, train_s=0.0, val_s=0.0,
                             end_unix=None, steps_done=0, total_steps=cfg.steps)
         if r.is_main:
@@ -223,9 +224,39 @@ class Trainer:
             self.timings.update(end_unix=time.time(), steps_done=self.step, train_s=self.train_ms / 1000)
             (self.out / "trainer_timings.json").write_text(json.dumps(self.timings, indent=2))
 
+    def log_train(self, pending) -> None:
+        """The loss line of a step whose work is queued: (step, its loss summed over ranks on its way to the
+        host, the mark after the step). train_time is the GPU's timeline up to the end of that step."""
+        if pending is None:
+            return
+        step, loss_sum, end = pending
+        now = self.train_ms + self.elapsed_ms(self.segment, end)   # waits for that step, so the loss is home too
+        train_loss = loss_sum.item() / self.ranks.world
+        cfg = self.cfg
+        self.emit(f"step:{step}/{cfg.steps} train_loss:{train_loss:.4f} train_time:{now:.0f}ms "
+                  f"step_avg:{now / step:.2f}ms")
+        self.record(step=step, train_loss=train_loss, train_time_ms=round(now, 1),
+                    lr_scale=lr_scale(cfg, step - 1), window=window_blocks(cfg, step - 1))
+
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
+
+    def mark(self):
+        """Now on the timeline of the work queued so far: a CUDA event recorded on the stream, or the clock
+        on CPU (where work runs as it is queued). Read against another mark with elapsed_ms."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self, start, end) -> float:
+        """Milliseconds between two marks; waits for the work queued before `end`, no more."""
+        if not self.cuda:
+            return 1000 * (end - start)
+        end.synchronize()
+        return start.elapsed_time(end)
 
     # ---------------------------------------------------------------------------------- phases
 
@@ -282,10 +313,14 @@ class Trainer:
             self.timings["first_step_unix"] = time.time()
         start_step = self.step
         self.sync()
-        t0 = time.perf_counter()
+        t0, self.segment = time.perf_counter(), self.mark()
+        # A step's loss line is written once the next step is queued: reading the loss waits for its step
+        # only, so the host never drains the GPU's queue and every step starts with work already queued.
+        pending = None
         while True:
             step, last = self.step, self.step >= cfg.steps
             if last or step % cfg.val_every == 0:
+                self.log_train(pending)
                 self.sync()
                 self.train_ms += 1000 * (time.perf_counter() - t0)
                 v0 = time.perf_counter()
@@ -296,10 +331,11 @@ class Trainer:
                 self.record(step=step, val_loss=val, train_time_ms=round(self.train_ms, 1),
                             lr_scale=lr_scale(cfg, step), window=window_blocks(cfg, step))
                 self.sync()
-                t0 = time.perf_counter()
+                t0, self.segment, pending = time.perf_counter(), self.mark(), None
             if last:
                 break
             if step > start_step and step % cfg.stop_check_every == 0 and any_rank(self.stop.asked(), self.ranks.device):
+                self.log_train(pending)
                 self.train_ms += 1000 * (time.perf_counter() - t0)
                 self.save(checkpoint.step_path(self.out, step))
                 if self.ranks.is_main and self.stop.file.exists():
@@ -309,19 +345,17 @@ class Trainer:
                 barrier()
                 return PREEMPTED_EXIT
             if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
+                self.log_train(pending)
+                self.sync()
                 self.train_ms += 1000 * (time.perf_counter() - t0)
                 self.save(checkpoint.step_path(self.out, step))
-                t0 = time.perf_counter()
+                t0, self.segment, pending = time.perf_counter(), self.mark(), None
             loss = self.train_step(self.batches.next_step(), step)
             self.step = step + 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                train_loss = all_sum([loss.item()], self.ranks.device)[0] / self.ranks.world
-                self.sync()
-                now = self.train_ms + 1000 * (time.perf_counter() - t0)
-                self.emit(f"step:{self.step}/{cfg.steps} train_loss:{train_loss:.4f} train_time:{now:.0f}ms "
-                          f"step_avg:{now / self.step:.2f}ms")
-                self.record(step=self.step, train_loss=train_loss, train_time_ms=round(now, 1),
-                            lr_scale=lr_scale(cfg, step), window=window_blocks(cfg, step))
+                queued = (self.step, sum_to_host(loss.detach(), self.ranks.device), self.mark())
+                self.log_train(pending)
+                pending = queued
         if cfg.checkpoint_final:
             self.save(checkpoint.final_path(self.out))
         self.write_timings()

@@ -57,6 +57,13 @@ def test_two_gloo_ranks_train_the_same_model_as_one(markov, tmp_path):
     for s in one:   # same tokens, same updates; only the order of float sums differs
         assert two[s] == pytest.approx(one[s], abs=2e-3)
     assert "step:3/3 val_loss:" in done.stdout and "peak memory allocated:" in done.stdout
+    # a step's line is written once the next step is queued: still one per step, in order, before the
+    # validation of the last step, with train_time growing
+    lines = [ln.split()[0] + " " + ln.split()[1].split(":")[0] for ln in done.stdout.splitlines() if ln.startswith("step:")]
+    assert lines == ["step:0/3 val_loss", "step:1/3 train_loss", "step:2/3 train_loss", "step:3/3 train_loss",
+                     "step:3/3 val_loss"]
+    times = rows(tmp_path / "two", "train_time_ms")
+    assert [times[s] for s in sorted(times)] == sorted(times.values())
     # every parameter equals the one-rank run's: a gradient the reducer missed shows here, not in 3 steps' losses
     a = torch.load(tmp_path / "one" / "ckpt" / "final.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "two" / "ckpt" / "final.pt", weights_only=False)["model"]

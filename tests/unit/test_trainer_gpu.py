@@ -71,11 +71,11 @@ def test_fp8_forward_linear_at_the_qkv_shape():
     fp8_forward_linear_matches_reference("cuda", M=8192, K=768, N=2304)
 
 
-@pytest.mark.parametrize("part", ["head", "fused head", "mlp forward", "mlp all", "qkv"])
+@pytest.mark.parametrize("part", ["head", "fused head", "mlp forward", "mlp grad_h", "mlp all", "qkv"])
 @hopper
 def test_fp8_training_curve_tracks_bf16(part):
     """Same init, same batches: with one part in FP8 (the plain torch head, the fused head + loss op, the
-    MLP's forward, the MLP's forward and grad_h matmul, the q, k, v projection), the training curve stays within a few % of bf16's."""
+    MLP's forward, plus its grad_h matmul, plus its grad_x matmul, the q, k, v projection), the training curve stays within a few % of bf16's."""
     cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=1024, adam_head_lr=0.02, adam_embed_lr=0.6)
     from trainer.optim import build_optimizers
 
@@ -109,3 +109,23 @@ def test_fp8_training_curve_tracks_bf16(part):
     gaps = [abs(a - b) / b for a, b in zip(curves[True], curves[False])]
     assert sum(gaps) / len(gaps) < 0.03 and max(gaps) < 0.08, gaps
     assert abs(curves[True][-1] - curves[False][-1]) < 0.05 * curves[False][-1]
+
+
+def test_training_loop_on_the_gpu_logs_every_step_from_cuda_events(tmp_path):
+    """The loop reads each step's loss once the next step is queued (CUDA events, a pinned copy): every step
+    still gets its line, in order, with its own loss and a train_time that grows."""
+    import json
+
+    from trainer.fixtures import markov_shards
+    from trainer.train import Trainer
+
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(model_dim=128, num_heads=2, head_dim=64, steps=6, val_every=3, device="cuda")
+    assert Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out")).run() == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert all(0 < r["train_loss"] < 12 for r in train) and train[-1]["train_loss"] < train[0]["train_loss"]
+    times = [r["train_time_ms"] for r in train]
+    assert times == sorted(times) and times[0] > 0
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
