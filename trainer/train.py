@@ -336,6 +336,7 @@ class Trainer:
                 break
             if step > start_step and step % cfg.stop_check_every == 0 and any_rank(self.stop.asked(), self.ranks.device):
                 self.log_train(pending)
+                self.sync()
                 self.train_ms += 1000 * (time.perf_counter() - t0)
                 self.save(checkpoint.step_path(self.out, step))
                 if self.ranks.is_main and self.stop.file.exists():
