@@ -155,7 +155,7 @@ def timed_steps(trainer, cfg, n: int, synced: bool) -> tuple[list[float], list[f
         start = trainer.mark()
         loss = trainer.train_step(batch, step)
         marks.append((start, trainer.mark()))
-        queued = (sum_to_host(loss, trainer.ranks.device), marks[-1][1])
+        queued = (sum_to_host(loss), marks[-1][1])
         if synced:
             torch.cuda.synchronize()
         if pending is not None:

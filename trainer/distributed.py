@@ -84,14 +84,14 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def sum_to_host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def sum_to_host(t: torch.Tensor) -> torch.Tensor:
     """t summed over ranks, copied into host memory without waiting: the (1,) float64 result is valid once
     the work queued so far is done (synchronise on a later event before reading it). On CUDA the sum and
     the copy are queued behind the work that produces t, so the host can go on queueing."""
     t = t.detach().double().reshape(1)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
-    host = torch.empty(1, dtype=torch.float64, pin_memory=device.type == "cuda")
+    host = torch.empty(1, dtype=torch.float64, pin_memory=t.is_cuda)
     return host.copy_(t, non_blocking=True)
 
 

@@ -125,7 +125,7 @@ class Trainer:
         self.stop = StopRequest(self.out)
         self.step = 0
         self.train_ms = 0.0
-        self.segment = None   # the mark where the current stretch of train_time began (see run)
+        self.stretch_mark = None   # the mark where the current stretch of train_time began (see run)
         self.timings = dict(start_unix=time.time(), warmup_s=0.0, first_step_unix=None, train_s=0.0, val_s=0.0,
                             end_unix=None, steps_done=0, total_steps=cfg.steps)
         if r.is_main:
@@ -230,13 +230,25 @@ class Trainer:
         if pending is None:
             return
         step, loss_sum, end = pending
-        now = self.train_ms + self.elapsed_ms(self.segment, end)   # waits for that step, so the loss is home too
+        now = self.train_ms + self.elapsed_ms(self.stretch_mark, end)   # waits for that step, so the loss is home too
         train_loss = loss_sum.item() / self.ranks.world
         cfg = self.cfg
         self.emit(f"step:{step}/{cfg.steps} train_loss:{train_loss:.4f} train_time:{now:.0f}ms "
                   f"step_avg:{now / step:.2f}ms")
         self.record(step=step, train_loss=train_loss, train_time_ms=round(now, 1),
                     lr_scale=lr_scale(cfg, step - 1), window=window_blocks(cfg, step - 1))
+
+    def start_stretch(self) -> float:
+        """A stretch of train_time begins (after a sync): returns its start on the host's clock."""
+        self.stretch_mark = self.mark()
+        return time.perf_counter()
+
+    def end_stretch(self, pending, t0: float) -> None:
+        """The stretch begun at t0 ends (for validation, a checkpoint or a stop): the pending step's line,
+        then the stretch's wall time once the GPU is done, into train_ms."""
+        self.log_train(pending)
+        self.sync()
+        self.train_ms += 1000 * (time.perf_counter() - t0)
 
     def sync(self) -> None:
         if self.cuda:
@@ -313,16 +325,14 @@ class Trainer:
             self.timings["first_step_unix"] = time.time()
         start_step = self.step
         self.sync()
-        t0, self.segment = time.perf_counter(), self.mark()
+        t0 = self.start_stretch()
         # A step's loss line is written once the next step is queued: reading the loss waits for its step
         # only, so the host never drains the GPU's queue and every step starts with work already queued.
         pending = None
         while True:
             step, last = self.step, self.step >= cfg.steps
             if last or step % cfg.val_every == 0:
-                self.log_train(pending)
-                self.sync()
-                self.train_ms += 1000 * (time.perf_counter() - t0)
+                self.end_stretch(pending, t0)
                 v0 = time.perf_counter()
                 val = self.validate(step)
                 self.timings["val_s"] += time.perf_counter() - v0
@@ -331,13 +341,11 @@ class Trainer:
                 self.record(step=step, val_loss=val, train_time_ms=round(self.train_ms, 1),
                             lr_scale=lr_scale(cfg, step), window=window_blocks(cfg, step))
                 self.sync()
-                t0, self.segment, pending = time.perf_counter(), self.mark(), None
+                t0, pending = self.start_stretch(), None
             if last:
                 break
             if step > start_step and step % cfg.stop_check_every == 0 and any_rank(self.stop.asked(), self.ranks.device):
-                self.log_train(pending)
-                self.sync()
-                self.train_ms += 1000 * (time.perf_counter() - t0)
+                self.end_stretch(pending, t0)
                 self.save(checkpoint.step_path(self.out, step))
                 if self.ranks.is_main and self.stop.file.exists():
                     self.stop.file.unlink()   # consumed: the resumed run must not stop again at once
@@ -346,15 +354,13 @@ class Trainer:
                 barrier()
                 return PREEMPTED_EXIT
             if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
-                self.log_train(pending)
-                self.sync()
-                self.train_ms += 1000 * (time.perf_counter() - t0)
+                self.end_stretch(pending, t0)
                 self.save(checkpoint.step_path(self.out, step))
-                t0, self.segment, pending = time.perf_counter(), self.mark(), None
+                t0, pending = self.start_stretch(), None
             loss = self.train_step(self.batches.next_step(), step)
             self.step = step + 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                queued = (self.step, sum_to_host(loss.detach(), self.ranks.device), self.mark())
+                queued = (self.step, sum_to_host(loss), self.mark())
                 self.log_train(pending)
                 pending = queued
         if cfg.checkpoint_final:

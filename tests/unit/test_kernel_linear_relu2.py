@@ -92,10 +92,11 @@ def fp8_reference(x, w_fc, w_proj, g, mode):
     h_s = x.size(-1) * w_fc.float().square().sum(dim=1).amax() / E4M3_MAX
     h_q = to_fp8(h32, 1.0 / h_s, E4M3, E4M3_MAX).float() * h_s
     wp = w_proj.bfloat16().float()
-    y = h_q @ ((w_proj / p_s).to(E4M3).float() * p_s).t()
+    wp_q = (w_proj / p_s).to(E4M3).float() * p_s
+    y = h_q @ wp_q.t()
     if mode in ("grad_h", "all"):
         g_s = g.abs().amax().float() / E5M2_MAX
-        grad_h = (to_fp8(g, 1.0 / g_s, E5M2, E5M2_MAX).float() * g_s) @ ((w_proj / p_s).to(E4M3).float() * p_s)
+        grad_h = (to_fp8(g, 1.0 / g_s, E5M2, E5M2_MAX).float() * g_s) @ wp_q
     else:
         grad_h = g.float() @ wp
     grad_pre32 = grad_h * 2 * h.sqrt()
@@ -103,7 +104,7 @@ def fp8_reference(x, w_fc, w_proj, g, mode):
     if mode == "all":
         bound = 2 * x.size(-1) * g.abs().amax().float() * w_proj.norm(dim=0).amax() * w_fc.norm(dim=1).amax()
         pre_s = bound / E5M2_MAX
-        grad_x = (to_fp8(grad_pre32, 1.0 / pre_s, E5M2, E5M2_MAX).float() * pre_s) @ ((w_fc / w_s).to(E4M3).float() * w_s)
+        grad_x = (to_fp8(grad_pre32, 1.0 / pre_s, E5M2, E5M2_MAX).float() * pre_s) @ w_q
     else:
         grad_x = grad_pre @ w_fc.bfloat16().float()
     return y, grad_x, grad_pre.t() @ x.float(), g.float().t() @ h
