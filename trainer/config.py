@@ -54,6 +54,8 @@ class TrainConfig:
     adam_scalar_lr: float = 0.015
     adam_beta1: float = 0.8
     adam_beta2: float = 0.95
+    muon_kernel: str = "torch"                # torch | triton (the symmetric products of the orthogonalisation
+                                              # by trainer/kernels/gram.py, CUDA only); torch until measured
     # --- runtime
     seed: int = 0
     device: str = "auto"                      # auto | cuda | cpu
@@ -82,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"attention: must be auto, flex or dense (got {self.attention!r})")
         if self.mlp_kernel not in ("torch", "triton"):
             raise ValueError(f"mlp_kernel: must be torch or triton (got {self.mlp_kernel!r})")
+        if self.muon_kernel not in ("torch", "triton"):
+            raise ValueError(f"muon_kernel: must be torch or triton (got {self.muon_kernel!r})")
         if self.mlp_fp8 not in MLP_FP8_MODES:
             raise ValueError(f"mlp_fp8: must be none, forward, grad_h or all (got {self.mlp_fp8!r})")
         if self.device not in ("auto", "cuda", "cpu"):
