@@ -129,7 +129,7 @@ def run_phase(args) -> dict:
         tflops=step_flops / (med / 1000) / 1e12, mfu=(step_flops / (med / 1000) / 1e12 / peak) if peak else None,
         peak_bf16_tflops=peak, peak_memory_allocated_mib=torch.cuda.max_memory_allocated() // 2**20,
         peak_memory_reserved_mib=torch.cuda.max_memory_reserved() // 2**20, compile_warmup_s=compile_s,
-        fp8_head=model.fp8_head, flex=model.use_flex, losses=losses, times_ms=times,
+        fp8_head=model.fp8_head, attention=model.attention, losses=losses, times_ms=times,
         mean_doc_tokens=701, cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"), profile=profile,
         graph_breaks=dict(torch._dynamo.utils.counters["graph_break"]),
         compile_cache=({k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("inductor", "aot_autograd")}),

@@ -76,7 +76,7 @@ class Attention(nn.Module):
         self.c_proj = CastedLinear(hdim, dim, zero_init=True)
         self.fp8 = False   # the q, k, v projection's forward in FP8 (set by the trainer on Hopper)
 
-    def forward(self, x, ve, docs, window_blocks, block_size, block_mask):
+    def forward(self, x, ve, docs, window_blocks, block_size, mask):
         B, T, _ = x.shape
         if self.fp8 and x.is_cuda:   # x is rms-normed: FP8 with a fixed scale
             qkv = fp8_forward_linear(x, self.qkv_w.flatten(end_dim=1))
@@ -89,10 +89,7 @@ class Attention(nn.Module):
         else:
             v = self.lambdas[0] * v
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if block_mask is not None:
-            y = attn_impl.flex_attention(q, k, v, block_mask, ATTN_SCALE)
-        else:
-            y = attn_impl.dense_attention(q, k, v, docs, window_blocks, block_size, ATTN_SCALE)
+        y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.c_proj(y)
 
@@ -124,9 +121,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
-    def forward(self, x, x0, ve, docs, window_blocks, block_size, block_mask):
+    def forward(self, x, x0, ve, docs, window_blocks, block_size, mask):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, block_mask)
+        x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, mask)
         return x + self.mlp(norm(x))
 
 
@@ -153,7 +150,7 @@ class GPT(nn.Module):
             self.ve_of_layer[i] = i
             self.ve_of_layer[L - n + i] = i
         self.act_dtype = torch.float32
-        self.use_flex = False
+        self.attention = "dense"   # dense (CPU) | flex | triton: how attention runs (trainer/attention.py)
         self.fp8_head = False   # the trainer sets these two for its GPU
         self.fused_head_loss = False
 
@@ -177,8 +174,11 @@ class GPT(nn.Module):
         cfg = self.cfg
         docs = attn_impl.document_ids(tokens)
         windows = (window_blocks, torch.clamp(window_blocks // 2, min=1))   # long, short
-        if self.use_flex:
+        if self.attention == "flex":
             masks = [attn_impl.flex_block_mask(docs, w, cfg.block_size) for w in windows]
+        elif self.attention == "triton":
+            start, end = attn_impl.document_bounds(tokens)
+            masks = [attn_impl.DocBounds(start, end, w) for w in windows]
         else:
             masks, windows = [None, None], tuple(int(w) for w in windows)
         x = x0 = norm(self.embed(tokens)[None].to(self.act_dtype))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer import attention as attn_impl
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import BOS, TrainBatches, find_shards, validation_chunks
@@ -108,7 +109,7 @@ class Trainer:
         with torch.device(r.device):   # initialised where it trains: no 200M-parameter init on the host first
             self.model = GPT(cfg)
         self.model.act_dtype = torch.bfloat16 if self.cuda else torch.float32
-        self.model.use_flex = cfg.attention == "flex" or (cfg.attention == "auto" and self.cuda)
+        self.model.attention = attn_impl.implementation(cfg.attention, self.cuda)
         fp8_capable = self.cuda and torch.cuda.get_device_capability(r.device) >= (9, 0)
         self.model.fp8_head = bool(cfg.fp8_head and fp8_capable)
         self.model.fused_head_loss = cfg.fused_head_loss and self.cuda
@@ -172,7 +173,7 @@ class Trainer:
         bs = self.cfg.block_size
         for chunk in self.val:
             x, y = chunk[:-1], chunk[1:].astype(np.int64)
-            pad = -len(x) % bs if self.model.use_flex else 0   # flex needs whole blocks; padded targets are ignored
+            pad = -len(x) % bs if self.model.attention == "flex" else 0   # flex needs whole blocks; padded targets are ignored
             x = np.concatenate([x, np.full(pad, BOS, x.dtype)])
             y = np.concatenate([y, np.full(pad, -1, np.int64)])
             loss_sum += self.forward(self._tensor(x), self._tensor(y), window, reduction="sum").double()

@@ -53,7 +53,7 @@ def test_compiled_model_with_flex_matches_dense_model():
     t = packed(cfg.seq_len + 1, 5, 0)
     w = torch.tensor(4, device="cuda")
     dense = model(t[:-1], t[1:], w)
-    model.use_flex = True
+    model.attention = "flex"
     flex = torch.compile(model, dynamic=False)(t[:-1], t[1:], w)
     assert abs(flex.item() - dense.item()) < 2e-2 * dense.item()
     model.fused_head_loss = True      # the fused head + soft-capped loss op, compiled with the rest
