@@ -36,6 +36,8 @@ def qkv(B, H, T, D, dtype, seed=0, layout="bthd"):
     for _ in range(3):
         if layout == "bthd":
             t = torch.randn(B, T, H, D, generator=g).to(DEV, dtype).transpose(1, 2)
+        elif layout == "strided_head_dim":   # copied to a unit head_dim stride inside the op
+            t = torch.randn(B, H, D, T, generator=g).to(DEV, dtype).transpose(2, 3)
         else:
             t = torch.randn(B, H, T, D, generator=g).to(DEV, dtype)
         out.append(t.requires_grad_())
@@ -71,7 +73,7 @@ def test_float32_matches_dense_float64(T, starts, window):
     check(packed(T, starts), window, 16, torch.float32, 1e-5)
 
 
-@pytest.mark.parametrize("layout", ["bthd", "contiguous"])
+@pytest.mark.parametrize("layout", ["bthd", "contiguous", "strided_head_dim"])
 def test_bf16_inputs_within_bf16_rounding(layout):
     check(packed(150, (0, 5, 32, 90)), 3, 16, torch.bfloat16, 1.5e-2, layout=layout)
 
@@ -91,6 +93,16 @@ def test_attend_dispatches_on_the_mask_kind():
     dense = attend(q, k, v, None, docs, 2, 16, 0.3)
     kernel = attend(q, k, v, DocBounds(start, end, torch.tensor(2, device=DEV)), docs, 2, 16, 0.3)
     assert rel_err(kernel, dense) < 1e-5
+
+
+def test_custom_op_registration():
+    # schema, autograd registration, fake tensors (shapes and strides of the outputs) and AOT dispatch with
+    # the backward, as torch.compile will use them
+    tokens = packed(64, (0, 20))
+    q, k, v = qkv(1, 2, 64, 16, torch.float32)
+    start, end = document_bounds(tokens)
+    args = (q, k, v, start, end, torch.tensor(2, device=DEV), 16, 0.3)
+    torch.library.opcheck(torch.ops.speedrun.doc_attention_fwd.default, args)
 
 
 def test_document_bounds():

@@ -224,14 +224,19 @@ def _configs() -> dict:
     return INTERPRET_CONFIGS if INTERPRET else GPU_CONFIGS
 
 
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but a unit one along head_dim (what the model hands over anyway)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.Tensor, doc_end: torch.Tensor,
            window: torch.Tensor) -> None:
     B, H, T, D = q.shape
     if k.shape != q.shape or v.shape != q.shape or len({q.dtype, k.dtype, v.dtype}) != 1:
         raise ValueError(f"doc_attention: q, k, v must share one (B, H, T, D) shape and dtype (got {tuple(q.shape)} "
                          f"{q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype})")
-    if D & (D - 1) or D < 16 or any(t.stride(-1) != 1 for t in (q, k, v)):
-        raise ValueError(f"doc_attention: head_dim must be a power of two >= 16 with unit stride (got {D})")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"doc_attention: head_dim must be a power of two >= 16 (got {D})")
     for name, t in (("doc_start", doc_start), ("doc_end", doc_end)):
         if t.shape != (B, T) or t.dtype != torch.int32 or not t.is_contiguous():
             raise ValueError(f"doc_attention: {name} must be a contiguous int32 (B, T) = {(B, T)} tensor "
@@ -247,6 +252,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start:
     """o (B, T, H, D) and the base-2 log-sum-exp (B, H, T) fp32. doc_end is unused here: it rides along so
     the backward finds it saved."""
     _check(q, k, v, doc_start, doc_end, window)
+    q, k, v = (_unit_last(t) for t in (q, k, v))
     B, H, T, D = q.shape
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
@@ -276,8 +282,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     if T == 0:
         return tuple(grads)
     dq, dk, dv = grads
-    if do.stride(-1) != 1:
-        do = do.contiguous()
+    do, q, k, v, o = (_unit_last(t) for t in (do, q, k, v, o))
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     cfg = _configs()
     do_strides = (do.stride(0), do.stride(2), do.stride(1))   # (b, h, t) order, as the kernels take them
