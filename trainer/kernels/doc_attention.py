@@ -7,7 +7,9 @@ block_size), and every key one contiguous run of queries, [k, hi(k)). The kernel
 (in tiles), where FlexAttention walks a block mask of 128 x 128 tiles: no index lists, no tile computed
 for a document that starts after it, and the mask applied only on the tiles at the ends of each run
 (the middle tiles are wholly visible). Three kernels, FlashAttention-2 style: the forward (output and
-log-sum-exp), dq (which also writes delta = rowsum(dO * O)), then dk and dv.
+log-sum-exp), dq (which also writes delta = rowsum(dO * O)), then dk and dv. Tiles of q, k, v, o and the
+gradients move through TMA descriptors (Hopper's copy engine; rows past T read as zeros), so no tile of
+64-bit addresses sits in registers: with pointer arithmetic the forward spilled 650 bytes a thread.
 
 Not yet measured against FlexAttention on a GPU: bench/kernels.py has the rows; the trainer takes this
 path with attention=triton.
@@ -19,13 +21,16 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; the GPU tiles are first guesses (FlashAttention-2
-# shapes for head_dim 128), to be swept with bench/kernels.py. The dk/dv kernel's BLOCK_N (keys) must be a
-# multiple of its BLOCK_M (queries).
-GPU_CONFIGS = {"fwd": (128, 64, 8, 3), "dq": (128, 32, 4, 3), "dkdv": (32, 128, 4, 3)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. Chosen without a GPU from the sm_90 compiler's report
+# (bench/kernel_resources.py, triton 3.9): the largest tiles that keep every accumulator in registers, i.e.
+# no local-memory spills (fwd 162 registers, dq 158, dk/dv 223; dk/dv at 32x128 with 4 warps or 3 stages
+# spilled 750 bytes a thread). Still to be timed and swept on the GPU (bench/kernels.py). The dk/dv kernel's
+# BLOCK_N (keys) must be a multiple of its BLOCK_M (queries).
+GPU_CONFIGS = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2)}
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
 
 
@@ -44,18 +49,25 @@ def _last_query(cols, T, doc_end_ptr, window, BS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_run(acc, l_i, m_i, q, k_base, v_base, skt, svt, rows, lo, start, end, T, qk_scale,
-             MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+def _tile(desc, b, h, start, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows [start, start + ROWS) of head h of sequence b from a (B, H, T, D) descriptor, as (ROWS, D); the
+    copy engine zero-fills rows past T."""
+    t = desc.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
+    if UPCAST:   # the interpreter's dot multiplies bf16 as raw bits; compiled code never takes this
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, b, h, rows, lo, start, end, qk_scale, MASKED: tl.constexpr,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over the key tiles [start, end); MASKED on the run's end tiles only."""
-    d = tl.arange(0, HEAD_DIM)
     for s in range(start, end, BLOCK_N):
-        cols = s + tl.arange(0, BLOCK_N)
-        kt = tl.load(k_base + cols[None, :] * skt + d[:, None], mask=cols[None, :] < T, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svt + d[None, :], mask=cols[:, None] < T, other=0.0)
-        if UPCAST:   # the interpreter's dot multiplies bf16 as raw bits; compiled code never takes this
-            kt, v = kt.to(tl.float32), v.to(tl.float32)
-        qk = tl.dot(q, kt) * qk_scale
+        k = _tile(k_desc, b, h, s, BLOCK_N, HEAD_DIM, UPCAST)
+        v = _tile(v_desc, b, h, s, BLOCK_N, HEAD_DIM, UPCAST)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
+            cols = s + tl.arange(0, BLOCK_N)
             qk = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] >= lo[:, None]), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
@@ -77,102 +89,84 @@ def _query_runs(rows, lo, q0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_start_ptr, window_ptr, T, H,
-                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, sot, soh, qk_scale,
+def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, doc_start_ptr, window_ptr, T, H, qk_scale,
                 BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 UPCAST: tl.constexpr):
     q0 = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
     rows = q0 + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, HEAD_DIM)
-    lo = _first_key(rows, T, doc_start_ptr + b * T, tl.load(window_ptr), BS)
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :], mask=rows[:, None] < T, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    lo = _first_key(rows, T, doc_start_ptr + b * T, tl.load(window_ptr).to(tl.int32), BS)
+    q = _tile(q_desc, b, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
     start, mid, end = _query_runs(rows, lo, q0, T, BLOCK_M, BLOCK_N)
     # a finite start for the running max: a row with no visible key in a masked tile keeps exp2(-inf) = 0
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, skt, svt, rows, lo, start, mid, T, qk_scale,
-                             True, BLOCK_N, HEAD_DIM, UPCAST)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, skt, svt, rows, lo, mid, q0, T, qk_scale,
-                             False, BLOCK_N, HEAD_DIM, UPCAST)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, skt, svt, rows, lo, q0, end, T, qk_scale,
-                             True, BLOCK_N, HEAD_DIM, UPCAST)
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, b, h, rows, lo, start, mid, qk_scale, True,
+                             BLOCK_N, HEAD_DIM, UPCAST)
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, b, h, rows, lo, mid, q0, qk_scale, False,
+                             BLOCK_N, HEAD_DIM, UPCAST)
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, b, h, rows, lo, q0, end, qk_scale, True,
+                             BLOCK_N, HEAD_DIM, UPCAST)
     inside = rows < T
     l_i = tl.where(inside, l_i, 1.0)   # rows past T may see no key at all: keep their (unstored) math finite
     out = acc / l_i[:, None]
-    tl.store(o_ptr + b * sob + h * soh + rows[:, None] * sot + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=inside[:, None])
+    o_desc.store([b, h, q0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
     tl.store(lse_ptr + (b * H + h) * T + rows, m_i + tl.math.log2(l_i), mask=inside)   # base 2
 
 
 @triton.jit
-def _dq_run(dq, q, do, lse, delta, k_base, v_base, skt, svt, rows, lo, start, end, T, qk_scale,
-            MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-    d = tl.arange(0, HEAD_DIM)
+def _dq_run(dq, q, do, lse, delta, k_desc, v_desc, b, h, rows, lo, start, end, qk_scale, MASKED: tl.constexpr,
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     for s in range(start, end, BLOCK_N):
-        cols = s + tl.arange(0, BLOCK_N)
-        kt = tl.load(k_base + cols[None, :] * skt + d[:, None], mask=cols[None, :] < T, other=0.0)
-        vt = tl.load(v_base + cols[None, :] * svt + d[:, None], mask=cols[None, :] < T, other=0.0)
-        if UPCAST:
-            kt, vt = kt.to(tl.float32), vt.to(tl.float32)
-        p = tl.math.exp2(tl.dot(q, kt) * qk_scale - lse[:, None])
+        k = _tile(k_desc, b, h, s, BLOCK_N, HEAD_DIM, UPCAST)
+        v = _tile(v_desc, b, h, s, BLOCK_N, HEAD_DIM, UPCAST)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         if MASKED:
+            cols = s + tl.arange(0, BLOCK_N)
             p = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] >= lo[:, None]), p, 0.0)
-        ds = p * (tl.dot(do, vt) - delta[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 
 
 @triton.jit
-def _dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr, window_ptr, T, H,
-               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, sot, soh, sdb, sdh, sdt, sgb, sgh, sgt, sm_scale,
-               qk_scale, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """dq for one query tile (in the strides sg*). Also writes delta = rowsum(dO * O) for dk/dv."""
+def _dq_kernel(q_desc, k_desc, v_desc, o_desc, do_desc, dq_desc, lse_ptr, delta_ptr, doc_start_ptr, window_ptr,
+               T, H, sm_scale, qk_scale, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """dq for one query tile. Also writes delta = rowsum(dO * O), which dk/dv need."""
     q0 = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
     rows = q0 + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, HEAD_DIM)
     inside = rows < T
-    lo = _first_key(rows, T, doc_start_ptr + b * T, tl.load(window_ptr), BS)
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :], mask=inside[:, None], other=0.0)
-    do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdt + d[None, :], mask=inside[:, None], other=0.0)
-    o = tl.load(o_ptr + b * sob + h * soh + rows[:, None] * sot + d[None, :], mask=inside[:, None], other=0.0)
+    lo = _first_key(rows, T, doc_start_ptr + b * T, tl.load(window_ptr).to(tl.int32), BS)
+    q = _tile(q_desc, b, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
+    do = _tile(do_desc, b, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
+    o = _tile(o_desc, b, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(delta_ptr + (b * H + h) * T + rows, delta, mask=inside)
     lse = tl.load(lse_ptr + (b * H + h) * T + rows, mask=inside, other=0.0)
-    if UPCAST:
-        q, do = q.to(tl.float32), do.to(tl.float32)
-    k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
     start, mid, end = _query_runs(rows, lo, q0, T, BLOCK_M, BLOCK_N)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    dq = _dq_run(dq, q, do, lse, delta, k_base, v_base, skt, svt, rows, lo, start, mid, T, qk_scale, True,
-                 BLOCK_N, HEAD_DIM, UPCAST)
-    dq = _dq_run(dq, q, do, lse, delta, k_base, v_base, skt, svt, rows, lo, mid, q0, T, qk_scale, False,
-                 BLOCK_N, HEAD_DIM, UPCAST)
-    dq = _dq_run(dq, q, do, lse, delta, k_base, v_base, skt, svt, rows, lo, q0, end, T, qk_scale, True,
-                 BLOCK_N, HEAD_DIM, UPCAST)
-    tl.store(dq_ptr + b * sgb + h * sgh + rows[:, None] * sgt + d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-             mask=inside[:, None])
+    dq = _dq_run(dq, q, do, lse, delta, k_desc, v_desc, b, h, rows, lo, start, mid, qk_scale, True, BLOCK_N,
+                 HEAD_DIM, UPCAST)
+    dq = _dq_run(dq, q, do, lse, delta, k_desc, v_desc, b, h, rows, lo, mid, q0, qk_scale, False, BLOCK_N,
+                 HEAD_DIM, UPCAST)
+    dq = _dq_run(dq, q, do, lse, delta, k_desc, v_desc, b, h, rows, lo, q0, end, qk_scale, True, BLOCK_N,
+                 HEAD_DIM, UPCAST)
+    dq_desc.store([b, h, q0, 0], (dq * sm_scale).to(dq_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
 @triton.jit
-def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols, hi, start, end, T, qk_scale,
+def _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, b, h, cols, hi, start, end, T, qk_scale,
               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     """dk, dv of one key tile over the query tiles [start, end): transposed products, keys on the rows."""
-    d = tl.arange(0, HEAD_DIM)
     for s in range(start, end, BLOCK_M):
         rows = s + tl.arange(0, BLOCK_M)
-        q = tl.load(q_base + rows[:, None] * sqt + d[None, :], mask=rows[:, None] < T, other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdt + d[None, :], mask=rows[:, None] < T, other=0.0)
+        q = _tile(q_desc, b, h, s, BLOCK_M, HEAD_DIM, UPCAST)
+        do = _tile(do_desc, b, h, s, BLOCK_M, HEAD_DIM, UPCAST)
         lse = tl.load(lse_base + rows, mask=rows < T, other=float("inf"))   # rows past T: p = 0
         delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
-        if UPCAST:
-            q, do = q.to(tl.float32), do.to(tl.float32)
         pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
         if MASKED:
             pt = tl.where((rows[None, :] >= cols[:, None]) & (rows[None, :] < hi[:, None]), pt, 0.0)
@@ -183,39 +177,32 @@ def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, col
 
 
 @triton.jit
-def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, doc_end_ptr, window_ptr, T, H,
-                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt, sm_scale, qk_scale,
-                 BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """dk, dv for one tile of BLOCK_N keys (in the strides sg*). Its query run: [k0, k0 + BLOCK_N) masked
-    (the diagonal), then tiles every key's queries include, unmasked, then the run's last tiles, masked."""
+def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, doc_end_ptr, window_ptr,
+                 T, H, sm_scale, qk_scale, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """dk, dv for one tile of BLOCK_N keys. Its query run: [k0, k0 + BLOCK_N) masked (the diagonal), then
+    the tiles every key's queries include, unmasked, then the run's last tiles, masked."""
     k0 = tl.program_id(0) * BLOCK_N
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
     cols = k0 + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
     inside = cols < T
-    hi = _last_query(cols, T, doc_end_ptr + b * T, tl.load(window_ptr), BS)
-    k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skt + d[None, :], mask=inside[:, None], other=0.0)
-    v = tl.load(v_ptr + b * svb + h * svh + cols[:, None] * svt + d[None, :], mask=inside[:, None], other=0.0)
-    if UPCAST:
-        k, v = k.to(tl.float32), v.to(tl.float32)
-    q_base, do_base = q_ptr + b * sqb + h * sqh, do_ptr + b * sdb + h * sdh
+    hi = _last_query(cols, T, doc_end_ptr + b * T, tl.load(window_ptr).to(tl.int32), BS)
+    k = _tile(k_desc, b, h, k0, BLOCK_N, HEAD_DIM, UPCAST)
+    v = _tile(v_desc, b, h, k0, BLOCK_N, HEAD_DIM, UPCAST)
     lse_base, delta_base = lse_ptr + (b * H + h) * T, delta_ptr + (b * H + h) * T
     diag_end = tl.minimum(k0 + BLOCK_N, T)
-    end = tl.max(tl.where(inside, hi, 0))
     mid = tl.maximum(tl.min(tl.where(inside, hi, T)) // BLOCK_M * BLOCK_M, diag_end)
-    end = tl.maximum(end, mid)
+    end = tl.maximum(tl.max(tl.where(inside, hi, 0)), mid)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols, hi, k0, diag_end, T,
+    dk, dv = _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, b, h, cols, hi, k0, diag_end, T,
                        qk_scale, True, BLOCK_M, HEAD_DIM, UPCAST)
-    dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols, hi, diag_end, mid, T,
+    dk, dv = _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, b, h, cols, hi, diag_end, mid, T,
                        qk_scale, False, BLOCK_M, HEAD_DIM, UPCAST)
-    dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols, hi, mid, end, T,
+    dk, dv = _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, b, h, cols, hi, mid, end, T,
                        qk_scale, True, BLOCK_M, HEAD_DIM, UPCAST)
-    out = b * sgb + h * sgh + cols[:, None] * sgt + d[None, :]
-    tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=inside[:, None])
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=inside[:, None])
+    dk_desc.store([b, h, k0, 0], (dk * sm_scale).to(dk_desc.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
+    dv_desc.store([b, h, k0, 0], dv.to(dv_desc.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------- the op
@@ -224,9 +211,18 @@ def _configs() -> dict:
     return INTERPRET_CONFIGS if INTERPRET else GPU_CONFIGS
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any strides but a unit one along head_dim (what the model hands over anyway)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """The copy engine takes any layout with a unit stride along head_dim and 16-byte aligned rows and base
+    (what the model hands over anyway); anything else is copied first."""
+    size = t.element_size()
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1]):
+        return t
+    return t.contiguous()
+
+
+def _desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A (B, H, T, D) tensor's descriptor for tiles of `rows` positions of one head."""
+    return TensorDescriptor.from_tensor(t, [1, 1, rows, t.size(-1)])
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.Tensor, doc_end: torch.Tensor,
@@ -252,7 +248,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start:
     """o (B, T, H, D) and the base-2 log-sum-exp (B, H, T) fp32. doc_end is unused here: it rides along so
     the backward finds it saved."""
     _check(q, k, v, doc_start, doc_end, window)
-    q, k, v = (_unit_last(t) for t in (q, k, v))
+    q, k, v = (_tma_ready(t) for t in (q, k, v))
     B, H, T, D = q.shape
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
@@ -260,9 +256,9 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start:
         return o, lse
     bm, bn, warps, stages = _configs()["fwd"]
     _fwd_kernel[(triton.cdiv(T, bm), B * H)](
-        q, k, v, o, lse, doc_start, window, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *o.stride()[:3], scale * LOG2E, BS=block_size, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=INTERPRET,
-        num_warps=warps, num_stages=stages)
+        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(o.transpose(1, 2), bm), lse, doc_start, window, T, H,
+        scale * LOG2E, BS=block_size, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=INTERPRET, num_warps=warps,
+        num_stages=stages)
     return o, lse
 
 
@@ -282,20 +278,20 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     if T == 0:
         return tuple(grads)
     dq, dk, dv = grads
-    do, q, k, v, o = (_unit_last(t) for t in (do, q, k, v, o))
+    do, q, k, v, o = (_tma_ready(t) for t in (do, q, k, v, o))
+    do, o = do.transpose(1, 2), o.transpose(1, 2)   # (B, H, T, D) views, as the kernels index them
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     cfg = _configs()
-    do_strides = (do.stride(0), do.stride(2), do.stride(1))   # (b, h, t) order, as the kernels take them
     bm, bn, warps, stages = cfg["dq"]
     _dq_kernel[(triton.cdiv(T, bm), B * H)](
-        q, k, v, o, do, lse, delta, dq, doc_start, window, T, H, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], *o.stride()[:3], *do_strides, *dq.stride()[:3], scale, scale * LOG2E, BS=block_size,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
+        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(o, bm), _desc(do, bm), _desc(dq, bm), lse, delta,
+        doc_start, window, T, H, scale, scale * LOG2E, BS=block_size, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = cfg["dkdv"]
     _dkdv_kernel[(triton.cdiv(T, bn), B * H)](
-        q, k, v, do, lse, delta, dk, dv, doc_end, window, T, H, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], *do_strides, *dk.stride()[:3], scale, scale * LOG2E, BS=block_size, HEAD_DIM=D,
-        BLOCK_M=bm, BLOCK_N=bn, UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
+        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dk, bn), _desc(dv, bn), lse, delta,
+        doc_end, window, T, H, scale, scale * LOG2E, BS=block_size, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 

@@ -1,0 +1,190 @@
+"""Compile the trainer's Triton kernels for Hopper (sm_90) on this machine, no GPU needed, and report what the
+compiler made of each tile configuration: registers per thread, local-memory spills (stack bytes and the
+LDL/STL instructions that move them), shared memory, and whether the matrix products became wgmma
+(HGMMA, or QGMMA for FP8, in the SASS). A spilling configuration is slow before it is timed, so this prunes a sweep before
+any device time is spent on it.
+
+    python bench/kernel_resources.py [--only SUBSTRING] [--sweep] [--check] [--out bench/results]
+
+Without --sweep only the configurations the trainer runs are compiled; --sweep adds the alternatives the
+GPU benchmark (bench/kernels.py) times. --check exits 1 when a configuration the trainer runs fails to
+compile, spills, misses wgmma or wants more shared memory than an H100 block has (tests/unit run it). Uses the ptxas and cuobjdump that ship with Triton's NVIDIA
+backend. Writes bench/results/kernel_resources-sm90-triton<version>.json. The GPU machines run an older
+Triton (3.6) than this one may: registers can differ there by a few.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+@dataclass
+class Build:
+    name: str
+    kernel: object                 # a @triton.jit function
+    signature: dict                # argument name -> Triton type; omitted arguments are i32
+    constexprs: dict
+    warps: int
+    stages: int
+    default: bool = True           # what the trainer runs (else: a sweep alternative)
+    resources: dict = field(default_factory=dict)
+
+
+def compile_sm90(b: Build) -> dict:
+    """Compile one build for sm_90 and read its resource use off the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    sig = {n: ("constexpr" if n in b.constexprs else b.signature.get(n, "i32")) for n in b.kernel.arg_names}
+    try:
+        k = triton_compile(ASTSource(fn=b.kernel, signature=sig, constexprs=b.constexprs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": b.warps, "num_stages": b.stages})
+    except Exception as e:   # noqa: BLE001 - a configuration that does not compile is a result, not a crash
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        return {"error": f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:200]}"}
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(tool), "--dump-sass", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    return {"registers": int(regs.group(1)) if regs else None, "stack_bytes": int(stack.group(1)) if stack else None,
+            "shared_bytes": k.metadata.shared, "spill_loads": len(re.findall(r"\bLDL\b", sass)),
+            "spill_stores": len(re.findall(r"\bSTL\b", sass)), "wgmma": len(re.findall(r"\b[HQ]GMMA\b", sass)),
+            "mma": len(re.findall(r"\bHMMA\b", sass))}
+
+
+def fits_hopper(r: dict) -> bool:
+    """Compiled, no local-memory spills, wgmma for the matrix products, and shared memory one H100 block has."""
+    return ("error" not in r and r["stack_bytes"] == 0 and r["spill_loads"] == 0 and r["wgmma"] > 0
+            and r["shared_bytes"] <= 227 * 1024)
+
+
+def _desc(dtype: str, *block) -> str:
+    return f"tensordesc<{dtype}[{','.join(map(str, block))}]>"
+
+
+def doc_attention_builds() -> list[Build]:
+    from trainer.kernels import doc_attention as da
+
+    D = 128
+    base = {"BS": 128, "HEAD_DIM": D, "UPCAST": False}
+    sweep = {"fwd": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+             "dq": [(64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
+             "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)]}
+    out = []
+    for kind, kernel in (("fwd", da._fwd_kernel), ("dq", da._dq_kernel), ("dkdv", da._dkdv_kernel)):
+        for cfg in [da.GPU_CONFIGS[kind], *sweep[kind]]:
+            bm, bn, warps, stages = cfg
+            q, kv = _desc("bf16", 1, 1, bm, D), _desc("bf16", 1, 1, bn, D)
+            sig = {"q_desc": q, "k_desc": kv, "v_desc": kv, "o_desc": q, "do_desc": q, "dq_desc": q, "dk_desc": kv,
+                   "dv_desc": kv, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "doc_start_ptr": "*i32",
+                   "doc_end_ptr": "*i32", "window_ptr": "*i64", "qk_scale": "fp32", "sm_scale": "fp32"}
+            out.append(Build(f"doc attention {kind} {bm}x{bn}, {warps} warps, {stages} stages", kernel, sig,
+                             {**base, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
+                             default=cfg == da.GPU_CONFIGS[kind]))
+    return out
+
+
+def gram_builds() -> list[Build]:
+    from trainer.kernels import gram
+
+    out = []
+    for cfg in [gram.GPU_CONFIG, (128, 64, 8, 3), (64, 64, 8, 4), (64, 128, 4, 3)]:
+        bm, bk, warps, stages = cfg
+        for add in (False, True):
+            out.append(Build(f"gram {bm}x{bk}, {warps} warps, {stages} stages{', + beta C' if add else ''}",
+                             gram._gram_kernel, {"x_ptr": "*bf16", "c_ptr": "*bf16", "out_ptr": "*bf16",
+                                                 "alpha": "fp32", "beta": "fp32"},
+                             {"ADD": add, "BLOCK_M": bm, "BLOCK_K": bk, "UPCAST": False}, warps, stages,
+                             default=cfg == gram.GPU_CONFIG))
+    return out
+
+
+def linear_relu2_builds() -> list[Build]:
+    from trainer.kernels import linear_relu2 as lr
+
+    out = []
+    for (backward, fp8, out8), cfg in lr.GPU_CONFIGS.items():
+        bm, bn, bk, group, warps, stages, split, ws = cfg
+        sub_n = bn // 2 if split else bn
+        a_type = ("fp8e5" if backward else "fp8e4nv") if fp8 else "bf16"
+        sig = {"a_desc": _desc(a_type, bm, bk), "b_desc": _desc("fp8e4nv" if fp8 else "bf16", bn, bk),
+               "c_desc": _desc("bf16", bm, sub_n), "scale_ptr": "*fp32" if fp8 else "*bf16"}
+        consts = {"K": 768, "BACKWARD": backward, "SCALED": fp8, "OUT8": out8, "BLOCK_M": bm, "BLOCK_N": bn,
+                  "BLOCK_K": bk, "GROUP_M": group, "SPLIT": split, "WARP_SPECIALIZE": ws, "PROGRAMS": 132,
+                  "INTERPRET": False, "TILES_PER_PROGRAM": 35}
+        if backward:
+            sig["h_desc"] = _desc("bf16", bm, sub_n)
+        else:
+            consts["h_desc"] = None
+        if out8:
+            sig["o8_desc"] = _desc("fp8e5" if backward else "fp8e4nv", bm, sub_n)
+        else:
+            consts["o8_desc"] = None
+        name = f"linear+relu^2 {'backward' if backward else 'forward'}{', FP8' if fp8 else ''}{', FP8 out' if out8 else ''}"
+        out.append(Build(name, lr._matmul_relu2_kernel, sig, consts, warps, stages))
+    return out
+
+
+FAMILIES = (doc_attention_builds, gram_builds, linear_relu2_builds)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="compile the builds whose name contains this")
+    ap.add_argument("--sweep", action="store_true", help="also the sweep alternatives, not only the defaults")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a default configuration spills or misses wgmma")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("bench/kernel_resources.py compiles for the GPU: run it without TRITON_INTERPRET=1.", file=sys.stderr)
+        return 2
+    import triton
+    from rich.console import Console
+    from rich.table import Table
+
+    builds = [b for family in FAMILIES for b in family() if args.only in b.name and (args.sweep or b.default)]
+    table = Table(title=f"sm_90 compile of the trainer's Triton kernels (triton {triton.__version__}, no GPU)")
+    for col in ("kernel and tiles", "registers", "spilled bytes", "LDL/STL", "shared KB", "wgmma"):
+        table.add_column(col, justify="left" if col == "kernel and tiles" else "right")
+    for b in builds:
+        b.resources = compile_sm90(b)
+        r = b.resources
+        label = b.name + ("" if b.default else " (sweep)")
+        if "error" in r:
+            table.add_row(label, "-", "-", "-", "-", r["error"])
+            continue
+        table.add_row(label, str(r["registers"]), str(r["stack_bytes"]), f"{r['spill_loads']}/{r['spill_stores']}",
+                      f"{r['shared_bytes'] / 1024:.0f}", str(r["wgmma"]))
+    Console(width=120).print(table)
+    path = Path(args.out) / f"kernel_resources-sm90-triton{triton.__version__}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [dict(name=b.name, default=b.default, warps=b.warps, stages=b.stages, **b.resources) for b in builds]
+    path.write_text(json.dumps(dict(target="sm_90 (compiled on a CPU-only machine)", triton=triton.__version__,
+                                    rows=rows), indent=2))
+    bad = [b.name for b in builds if b.default and not fits_hopper(b.resources)]
+    if args.check and bad:
+        print(f"kernel_resources: {', '.join(bad)}: spills, misses wgmma or does not compile; choose another "
+              "tile in the kernel's GPU config (bench/kernel_resources.py --sweep lists candidates).", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
