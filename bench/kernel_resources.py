@@ -9,8 +9,12 @@ any device time is spent on it.
 Without --sweep only the configurations the trainer runs are compiled; --sweep adds the alternatives the
 GPU benchmark (bench/kernels.py) times. --check exits 1 when a configuration the trainer runs fails to
 compile, spills, misses wgmma or wants more shared memory than an H100 block has (tests/unit run it). Uses the ptxas and cuobjdump that ship with Triton's NVIDIA
-backend. Writes bench/results/kernel_resources-sm90-triton<version>.json. The GPU machines run an older
-Triton (3.6) than this one may: registers can differ there by a few.
+backend. Writes bench/results/kernel_resources-sm90-triton<version>.json. The GPU machines run an older Triton (3.6)
+than this one may, and registers differ between releases by a few (enough to tip a tile into spilling): to
+see what they will compile, install that release beside the project's and put it first,
+
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36 python bench/kernel_resources.py --sweep
 """
 from __future__ import annotations
 
@@ -105,7 +109,7 @@ def gram_builds() -> list[Build]:
     from trainer.kernels import gram
 
     out = []
-    for cfg in [gram.GPU_CONFIG, (128, 64, 8, 3), (64, 64, 8, 4), (64, 128, 4, 3)]:
+    for cfg in [gram.GPU_CONFIG, (128, 32, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3)]:
         bm, bk, warps, stages = cfg
         for add in (False, True):
             out.append(Build(f"gram {bm}x{bk}, {warps} warps, {stages} stages{', + beta C' if add else ''}",
