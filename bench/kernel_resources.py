@@ -95,7 +95,7 @@ def doc_attention_builds() -> list[Build]:
     for kind, kernel in (("fwd", da._fwd_kernel), ("dq", da._dq_kernel), ("dkdv", da._dkdv_kernel)):
         for cfg in [da.GPU_CONFIGS[kind], *sweep[kind]]:
             bm, bn, warps, stages = cfg
-            q, kv = _desc("bf16", 1, 1, bm, D), _desc("bf16", 1, 1, bn, D)
+            q, kv = _desc("bf16", bm, D), _desc("bf16", bn, D)
             sig = {"q_desc": q, "k_desc": kv, "v_desc": kv, "o_desc": q, "do_desc": q, "dq_desc": q, "dk_desc": kv,
                    "dv_desc": kv, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "doc_start_ptr": "*i32",
                    "doc_end_ptr": "*i32", "window_ptr": "*i64", "qk_scale": "fp32", "sm_scale": "fp32"}

@@ -59,7 +59,7 @@ DOC_ATTENTION_TILES = {   # each compiles without spills for sm_90 (bench/kernel
     "fwd 128x128": {"fwd": (128, 128, 8, 3)},
     "fwd 64x64": {"fwd": (64, 64, 4, 3)},
     "dq 64x64 4 warps": {"dq": (64, 64, 4, 3)},
-    "dq 128x32 4 warps": {"dq": (128, 32, 4, 3)},
+    "dq 64x32 4 warps": {"dq": (64, 32, 4, 3)},
     "dkdv 32x64 4 warps": {"dkdv": (32, 64, 4, 3)},
 }
 

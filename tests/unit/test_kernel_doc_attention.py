@@ -78,6 +78,24 @@ def test_bf16_inputs_within_bf16_rounding(layout):
     check(packed(150, (0, 5, 32, 90)), 3, 16, torch.bfloat16, 1.5e-2, layout=layout)
 
 
+def test_two_sequences_with_their_own_documents():
+    # one launch per sequence: a tile running past T must neither read nor write the next sequence's rows
+    T, H, D = 70, 2, 16
+    tokens = [packed(T, (0, 9, 40)), packed(T, (0, 33), seed=1)]
+    bounds = [document_bounds(t) for t in tokens]
+    start, end = (torch.cat([b[i] for b in bounds]) for i in (0, 1))
+    q, k, v = qkv(2, H, T, D, torch.float32, seed=5)
+    out = doc_attention(q, k, v, start, end, torch.tensor(2, device=DEV), 16, 0.3)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(DEV)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for i in range(2):
+        ref_in = [t[i:i + 1].detach().double().requires_grad_() for t in (q, k, v)]
+        ref = dense_attention(*ref_in, document_ids(tokens[i]), 2, 16, 0.3)
+        assert rel_err(out[i:i + 1], ref) < 1e-5
+        for a, r in zip(grads, torch.autograd.grad(ref, ref_in, g[i:i + 1].double())):
+            assert rel_err(a[i:i + 1], r) < 1e-5
+
+
 def test_window_longer_than_a_tile_and_block_not_a_tile_multiple():
     # block_size 24: window edges fall inside tiles of 16 and 32
     check(packed(200, (0, 130)), 2, 24, torch.float32, 1e-5, seed=3)

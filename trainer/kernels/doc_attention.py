@@ -7,9 +7,11 @@ block_size), and every key one contiguous run of queries, [k, hi(k)). The kernel
 (in tiles), where FlexAttention walks a block mask of 128 x 128 tiles: no index lists, no tile computed
 for a document that starts after it, and the mask applied only on the tiles at the ends of each run
 (the middle tiles are wholly visible). Three kernels, FlashAttention-2 style: the forward (output and
-log-sum-exp), dq (which also writes delta = rowsum(dO * O)), then dk and dv. Tiles of q, k, v, o and the
-gradients move through TMA descriptors (Hopper's copy engine; rows past T read as zeros), so no tile of
-64-bit addresses sits in registers: with pointer arithmetic the forward spilled 650 bytes a thread.
+log-sum-exp), dq (which also writes delta = rowsum(dO * O)), then dk and dv, each launched per sequence
+over a grid of (position tiles, heads). Tiles of q, k, v, o and the gradients move through TMA descriptors
+on each sequence's (T, heads * head_dim) matrix (Hopper's copy engine; rows past T read as zeros, stores
+past T are dropped), so no tile of 64-bit addresses sits in registers: with pointer arithmetic the forward
+spilled 650 bytes a thread, and 4-D descriptors with a one-head box compiled to spilling code too.
 
 Not yet measured against FlexAttention on a GPU: bench/kernels.py has the rows; the trainer takes this
 path with attention=triton.
@@ -26,10 +28,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. Chosen without a GPU from the sm_90 compiler's report
-# (bench/kernel_resources.py, triton 3.9): the largest tiles that keep every accumulator in registers, i.e.
-# no local-memory spills (fwd 162 registers, dq 158, dk/dv 223; dk/dv at 32x128 with 4 warps or 3 stages
-# spilled 750 bytes a thread). Still to be timed and swept on the GPU (bench/kernels.py). The dk/dv kernel's
-# BLOCK_N (keys) must be a multiple of its BLOCK_M (queries).
+# (bench/kernel_resources.py, triton 3.6 as on the GPU machines and 3.9): the largest tiles that keep every
+# accumulator in registers, no local-memory spills (fwd 162-164 registers, dq 158-166, dk/dv 223-235; dk/dv
+# at 32x128 with 4 warps spilled ~750-890 bytes a thread). Still to be timed and swept on the GPU
+# (bench/kernels.py). The dk/dv kernel's BLOCK_N (keys) must be a multiple of its BLOCK_M (queries).
 GPU_CONFIGS = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2)}
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
 
@@ -49,22 +51,22 @@ def _last_query(cols, T, doc_end_ptr, window, BS: tl.constexpr):
 
 
 @triton.jit
-def _tile(desc, b, h, start, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-    """Rows [start, start + ROWS) of head h of sequence b from a (B, H, T, D) descriptor, as (ROWS, D); the
-    copy engine zero-fills rows past T."""
-    t = desc.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
+def _tile(desc, h, start, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Positions [start, start + ROWS) of head h from a (T, H * D) descriptor, as (ROWS, D); the copy engine
+    zero-fills positions past T."""
+    t = desc.load([start, h * HEAD_DIM])
     if UPCAST:   # the interpreter's dot multiplies bf16 as raw bits; compiled code never takes this
         t = t.to(tl.float32)
     return t
 
 
 @triton.jit
-def _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, b, h, rows, lo, start, end, qk_scale, MASKED: tl.constexpr,
+def _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, h, rows, lo, start, end, qk_scale, MASKED: tl.constexpr,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over the key tiles [start, end); MASKED on the run's end tiles only."""
     for s in range(start, end, BLOCK_N):
-        k = _tile(k_desc, b, h, s, BLOCK_N, HEAD_DIM, UPCAST)
-        v = _tile(v_desc, b, h, s, BLOCK_N, HEAD_DIM, UPCAST)
+        k = _tile(k_desc, h, s, BLOCK_N, HEAD_DIM, UPCAST)
+        v = _tile(v_desc, h, s, BLOCK_N, HEAD_DIM, UPCAST)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             cols = s + tl.arange(0, BLOCK_N)
@@ -89,38 +91,38 @@ def _query_runs(rows, lo, q0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, doc_start_ptr, window_ptr, T, H, qk_scale,
+def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, doc_start_ptr, window_ptr, T, qk_scale,
                 BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 UPCAST: tl.constexpr):
     q0 = tl.program_id(0) * BLOCK_M
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    h = tl.program_id(1)
     rows = q0 + tl.arange(0, BLOCK_M)
-    lo = _first_key(rows, T, doc_start_ptr + b * T, tl.load(window_ptr).to(tl.int32), BS)
-    q = _tile(q_desc, b, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
+    lo = _first_key(rows, T, doc_start_ptr, tl.load(window_ptr).to(tl.int32), BS)
+    q = _tile(q_desc, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
     start, mid, end = _query_runs(rows, lo, q0, T, BLOCK_M, BLOCK_N)
     # a finite start for the running max: a row with no visible key in a masked tile keeps exp2(-inf) = 0
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, b, h, rows, lo, start, mid, qk_scale, True,
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, h, rows, lo, start, mid, qk_scale, True,
                              BLOCK_N, HEAD_DIM, UPCAST)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, b, h, rows, lo, mid, q0, qk_scale, False,
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, h, rows, lo, mid, q0, qk_scale, False,
                              BLOCK_N, HEAD_DIM, UPCAST)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, b, h, rows, lo, q0, end, qk_scale, True,
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_desc, v_desc, h, rows, lo, q0, end, qk_scale, True,
                              BLOCK_N, HEAD_DIM, UPCAST)
     inside = rows < T
     l_i = tl.where(inside, l_i, 1.0)   # rows past T may see no key at all: keep their (unstored) math finite
     out = acc / l_i[:, None]
-    o_desc.store([b, h, q0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
-    tl.store(lse_ptr + (b * H + h) * T + rows, m_i + tl.math.log2(l_i), mask=inside)   # base 2
+    o_desc.store([q0, h * HEAD_DIM], out.to(o_desc.dtype))
+    tl.store(lse_ptr + h * T + rows, m_i + tl.math.log2(l_i), mask=inside)   # base 2
 
 
 @triton.jit
-def _dq_run(dq, q, do, lse, delta, k_desc, v_desc, b, h, rows, lo, start, end, qk_scale, MASKED: tl.constexpr,
+def _dq_run(dq, q, do, lse, delta, k_desc, v_desc, h, rows, lo, start, end, qk_scale, MASKED: tl.constexpr,
             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     for s in range(start, end, BLOCK_N):
-        k = _tile(k_desc, b, h, s, BLOCK_N, HEAD_DIM, UPCAST)
-        v = _tile(v_desc, b, h, s, BLOCK_N, HEAD_DIM, UPCAST)
+        k = _tile(k_desc, h, s, BLOCK_N, HEAD_DIM, UPCAST)
+        v = _tile(v_desc, h, s, BLOCK_N, HEAD_DIM, UPCAST)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         if MASKED:
             cols = s + tl.arange(0, BLOCK_N)
@@ -132,39 +134,39 @@ def _dq_run(dq, q, do, lse, delta, k_desc, v_desc, b, h, rows, lo, start, end, q
 
 @triton.jit
 def _dq_kernel(q_desc, k_desc, v_desc, o_desc, do_desc, dq_desc, lse_ptr, delta_ptr, doc_start_ptr, window_ptr,
-               T, H, sm_scale, qk_scale, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+               T, sm_scale, qk_scale, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """dq for one query tile. Also writes delta = rowsum(dO * O), which dk/dv need."""
     q0 = tl.program_id(0) * BLOCK_M
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    h = tl.program_id(1)
     rows = q0 + tl.arange(0, BLOCK_M)
     inside = rows < T
-    lo = _first_key(rows, T, doc_start_ptr + b * T, tl.load(window_ptr).to(tl.int32), BS)
-    q = _tile(q_desc, b, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
-    do = _tile(do_desc, b, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
-    o = _tile(o_desc, b, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
+    lo = _first_key(rows, T, doc_start_ptr, tl.load(window_ptr).to(tl.int32), BS)
+    q = _tile(q_desc, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
+    do = _tile(do_desc, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
+    o = _tile(o_desc, h, q0, BLOCK_M, HEAD_DIM, UPCAST)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(delta_ptr + (b * H + h) * T + rows, delta, mask=inside)
-    lse = tl.load(lse_ptr + (b * H + h) * T + rows, mask=inside, other=0.0)
+    tl.store(delta_ptr + h * T + rows, delta, mask=inside)
+    lse = tl.load(lse_ptr + h * T + rows, mask=inside, other=0.0)
     start, mid, end = _query_runs(rows, lo, q0, T, BLOCK_M, BLOCK_N)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    dq = _dq_run(dq, q, do, lse, delta, k_desc, v_desc, b, h, rows, lo, start, mid, qk_scale, True, BLOCK_N,
+    dq = _dq_run(dq, q, do, lse, delta, k_desc, v_desc, h, rows, lo, start, mid, qk_scale, True, BLOCK_N,
                  HEAD_DIM, UPCAST)
-    dq = _dq_run(dq, q, do, lse, delta, k_desc, v_desc, b, h, rows, lo, mid, q0, qk_scale, False, BLOCK_N,
+    dq = _dq_run(dq, q, do, lse, delta, k_desc, v_desc, h, rows, lo, mid, q0, qk_scale, False, BLOCK_N,
                  HEAD_DIM, UPCAST)
-    dq = _dq_run(dq, q, do, lse, delta, k_desc, v_desc, b, h, rows, lo, q0, end, qk_scale, True, BLOCK_N,
+    dq = _dq_run(dq, q, do, lse, delta, k_desc, v_desc, h, rows, lo, q0, end, qk_scale, True, BLOCK_N,
                  HEAD_DIM, UPCAST)
-    dq_desc.store([b, h, q0, 0], (dq * sm_scale).to(dq_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    dq_desc.store([q0, h * HEAD_DIM], (dq * sm_scale).to(dq_desc.dtype))
 
 
 @triton.jit
-def _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, b, h, cols, hi, start, end, T, qk_scale,
+def _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, h, cols, hi, start, end, T, qk_scale,
               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     """dk, dv of one key tile over the query tiles [start, end): transposed products, keys on the rows."""
     for s in range(start, end, BLOCK_M):
         rows = s + tl.arange(0, BLOCK_M)
-        q = _tile(q_desc, b, h, s, BLOCK_M, HEAD_DIM, UPCAST)
-        do = _tile(do_desc, b, h, s, BLOCK_M, HEAD_DIM, UPCAST)
+        q = _tile(q_desc, h, s, BLOCK_M, HEAD_DIM, UPCAST)
+        do = _tile(do_desc, h, s, BLOCK_M, HEAD_DIM, UPCAST)
         lse = tl.load(lse_base + rows, mask=rows < T, other=float("inf"))   # rows past T: p = 0
         delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
         pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
@@ -178,31 +180,31 @@ def _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, b, h, cols, h
 
 @triton.jit
 def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, doc_end_ptr, window_ptr,
-                 T, H, sm_scale, qk_scale, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 T, sm_scale, qk_scale, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """dk, dv for one tile of BLOCK_N keys. Its query run: [k0, k0 + BLOCK_N) masked (the diagonal), then
     the tiles every key's queries include, unmasked, then the run's last tiles, masked."""
     k0 = tl.program_id(0) * BLOCK_N
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    h = tl.program_id(1)
     cols = k0 + tl.arange(0, BLOCK_N)
     inside = cols < T
-    hi = _last_query(cols, T, doc_end_ptr + b * T, tl.load(window_ptr).to(tl.int32), BS)
-    k = _tile(k_desc, b, h, k0, BLOCK_N, HEAD_DIM, UPCAST)
-    v = _tile(v_desc, b, h, k0, BLOCK_N, HEAD_DIM, UPCAST)
-    lse_base, delta_base = lse_ptr + (b * H + h) * T, delta_ptr + (b * H + h) * T
+    hi = _last_query(cols, T, doc_end_ptr, tl.load(window_ptr).to(tl.int32), BS)
+    k = _tile(k_desc, h, k0, BLOCK_N, HEAD_DIM, UPCAST)
+    v = _tile(v_desc, h, k0, BLOCK_N, HEAD_DIM, UPCAST)
+    lse_base, delta_base = lse_ptr + h * T, delta_ptr + h * T
     diag_end = tl.minimum(k0 + BLOCK_N, T)
     mid = tl.maximum(tl.min(tl.where(inside, hi, T)) // BLOCK_M * BLOCK_M, diag_end)
     end = tl.maximum(tl.max(tl.where(inside, hi, 0)), mid)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    dk, dv = _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, b, h, cols, hi, k0, diag_end, T,
+    dk, dv = _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, h, cols, hi, k0, diag_end, T,
                        qk_scale, True, BLOCK_M, HEAD_DIM, UPCAST)
-    dk, dv = _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, b, h, cols, hi, diag_end, mid, T,
+    dk, dv = _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, h, cols, hi, diag_end, mid, T,
                        qk_scale, False, BLOCK_M, HEAD_DIM, UPCAST)
-    dk, dv = _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, b, h, cols, hi, mid, end, T,
+    dk, dv = _dkdv_run(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, h, cols, hi, mid, end, T,
                        qk_scale, True, BLOCK_M, HEAD_DIM, UPCAST)
-    dk_desc.store([b, h, k0, 0], (dk * sm_scale).to(dk_desc.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
-    dv_desc.store([b, h, k0, 0], dv.to(dv_desc.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
+    dk_desc.store([k0, h * HEAD_DIM], (dk * sm_scale).to(dk_desc.dtype))
+    dv_desc.store([k0, h * HEAD_DIM], dv.to(dv_desc.dtype))
 
 
 # --------------------------------------------------------------------------------------- the op
@@ -211,18 +213,22 @@ def _configs() -> dict:
     return INTERPRET_CONFIGS if INTERPRET else GPU_CONFIGS
 
 
-def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """The copy engine takes any layout with a unit stride along head_dim and 16-byte aligned rows and base
-    (what the model hands over anyway); anything else is copied first."""
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """One sequence's (T, H, D) tensor as the (T, H * D) matrix the copy engine reads tiles of (rows of
+    positions, one head's D columns): heads packed along a row, a unit stride along head_dim, 16-byte
+    aligned base and rows. What the model hands over already is (q, k and v are views of (B, T, H, D)
+    tensors); anything else is copied first."""
+    T, H, D = t.shape
     size = t.element_size()
-    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1]):
-        return t
-    return t.contiguous()
+    if not (t.stride(2) == 1 and t.stride(1) == D and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+            and t.stride(0) >= H * D):
+        t = t.contiguous()
+    return t.as_strided((T, H * D), (t.stride(0), 1))
 
 
-def _desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A (B, H, T, D) tensor's descriptor for tiles of `rows` positions of one head."""
-    return TensorDescriptor.from_tensor(t, [1, 1, rows, t.size(-1)])
+def _desc(t: torch.Tensor, rows: int, head_dim: int) -> TensorDescriptor:
+    """A (T, H * D) matrix's descriptor for tiles of `rows` positions of one head."""
+    return TensorDescriptor.from_tensor(t, [rows, head_dim])
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.Tensor, doc_end: torch.Tensor,
@@ -248,17 +254,16 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start:
     """o (B, T, H, D) and the base-2 log-sum-exp (B, H, T) fp32. doc_end is unused here: it rides along so
     the backward finds it saved."""
     _check(q, k, v, doc_start, doc_end, window)
-    q, k, v = (_tma_ready(t) for t in (q, k, v))
     B, H, T, D = q.shape
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    if T == 0:
-        return o, lse
     bm, bn, warps, stages = _configs()["fwd"]
-    _fwd_kernel[(triton.cdiv(T, bm), B * H)](
-        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(o.transpose(1, 2), bm), lse, doc_start, window, T, H,
-        scale * LOG2E, BS=block_size, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=INTERPRET, num_warps=warps,
-        num_stages=stages)
+    for b in range(B) if T else ():   # one sequence a launch: a tile past T must not reach the next one
+        _fwd_kernel[(triton.cdiv(T, bm), H)](
+            _desc(_rows(q[b].transpose(0, 1)), bm, D), _desc(_rows(k[b].transpose(0, 1)), bn, D),
+            _desc(_rows(v[b].transpose(0, 1)), bn, D), _desc(o[b].view(T, H * D), bm, D), lse[b], doc_start[b], window, T,
+            scale * LOG2E, BS=block_size, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=INTERPRET, num_warps=warps,
+            num_stages=stages)
     return o, lse
 
 
@@ -274,25 +279,24 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                    block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, each (B, H, T, D) as a view of a (B, T, H, D) tensor; do and o are (B, T, H, D)."""
     B, H, T, D = q.shape
-    grads = [torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2) for _ in range(3)]
-    if T == 0:
-        return tuple(grads)
-    dq, dk, dv = grads
-    do, q, k, v, o = (_tma_ready(t) for t in (do, q, k, v, o))
-    do, o = do.transpose(1, 2), o.transpose(1, 2)   # (B, H, T, D) views, as the kernels index them
+    dq, dk, dv = (torch.empty((B, T, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     cfg = _configs()
-    bm, bn, warps, stages = cfg["dq"]
-    _dq_kernel[(triton.cdiv(T, bm), B * H)](
-        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(o, bm), _desc(do, bm), _desc(dq, bm), lse, delta,
-        doc_start, window, T, H, scale, scale * LOG2E, BS=block_size, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-        UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
-    bm, bn, warps, stages = cfg["dkdv"]
-    _dkdv_kernel[(triton.cdiv(T, bn), B * H)](
-        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dk, bn), _desc(dv, bn), lse, delta,
-        doc_end, window, T, H, scale, scale * LOG2E, BS=block_size, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-        UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
-    return dq, dk, dv
+    for b in range(B) if T else ():
+        qb, kb, vb = (_rows(t[b].transpose(0, 1)) for t in (q, k, v))
+        ob, dob = _rows(o[b]), _rows(do[b])
+        dqb, dkb, dvb = (t[b].view(T, H * D) for t in (dq, dk, dv))   # outputs: written in place, never copied
+        bm, bn, warps, stages = cfg["dq"]
+        _dq_kernel[(triton.cdiv(T, bm), H)](
+            _desc(qb, bm, D), _desc(kb, bn, D), _desc(vb, bn, D), _desc(ob, bm, D), _desc(dob, bm, D),
+            _desc(dqb, bm, D), lse[b], delta[b], doc_start[b], window, T, scale, scale * LOG2E, BS=block_size,
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
+        bm, bn, warps, stages = cfg["dkdv"]
+        _dkdv_kernel[(triton.cdiv(T, bn), H)](
+            _desc(qb, bm, D), _desc(kb, bn, D), _desc(vb, bn, D), _desc(dob, bm, D), _desc(dkb, bn, D),
+            _desc(dvb, bn, D), lse[b], delta[b], doc_end[b], window, T, scale, scale * LOG2E, BS=block_size,
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 @_attention_bwd.register_fake
