@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,17 @@ from orchestrator.provenance import describe_devices, environment_record, packag
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on request; run again to resume
+
+
+def apply_launch_env(environ: Mapping[str, str], launch: Mapping[str, str | None]) -> dict[str, str]:
+    """A copy of environ with the launcher's values of plan.LAUNCH_ENV_KEYS put back (None: unset)."""
+    env = dict(environ)
+    for k, v in launch.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
 
 
 @dataclass
@@ -197,7 +209,8 @@ class NodeRunner:
         return run + ["train_gpt.py", *self.plan.job.script_args]
 
     def child_env(self, seed: int) -> dict[str, str]:
-        env = dict(os.environ)
+        # the launcher's thread counts, whoever submitted this job (plan.LAUNCH_ENV_KEYS); the configs' env wins
+        env = apply_launch_env(os.environ, self.plan.launch_env)
         env.update(self.plan.cluster.env)
         env.update(self.plan.job.env)
         env["PYTHONUNBUFFERED"] = "1"
@@ -267,7 +280,8 @@ class NodeRunner:
         }
         outcome.timings = timings
         (out / "timings.json").write_text(json.dumps(timings, indent=2))
-        (out / "env.json").write_text(json.dumps(environment_record(self.plan, self.data_info), indent=2))
+        record = environment_record(self.plan, self.data_info, env=self.child_env(seed))
+        (out / "env.json").write_text(json.dumps(record, indent=2))
 
     def upload_seed(self, seed: int, out: Path, outcome: SeedOutcome, run_t: dict) -> None:
         from orchestrator.artifacts import SeedUploader

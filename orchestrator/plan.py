@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,18 @@ def code_version(root: Path = REPO_ROOT) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+# Environment variables that change what the trainer computes, not where it runs: thread counts set the
+# order of CPU reductions (so the last bits of every loss) and CUBLAS_WORKSPACE_CONFIG cuBLAS's determinism.
+# A job inherits the environment of whichever process submits it, and a dead job is re-submitted by whoever
+# watches the run, so the launcher's values travel in the plan and the node runner puts them back.
+LAUNCH_ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG")
+
+
+def launch_env(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """The launcher's values of LAUNCH_ENV_KEYS; None where it had none (the node runner unsets it then)."""
+    return {k: environ.get(k) for k in LAUNCH_ENV_KEYS}
+
+
 def make_sweep_id(job_name: str, payload: str, now: float | None = None) -> str:
     """`<job-name>-<utc-timestamp>-<short-hash>`; the hash covers the plan and the instant."""
     now = time.time() if now is None else now
@@ -51,6 +65,7 @@ class LaunchPlan:
     created_at: float = field(default_factory=time.time)
     code: dict[str, Any] = field(default_factory=dict)
     python: str = sys.executable
+    launch_env: dict[str, str | None] = field(default_factory=dict)   # see LAUNCH_ENV_KEYS
     # Filled per submission for seeds that run as separate jobs (Slurm arrays, retries).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +107,7 @@ def build_plan(
     seeds: int | None = None,
     store: str | None = None,
     now: float | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> LaunchPlan:
     n = seeds if seeds is not None else job.seeds
     seed_list = list(range(job.seed_base, job.seed_base + n))
@@ -108,4 +124,5 @@ def build_plan(
         store_url=store_url,
         created_at=created,
         code=code_version(),
+        launch_env=launch_env(os.environ if environ is None else environ),
     )

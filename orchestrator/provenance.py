@@ -10,6 +10,7 @@ import platform
 import shutil
 import socket
 import subprocess
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -44,8 +45,10 @@ def describe_devices(device: str) -> list[str]:
     return [f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"]
 
 
-def environment_record(plan: LaunchPlan, data_info: dict | None = None) -> dict:
-    """env.json: what ran where. Only named, non-secret facts; never the process environment wholesale."""
+def environment_record(plan: LaunchPlan, data_info: dict | None = None, env: Mapping[str, str] | None = None) -> dict:
+    """env.json: what ran where. Only named, non-secret facts; never the process environment wholesale.
+    env: the trainer's environment (default: this process's)."""
+    env = os.environ if env is None else env
     return {
         "data": {"source": plan.job.data.source, **(data_info or {})},
         "sweep_id": plan.sweep_id,
@@ -61,5 +64,5 @@ def environment_record(plan: LaunchPlan, data_info: dict | None = None) -> dict:
         "devices": describe_devices(plan.cluster.device),
         "backend": plan.cluster.backend,
         "cluster": plan.cluster.name,
-        "env": {k: os.environ[k] for k in ENV_KEYS_RECORDED if k in os.environ},
+        "env": {k: env[k] for k in ENV_KEYS_RECORDED if k in env},
     }

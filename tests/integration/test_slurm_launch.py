@@ -178,7 +178,7 @@ def test_a_crash_before_the_first_step_is_reported_with_the_log_tail(speedrun):
     assert "FAILED" in status.stdout and str(missing) in status.stdout, status.stdout
 
 
-def test_a_job_that_dies_is_resubmitted_when_retries_allow(speedrun, slurm_cluster):  # noqa: F811
+def test_a_job_that_dies_is_resubmitted_when_retries_allow(speedrun, slurm_cluster, monkeypatch):  # noqa: F811
     sweep, _ = speedrun.launch("--seeds", "1", sets=[*TINY, "retries=1"])
     job_id = speedrun.handle(sweep).job_ids[0]
     speedrun.wait_for(lambda: "seed 0: attempt 1" in speedrun.log_text(sweep))
@@ -188,10 +188,15 @@ def test_a_job_that_dies_is_resubmitted_when_retries_allow(speedrun, slurm_clust
         os.kill(pid, signal.SIGKILL)
     speedrun.wait_for(lambda: all(j["id"] != job_id or j["state"] not in ("RUNNING", "COMPLETING")
                                   for j in slurm_cluster.queue()))
+    # the watcher that re-submits has other thread settings than the launcher had (OMP_NUM_THREADS=1), and
+    # Slurm hands a job its submitter's environment: the re-run must still compute as the launch did
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     final = speedrun.backend(sweep).wait(speedrun.handle(sweep), poll_s=0.5, timeout_s=240)
     assert final.state == RunState.SUCCEEDED, final.detail
     assert job_id not in final.jobs and len(final.jobs) == 1  # the seed ran again as a new job
     assert (speedrun.store / sweep / "seed-0" / "manifest.json").is_file()
+    env = json.loads((speedrun.store / sweep / "seed-0" / "env.json").read_text())["env"]
+    assert env["SLURM_JOB_ID"] != job_id and env["OMP_NUM_THREADS"] == "1"
 
 
 def test_two_nodes_run_one_node_runner_each_with_one_torchrun_rendezvous(speedrun):
