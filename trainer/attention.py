@@ -31,7 +31,7 @@ def document_bounds(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     start = torch.cummax(torch.where(bos, pos, 0), 0).values
     nxt = torch.where(bos, pos, T)[1:]                     # the next document's start, seen from each position
     end = torch.cat([nxt, nxt.new_full((1,), T)]).flip(0).cummin(0).values.flip(0)
-    return start[None].int().contiguous(), end[None].int().contiguous()
+    return start[None].contiguous(), end[None].contiguous()   # int32 throughout: pos is
 
 
 def dense_mask(docs: torch.Tensor, window_blocks: int, block_size: int) -> torch.Tensor:

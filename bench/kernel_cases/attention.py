@@ -78,22 +78,24 @@ def _doc_attention_case(window: int, tiles: dict, backward: bool = True):
         mask = flex_block_mask(document_ids(tokens), w, 128)
         start, end = document_bounds(tokens)
         flex = torch.compile(flex_attention, dynamic=False)
-        chosen = {**kernel.GPU_CONFIGS, **tiles}
-
-        def ours():
-            saved = dict(kernel.GPU_CONFIGS)
-            kernel.GPU_CONFIGS.update(chosen)
-            try:
-                return kernel.doc_attention(q, k, v, start, end, w, 128, 0.12)
-            finally:
-                kernel.GPU_CONFIGS.update(saved)
 
         def step(fn):
             if not backward:
-                return lambda: fn()
+                return fn
             return lambda: torch.autograd.grad(fn(), (q, k, v), dy)
 
-        return step(lambda: flex(q, k, v, block_mask=mask, scale=0.12)), step(ours)
+        ours = step(lambda: kernel.doc_attention(q, k, v, start, end, w, 128, 0.12))
+
+        def ours_with_tiles():
+            # the tiles hold for the whole call: the backward's kernels launch inside autograd.grad
+            saved = dict(kernel.GPU_CONFIGS)
+            kernel.GPU_CONFIGS.update(tiles)
+            try:
+                return ours()
+            finally:
+                kernel.GPU_CONFIGS.update(saved)
+
+        return step(lambda: flex(q, k, v, block_mask=mask, scale=0.12)), ours_with_tiles
     return build
 
 
