@@ -41,6 +41,9 @@ class Build:
     warps: int
     stages: int
     default: bool = True           # what the trainer runs (else: a sweep alternative)
+    matmul: bool = True            # its products must become wgmma (a kernel without tl.dot: False)
+    aligned: tuple = ()            # arguments a launch passes as multiples of 16 (pointers: 16-byte aligned),
+                                   # which Triton's launcher tells the compiler, so loads and stores widen
     resources: dict = field(default_factory=dict)
 
 
@@ -52,7 +55,8 @@ def compile_sm90(b: Build) -> dict:
 
     sig = {n: ("constexpr" if n in b.constexprs else b.signature.get(n, "i32")) for n in b.kernel.arg_names}
     try:
-        k = triton_compile(ASTSource(fn=b.kernel, signature=sig, constexprs=b.constexprs),
+        attrs = {(b.kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in b.aligned}
+        k = triton_compile(ASTSource(fn=b.kernel, signature=sig, constexprs=b.constexprs, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": b.warps, "num_stages": b.stages})
     except Exception as e:   # noqa: BLE001 - a configuration that does not compile is a result, not a crash
         cause = e
@@ -70,54 +74,18 @@ def compile_sm90(b: Build) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "stack_bytes": int(stack.group(1)) if stack else None,
             "shared_bytes": k.metadata.shared, "spill_loads": len(re.findall(r"\bLDL\b", sass)),
             "spill_stores": len(re.findall(r"\bSTL\b", sass)), "wgmma": len(re.findall(r"\b[HQ]GMMA\b", sass)),
-            "mma": len(re.findall(r"\bHMMA\b", sass))}
+            "mma": len(re.findall(r"\bHMMA\b", sass)), "mufu": len(re.findall(r"\bMUFU\.", sass))}
 
 
-def fits_hopper(r: dict) -> bool:
+def fits_hopper(b: Build) -> bool:
     """Compiled, no local-memory spills, wgmma for the matrix products, and shared memory one H100 block has."""
-    return ("error" not in r and r["stack_bytes"] == 0 and r["spill_loads"] == 0 and r["wgmma"] > 0
+    r = b.resources
+    return ("error" not in r and r["stack_bytes"] == 0 and r["spill_loads"] == 0 and (r["wgmma"] > 0 or not b.matmul)
             and r["shared_bytes"] <= 227 * 1024)
 
 
 def _desc(dtype: str, *block) -> str:
     return f"tensordesc<{dtype}[{','.join(map(str, block))}]>"
-
-
-def doc_attention_builds() -> list[Build]:
-    from trainer.kernels import doc_attention as da
-
-    D = 128
-    base = {"BS": 128, "HEAD_DIM": D, "UPCAST": False}
-    sweep = {"fwd": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-             "dq": [(64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
-             "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)]}
-    out = []
-    for kind, kernel in (("fwd", da._fwd_kernel), ("dq", da._dq_kernel), ("dkdv", da._dkdv_kernel)):
-        for cfg in [da.GPU_CONFIGS[kind], *sweep[kind]]:
-            bm, bn, warps, stages = cfg
-            q, kv = _desc("bf16", bm, D), _desc("bf16", bn, D)
-            sig = {"q_desc": q, "k_desc": kv, "v_desc": kv, "o_desc": q, "do_desc": q, "dq_desc": q, "dk_desc": kv,
-                   "dv_desc": kv, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "doc_start_ptr": "*i32",
-                   "doc_end_ptr": "*i32", "window_ptr": "*i64", "qk_scale": "fp32", "sm_scale": "fp32"}
-            out.append(Build(f"doc attention {kind} {bm}x{bn}, {warps} warps, {stages} stages", kernel, sig,
-                             {**base, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
-                             default=cfg == da.GPU_CONFIGS[kind]))
-    return out
-
-
-def gram_builds() -> list[Build]:
-    from trainer.kernels import gram
-
-    out = []
-    for cfg in [gram.GPU_CONFIG, (128, 32, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3)]:
-        bm, bk, warps, stages = cfg
-        for add in (False, True):
-            out.append(Build(f"gram {bm}x{bk}, {warps} warps, {stages} stages{', + beta C' if add else ''}",
-                             gram._gram_kernel, {"x_ptr": "*bf16", "c_ptr": "*bf16", "out_ptr": "*bf16",
-                                                 "alpha": "fp32", "beta": "fp32"},
-                             {"ADD": add, "BLOCK_M": bm, "BLOCK_K": bk, "UPCAST": False}, warps, stages,
-                             default=cfg == gram.GPU_CONFIG))
-    return out
 
 
 def linear_relu2_builds() -> list[Build]:
@@ -146,7 +114,25 @@ def linear_relu2_builds() -> list[Build]:
     return out
 
 
-FAMILIES = (doc_attention_builds, gram_builds, linear_relu2_builds)
+def softcap_ce_builds() -> list[Build]:
+    """The loss kernel at the lm head's shape, writing the FP8 gradient as the trainer does. Its MUFU count
+    (the special-function unit: tanh, exp2, log, reciprocals) is what it is bound by besides memory."""
+    from trainer.kernels import softcap_ce as ce
+
+    sig = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "loss_ptr": "*fp32", "grad_ptr": "*fp8e5",
+           "cap": "fp32", "grad_mult": "fp32", "stride_m": "i32", "grad_stride_m": "i32"}
+    out = []
+    for cfg in [ce.GPU_CONFIG, (8, 256, 8), (8, 256, 4), (16, 128, 8), (16, 256, 8), (4, 256, 4), (4, 512, 8)]:
+        bm, bn, warps = cfg
+        out.append(Build(f"softcap CE {bm}x{bn}, {warps} warps", ce._softcap_ce_kernel, sig,
+                         {"N": 50257, "N_TOTAL": 50304, "FAST_TANH": True, "BLOCK_M": bm, "BLOCK_N": bn,
+                          "EVEN_M": True, "WRITE_GRAD": True}, warps, 3, default=cfg == ce.GPU_CONFIG, matmul=False,
+                         aligned=("logits_ptr", "targets_ptr", "loss_ptr", "grad_ptr", "M", "stride_m",
+                                  "grad_stride_m")))
+    return out
+
+
+FAMILIES = (linear_relu2_builds, softcap_ce_builds)
 
 
 def main(argv=None) -> int:
@@ -165,24 +151,24 @@ def main(argv=None) -> int:
 
     builds = [b for family in FAMILIES for b in family() if args.only in b.name and (args.sweep or b.default)]
     table = Table(title=f"sm_90 compile of the trainer's Triton kernels (triton {triton.__version__}, no GPU)")
-    for col in ("kernel and tiles", "registers", "spilled bytes", "LDL/STL", "shared KB", "wgmma"):
+    for col in ("kernel and tiles", "registers", "spilled bytes", "LDL/STL", "shared KB", "wgmma", "MUFU"):
         table.add_column(col, justify="left" if col == "kernel and tiles" else "right")
     for b in builds:
         b.resources = compile_sm90(b)
         r = b.resources
         label = b.name + ("" if b.default else " (sweep)")
         if "error" in r:
-            table.add_row(label, "-", "-", "-", "-", r["error"])
+            table.add_row(label, "-", "-", "-", "-", "-", r["error"])
             continue
         table.add_row(label, str(r["registers"]), str(r["stack_bytes"]), f"{r['spill_loads']}/{r['spill_stores']}",
-                      f"{r['shared_bytes'] / 1024:.0f}", str(r["wgmma"]))
+                      f"{r['shared_bytes'] / 1024:.0f}", str(r["wgmma"]), str(r["mufu"]))
     Console(width=120).print(table)
     path = Path(args.out) / f"kernel_resources-sm90-triton{triton.__version__}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [dict(name=b.name, default=b.default, warps=b.warps, stages=b.stages, **b.resources) for b in builds]
     path.write_text(json.dumps(dict(target="sm_90 (compiled on a CPU-only machine)", triton=triton.__version__,
                                     rows=rows), indent=2))
-    bad = [b.name for b in builds if b.default and not fits_hopper(b.resources)]
+    bad = [b.name for b in builds if b.default and not fits_hopper(b)]
     if args.check and bad:
         print(f"kernel_resources: {', '.join(bad)}: spills, misses wgmma or does not compile; choose another "
               "tile in the kernel's GPU config (bench/kernel_resources.py --sweep lists candidates).", file=sys.stderr)

@@ -6,7 +6,8 @@ The baseline is what the trainer runs without the kernel: the same math in plain
 torch.compile. Each case builds its inputs at the trainer's real shapes and returns (torch_fn, triton_fn),
 two no-argument callables doing the same work; both are called a few times to compile and warm up, then
 timed with CUDA events over a few back-to-back calls, per call, and the median of --reps such samples is
-reported. A kernel adds its rows with @case in its module of bench/kernel_cases/. Writes
+reported, and beside it the GPU's own kernel time per call (the profiler's sum), which tells a row that
+timed the host's launches from one that timed the GPU. A kernel adds its rows with @case in its module of bench/kernel_cases/. Writes
 bench/results/kernels-<gpu>.json: the rows of this run, each stamped with its date and versions, and the earlier rows of cases not run
 this time (--only), kept as they were.
 """
@@ -19,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from kernel_cases import CASES, REPO, Case, attention, head, mlp, muon  # noqa: F401 - the modules register their cases
+from kernel_cases import CASES, REPO, Case, attention, head, mlp  # noqa: F401 - the modules register their cases
 
 # --- timing
 
@@ -44,16 +45,36 @@ def median_ms(fn, reps: int, warmup: int = 5, calls: int = 4) -> float:
     return statistics.median(times)
 
 
+def kernel_ms(fn, calls: int = 4) -> float:
+    """The GPU's kernel time per call (the profiler's sum of kernel durations over `calls` calls): where it is
+    well under median_ms, the row timed the host launching work, not the GPU running it, and a trainer that
+    queues a whole step ahead of the GPU would not see that difference."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                   for e in prof.key_averages())
+    return total_us / 1000 / calls
+
+
 def run(cases: list[Case], reps: int) -> list[dict]:
     rows = []
     for c in cases:
         try:
             torch_fn, triton_fn = c.build()
             ms_torch, ms_triton = median_ms(torch_fn, reps), median_ms(triton_fn, reps)
+            gpu_torch, gpu_triton = kernel_ms(torch_fn), kernel_ms(triton_fn)
         except Exception as e:   # noqa: BLE001 - one case that fails to build or compile must not hide the others
             print(f"{c.name}: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
             continue
-        row = dict(kernel=c.name, shape=c.shape, ms_torch=ms_torch, ms_triton=ms_triton,
+        row = dict(kernel=c.name, shape=c.shape, ms_torch=ms_torch, ms_triton=ms_triton, gpu_ms_torch=gpu_torch,
+                   gpu_ms_triton=gpu_triton,
                    speedup=ms_torch / ms_triton, calls_per_step=c.calls_per_step,
                    ms_saved_per_step=(ms_torch - ms_triton) * c.calls_per_step if c.calls_per_step else None)
         rows.append(row)
@@ -66,13 +87,14 @@ def show(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("kernel", "shape", "ms torch", "ms triton", "speed-up", "ms saved / step"):
+    for col in ("kernel", "shape", "ms torch", "ms triton", "speed-up", "ms saved / step",
+                "GPU kernels ms torch / triton"):
         t.add_column(col, justify="left" if col in ("kernel", "shape") else "right")
     for r in rows:
         saved = f"{r['ms_saved_per_step']:.1f}" if r["ms_saved_per_step"] is not None else "-"
         t.add_row(r["kernel"], r["shape"], f"{r['ms_torch']:.3f}", f"{r['ms_triton']:.3f}", f"{r['speedup']:.2f}x",
-                  saved)
-    Console().print(t)
+                  saved, f"{r['gpu_ms_torch']:.3f} / {r['gpu_ms_triton']:.3f}")
+    Console(width=170).print(t)
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,6 @@ token, so the two agree exactly.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
@@ -20,18 +18,6 @@ from trainer.data import BOS
 def document_ids(tokens: torch.Tensor) -> torch.Tensor:
     """Document index of every position: a new document starts at each BOS token."""
     return (tokens == BOS).cumsum(0)
-
-
-def document_bounds(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position, the first position of its document and one past its last, as (1, T) int32 tensors
-    (what the Triton attention kernels take in place of document ids)."""
-    T = tokens.numel()
-    pos = torch.arange(T, device=tokens.device, dtype=torch.int32)
-    bos = tokens == BOS
-    start = torch.cummax(torch.where(bos, pos, 0), 0).values
-    nxt = torch.where(bos, pos, T)[1:]                     # the next document's start, seen from each position
-    end = torch.cat([nxt, nxt.new_full((1,), T)]).flip(0).cummin(0).values.flip(0)
-    return start[None].contiguous(), end[None].contiguous()   # int32 throughout: pos is
 
 
 def dense_mask(docs: torch.Tensor, window_blocks: int, block_size: int) -> torch.Tensor:
@@ -82,19 +68,11 @@ def flex_block_mask(docs: torch.Tensor, window_blocks: torch.Tensor, block_size:
     return BlockMask.from_kv_blocks(p_num, p_idx, f_num, f_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod)
 
 
-class DocBounds(NamedTuple):
-    """What the Triton kernels take in place of a BlockMask: document_bounds and the window (a tensor)."""
-    start: torch.Tensor
-    end: torch.Tensor
-    window_blocks: torch.Tensor
-
-
 def implementation(requested: str, cuda: bool) -> str:
-    """The config's attention (auto | flex | dense | triton) for this device: auto is flex on CUDA and dense
-    on CPU; the Triton kernels need a GPU, so CPU runs dense in their place."""
+    """The config's attention (auto | flex | dense) for this device: auto is flex on CUDA and dense on CPU."""
     if requested == "auto":
         return "flex" if cuda else "dense"
-    return "dense" if requested == "triton" and not cuda else requested
+    return requested
 
 
 def flex_attention(q, k, v, block_mask, scale: float) -> torch.Tensor:
@@ -103,10 +81,7 @@ def flex_attention(q, k, v, block_mask, scale: float) -> torch.Tensor:
 
 def attend(q, k, v, mask, docs, window_blocks, block_size: int, scale: float) -> torch.Tensor:
     """(B, H, T, D) attention under the rule above, by whichever implementation `mask` is built for: a
-    BlockMask (FlexAttention), DocBounds (trainer/kernels/doc_attention.py) or None (dense, CPU)."""
+    BlockMask (FlexAttention) or None (dense, CPU)."""
     if isinstance(mask, BlockMask):
         return flex_attention(q, k, v, mask, scale)
-    if isinstance(mask, DocBounds):
-        from trainer.kernels.doc_attention import doc_attention   # triton only when asked for
-        return doc_attention(q, k, v, mask.start, mask.end, mask.window_blocks, block_size, scale)
     return dense_attention(q, k, v, docs, window_blocks, block_size, scale)

@@ -35,8 +35,7 @@ class TrainConfig:
     fp8_head: bool = True                     # FP8 lm-head matmul on Hopper; ignored elsewhere
     qkv_fp8: bool = True                      # the attention's q, k, v projection forward in FP8 on Hopper; ignored elsewhere
     fused_head_loss: bool = True              # lm head + soft-capped cross-entropy as one op with a Triton kernel (CUDA)
-    attention: str = "auto"                   # auto (flex on CUDA) | flex | dense | triton (trainer/kernels/
-                                              # doc_attention.py, CUDA only); CPU runs dense
+    attention: str = "auto"                   # auto | flex | dense
     mlp_kernel: str = "triton"                # triton (fused relu^2 MLP kernels, CUDA only; CPU runs torch) | torch
     mlp_fp8: str = "all"                      # none | forward (both forward matmuls in FP8) | grad_h (+ the backward's
                                               # grad_h) | all (+ grad_x); the triton MLP on Hopper, ignored elsewhere
@@ -55,8 +54,6 @@ class TrainConfig:
     adam_scalar_lr: float = 0.015
     adam_beta1: float = 0.8
     adam_beta2: float = 0.95
-    muon_kernel: str = "torch"                # torch | triton (the symmetric products of the orthogonalisation
-                                              # by trainer/kernels/gram.py, CUDA only); torch until measured
     # --- runtime
     seed: int = 0
     device: str = "auto"                      # auto | cuda | cpu
@@ -81,12 +78,10 @@ class TrainConfig:
             raise ValueError("window_min_blocks: must be <= window_max_blocks")
         if self.seq_len % self.block_size:
             raise ValueError(f"seq_len: must be a multiple of block_size={self.block_size} (got {self.seq_len})")
-        if self.attention not in ("auto", "flex", "dense", "triton"):
-            raise ValueError(f"attention: must be auto, flex, dense or triton (got {self.attention!r})")
+        if self.attention not in ("auto", "flex", "dense"):
+            raise ValueError(f"attention: must be auto, flex or dense (got {self.attention!r})")
         if self.mlp_kernel not in ("torch", "triton"):
             raise ValueError(f"mlp_kernel: must be torch or triton (got {self.mlp_kernel!r})")
-        if self.muon_kernel not in ("torch", "triton"):
-            raise ValueError(f"muon_kernel: must be torch or triton (got {self.muon_kernel!r})")
         if self.mlp_fp8 not in MLP_FP8_MODES:
             raise ValueError(f"mlp_fp8: must be none, forward, grad_h or all (got {self.mlp_fp8!r})")
         if self.device not in ("auto", "cuda", "cpu"):

@@ -150,7 +150,7 @@ class GPT(nn.Module):
             self.ve_of_layer[i] = i
             self.ve_of_layer[L - n + i] = i
         self.act_dtype = torch.float32
-        self.attention = "dense"   # dense (CPU) | flex | triton: how attention runs (trainer/attention.py)
+        self.attention = "dense"   # dense (CPU) | flex: how attention runs (trainer/attention.py)
         self.fp8_head = False   # the trainer sets these two for its GPU
         self.fused_head_loss = False
 
@@ -176,9 +176,6 @@ class GPT(nn.Module):
         windows = (window_blocks, torch.clamp(window_blocks // 2, min=1))   # long, short
         if self.attention == "flex":
             masks = [attn_impl.flex_block_mask(docs, w, cfg.block_size) for w in windows]
-        elif self.attention == "triton":
-            start, end = attn_impl.document_bounds(tokens)
-            masks = [attn_impl.DocBounds(start, end, w) for w in windows]
         else:
             masks, windows = [None, None], tuple(int(w) for w in windows)
         x = x0 = norm(self.embed(tokens)[None].to(self.act_dtype))

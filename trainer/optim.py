@@ -21,31 +21,18 @@ POLAR_EXPRESS = (
 NEWTON_SCHULZ = ((3.4445, -4.7750, 2.0315),) * 5
 
 
-def orthogonalize(G: torch.Tensor, coeffs=POLAR_EXPRESS, dtype=torch.bfloat16, symmetric: bool = False) -> torch.Tensor:
-    """Approximate U V^T of G = U S V^T for the last two dims, with odd matrix polynomials in low precision.
-
-    symmetric: the two symmetric products of each iteration (X X^T, and b A + c A A) by the Triton kernel
-    of trainer/kernels/gram.py, which computes only their lower tiles; X B by one baddbmm. Same math."""
+def orthogonalize(G: torch.Tensor, coeffs=POLAR_EXPRESS, dtype=torch.bfloat16) -> torch.Tensor:
+    """Approximate U V^T of G = U S V^T for the last two dims, with odd matrix polynomials in low precision."""
     X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:                                  # iterate on the smaller Gram matrix
         X = X.mT
     # spectral norm <= Frobenius norm, so this puts every singular value in (0, 1]; 2% margin for bf16
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-7)
-    if symmetric:
-        from trainer.kernels.gram import gram   # triton only when asked for
-        lead, (m, n) = X.shape[:-2], X.shape[-2:]
-        X = X.reshape(-1, m, n)
-        for a, b, c in coeffs:
-            A = gram(X)
-            B = gram(A, add=A, alpha=c, beta=b)   # A A^T = A A: A is symmetric
-            X = torch.baddbmm(X, B, X, beta=a)
-        X = X.reshape(*lead, m, n)
-    else:
-        for a, b, c in coeffs:
-            A = X @ X.mT
-            B = b * A + c * (A @ A)
-            X = a * X + B @ X
+    for a, b, c in coeffs:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
     return X.mT if tall else X
 
 
@@ -56,12 +43,10 @@ class Muon(torch.optim.Optimizer):
     rank orthogonalises its slice as one batch and the slices are all-gathered.
     """
 
-    def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, coeffs=POLAR_EXPRESS, group=None,
-                 symmetric_kernel: bool = False):
+    def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, coeffs=POLAR_EXPRESS, group=None):
         params = list(params)
         super().__init__([{"params": params}], dict(lr=lr, momentum=momentum, nesterov=nesterov))
         self.coeffs = coeffs
-        self.symmetric_kernel = symmetric_kernel   # orthogonalize's Triton path, taken for CUDA tensors
         self.group = group
         by_shape: dict[tuple, list] = {}
         for p in params:
@@ -98,7 +83,7 @@ class Muon(torch.optim.Optimizer):
             stack = torch.zeros((k, *params[0].shape), dtype=torch.bfloat16, device=params[0].device)
             if mine:
                 stack[:len(mine)] = torch.stack([directions[p] for p in mine])
-            update = orthogonalize(stack, self.coeffs, symmetric=self.symmetric_kernel and stack.is_cuda)
+            update = orthogonalize(stack, self.coeffs)
             if world > 1:
                 gathered = [torch.empty_like(update) for _ in range(world)]
                 dist.all_gather(gathered, update, group=self.group)
@@ -127,8 +112,7 @@ def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
          dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)],
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10,
         **({"fused": True} if model.embed.weight.is_cuda else {"foreach": True}))   # one kernel for all on GPU
-    muon = Muon(parts["hidden"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, group=group,
-                symmetric_kernel=cfg.muon_kernel == "triton")
+    muon = Muon(parts["hidden"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, group=group)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]

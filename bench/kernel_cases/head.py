@@ -57,6 +57,43 @@ def ce_fp8():
     return (lambda: torch.autograd.grad(ref(zr, t), zr)), fused
 
 
+@case("softcap CE loss + grad, FP8 grad", CE_SHAPE, calls_per_step=ACCUM)
+def ce_fp8_alone():
+    """The loss kernel alone, as the lm head's backward runs it (no transpose): compiled torch against it."""
+    import torch
+
+    from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy
+
+    z, t = _logits_and_targets()
+    zr = z.clone().requires_grad_()
+    ref = torch.compile(_torch_softcap_ce)
+    g8 = torch.empty(TOKENS, VOCAB_PADDED, device="cuda", dtype=torch.float8_e5m2)
+    return (lambda: torch.autograd.grad(ref(zr, t), zr)), \
+        (lambda: softcap_cross_entropy(z, t, VOCAB, CAP, grad=g8, grad_mult=FP8_GRAD_SCALE))
+
+
+def _ce_tile_case(tile: tuple):
+    """The loss kernel with the FP8 gradient at its default tile against another (BLOCK_M, BLOCK_N, warps)."""
+    def build():
+        import torch
+
+        from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, GPU_CONFIG, softcap_cross_entropy
+
+        z, t = _logits_and_targets()
+        g8 = torch.empty(TOKENS, VOCAB_PADDED, device="cuda", dtype=torch.float8_e5m2)
+
+        def run(cfg):
+            bm, bn, warps = cfg
+            return lambda: softcap_cross_entropy(z, t, VOCAB, CAP, grad=g8, grad_mult=FP8_GRAD_SCALE, block_m=bm,
+                                                 block_n=bn, num_warps=warps)
+        return run(GPU_CONFIG), run(tile)
+    return build
+
+
+for _tile in [(8, 256, 8), (8, 256, 4), (16, 128, 8), (16, 256, 8), (4, 256, 4), (4, 512, 8)]:
+    case(f"softcap CE tile: default vs {_tile[0]}x{_tile[1]}, {_tile[2]} warps", CE_SHAPE)(_ce_tile_case(_tile))
+
+
 @case("lm head + loss fwd+bwd: torch FP8 matmuls + compiled CE vs fused op", f"{TOKENS}x{DIM} @ {DIM}x{VOCAB_PADDED}",
       calls_per_step=ACCUM)
 def head_fp8():

@@ -26,7 +26,7 @@ def resources(tmp_path, *args):
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("family", ["doc attention", "gram"])
+@pytest.mark.parametrize("family", ["linear+relu^2 forward", "linear+relu^2 backward", "softcap CE"])
 def test_default_tiles_compile_without_spills_and_use_wgmma(tmp_path, family):
     run = resources(tmp_path, "--check", "--only", family)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
@@ -34,14 +34,16 @@ def test_default_tiles_compile_without_spills_and_use_wgmma(tmp_path, family):
 
 
 def test_check_fails_on_a_spilling_tile(tmp_path):
-    # the dk/dv kernel at 32x128 with 4 warps and 3 stages spills ~750 bytes a thread (seen with triton 3.9):
-    # made the default, --check must say so
+    # the bf16 forward at 256x256 tiles with 4 warps holds a 256x256 fp32 accumulator in 128 threads, 512
+    # registers each, and must spill: made the default, --check must say so
     patch = ("import sys; sys.argv = sys.argv[:1] + sys.argv[2:]; sys.path.insert(0, {repo!r}); "
-             "from trainer.kernels import doc_attention as da; da.GPU_CONFIGS['dkdv'] = (32, 128, 4, 3); "
+             "from trainer.kernels import linear_relu2 as lr; "
+             "lr.GPU_CONFIGS[(False, False, False)] = (256, 256, 64, 8, 4, 3, False, False); "
              "sys.path.insert(0, {bench!r}); import kernel_resources; sys.exit(kernel_resources.main())")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", patch.format(repo=str(REPO), bench=str(REPO / "bench")), "-",
-                          "--check", "--only", "dkdv", "--out", str(tmp_path)], capture_output=True, text=True,
+                          "--check", "--only", "linear+relu^2 forward", "--out", str(tmp_path)],
+                         capture_output=True, text=True,
                          env=env, timeout=600)
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "dkdv 32x128, 4 warps, 3 stages" in run.stderr
+    assert "linear+relu^2 forward" in run.stderr and "spills" in run.stderr

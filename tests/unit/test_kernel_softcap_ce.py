@@ -31,7 +31,10 @@ def logits_and_targets(M, N_pad, vocab, device=DEV, seed=0, spread=8.0):
     return z.to(device), t.to(device)
 
 
-@pytest.mark.parametrize("M,N_pad,vocab,block_m", [(70, 384, 300, 32), (33, 256, 256, 16)])
+# rows that do and do not fill the last row block; a vocabulary that ends inside a column tile, on one's
+# edge, and before padding columns
+@pytest.mark.parametrize("M,N_pad,vocab,block_m", [(70, 384, 300, 32), (33, 256, 256, 16), (64, 384, 300, 16),
+                                                   (64, 256, 256, 8), (48, 512, 256, 16)])
 def test_losses_and_gradient_match_torch(M, N_pad, vocab, block_m):
     z, t = logits_and_targets(M, N_pad, vocab)
     ref_loss, ref_grad = reference(z, t, vocab, 15.0)

@@ -24,68 +24,112 @@ FP8_GRAD_SCALE = 2.0 ** 15
 
 
 @triton.jit
-def _capped(z, cap, FAST_TANH: tl.constexpr):
+def _tanh(y, FAST_TANH: tl.constexpr):
     if FAST_TANH:
         # the GPU's one-instruction tanh (max relative error ~2^-11, far below bf16 logits' own rounding):
-        # the kernel is bound by the special-function unit otherwise (exp, divide and exp per element per pass)
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z / cap], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-        return cap * t
+        # the kernel is bound by the special-function unit otherwise
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [y], dtype=tl.float32,
+                                         is_pure=True, pack=1)
     else:
         # tanh(y) = 1 - 2 / (1 + e^(2y)), exact in the limits (e^(2y) = inf gives 1); the interpreter's path
-        return cap - 2.0 * cap / (1.0 + tl.exp(2.0 * z / cap))
+        return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * y))
+
+
+@triton.jit
+def _exp_terms(logits_ptr, row_off, cols, m, inv_cap, cap2, shift2, FAST_TANH: tl.constexpr, MASKED: tl.constexpr):
+    """One tile's tanh(z / cap) and exp(s - shift) = 2^(t cap2 - shift2), s = cap t; where ~m, t = 0 and e = 0."""
+    if MASKED:
+        z = tl.load(logits_ptr + row_off + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    else:
+        z = tl.load(logits_ptr + row_off + cols[None, :]).to(tl.float32)
+    t = _tanh(z * inv_cap, FAST_TANH)
+    e = tl.exp2(t * cap2 - shift2)
+    if MASKED:
+        e = tl.where(m, e, 0.0)
+    return t, e
 
 
 @triton.jit
 def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m, grad_stride_m, cap, grad_mult,
                        N: tl.constexpr, N_TOTAL: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, WRITE_GRAD: tl.constexpr):
+                       BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    # The kernel is bound by instruction issue, not by its two special-function instructions per element and
+    # pass (tanh, exp2), so the loops keep each element's work to those and a handful of FP32 operations:
+    # 1/cap is a multiply, exp is exp2 of a pre-scaled argument, tanh stays t for the cap's derivative
+    # 1 - t^2, the sums accumulate per element and reduce across threads once per row, the target's logit
+    # is one load per row rather than a compare in every tile, and only the last column tile (and, when
+    # BLOCK_M does not divide M, every tile of the last rows) is masked.
+    LOG2E: tl.constexpr = 1.4426950408889634
+    N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N       # columns in whole tiles
+    inv_cap = 1.0 / cap
+    cap2 = cap * LOG2E
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     tgt = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
     valid = row_ok & (tgt >= 0)
     cols0 = tl.arange(0, BLOCK_N)
     row_off = rows.to(tl.int64)[:, None] * stride_m
-    # pass 1: sum of exp(s - cap) and the target's capped logit
-    sum_exp = tl.zeros([BLOCK_M], dtype=tl.float32)
-    s_tgt = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in tl.range(0, N, BLOCK_N):
+    z_tgt = tl.load(logits_ptr + rows.to(tl.int64) * stride_m + tgt, mask=valid, other=0.0).to(tl.float32)
+    t_tgt = _tanh(z_tgt * inv_cap, FAST_TANH)
+    # pass 1: the sum of exp(s - cap), in [e^-2cap, 1] per element
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in tl.range(0, N_FULL, BLOCK_N):
         cols = start + cols0
-        m = row_ok[:, None] & (cols < N)[None, :]
-        z = tl.load(logits_ptr + row_off + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        s = _capped(z, cap, FAST_TANH)
-        sum_exp += tl.sum(tl.where(m, tl.exp(s - cap), 0.0), axis=1)
-        s_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), axis=1)
-    lse = cap + tl.log(tl.where(row_ok, sum_exp, 1.0))   # rows past M: keep the masked math finite
-    tl.store(loss_ptr + rows, tl.where(valid, lse - s_tgt, 0.0), mask=row_ok)
+        _, e = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None], inv_cap, cap2, cap2, FAST_TANH, not EVEN_M)
+        acc += e
+    if N_FULL < N:
+        cols = N_FULL + cols0
+        _, e = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None] & (cols < N)[None, :], inv_cap, cap2, cap2,
+                          FAST_TANH, True)
+        acc += e
+    lse = cap + tl.log(tl.where(row_ok, tl.sum(acc, axis=1), 1.0))   # rows past M: keep the masked math finite
+    tl.store(loss_ptr + rows, tl.where(valid, lse - cap * t_tgt, 0.0), mask=row_ok)
     if WRITE_GRAD:
-        # pass 2: the gradient; ignored rows and padded vocabulary columns get exactly 0
-        row_mult = tl.where(valid, grad_mult, 0.0)
+        # pass 2: softmax * (1 - t^2) everywhere, the target's -1 patched in after; ignored rows and padded
+        # vocabulary columns get exactly 0
+        row_mult = tl.where(valid, grad_mult, 0.0)[:, None]
+        lse2 = lse * LOG2E
         g_off = rows.to(tl.int64)[:, None] * grad_stride_m
-        for start in tl.range(0, N_TOTAL, BLOCK_N):
+        for start in tl.range(0, N_FULL, BLOCK_N):
             cols = start + cols0
-            m = row_ok[:, None] & (cols < N)[None, :]
-            out_m = row_ok[:, None] & (cols < N_TOTAL)[None, :]
-            z = tl.load(logits_ptr + row_off + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            s = _capped(z, cap, FAST_TANH)
-            p = tl.exp(s - lse[:, None])
-            t = s / cap
-            g = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * (1.0 - t * t) * row_mult[:, None]
-            g = tl.where(m, g, 0.0)
-            tl.store(grad_ptr + g_off + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=out_m)
+            t, p = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None], inv_cap, cap2, lse2[:, None], FAST_TANH,
+                                  not EVEN_M)
+            g = (p * row_mult) * (1.0 - t * t)
+            if EVEN_M:
+                tl.store(grad_ptr + g_off + cols[None, :], g.to(grad_ptr.dtype.element_ty))
+            else:
+                tl.store(grad_ptr + g_off + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None])
+        for start in tl.range(N_FULL, N_TOTAL, BLOCK_N):   # the tail: the last real columns, then the padding
+            cols = start + cols0
+            t, p = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None] & (cols < N)[None, :], inv_cap, cap2,
+                              lse2[:, None], FAST_TANH, True)
+            g = (p * row_mult) * (1.0 - t * t)
+            tl.store(grad_ptr + g_off + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (cols < N_TOTAL)[None, :])
+        # every thread's stores above land before the patch overwrites the target's element (a block-wide
+        # barrier orders its threads' global writes)
+        tl.debug_barrier()
+        p_tgt = tl.exp2(t_tgt * cap2 - lse2)
+        g_tgt = (p_tgt - 1.0) * (1.0 - t_tgt * t_tgt) * grad_mult
+        tl.store(grad_ptr + rows.to(tl.int64) * grad_stride_m + tgt, g_tgt.to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+# (BLOCK_M, BLOCK_N, num_warps): the fastest of a sweep on an H100 at 49152 x 50304 (bench/kernels.py; 5.6 ms
+# for loss and FP8 gradient, 2.6 ms for the loss alone)
+GPU_CONFIG = (8, 128, 4)
 
 
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
-                          grad: torch.Tensor | None = None, grad_mult: float = 1.0, block_m: int = 8,
-                          block_n: int = 128, num_warps: int = 4, fast_tanh: bool | None = None) -> torch.Tensor:
+                          grad: torch.Tensor | None = None, grad_mult: float = 1.0, block_m: int = GPU_CONFIG[0],
+                          block_n: int = GPU_CONFIG[1], num_warps: int = GPU_CONFIG[2],
+                          fast_tanh: bool | None = None) -> torch.Tensor:
     """Per-row losses (fp32, 0 where target < 0) of cap*tanh(logits/cap) over the first `vocab` columns.
 
     logits: (M, N_padded) with unit column stride. grad: optional (M, N_padded) output for
     grad_mult * dL_row/dz (may be `logits` itself: each tile is read before it is overwritten); columns
-    from `vocab` on are written as 0. Block sizes: the fastest of a sweep on an H100 at 49152 x 50304
-    (bench/kernels.py; 8 x 128 with 4 warps: 5.6 ms for loss and FP8 gradient, 2.6 ms for the loss alone).
-    Blocks of 1-2 rows with 1024-8192 columns and 8-32 warps, fewer rows in flight so that the second pass
-    might find them in L2, took 6.4-9.5 ms against 5.7 ms in a later same-run sweep.
+    from `vocab` on are written as 0. Block sizes: GPU_CONFIG above. Blocks of 1-2 rows with 1024-8192
+    columns and 8-32 warps, fewer rows in flight so that the second pass might find them in L2, took
+    6.4-9.5 ms against 5.7 ms in a later same-run sweep.
     """
     M, n_cols = logits.shape
     if logits.stride(1) != 1:
@@ -93,11 +137,13 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: in
     if grad is not None and (grad.shape != logits.shape or grad.stride(1) != 1):
         raise ValueError("grad must have the logits' shape and unit column stride")
     loss = torch.empty(M, dtype=torch.float32, device=logits.device)
+    if M == 0:
+        return loss
     _softcap_ce_kernel[(triton.cdiv(M, block_m),)](
         logits, targets, loss, grad if grad is not None else logits, M, logits.stride(0),
         grad.stride(0) if grad is not None else 0, float(cap), float(grad_mult), N=vocab, N_TOTAL=n_cols,
         FAST_TANH=logits.is_cuda if fast_tanh is None else fast_tanh, BLOCK_M=block_m, BLOCK_N=block_n,
-        WRITE_GRAD=grad is not None, num_warps=num_warps)
+        EVEN_M=M % block_m == 0, WRITE_GRAD=grad is not None, num_warps=num_warps)
     return loss
 
 
