@@ -122,7 +122,7 @@ def softcap_ce_builds() -> list[Build]:
     sig = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "loss_ptr": "*fp32", "grad_ptr": "*fp8e5",
            "cap": "fp32", "grad_mult": "fp32", "stride_m": "i32", "grad_stride_m": "i32"}
     out = []
-    for cfg in [ce.GPU_CONFIG, (8, 256, 8), (8, 256, 4), (16, 128, 8), (16, 256, 8), (4, 256, 4), (4, 512, 8)]:
+    for cfg in [ce.GPU_CONFIG, (8, 128, 4), (8, 256, 8), (4, 256, 8), (4, 512, 4), (2, 512, 4), (4, 128, 4)]:
         bm, bn, warps = cfg
         out.append(Build(f"softcap CE {bm}x{bn}, {warps} warps", ce._softcap_ce_kernel, sig,
                          {"N": 50257, "N_TOTAL": 50304, "FAST_TANH": True, "BLOCK_M": bm, "BLOCK_N": bn,

@@ -90,7 +90,7 @@ def _ce_tile_case(tile: tuple):
     return build
 
 
-for _tile in [(8, 256, 8), (8, 256, 4), (16, 128, 8), (16, 256, 8), (4, 256, 4), (4, 512, 8)]:
+for _tile in [(8, 128, 4), (8, 256, 8), (4, 256, 8), (4, 512, 4), (2, 512, 4), (4, 128, 4)]:
     case(f"softcap CE tile: default vs {_tile[0]}x{_tile[1]}, {_tile[2]} warps", CE_SHAPE)(_ce_tile_case(_tile))
 
 

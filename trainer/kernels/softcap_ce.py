@@ -114,9 +114,10 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
         tl.store(grad_ptr + rows.to(tl.int64) * grad_stride_m + tgt, g_tgt.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-# (BLOCK_M, BLOCK_N, num_warps): the fastest of a sweep on an H100 at 49152 x 50304 (bench/kernels.py; 5.6 ms
-# for loss and FP8 gradient, 2.6 ms for the loss alone)
-GPU_CONFIG = (8, 128, 4)
+# (BLOCK_M, BLOCK_N, num_warps) on Hopper: on an H200 (2026-11-29, loss + FP8 gradient at 49152 x 50304),
+# 4 x 256 with 4 warps took 3.12 ms and 8 x 256 with 8 warps 3.13 ms against 3.30 ms for 8 x 128 with 4 warps,
+# the previous default (an H100 sweep of the kernel before it lost its per-tile masks and reductions)
+GPU_CONFIG = (4, 256, 4)
 
 
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
