@@ -187,39 +187,71 @@ def cache_bypass_reasons() -> list[str]:
     return reasons
 
 
+def idle_gaps(kernels: list[tuple[float, float, str]]) -> tuple[float, float, list[tuple[float, float, str, str]]]:
+    """GPU busy time (the union of the kernels' intervals), the span from the first kernel's start to the last
+    one's end, and the holes between them as (start, end, kernel before, kernel after); microseconds."""
+    busy, end, last, gaps = 0.0, float("-inf"), "", []
+    for a, b, name in sorted(kernels):
+        if a > end > float("-inf"):
+            gaps.append((end, a, last, name))
+        if b > end:
+            busy += b - max(a, end)
+            end, last = b, name
+    span = (max(k[1] for k in kernels) - min(k[0] for k in kernels)) if kernels else 0.0
+    return busy, span, gaps
+
+
+def host_during(start: float, end: float, host_ops: list[tuple[float, float, str]]) -> str:
+    """What the host was doing while the GPU sat idle from start to end: the innermost host op that spans
+    the whole hole, else the one that covers most of it ('' if none)."""
+    spanning = [(b - a, name) for a, b, name in host_ops if a <= start and b >= end]
+    if spanning:
+        return min(spanning)[1]
+    overlaps = [(min(b, end) - max(a, start), name) for a, b, name in host_ops if a < end and b > start]
+    return max(overlaps)[1] if overlaps else ""
+
+
 def profile_steps(trainer, cfg, n: int = 2) -> dict:
-    """The GPU kernels of n steps, by total time: where a step's milliseconds go; and how long the GPU sat
-    idle between kernels (the union of kernel intervals against the span from the first to the last)."""
+    """The GPU kernels of n steps, by total time: where a step's milliseconds go; how long the GPU sat idle
+    between kernels; and, from n more steps profiled with the host's ops too (which slows the host, so
+    they are kept out of the idle figures), what the host was doing in the widest holes."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            trainer.train_step(trainer.batches.next_step(), cfg.steps // 2)
-        torch.cuda.synchronize()
+    def profiled(activities):
+        with profile(activities=activities) as prof:
+            for _ in range(n):
+                trainer.train_step(trainer.batches.next_step(), cfg.steps // 2)
+            torch.cuda.synchronize()
+        return prof
+
+    def intervals(prof, device_type):
+        return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == device_type and e.time_range.end > e.time_range.start]
+
+    prof = profiled([ProfilerActivity.CUDA])
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
         if t > 0:
             rows.append(dict(name=e.key[:120], ms_per_step=t / 1000 / n, calls_per_step=e.count / n))
     rows.sort(key=lambda r: -r["ms_per_step"])
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    busy, end, last, gaps = 0.0, float("-inf"), "", []
-    for a, b, name in kernels:   # union of the kernels' intervals, in microseconds; the holes between them
-        if a > end > float("-inf"):
-            gaps.append((a - end, last, name))
-        if b > end:
-            busy += b - max(a, end)
-            end, last = b, name
-    span = (kernels[-1][1] - kernels[0][0]) if kernels else 0.0
+    busy, span, gaps = idle_gaps(intervals(prof, torch.autograd.DeviceType.CUDA))
     buckets = {"under_10us": 0.0, "10us_to_100us": 0.0, "over_100us": 0.0}
-    for g, _, _ in gaps:
+    for a, b, _, _ in gaps:
+        g = b - a
         buckets["under_10us" if g < 10 else "10us_to_100us" if g < 100 else "over_100us"] += g / 1000 / n
-    widest = [dict(us=round(g, 1), after=a[:80], before=b[:80]) for g, a, b in sorted(gaps, reverse=True)[:12]]
+    widest = [dict(us=round(b - a, 1), after=x[:80], before=y[:80])
+              for a, b, x, y in sorted(gaps, key=lambda g: g[0] - g[1])[:12]]
+    traced = profiled([ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    host_ops = intervals(traced, torch.autograd.DeviceType.CPU)
+    _, _, traced_gaps = idle_gaps(intervals(traced, torch.autograd.DeviceType.CUDA))
+    widest_traced = [dict(us=round(b - a, 1), before=y[:80], host=host_during(a, b, host_ops)[:100])
+                     for a, b, _, y in sorted(traced_gaps, key=lambda g: g[0] - g[1])[:12]]
     return dict(kernels=rows[:40], kernel_ms_per_step=sum(r["ms_per_step"] for r in rows),
                 gpu_busy_ms_per_step=busy / 1000 / n, gpu_span_ms_per_step=span / 1000 / n,
-                idle_ms_per_step_by_gap=buckets, idle_gaps_per_step=len(gaps) / n, widest_idle_gaps=widest)
+                idle_ms_per_step_by_gap=buckets, idle_gaps_per_step=len(gaps) / n, widest_idle_gaps=widest,
+                widest_idle_gaps_host_traced=widest_traced)
 
 
 def table(results: list[dict]) -> None:
@@ -247,7 +279,8 @@ def main() -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="one more timed run with these overrides, labelled NAME in the table")
     p.add_argument("--profile", action="store_true",
-                   help="add the top GPU kernels of 2 steps, and the GPU's idle time, to the last cold/warm phase")
+                   help="add the top GPU kernels of 2 steps, the GPU's idle time and what the host did in its "
+                        "widest holes to the last cold/warm phase")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)   # the child process
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -296,6 +329,9 @@ def main() -> int:
                   f"({profiled['idle_gaps_per_step']:.0f} gaps); the widest:")
             for g in profiled["widest_idle_gaps"]:
                 print(f"{g['us']:9.1f} us  after {g['after']}  before {g['before']}")
+            print("the widest holes of steps profiled with the host's ops too, and the host op they fall in:")
+            for g in profiled["widest_idle_gaps_host_traced"]:
+                print(f"{g['us']:9.1f} us  before {g['before']}  host in {g['host'] or '-'}")
     return 0 if results else 1
 
 

@@ -38,38 +38,31 @@ def ce_bf16():
         (lambda: softcap_cross_entropy(work, t, VOCAB, CAP, grad=work))
 
 
-@case("softcap CE loss + grad, FP8 grad and its transpose", CE_SHAPE, calls_per_step=ACCUM)
-def ce_fp8():
-    import torch
+def _ce_fp8_case(with_transpose: bool):
+    """Compiled torch against the loss kernel writing the FP8 gradient, as the lm head's backward runs it,
+    with or without the transpose that lays it out for the weight-gradient matmul."""
+    def build():
+        import torch
 
-    from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy, transpose
+        from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy, transpose
 
-    z, t = _logits_and_targets()
-    zr = z.clone().requires_grad_()
-    ref = torch.compile(_torch_softcap_ce)
-    g8 = torch.empty(TOKENS, VOCAB_PADDED, device="cuda", dtype=torch.float8_e5m2)
-    g8_t = torch.empty(VOCAB_PADDED, TOKENS, device="cuda", dtype=torch.float8_e5m2)
+        z, t = _logits_and_targets()
+        zr = z.clone().requires_grad_()
+        ref = torch.compile(_torch_softcap_ce)
+        g8 = torch.empty(TOKENS, VOCAB_PADDED, device="cuda", dtype=torch.float8_e5m2)
+        g8_t = torch.empty(VOCAB_PADDED, TOKENS, device="cuda", dtype=torch.float8_e5m2)
 
-    def fused():
-        softcap_cross_entropy(z, t, VOCAB, CAP, grad=g8, grad_mult=FP8_GRAD_SCALE)
-        transpose(g8, g8_t)
+        def fused():
+            softcap_cross_entropy(z, t, VOCAB, CAP, grad=g8, grad_mult=FP8_GRAD_SCALE)
+            if with_transpose:
+                transpose(g8, g8_t)
 
-    return (lambda: torch.autograd.grad(ref(zr, t), zr)), fused
+        return (lambda: torch.autograd.grad(ref(zr, t), zr)), fused
+    return build
 
 
-@case("softcap CE loss + grad, FP8 grad", CE_SHAPE, calls_per_step=ACCUM)
-def ce_fp8_alone():
-    """The loss kernel alone, as the lm head's backward runs it (no transpose): compiled torch against it."""
-    import torch
-
-    from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy
-
-    z, t = _logits_and_targets()
-    zr = z.clone().requires_grad_()
-    ref = torch.compile(_torch_softcap_ce)
-    g8 = torch.empty(TOKENS, VOCAB_PADDED, device="cuda", dtype=torch.float8_e5m2)
-    return (lambda: torch.autograd.grad(ref(zr, t), zr)), \
-        (lambda: softcap_cross_entropy(z, t, VOCAB, CAP, grad=g8, grad_mult=FP8_GRAD_SCALE))
+case("softcap CE loss + grad, FP8 grad and its transpose", CE_SHAPE, calls_per_step=ACCUM)(_ce_fp8_case(True))
+case("softcap CE loss + grad, FP8 grad", CE_SHAPE, calls_per_step=ACCUM)(_ce_fp8_case(False))
 
 
 def _ce_tile_case(tile: tuple):

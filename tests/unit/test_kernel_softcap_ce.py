@@ -180,3 +180,9 @@ def test_model_runs_on_cpu_without_triton():
                           env={**os.environ, "TRITON_INTERPRET": "0"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) > 0
+
+
+def test_no_rows_gives_no_losses():
+    z = torch.empty(0, 256, device=DEV).bfloat16()
+    loss = softcap_cross_entropy(z, torch.empty(0, dtype=torch.long, device=DEV), 200, 15.0, grad=z)
+    assert loss.shape == (0,)
