@@ -7,7 +7,8 @@ torch.compile. Each case builds its inputs at the trainer's real shapes and retu
 two no-argument callables doing the same work; both are called a few times to compile and warm up, then
 timed with CUDA events over a few back-to-back calls, per call, and the median of --reps such samples is
 reported, and beside it the GPU's own kernel time per call (the profiler's sum), which tells a row that
-timed the host's launches from one that timed the GPU. A kernel adds its rows with @case in its module of bench/kernel_cases/. Writes
+timed the host's launches from one that timed the GPU. A kernel adds its rows with @case in its module of
+bench/kernel_cases/. Writes
 bench/results/kernels-<gpu>.json: the rows of this run, each stamped with its date and versions, and the earlier rows of cases not run
 this time (--only), kept as they were.
 """
