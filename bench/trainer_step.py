@@ -1,13 +1,16 @@
 """Time the trainer's optimizer step on this GPU: ms/step, tokens/s, model TFLOP/s, MFU, memory, compile time.
 
     python bench/trainer_step.py [--steps 20] [--set KEY=VALUE ...] [--phases cold,warm]
-                                 [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--profile]
+                                 [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--baseline DIR] [--profile]
 
 Each phase runs in a fresh process: 'cold' starts from an empty inductor/Triton cache, 'warm' reuses the
 cache the cold run filled (the directory is keyed by the trainer's code hash, the torch version and the GPU
 name, as a node would keep it between seeds). Each --variant then runs once more, in its own process, with
 its overrides on top of --set: the before/after of one change, measured in the same run on the same GPU
-(its compile seconds are not a cold figure: it shares the cache with the runs before it). A phase builds the default config (overrides with --set),
+(its compile seconds are not a cold figure: it shares the cache with the runs before it). --baseline DIR
+runs once more the trainer code of another checkout of this repo (`git worktree add DIR REV`, or a copy
+of its files), with the same --set: the before/after of a code change in one call, its cache keyed by
+its own code. A phase builds the default config (overrides with --set),
 generates Markov shards with FineWeb-like document lengths, runs the trainer's untimed warm-up (timed here
 as compile+warm-up seconds), then times --steps optimizer steps with CUDA events, as the trainer's loop
 runs them (each step's loss read once the next is queued), then --steps more waiting for each step to end
@@ -41,15 +44,15 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 SHARD_URL = "synthetic://markov?seed=0&doc_len=700&train_shards=2&val_shards=1&shard_tokens={n}"
 
 
-def code_hash() -> str:
+def code_hash(root: Path = REPO) -> str:
     h = hashlib.sha256()
-    for p in sorted((REPO / "trainer").rglob("*.py")):
-        h.update(p.read_bytes())
+    for p in sorted((root / "trainer").rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:12]
 
 
-def cache_dir(gpu: str, torch_version: str) -> Path:
-    key = f"{code_hash()}-torch{torch_version}-{gpu.replace(' ', '_')}"
+def cache_dir(gpu: str, torch_version: str, root: Path = REPO) -> Path:
+    key = f"{code_hash(root)}-torch{torch_version}-{gpu.replace(' ', '_')}"
     return Path(os.environ.get("SPEEDRUN_COMPILE_CACHE", Path.home() / ".cache" / "speedrun" / "compile")) / key
 
 
@@ -120,7 +123,8 @@ def run_phase(args) -> dict:
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
     return dict(
-        phase=args.phase, overrides=args.set, warmup_parts_s=trainer.warmup_parts, gpu=gpu, torch=torch.__version__, steps_timed=args.steps, config=cfg.to_dict(),
+        phase=args.phase, overrides=args.set, code=args.code or str(REPO), code_hash=code_hash(Path(args.code or REPO)),
+        warmup_parts_s=trainer.warmup_parts, gpu=gpu, torch=torch.__version__, steps_timed=args.steps, config=cfg.to_dict(),
         ms_per_step_median=med, ms_per_step_min=min(times), ms_per_step_max=max(times),
         ms_per_step_p10=float(np.percentile(times, 10)), ms_per_step_p90=float(np.percentile(times, 90)),
         ms_per_step_synced_median=statistics.median(synced_times), synced_times_ms=synced_times,
@@ -281,27 +285,40 @@ def main() -> int:
     p.add_argument("--profile", action="store_true",
                    help="add the top GPU kernels of 2 steps, the GPU's idle time and what the host did in its "
                         "widest holes to the last cold/warm phase")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="one more run, labelled 'baseline', of the trainer code in DIR (another checkout of this "
+                        "repo) with the same --set: a code change's before and after in one call")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)   # the child process
+    p.add_argument("--code", default=None, help=argparse.SUPPRESS)    # the child: the checkout to import from
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = p.parse_args()
     if args.phase:
+        if args.code:   # ahead of this checkout, so `import trainer` finds the baseline's
+            sys.path.insert(0, args.code)
         Path(args.result).write_text(json.dumps(run_phase(args)))
         return 0
+    baseline = Path(args.baseline).resolve() if args.baseline else None
+    if baseline and not (baseline / "trainer" / "train.py").is_file():
+        print(f"--baseline {args.baseline}: no trainer/train.py there; give another checkout of this repo "
+              "(git worktree add DIR REV)", file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available():
         print("bench/trainer_step.py needs a CUDA GPU; none is visible", file=sys.stderr)
         return 1
     gpu = torch.cuda.get_device_name()
-    cache = cache_dir(gpu, torch.__version__)
-    runs = [(phase, phase, args.set) for phase in args.phases.split(",") if phase]
+    runs = [(phase, phase, args.set, REPO) for phase in args.phases.split(",") if phase]
     n_phases = len(runs)
     for v in args.variant:
         name, _, sets = v.partition(":")
-        runs.append((name, "variant", args.set + [s for s in sets.split(",") if s]))
+        runs.append((name, "variant", args.set + [s for s in sets.split(",") if s], REPO))
+    if baseline:
+        runs.append(("baseline", "variant", args.set, baseline))
     results = []
-    for i, (label, phase, sets) in enumerate(runs):
+    for i, (label, phase, sets, code) in enumerate(runs):
+        cache = cache_dir(gpu, torch.__version__, code)
         if phase == "cold" and cache.exists():
             shutil.rmtree(cache)
         cache.mkdir(parents=True, exist_ok=True)
@@ -309,6 +326,8 @@ def main() -> int:
         result = Path(tempfile.mkdtemp()) / "result.json"
         cmd = [sys.executable, __file__, "--phase", label, "--result", str(result), "--steps", str(args.steps)]
         cmd += [a for s in sets for a in ("--set", s)]
+        if code != REPO:
+            cmd += ["--code", str(code)]
         if args.profile and i == n_phases - 1:   # the kernels of the last cold/warm run
             cmd.append("--profile")
         done = subprocess.run(cmd, env=env)

@@ -1,0 +1,63 @@
+"""bench/trainer_step.py's pure parts: its reading of a profile (where the GPU sat idle, what the host was
+doing then) and how a baseline checkout gets a compile cache of its own."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+from trainer_step import cache_dir, code_hash, host_during, idle_gaps  # noqa: E402
+
+
+def test_idle_gaps_are_the_holes_in_the_union_of_kernel_intervals():
+    # b overlaps a and ends inside it (no hole between them); c starts 5 us after a ends; d 20 us after c
+    kernels = [(30.0, 40.0, "c"), (0.0, 25.0, "a"), (10.0, 20.0, "b"), (60.0, 61.0, "d")]
+    busy, span, gaps = idle_gaps(kernels)
+    assert busy == 25 + 10 + 1
+    assert span == 61
+    assert gaps == [(25.0, 30.0, "a", "c"), (40.0, 60.0, "c", "d")]
+
+
+def test_idle_gaps_of_no_kernels():
+    assert idle_gaps([]) == (0.0, 0.0, [])
+
+
+def test_host_op_is_the_innermost_one_spanning_the_hole():
+    host = [(0.0, 100.0, "CompiledFunction"), (20.0, 60.0, "speedrun::mlp_relu2_fwd"),
+            (30.0, 35.0, "aten::empty"), (38.0, 41.0, "cudaLaunchKernel")]
+    assert host_during(25.0, 50.0, host) == "speedrun::mlp_relu2_fwd"
+    assert host_during(31.0, 34.0, host) == "aten::empty"
+    assert host_during(10.0, 90.0, host) == "CompiledFunction"
+
+
+def test_host_op_covering_most_of_the_hole_when_none_spans_it():
+    host = [(0.0, 12.0, "aten::copy_"), (14.0, 30.0, "aten::item")]
+    assert host_during(10.0, 20.0, host) == "aten::item"
+    assert host_during(40.0, 50.0, host) == ""
+
+
+def _tree(root: Path, files: dict) -> Path:
+    for name, text in files.items():
+        (root / "trainer" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "trainer" / name).write_text(text)
+    return root
+
+
+def test_a_baseline_checkout_compiles_into_a_cache_of_its_own(tmp_path):
+    a = _tree(tmp_path / "a", {"train.py": "x = 1\n", "kernels/k.py": "y = 2\n"})
+    same = _tree(tmp_path / "same", {"train.py": "x = 1\n", "kernels/k.py": "y = 2\n"})
+    edited = _tree(tmp_path / "edited", {"train.py": "x = 1\n", "kernels/k.py": "y = 3\n"})
+    moved = _tree(tmp_path / "moved", {"train.py": "x = 1\n", "kernels/j.py": "y = 2\n"})
+    assert code_hash(a) == code_hash(same)
+    assert len({code_hash(a), code_hash(edited), code_hash(moved)}) == 3
+    assert cache_dir("NVIDIA H200", "2.11.0", a) != cache_dir("NVIDIA H200", "2.11.0", edited)
+    assert cache_dir("NVIDIA H200", "2.11.0", a).name.startswith(code_hash(a) + "-torch2.11.0-NVIDIA_H200")
+
+
+def test_a_baseline_that_is_no_checkout_is_one_sentence_and_exit_2(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "trainer_step.py"), "--baseline", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip() == (f"--baseline {tmp_path}: no trainer/train.py there; give another checkout of "
+                                  "this repo (git worktree add DIR REV)")
