@@ -7,7 +7,8 @@ torch.compile. Each case builds its inputs at the trainer's real shapes and retu
 two no-argument callables doing the same work; both are called a few times to compile and warm up, then
 timed with CUDA events over a few back-to-back calls, per call, and the median of --reps such samples is
 reported, and beside it the GPU's own kernel time per call (the profiler's sum), which tells a row that
-timed the host's launches from one that timed the GPU. A kernel adds its rows with @case in its module of
+timed the host's launches from one that timed the GPU; the milliseconds a step saves come from the GPU's
+time, since the trainer queues a whole step ahead of the GPU. A kernel adds its rows with @case in its module of
 bench/kernel_cases/. Writes
 bench/results/kernels-<gpu>.json: the rows of this run, each stamped with its date and versions, and the earlier rows of cases not run
 this time (--only), kept as they were.
@@ -77,7 +78,8 @@ def run(cases: list[Case], reps: int) -> list[dict]:
         row = dict(kernel=c.name, shape=c.shape, ms_torch=ms_torch, ms_triton=ms_triton, gpu_ms_torch=gpu_torch,
                    gpu_ms_triton=gpu_triton,
                    speedup=ms_torch / ms_triton, calls_per_step=c.calls_per_step,
-                   ms_saved_per_step=(ms_torch - ms_triton) * c.calls_per_step if c.calls_per_step else None)
+                   # from the GPU's time: the trainer queues a step ahead, so the host's launches do not add
+                   ms_saved_per_step=(gpu_torch - gpu_triton) * c.calls_per_step if c.calls_per_step else None)
         rows.append(row)
         del torch_fn, triton_fn
     return rows
@@ -88,13 +90,13 @@ def show(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("kernel", "shape", "ms torch", "ms triton", "speed-up", "ms saved / step",
-                "GPU kernels ms torch / triton"):
+    for col in ("kernel", "shape", "ms torch", "ms triton", "speed-up", "GPU kernels ms torch / triton",
+                "GPU ms saved / step"):
         t.add_column(col, justify="left" if col in ("kernel", "shape") else "right")
     for r in rows:
         saved = f"{r['ms_saved_per_step']:.1f}" if r["ms_saved_per_step"] is not None else "-"
         t.add_row(r["kernel"], r["shape"], f"{r['ms_torch']:.3f}", f"{r['ms_triton']:.3f}", f"{r['speedup']:.2f}x",
-                  saved, f"{r['gpu_ms_torch']:.3f} / {r['gpu_ms_triton']:.3f}")
+                  f"{r['gpu_ms_torch']:.3f} / {r['gpu_ms_triton']:.3f}", saved)
     Console(width=170).print(t)
 
 
