@@ -123,7 +123,8 @@ def run_phase(args) -> dict:
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
     return dict(
-        phase=args.phase, overrides=args.set, code=args.code or str(REPO), code_hash=code_hash(Path(args.code or REPO)),
+        phase=args.phase, overrides=args.set, code=args.code or str(REPO),
+        code_hash=code_hash(Path(args.code or REPO)),
         warmup_parts_s=trainer.warmup_parts, gpu=gpu, torch=torch.__version__, steps_timed=args.steps, config=cfg.to_dict(),
         ms_per_step_median=med, ms_per_step_min=min(times), ms_per_step_max=max(times),
         ms_per_step_p10=float(np.percentile(times, 10)), ms_per_step_p90=float(np.percentile(times, 90)),
@@ -229,9 +230,11 @@ def profile_steps(trainer, cfg, n: int = 2) -> dict:
             torch.cuda.synchronize()
         return prof
 
+    def events(prof, device_type):
+        return [e for e in prof.events() if e.device_type == device_type and e.time_range.end > e.time_range.start]
+
     def intervals(prof, device_type):
-        return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                if e.device_type == device_type and e.time_range.end > e.time_range.start]
+        return [(e.time_range.start, e.time_range.end, e.name) for e in events(prof, device_type)]
 
     prof = profiled([ProfilerActivity.CUDA])
     rows = []
@@ -248,7 +251,9 @@ def profile_steps(trainer, cfg, n: int = 2) -> dict:
     widest = [dict(us=round(b - a, 1), after=x[:80], before=y[:80])
               for a, b, x, y in sorted(gaps, key=lambda g: g[0] - g[1])[:12]]
     traced = profiled([ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    host_ops = intervals(traced, torch.autograd.DeviceType.CPU)
+    # the thread says which launcher was late: the training loop's (forward) or autograd's (backward)
+    host_ops = [(e.time_range.start, e.time_range.end, f"{e.name} [thread {e.thread}]")
+                for e in events(traced, torch.autograd.DeviceType.CPU)]
     _, _, traced_gaps = idle_gaps(intervals(traced, torch.autograd.DeviceType.CUDA))
     widest_traced = [dict(us=round(b - a, 1), before=y[:80], host=host_during(a, b, host_ops)[:100])
                      for a, b, _, y in sorted(traced_gaps, key=lambda g: g[0] - g[1])[:12]]
