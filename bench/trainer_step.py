@@ -236,6 +236,9 @@ def profile_steps(trainer, cfg, n: int = 2) -> dict:
     def intervals(prof, device_type):
         return [(e.time_range.start, e.time_range.end, e.name) for e in events(prof, device_type)]
 
+    def widest(gaps):
+        return sorted(gaps, key=lambda g: g[0] - g[1])[:12]
+
     prof = profiled([ProfilerActivity.CUDA])
     rows = []
     for e in prof.key_averages():
@@ -249,14 +252,14 @@ def profile_steps(trainer, cfg, n: int = 2) -> dict:
         g = b - a
         buckets["under_10us" if g < 10 else "10us_to_100us" if g < 100 else "over_100us"] += g / 1000 / n
     widest = [dict(us=round(b - a, 1), after=x[:80], before=y[:80])
-              for a, b, x, y in sorted(gaps, key=lambda g: g[0] - g[1])[:12]]
+              for a, b, x, y in widest(gaps)]
     traced = profiled([ProfilerActivity.CPU, ProfilerActivity.CUDA])
     # the thread says which launcher was late: the training loop's (forward) or autograd's (backward)
     host_ops = [(e.time_range.start, e.time_range.end, f"{e.name} [thread {e.thread}]")
                 for e in events(traced, torch.autograd.DeviceType.CPU)]
     _, _, traced_gaps = idle_gaps(intervals(traced, torch.autograd.DeviceType.CUDA))
     widest_traced = [dict(us=round(b - a, 1), before=y[:80], host=host_during(a, b, host_ops)[:100])
-                     for a, b, _, y in sorted(traced_gaps, key=lambda g: g[0] - g[1])[:12]]
+                     for a, b, _, y in widest(traced_gaps)]
     return dict(kernels=rows[:40], kernel_ms_per_step=sum(r["ms_per_step"] for r in rows),
                 gpu_busy_ms_per_step=busy / 1000 / n, gpu_span_ms_per_step=span / 1000 / n,
                 idle_ms_per_step_by_gap=buckets, idle_gaps_per_step=len(gaps) / n, widest_idle_gaps=widest,
