@@ -89,29 +89,42 @@ def _desc(dtype: str, *block) -> str:
 
 
 def linear_relu2_builds() -> list[Build]:
+    """The trainer's tiles, and (sweep) the FP8 alternatives that bench/tile_sweep.py times."""
+    from tile_sweep import CANDIDATES
     from trainer.kernels import linear_relu2 as lr
 
     out = []
-    for (backward, fp8, out8), cfg in lr.GPU_CONFIGS.items():
-        bm, bn, bk, group, warps, stages, split, ws = cfg
-        sub_n = bn // 2 if split else bn
-        a_type = ("fp8e5" if backward else "fp8e4nv") if fp8 else "bf16"
-        sig = {"a_desc": _desc(a_type, bm, bk), "b_desc": _desc("fp8e4nv" if fp8 else "bf16", bn, bk),
-               "c_desc": _desc("bf16", bm, sub_n), "scale_ptr": "*fp32" if fp8 else "*bf16"}
-        consts = {"K": 768, "BACKWARD": backward, "SCALED": fp8, "OUT8": out8, "BLOCK_M": bm, "BLOCK_N": bn,
-                  "BLOCK_K": bk, "GROUP_M": group, "SPLIT": split, "WARP_SPECIALIZE": ws, "PROGRAMS": 132,
-                  "INTERPRET": False, "TILES_PER_PROGRAM": 35}
-        if backward:
-            sig["h_desc"] = _desc("bf16", bm, sub_n)
-        else:
-            consts["h_desc"] = None
-        if out8:
-            sig["o8_desc"] = _desc("fp8e5" if backward else "fp8e4nv", bm, sub_n)
-        else:
-            consts["o8_desc"] = None
-        name = f"linear+relu^2 {'backward' if backward else 'forward'}{', FP8' if fp8 else ''}{', FP8 out' if out8 else ''}"
-        out.append(Build(name, lr._matmul_relu2_kernel, sig, consts, warps, stages))
+    for key, cfg in lr.GPU_CONFIGS.items():
+        out.append(_linear_relu2_build(lr, key, lr.Tiles(*cfg), default=True))
+    for kind, candidates in CANDIDATES.items():   # bench/tile_sweep.py's, the FP8 kernels with both outputs
+        for cfg in candidates:
+            out.append(_linear_relu2_build(lr, (kind == "backward", True, True), lr.Tiles(*cfg), default=False))
     return out
+
+
+def _linear_relu2_build(lr, key, cfg, default: bool) -> Build:
+    backward, fp8, out8 = key
+    bm, bn, bk, group, warps, stages, split, ws, h_early, per_sm = cfg
+    sub_n = bn // 2 if split else bn
+    a_type = ("fp8e5" if backward else "fp8e4nv") if fp8 else "bf16"
+    sig = {"a_desc": _desc(a_type, bm, bk), "b_desc": _desc("fp8e4nv" if fp8 else "bf16", bn, bk),
+           "c_desc": _desc("bf16", bm, sub_n), "scale_ptr": "*fp32" if fp8 else "*bf16"}
+    consts = {"K": 768, "BACKWARD": backward, "SCALED": fp8, "OUT8": out8, "BLOCK_M": bm, "BLOCK_N": bn,
+              "BLOCK_K": bk, "GROUP_M": group, "SPLIT": split, "H_EARLY": h_early, "WARP_SPECIALIZE": ws,
+              "PROGRAMS": 132 * per_sm, "INTERPRET": False, "TILES_PER_PROGRAM": 35}
+    if backward:
+        sig["h_desc"] = _desc("bf16", bm, sub_n)
+    else:
+        consts["h_desc"] = None
+    if out8:
+        sig["o8_desc"] = _desc("fp8e5" if backward else "fp8e4nv", bm, sub_n)
+    else:
+        consts["o8_desc"] = None
+    name = f"linear+relu^2 {'backward' if backward else 'forward'}{', FP8' if fp8 else ''}{', FP8 out' if out8 else ''}"
+    if not default:
+        name += (f" {bm}x{bn}x{bk}/{warps}w/{stages}s{' split' if split else ''}{' ws' if ws else ''}"
+                 f" h{h_early} x{per_sm}")
+    return Build(name, lr._matmul_relu2_kernel, sig, consts, warps, stages, default=default)
 
 
 def softcap_ce_builds() -> list[Build]:

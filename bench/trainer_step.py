@@ -230,40 +230,42 @@ def profile_steps(trainer, cfg, n: int = 2) -> dict:
             torch.cuda.synchronize()
         return prof
 
-    def events(prof, device_type):
-        return [e for e in prof.events() if e.device_type == device_type and e.time_range.end > e.time_range.start]
+    def intervals(prof, device_type, label=lambda e: e.name):
+        return [(e.time_range.start, e.time_range.end, label(e)) for e in prof.events()
+                if e.device_type == device_type and e.time_range.end > e.time_range.start]
 
-    def intervals(prof, device_type):
-        return [(e.time_range.start, e.time_range.end, e.name) for e in events(prof, device_type)]
+    prof = profiled([ProfilerActivity.CUDA])
+    totals = [(e.key, getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0), e.count)
+              for e in prof.key_averages()]
+    traced = profiled([ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    # the thread says which launcher was late: the training loop's (forward) or autograd's (backward)
+    return summarize_profile(totals, intervals(prof, cuda), intervals(traced, cuda),
+                             intervals(traced, cpu, lambda e: f"{e.name} [thread {e.thread}]"), n)
 
+
+def summarize_profile(totals, kernels, traced_kernels, host_ops, n: int) -> dict:
+    """profile_steps' figures from what the profiler recorded over n steps: totals, (name, self GPU us, calls)
+    per kernel name; kernels, (start us, end us, name) of each kernel run; traced_kernels and host_ops,
+    the same from the steps traced with the host's ops."""
     def widest(gaps):
         return sorted(gaps, key=lambda g: g[0] - g[1])[:12]
 
-    prof = profiled([ProfilerActivity.CUDA])
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-        if t > 0:
-            rows.append(dict(name=e.key[:120], ms_per_step=t / 1000 / n, calls_per_step=e.count / n))
-    rows.sort(key=lambda r: -r["ms_per_step"])
-    busy, span, gaps = idle_gaps(intervals(prof, torch.autograd.DeviceType.CUDA))
+    rows = sorted((dict(name=name[:120], ms_per_step=t / 1000 / n, calls_per_step=count / n)
+                   for name, t, count in totals if t > 0), key=lambda r: -r["ms_per_step"])
+    busy, span, gaps = idle_gaps(kernels)
     buckets = {"under_10us": 0.0, "10us_to_100us": 0.0, "over_100us": 0.0}
     for a, b, _, _ in gaps:
         g = b - a
         buckets["under_10us" if g < 10 else "10us_to_100us" if g < 100 else "over_100us"] += g / 1000 / n
-    widest = [dict(us=round(b - a, 1), after=x[:80], before=y[:80])
-              for a, b, x, y in widest(gaps)]
-    traced = profiled([ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    # the thread says which launcher was late: the training loop's (forward) or autograd's (backward)
-    host_ops = [(e.time_range.start, e.time_range.end, f"{e.name} [thread {e.thread}]")
-                for e in events(traced, torch.autograd.DeviceType.CPU)]
-    _, _, traced_gaps = idle_gaps(intervals(traced, torch.autograd.DeviceType.CUDA))
-    widest_traced = [dict(us=round(b - a, 1), before=y[:80], host=host_during(a, b, host_ops)[:100])
-                     for a, b, _, y in widest(traced_gaps)]
+    _, _, traced_gaps = idle_gaps(traced_kernels)
     return dict(kernels=rows[:40], kernel_ms_per_step=sum(r["ms_per_step"] for r in rows),
                 gpu_busy_ms_per_step=busy / 1000 / n, gpu_span_ms_per_step=span / 1000 / n,
-                idle_ms_per_step_by_gap=buckets, idle_gaps_per_step=len(gaps) / n, widest_idle_gaps=widest,
-                widest_idle_gaps_host_traced=widest_traced)
+                idle_ms_per_step_by_gap=buckets, idle_gaps_per_step=len(gaps) / n,
+                widest_idle_gaps=[dict(us=round(b - a, 1), after=x[:80], before=y[:80]) for a, b, x, y in widest(gaps)],
+                widest_idle_gaps_host_traced=[dict(us=round(b - a, 1), before=y[:80],
+                                                   host=host_during(a, b, host_ops)[:100])
+                                              for a, b, _, y in widest(traced_gaps)])
 
 
 def table(results: list[dict]) -> None:

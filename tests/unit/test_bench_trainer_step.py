@@ -7,7 +7,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
-from trainer_step import cache_dir, code_hash, host_during, idle_gaps  # noqa: E402
+from trainer_step import cache_dir, code_hash, host_during, idle_gaps, summarize_profile  # noqa: E402
 
 
 def test_idle_gaps_are_the_holes_in_the_union_of_kernel_intervals():
@@ -35,6 +35,25 @@ def test_host_op_covering_most_of_the_hole_when_none_spans_it():
     host = [(0.0, 12.0, "aten::copy_"), (14.0, 30.0, "aten::item")]
     assert host_during(10.0, 20.0, host) == "aten::item"
     assert host_during(40.0, 50.0, host) == ""
+
+
+def test_profile_summary_per_step_figures_and_the_widest_holes():
+    # two steps of kernels: holes of 5 us (a->b), 50 us (b->c) and 200 us (c->a of step 2), per the buckets
+    kernels = [(0.0, 100.0, "a"), (105.0, 205.0, "b"), (255.0, 300.0, "c"), (500.0, 600.0, "a"), (605.0, 705.0, "b")]
+    traced = [(0.0, 10.0, "a"), (40.0, 50.0, "mlp")]
+    host = [(0.0, 60.0, "step [thread 1]"), (5.0, 41.0, "TensorDescriptor [thread 1]")]
+    totals = [("a", 200.0, 2), ("b", 200.0, 2), ("c", 45.0, 1), ("cpu only", 0.0, 4)]
+    out = summarize_profile(totals, kernels, traced, host, n=2)
+    assert [r["name"] for r in out["kernels"]] == ["a", "b", "c"]
+    assert out["kernels"][0] == dict(name="a", ms_per_step=0.1, calls_per_step=1.0)
+    assert out["kernel_ms_per_step"] == (200 + 200 + 45) / 1000 / 2
+    assert out["gpu_busy_ms_per_step"] == 445 / 1000 / 2 and out["gpu_span_ms_per_step"] == 705 / 1000 / 2
+    assert out["idle_ms_per_step_by_gap"] == {"under_10us": 10 / 2000, "10us_to_100us": 50 / 2000,
+                                               "over_100us": 200 / 2000}
+    assert out["idle_gaps_per_step"] == 2
+    assert [g["us"] for g in out["widest_idle_gaps"]] == [200.0, 50.0, 5.0, 5.0]
+    assert out["widest_idle_gaps"][0] == dict(us=200.0, after="c", before="a")
+    assert out["widest_idle_gaps_host_traced"] == [dict(us=30.0, before="mlp", host="TensorDescriptor [thread 1]")]
 
 
 def _tree(root: Path, files: dict) -> Path:

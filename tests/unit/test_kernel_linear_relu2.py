@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from trainer.kernels.linear_relu2 import (  # noqa: E402
-    GPU_CONFIGS, _mlp_fwd, matmul_relu2, mlp_relu2, mlp_relu2_reference)
+    GPU_CONFIGS, Tiles, _mlp_fwd, matmul_relu2, mlp_relu2, mlp_relu2_reference)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # compiled kernels take CUDA tensors only
@@ -76,6 +76,21 @@ def test_epilogues_with_the_gpu_tile_on_ragged_shapes(backward):
     out = matmul_relu2(x, b, h=h, config=GPU_CONFIGS[(backward, False, False)])
     ref = pre * 2 * torch.sqrt(h.float()) if backward else torch.relu(pre) ** 2
     assert rel(out, ref) < BF16_TOL
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("h_early", [0, 1, 2])
+def test_backward_epilogue_wherever_h_is_loaded(h_early, split):
+    """h loaded before each epilogue half, at the epilogue's start or before the main loop: the same
+    grad_pre, on a ragged shape, with more programs than the default (per_sm=2 doubles the grid)."""
+    M, K, N = 150, 96, 200
+    x, w_fc, _ = inputs(M, K, N, seed=h_early)
+    b = w_fc.bfloat16()
+    pre = x.float() @ b.float().t()
+    h = (torch.relu(pre) ** 2).bfloat16()
+    tiles = Tiles(32, 64, 32, 2, 4, 1, split, False, h_early, 2)
+    out = matmul_relu2(x, b, h=h, config=tiles)
+    assert rel(out, pre * 2 * torch.sqrt(h.float())) < BF16_TOL
 
 
 def fp8_reference(x, w_fc, w_proj, g, mode):

@@ -27,6 +27,7 @@ torch.compile keeps both as opaque calls instead of tracing into the Triton laun
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,14 +44,25 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _tile(tile, a_desc, b_desc, c_desc, h_desc, o8_desc, scale, out8_inv, num_m, num_n, K: tl.constexpr,
           BACKWARD: tl.constexpr, OUT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """One output tile: acc = scale * a[rows] @ b[cols].T over all of K, then the epilogue and the store."""
+          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr, H_EARLY: tl.constexpr,
+          UPCAST: tl.constexpr):
+    """One output tile: acc = scale * a[rows] @ b[cols].T over all of K, then the epilogue and the store.
+    H_EARLY (backward): when h is loaded, 0 just before each epilogue half uses it, 1 both halves at the
+    epilogue's start (their loads overlap), 2 before the main loop (its latency hides behind the matmul, at
+    the price of h's registers held through it)."""
     # grouped ordering: GROUP_M row-blocks sweep the column-blocks together, so their b tiles stay in L2
     in_group = GROUP_M * num_n
     first_m = (tile // in_group) * GROUP_M
     group_m = min(num_m - first_m, GROUP_M)
     off_m = (first_m + (tile % in_group) % group_m) * BLOCK_M
     off_n = ((tile % in_group) // group_m) * BLOCK_N
+    HALF: tl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
+    h0 = None
+    h1 = None
+    if BACKWARD and H_EARLY == 2:
+        h0 = h_desc.load([off_m, off_n])
+        if SPLIT:
+            h1 = h_desc.load([off_m, off_n + HALF])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):   # TMA zero-fills reads past M, N and K: no masks
         a = a_desc.load([off_m, k0])
@@ -59,24 +71,33 @@ def _tile(tile, a_desc, b_desc, c_desc, h_desc, o8_desc, scale, out8_inv, num_m,
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b.T, acc)
     acc = acc * scale
+    if BACKWARD and H_EARLY == 1:
+        h0 = h_desc.load([off_m, off_n])
+        if SPLIT:
+            h1 = h_desc.load([off_m, off_n + HALF])
     # SPLIT: the epilogue in two column halves, so a 128x256 tile's h and output buffers fit beside the
     # pipeline's shared memory (stores past M or N are dropped by TMA)
     if SPLIT:
-        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _epilogue(acc0, c_desc, h_desc, o8_desc, out8_inv, off_m, off_n, BACKWARD, OUT8)
-        _epilogue(acc1, c_desc, h_desc, o8_desc, out8_inv, off_m, off_n + BLOCK_N // 2, BACKWARD, OUT8)
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        if BACKWARD and H_EARLY == 0:
+            h0 = h_desc.load([off_m, off_n])
+        _epilogue(acc0, h0, c_desc, o8_desc, out8_inv, off_m, off_n, BACKWARD, OUT8)
+        if BACKWARD and H_EARLY == 0:
+            h1 = h_desc.load([off_m, off_n + HALF])
+        _epilogue(acc1, h1, c_desc, o8_desc, out8_inv, off_m, off_n + HALF, BACKWARD, OUT8)
     else:
-        _epilogue(acc, c_desc, h_desc, o8_desc, out8_inv, off_m, off_n, BACKWARD, OUT8)
+        if BACKWARD and H_EARLY == 0:
+            h0 = h_desc.load([off_m, off_n])
+        _epilogue(acc, h0, c_desc, o8_desc, out8_inv, off_m, off_n, BACKWARD, OUT8)
 
 
 @triton.jit
-def _epilogue(acc, c_desc, h_desc, o8_desc, out8_inv, off_m, off_n, BACKWARD: tl.constexpr, OUT8: tl.constexpr):
-    """The forward writes h = relu(acc)^2, the backward reads h from h_desc and writes acc * 2*sqrt(h).
+def _epilogue(acc, h, c_desc, o8_desc, out8_inv, off_m, off_n, BACKWARD: tl.constexpr, OUT8: tl.constexpr):
+    """The forward writes h = relu(acc)^2, the backward (given h's tile) writes acc * 2*sqrt(h).
     OUT8: the output also goes to o8_desc times out8_inv, saturating: the forward's h in e4m3 (>= 0), the
     backward's grad_pre in e5m2."""
     if BACKWARD:   # grad_pre = grad_h * 2*relu(pre), and relu(pre) = sqrt(h)
-        h = h_desc.load([off_m, off_n]).to(tl.float32)
-        out = acc * (2.0 * tl.sqrt(h))
+        out = acc * (2.0 * tl.sqrt(h.to(tl.float32)))
         if OUT8:
             o8_desc.store([off_m, off_n], tl.clamp(out * out8_inv, -57344.0, 57344.0).to(o8_desc.dtype))
     else:
@@ -90,7 +111,7 @@ def _epilogue(acc, c_desc, h_desc, o8_desc, out8_inv, off_m, off_n, BACKWARD: tl
 @triton.jit
 def _matmul_relu2_kernel(a_desc, b_desc, c_desc, h_desc, o8_desc, scale_ptr, M, N, num_tiles, K: tl.constexpr,
                          BACKWARD: tl.constexpr, SCALED: tl.constexpr, OUT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr, H_EARLY: tl.constexpr,
                          WARP_SPECIALIZE: tl.constexpr, PROGRAMS: tl.constexpr, INTERPRET: tl.constexpr,
                          TILES_PER_PROGRAM: tl.constexpr):
     """c = epilogue(scale * a @ b.T), a (M, K) and b (N, K) K-contiguous; program p takes tiles p, p+PROGRAMS, ...
@@ -111,31 +132,47 @@ def _matmul_relu2_kernel(a_desc, b_desc, c_desc, h_desc, o8_desc, scale_ptr, M, 
             tile = tl.program_id(0) + i * PROGRAMS
             if tile < num_tiles:
                 _tile(tile, a_desc, b_desc, c_desc, h_desc, o8_desc, scale, out8_inv, num_m, num_n, K, BACKWARD, OUT8,
-                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, True)
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, H_EARLY, True)
     else:
         for tile in tl.range(tl.program_id(0), num_tiles, PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
             _tile(tile, a_desc, b_desc, c_desc, h_desc, o8_desc, scale, out8_inv, num_m, num_n, K, BACKWARD, OUT8,
-                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, False)
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, H_EARLY, False)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split epilogue, warp-specialise) by (backward,
-# FP8, FP8 second output), the fastest of one-off sweeps on an H100 at the record's shapes (49152 x 768 ->
-# 3072; the sweep scripts were not kept, bench/kernels.py times the chosen configs): 128x256 tiles with two
-# warpgroups; FP8 takes 128-deep K steps (same bytes). An unsplit 128x256 backward epilogue does not fit in
-# shared memory beside 3 stages.
-GPU_CONFIGS = {
+class Tiles(NamedTuple):
+    """A launch configuration of _matmul_relu2_kernel."""
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    warps: int
+    stages: int
+    split: bool               # the epilogue in two column halves
+    warp_specialize: bool
+    h_early: int = 0          # the backward's H_EARLY (see _tile)
+    per_sm: int = 1           # persistent programs per SM (2: one program's epilogue beside another's matmul)
+
+
+# Tiles by (backward, FP8, FP8 second output), the fastest of one-off sweeps on an H100 at the record's
+# shapes (49152 x 768 -> 3072; those sweep scripts were not kept, bench/kernels.py times the chosen configs):
+# 128x256 tiles with two warpgroups; FP8 takes 128-deep K steps (same bytes). An unsplit 128x256 backward
+# epilogue does not fit in shared memory beside 3 stages. The FP8 kernels with both outputs, as the trainer
+# runs them, were swept again on an H200 by bench/tile_sweep.py (2026-11-29): loading both halves of h at
+# the backward epilogue's start took 0.348 ms against 0.372; 128x128 tiles (two programs per SM or 4
+# stages), warp specialisation and h loaded before the main loop were all 1.00-1.27x slower.
+GPU_CONFIGS = {k: Tiles(*v) for k, v in {
     (False, False, False): (128, 256, 64, 8, 8, 3, False, True),    # bf16 forward: 0.357 ms (cuBLAS alone 0.330)
     (True, False, False): (128, 256, 64, 8, 8, 3, True, True),      # bf16 backward: 0.461 ms
     (False, True, False): (128, 256, 128, 8, 8, 3, True, True),     # FP8 forward (4 stages: 0.221 ms, but
     (False, True, True): (128, 256, 128, 8, 8, 3, True, True),      # with the e4m3 h, 0.225 ms, its store
                                                                     # buffer leaves no room for them)
     (True, True, False): (128, 256, 128, 8, 8, 3, True, False),     # FP8 backward: 0.333 ms
-    (True, True, True): (128, 256, 128, 8, 8, 3, True, False),      # with the e5m2 grad_pre: 0.408 ms against
-                                                                    # 0.344 without; 8 other configs 0.409-0.491
-}
+    (True, True, True): (128, 256, 128, 8, 8, 3, True, False, 1),   # with the e5m2 grad_pre: 0.408 ms against
+                                                                    # 0.344 without (H100); H200: 0.348
+}.items()}
 # small tiles under the interpreter, so the tests' small shapes still cover several tiles per program,
 # the grouped ordering and ragged edges
-INTERPRET_CONFIG = (32, 64, 32, 2, 4, 1, True, False)
+INTERPRET_CONFIG = Tiles(32, 64, 32, 2, 4, 1, True, False)
 
 
 def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None, scale: torch.Tensor | None = None,
@@ -163,8 +200,9 @@ def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None
                              or scale.numel() < 2):
         raise ValueError("matmul_relu2: out8 is an FP8 kernel's second (M, N) output, e4m3 in the forward and e5m2 "
                          "in the backward, with 1 / its scale in scale[1]")
-    bm, bn, bk, group, warps, stages, split, ws = config or (
+    tiles_cfg = Tiles(*config) if config is not None else (
         INTERPRET_CONFIG if INTERPRET else GPU_CONFIGS[(h is not None, fp8, out8 is not None)])
+    bm, bn, bk, group, warps, stages, split, ws, h_early, per_sm = tiles_cfg
     c = torch.empty((M, N), device=a.device, dtype=torch.bfloat16)
     if (N * c.element_size()) % 16:
         raise ValueError(f"matmul_relu2: N={N} must be a multiple of 8 (16-byte rows of bf16 output for TMA)")
@@ -177,11 +215,11 @@ def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None
              for t, block in ((a, [bm, bk]), (b, [bn, bk]), (c, [bm, sub_n]), (h, [bm, sub_n]), (out8, [bm, sub_n]))]
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if programs is None:
-        programs = 4 if INTERPRET else torch.cuda.get_device_properties(a.device).multi_processor_count
+        programs = (4 if INTERPRET else torch.cuda.get_device_properties(a.device).multi_processor_count) * per_sm
     programs = min(programs, tiles)
     _matmul_relu2_kernel[(programs,)](
         *descs, scale if scale is not None else c, M, N, tiles, K, BACKWARD=h is not None, SCALED=fp8, OUT8=out8 is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, SPLIT=split, WARP_SPECIALIZE=ws, PROGRAMS=programs,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, SPLIT=split, H_EARLY=h_early, WARP_SPECIALIZE=ws, PROGRAMS=programs,
         INTERPRET=INTERPRET, TILES_PER_PROGRAM=triton.cdiv(tiles, programs), num_warps=warps, num_stages=stages)
     return c
 
