@@ -58,7 +58,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                      # auto | cuda | cpu
     compile: bool = True                      # torch.compile on CUDA; off on CPU
-    compile_tuning: bool = False              # inductor's coordinate-descent tuning of its kernels' block sizes
     warmup_compile_steps: int = 3             # untimed steps on dummy data (the first compiles), then the state is reset
     checkpoint_every: int = 0
     checkpoint_final: bool = True

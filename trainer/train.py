@@ -120,7 +120,7 @@ class Trainer:
         self.sync()
         self.warmup_parts["model_s"] = time.time() - t0 - self.warmup_parts["ranks_and_data_s"]
         self.compiled = cfg.compile and self.cuda
-        self.forward = self.compile_model() if self.compiled else self.model
+        self.forward = torch.compile(self.model, dynamic=False) if self.compiled else self.model
         self.adam, self.muon = build_optimizers(self.model, cfg)
         self.reducer = GradientReducer(self.model.parameters(), r.world)
         self.stop = StopRequest(self.out)
@@ -131,11 +131,6 @@ class Trainer:
                             end_unix=None, steps_done=0, total_steps=cfg.steps)
         if r.is_main:
             (self.out / "ckpt").mkdir(parents=True, exist_ok=True)
-
-    def compile_model(self):
-        # coordinate-descent tuning: inductor times each generated kernel at neighbouring block sizes while
-        # compiling and keeps the fastest (the choice lands in the compile cache with the kernel)
-        return torch.compile(self.model, dynamic=False, options={"coordinate_descent_tuning": self.cfg.compile_tuning})
 
     # ------------------------------------------------------------------------ pieces of a step
 
@@ -305,7 +300,7 @@ class Trainer:
                 self.model.fp8_head = False
                 self.model.zero_grad(set_to_none=True)
                 torch._dynamo.reset()
-                self.forward = self.compile_model()
+                self.forward = torch.compile(self.model, dynamic=False)
                 self.train_step(mb, step=0)
         self.sync()
         v0 = time.time()
