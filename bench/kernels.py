@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from kernel_cases import CASES, REPO, Case, attention, head, inductor, mlp  # noqa: F401 - the modules register their cases
+from kernel_cases import CASES, REPO, Case, attention, attn_prep, head, mlp  # noqa: F401 - the modules register their cases
 
 # --- timing
 

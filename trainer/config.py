@@ -37,6 +37,8 @@ class TrainConfig:
     fused_head_loss: bool = True              # lm head + soft-capped cross-entropy as one op with a Triton kernel (CUDA)
     attention: str = "auto"                   # auto | flex | dense
     mlp_kernel: str = "triton"                # triton (fused relu^2 MLP kernels, CUDA only; CPU runs torch) | torch
+    attn_prep: str = "torch"                  # torch | triton (q/k norm + rotary + value mix as one Triton kernel
+                                              # each way, CUDA only; not yet measured in the trainer)
     mlp_fp8: str = "all"                      # none | forward (both forward matmuls in FP8) | grad_h (+ the backward's
                                               # grad_h) | all (+ grad_x); the triton MLP on Hopper, ignored elsewhere
     # --- schedule
@@ -82,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"attention: must be auto, flex or dense (got {self.attention!r})")
         if self.mlp_kernel not in ("torch", "triton"):
             raise ValueError(f"mlp_kernel: must be torch or triton (got {self.mlp_kernel!r})")
+        if self.attn_prep not in ("torch", "triton"):
+            raise ValueError(f"attn_prep: must be torch or triton (got {self.attn_prep!r})")
         if self.mlp_fp8 not in MLP_FP8_MODES:
             raise ValueError(f"mlp_fp8: must be none, forward, grad_h or all (got {self.mlp_fp8!r})")
         if self.device not in ("auto", "cuda", "cpu"):

@@ -55,16 +55,19 @@ class Rotary(nn.Module):
         freqs = (1.0 / base) ** torch.linspace(0, 1, quarter)
         self.register_buffer("freqs", torch.cat([freqs, freqs.new_zeros(quarter)]), persistent=False)
 
+    def tables(self, T: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of each position's angles, (T, head_dim / 2), in the activation dtype."""
+        theta = torch.outer(torch.arange(T, device=device, dtype=torch.float32), self.freqs)
+        return theta.cos().to(dtype), theta.sin().to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D)
-        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
-        theta = torch.outer(t, self.freqs)[None, :, None, :]
-        cos, sin = theta.cos().to(x.dtype), theta.sin().to(x.dtype)
+        cos, sin = (t[None, :, None, :] for t in self.tables(x.size(1), x.dtype, x.device))
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, prep_kernel: str = "torch"):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         hdim = num_heads * head_dim
@@ -75,6 +78,13 @@ class Attention(nn.Module):
         self.rotary = Rotary(head_dim)
         self.c_proj = CastedLinear(hdim, dim, zero_init=True)
         self.fp8 = False   # the q, k, v projection's forward in FP8 (set by the trainer on Hopper)
+        self.prep = None   # q/k norm + rotary + value mix as one Triton kernel each way (CUDA)
+        if prep_kernel == "triton":
+            try:
+                from trainer.kernels.attn_prep import attn_prep
+                self.prep = attn_prep
+            except ImportError:   # a CPU-only torch without triton: the torch path is what runs on CPU anyway
+                pass
 
     def forward(self, x, ve, docs, window_blocks, block_size, mask):
         B, T, _ = x.shape
@@ -82,12 +92,16 @@ class Attention(nn.Module):
             qkv = fp8_forward_linear(x, self.qkv_w.flatten(end_dim=1))
         else:
             qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).to(x.dtype))
-        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = self.rotary(norm(q)), self.rotary(norm(k))
-        if ve is not None:
-            v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
+        qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim)
+        if self.prep is not None and x.is_cuda:
+            q, k, v = self.prep(qkv, ve, self.lambdas, *self.rotary.tables(T, x.dtype, x.device))
         else:
-            v = self.lambdas[0] * v
+            q, k, v = qkv.unbind(2)
+            q, k = self.rotary(norm(q)), self.rotary(norm(k))
+            if ve is not None:
+                v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
+            else:
+                v = self.lambdas[0] * v
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE)
         y = y.transpose(1, 2).reshape(B, T, -1)
@@ -117,7 +131,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: TrainConfig):
         super().__init__()
-        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim)
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
