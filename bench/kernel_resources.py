@@ -145,7 +145,23 @@ def softcap_ce_builds() -> list[Build]:
     return out
 
 
-FAMILIES = (linear_relu2_builds, softcap_ce_builds)
+def attn_prep_builds() -> list[Build]:
+    """The attention's q/k norm + rotary + value mix, both ways, at the trainer's heads (6 x 128), with a value
+    embedding (the layers without one compile a smaller kernel)."""
+    from trainer.kernels import attn_prep as ap
+
+    consts = {"H": 6, "D": 128, "HAS_VE": True, "BLOCK_T": ap.BLOCK_T, "EPS": ap.EPS}
+    bf16 = "*bf16"
+    fwd = {n: bf16 for n in ("qkv", "ve", "cos", "sin", "q", "k", "v")} | {"lambdas": "*fp32"}
+    bwd = {n: bf16 for n in ("dq", "dk", "dv", "qkv", "ve", "cos", "sin", "dqkv", "dve")} | {
+        "lambdas": "*fp32", "dlam": "*fp32"}
+    return [Build("attn_prep forward", ap._attn_prep_fwd_kernel, fwd, consts, ap.WARPS, 1, matmul=False,
+                  aligned=tuple(fwd)),
+            Build("attn_prep backward", ap._attn_prep_bwd_kernel, bwd, consts, ap.WARPS, 1, matmul=False,
+                  aligned=tuple(bwd) + ("dq_st", "dq_sh", "dk_st", "dk_sh", "dv_st", "dv_sh"))]
+
+
+FAMILIES = (linear_relu2_builds, softcap_ce_builds, attn_prep_builds)
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ def resources(tmp_path, *args):
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("family", ["linear+relu^2 forward", "linear+relu^2 backward", "softcap CE"])
+@pytest.mark.parametrize("family", ["linear+relu^2 forward", "linear+relu^2 backward", "softcap CE", "attn_prep"])
 def test_default_tiles_compile_without_spills_and_use_wgmma(tmp_path, family):
     run = resources(tmp_path, "--check", "--only", family)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

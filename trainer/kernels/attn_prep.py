@@ -23,7 +23,8 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = 1.1920928955078125e-07   # torch.finfo(torch.float32).eps: what F.rms_norm uses without eps, bf16 too
-BLOCK_T, WARPS = 32, 4   # tokens per program (one head each); not yet swept on a GPU
+BLOCK_T, WARPS = 32, 4   # tokens per program (one head each); H200 (bench/kernels.py): 0.369 ms of GPU
+# time fwd+bwd, against 0.375 (16 tokens, 4 warps), 0.383 (64, 4), 0.370 (64, 8), 0.401 (128, 8)
 
 
 @triton.jit
