@@ -130,7 +130,8 @@ def main(argv=None) -> int:
         print("bench/tile_sweep.py needs a CUDA GPU and none is visible.", file=sys.stderr)
         return 1
     gpu = torch.cuda.get_device_name()
-    rows = [r for kind in ([args.only] if args.only else sorted(CANDIDATES, reverse=True)) for r in sweep(kind, args.reps)]
+    kinds = [args.only] if args.only else sorted(CANDIDATES, reverse=True)   # the forward first
+    rows = [r for kind in kinds for r in sweep(kind, args.reps)]
     show(rows, f"relu^2 MLP matmul tiles, FP8, {TOKENS}x{DIM} -> {HIDDEN}, {gpu} (torch {torch.__version__}, "
                f"triton {triton.__version__}), median of {args.reps}")
     name = "".join(ch if ch.isalnum() else "-" for ch in gpu).strip("-").lower()

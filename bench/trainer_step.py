@@ -259,13 +259,39 @@ def summarize_profile(totals, kernels, traced_kernels, host_ops, n: int) -> dict
         g = b - a
         buckets["under_10us" if g < 10 else "10us_to_100us" if g < 100 else "over_100us"] += g / 1000 / n
     _, _, traced_gaps = idle_gaps(traced_kernels)
-    return dict(kernels=rows[:40], kernel_ms_per_step=sum(r["ms_per_step"] for r in rows),
+    # every kernel of 10 us a step or more, so that two runs' profiles can be compared kernel by kernel
+    return dict(kernels=[r for r in rows if r["ms_per_step"] >= 0.01],
+                kernel_ms_per_step=sum(r["ms_per_step"] for r in rows),
                 gpu_busy_ms_per_step=busy / 1000 / n, gpu_span_ms_per_step=span / 1000 / n,
                 idle_ms_per_step_by_gap=buckets, idle_gaps_per_step=len(gaps) / n,
                 widest_idle_gaps=[dict(us=round(b - a, 1), after=x[:80], before=y[:80]) for a, b, x, y in widest(gaps)],
                 widest_idle_gaps_host_traced=[dict(us=round(b - a, 1), before=y[:80],
                                                    host=host_during(a, b, host_ops)[:100])
                                               for a, b, _, y in widest(traced_gaps)])
+
+
+def kernel_diff(before: list[dict], after: list[dict], top: int = 15) -> list[tuple[str, float, float]]:
+    """The kernels whose ms per step differ most between two profiles' kernel rows, as (name, before, after);
+    a kernel one run lacks counts 0 there (inductor names its kernels after what they fuse, so a changed
+    graph shows as one name leaving and another arriving)."""
+    a = {r["name"]: r["ms_per_step"] for r in before}
+    b = {r["name"]: r["ms_per_step"] for r in after}
+    rows = [(name, a.get(name, 0.0), b.get(name, 0.0)) for name in a.keys() | b.keys()]
+    return sorted(rows, key=lambda r: (-abs(r[2] - r[1]), r[0]))[:top]
+
+
+def show_profile(profiled: dict) -> None:
+    print(f"GPU busy {profiled['gpu_busy_ms_per_step']:.1f} ms of a {profiled['gpu_span_ms_per_step']:.1f} ms "
+          f"step span (kernels {profiled['kernel_ms_per_step']:.1f} ms); the top kernels:")
+    for row in profiled["kernels"][:25]:
+        print(f"{row['ms_per_step']:9.2f} ms {row['calls_per_step']:7.1f}x  {row['name']}")
+    print(f"idle ms per step by gap length: {profiled['idle_ms_per_step_by_gap']} "
+          f"({profiled['idle_gaps_per_step']:.0f} gaps); the widest:")
+    for g in profiled["widest_idle_gaps"]:
+        print(f"{g['us']:9.1f} us  after {g['after']}  before {g['before']}")
+    print("the widest holes of steps profiled with the host's ops too, and the host op they fall in:")
+    for g in profiled["widest_idle_gaps_host_traced"]:
+        print(f"{g['us']:9.1f} us  before {g['before']}  host in {g['host'] or '-'}")
 
 
 def table(results: list[dict]) -> None:
@@ -294,7 +320,8 @@ def main() -> int:
                    help="one more timed run with these overrides, labelled NAME in the table")
     p.add_argument("--profile", action="store_true",
                    help="add the top GPU kernels of 2 steps, the GPU's idle time and what the host did in its "
-                        "widest holes to the last cold/warm phase")
+                        "widest holes to the last cold/warm phase, and to each variant and the baseline (printed as "
+                        "the kernels whose time differs most from the phase's)")
     p.add_argument("--baseline", default=None, metavar="DIR",
                    help="one more run, labelled 'baseline', of the trainer code in DIR (another checkout of this "
                         "repo) with the same --set: a code change's before and after in one call")
@@ -338,7 +365,7 @@ def main() -> int:
         cmd += [a for s in sets for a in ("--set", s)]
         if code != REPO:
             cmd += ["--code", str(code)]
-        if args.profile and i == n_phases - 1:   # the kernels of the last cold/warm run
+        if args.profile and (i == n_phases - 1 or phase == "variant"):   # the last cold/warm run, each variant
             cmd.append("--profile")
         done = subprocess.run(cmd, env=env)
         if done.returncode != 0 or not result.exists():
@@ -348,19 +375,17 @@ def main() -> int:
         write(results, args.out, gpu)   # partial results survive a later run's failure
     if results:
         table(results)
-        profiled = next((r["profile"] for r in results if r.get("profile")), None)
+        profiled = [r for r in results if r.get("profile")]
         if profiled:
-            print(f"GPU busy {profiled['gpu_busy_ms_per_step']:.1f} ms of a {profiled['gpu_span_ms_per_step']:.1f} ms "
-                  f"step span (kernels {profiled['kernel_ms_per_step']:.1f} ms); the top kernels:")
-            for row in profiled["kernels"][:25]:
-                print(f"{row['ms_per_step']:9.2f} ms {row['calls_per_step']:7.1f}x  {row['name']}")
-            print(f"idle ms per step by gap length: {profiled['idle_ms_per_step_by_gap']} "
-                  f"({profiled['idle_gaps_per_step']:.0f} gaps); the widest:")
-            for g in profiled["widest_idle_gaps"]:
-                print(f"{g['us']:9.1f} us  after {g['after']}  before {g['before']}")
-            print("the widest holes of steps profiled with the host's ops too, and the host op they fall in:")
-            for g in profiled["widest_idle_gaps_host_traced"]:
-                print(f"{g['us']:9.1f} us  before {g['before']}  host in {g['host'] or '-'}")
+            show_profile(profiled[0]["profile"])
+        for r in profiled[1:]:
+            p0, p1 = profiled[0]["profile"], r["profile"]
+            idle0, idle1 = (p["gpu_span_ms_per_step"] - p["gpu_busy_ms_per_step"] for p in (p0, p1))
+            print(f"\n{r['phase']} against {profiled[0]['phase']}: kernels {p1['kernel_ms_per_step']:.1f} against "
+                  f"{p0['kernel_ms_per_step']:.1f} ms/step, GPU idle {idle1:.1f} against {idle0:.1f}; the kernels "
+                  "that differ most:")
+            for name, before, after in kernel_diff(p0["kernels"], p1["kernels"]):
+                print(f"{before:9.2f} -> {after:9.2f} ms  {name}")
     return 0 if results else 1
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
-from trainer_step import cache_dir, code_hash, host_during, idle_gaps, summarize_profile  # noqa: E402
+from trainer_step import cache_dir, code_hash, host_during, idle_gaps, kernel_diff, summarize_profile  # noqa: E402
 
 
 def test_idle_gaps_are_the_holes_in_the_union_of_kernel_intervals():
@@ -54,6 +54,16 @@ def test_profile_summary_per_step_figures_and_the_widest_holes():
     assert [g["us"] for g in out["widest_idle_gaps"]] == [200.0, 50.0, 5.0, 5.0]
     assert out["widest_idle_gaps"][0] == dict(us=200.0, after="c", before="a")
     assert out["widest_idle_gaps_host_traced"] == [dict(us=30.0, before="mlp", host="TensorDescriptor [thread 1]")]
+
+
+def test_kernel_diff_orders_by_the_change_and_counts_a_missing_kernel_as_zero():
+    before = [dict(name="flex", ms_per_step=70.0), dict(name="norm_fwd", ms_per_step=13.0),
+              dict(name="mlp", ms_per_step=61.0)]
+    after = [dict(name="flex", ms_per_step=70.5), dict(name="attn_prep_fwd", ms_per_step=9.0),
+             dict(name="mlp", ms_per_step=61.0)]
+    assert kernel_diff(before, after) == [("norm_fwd", 13.0, 0.0), ("attn_prep_fwd", 0.0, 9.0), ("flex", 70.0, 70.5),
+                                          ("mlp", 61.0, 61.0)]
+    assert kernel_diff(before, after, top=1) == [("norm_fwd", 13.0, 0.0)]
 
 
 def _tree(root: Path, files: dict) -> Path:

@@ -47,16 +47,20 @@ def test_outputs_and_gradients_match_the_torch_math_in_float32(T, with_ve):
     assert all(e < 1e-5 for e in errors.values()), errors
 
 
-def test_bf16_matches_the_torch_math_within_bf16_rounding():
-    args = make(1, 2 * BLOCK_T + 3, 2, 32, torch.bfloat16)
-    qkv, ve, lambdas, cos, sin, grads = args
-    got = outputs_and_grads(attn_prep, *args)
-    # the reference in float32 on the same bf16 values; the kernel rounds each output once
+def bf16_errors(qkv, ve, lambdas, cos, sin, grads):
+    """The kernels on bf16 inputs against the torch math in float32 on the same bf16 values (the kernels
+    round each output once): relative errors of the outputs and gradients."""
+    got = outputs_and_grads(attn_prep, qkv, ve, lambdas, cos, sin, grads)
     want = outputs_and_grads(attn_prep_reference, qkv.float(), ve.float(), lambdas, cos.float(), sin.float(),
                              [g.float() for g in grads])
-    errors = [rel(a, b) for a, b in zip(got, want)]
+    return [rel(a, b) for a, b in zip(got, want)]
+
+
+def test_bf16_matches_the_torch_math_within_bf16_rounding():
+    args = make(1, 2 * BLOCK_T + 3, 2, 32, torch.bfloat16)
+    errors = bf16_errors(*args)
     assert max(errors) < 8e-3, errors
-    assert got[0].dtype == torch.float32 and attn_prep(qkv, ve, lambdas, cos, sin)[0].dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in attn_prep(*args[:5]))
 
 
 def test_gradients_in_flex_attentions_layout_are_read_through_their_strides():
@@ -79,14 +83,10 @@ def test_bad_shapes_are_one_sentence():
         attn_prep(qkv[:, :, :2], ve, lambdas, cos, sin)
 
 
+@pytest.mark.gpu
 @cuda
 def test_trainer_shape_compiled_on_the_gpu():
-    args = make(1, 48 * 1024, 6, 128, torch.bfloat16)
-    qkv, ve, lambdas, cos, sin, grads = args
-    got = outputs_and_grads(attn_prep, *args)
-    want = outputs_and_grads(attn_prep_reference, qkv.float(), ve.float(), lambdas, cos.float(), sin.float(),
-                             [g.float() for g in grads])
-    errors = [rel(a, b) for a, b in zip(got, want)]
+    errors = bf16_errors(*make(1, 48 * 1024, 6, 128, torch.bfloat16))
     assert max(errors) < 8e-3, errors
 
 

@@ -200,9 +200,9 @@ def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None
                              or scale.numel() < 2):
         raise ValueError("matmul_relu2: out8 is an FP8 kernel's second (M, N) output, e4m3 in the forward and e5m2 "
                          "in the backward, with 1 / its scale in scale[1]")
-    tiles_cfg = Tiles(*config) if config is not None else (
+    chosen = Tiles(*config) if config is not None else (
         INTERPRET_CONFIG if INTERPRET else GPU_CONFIGS[(h is not None, fp8, out8 is not None)])
-    bm, bn, bk, group, warps, stages, split, ws, h_early, per_sm = tiles_cfg
+    bm, bn, bk, group, warps, stages, split, ws, h_early, per_sm = chosen
     c = torch.empty((M, N), device=a.device, dtype=torch.bfloat16)
     if (N * c.element_size()) % 16:
         raise ValueError(f"matmul_relu2: N={N} must be a multiple of 8 (16-byte rows of bf16 output for TMA)")
@@ -218,9 +218,9 @@ def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None
         programs = (4 if INTERPRET else torch.cuda.get_device_properties(a.device).multi_processor_count) * per_sm
     programs = min(programs, tiles)
     _matmul_relu2_kernel[(programs,)](
-        *descs, scale if scale is not None else c, M, N, tiles, K, BACKWARD=h is not None, SCALED=fp8, OUT8=out8 is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, SPLIT=split, H_EARLY=h_early, WARP_SPECIALIZE=ws, PROGRAMS=programs,
-        INTERPRET=INTERPRET, TILES_PER_PROGRAM=triton.cdiv(tiles, programs), num_warps=warps, num_stages=stages)
+        *descs, scale if scale is not None else c, M, N, tiles, K, BACKWARD=h is not None, SCALED=fp8,
+        OUT8=out8 is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, SPLIT=split, H_EARLY=h_early,
+        WARP_SPECIALIZE=ws, PROGRAMS=programs, INTERPRET=INTERPRET, TILES_PER_PROGRAM=triton.cdiv(tiles, programs), num_warps=warps, num_stages=stages)
     return c
 
 
