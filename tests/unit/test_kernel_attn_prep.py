@@ -139,3 +139,22 @@ def test_gpu_model_with_the_kernel_matches_the_torch_path():
                                    model.value_embeds[0].weight.grad.flatten()])
     assert abs(losses["torch"] - losses["triton"]) < 1e-2 * abs(losses["torch"])
     assert rel(grads["triton"].float(), grads["torch"].float()) < 3e-2
+
+
+def test_traced_by_aot_autograd_as_one_opaque_op_each_way():
+    """What torch.compile does with the op, short of inductor's code generation: the graph traced with fake
+    tensors (the op's register_fake), its backward through the registered formula, gradients in
+    FlexAttention's strided layout; the same numbers as the op called directly."""
+    B, T, H, D = 1, BLOCK_T + 3, 2, 16
+    qkv, ve, lambdas, cos, sin, _ = make(B, T, H, D, torch.float32)
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    grads = [torch.randn(B, H, T, D, generator=g, device=DEVICE).transpose(1, 2) for _ in range(3)]
+
+    def prep(qkv, ve, lambdas, cos, sin):
+        q, k, v = attn_prep(qkv * 1.0, ve, lambdas, cos, sin)
+        return q * 1.0, k, v
+
+    compiled = torch.compile(prep, backend="aot_eager", fullgraph=True)
+    got = outputs_and_grads(compiled, qkv, ve, lambdas, cos, sin, grads)
+    want = outputs_and_grads(attn_prep, qkv, ve, lambdas, cos, sin, grads)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, want))
