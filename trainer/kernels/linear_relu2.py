@@ -158,8 +158,9 @@ class Tiles(NamedTuple):
 # 128x256 tiles with two warpgroups; FP8 takes 128-deep K steps (same bytes). An unsplit 128x256 backward
 # epilogue does not fit in shared memory beside 3 stages. The FP8 kernels with both outputs, as the trainer
 # runs them, were swept again on an H200 by bench/tile_sweep.py (2026-11-29): loading both halves of h at
-# the backward epilogue's start took 0.348 ms against 0.372; 128x128 tiles (two programs per SM or 4
-# stages), warp specialisation and h loaded before the main loop were all 1.00-1.27x slower.
+# the backward epilogue's start took 0.348 ms against 0.372; warp specialisation added nothing (0.348 with
+# it too); 128x128 tiles (two programs per SM or 4 stages) and h loaded before the main loop were 1.00-1.27x
+# slower than the old order.
 GPU_CONFIGS = {k: Tiles(*v) for k, v in {
     (False, False, False): (128, 256, 64, 8, 8, 3, False, True),    # bf16 forward: 0.357 ms (cuBLAS alone 0.330)
     (True, False, False): (128, 256, 64, 8, 8, 3, True, True),      # bf16 backward: 0.461 ms
