@@ -32,11 +32,17 @@ CANDIDATES = {
         (128, 128, 128, 8, 4, 2, True, True, 0, 2),
         (128, 128, 128, 8, 8, 4, False, False, 2), (128, 128, 128, 8, 8, 4, False, True, 0),
         (128, 128, 128, 8, 8, 4, False, False, 0), (128, 128, 128, 8, 8, 4, True, False, 1),
+        # one warpgroup a program and two programs an SM, so one's epilogue runs beside the other's matmul:
+        # 64-row tiles keep the accumulator at 128 registers a thread, 64-deep K steps the shared memory
+        # under half an SM's
+        (64, 256, 64, 8, 4, 3, True, False, 1, 2), (64, 256, 64, 8, 4, 2, True, False, 1, 2),
+        (64, 256, 64, 16, 4, 3, True, False, 1, 2),
     ],
     "forward": [
         (128, 256, 128, 8, 8, 3, True, False), (128, 128, 128, 8, 4, 2, True, False, 0, 2),
         (128, 128, 128, 8, 4, 2, True, True, 0, 2), (128, 128, 128, 8, 8, 4, False, True),
         (128, 128, 128, 8, 8, 4, True, False),
+        (64, 256, 64, 8, 4, 3, True, False, 0, 2), (64, 256, 64, 8, 4, 4, True, False, 0, 2),   # as the backward's
     ],
 }
 
