@@ -65,6 +65,11 @@ def kernel_ms(fn, calls: int = 4) -> float:
     return total_us / 1000 / calls
 
 
+def gpu_slug(gpu: str) -> str:
+    """A GPU's name as a results file names it: 'NVIDIA H200' -> 'nvidia-h200'."""
+    return "".join(ch if ch.isalnum() else "-" for ch in gpu).strip("-").lower()
+
+
 def run(cases: list[Case], reps: int) -> list[dict]:
     rows = []
     for c in cases:
@@ -116,8 +121,7 @@ def main(argv=None) -> int:
     rows = run([c for c in CASES if args.only in c.name], args.reps)
     show(rows, f"kernels vs torch.compile, {gpu} (torch {torch.__version__}, triton {triton.__version__}), "
                f"median of {args.reps}")
-    name = "".join(ch if ch.isalnum() else "-" for ch in gpu).strip("-").lower()
-    path = Path(args.out) / f"kernels-{name}.json"
+    path = Path(args.out) / f"kernels-{gpu_slug(gpu)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp = f"{datetime.date.today()}, torch {torch.__version__}, triton {triton.__version__}"
     rows = [dict(r, measured=stamp) for r in rows]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from kernel_cases import DIM, HIDDEN, REPO, TOKENS
-from kernels import kernel_ms, median_ms
+from kernels import gpu_slug, kernel_ms, median_ms
 
 # fields as trainer.kernels.linear_relu2.Tiles: block m, n, k, group, warps, stages, split, warp-specialise,
 # h_early, programs per SM. Two per SM needs each program's registers and shared memory to fit twice.
@@ -53,15 +53,14 @@ def inputs(kind: str):
     import torch
 
     from trainer.fp8 import E4M3, E5M2, activation_to_fp8, weight_to_fp8
-    from trainer.kernels.linear_relu2 import matmul_relu2
+    from trainer.kernels.linear_relu2 import grad_pre_scale, h_scale, matmul_relu2
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.nn.functional.rms_norm(torch.randn(TOKENS, DIM, device="cuda", generator=g), (DIM,)).bfloat16()
     w_fc = torch.randn(HIDDEN, DIM, device="cuda", generator=g) * DIM ** -0.5
     x8, x_s = activation_to_fp8(x)
     fc8, fc_s = weight_to_fp8(w_fc)
-    h_s = DIM * w_fc.square().sum(dim=1).amax() / 448.0
-    fwd_scale = torch.stack([fc_s * x_s, 1 / h_s]).float()
+    fwd_scale = torch.stack([fc_s * x_s, 1 / h_scale(w_fc)]).float()
     if kind == "forward":
         return x8, fc8, None, fwd_scale, E4M3
     h = matmul_relu2(x8, fc8, scale=fwd_scale, out8=torch.empty(TOKENS, HIDDEN, dtype=E4M3, device="cuda"))
@@ -69,8 +68,7 @@ def inputs(kind: str):
     g_s = grad_y.abs().amax() / 57344.0
     w_proj = torch.randn(DIM, HIDDEN, device="cuda", generator=g) * HIDDEN ** -0.5
     proj8, proj_s = weight_to_fp8(w_proj)
-    pre_s = 2 * DIM * grad_y.abs().amax() * w_proj.norm(dim=0).amax() * w_fc.norm(dim=1).amax() / 57344.0
-    scale = torch.stack([g_s * proj_s, 1 / pre_s]).float()
+    scale = torch.stack([g_s * proj_s, 1 / grad_pre_scale(grad_y.abs().amax(), w_fc, w_proj)]).float()
     return (grad_y / g_s).to(E5M2), proj8.t().contiguous(), h, scale, E5M2
 
 
@@ -140,8 +138,7 @@ def main(argv=None) -> int:
     rows = [r for kind in kinds for r in sweep(kind, args.reps)]
     show(rows, f"relu^2 MLP matmul tiles, FP8, {TOKENS}x{DIM} -> {HIDDEN}, {gpu} (torch {torch.__version__}, "
                f"triton {triton.__version__}), median of {args.reps}")
-    name = "".join(ch if ch.isalnum() else "-" for ch in gpu).strip("-").lower()
-    path = Path(args.out) / f"tile_sweep-{name}.json"
+    path = Path(args.out) / f"tile_sweep-{gpu_slug(gpu)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__,
                                     date=str(datetime.date.today()), reps=args.reps, rows=rows), indent=2))

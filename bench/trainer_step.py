@@ -390,8 +390,9 @@ def main() -> int:
 
 
 def write(results: list[dict], out: str, gpu: str) -> Path:
-    name = "".join(c if c.isalnum() else "-" for c in gpu).strip("-").lower()
-    path = Path(out) / f"trainer_step-{name}.json"
+    from kernels import gpu_slug
+
+    path = Path(out) / f"trainer_step-{gpu_slug(gpu)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {"gpu": gpu, "phases": results}
     by_phase = {r["phase"]: r for r in results}

@@ -74,10 +74,14 @@ def _kernel_case(block_t: int, warps: int):
         tables = rotary.tables(TOKENS, torch.bfloat16, qkv.device)
 
         def kernel():
-            ap.BLOCK_T, ap.WARPS = block_t, warps   # read at each launch
-            q, k, v = ap.attn_prep(qkv, ve, lambdas, *tables)
-            return torch.autograd.grad((q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
-                                       (qkv, ve, lambdas), grads)
+            chosen = ap.BLOCK_T, ap.WARPS
+            ap.BLOCK_T, ap.WARPS = block_t, warps   # read at each launch; put back after, for later cases
+            try:
+                q, k, v = ap.attn_prep(qkv, ve, lambdas, *tables)
+                return torch.autograd.grad((q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
+                                           (qkv, ve, lambdas), grads)
+            finally:
+                ap.BLOCK_T, ap.WARPS = chosen
 
         ref = torch.compile(_default_compile, dynamic=False)
         return (lambda: torch.autograd.grad(ref(qkv, ve, lambdas, rotary), (qkv, ve, lambdas), grads)), kernel

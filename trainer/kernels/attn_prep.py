@@ -28,6 +28,15 @@ BLOCK_T, WARPS = 32, 4   # tokens per program (one head each); H200 (bench/kerne
 
 
 @triton.jit
+def _angles(cos, sin, rows, mask, cols, T, D: tl.constexpr):
+    """The rotary tables' cos and sin for BLOCK_T rows, token n at position n % T."""
+    table = (rows % T)[:, None] * (D // 2) + cols[None, :]
+    c = tl.load(cos + table, mask=mask[:, None], other=0.0).to(tl.float32)
+    s = tl.load(sin + table, mask=mask[:, None], other=0.0).to(tl.float32)
+    return c, s
+
+
+@triton.jit
 def _norm_rotary(src, dst, rows, mask, cols, c, s, src_stride, dst_stride, D: tl.constexpr, EPS: tl.constexpr):
     """rotary(rms_norm(x)) for BLOCK_T rows of one head: x's halves (x1, x2) rotate as pairs by the angles
     whose cos and sin are c and s."""
@@ -50,9 +59,7 @@ def _attn_prep_fwd_kernel(qkv, ve, lambdas, cos, sin, q, k, v, N, T, H: tl.const
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask = rows < N
     cols = tl.arange(0, D // 2)
-    table = (rows % T)[:, None] * (D // 2) + cols[None, :]
-    c = tl.load(cos + table, mask=mask[:, None], other=0.0).to(tl.float32)
-    s = tl.load(sin + table, mask=mask[:, None], other=0.0).to(tl.float32)
+    c, s = _angles(cos, sin, rows, mask, cols, T, D)
     _norm_rotary(qkv + h * D, q + h * D, rows, mask, cols, c, s, 3 * H * D, H * D, D, EPS)
     _norm_rotary(qkv + (H + h) * D, k + h * D, rows, mask, cols, c, s, 3 * H * D, H * D, D, EPS)
     full = tl.arange(0, D)
@@ -96,9 +103,7 @@ def _attn_prep_bwd_kernel(dq, dk, dv, dq_st, dq_sh, dk_st, dk_sh, dv_st, dv_sh, 
     rows = i * BLOCK_T + tl.arange(0, BLOCK_T)
     mask = rows < N
     cols = tl.arange(0, D // 2)
-    table = (rows % T)[:, None] * (D // 2) + cols[None, :]
-    c = tl.load(cos + table, mask=mask[:, None], other=0.0).to(tl.float32)
-    s = tl.load(sin + table, mask=mask[:, None], other=0.0).to(tl.float32)
+    c, s = _angles(cos, sin, rows, mask, cols, T, D)
     _norm_rotary_grad(dq + h * dq_sh, dq_st, qkv + h * D, dqkv + h * D, rows, mask, cols, c, s, D, EPS,
                       3 * H * D)
     _norm_rotary_grad(dk + h * dk_sh, dk_st, qkv + (H + h) * D, dqkv + (H + h) * D, rows, mask, cols, c, s, D,

@@ -222,7 +222,8 @@ def matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None
     _matmul_relu2_kernel[(programs,)](
         *descs, scale if scale is not None else c, M, N, tiles, K, BACKWARD=h is not None, SCALED=fp8,
         OUT8=out8 is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, SPLIT=split, H_EARLY=h_early,
-        WARP_SPECIALIZE=ws, PROGRAMS=programs, INTERPRET=INTERPRET, TILES_PER_PROGRAM=triton.cdiv(tiles, programs), num_warps=warps, num_stages=stages)
+        WARP_SPECIALIZE=ws, PROGRAMS=programs, INTERPRET=INTERPRET, TILES_PER_PROGRAM=triton.cdiv(tiles, programs),
+        num_warps=warps, num_stages=stages)
     return c
 
 
@@ -294,6 +295,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[1], w_fc, w_proj)
 
 
+def h_scale(w_fc: torch.Tensor) -> torch.Tensor:
+    """The e4m3 scale of h = relu(x @ w_fc.T)^2 for rms-normed x, from its bound (see mlp_relu2)."""
+    return (w_fc.size(1) * w_fc.detach().float().square().sum(dim=1).amax() / E4M3_MAX).clamp(min=1e-30)
+
+
+def grad_pre_scale(g_max: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
+    """The e5m2 scale of grad_pre from its bound (see _backward), g_max the largest |grad_y|."""
+    w_proj_d, w_fc_d = w_proj.detach().float(), w_fc.detach().float()
+    bound = (2 * w_fc.size(1) * g_max * w_proj_d.square().sum(dim=0).amax().sqrt()
+             * w_fc_d.square().sum(dim=1).amax().sqrt())
+    return (bound / E5M2_MAX).clamp(min=1e-30)
+
+
 def _backward(ctx, grad_y, grad_h):
     # grad_h is always None/zero: mlp_relu2 below hands out y only, h is the backward's saved activation.
     # This function is traced into the compiled backward graph, so the FP8 casts below fuse with the
@@ -313,10 +327,7 @@ def _backward(ctx, grad_y, grad_h):
             # <= sqrt(dim) g_max |w_proj[:, j]| and relu(pre_ij) <= sqrt(dim) |w_fc[j]|, so |grad_pre| =
             # |grad_h * 2 relu(pre)| <= 2 dim g_max max_j |w_proj[:, j]| max_j |w_fc[j]|. Loose by some
             # binades, of e5m2's 32; out-of-bound values (FP8 rounding of g and w_proj) saturate.
-            w_proj_d, w_fc_d = w_proj.detach().float(), w_fc.detach().float()
-            bound = (2 * x.size(-1) * g_max * w_proj_d.square().sum(dim=0).amax().sqrt()
-                     * w_fc_d.square().sum(dim=1).amax().sqrt())
-            pre_s = (bound / E5M2_MAX).clamp(min=1e-30)
+            pre_s = grad_pre_scale(g_max, w_fc, w_proj)
             scale = torch.stack([scale, pre_s.reciprocal()])
             fc8, fc_s = weight_to_fp8(w_fc)
             fc8_t = fc8.t().contiguous()
@@ -344,7 +355,7 @@ def mlp_relu2(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, fp8: st
         x8, x_s = activation_to_fp8(x)
         w_fc8, fc_s = weight_to_fp8(w_fc)
         w_proj8, proj_s = weight_to_fp8(w_proj)
-        h_s = (x.size(-1) * w_fc.float().square().sum(dim=1).amax() / E4M3_MAX).clamp(min=1e-30)
+        h_s = h_scale(w_fc)
         scales = torch.stack([fc_s * x_s, h_s.reciprocal()]).float()
     return _mlp_fwd(x, w_fc, w_proj, x8, w_fc8, w_proj8, scales, h_s.float(), proj_s, fp8)[0]
 
