@@ -37,8 +37,8 @@ class TrainConfig:
     fused_head_loss: bool = True              # lm head + soft-capped cross-entropy as one op with a Triton kernel (CUDA)
     attention: str = "auto"                   # auto | flex | dense
     mlp_kernel: str = "triton"                # triton (fused relu^2 MLP kernels, CUDA only; CPU runs torch) | torch
-    attn_prep: str = "torch"                  # torch | triton (q/k norm + rotary + value mix as one Triton kernel
-                                              # each way, CUDA only; not yet measured in the trainer)
+    attn_prep: str = "triton"                 # triton (q/k norm + rotary + value mix as one Triton kernel each
+                                              # way, CUDA only; CPU runs torch) | torch
     mlp_fp8: str = "all"                      # none | forward (both forward matmuls in FP8) | grad_h (+ the backward's
                                               # grad_h) | all (+ grad_x); the triton MLP on Hopper, ignored elsewhere
     # --- schedule

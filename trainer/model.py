@@ -67,7 +67,8 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int, prep_kernel: str = "torch"):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, prep_kernel: str = "torch",
+                 rotary: Rotary | None = None):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         hdim = num_heads * head_dim
@@ -75,7 +76,7 @@ class Attention(nn.Module):
         # q, k, v in one parameter so Muon orthogonalises them as three separate matrices in one batch
         self.qkv_w = nn.Parameter(torch.empty(3, hdim, dim).uniform_(-bound, bound))
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))   # mix of v and the value embedding
-        self.rotary = Rotary(head_dim)
+        self.rotary = rotary if rotary is not None else Rotary(head_dim)
         self.c_proj = CastedLinear(hdim, dim, zero_init=True)
         self.fp8 = False   # the q, k, v projection's forward in FP8 (set by the trainer on Hopper)
         self.prep = None   # q/k norm + rotary + value mix as one Triton kernel each way (CUDA)
@@ -129,9 +130,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, rotary: Rotary | None = None):
         super().__init__()
-        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep)
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep, rotary)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
@@ -154,7 +155,10 @@ class GPT(nn.Module):
         hdim = cfg.num_heads * cfg.head_dim
         self.embed = nn.Embedding(V, D)
         self.value_embeds = nn.ModuleList(nn.Embedding(V, hdim) for _ in range(cfg.num_value_embeds))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(L))
+        # one Rotary for all layers: the compiled graph then computes each micro-batch's cos/sin tables once
+        # (common-subexpression elimination needs the same buffer), not once per layer
+        rotary = Rotary(cfg.head_dim)
+        self.blocks = nn.ModuleList(Block(cfg, rotary) for _ in range(L))
         self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
         self.skip_weights = nn.Parameter(torch.ones(L // 2))
         # value embedding i feeds layer i and layer L-n+i (early and late layers), none in the middle

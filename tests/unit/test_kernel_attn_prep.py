@@ -113,7 +113,7 @@ def test_model_on_cpu_keeps_the_torch_path():
 def test_config_names_a_bad_attn_prep():
     from trainer.config import TrainConfig
 
-    assert TrainConfig().validate().attn_prep == "torch"
+    assert TrainConfig().validate().attn_prep == "triton"
     with pytest.raises(ValueError, match="^attn_prep: must be torch or triton"):
         TrainConfig(attn_prep="cuda").validate()
 

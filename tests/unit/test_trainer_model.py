@@ -95,3 +95,27 @@ def test_missing_shards_exit_1_naming_the_directory(tmp_path, caplog):
     code = trainer_main(["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "o"),
                          "--set", "device=cpu", "--set", "compile=false"])
     assert code == 1 and "nowhere" in caplog.text and "no file matches" in caplog.text
+
+
+def test_the_compiled_forward_computes_the_rotary_tables_once():
+    """All layers share one Rotary, so AOT autograd's CSE leaves one cos per forward, not one per layer."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep,   # inductor's partitioner
+                                     partition_fn=min_cut_rematerialization_partition)
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(num_layers=4))
+    tokens = torch.randint(1, 256, (256,))
+    torch.compile(model, backend=backend, fullgraph=True)(tokens, tokens, torch.tensor(2)).backward()
+    forward = graphs[0].graph
+    assert sum(n.target is torch.ops.aten.cos.default for n in forward.nodes) == 1
