@@ -97,8 +97,10 @@ def test_missing_shards_exit_1_naming_the_directory(tmp_path, caplog):
     assert code == 1 and "nowhere" in caplog.text and "no file matches" in caplog.text
 
 
-def test_the_compiled_forward_computes_the_rotary_tables_once():
-    """All layers share one Rotary, so AOT autograd's CSE leaves one cos per forward, not one per layer."""
+@pytest.mark.parametrize("prep, tables", [("triton", 1), ("torch", 4)])
+def test_the_compiled_forward_computes_the_rotary_tables_once_for_the_kernel(prep, tables):
+    """With attn_prep=triton all layers share one Rotary, so AOT autograd's CSE leaves one cos per forward; the
+    torch path keeps one per layer (shared, it slows inductor's own norm + rotary kernels)."""
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -114,8 +116,8 @@ def test_the_compiled_forward_computes_the_rotary_tables_once():
                                      partition_fn=min_cut_rematerialization_partition)
 
     torch.manual_seed(0)
-    model = GPT(tiny_config(num_layers=4))
+    model = GPT(tiny_config(num_layers=4, attn_prep=prep))
     tokens = torch.randint(1, 256, (256,))
     torch.compile(model, backend=backend, fullgraph=True)(tokens, tokens, torch.tensor(2)).backward()
     forward = graphs[0].graph
-    assert sum(n.target is torch.ops.aten.cos.default for n in forward.nodes) == 1
+    assert sum(n.target is torch.ops.aten.cos.default for n in forward.nodes) == tables
