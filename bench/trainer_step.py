@@ -224,6 +224,9 @@ def profile_steps(trainer, cfg, n: int = 2) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     def profiled(activities):
+        # one step queued before the profiler starts, as the loop keeps one queued: the profiled steps then
+        # begin with the GPU busy, not with the host launching into an idle GPU after the last synchronize
+        trainer.train_step(trainer.batches.next_step(), cfg.steps // 2)
         with profile(activities=activities) as prof:
             for _ in range(n):
                 trainer.train_step(trainer.batches.next_step(), cfg.steps // 2)
