@@ -22,6 +22,8 @@ FLOPs: 6 x (matmul parameters) x tokens for the linear layers and the lm-head (t
 embeddings are lookups and count 0), plus attention over the spans actually computed: for every query,
 the keys it may see (causal, same document, inside its layer's long or short window) times 4 x head_dim x
 heads FLOPs forward (QK^T and PV), x3 for forward+backward. MFU divides by the GPU's dense bf16 peak.
+Both timed stretches also sample the GPU's SM clock and power draw (bench/gpu_clocks.py): at the power
+cap the clock follows the load, so runs compare by their clocks too.
 Writes bench/results/trainer_step-<gpu>.json.
 """
 from __future__ import annotations
@@ -89,6 +91,7 @@ def run_phase(args) -> dict:
     import numpy as np
     import torch
 
+    from gpu_clocks import ClockSampler, gpu_uuid
     from trainer.__main__ import parse_value
     from trainer.config import TrainConfig
     from trainer.fixtures import markov_shards
@@ -111,8 +114,11 @@ def run_phase(args) -> dict:
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
-    times, flops, losses = timed_steps(trainer, cfg, args.steps, synced=False)
-    synced_times = timed_steps(trainer, cfg, args.steps, synced=True)[0]
+    uuid = gpu_uuid(torch)
+    with ClockSampler(uuid) as clocks:
+        times, flops, losses = timed_steps(trainer, cfg, args.steps, synced=False)
+    with ClockSampler(uuid) as synced_clocks:
+        synced_times = timed_steps(trainer, cfg, args.steps, synced=True)[0]
     profile = profile_steps(trainer, cfg) if args.profile else None
     model = trainer.model
     matmul_params = sum(p.numel() for b in model.blocks for p in b.parameters() if p.ndim >= 2)
@@ -129,6 +135,7 @@ def run_phase(args) -> dict:
         ms_per_step_median=med, ms_per_step_min=min(times), ms_per_step_max=max(times),
         ms_per_step_p10=float(np.percentile(times, 10)), ms_per_step_p90=float(np.percentile(times, 90)),
         ms_per_step_synced_median=statistics.median(synced_times), synced_times_ms=synced_times,
+        clocks=clocks.summary, synced_clocks=synced_clocks.summary,
         tokens_per_step=tokens_per_step, tokens_per_s=tokens_per_step / (med / 1000),
         model_tflop_per_step=step_flops / 1e12, attention_share=statistics.mean(flops) / step_flops,
         tflops=step_flops / (med / 1000) / 1e12, mfu=(step_flops / (med / 1000) / 1e12 / peak) if peak else None,
@@ -303,13 +310,19 @@ def table(results: list[dict]) -> None:
 
     t = Table(title=f"trainer step, {results[0]['gpu']} (torch {results[0]['torch']})")
     for col in ("run", "overrides", "ms/step (median)", "spread p10-p90", "synced each step", "tokens/s", "TFLOP/s",
-                "MFU", "peak alloc MiB", "compile+warm-up s"):
+                "MFU", "SM MHz (synced)", "W", "peak alloc MiB", "compile+warm-up s"):
         t.add_column(col)
+
+    def mhz(c):
+        return f"{c['sm_mhz_mean']:.0f}" if c else "-"
+
     for r in results:
+        c = r.get("clocks")
         t.add_row(r["phase"], " ".join(s for s in r.get("overrides", []) if not s.startswith("val_")) or "-",
                   f"{r['ms_per_step_median']:.1f}", f"{r['ms_per_step_p10']:.1f}-{r['ms_per_step_p90']:.1f}",
                   f"{r['ms_per_step_synced_median']:.1f}",
                   f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.0f}", f"{r['mfu']:.1%}" if r["mfu"] else "-",
+                  f"{mhz(c)} ({mhz(r.get('synced_clocks'))})", f"{c['power_w_mean']:.0f}" if c else "-",
                   str(r["peak_memory_allocated_mib"]), f"{r['compile_warmup_s']:.0f}")
     Console().print(t)
 
