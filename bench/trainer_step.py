@@ -324,7 +324,10 @@ def table(results: list[dict]) -> None:
                   f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.0f}", f"{r['mfu']:.1%}" if r["mfu"] else "-",
                   f"{mhz(c)} ({mhz(r.get('synced_clocks'))})", f"{c['power_w_mean']:.0f}" if c else "-",
                   str(r["peak_memory_allocated_mib"]), f"{r['compile_warmup_s']:.0f}")
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:   # a log file: rich would squeeze the table into 80 columns and cut the figures
+        console = Console(width=200)
+    console.print(t)
 
 
 def main() -> int:

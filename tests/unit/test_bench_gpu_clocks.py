@@ -70,3 +70,17 @@ def test_sampler_without_nvidia_smi_gives_no_summary(tmp_path):
     with ClockSampler("aaaa", nvidia_smi=str(tmp_path / "missing")) as s:
         pass
     assert s.summary is None
+
+
+def test_gpu_uuid_is_torchs_uuid_of_the_current_device_as_text():
+    from types import SimpleNamespace
+
+    from gpu_clocks import gpu_uuid
+
+    def fake_torch(props):
+        return SimpleNamespace(cuda=SimpleNamespace(current_device=lambda: 1,
+                                                    get_device_properties=lambda i: props[i]))
+
+    props = [SimpleNamespace(uuid="wrong"), SimpleNamespace(uuid="aaaa-1111")]
+    assert gpu_uuid(fake_torch(props)) == "aaaa-1111"
+    assert gpu_uuid(fake_torch([None, SimpleNamespace()])) is None   # a torch without the attribute
