@@ -1,5 +1,5 @@
 """The GPU's SM clock, power draw and temperature while a benchmark runs, sampled by nvidia-smi's own loop
-(`-lms`) in a child process that is stopped by its PID.
+(`--loop-ms`) in a child process that is stopped by its PID.
 
 Why: the H100 and H200 run the trainer at their power cap, where the SM clock follows the load, and the same
 code measured 589.1 and 594.0 ms/step in two calls on two H200s. A step time with the clock it ran at can be

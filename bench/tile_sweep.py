@@ -52,7 +52,7 @@ def inputs(kind: str):
     out8 dtype) for matmul_relu2."""
     import torch
 
-    from trainer.fp8 import E4M3, E5M2, activation_to_fp8, weight_to_fp8
+    from trainer.fp8 import E4M3, E5M2, E5M2_MAX, activation_to_fp8, weight_to_fp8
     from trainer.kernels.linear_relu2 import grad_pre_scale, h_scale, matmul_relu2
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -65,10 +65,11 @@ def inputs(kind: str):
         return x8, fc8, None, fwd_scale, E4M3
     h = matmul_relu2(x8, fc8, scale=fwd_scale, out8=torch.empty(TOKENS, HIDDEN, dtype=E4M3, device="cuda"))
     grad_y = torch.randn(TOKENS, DIM, device="cuda", generator=g)
-    g_s = grad_y.abs().amax() / 57344.0
+    g_max = grad_y.abs().amax()
+    g_s = g_max / E5M2_MAX
     w_proj = torch.randn(DIM, HIDDEN, device="cuda", generator=g) * HIDDEN ** -0.5
     proj8, proj_s = weight_to_fp8(w_proj)
-    scale = torch.stack([g_s * proj_s, 1 / grad_pre_scale(grad_y.abs().amax(), w_fc, w_proj)]).float()
+    scale = torch.stack([g_s * proj_s, 1 / grad_pre_scale(g_max, w_fc, w_proj)]).float()
     return (grad_y / g_s).to(E5M2), proj8.t().contiguous(), h, scale, E5M2
 
 
