@@ -105,3 +105,41 @@ def test_flex_attention_with_our_block_mask_matches_dense(window_blocks):
     got = flex_attention(q, k, v, flex_block_mask(docs, torch.tensor(window_blocks), bs), 0.3)
     ref = dense_attention(q, k, v, docs, window_blocks, bs, 0.3)
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def block_truth(dense, nb, bs):
+    """(nb, nb) from the per-token mask: 2 = every pair visible, 1 = some, 0 = none."""
+    tiles = dense.view(nb, bs, nb, bs).permute(0, 2, 1, 3).flatten(2)
+    return torch.where(tiles.all(-1), 2, torch.where(tiles.any(-1), 1, 0))
+
+
+def listed(counts, idx):
+    return [[int(i) for i in idx[0, 0, r, :int(counts[0, 0, r])]] for r in range(idx.size(2))]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flex_block_mask_lists_every_block_both_ways_in_order(seed):
+    """All four lists (the forward's key blocks per query block, the backward's query blocks per key block,
+    partial and full) hold exactly the blocks the per-token mask says, ascending, with in-range padding:
+    documents starting anywhere, on block starts, back to back, windows from 1 to past the sequence."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(40):
+        bs = [4, 8, 16][int(torch.randint(0, 3, (), generator=g))]
+        nb = int(torch.randint(1, 20, (), generator=g))
+        T = nb * bs
+        starts = torch.randint(0, T, (int(torch.randint(0, 10, (), generator=g)),), generator=g).tolist()
+        starts += (torch.randint(0, nb, (2,), generator=g) * bs).tolist()
+        tokens = packed_tokens(T, starts, seed=seed)
+        docs = document_ids(tokens)
+        window = int(torch.randint(1, nb + 3, (), generator=g))
+        truth = block_truth(dense_mask(docs, window, bs), nb, bs)
+        mask = flex_block_mask(docs, torch.tensor(window), bs)
+        for counts, idx, kind, by_key in ((mask.kv_num_blocks, mask.kv_indices, 1, False),
+                                          (mask.full_kv_num_blocks, mask.full_kv_indices, 2, False),
+                                          (mask.q_num_blocks, mask.q_indices, 1, True),
+                                          (mask.full_q_num_blocks, mask.full_q_indices, 2, True)):
+            want = (truth.T if by_key else truth) == kind
+            assert listed(counts, idx) == [torch.nonzero(row).flatten().tolist() for row in want]
+            assert idx.dtype == torch.int32 and 0 <= int(idx.min()) and int(idx.max()) < nb
+
