@@ -173,7 +173,11 @@ def transpose(src: torch.Tensor, dst: torch.Tensor, block: int = 128, num_warps:
     on an H100 with triton 3.6, three ways: a plain store of the transposed tile miscompiles (a few bytes
     per tile left unwritten); a TMA store of it (16-64 row blocks) also wrote wrong bytes and took 8.8-16 ms
     against 7.4 ms for loss kernel + this pass; a second, 2-D tiled gradient kernel writing G and G^T took
-    10.6-14 ms against the loss kernel's 3.1 ms gradient pass + this pass's 1.8 ms."""
+    10.6-14 ms against the loss kernel's 3.1 ms gradient pass + this pass's 1.8 ms. Tried again on an H200
+    (2026-12-03, triton 3.6): the loss kernel storing G^T beside G, at 16-64 rows by 64-256 columns and three
+    ways of storing (the tile transposed before or after the e5m2 cast, or as it lies through transposed
+    addresses), took 5.09-11.74 ms against 4.42 ms for loss kernel + this pass, and about a quarter of G^T's
+    bytes differed from G's transpose in every way."""
     R, C = src.shape
     if dst.shape != (C, R) or not (src.is_contiguous() and dst.is_contiguous()):
         raise ValueError("transpose: dst must be contiguous with src's shape reversed")
