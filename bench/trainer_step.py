@@ -75,13 +75,18 @@ def attention_flops(cfg, micro_batches, window: int) -> float:
 
     from trainer.data import BOS
 
+    try:
+        from trainer.model import attention_layout
+        layout = attention_layout(cfg)
+    except ImportError:   # a --baseline checkout from before record-28's layout: every layer attends
+        layout = ["long" if i % 4 == 0 or i == cfg.num_layers - 1 else "short" for i in range(cfg.num_layers)]
     long_w, short_w = window, max(1, window // 2)
-    n_long = sum(1 for i in range(cfg.num_layers) if i % 4 == 0 or i == cfg.num_layers - 1)
+    n_long, n_short = layout.count("long"), layout.count("short")
     total = 0.0
     for seq in micro_batches:
         docs = np.cumsum(seq[:-1] == BOS)
         keys = n_long * visible_keys(docs, long_w, cfg.block_size) + \
-            (cfg.num_layers - n_long) * visible_keys(docs, short_w, cfg.block_size)
+            n_short * visible_keys(docs, short_w, cfg.block_size)
         total += 3 * 4 * cfg.num_heads * cfg.head_dim * keys
     return total
 

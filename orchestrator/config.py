@@ -243,14 +243,14 @@ def validate_trainer_overrides(overrides: dict[str, Any], path: Path) -> dict[st
             (t is float and isinstance(v, (int, float)) and not isinstance(v, bool))
             or (t is int and isinstance(v, int) and not isinstance(v, bool))
             or (t is bool and isinstance(v, bool))
-            or (t is str and isinstance(v, str))
+            or (t is str and isinstance(v, (str, int)) and not isinstance(v, bool))   # `--set ...layers=7` reads as 7
             or (typing.get_origin(t) in (tuple, list) and isinstance(v, (list, tuple)))
             for t in base
         ) or (v is None and type(None) in typing.get_args(want))
         if not ok:
             names = "/".join(getattr(t, "__name__", str(t)) for t in base)
             raise ConfigError(f"{path}: trainer.{k}: must be {names} (got {v!r})")
-        out[k] = float(v) if base[0] is float and isinstance(v, int) else v
+        out[k] = float(v) if base[0] is float and isinstance(v, int) else str(v) if base[0] is str else v
     merged = TrainConfig(**out)
     try:
         merged.validate()

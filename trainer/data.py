@@ -106,7 +106,7 @@ class TrainBatches:
             j = np.searchsorted(self._bos, st.cursor)
             if j < len(self._bos) and self._bos[j] + n <= len(self._tokens):
                 start = int(self._bos[j])
-                st.cursor = start + n
+                st.cursor = start + self.seq_len   # as record-28: a BOS that is this one's last target starts the next
                 return np.asarray(self._tokens[start:start + n])
             st.shard, st.cursor = st.shard + 1, 0          # this shard is used up: the next one
             if st.shard == len(self.files):

@@ -1,9 +1,10 @@
 """The GPT of the record recipe, read top to bottom.
 
-Rotary + QK-norm attention with value embeddings, ReLU^2 MLP, zero-initialised output projections,
-untied embedding and head, soft-capped logits, U-net skips between early and late blocks, and the input
-embedding mixed into every block. Weights stay fp32 (the optimizer's copy); matmuls run in the
-activation dtype (bf16 on the GPU, fp32 on CPU).
+Rotary + QK-norm attention with value embeddings and a sparse per-head output gate, ReLU^2 MLP,
+zero-initialised output projections, untied embedding and head, soft-capped logits, U-net skips between
+early and late blocks, the input embedding mixed into every block, and no attention in layer 7 (record-28's
+layout). Weights stay fp32 (the optimizer's copy); matmuls run in the activation dtype (bf16 on the GPU,
+fp32 on CPU). The FP8 paths run only in training (module.training): validation is bf16, as the record's.
 """
 from __future__ import annotations
 
@@ -55,22 +56,27 @@ class Rotary(nn.Module):
         freqs = (1.0 / base) ** torch.linspace(0, 1, quarter)
         self.register_buffer("freqs", torch.cat([freqs, freqs.new_zeros(quarter)]), persistent=False)
 
-    def tables(self, T: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of each position's angles, (T, head_dim / 2), in the activation dtype."""
+    def tables(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of each position's angles, (T, head_dim / 2), in fp32: in bf16 they would carry a 2^-9
+        error into every rotated q and k (record-28 rotates in fp32 too)."""
         theta = torch.outer(torch.arange(T, device=device, dtype=torch.float32), self.freqs)
-        return theta.cos().to(dtype), theta.sin().to(dtype)
+        return theta.cos(), theta.sin()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D)
-        cos, sin = (t[None, :, None, :] for t in self.tables(x.size(1), x.dtype, x.device))
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+        cos, sin = (t[None, :, None, :] for t in self.tables(x.size(1), x.device))
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, prep_kernel: str = "torch",
-                 rotary: Rotary | None = None):
+                 rotary: Rotary | None = None, gate_dims: int = 0):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
+        # record-28's sparse attention gate: each head's output is scaled by sigmoid(w . x[:gate_dims]), w zero at
+        # start (every head at 0.5), so a head can learn to switch itself off for tokens where it only adds noise
+        self.gate_dims = gate_dims
+        self.gate = CastedLinear(gate_dims, num_heads, zero_init=True) if gate_dims else None
         hdim = num_heads * head_dim
         bound = math.sqrt(3) * 0.5 * dim ** -0.5
         # q, k, v in one parameter so Muon orthogonalises them as three separate matrices in one batch
@@ -89,13 +95,13 @@ class Attention(nn.Module):
 
     def forward(self, x, ve, docs, window_blocks, block_size, mask):
         B, T, _ = x.shape
-        if self.fp8 and x.is_cuda:   # x is rms-normed: FP8 with a fixed scale
+        if self.fp8 and self.training and x.is_cuda:   # x is rms-normed: FP8 with a fixed scale
             qkv = fp8_forward_linear(x, self.qkv_w.flatten(end_dim=1))
         else:
             qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).to(x.dtype))
         qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim)
         if self.prep is not None and x.is_cuda:
-            q, k, v = self.prep(qkv, ve, self.lambdas, *self.rotary.tables(T, x.dtype, x.device))
+            q, k, v = self.prep(qkv, ve, self.lambdas, *self.rotary.tables(T, x.device))
         else:
             q, k, v = qkv.unbind(2)
             q, k = self.rotary(norm(q)), self.rotary(norm(k))
@@ -104,9 +110,10 @@ class Attention(nn.Module):
             else:
                 v = self.lambdas[0] * v
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE)
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.c_proj(y)
+        y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE).transpose(1, 2)
+        if self.gate is not None:   # (B, T, H, D) times (B, T, H, 1)
+            y = y * torch.sigmoid(self.gate(x[..., :self.gate_dims]))[..., None]
+        return self.c_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -114,6 +121,9 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = CastedLinear(dim, ratio * dim)
         self.c_proj = CastedLinear(ratio * dim, dim, zero_init=True)
+        # Muon scales a matrix's lr by sqrt(max(1, rows/cols)); record-28 stores c_fc as (dim, 4*dim), which gives
+        # 1, where our (4*dim, dim) layout would give 2
+        self.c_fc.weight.muon_lr_scale = 1.0
         self.fused = None
         self.fp8 = "none"   # set by the trainer where the GPU has FP8 tensor cores (mlp_relu2's modes)
         if kernel == "triton":   # relu^2 inside the matmuls' epilogues (imported here: triton only when asked for)
@@ -125,21 +135,32 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.fused is not None and x.is_cuda:
-            return self.fused(x, self.c_fc.weight, self.c_proj.weight, fp8=self.fp8)
+            return self.fused(x, self.c_fc.weight, self.c_proj.weight, fp8=self.fp8 if self.training else "none")
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TrainConfig, rotary: Rotary | None = None):
+    def __init__(self, cfg: TrainConfig, rotary: Rotary | None = None, attention: bool = True):
         super().__init__()
-        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep, rotary)
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep, rotary,
+                              cfg.attn_gate_dims if cfg.attn_gate else 0) if attention else None
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
     def forward(self, x, x0, ve, docs, window_blocks, block_size, mask):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, mask)
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, mask)
         return x + self.mlp(norm(x))
+
+
+def attention_layout(cfg: TrainConfig) -> list[str | None]:
+    """Each layer's attention: 'long' window, 'short' (half of it) or None (no attention in that layer).
+
+    Long where the layer's distance to the nearer end of the stack is a multiple of 4: for 12 layers that is
+    0, 4, 7 and 11, record-28's layout (its layer 7 has no attention at all, so 0, 4 and 11 remain)."""
+    L, skipped = cfg.num_layers, cfg.skipped_attention_layers()
+    return [None if i in skipped else "long" if min(i, L - 1 - i) % 4 == 0 else "short" for i in range(L)]
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -161,7 +182,8 @@ class GPT(nn.Module):
         # norm + rotary kernels 2x slower there (69.6 against 39.6 ms/step), where it otherwise computes the
         # angles inside them.
         rotary = Rotary(cfg.head_dim) if cfg.attn_prep == "triton" else None
-        self.blocks = nn.ModuleList(Block(cfg, rotary) for _ in range(L))
+        self.layout = attention_layout(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, rotary, attention=kind is not None) for kind in self.layout)
         self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
         self.skip_weights = nn.Parameter(torch.ones(L // 2))
         # value embedding i feeds layer i and layer L-n+i (early and late layers), none in the middle
@@ -175,13 +197,9 @@ class GPT(nn.Module):
         self.fp8_head = False   # the trainer sets these two for its GPU
         self.fused_head_loss = False
 
-    def is_long_window(self, i: int) -> bool:
-        """Long window on every 4th layer and the last one, half of it elsewhere (record pattern)."""
-        return i % 4 == 0 or i == len(self.blocks) - 1
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = norm(x)
-        if self.fp8_head:
+        if self.fp8_head and self.training:
             z = fp8_linear(x.flatten(end_dim=-2), self.lm_head.weight).view(*x.shape[:-1], -1)
         else:
             z = self.lm_head(x)
@@ -206,7 +224,7 @@ class GPT(nn.Module):
             if i >= len(self.blocks) - half and skips:
                 x = x + self.skip_weights[i - (len(self.blocks) - half)] * skips.pop()
             ve = ves[self.ve_of_layer[i]] if self.ve_of_layer[i] is not None else None
-            j = 0 if self.is_long_window(i) else 1
+            j = 0 if self.layout[i] == "long" else 1
             x = block(x, x0, ve, docs, windows[j], cfg.block_size, masks[j])
             if i < half:
                 skips.append(x)
@@ -224,5 +242,5 @@ class GPT(nn.Module):
         gradient in the forward pass; the torch path materialises fp32 logits."""
         if self.fused_head_loss:
             return head_loss(norm(x), self.lm_head.weight, targets, self.cfg.vocab_size, self.cfg.logit_softcap,
-                             fp8=self.fp8_head)
+                             fp8=self.fp8_head and self.training)
         return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction="sum")

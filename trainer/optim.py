@@ -18,17 +18,19 @@ POLAR_EXPRESS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-NEWTON_SCHULZ = ((3.4445, -4.7750, 2.0315),) * 5
+NEWTON_SCHULZ = ((3.4445, -4.7750, 2.0315),) * 5   # record-28's
+# each polynomial with the margin its coefficients were tuned for (Polar Express: 2% for bf16; record-28: none)
+POLYNOMIALS = {"newton_schulz": (NEWTON_SCHULZ, 1.0), "polar_express": (POLAR_EXPRESS, 1.02)}
 
 
-def orthogonalize(G: torch.Tensor, coeffs=POLAR_EXPRESS, dtype=torch.bfloat16) -> torch.Tensor:
+def orthogonalize(G: torch.Tensor, coeffs=POLAR_EXPRESS, dtype=torch.bfloat16, margin: float = 1.02) -> torch.Tensor:
     """Approximate U V^T of G = U S V^T for the last two dims, with odd matrix polynomials in low precision."""
     X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:                                  # iterate on the smaller Gram matrix
         X = X.mT
-    # spectral norm <= Frobenius norm, so this puts every singular value in (0, 1]; 2% margin for bf16
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-7)
+    # spectral norm <= Frobenius norm, so this puts every singular value in (0, 1]
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
     for a, b, c in coeffs:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -37,20 +39,21 @@ def orthogonalize(G: torch.Tensor, coeffs=POLAR_EXPRESS, dtype=torch.bfloat16) -
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised; lr scaled by sqrt(max(1, rows/cols)) as in the record.
+    """Nesterov momentum, orthogonalised; lr scaled by sqrt(max(1, rows/cols)) as in the record, or by a matrix's
+    own `muon_lr_scale` attribute where the record lays that matrix out the other way round.
 
     With a process group, the matrices of each shape are split into one contiguous slice per rank; each
     rank orthogonalises its slice as one batch and the slices are all-gathered.
     """
 
-    def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, coeffs=POLAR_EXPRESS, group=None):
+    def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, polynomial="newton_schulz", group=None):
         params = list(params)
         super().__init__([{"params": params}], dict(lr=lr, momentum=momentum, nesterov=nesterov))
-        self.coeffs = coeffs
+        self.coeffs, self.margin = POLYNOMIALS[polynomial]
         self.group = group
         by_shape: dict[tuple, list] = {}
-        for p in params:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
+        for p in params:   # one lr scale per group, so matrices with their own scale group apart
+            by_shape.setdefault((tuple(p.shape), getattr(p, "muon_lr_scale", None)), []).append(p)
         self.shape_groups = list(by_shape.values())
 
     def _world(self) -> tuple[int, int]:
@@ -83,12 +86,12 @@ class Muon(torch.optim.Optimizer):
             stack = torch.zeros((k, *params[0].shape), dtype=torch.bfloat16, device=params[0].device)
             if mine:
                 stack[:len(mine)] = torch.stack([directions[p] for p in mine])
-            update = orthogonalize(stack, self.coeffs)
+            update = orthogonalize(stack, self.coeffs, margin=self.margin)
             if world > 1:
                 gathered = [torch.empty_like(update) for _ in range(world)]
                 dist.all_gather(gathered, update, group=self.group)
                 update = torch.cat(gathered)
-            scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5   # one shape per group
+            scale = getattr(params[0], "muon_lr_scale", max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5)
             torch._foreach_add_(params, list(update[:len(params)].to(params[0].dtype).unbind()), alpha=-lr * scale)
 
 
@@ -112,7 +115,8 @@ def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
          dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)],
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10,
         **({"fused": True} if model.embed.weight.is_cuda else {"foreach": True}))   # one kernel for all on GPU
-    muon = Muon(parts["hidden"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, group=group)
+    muon = Muon(parts["hidden"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, polynomial=cfg.muon_polynomial,
+                group=group)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import resource
 import signal
 import sys
@@ -44,9 +45,12 @@ def lr_scale(cfg: TrainConfig, step: int) -> float:
 
 
 def window_blocks(cfg: TrainConfig, step: int) -> int:
-    """The sliding window grows linearly from window_min_blocks to window_max_blocks over training."""
+    """The sliding window in blocks: record-28's window grows linearly in tokens from 0 to (max - 1/2) blocks
+    (1728 tokens) and is rounded up to whole blocks, at least window_min_blocks; so max is reached only at the
+    last 4% of training."""
     x = min(step / cfg.steps, 1.0)
-    return cfg.window_min_blocks + round((cfg.window_max_blocks - cfg.window_min_blocks) * x)
+    tokens = (cfg.window_max_blocks * cfg.block_size - cfg.block_size // 2) * x   # the record's float arithmetic
+    return max(cfg.window_min_blocks, math.ceil(tokens / cfg.block_size))       # / 128 is exact: same rounding
 
 
 def muon_momentum(cfg: TrainConfig, step: int) -> float:
@@ -116,7 +120,8 @@ class Trainer:
         if fp8_capable:
             for block in self.model.blocks:
                 block.mlp.fp8 = cfg.mlp_fp8
-                block.attn.fp8 = cfg.qkv_fp8
+                if block.attn is not None:
+                    block.attn.fp8 = cfg.qkv_fp8
         self.sync()
         self.warmup_parts["model_s"] = time.time() - t0 - self.warmup_parts["ranks_and_data_s"]
         self.compiled = cfg.compile and self.cuda
@@ -168,6 +173,14 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, step: int) -> float:
+        """Mean loss over the validation tokens, in eval mode: bf16 with no FP8 anywhere (the record's metric)."""
+        self.model.eval()
+        try:
+            return self._validation_loss(step)
+        finally:
+            self.model.train()
+
+    def _validation_loss(self, step: int) -> float:
         window = torch.tensor(window_blocks(self.cfg, step), device=self.ranks.device)
         loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.ranks.device), 0
         bs = self.cfg.block_size

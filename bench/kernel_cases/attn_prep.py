@@ -71,7 +71,7 @@ def _kernel_case(block_t: int, warps: int):
 
         qkv, ve, lambdas, grads = _inputs()
         rotary = Rotary(HEAD_DIM).cuda()
-        tables = rotary.tables(TOKENS, torch.bfloat16, qkv.device)
+        tables = rotary.tables(TOKENS, qkv.device)
 
         def kernel():
             chosen = ap.BLOCK_T, ap.WARPS

@@ -129,3 +129,28 @@ def test_training_loop_on_the_gpu_logs_every_step_from_cuda_events(tmp_path):
     times = [r["train_time_ms"] for r in train]
     assert times == sorted(times) and times[0] > 0
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
+
+
+@hopper
+def test_validation_loss_has_no_fp8_in_it():
+    """In eval mode every FP8 path (head, fused head + loss, MLP, q/k/v) is off: the loss equals, bit for bit,
+    the same model's with every FP8 switch off; in training mode it differs (the FP8 paths do run)."""
+    cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=2048, num_layers=4, num_value_embeds=2,
+                      attn_skip_layers="2")
+    model = randomised_model(cfg, std=0.02, device="cuda")
+    model.act_dtype, model.attention, model.fused_head_loss = torch.bfloat16, "flex", True
+    t = packed(cfg.seq_len + 1, 5, 0)
+    w = torch.tensor(4, device="cuda")
+
+    def loss(fp8: bool, training: bool) -> float:
+        model.fp8_head = fp8
+        for block in model.blocks:
+            block.mlp.fp8 = "all" if fp8 else "none"
+            if block.attn is not None:
+                block.attn.fp8 = fp8
+        model.train(training)
+        with torch.no_grad():
+            return model(t[:-1], t[1:], w).item()
+
+    assert loss(True, training=False) == loss(False, training=False)
+    assert loss(True, training=True) != loss(False, training=True)

@@ -49,12 +49,12 @@ def test_muon_step_is_orthogonalised_nesterov_momentum():
     p.grad = g1.clone()
     opt.step()
     buf = 0.1 * g1
-    expect = start - 0.1 * orthogonalize(g1.lerp(buf, 0.9)).float()
+    expect = start - 0.1 * orthogonalize(g1.lerp(buf, 0.9), NEWTON_SCHULZ, margin=1.0).float()   # the default
     assert torch.allclose(p.detach(), expect, atol=1e-6)
     p.grad = g2.clone()
     opt.step()
     buf = buf.lerp(g2, 0.1)
-    expect = expect - 0.1 * orthogonalize(g2.lerp(buf, 0.9)).float()
+    expect = expect - 0.1 * orthogonalize(g2.lerp(buf, 0.9), NEWTON_SCHULZ, margin=1.0).float()
     assert torch.allclose(p.detach(), expect, atol=1e-6)
 
 
@@ -62,7 +62,25 @@ def test_muon_scales_tall_matrices_by_aspect_ratio():
     torch.manual_seed(4)
     tall = torch.nn.Parameter(torch.zeros(64, 16))
     tall.grad = torch.randn(64, 16)
-    Muon([tall], lr=1.0, momentum=0.0, nesterov=False).step()
+    # Polar Express: its singular values land near 1 (Newton-Schulz's spread over [0.7, 1.2])
+    Muon([tall], lr=1.0, momentum=0.0, nesterov=False, polynomial="polar_express").step()
     # orthogonal columns of norm ~1, scaled by sqrt(64/16) = 2
     col_norms = tall.detach().norm(dim=0)
     assert torch.allclose(col_norms, torch.full((16,), 2.0), atol=0.3)
+
+
+def test_a_matrix_own_lr_scale_replaces_the_aspect_rule():
+    """record-28 lays out c_fc as (dim, 4*dim), so its lr is not doubled: our (4*dim, dim) c_fc carries 1.0."""
+    from trainer.fixtures import tiny_config
+    from trainer.model import GPT
+
+    torch.manual_seed(5)
+    tall, marked = torch.nn.Parameter(torch.zeros(64, 16)), torch.nn.Parameter(torch.zeros(64, 16))
+    marked.muon_lr_scale = 1.0
+    g = torch.randn(64, 16)
+    tall.grad, marked.grad = g.clone(), g.clone()
+    Muon([tall, marked], lr=1.0, momentum=0.0, nesterov=False).step()
+    assert torch.allclose(tall.detach(), 2.0 * marked.detach())
+    model = GPT(tiny_config())
+    assert all(b.mlp.c_fc.weight.muon_lr_scale == 1.0 for b in model.blocks)
+    assert not hasattr(model.blocks[0].mlp.c_proj.weight, "muon_lr_scale")   # (dim, 4*dim): the rule gives 1

@@ -1,0 +1,465 @@
+"""The yardstick: time to the loss the reference record script reaches, ours against it, on the same real text.
+
+    python bench/recipe.py --data DIR [--steps 200] [--val-every 25] [--val-tokens 4194304] [--seeds K]
+                           [--set KEY=VALUE ...] [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--baseline DIR]
+                           [--reference PATH | --reference-json PATH] [--only LABELS] [--tag X]
+                           [--work DIR] [--log-dir DIR] [--cluster YAML] [--out DIR]
+
+Every run is one `speedrun launch JOB --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1
+--store <its own folder> --seeds K`, as a user runs it, with a job YAML written to the work folder, on the
+shards of --data (393,216 tokens a step: 8 micro-batches of 48K tokens on one GPU) for --steps steps:
+- reference: the record script (default ../shared/reference/record28_train_gpt.py) as `script:`, a copy
+  whose num_iterations, val_loss_every and val_tokens are set and whose run_id leaves out logs/final/
+  (the published one dies there); it has no seed control, so its K seeds are K repetitions;
+- ours: this checkout's trainer, with --set on top of steps/val_every/val_tokens;
+- baseline: --baseline DIR's trainer (another checkout: `git worktree add DIR REV`), through DIR's own CLI;
+- each --variant NAME: ours with its overrides on top of --set.
+--reference-json reuses the reference's curve from an earlier JSON of the same steps, val schedule and data.
+The target is the reference's final val loss (its repetitions' mean curve); a run's time to it is where its
+mean curve first reaches it, interpolated in train time and steps from the val point before. The JSON is
+rewritten after every run, so a cut-off keeps what finished. Writes bench/results/recipe-<gpu>[-TAG].json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEFAULT_REFERENCE = REPO.parent / "shared/reference/record28_train_gpt.py"
+DEFAULT_CLUSTER = REPO / "cluster_configs/local-gpu.yaml"
+TOKENS_PER_STEP = 8 * 48 * 1024            # the reference's step: 8 micro-batches of 48K tokens
+REFERENCE_VAL_BATCH = 4 * 64 * 1024        # its val_seq_len on one GPU; it asserts val_tokens is a multiple
+REFERENCE_VAL_WINDOW = 8 * REFERENCE_VAL_BATCH   # its val loader needs a whole window of 8 batches in the shard
+BOS_SKIP = 1.03                            # BOS-aligned batches skip the rest of a document: ~3% more tokens read
+MIB = 1 << 20
+FIXED = {"steps": "--steps", "val_every": "--val-every", "val_tokens": "--val-tokens", "seed": "--seeds"}
+
+
+class UsageError(Exception):
+    """One sentence: what is wrong with the arguments or the data, and the fix. Exit 2, nothing created."""
+
+
+# ------------------------------------------------------------------------------------ pure parts
+
+
+_CONSTANT = r"^([ \t]*{name}[ \t]*=[ \t]*)[0-9_]+"
+_RUN_ID = re.compile(r"""^([ \t]*run_id[ \t]*=[ \t]*f(['"]))final/(\{uuid\.uuid4\(\)\}\2)""", re.M)
+
+
+def patch_reference(text: str, steps: int, val_every: int, val_tokens: int) -> str:
+    """The record script with its schedule constants set and its run id out of logs/final/ (which it never
+    creates); every other byte as published. ValueError names a constant not found exactly once."""
+    for name, value in (("num_iterations", steps), ("val_loss_every", val_every), ("val_tokens", val_tokens)):
+        text, n = re.subn(_CONSTANT.format(name=name), rf"\g<1>{value}", text, flags=re.M)
+        if n != 1:
+            raise ValueError(f"{name}: found {n} times in the reference script, expected one `{name} = <integer>` line")
+    text, n = _RUN_ID.subn(r"\g<1>\g<3>", text)
+    if n != 1:
+        raise ValueError(f"run_id: found {n} times in the reference script, expected one `run_id = f'final/{{uuid.uuid4()}}'`")
+    return text
+
+
+def time_to_loss(curve, target: float) -> tuple[float, float] | None:
+    """(seconds, steps) at which a curve of (step, train_time_ms, val_loss) first reaches target: the first
+    point at or below it, linearly interpolated from the val point before it; None if it never does."""
+    prev = None
+    for step, ms, loss in curve:
+        if not math.isfinite(loss):
+            continue
+        if loss <= target:
+            if prev is None:
+                return ms / 1000, float(step)
+            f = (prev[2] - target) / (prev[2] - loss)   # prev is above target, so this is in (0, 1]
+            return (prev[1] + f * (ms - prev[1])) / 1000, prev[0] + f * (step - prev[0])
+        prev = (step, ms, loss)
+    return None
+
+
+def curve_of(result) -> list[dict]:
+    """A parsed log's (orchestrator.results.RunResult) val points as the JSON keeps them."""
+    return [dict(step=p.step, val_loss=p.val_loss, train_time_ms=p.train_time_ms)
+            for p in result.val_points if p.train_time_ms is not None]
+
+
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """Point by point mean of curves, over the val steps they all have."""
+    if not curves:
+        return []
+    by_step = [{p["step"]: p for p in c} for c in curves]
+    steps = sorted(set.intersection(*(set(b) for b in by_step)))
+    return [dict(step=s, val_loss=statistics.fmean(b[s]["val_loss"] for b in by_step),
+                 train_time_ms=statistics.fmean(b[s]["train_time_ms"] for b in by_step)) for s in steps]
+
+
+def _reach(curve: list[dict], target: float | None) -> dict:
+    hit = time_to_loss([(p["step"], p["train_time_ms"], p["val_loss"]) for p in curve], target) \
+        if curve and target is not None else None
+    return dict(time_to_loss_s=hit[0] if hit else None, steps_to_loss=hit[1] if hit else None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize_run(run: dict, target: float | None) -> dict:
+    """A run with its mean curve, final loss, ms/step and time to target, and each seed's (re)computed."""
+    seeds = [dict(s, **_reach(s["curve"], target)) for s in run["seeds"]]
+    done = [s for s in seeds if s["state"] == "succeeded" and s["curve"]]
+    curve = mean_curve([s["curve"] for s in done])
+    reached = [s["time_to_loss_s"] for s in done if s["time_to_loss_s"] is not None]
+    spread = dict(reached=len(reached), of=len(done), min=min(reached, default=None), max=max(reached, default=None),
+                  std=statistics.stdev(reached) if len(reached) > 1 else None)
+    ms = [s["ms_per_step"] for s in done if s["ms_per_step"] is not None]
+    return dict(run, seeds=seeds, curve=curve, final_val_loss=curve[-1]["val_loss"] if curve else None,
+                final_train_time_s=curve[-1]["train_time_ms"] / 1000 if curve else None,
+                ms_per_step=statistics.fmean(ms) if ms else None, time_to_loss_spread=spread, **_reach(curve, target))
+
+
+def assemble(meta: dict, runs: list[dict]) -> dict:
+    """The JSON: meta, then the target (the reference's final mean loss) and every run's time to it."""
+    ref = next((r for r in runs if r["kind"] == "reference"), None)
+    ref_curve = summarize_run(ref, None)["curve"] if ref else []
+    target = ref_curve[-1]["val_loss"] if ref_curve else None
+    out = [summarize_run(r, target) for r in runs]
+    ref_time = next((r["time_to_loss_s"] for r in out if r["kind"] == "reference"), None)
+    for r in out:
+        r["time_to_loss_ratio"] = _ratio(r["time_to_loss_s"], ref_time)
+    ours = next((r for r in out if r["kind"] == "ours"), {})
+    return dict(meta, reference_final_loss=target, reference_time_to_loss_s=ref_time,
+                ours_time_to_loss_s=ours.get("time_to_loss_s"), time_to_loss_ratio=ours.get("time_to_loss_ratio"),
+                runs=out)
+
+
+def parse_overrides(items: list[str], where: str, base: dict | None = None) -> dict:
+    """KEY=VALUE items typed as TrainConfig fields, merged over base and validated as a whole config."""
+    from trainer.__main__ import parse_value
+    from trainer.config import TrainConfig
+
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    out = dict(base or {})
+    for item in items:
+        key, sep, text = (s.strip() for s in item.partition("="))
+        if not sep or not key:
+            raise UsageError(f"{where} {item}: expected KEY=VALUE with KEY a TrainConfig field, e.g. muon_lr=0.06")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise UsageError(f"{where} {key}: not a TrainConfig field" + (f"; did you mean {close[0]}?" if close else
+                             "; trainer/config.py lists them"))
+        if key in FIXED:
+            raise UsageError(f"{where} {key}: every run shares it; set it with {FIXED[key]}")
+        try:
+            out[key] = parse_value(key, text)
+        except ValueError as e:
+            raise UsageError(f"{where} {item}: {str(e).rsplit(': ', 1)[-1]}") from None
+    try:
+        TrainConfig.from_dict(out)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{where}: {e}") from None
+    return out
+
+
+def check_token_budget(train: list[int], val: list[int], steps: int, tokens_per_step: int, val_tokens: int) -> None:
+    """The reference's loaders never cycle: train needs the steps' tokens, +3% skipped at document starts and a
+    2-step window left at each shard's end; its val loader reads whole windows of 8 batches from the first
+    val shard. Raises UsageError with the counts."""
+    need = math.ceil(steps * tokens_per_step * BOS_SKIP) + len(train) * (2 * tokens_per_step + 1)
+    if sum(train) < need:
+        raise UsageError(f"--data: the train shards hold {sum(train):,} tokens but {steps} steps of {tokens_per_step:,} "
+                         f"need {need:,} (3% skipped at document starts, {2 * tokens_per_step + 1:,} left at each "
+                         "shard's end); prepare more text or lower --steps")
+    val_need = max(val_tokens + 1, math.ceil(val_tokens / REFERENCE_VAL_WINDOW) * REFERENCE_VAL_WINDOW + 2)
+    first = val[0] if val else 0
+    if first < val_need:
+        raise UsageError(f"--data: the first val shard holds {first:,} tokens but --val-tokens {val_tokens:,} needs "
+                         f"{val_need:,} (the reference reads windows of {REFERENCE_VAL_WINDOW:,}); lower --val-tokens")
+
+
+def data_fingerprint(files: list[Path]) -> str:
+    """sha256 over each shard's name, size, first and last MiB: cheap, and changes with any re-tokenizing."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda p: p.name):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(MIB))
+            fh.seek(max(0, size - MIB))
+            h.update(fh.read(MIB))
+    return h.hexdigest()
+
+
+def describe_data(data: Path) -> dict:
+    from trainer.data import ShardError, read_header
+
+    train, val = sorted(data.glob("fineweb_train_*.bin")), sorted(data.glob("fineweb_val_*.bin"))
+    if not train or not val:
+        raise UsageError(f"--data {data}: needs fineweb_train_*.bin and fineweb_val_*.bin shards "
+                         "(make them with `speedrun data prepare`)")
+    try:
+        train_n, val_n = [read_header(str(f)) for f in train], [read_header(str(f)) for f in val]
+    except ShardError as e:
+        raise UsageError(f"--data: {e}") from None
+    return dict(dir=str(data), fingerprint=data_fingerprint(train + val), train_tokens=sum(train_n),
+                val_tokens_available=sum(val_n), train_shard_tokens=train_n, val_shard_tokens=val_n)
+
+
+def check_reference_json(old: dict, meta: dict) -> dict:
+    """The reference run of an earlier JSON, if it was measured as this run would measure it."""
+    for key in ("steps", "val_every", "val_tokens", "tokens_per_step"):
+        if old.get(key) != meta[key]:
+            raise UsageError(f"--reference-json: it has {key} {old.get(key)} where this run has {meta[key]}; "
+                             "measure the reference again (leave out --reference-json)")
+    if old.get("data", {}).get("fingerprint") != meta["data"]["fingerprint"]:
+        raise UsageError(f"--reference-json: its shards ({old.get('data', {}).get('dir')}) differ from --data "
+                         f"{meta['data']['dir']} (fingerprint); measure the reference on these shards")
+    ref = next((r for r in old.get("runs", []) if r.get("kind") == "reference"), None)
+    if ref is None or not summarize_run(ref, None)["curve"]:
+        raise UsageError("--reference-json: it holds no finished reference run; measure the reference again")
+    return ref
+
+
+def results_path(out: Path, gpu: str, tag: str | None) -> Path:
+    from kernels import gpu_slug   # bench/kernels.py: 'NVIDIA H200' -> 'nvidia-h200'
+
+    return out / f"recipe-{gpu_slug(gpu)}{'-' + tag if tag else ''}.json"
+
+
+def job_yaml(name: str, data: Path, shards: Path, val_shards: int, seeds: int, trainer: dict,
+             script: Path | None = None) -> dict:
+    job = dict(name=name, seeds=seeds, data=dict(source=str(data), dir=str(shards), val_shards=val_shards),
+               trainer=trainer, checkpoint=dict(every=0, final=False))
+    if script is not None:
+        job["script"] = str(script)
+    return job
+
+
+# ------------------------------------------------------------------------------------- the runs
+
+
+def plan_runs(args) -> tuple[list[dict], dict]:
+    """Every check that can refuse, before anything is created. Returns the runs and the meta of the JSON."""
+    if args.steps < 1 or args.val_every < 1 or args.seeds < 1:
+        raise UsageError("--steps, --val-every and --seeds: must be >= 1")
+    if args.val_tokens < 1 or args.val_tokens % REFERENCE_VAL_BATCH:
+        raise UsageError(f"--val-tokens {args.val_tokens}: must be a multiple of {REFERENCE_VAL_BATCH:,} "
+                         "(the reference's validation batch on one GPU)")
+    sets = parse_overrides(args.set, "--set")
+    runs = [dict(label="reference", kind="reference", overrides={}, code=str(REPO)),
+            dict(label="ours", kind="ours", overrides=sets, code=str(REPO))]
+    if args.baseline:
+        base = Path(args.baseline).resolve()
+        if not (base / "trainer/train.py").is_file() or not (base / "orchestrator/cli.py").is_file():
+            raise UsageError(f"--baseline {args.baseline}: no trainer/train.py and orchestrator/cli.py there; give "
+                             "another checkout of this repo (git worktree add DIR REV)")
+        runs.append(dict(label="baseline", kind="baseline", overrides=sets, code=str(base)))
+    for v in args.variant:
+        name, sep, items = v.partition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) or name in [r["label"] for r in runs]:
+            raise UsageError(f"--variant {v}: expected NAME:KEY=VALUE[,KEY=VALUE...] with a new NAME of letters, digits, . _ -")
+        runs.append(dict(label=name, kind="variant", overrides=parse_overrides(
+            [s for s in items.split(",") if s], f"--variant {name}", sets), code=str(REPO)))
+    if args.only:
+        only = [s for s in args.only.split(",") if s]
+        unknown = [s for s in only if s not in [r["label"] for r in runs]]
+        if unknown:
+            raise UsageError(f"--only {unknown[0]}: not a run of this call ({', '.join(r['label'] for r in runs)})")
+        runs = [r for r in runs if r["label"] in only or (r["kind"] == "reference" and args.reference_json)]
+    cluster = Path(args.cluster).resolve()
+    if not cluster.is_file():
+        raise UsageError(f"--cluster {args.cluster}: no such cluster config")
+    meta = dict(command=shlex.join([sys.executable, *sys.argv]), steps=args.steps, val_every=args.val_every,
+                val_tokens=args.val_tokens, tokens_per_step=TOKENS_PER_STEP, seeds=args.seeds,
+                cluster=str(cluster), data=describe_data(Path(args.data).resolve()))
+    from trainer.config import TrainConfig
+
+    per_step = [TOKENS_PER_STEP] + [TrainConfig.from_dict(r["overrides"]).seq_len * TrainConfig.from_dict(
+        r["overrides"]).grad_accum_total for r in runs if r["kind"] != "reference"]
+    check_token_budget(meta["data"]["train_shard_tokens"], meta["data"]["val_shard_tokens"], args.steps,
+                       max(per_step), args.val_tokens)
+    if args.reference_json:
+        try:
+            old = json.loads(Path(args.reference_json).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--reference-json {args.reference_json}: cannot read a JSON object ({e})") from None
+        runs[0] = dict(check_reference_json(old, meta), reused_from=str(Path(args.reference_json).resolve()))
+    elif runs[0]["kind"] == "reference":
+        script = Path(args.reference)
+        if not script.is_file():
+            raise UsageError(f"--reference {script}: no such file; give the record's train_gpt.py")
+        try:
+            runs[0]["script_text"] = patch_reference(script.read_text(), args.steps, args.val_every, args.val_tokens)
+        except ValueError as e:
+            raise UsageError(f"--reference {script}: {e}") from None
+        meta["reference_script"] = str(script.resolve())
+    return runs, meta
+
+
+def launch(run: dict, args, meta: dict, work: Path, log_dir: Path) -> dict:
+    """One `speedrun launch` of the run's code; its seeds parsed from the store it wrote."""
+    import yaml
+
+    from orchestrator.provenance import trainer_code_hash
+    from orchestrator.results import load_sweep_runs
+    from orchestrator.runs import list_sweeps
+    from orchestrator.store import open_store
+
+    label, root = run["label"], Path(run["code"])
+    name = "recipe-" + re.sub(r"[^a-z0-9._-]", "-", label.lower())
+    trainer = dict(steps=args.steps, val_every=args.val_every, val_tokens=args.val_tokens, **run["overrides"])
+    script = None
+    if run["kind"] == "reference":
+        script, trainer = work / "reference" / "train_gpt.py", {}
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(run.pop("script_text"))
+    job = work / "jobs" / f"{name}.yaml"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_text(yaml.safe_dump(job_yaml(name, Path(meta["data"]["dir"]), work / "shards",
+                                           len(meta["data"]["val_shard_tokens"]), args.seeds, trainer, script)))
+    store, log = work / "stores" / label, log_dir / f"{label}.log"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "launch", str(job), "--cluster", meta["cluster"],
+           "--set", "cluster.gpus_per_node=1", "--store", str(store), "--seeds", str(args.seeds)]
+    # cwd and PYTHONPATH pick the checkout: its orchestrator's REPO_ROOT is where the node runs `-m trainer`
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    print(f"{label}: launching {shlex.join(cmd)} in {root}; log {log}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    out = dict(run, rc=rc, wall_s=time.perf_counter() - t0, store=str(store), log=str(log), seeds=[])
+    text = log.read_text(errors="replace")
+    sweeps = list_sweeps(open_store(store)) if store.is_dir() else []
+    said = [s for s in re.findall(r"launched (\S+)", text) if s in sweeps]
+    out["sweep_id"] = said[-1] if said else (sweeps[0] if len(sweeps) == 1 else None)
+    if out["sweep_id"]:
+        s = open_store(store)
+        for seed_run in load_sweep_runs(s, out["sweep_id"]):
+            seed = seed_run.summary.seed
+            extra = {}
+            for record in ("env", "timings"):
+                try:
+                    extra[record] = json.loads(s.get_bytes(f"{out['sweep_id']}/seed-{seed}/{record}.json"))
+                except Exception:   # a seed that died early has neither record; its log says why
+                    extra[record] = {}
+            out["seeds"].append(dict(seed=seed, state="succeeded" if seed_run.summary.complete else "failed",
+                                     reason=seed_run.summary.reason, ms_per_step=seed_run.summary.step_avg_ms,
+                                     final_val_loss=seed_run.summary.val_loss,
+                                     curve=curve_of(seed_run.result) if seed_run.result else [],
+                                     code_hash=extra["env"].get("trainer_code_hash"),
+                                     seed_wall_s=extra["timings"].get("seed_wall_s")))
+    out["state"] = "succeeded" if rc == 0 and any(s["curve"] for s in out["seeds"]) else "failed"
+    if out["state"] == "failed":
+        out["log_tail"] = text.splitlines()[-20:]
+        print(f"{label}: FAILED (exit {rc}); the end of {log}:\n" + "\n".join(out["log_tail"]), file=sys.stderr)
+    if run["kind"] != "reference":   # the node runner's REPO_ROOT must have been this run's checkout
+        out["expected_code_hash"] = trainer_code_hash(root)
+        ran = {s["code_hash"] for s in out["seeds"] if s["code_hash"]}
+        if ran - {out["expected_code_hash"]}:
+            print(f"{label}: WARNING: the node ran trainer code {sorted(ran)}, not {root}'s "
+                  f"{out['expected_code_hash']}", file=sys.stderr)
+    return out
+
+
+def gpu_and_torch() -> tuple[str, str]:
+    """Asked in a child process, so this one never holds a CUDA context while the runs train."""
+    probe = "import torch; print(torch.__version__); print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split()
+    return (lines[1], lines[0]) if len(lines) == 2 else ("unknown", "unknown")
+
+
+def print_tables(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(v, spec):
+        return "-" if v is None else f"{v:{spec}}"
+
+    target = report["reference_final_loss"]
+    t = Table(title=f"time to the reference's final val loss {f(target, '.4f')}, {report['gpu']} (torch "
+                    f"{report['torch']}), {report['steps']} steps of {report['tokens_per_step']:,} tokens")
+    for col in ("run", "overrides", "seeds", "ms/step", "final val loss", "time to it (s)", "steps to it", "vs reference"):
+        t.add_column(col)
+    for r in report["runs"]:
+        spread = r["time_to_loss_spread"]
+        if not r["curve"]:
+            when = f"failed: {(r['seeds'][0]['reason'] if r['seeds'] else '') or 'see ' + str(r.get('log'))}"
+        elif r["time_to_loss_s"] is None:
+            when = f"not reached (final loss {r['final_val_loss']:.4f} at {r['final_train_time_s']:.1f} s)"
+        else:
+            when = f"{r['time_to_loss_s']:.1f}" + (f" (seeds {spread['min']:.1f}-{spread['max']:.1f}, "
+                                                   f"{spread['reached']}/{spread['of']} reached)" if spread["of"] > 1 else "")
+        t.add_row(r["label"], " ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-", str(len(r["seeds"])),
+                  f(r["ms_per_step"], ".1f"), f(r["final_val_loss"], ".4f"), when, f(r["steps_to_loss"], ".1f"),
+                  f(r["time_to_loss_ratio"], ".3f"))
+    c = Table(title="val loss by step (mean over seeds)")
+    c.add_column("step")
+    for r in report["runs"]:
+        c.add_column(r["label"])
+    by_run = [{p["step"]: p["val_loss"] for p in r["curve"]} for r in report["runs"]]
+    for step in sorted({s for b in by_run for s in b}):
+        c.add_row(str(step), *(f(b.get(step), ".4f") for b in by_run))
+    console = Console()
+    if not console.is_terminal:   # a log file: rich would squeeze the tables into 80 columns and cut the figures
+        console = Console(width=200)
+    console.print(t)
+    console.print(c)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="folder of fineweb_train_*.bin and fineweb_val_*.bin shards")
+    p.add_argument("--steps", type=int, default=200, help="schedule length of every run")
+    p.add_argument("--val-every", type=int, default=25)
+    p.add_argument("--val-tokens", type=int, default=4_194_304, help="val tokens (a multiple of 262,144)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per run (repetitions for the reference)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig override of ours")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
+                   help="one more run of ours with these overrides on top of --set, labelled NAME")
+    p.add_argument("--baseline", metavar="DIR", help="one more run of the trainer of another checkout of this repo")
+    p.add_argument("--reference", default=str(DEFAULT_REFERENCE), help="the record train_gpt.py")
+    p.add_argument("--reference-json", metavar="PATH", help="reuse the reference's curve from an earlier recipe JSON")
+    p.add_argument("--only", metavar="LABELS", help="run only these, comma-separated (reference, ours, baseline, NAME)")
+    p.add_argument("--tag", help="results file recipe-<gpu>-TAG.json")
+    p.add_argument("--work", help="folder for job files, staged shards and stores (default: a new temp folder)")
+    p.add_argument("--log-dir", help="launch logs (default: WORK/logs)")
+    p.add_argument("--cluster", default=str(DEFAULT_CLUSTER), help="cluster config every run launches on")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = p.parse_args(argv)
+    try:
+        runs, meta = plan_runs(args)
+    except UsageError as e:
+        print(f"bench/recipe.py: {e}", file=sys.stderr)
+        return 2
+    gpu, torch_version = gpu_and_torch()
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="recipe-"))
+    log_dir = Path(args.log_dir).resolve() if args.log_dir else work / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = results_path(Path(args.out), gpu, args.tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(gpu=gpu, torch=torch_version, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), **meta, work=str(work), log_dir=str(log_dir))
+    print(f"work folder {work}; launch logs in {log_dir}; results {path}", flush=True)
+    done: list[dict] = []
+    for run in runs:
+        done.append(run if run.get("reused_from") else launch(run, args, meta, work, log_dir))
+        report = assemble(meta, done)
+        path.write_text(json.dumps(report, indent=2))   # after every run: a cut-off keeps what finished
+    print_tables(report)
+    print(f"wrote {path}")
+    return 0 if all(r["state"] == "succeeded" for r in report["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
