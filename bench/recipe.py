@@ -1,23 +1,17 @@
 """The yardstick: time to the loss the reference record script reaches, ours against it, on the same real text.
 
     python bench/recipe.py --data DIR [--steps 200] [--val-every 25] [--val-tokens 4194304] [--seeds K]
-                           [--set KEY=VALUE ...] [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--baseline DIR]
-                           [--reference PATH | --reference-json PATH] [--only LABELS] [--tag X]
-                           [--work DIR] [--log-dir DIR] [--cluster YAML] [--out DIR]
+        [--set KEY=VALUE ...] [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--baseline DIR]
+        [--reference PATH | --reference-json PATH] [--only LABELS] [--tag X] [--work DIR] [--log-dir DIR]
 
-Every run is one `speedrun launch JOB --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1
---store <its own folder> --seeds K`, as a user runs it, with a job YAML written to the work folder, on the
-shards of --data (393,216 tokens a step: 8 micro-batches of 48K tokens on one GPU) for --steps steps:
-- reference: the record script (default ../shared/reference/record28_train_gpt.py) as `script:`, a copy
-  whose num_iterations, val_loss_every and val_tokens are set and whose run_id leaves out logs/final/
-  (the published one dies there); it has no seed control, so its K seeds are K repetitions;
-- ours: this checkout's trainer, with --set on top of steps/val_every/val_tokens;
-- baseline: --baseline DIR's trainer (another checkout: `git worktree add DIR REV`), through DIR's own CLI;
-- each --variant NAME: ours with its overrides on top of --set.
---reference-json reuses the reference's curve from an earlier JSON of the same steps, val schedule and data.
-The target is the reference's final val loss (its repetitions' mean curve); a run's time to it is where its
-mean curve first reaches it, interpolated in train time and steps from the val point before. The JSON is
-rewritten after every run, so a cut-off keeps what finished. Writes bench/results/recipe-<gpu>[-TAG].json.
+Each run is one `speedrun launch JOB --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1
+--store <its own folder> --seeds K` on the shards of --data, 393,216 tokens a step, --steps steps, in this order:
+the reference (../shared/reference/record28_train_gpt.py as `script:`, a copy with its schedule constants set
+and its run_id out of logs/final/, where the published one dies; its seeds are repetitions) unless its curve
+comes from an earlier JSON; ours; the baseline (DIR's CLI and trainer); each variant. The target is the
+reference's final val loss (of its mean curve over repetitions); a run's time to it is where its mean curve first
+reaches it, interpolated from the val point before. bench/results/recipe-<gpu>[-TAG].json is rewritten after
+every run, so a cut-off keeps what finished.
 """
 from __future__ import annotations
 
@@ -52,9 +46,6 @@ FIXED = {"steps": "--steps", "val_every": "--val-every", "val_tokens": "--val-to
 
 class UsageError(Exception):
     """One sentence: what is wrong with the arguments or the data, and the fix. Exit 2, nothing created."""
-
-
-# ------------------------------------------------------------------------------------ pure parts
 
 
 _CONSTANT = r"^([ \t]*{name}[ \t]*=[ \t]*)[0-9_]+"
@@ -107,13 +98,9 @@ def mean_curve(curves: list[list[dict]]) -> list[dict]:
 
 
 def _reach(curve: list[dict], target: float | None) -> dict:
-    hit = time_to_loss([(p["step"], p["train_time_ms"], p["val_loss"]) for p in curve], target) \
-        if curve and target is not None else None
+    hit = None if not curve or target is None else time_to_loss(
+        [(p["step"], p["train_time_ms"], p["val_loss"]) for p in curve], target)
     return dict(time_to_loss_s=hit[0] if hit else None, steps_to_loss=hit[1] if hit else None)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def summarize_run(run: dict, target: float | None) -> dict:
@@ -123,6 +110,7 @@ def summarize_run(run: dict, target: float | None) -> dict:
     curve = mean_curve([s["curve"] for s in done])
     reached = [s["time_to_loss_s"] for s in done if s["time_to_loss_s"] is not None]
     spread = dict(reached=len(reached), of=len(done), min=min(reached, default=None), max=max(reached, default=None),
+                  mean=statistics.fmean(reached) if reached else None,
                   std=statistics.stdev(reached) if len(reached) > 1 else None)
     ms = [s["ms_per_step"] for s in done if s["ms_per_step"] is not None]
     return dict(run, seeds=seeds, curve=curve, final_val_loss=curve[-1]["val_loss"] if curve else None,
@@ -138,7 +126,7 @@ def assemble(meta: dict, runs: list[dict]) -> dict:
     out = [summarize_run(r, target) for r in runs]
     ref_time = next((r["time_to_loss_s"] for r in out if r["kind"] == "reference"), None)
     for r in out:
-        r["time_to_loss_ratio"] = _ratio(r["time_to_loss_s"], ref_time)
+        r["time_to_loss_ratio"] = r["time_to_loss_s"] / ref_time if r["time_to_loss_s"] is not None and ref_time else None
     ours = next((r for r in out if r["kind"] == "ours"), {})
     return dict(meta, reference_final_loss=target, reference_time_to_loss_s=ref_time,
                 ours_time_to_loss_s=ours.get("time_to_loss_s"), time_to_loss_ratio=ours.get("time_to_loss_ratio"),
@@ -173,10 +161,18 @@ def parse_overrides(items: list[str], where: str, base: dict | None = None) -> d
     return out
 
 
+def parse_variant(text: str, base: dict, taken: list[str]) -> tuple[str, dict]:
+    """NAME:KEY=VALUE[,KEY=VALUE...] over base; a comma not followed by KEY= stays in its value (layers=3,7)."""
+    name, sep, items = text.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) or name in taken:
+        raise UsageError(f"--variant {text}: expected NAME:KEY=VALUE[,KEY=VALUE...] with a new NAME of letters, "
+                         f"digits, . _ - (taken: {', '.join(taken)})")
+    return name, parse_overrides([s for s in re.split(r",(?=\s*\w+=)", items) if s], f"--variant {name}", base)
+
+
 def check_token_budget(train: list[int], val: list[int], steps: int, tokens_per_step: int, val_tokens: int) -> None:
     """The reference's loaders never cycle: train needs the steps' tokens, +3% skipped at document starts and a
-    2-step window left at each shard's end; its val loader reads whole windows of 8 batches from the first
-    val shard. Raises UsageError with the counts."""
+    2-step window left at each shard's end; val, whole windows of 8 batches in the first val shard."""
     need = math.ceil(steps * tokens_per_step * BOS_SKIP) + len(train) * (2 * tokens_per_step + 1)
     if sum(train) < need:
         raise UsageError(f"--data: the train shards hold {sum(train):,} tokens but {steps} steps of {tokens_per_step:,} "
@@ -190,15 +186,13 @@ def check_token_budget(train: list[int], val: list[int], steps: int, tokens_per_
 
 
 def data_fingerprint(files: list[Path]) -> str:
-    """sha256 over each shard's name, size, first and last MiB: cheap, and changes with any re-tokenizing."""
+    """sha256 over each shard's name, size, first and last MiB: reads 2 MiB a shard, and sees another corpus or cut."""
     h = hashlib.sha256()
     for f in sorted(files, key=lambda p: p.name):
         size = f.stat().st_size
         h.update(f"{f.name}\0{size}\0".encode())
         with open(f, "rb") as fh:
-            h.update(fh.read(MIB))
-            fh.seek(max(0, size - MIB))
-            h.update(fh.read(MIB))
+            h.update(fh.read(MIB) + os.pread(fh.fileno(), MIB, max(0, size - MIB)))
     return h.hexdigest()
 
 
@@ -238,18 +232,6 @@ def results_path(out: Path, gpu: str, tag: str | None) -> Path:
     return out / f"recipe-{gpu_slug(gpu)}{'-' + tag if tag else ''}.json"
 
 
-def job_yaml(name: str, data: Path, shards: Path, val_shards: int, seeds: int, trainer: dict,
-             script: Path | None = None) -> dict:
-    job = dict(name=name, seeds=seeds, data=dict(source=str(data), dir=str(shards), val_shards=val_shards),
-               trainer=trainer, checkpoint=dict(every=0, final=False))
-    if script is not None:
-        job["script"] = str(script)
-    return job
-
-
-# ------------------------------------------------------------------------------------- the runs
-
-
 def plan_runs(args) -> tuple[list[dict], dict]:
     """Every check that can refuse, before anything is created. Returns the runs and the meta of the JSON."""
     if args.steps < 1 or args.val_every < 1 or args.seeds < 1:
@@ -267,108 +249,104 @@ def plan_runs(args) -> tuple[list[dict], dict]:
                              "another checkout of this repo (git worktree add DIR REV)")
         runs.append(dict(label="baseline", kind="baseline", overrides=sets, code=str(base)))
     for v in args.variant:
-        name, sep, items = v.partition(":")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) or name in [r["label"] for r in runs]:
-            raise UsageError(f"--variant {v}: expected NAME:KEY=VALUE[,KEY=VALUE...] with a new NAME of letters, digits, . _ -")
-        runs.append(dict(label=name, kind="variant", overrides=parse_overrides(
-            [s for s in items.split(",") if s], f"--variant {name}", sets), code=str(REPO)))
-    if args.only:
-        only = [s for s in args.only.split(",") if s]
-        unknown = [s for s in only if s not in [r["label"] for r in runs]]
-        if unknown:
-            raise UsageError(f"--only {unknown[0]}: not a run of this call ({', '.join(r['label'] for r in runs)})")
-        runs = [r for r in runs if r["label"] in only or (r["kind"] == "reference" and args.reference_json)]
+        name, overrides = parse_variant(v, sets, [r["label"] for r in runs])
+        runs.append(dict(label=name, kind="variant", overrides=overrides, code=str(REPO)))
+    only = [s for s in (args.only or "").split(",") if s] or [r["label"] for r in runs]
+    if set(only) - {r["label"] for r in runs}:
+        raise UsageError(f"--only {args.only}: the runs of this call are {', '.join(r['label'] for r in runs)}")
+    runs = [r for r in runs if r["label"] in only or (r["kind"] == "reference" and args.reference_json)]
     cluster = Path(args.cluster).resolve()
     if not cluster.is_file():
         raise UsageError(f"--cluster {args.cluster}: no such cluster config")
-    meta = dict(command=shlex.join([sys.executable, *sys.argv]), steps=args.steps, val_every=args.val_every,
+    meta = dict(command=shlex.join([sys.executable, *sys.argv]), set=sets, steps=args.steps, val_every=args.val_every,
                 val_tokens=args.val_tokens, tokens_per_step=TOKENS_PER_STEP, seeds=args.seeds,
                 cluster=str(cluster), data=describe_data(Path(args.data).resolve()))
-    from trainer.config import TrainConfig
-
-    per_step = [TOKENS_PER_STEP] + [TrainConfig.from_dict(r["overrides"]).seq_len * TrainConfig.from_dict(
-        r["overrides"]).grad_accum_total for r in runs if r["kind"] != "reference"]
     check_token_budget(meta["data"]["train_shard_tokens"], meta["data"]["val_shard_tokens"], args.steps,
-                       max(per_step), args.val_tokens)
-    if args.reference_json:
-        try:
+                       TOKENS_PER_STEP, args.val_tokens)
+    try:
+        if args.reference_json:
             old = json.loads(Path(args.reference_json).read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--reference-json {args.reference_json}: cannot read a JSON object ({e})") from None
-        runs[0] = dict(check_reference_json(old, meta), reused_from=str(Path(args.reference_json).resolve()))
-    elif runs[0]["kind"] == "reference":
-        script = Path(args.reference)
-        if not script.is_file():
-            raise UsageError(f"--reference {script}: no such file; give the record's train_gpt.py")
-        try:
-            runs[0]["script_text"] = patch_reference(script.read_text(), args.steps, args.val_every, args.val_tokens)
-        except ValueError as e:
-            raise UsageError(f"--reference {script}: {e}") from None
-        meta["reference_script"] = str(script.resolve())
+            runs[0] = dict(check_reference_json(old, meta), reused_from=str(Path(args.reference_json).resolve()))
+            meta["reference_script"] = old.get("reference_script")
+        elif runs[0]["kind"] == "reference":
+            meta["reference_script"] = str(Path(args.reference).resolve())
+            runs[0]["script_text"] = patch_reference(Path(args.reference).read_text(), args.steps, args.val_every,
+                                                     args.val_tokens)
+    except (OSError, ValueError, AttributeError) as e:   # unreadable, not JSON, or a constant not found once
+        flag = f"--reference-json {args.reference_json}" if args.reference_json else f"--reference {args.reference}"
+        raise UsageError(f"{flag}: {getattr(e, 'strerror', None) or e}") from None
     return runs, meta
 
 
-def launch(run: dict, args, meta: dict, work: Path, log_dir: Path) -> dict:
-    """One `speedrun launch` of the run's code; its seeds parsed from the store it wrote."""
+def write_job(run: dict, args, meta: dict, work: Path) -> Path:
+    """The run's job YAML (and, for the reference, its patched script) in the work folder."""
     import yaml
 
-    from orchestrator.provenance import trainer_code_hash
+    name = "recipe-" + re.sub(r"[^a-z0-9._-]", "-", run["label"].lower())
+    # staged into the work folder: the cluster's data_dir may hold another source's shards, which staging deletes
+    spec = dict(name=name, seeds=args.seeds, checkpoint=dict(every=0, final=False), data=dict(
+        source=meta["data"]["dir"], dir=str(work / "shards"), val_shards=len(meta["data"]["val_shard_tokens"])),
+        trainer=dict(steps=args.steps, val_every=args.val_every, val_tokens=args.val_tokens, **run["overrides"]))
+    if run["kind"] == "reference":
+        spec.update(trainer={}, script=str(work / "reference" / "train_gpt.py"))
+        Path(spec["script"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(spec["script"]).write_text(run.pop("script_text"))
+    job = work / "jobs" / f"{name}.yaml"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_text(yaml.safe_dump(spec))
+    return job
+
+
+def read_seeds(store_dir: Path, launch_output: str) -> tuple[str | None, list[dict]]:
+    """The sweep a launch wrote to its own store (the id it printed, else the store's only one) and its seeds."""
     from orchestrator.results import load_sweep_runs
     from orchestrator.runs import list_sweeps
     from orchestrator.store import open_store
 
+    store = open_store(store_dir)
+    sweeps = list_sweeps(store) if store_dir.is_dir() else []
+    said = [s for s in re.findall(r"launched (\S+)", launch_output) if s in sweeps]
+    sweep = said[-1] if said else (sweeps[0] if len(sweeps) == 1 else None)
+    seeds = []
+    for one in load_sweep_runs(store, sweep) if sweep else []:
+        # the node runner's records: a seed that died early has none, and its log says why
+        env, timings = (json.loads(p.read_text()) if p.is_file() else {}
+                        for p in (store_dir / sweep / f"seed-{one.summary.seed}" / n for n in ("env.json", "timings.json")))
+        seeds.append(dict(seed=one.summary.seed, state="succeeded" if one.summary.complete else "failed",
+                          reason=one.summary.reason, ms_per_step=one.summary.step_avg_ms,
+                          final_val_loss=one.summary.val_loss, curve=curve_of(one.result) if one.result else [],
+                          code_hash=env.get("trainer_code_hash"), seed_wall_s=timings.get("seed_wall_s")))
+    return sweep, seeds
+
+
+def launch(run: dict, args, meta: dict, work: Path, log_dir: Path) -> dict:
+    """One `speedrun launch` of the run's checkout, its output in a log; a failure is reported, not raised."""
+    from orchestrator.provenance import trainer_code_hash
+
     label, root = run["label"], Path(run["code"])
-    name = "recipe-" + re.sub(r"[^a-z0-9._-]", "-", label.lower())
-    trainer = dict(steps=args.steps, val_every=args.val_every, val_tokens=args.val_tokens, **run["overrides"])
-    script = None
-    if run["kind"] == "reference":
-        script, trainer = work / "reference" / "train_gpt.py", {}
-        script.parent.mkdir(parents=True, exist_ok=True)
-        script.write_text(run.pop("script_text"))
-    job = work / "jobs" / f"{name}.yaml"
-    job.parent.mkdir(parents=True, exist_ok=True)
-    job.write_text(yaml.safe_dump(job_yaml(name, Path(meta["data"]["dir"]), work / "shards",
-                                           len(meta["data"]["val_shard_tokens"]), args.seeds, trainer, script)))
-    store, log = work / "stores" / label, log_dir / f"{label}.log"
+    job, store, log = write_job(run, args, meta, work), work / "stores" / label, log_dir / f"{label}.log"
     cmd = [sys.executable, "-m", "orchestrator.cli", "launch", str(job), "--cluster", meta["cluster"],
            "--set", "cluster.gpus_per_node=1", "--store", str(store), "--seeds", str(args.seeds)]
     # cwd and PYTHONPATH pick the checkout: its orchestrator's REPO_ROOT is where the node runs `-m trainer`
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    print(f"{label}: launching {shlex.join(cmd)} in {root}; log {log}", flush=True)
+    print(f"{label}: {shlex.join(cmd)} (in {root}; log {log})", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    out = dict(run, rc=rc, wall_s=time.perf_counter() - t0, store=str(store), log=str(log), seeds=[])
     text = log.read_text(errors="replace")
-    sweeps = list_sweeps(open_store(store)) if store.is_dir() else []
-    said = [s for s in re.findall(r"launched (\S+)", text) if s in sweeps]
-    out["sweep_id"] = said[-1] if said else (sweeps[0] if len(sweeps) == 1 else None)
-    if out["sweep_id"]:
-        s = open_store(store)
-        for seed_run in load_sweep_runs(s, out["sweep_id"]):
-            seed = seed_run.summary.seed
-            extra = {}
-            for record in ("env", "timings"):
-                try:
-                    extra[record] = json.loads(s.get_bytes(f"{out['sweep_id']}/seed-{seed}/{record}.json"))
-                except Exception:   # a seed that died early has neither record; its log says why
-                    extra[record] = {}
-            out["seeds"].append(dict(seed=seed, state="succeeded" if seed_run.summary.complete else "failed",
-                                     reason=seed_run.summary.reason, ms_per_step=seed_run.summary.step_avg_ms,
-                                     final_val_loss=seed_run.summary.val_loss,
-                                     curve=curve_of(seed_run.result) if seed_run.result else [],
-                                     code_hash=extra["env"].get("trainer_code_hash"),
-                                     seed_wall_s=extra["timings"].get("seed_wall_s")))
-    out["state"] = "succeeded" if rc == 0 and any(s["curve"] for s in out["seeds"]) else "failed"
+    sweep, seeds = read_seeds(store, text)
+    out = dict(run, rc=rc, wall_s=time.perf_counter() - t0, store=str(store), log=str(log), sweep_id=sweep, seeds=seeds,
+               state="succeeded" if rc == 0 and any(s["curve"] for s in seeds) else "failed")
     if out["state"] == "failed":
         out["log_tail"] = text.splitlines()[-20:]
         print(f"{label}: FAILED (exit {rc}); the end of {log}:\n" + "\n".join(out["log_tail"]), file=sys.stderr)
-    if run["kind"] != "reference":   # the node runner's REPO_ROOT must have been this run's checkout
+    for s in seeds if run["kind"] == "reference" else []:
+        s["code_hash"] = None   # the node hashes this checkout's trainer/, which the record script never runs
+    if run["kind"] != "reference":   # the node's REPO_ROOT must have been this run's checkout
         out["expected_code_hash"] = trainer_code_hash(root)
-        ran = {s["code_hash"] for s in out["seeds"] if s["code_hash"]}
-        if ran - {out["expected_code_hash"]}:
-            print(f"{label}: WARNING: the node ran trainer code {sorted(ran)}, not {root}'s "
-                  f"{out['expected_code_hash']}", file=sys.stderr)
+        ran = {s["code_hash"] for s in seeds if s["code_hash"]} - {out["expected_code_hash"]}
+        if ran:
+            print(f"{label}: WARNING: the node ran trainer code {sorted(ran)}, not {root}'s", file=sys.stderr)
     return out
 
 
@@ -386,35 +364,31 @@ def print_tables(report: dict) -> None:
     def f(v, spec):
         return "-" if v is None else f"{v:{spec}}"
 
-    target = report["reference_final_loss"]
-    t = Table(title=f"time to the reference's final val loss {f(target, '.4f')}, {report['gpu']} (torch "
+    target, common = report["reference_final_loss"], report.get("set", {})
+    t = Table("run", "overrides beyond --set", "seeds", "ms/step", "final val loss", "time to it (s)", "steps to it", "vs reference",
+              title=f"time to the reference's final val loss {f(target, '.4f')}, {report['gpu']} (torch "
                     f"{report['torch']}), {report['steps']} steps of {report['tokens_per_step']:,} tokens")
-    for col in ("run", "overrides", "seeds", "ms/step", "final val loss", "time to it (s)", "steps to it", "vs reference"):
-        t.add_column(col)
     for r in report["runs"]:
         spread = r["time_to_loss_spread"]
         if not r["curve"]:
-            when = f"failed: {(r['seeds'][0]['reason'] if r['seeds'] else '') or 'see ' + str(r.get('log'))}"
+            when = f"failed: {(r['seeds'][0]['reason'] if r['seeds'] else '') or (r.get('log_tail') or ['?'])[-1]}"
         elif r["time_to_loss_s"] is None:
             when = f"not reached (final loss {r['final_val_loss']:.4f} at {r['final_train_time_s']:.1f} s)"
         else:
-            when = f"{r['time_to_loss_s']:.1f}" + (f" (seeds {spread['min']:.1f}-{spread['max']:.1f}, "
+            when = f"{r['time_to_loss_s']:.1f}" + (f" (seeds {f(spread['min'], '.1f')}-{f(spread['max'], '.1f')}, "
                                                    f"{spread['reached']}/{spread['of']} reached)" if spread["of"] > 1 else "")
-        t.add_row(r["label"], " ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-", str(len(r["seeds"])),
+        own = {k: v for k, v in r["overrides"].items() if k not in common or common[k] != v}
+        t.add_row(r["label"], " ".join(f"{k}={v}" for k, v in own.items()) or "-", str(len(r["seeds"])),
                   f(r["ms_per_step"], ".1f"), f(r["final_val_loss"], ".4f"), when, f(r["steps_to_loss"], ".1f"),
                   f(r["time_to_loss_ratio"], ".3f"))
-    c = Table(title="val loss by step (mean over seeds)")
-    c.add_column("step")
-    for r in report["runs"]:
-        c.add_column(r["label"])
+    c = Table("step", *(r["label"] for r in report["runs"]), title="val loss by step (mean over seeds)")
     by_run = [{p["step"]: p["val_loss"] for p in r["curve"]} for r in report["runs"]]
     for step in sorted({s for b in by_run for s in b}):
         c.add_row(str(step), *(f(b.get(step), ".4f") for b in by_run))
     console = Console()
     if not console.is_terminal:   # a log file: rich would squeeze the tables into 80 columns and cut the figures
         console = Console(width=200)
-    console.print(t)
-    console.print(c)
+    console.print(t, f"--set: {' '.join(f'{k}={v}' for k, v in common.items()) or '-'}", c)
 
 
 def main(argv: list[str] | None = None) -> int:
