@@ -65,6 +65,9 @@ class TrainConfig:
     adam_scalar_lr: float = 0.04
     adam_beta1: float = 0.8
     adam_beta2: float = 0.95
+    # record-28's eps is 1e-10 on the gradient of a summed loss (each rank's 49,152-token micro-batch, averaged
+    # over 8 ranks); ours is the mean over the step's tokens, 49,152x smaller, so the same damping is 1e-10/49152
+    adam_eps: float = 1e-10 / 49152
     # --- runtime
     seed: int = 0
     device: str = "auto"                      # auto | cuda | cpu

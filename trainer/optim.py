@@ -113,7 +113,7 @@ def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
     adam = torch.optim.Adam(
         [dict(params=parts["embed"], lr=cfg.adam_embed_lr), dict(params=parts["head"], lr=cfg.adam_head_lr),
          dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)],
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10,
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
         **({"fused": True} if model.embed.weight.is_cuda else {"foreach": True}))   # one kernel for all on GPU
     muon = Muon(parts["hidden"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, polynomial=cfg.muon_polynomial,
                 group=group)
