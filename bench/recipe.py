@@ -353,8 +353,8 @@ def launch(run: dict, args, meta: dict, work: Path, log_dir: Path) -> dict:
 def gpu_and_torch() -> tuple[str, str]:
     """Asked in a child process, so this one never holds a CUDA context while the runs train."""
     probe = "import torch; print(torch.__version__); print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split()
-    return (lines[1], lines[0]) if len(lines) == 2 else ("unknown", "unknown")
+    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.splitlines()
+    return (lines[1], lines[0]) if len(lines) == 2 else ("unknown", "unknown")   # a name has spaces: lines, not words
 
 
 def print_tables(report: dict) -> None:

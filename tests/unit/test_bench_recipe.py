@@ -301,3 +301,14 @@ def test_the_target_is_the_reference_final_loss_even_when_it_dipped_lower_before
     report = assemble(META, [ref])
     assert report["reference_final_loss"] == 3.1
     assert report["reference_time_to_loss_s"] == pytest.approx(35 * 6.9 / 7)   # its first crossing, before its end
+
+
+def test_the_gpu_name_keeps_its_spaces(monkeypatch):
+    """The probe prints the torch version and the device name on two lines; 'NVIDIA H200' is one name."""
+    import recipe
+
+    def fake_run(argv, **kwargs):
+        return subprocess.CompletedProcess(argv, 0, stdout="2.11.0\nNVIDIA H200\n", stderr="")
+
+    monkeypatch.setattr(recipe.subprocess, "run", fake_run)
+    assert recipe.gpu_and_torch() == ("NVIDIA H200", "2.11.0")
