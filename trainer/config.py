@@ -50,6 +50,10 @@ class TrainConfig:
                                               # way, CUDA only; CPU runs torch) | torch
     mlp_fp8: str = "all"                      # none | forward (both forward matmuls in FP8) | grad_h (+ the backward's
                                               # grad_h) | all (+ grad_x); the triton MLP on Hopper, ignored elsewhere
+    # --- later records' techniques (issue 22): each off, so the defaults stay record-28's; every new gate reads
+    # the first attn_gate_dims (12) dims of its input, as the records' gates do
+    smear: bool = False                       # record-34: each embedding plus a gated share of the previous token's
+                                              # (trainer/embeddings.py)
     # --- schedule
     steps: int = 1695
     cooldown_frac: float = 0.45

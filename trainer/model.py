@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from trainer import attention as attn_impl
 from trainer.config import TrainConfig
+from trainer.embeddings import Smear
 from trainer.fp8 import fp8_forward_linear, fp8_linear
 
 try:
@@ -177,6 +178,7 @@ class GPT(nn.Module):
         # fp32 tables and Adam state, where record-28 casts its embeddings to bf16: a 0.6-lr Adam step on a bf16
         # row rounds away updates below 2^-8 of the entry; the yardstick run kept them fp32 (its 0.802x includes it)
         self.embed = nn.Embedding(V, D)
+        self.smear = Smear(cfg.attn_gate_dims) if cfg.smear else None
         self.value_embeds = nn.ModuleList(nn.Embedding(V, hdim) for _ in range(cfg.num_value_embeds))
         # with the attn_prep kernel, one Rotary for all layers: the compiled graph then computes each micro-batch's
         # cos/sin tables once (common-subexpression elimination needs the same buffer), not once per layer (H200:
@@ -219,7 +221,10 @@ class GPT(nn.Module):
             masks = [attn_impl.flex_block_mask(docs, w, cfg.block_size) for w in windows]
         else:
             masks, windows = [None, None], tuple(int(w) for w in windows)
-        x = x0 = norm(self.embed(tokens)[None].to(self.act_dtype))
+        e = self.embed(tokens).to(self.act_dtype)
+        if self.smear is not None:
+            e = self.smear(e)
+        x = x0 = norm(e[None])
         ves = [ve(tokens)[None].to(self.act_dtype) for ve in self.value_embeds]
         skips, half = [], len(self.skip_weights)
         for i, block in enumerate(self.blocks):

@@ -100,6 +100,8 @@ def split_parameters(model) -> dict[str, list]:
     embed = [model.embed.weight] + [ve.weight for ve in model.value_embeds]
     head = [model.lm_head.weight]
     hidden = [p for b in model.blocks for n, p in b.named_parameters() if p.ndim >= 2]
+    if getattr(model, "smear", None) is not None:
+        hidden.append(model.smear.gate)   # record-34 trains the smear gate with Muon
     scalars = [p for p in model.parameters() if p.ndim < 2]
     seen = {id(p) for p in embed + head + hidden + scalars}
     missing = [n for n, p in model.named_parameters() if id(p) not in seen]
