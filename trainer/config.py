@@ -54,6 +54,10 @@ class TrainConfig:
     # the first attn_gate_dims (12) dims of its input, as the records' gates do
     smear: bool = False                       # record-34: each embedding plus a gated share of the previous token's
                                               # (trainer/embeddings.py)
+    bigram_embed: bool = False                # record-62: a hashed (previous token, token) embedding added to the first
+    bigram_rows: int = 50304 * 15             # bigram_dim dims of every block's input, times a per-layer weight (init
+    bigram_dim: int = 192                     # 0.05); rows, dim and the sign trick's 8192 sign rows: record-83's
+    bigram_sign_rows: int = 8192
     # --- schedule
     steps: int = 1695
     cooldown_frac: float = 0.45
@@ -111,6 +115,10 @@ class TrainConfig:
             raise ValueError(f"muon_polynomial: must be newton_schulz or polar_express (got {self.muon_polynomial!r})")
         if not 0 < self.attn_gate_dims <= self.model_dim:
             raise ValueError(f"attn_gate_dims: must be within 1..model_dim={self.model_dim} (got {self.attn_gate_dims})")
+        if self.bigram_embed and not (0 < self.bigram_dim <= self.model_dim and self.bigram_rows > 1
+                                      and self.bigram_sign_rows > 0):
+            raise ValueError(f"bigram_dim: must be within 1..model_dim={self.model_dim}, with bigram_rows > 1 and "
+                             f"bigram_sign_rows > 0 (got {self.bigram_dim}, {self.bigram_rows}, {self.bigram_sign_rows})")
         self.skipped_attention_layers()
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from trainer import attention as attn_impl
 from trainer.config import TrainConfig
-from trainer.embeddings import Smear
+from trainer.embeddings import BigramHash, Smear
 from trainer.fp8 import fp8_forward_linear, fp8_linear
 
 try:
@@ -148,8 +148,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
-    def forward(self, x, x0, ve, docs, window_blocks, block_size, mask):
+    def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if bigram is not None:   # the bigram embedding, already weighted for this layer
+            x = x + bigram
         if self.attn is not None:
             x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, mask)
         return x + self.mlp(norm(x))
@@ -179,6 +181,8 @@ class GPT(nn.Module):
         # row rounds away updates below 2^-8 of the entry; the yardstick run kept them fp32 (its 0.802x includes it)
         self.embed = nn.Embedding(V, D)
         self.smear = Smear(cfg.attn_gate_dims) if cfg.smear else None
+        self.bigram = BigramHash(cfg.bigram_rows, cfg.bigram_dim, cfg.bigram_sign_rows) if cfg.bigram_embed else None
+        self.bigram_lambdas = nn.Parameter(torch.full((L,), 0.05)) if cfg.bigram_embed else None   # record-83's init
         self.value_embeds = nn.ModuleList(nn.Embedding(V, hdim) for _ in range(cfg.num_value_embeds))
         # with the attn_prep kernel, one Rotary for all layers: the compiled graph then computes each micro-batch's
         # cos/sin tables once (common-subexpression elimination needs the same buffer), not once per layer (H200:
@@ -225,6 +229,9 @@ class GPT(nn.Module):
         if self.smear is not None:
             e = self.smear(e)
         x = x0 = norm(e[None])
+        bigram = None
+        if self.bigram is not None:   # (1, T, model_dim), zero past bigram_dim
+            bigram = F.pad(self.bigram(tokens)[None].to(self.act_dtype), (0, cfg.model_dim - cfg.bigram_dim))
         ves = [ve(tokens)[None].to(self.act_dtype) for ve in self.value_embeds]
         skips, half = [], len(self.skip_weights)
         for i, block in enumerate(self.blocks):
@@ -232,7 +239,8 @@ class GPT(nn.Module):
                 x = x + self.skip_weights[i - (len(self.blocks) - half)] * skips.pop()
             ve = ves[self.ve_of_layer[i]] if self.ve_of_layer[i] is not None else None
             j = 0 if self.layout[i] == "long" else 1
-            x = block(x, x0, ve, docs, windows[j], cfg.block_size, masks[j])
+            x = block(x, x0, ve, docs, windows[j], cfg.block_size, masks[j],
+                      None if bigram is None else self.bigram_lambdas[i] * bigram)
             if i < half:
                 skips.append(x)
         x = x[0]

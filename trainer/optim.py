@@ -98,6 +98,8 @@ class Muon(torch.optim.Optimizer):
 def split_parameters(model) -> dict[str, list]:
     """Hidden matrices go to Muon; embeddings, the head and scalar gains go to Adam."""
     embed = [model.embed.weight] + [ve.weight for ve in model.value_embeds]
+    if getattr(model, "bigram", None) is not None:
+        embed.append(model.bigram.table.weight)   # record-62/83: the bigram table at the embeddings' 75x Adam lr
     head = [model.lm_head.weight]
     hidden = [p for b in model.blocks for n, p in b.named_parameters() if p.ndim >= 2]
     if getattr(model, "smear", None) is not None:

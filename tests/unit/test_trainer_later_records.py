@@ -61,7 +61,7 @@ def test_with_every_switch_off_one_step_is_bit_identical_to_before_the_switches(
 
 def test_the_defaults_build_none_of_the_later_records_parts():
     model = randomised_model(tiny_config())
-    assert model.smear is None
+    assert model.smear is None and model.bigram is None and model.bigram_lambdas is None
 
 
 # ------------------------------------------------------------------------------------ smear (record-34)
@@ -116,3 +116,86 @@ def test_smear_gate_is_trained_by_muon_and_its_lambda_by_adam_with_the_scalars()
     parts = split_parameters(model)
     assert any(p is model.smear.gate for p in parts["hidden"])
     assert any(p is model.smear.lam for p in parts["scalars"])
+
+
+# ----------------------------------------------------------------------- bigram hash embedding (record-62/83)
+
+
+def test_bigram_hash_is_the_records_int32_arithmetic():
+    import numpy as np
+
+    from trainer.embeddings import bigram_hash
+
+    t = tokens(T=2000).numpy()
+    t[5] = BOS   # the largest token: the products stay below 2^31
+    rows = 50304 * 15
+    x = t.astype(np.int32)
+    want = np.empty_like(x)
+    want[0] = rows - 1
+    want[1:] = np.bitwise_xor(np.int32(36313) * x[1:], np.int32(27191) * x[:-1]) % np.int32(rows - 1)
+    got = bigram_hash(torch.from_numpy(t), rows)
+    assert np.array_equal(got.numpy(), want) and got.max() < rows
+
+
+def test_bigram_embedding_is_the_hashed_row_times_its_sign_row():
+    from trainer.embeddings import BigramHash, bigram_hash
+
+    torch.manual_seed(0)
+    emb = BigramHash(rows=101, dim=8, sign_rows=16)
+    with torch.no_grad():
+        emb.table.weight.normal_()
+    assert set(emb.signs.unique().tolist()) == {-1.0, 1.0}
+    t = tokens(T=300)
+    h = bigram_hash(t, 101)
+    got = emb(t)
+    for i in range(len(t)):
+        sign_row = 0 if i == 0 else int(t[i - 1] ^ t[i]) % 16
+        assert torch.equal(got[i], emb.table.weight[h[i]] * emb.signs[sign_row])
+
+
+def test_bigram_embedding_starts_as_a_no_op_and_its_table_gets_gradients():
+    t = tokens()
+    plain, model = with_switches(bigram_embed=True, bigram_rows=1021, bigram_dim=16)
+    loss = model(t[:-1], t[1:], torch.tensor(2))
+    assert torch.equal(loss, plain(t[:-1], t[1:], torch.tensor(2)))   # the table starts at zero
+    loss.backward()
+    used = torch.zeros(1021, dtype=torch.bool)
+    from trainer.embeddings import bigram_hash
+
+    used[bigram_hash(t[:-1], 1021)] = True
+    row_grad = model.bigram.table.weight.grad.abs().sum(1)
+    assert (row_grad[used] > 0).all() and not row_grad[~used].any()
+    assert model.bigram.table.weight.shape == (1021, 16)
+
+
+def test_each_block_gets_its_weighted_bigram_embedding_on_the_first_bigram_dims():
+    import torch.nn.functional as F
+
+    model = randomised_model(tiny_config(bigram_embed=True, bigram_rows=1021, bigram_dim=16))
+    with torch.no_grad():
+        model.bigram.table.weight.normal_()
+        model.bigram_lambdas.copy_(torch.tensor([0.3, -0.2]))
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, args: seen.append(args[7]))
+    t = tokens()
+    model(t[:-1], t[1:], torch.tensor(2))
+    e = model.bigram(t[:-1])[None]
+    for i, got in enumerate(seen):
+        assert torch.equal(got, model.bigram_lambdas[i] * F.pad(e, (0, 64 - 16)))
+
+
+def test_bigram_embedding_keeps_the_model_causal_and_its_parameters_sit_with_adams_embeddings_and_scalars():
+    from trainer.optim import split_parameters
+
+    model = randomised_model(tiny_config(bigram_embed=True, bigram_rows=1021, bigram_dim=16))
+    with torch.no_grad():
+        model.bigram.table.weight.normal_()
+    t = tokens()
+    changed = t.clone()
+    changed[300:] = (changed[300:] + 7) % BOS
+    a, b = (model(s[:-1], s[1:], torch.tensor(4), reduction="none").detach() for s in (t, changed))
+    assert torch.equal(a[:299], b[:299]) and not torch.equal(a[299:], b[299:])
+    parts = split_parameters(model)
+    assert any(p is model.bigram.table.weight for p in parts["embed"])
+    assert any(p is model.bigram_lambdas for p in parts["scalars"])
