@@ -58,6 +58,9 @@ class TrainConfig:
     bigram_rows: int = 50304 * 15             # bigram_dim dims of every block's input, times a per-layer weight (init
     bigram_dim: int = 192                     # 0.05); rows, dim and the sign trick's 8192 sign rows: record-83's
     bigram_sign_rows: int = 8192
+    value_embed_gate: bool = False            # record-55: each head's value embedding times 2*sigmoid(w . x[:12]) (Muon)
+    skip_gate: bool = False                   # record-55: each U-net skip times 2*sigmoid(w . x0[:12]), one w, trained
+    adam_skip_gate_lr: float = 0.008 * 0.05   # by Adam at the record's 0.05x of the base lr 0.008
     # --- schedule
     steps: int = 1695
     cooldown_frac: float = 0.45

@@ -71,13 +71,17 @@ class Rotary(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, prep_kernel: str = "torch",
-                 rotary: Rotary | None = None, gate_dims: int = 0):
+                 rotary: Rotary | None = None, gate_dims: int = 0, value_gate_dims: int = 0):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         # record-28's sparse attention gate: each head's output is scaled by sigmoid(w . x[:gate_dims]), w zero at
         # start (every head at 0.5), so a head can learn to switch itself off for tokens where it only adds noise
         self.gate_dims = gate_dims
         self.gate = CastedLinear(gate_dims, num_heads, zero_init=True) if gate_dims else None
+        # record-55's value-embedding gate: the value embedding enters each head times 2*sigmoid(w . x[:dims]) (1 at
+        # the zero init) in place of its lambda; only layers that get a value embedding have one
+        self.value_gate_dims = value_gate_dims
+        self.value_gate = CastedLinear(value_gate_dims, num_heads, zero_init=True) if value_gate_dims else None
         hdim = num_heads * head_dim
         bound = math.sqrt(3) * 0.5 * dim ** -0.5
         # q, k, v in one parameter so Muon orthogonalises them as three separate matrices in one batch
@@ -101,15 +105,20 @@ class Attention(nn.Module):
         else:
             qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).to(x.dtype))
         qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim)
+        lambdas = self.lambdas
+        if self.value_gate is not None and ve is not None:   # the gate takes the place of lambdas[1]
+            gate = 2 * torch.sigmoid(self.value_gate(x[..., :self.value_gate_dims]))   # (B, T, H)
+            ve = gate[..., None] * ve.view(B, T, self.num_heads, self.head_dim)
+            lambdas = torch.cat([self.lambdas[:1], self.lambdas.new_ones(1)])
         if self.prep is not None and x.is_cuda:
-            q, k, v = self.prep(qkv, ve, self.lambdas, *self.rotary.tables(T, x.device))
+            q, k, v = self.prep(qkv, ve, lambdas, *self.rotary.tables(T, x.device))
         else:
             q, k, v = qkv.unbind(2)
             q, k = self.rotary(norm(q)), self.rotary(norm(k))
             if ve is not None:
-                v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
+                v = lambdas[0] * v + lambdas[1] * ve.view_as(v)
             else:
-                v = self.lambdas[0] * v
+                v = lambdas[0] * v
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE).transpose(1, 2)
         if self.gate is not None:   # (B, T, H, D) times (B, T, H, 1)
@@ -141,10 +150,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TrainConfig, rotary: Rotary | None = None, attention: bool = True):
+    def __init__(self, cfg: TrainConfig, rotary: Rotary | None = None, attention: bool = True,
+                 value_gate: bool = False):
         super().__init__()
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep, rotary,
-                              cfg.attn_gate_dims if cfg.attn_gate else 0) if attention else None
+                              cfg.attn_gate_dims if cfg.attn_gate else 0,
+                              cfg.attn_gate_dims if value_gate else 0) if attention else None
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
@@ -191,15 +202,20 @@ class GPT(nn.Module):
         # angles inside them.
         rotary = Rotary(cfg.head_dim) if cfg.attn_prep == "triton" else None
         self.layout = attention_layout(cfg)
-        self.blocks = nn.ModuleList(Block(cfg, rotary, attention=kind is not None) for kind in self.layout)
-        self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
-        self.skip_weights = nn.Parameter(torch.ones(L // 2))
         # value embedding i feeds layer i and layer L-n+i (early and late layers), none in the middle
         self.ve_of_layer: list[int | None] = [None] * L
         n = cfg.num_value_embeds
         for i in range(min(n, L)):
             self.ve_of_layer[i] = i
             self.ve_of_layer[L - n + i] = i
+        self.blocks = nn.ModuleList(
+            Block(cfg, rotary, attention=kind is not None,
+                  value_gate=cfg.value_embed_gate and self.ve_of_layer[i] is not None)
+            for i, kind in enumerate(self.layout))
+        self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
+        self.skip_weights = nn.Parameter(torch.ones(L // 2))
+        # record-55's skip gate: every U-net skip also times 2*sigmoid(w . x0[:dims]) (1 at the zero init), one w
+        self.skip_gate = CastedLinear(cfg.attn_gate_dims, 1, zero_init=True) if cfg.skip_gate else None
         self.act_dtype = torch.float32
         self.attention = "dense"   # dense (CPU) | flex: how attention runs (trainer/attention.py)
         self.fp8_head = False   # the trainer sets these two for its GPU
@@ -234,9 +250,12 @@ class GPT(nn.Module):
             bigram = F.pad(self.bigram(tokens)[None].to(self.act_dtype), (0, cfg.model_dim - cfg.bigram_dim))
         ves = [ve(tokens)[None].to(self.act_dtype) for ve in self.value_embeds]
         skips, half = [], len(self.skip_weights)
+        if self.skip_gate is not None:
+            skip_gate = 2 * torch.sigmoid(self.skip_gate(x0[..., :cfg.attn_gate_dims]))   # (1, T, 1)
         for i, block in enumerate(self.blocks):
             if i >= len(self.blocks) - half and skips:
-                x = x + self.skip_weights[i - (len(self.blocks) - half)] * skips.pop()
+                skip = skips.pop() if self.skip_gate is None else skip_gate * skips.pop()
+                x = x + self.skip_weights[i - (len(self.blocks) - half)] * skip
             ve = ves[self.ve_of_layer[i]] if self.ve_of_layer[i] is not None else None
             j = 0 if self.layout[i] == "long" else 1
             x = block(x, x0, ve, docs, windows[j], cfg.block_size, masks[j],

@@ -105,18 +105,22 @@ def split_parameters(model) -> dict[str, list]:
     if getattr(model, "smear", None) is not None:
         hidden.append(model.smear.gate)   # record-34 trains the smear gate with Muon
     scalars = [p for p in model.parameters() if p.ndim < 2]
-    seen = {id(p) for p in embed + head + hidden + scalars}
+    skip_gate = [model.skip_gate.weight] if getattr(model, "skip_gate", None) is not None else []   # record-55: Adam
+    seen = {id(p) for p in embed + head + hidden + scalars + skip_gate}
     missing = [n for n, p in model.named_parameters() if id(p) not in seen]
     if missing:
         raise RuntimeError(f"parameters with no optimizer: {missing}")
-    return {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars}
+    return {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars, "skip_gate": skip_gate}
 
 
 def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
     parts = split_parameters(model)
+    groups = [dict(params=parts["embed"], lr=cfg.adam_embed_lr), dict(params=parts["head"], lr=cfg.adam_head_lr),
+              dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)]
+    if parts["skip_gate"]:
+        groups.append(dict(params=parts["skip_gate"], lr=cfg.adam_skip_gate_lr))
     adam = torch.optim.Adam(
-        [dict(params=parts["embed"], lr=cfg.adam_embed_lr), dict(params=parts["head"], lr=cfg.adam_head_lr),
-         dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)],
+        groups,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
         **({"fused": True} if model.embed.weight.is_cuda else {"foreach": True}))   # one kernel for all on GPU
     muon = Muon(parts["hidden"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, polynomial=cfg.muon_polynomial,

@@ -61,7 +61,8 @@ def test_with_every_switch_off_one_step_is_bit_identical_to_before_the_switches(
 
 def test_the_defaults_build_none_of_the_later_records_parts():
     model = randomised_model(tiny_config())
-    assert model.smear is None and model.bigram is None and model.bigram_lambdas is None
+    assert model.smear is None and model.bigram is None and model.bigram_lambdas is None and model.skip_gate is None
+    assert all(b.attn.value_gate is None for b in model.blocks)
 
 
 # ------------------------------------------------------------------------------------ smear (record-34)
@@ -199,3 +200,68 @@ def test_bigram_embedding_keeps_the_model_causal_and_its_parameters_sit_with_ada
     parts = split_parameters(model)
     assert any(p is model.bigram.table.weight for p in parts["embed"])
     assert any(p is model.bigram_lambdas for p in parts["scalars"])
+
+
+# ----------------------------------------------------------------------- value-embedding and skip gates (record-55)
+
+
+def test_value_gate_scales_each_heads_value_embedding_by_twice_the_sigmoid_of_its_projection():
+    from trainer.model import Attention
+
+    torch.manual_seed(1)
+    attn = Attention(64, 2, 32, value_gate_dims=12)
+    with torch.no_grad():
+        attn.c_proj.weight.normal_(0, 0.1)
+        attn.value_gate.weight.normal_()
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.rms_norm(torch.randn(1, 256, 64, generator=g), (64,))
+    ve = torch.randn(1, 256, 64, generator=g)
+    docs = torch.zeros(256, dtype=torch.long)
+    gated = attn(x, ve, docs, 2, 128, None)
+    w = attn.value_gate.weight.detach().clone()
+    attn.value_gate = None
+    with torch.no_grad():
+        attn.lambdas[1] = 1.0   # the gate replaces the value embedding's lambda
+    scaled = (2 * torch.sigmoid(x[..., :12] @ w.t()))[..., None] * ve.view(1, 256, 2, 32)
+    assert torch.allclose(gated, attn(x, scaled.view(1, 256, 64), docs, 2, 128, None), atol=1e-6)
+
+
+def test_value_gates_sit_on_the_layers_with_value_embeddings_and_train_with_muon():
+    from trainer.optim import split_parameters
+
+    model = randomised_model(tiny_config(num_layers=4, num_value_embeds=1, value_embed_gate=True))
+    assert [b.attn.value_gate is not None for b in model.blocks] == [True, False, False, True]
+    t = tokens()
+    model(t[:-1], t[1:], torch.tensor(2)).backward()
+    hidden = split_parameters(model)["hidden"]
+    for i in (0, 3):
+        gate = model.blocks[i].attn.value_gate.weight
+        assert gate.shape == (2, 12) and gate.grad.abs().sum() > 0 and any(p is gate for p in hidden)
+
+
+def test_skip_gate_starts_as_a_no_op_and_scales_the_skip_by_twice_the_sigmoid_of_x0():
+    t = tokens()
+    plain, model = with_switches(skip_gate=True)
+    loss = model(t[:-1], t[1:], torch.tensor(2))
+    assert torch.equal(loss, plain(t[:-1], t[1:], torch.tensor(2)))   # 2 * sigmoid(0) = 1 exactly
+    loss.backward()
+    assert model.skip_gate.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.skip_gate.weight.normal_()
+        model.skip_weights.fill_(0.7)
+    seen = {}
+    model.blocks[0].register_forward_hook(lambda m, args, out: seen.update(skip=out))
+    model.blocks[1].register_forward_pre_hook(lambda m, args: seen.update(x=args[0], x0=args[1]))
+    model(t[:-1], t[1:], torch.tensor(2))
+    gate = 2 * torch.sigmoid(seen["x0"][..., :12] @ model.skip_gate.weight.t())
+    # two layers: layer 1 gets layer 0's output plus its own skip, gated
+    assert torch.allclose(seen["x"], seen["skip"] + 0.7 * gate * seen["skip"], atol=1e-6)
+
+
+def test_skip_gate_trains_with_adam_at_its_own_rate():
+    cfg = tiny_config(skip_gate=True)
+    model = randomised_model(cfg)
+    adam, muon = build_optimizers(model, cfg)
+    groups = [g for g in adam.param_groups if any(p is model.skip_gate.weight for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(0.008 * 0.05) and len(groups[0]["params"]) == 1
+    assert len(build_optimizers(randomised_model(tiny_config()), tiny_config())[0].param_groups) == 3
