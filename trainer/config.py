@@ -71,6 +71,10 @@ class TrainConfig:
     muon_momentum: float = 0.95
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 300
+    muon_momentum_cooldown_steps: int = 0     # record-39: 50, momentum back down to the warm-up start at the end
+    # record-43's cautious weight decay: the update gets + lr * wd * p where the update and p agree in sign (the
+    # step then shrinks |p|), so the decay follows the lr schedule; 0 = off (record-43: 1.2 at its Muon lr 0.03)
+    muon_cautious_wd: float = 0.0
     muon_polynomial: str = "newton_schulz"    # newton_schulz (record-28) | polar_express (later records)
     # record-28: one Adam lr 0.008 times a per-parameter multiplier: 75 for the embeddings, 1 for the head, 5 for
     # the scalar gains
@@ -100,6 +104,9 @@ class TrainConfig:
         for k in positive:
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k}: must be > 0 (got {getattr(self, k)})")
+        if self.muon_momentum_cooldown_steps < 0 or self.muon_cautious_wd < 0:
+            raise ValueError("muon_momentum_cooldown_steps, muon_cautious_wd: must be >= 0 "
+                             f"(got {self.muon_momentum_cooldown_steps}, {self.muon_cautious_wd})")
         if not 0.0 <= self.cooldown_frac <= 1.0:
             raise ValueError(f"cooldown_frac: must be within [0, 1] (got {self.cooldown_frac})")
         if self.window_min_blocks > self.window_max_blocks:

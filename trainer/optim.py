@@ -38,6 +38,12 @@ def orthogonalize(G: torch.Tensor, coeffs=POLAR_EXPRESS, dtype=torch.bfloat16, m
     return X.mT if tall else X
 
 
+def cautious_weight_decay(update: torch.Tensor, params: torch.Tensor, rate: float) -> torch.Tensor:
+    """update + rate * params wherever update and params agree in sign, update elsewhere: record-43's cautious
+    decay, applied only where the step -lr * update already shrinks |params|, never against the update."""
+    return update + rate * (update * params >= 0) * params
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised; lr scaled by sqrt(max(1, rows/cols)) as in the record, or by a matrix's
     own `muon_lr_scale` attribute where the record lays that matrix out the other way round.
@@ -46,9 +52,11 @@ class Muon(torch.optim.Optimizer):
     rank orthogonalises its slice as one batch and the slices are all-gathered.
     """
 
-    def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, polynomial="newton_schulz", group=None):
+    def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, polynomial="newton_schulz", group=None,
+                 cautious_wd=0.0):
         params = list(params)
-        super().__init__([{"params": params}], dict(lr=lr, momentum=momentum, nesterov=nesterov))
+        super().__init__([{"params": params}], dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                                    cautious_wd=cautious_wd))
         self.coeffs, self.margin = POLYNOMIALS[polynomial]
         self.group = group
         by_shape: dict[tuple, list] = {}
@@ -92,7 +100,10 @@ class Muon(torch.optim.Optimizer):
                 dist.all_gather(gathered, update, group=self.group)
                 update = torch.cat(gathered)
             scale = getattr(params[0], "muon_lr_scale", max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5)
-            torch._foreach_add_(params, list(update[:len(params)].to(params[0].dtype).unbind()), alpha=-lr * scale)
+            update = update[:len(params)].to(params[0].dtype)
+            if hp.get("cautious_wd"):   # the decay's rate is lr * wd: it follows the lr schedule (record-43)
+                update = cautious_weight_decay(update, torch.stack(params), lr * hp["cautious_wd"])
+            torch._foreach_add_(params, list(update.unbind()), alpha=-lr * scale)
 
 
 def split_parameters(model) -> dict[str, list]:
@@ -124,7 +135,7 @@ def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
         **({"fused": True} if model.embed.weight.is_cuda else {"foreach": True}))   # one kernel for all on GPU
     muon = Muon(parts["hidden"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, polynomial=cfg.muon_polynomial,
-                group=group)
+                group=group, cautious_wd=cfg.muon_cautious_wd)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]

@@ -54,6 +54,12 @@ def window_blocks(cfg: TrainConfig, step: int) -> int:
 
 
 def muon_momentum(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up from muon_momentum_warmup_start; with muon_momentum_cooldown_steps, record-39's cool-down:
+    linearly back down toward the warm-up start over the last that many steps."""
+    cooldown_start = cfg.steps - cfg.muon_momentum_cooldown_steps
+    if cfg.muon_momentum_cooldown_steps and step > cooldown_start:
+        frac = (step - cooldown_start) / cfg.muon_momentum_cooldown_steps
+        return cfg.muon_momentum - frac * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
     frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
 

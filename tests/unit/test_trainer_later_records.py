@@ -265,3 +265,52 @@ def test_skip_gate_trains_with_adam_at_its_own_rate():
     groups = [g for g in adam.param_groups if any(p is model.skip_gate.weight for p in g["params"])]
     assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(0.008 * 0.05) and len(groups[0]["params"]) == 1
     assert len(build_optimizers(randomised_model(tiny_config()), tiny_config())[0].param_groups) == 3
+
+
+# ------------------------------------------------- Muon's momentum cool-down (record-39), cautious decay (record-43)
+
+
+def test_muon_momentum_cools_down_over_the_last_steps_only_when_asked():
+    from trainer.train import muon_momentum
+
+    def before(cfg, step):   # the schedule before the cool-down existed
+        frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
+        return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+    off = tiny_config(steps=1000, muon_momentum_warmup_steps=300)
+    assert all(muon_momentum(off, s) == before(off, s) for s in range(1001))
+    on = tiny_config(steps=1000, muon_momentum_warmup_steps=300, muon_momentum_cooldown_steps=50)
+    assert all(muon_momentum(on, s) == before(on, s) for s in range(951))   # the record's 'step > start'
+    assert muon_momentum(on, 951) == pytest.approx(0.95 - 0.1 / 50)
+    assert muon_momentum(on, 975) == pytest.approx(0.90)
+    assert muon_momentum(on, 999) == pytest.approx(0.85 + 0.1 / 50)
+
+
+def test_cautious_weight_decay_decays_only_where_update_and_weight_agree_in_sign():
+    from trainer.optim import cautious_weight_decay
+
+    update = torch.tensor([0.5, -0.5, 0.5, -0.5, 0.0])
+    params = torch.tensor([2.0, -2.0, -2.0, 2.0, 3.0])
+    got = cautious_weight_decay(update, params, 0.1)
+    assert torch.equal(got, torch.tensor([0.7, -0.7, 0.5, -0.5, 0.3]))
+
+
+def test_muon_with_cautious_decay_steps_by_lr_times_the_update_plus_lr_wd_p_where_signs_agree():
+    from trainer.optim import NEWTON_SCHULZ, Muon, orthogonalize
+
+    torch.manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(16, 32))
+    start = p.detach().clone()
+    g = torch.randn(16, 32)
+    p.grad = g.clone()
+    Muon([p], lr=0.1, momentum=0.9, cautious_wd=1.2).step()
+    o = orthogonalize(g.lerp(0.1 * g, 0.9), NEWTON_SCHULZ, margin=1.0).float()
+    agree = (o * start >= 0).float()
+    assert 0 < agree.mean() < 1
+    assert torch.allclose(p.detach(), start - 0.1 * (o + 0.1 * 1.2 * agree * start), atol=1e-6)
+
+
+def test_the_config_switch_reaches_muon():
+    cfg = tiny_config(muon_cautious_wd=1.2)
+    _, muon = build_optimizers(randomised_model(cfg), cfg)
+    assert muon.param_groups[0]["cautious_wd"] == 1.2
