@@ -75,6 +75,8 @@ class TrainConfig:
     # record-43's cautious weight decay: the update gets + lr * wd * p where the update and p agree in sign (the
     # step then shrinks |p|), so the decay follows the lr schedule; 0 = off (record-43: 1.2 at its Muon lr 0.03)
     muon_cautious_wd: float = 0.0
+    muon_variant: str = "muon"                # muon | normuon: record-41's neuron-wise normalised update (trainer/optim.py;
+    normuon_beta2: float = 0.95               # the record's lr 0.06 with it)
     muon_polynomial: str = "newton_schulz"    # newton_schulz (record-28) | polar_express (later records)
     # record-28: one Adam lr 0.008 times a per-parameter multiplier: 75 for the embeddings, 1 for the head, 5 for
     # the scalar gains
@@ -107,6 +109,10 @@ class TrainConfig:
         if self.muon_momentum_cooldown_steps < 0 or self.muon_cautious_wd < 0:
             raise ValueError("muon_momentum_cooldown_steps, muon_cautious_wd: must be >= 0 "
                              f"(got {self.muon_momentum_cooldown_steps}, {self.muon_cautious_wd})")
+        if self.muon_variant not in ("muon", "normuon"):
+            raise ValueError(f"muon_variant: must be muon or normuon (got {self.muon_variant!r})")
+        if not 0.0 <= self.normuon_beta2 < 1.0:
+            raise ValueError(f"normuon_beta2: must be within [0, 1) (got {self.normuon_beta2})")
         if not 0.0 <= self.cooldown_frac <= 1.0:
             raise ValueError(f"cooldown_frac: must be within [0, 1] (got {self.cooldown_frac})")
         if self.window_min_blocks > self.window_max_blocks:

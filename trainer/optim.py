@@ -44,19 +44,37 @@ def cautious_weight_decay(update: torch.Tensor, params: torch.Tensor, rate: floa
     return update + rate * (update * params >= 0) * params
 
 
+def normuon(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NorMuon (record-41, 2025-10-24; arXiv 2510.05491): each neuron's share of an orthogonalised update is
+    divided by the root of a running mean of its squares, then the matrix is rescaled to its old Frobenius
+    norm, so rows (or columns, for wide matrices) that keep getting large updates get smaller ones.
+
+    update: (..., rows, cols); second_moment: (..., rows, 1), or (..., 1, cols) where rows < cols.
+    Returns (the new update, the new second moment), both float32."""
+    v = update.float()
+    per_row = v.size(-2) >= v.size(-1)
+    second = second_moment.lerp(v.square().mean(dim=-1 if per_row else -2, keepdim=True), 1 - beta2)
+    scaled = v / second.sqrt().clamp_min(1e-10)
+    scaled = scaled * (v.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+    return scaled, second
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised; lr scaled by sqrt(max(1, rows/cols)) as in the record, or by a matrix's
     own `muon_lr_scale` attribute where the record lays that matrix out the other way round.
 
     With a process group, the matrices of each shape are split into one contiguous slice per rank; each
     rank orthogonalises its slice as one batch and the slices are all-gathered.
+
+    Later records' options, off unless given: normuon_beta2 (NorMuon, record-41) rescales each neuron's share of
+    the gathered update; cautious_wd (record-43) then adds the cautious weight decay.
     """
 
     def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, polynomial="newton_schulz", group=None,
-                 cautious_wd=0.0):
+                 cautious_wd=0.0, normuon_beta2=None):
         params = list(params)
         super().__init__([{"params": params}], dict(lr=lr, momentum=momentum, nesterov=nesterov,
-                                                    cautious_wd=cautious_wd))
+                                                    cautious_wd=cautious_wd, normuon_beta2=normuon_beta2))
         self.coeffs, self.margin = POLYNOMIALS[polynomial]
         self.group = group
         by_shape: dict[tuple, list] = {}
@@ -101,9 +119,23 @@ class Muon(torch.optim.Optimizer):
                 update = torch.cat(gathered)
             scale = getattr(params[0], "muon_lr_scale", max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5)
             update = update[:len(params)].to(params[0].dtype)
+            if hp.get("normuon_beta2") is not None:   # every rank keeps every matrix's second moment (elementwise)
+                update = self._normuon(params, update, hp["normuon_beta2"])
             if hp.get("cautious_wd"):   # the decay's rate is lr * wd: it follows the lr schedule (record-43)
                 update = cautious_weight_decay(update, torch.stack(params), lr * hp["cautious_wd"])
             torch._foreach_add_(params, list(update.unbind()), alpha=-lr * scale)
+
+
+    def _normuon(self, params, update, beta2):
+        for p in params:
+            if "second_moment" not in self.state[p]:
+                rows, cols = p.shape[-2:]
+                shape = (*p.shape[:-1], 1) if rows >= cols else (*p.shape[:-2], 1, cols)
+                self.state[p]["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        moments = [self.state[p]["second_moment"] for p in params]
+        update, second = normuon(update, torch.stack(moments), beta2)
+        torch._foreach_copy_(moments, list(second.unbind()))
+        return update.to(params[0].dtype)
 
 
 def split_parameters(model) -> dict[str, list]:
@@ -135,7 +167,8 @@ def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
         **({"fused": True} if model.embed.weight.is_cuda else {"foreach": True}))   # one kernel for all on GPU
     muon = Muon(parts["hidden"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, polynomial=cfg.muon_polynomial,
-                group=group, cautious_wd=cfg.muon_cautious_wd)
+                group=group, cautious_wd=cfg.muon_cautious_wd,
+                normuon_beta2=cfg.normuon_beta2 if cfg.muon_variant == "normuon" else None)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]

@@ -314,3 +314,62 @@ def test_the_config_switch_reaches_muon():
     cfg = tiny_config(muon_cautious_wd=1.2)
     _, muon = build_optimizers(randomised_model(cfg), cfg)
     assert muon.param_groups[0]["cautious_wd"] == 1.2
+
+
+# ----------------------------------------------------------------------------------------- NorMuon (record-41)
+
+
+def normuon_reference(update, second, beta2):
+    """One matrix, one neuron at a time: rows of a tall or square matrix, columns of a wide one."""
+    out, new = torch.empty_like(update), second.clone()
+    wide = update.size(0) < update.size(1)
+    u = update.t() if wide else update
+    o, s = (out.t(), new.t()) if wide else (out, new)
+    for i in range(u.size(0)):
+        s[i] = beta2 * s[i] + (1 - beta2) * (u[i] ** 2).mean()
+        o[i] = u[i] / s[i].sqrt()
+    return out * update.norm() / out.norm(), new
+
+
+@pytest.mark.parametrize("shape", [(16, 32), (32, 16), (24, 24)])
+def test_normuon_divides_each_neuron_by_its_running_rms_then_restores_the_norm(shape):
+    from trainer.optim import normuon
+
+    torch.manual_seed(0)
+    rows, cols = shape
+    second = torch.zeros((rows, 1) if rows >= cols else (1, cols))
+    for _ in range(2):   # the second step uses the first one's running mean
+        u = torch.randn(shape) * torch.linspace(0.1, 3, rows)[:, None]
+        want, want_second = normuon_reference(u, second, 0.95)
+        got, second = normuon(u[None], second[None], 0.95)
+        got, second = got[0], second[0]
+        assert torch.allclose(second, want_second, rtol=1e-5) and torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(got.norm(), u.norm(), rtol=1e-5)
+
+
+def test_muon_as_normuon_keeps_each_matrix_second_moment_and_steps_by_the_normalised_update():
+    from trainer.optim import NEWTON_SCHULZ, Muon, orthogonalize
+
+    torch.manual_seed(3)
+    a, b = torch.nn.Parameter(torch.randn(16, 32)), torch.nn.Parameter(torch.randn(3, 32, 16))
+    start_a = a.detach().clone()
+    ga, gb = torch.randn(16, 32), torch.randn(3, 32, 16)
+    a.grad, b.grad = ga.clone(), gb.clone()
+    opt = Muon([a, b], lr=0.1, momentum=0.9, normuon_beta2=0.95)
+    opt.step()
+    assert opt.state[a]["second_moment"].shape == (1, 32) and opt.state[b]["second_moment"].shape == (3, 32, 1)
+    o = orthogonalize(ga.lerp(0.1 * ga, 0.9), NEWTON_SCHULZ, margin=1.0).float()
+    want, want_second = normuon_reference(o, torch.zeros(1, 32), 0.95)
+    assert torch.allclose(opt.state[a]["second_moment"], want_second, rtol=1e-5)
+    assert torch.allclose(a.detach(), start_a - 0.1 * want, atol=1e-6)
+    assert "second_moment" in opt.state_dict()["state"][0]   # checkpoints carry it
+
+
+def test_the_config_picks_normuon():
+    cfg = tiny_config(muon_variant="normuon")
+    _, muon = build_optimizers(randomised_model(cfg), cfg)
+    assert muon.param_groups[0]["normuon_beta2"] == 0.95
+    _, plain = build_optimizers(randomised_model(tiny_config()), tiny_config())
+    assert plain.param_groups[0]["normuon_beta2"] is None
+    with pytest.raises(ValueError, match="muon_variant"):
+        tiny_config(muon_variant="adamw")
