@@ -88,6 +88,8 @@ class TrainConfig:
     # record-28's eps is 1e-10 on the gradient of a summed loss (each rank's 49,152-token micro-batch, averaged
     # over 8 ranks); ours is the mean over the step's tokens, 49,152x smaller, so the same damping is 1e-10/49152
     adam_eps: float = 1e-10 / 49152
+    adam_every_other_step: bool = False       # record-39: Adam steps on odd steps only, on two steps' summed gradients
+                                              # (reduced across ranks once); Muon steps every step
     # --- runtime
     seed: int = 0
     device: str = "auto"                      # auto | cuda | cpu

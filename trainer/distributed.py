@@ -46,20 +46,25 @@ class GradientReducer:
     1/grad_accum_total, so a sum over ranks is the mean over all micro-batches.
     """
 
-    def __init__(self, params, world: int):
+    def __init__(self, params, world: int, deferrable=()):
         self.world = world
         self.armed = False
+        # gradients that may be left to add up locally over steps (record-39's Adam every other step): a step that
+        # defers them does not reduce them, so the step that does reduces their local sum once
+        self.deferrable = {id(p) for p in deferrable}
+        self.defer = False
         self.pending: list = []
         if world > 1:
             for p in params:
                 p.register_post_accumulate_grad_hook(self._hook)
 
     def _hook(self, p: torch.Tensor) -> None:
-        if self.armed:
+        if self.armed and not (self.defer and id(p) in self.deferrable):
             self.pending.append(dist.all_reduce(p.grad, async_op=True))
 
-    def arm(self, last_micro_batch: bool) -> None:
+    def arm(self, last_micro_batch: bool, defer: bool = False) -> None:
         self.armed = last_micro_batch and self.world > 1
+        self.defer = defer
 
     def wait(self) -> None:
         for work in self.pending:

@@ -64,6 +64,14 @@ def muon_momentum(cfg: TrainConfig, step: int) -> float:
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
 
 
+def adam_steps(cfg: TrainConfig, step: int) -> bool:
+    """Whether Adam steps after this step: every step, or with adam_every_other_step record-39's odd steps only
+    (on the gradients of that step and the one before, summed; Muon still steps every step). Checkpoints hold no
+    gradients, so one written after an even step would lose that step's share: keep checkpoint_every and
+    stop_check_every even (stop_check_every's default 10 is)."""
+    return not cfg.adam_every_other_step or step % 2 == 1
+
+
 # ------------------------------------------------------------------------------------- the run
 
 
@@ -133,7 +141,8 @@ class Trainer:
         self.compiled = cfg.compile and self.cuda
         self.forward = torch.compile(self.model, dynamic=False) if self.compiled else self.model
         self.adam, self.muon = build_optimizers(self.model, cfg)
-        self.reducer = GradientReducer(self.model.parameters(), r.world)
+        adam_params = [p for g in self.adam.param_groups for p in g["params"]] if cfg.adam_every_other_step else []
+        self.reducer = GradientReducer(self.model.parameters(), r.world, deferrable=adam_params)
         self.stop = StopRequest(self.out)
         self.step = 0
         self.train_ms = 0.0
@@ -161,8 +170,9 @@ class Trainer:
         cfg = self.cfg
         tokens, window = self._step_tensors(micro_batches, window_blocks(cfg, step))
         total = torch.zeros((), device=self.ranks.device)
+        adam_now = adam_steps(cfg, step)
         for i, seq_t in enumerate(tokens):
-            self.reducer.arm(last_micro_batch=i == len(micro_batches) - 1)
+            self.reducer.arm(last_micro_batch=i == len(micro_batches) - 1, defer=not adam_now)
             loss = self.forward(seq_t[:-1], seq_t[1:], window)
             (loss / cfg.grad_accum_total).backward()
             total += loss.detach()
@@ -172,9 +182,13 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
         self.muon.param_groups[0]["momentum"] = muon_momentum(cfg, step)
-        self.adam.step()
+        if adam_now:
+            self.adam.step()
         self.muon.step()
-        self.model.zero_grad(set_to_none=True)
+        if adam_now:
+            self.model.zero_grad(set_to_none=True)
+        else:   # Adam's gradients add up over this step and the next
+            self.muon.zero_grad(set_to_none=True)
         return total / len(micro_batches)
 
     @torch.no_grad()
@@ -328,6 +342,7 @@ class Trainer:
         self.sync()
         self.warmup_parts["validation_s"] = time.time() - v0
         self.model.load_state_dict(initial)
+        self.model.zero_grad(set_to_none=True)   # Adam's gradients of a last warm-up step that deferred them
         self.adam, self.muon = build_optimizers(self.model, self.cfg)
         self.sync()
         self.timings["warmup_s"] = time.time() - t0

@@ -373,3 +373,67 @@ def test_the_config_picks_normuon():
     assert plain.param_groups[0]["normuon_beta2"] is None
     with pytest.raises(ValueError, match="muon_variant"):
         tiny_config(muon_variant="adamw")
+
+
+# ----------------------------------------------------------------------------- Adam every other step (record-39)
+
+
+def test_adam_steps_on_odd_steps_only_when_asked():
+    from trainer.train import adam_steps
+
+    assert all(adam_steps(tiny_config(), s) for s in range(6))
+    assert [adam_steps(tiny_config(adam_every_other_step=True), s) for s in range(6)] == [False, True] * 3
+
+
+def test_adam_every_other_step_steps_on_the_sum_of_two_steps_gradients(tmp_path):
+    from trainer.fixtures import markov_shards
+    from trainer.model import GPT
+    from trainer.train import Trainer, window_blocks
+
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(adam_every_other_step=True)
+    trainer = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out"))
+    model = trainer.model
+    with torch.no_grad():   # the zero-initialised head and projections would leave Muon's gradients at zero
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0, 0.05)
+    embed, hidden = model.embed.weight, model.blocks[0].mlp.c_fc.weight
+    e0, h0 = embed.detach().clone(), hidden.detach().clone()
+    trainer.train_step(trainer.batches.next_step(), 0)
+    assert torch.equal(embed, e0) and not torch.equal(hidden, h0)   # Muon stepped, Adam did not
+    assert hidden.grad is None and embed.grad is not None and not trainer.adam.state
+    g0 = embed.grad.clone()
+    batch = trainer.batches.next_step()
+    reference = GPT(cfg)   # the fresh gradient of step 1, alone
+    reference.load_state_dict(model.state_dict())
+    window = torch.tensor(window_blocks(cfg, 1))
+    for seq in batch:
+        s = torch.from_numpy(seq.astype("int64"))
+        (reference(s[:-1], s[1:], window) / cfg.grad_accum_total).backward()
+    seen = {}
+    adam_step = trainer.adam.step
+    trainer.adam.step = lambda: (seen.update(grad=embed.grad.clone()), adam_step())
+    trainer.train_step(batch, 1)
+    assert torch.allclose(seen["grad"], g0 + reference.embed.weight.grad, atol=1e-7)
+    assert not torch.equal(embed, e0) and embed.grad is None
+
+
+def test_a_step_that_defers_adam_does_not_reduce_its_gradients_across_ranks(monkeypatch):
+    import trainer.distributed as distributed
+
+    reduced = []
+
+    class Done:
+        def wait(self):
+            pass
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, async_op=False: reduced.append(t) or Done())
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    reducer = distributed.GradientReducer([a, b], world=2, deferrable=[b])
+    for defer, want in ((True, [a]), (False, [a, b])):
+        reduced.clear()
+        reducer.arm(last_micro_batch=True, defer=defer)
+        (a.sum() + b.sum()).backward()
+        reducer.wait()
+        assert sorted(id(t) for t in reduced) == sorted(id(p.grad) for p in want)
