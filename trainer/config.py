@@ -50,15 +50,19 @@ class TrainConfig:
                                               # way, CUDA only; CPU runs torch) | torch
     mlp_fp8: str = "all"                      # none | forward (both forward matmuls in FP8) | grad_h (+ the backward's
                                               # grad_h) | all (+ grad_x); the triton MLP on Hopper, ignored elsewhere
-    # --- later records' techniques (issue 22): each off, so the defaults stay record-28's; every new gate reads
-    # the first attn_gate_dims (12) dims of its input, as the records' gates do
+    # --- later records' techniques (issue 22), each off so the defaults stay record-28's. The records, numbered as
+    # in modded-nanogpt's README: 34 Smear 2025-09-18, 39 CustomBatching 2025-09-30, 41 NorMuon 2025-10-24,
+    # 43 CautiousWD 2025-11-10, 54 LogitRescale 2025-12-26, 55 VeSkipGates 2025-12-29, 62 BigramHashEmbedding
+    # 2026-01-19, 83 BigramsSignTrick 2026-05-20. Every new gate reads the first attn_gate_dims (12) dims of its
+    # input, as the records' gates do
     smear: bool = False                       # record-34: each embedding plus a gated share of the previous token's
                                               # (trainer/embeddings.py)
     bigram_embed: bool = False                # record-62: a hashed (previous token, token) embedding added to the first
     bigram_rows: int = 50304 * 15             # bigram_dim dims of every block's input, times a per-layer weight (init
     bigram_dim: int = 192                     # 0.05); rows, dim and the sign trick's 8192 sign rows: record-83's
     bigram_sign_rows: int = 8192
-    value_embed_gate: bool = False            # record-55: each head's value embedding times 2*sigmoid(w . x[:12]) (Muon)
+    value_embed_gate: bool = False            # record-55: each head's value embedding times 2*sigmoid(w . x[:12]),
+                                              # in place of its lambda (w per layer, trained by Muon)
     skip_gate: bool = False                   # record-55: each U-net skip times 2*sigmoid(w . x0[:12]), one w, trained
     adam_skip_gate_lr: float = 0.008 * 0.05   # by Adam at the record's 0.05x of the base lr 0.008
     logit_rescale: bool = False               # record-54: logits 23*sigmoid((z+5)/7.5) in place of record-28's
@@ -77,8 +81,8 @@ class TrainConfig:
     # record-43's cautious weight decay: the update gets + lr * wd * p where the update and p agree in sign (the
     # step then shrinks |p|), so the decay follows the lr schedule; 0 = off (record-43: 1.2 at its Muon lr 0.03)
     muon_cautious_wd: float = 0.0
-    muon_variant: str = "muon"                # muon | normuon: record-41's neuron-wise normalised update (trainer/optim.py;
-    normuon_beta2: float = 0.95               # the record's lr 0.06 with it)
+    muon_variant: str = "muon"                # muon | normuon: record-41's neuron-wise normalised update
+    normuon_beta2: float = 0.95               # (trainer/optim.py; the record ran it at Muon lr 0.06)
     muon_polynomial: str = "newton_schulz"    # newton_schulz (record-28) | polar_express (later records)
     # record-28: one Adam lr 0.008 times a per-parameter multiplier: 75 for the embeddings, 1 for the head, 5 for
     # the scalar gains
@@ -138,7 +142,8 @@ class TrainConfig:
         if self.bigram_embed and not (0 < self.bigram_dim <= self.model_dim and self.bigram_rows > 1
                                       and self.bigram_sign_rows > 0):
             raise ValueError(f"bigram_dim: must be within 1..model_dim={self.model_dim}, with bigram_rows > 1 and "
-                             f"bigram_sign_rows > 0 (got {self.bigram_dim}, {self.bigram_rows}, {self.bigram_sign_rows})")
+                             f"bigram_sign_rows > 0 (got {self.bigram_dim}, {self.bigram_rows}, "
+                             f"{self.bigram_sign_rows})")
         self.skipped_attention_layers()
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")

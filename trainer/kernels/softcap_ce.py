@@ -1,8 +1,9 @@
 """Soft-capped cross-entropy, forward and backward in one Triton kernel over the logits.
 
-Fuses: soft cap (cap * tanh((z + shift) / scale); record-28's is shift 0, scale = cap), log-sum-exp, the target's log-probability, and the gradient
-dL/dz = (softmax - onehot) * (1 - tanh^2) * cap / scale, written as the lm-head backward wants it (bf16 in place of the
-logits, or FP8 e5m2); `transpose` below then lays the FP8 gradient out for the weight-gradient matmul.
+Fuses: soft cap (cap * tanh((z + shift) / scale); record-28's has shift 0 and scale = cap), log-sum-exp, the
+target's log-probability, and the gradient dL/dz = (softmax - onehot) * (1 - tanh^2) * cap / scale, written as
+the lm-head backward wants it (bf16 in place of the logits, or FP8 e5m2); `transpose` below then lays the FP8
+gradient out for the weight-gradient matmul.
 What it saves: compiled torch runs the cap, the log-softmax and its backward as three to four passes over
 a (tokens x vocab) tensor, partly in fp32 (about 145 ms per 393K-token step on an H100, plus ~170 ms of
 FP8 casts and torch's strided transpose of the gradient); this kernel reads the bf16 logits twice and
@@ -128,7 +129,8 @@ GPU_CONFIG = (4, 256, 4)
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
                           grad: torch.Tensor | None = None, grad_mult: float = 1.0, block_m: int = GPU_CONFIG[0],
                           block_n: int = GPU_CONFIG[1], num_warps: int = GPU_CONFIG[2],
-                          fast_tanh: bool | None = None, shift: float = 0.0, scale: float | None = None) -> torch.Tensor:
+                          fast_tanh: bool | None = None, shift: float = 0.0,
+                          scale: float | None = None) -> torch.Tensor:
     """Per-row losses (fp32, 0 where target < 0) of cap*tanh((logits + shift)/scale) over the first `vocab`
     columns; scale defaults to cap (record-28's cap*tanh(logits/cap)).
 
