@@ -125,7 +125,6 @@ class Muon(torch.optim.Optimizer):
                 update = cautious_weight_decay(update, torch.stack(params), lr * hp["cautious_wd"])
             torch._foreach_add_(params, list(update.unbind()), alpha=-lr * scale)
 
-
     def _normuon(self, params, update, beta2):
         for p in params:
             if "second_moment" not in self.state[p]:
@@ -139,7 +138,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def split_parameters(model) -> dict[str, list]:
-    """Hidden matrices go to Muon; embeddings, the head and scalar gains go to Adam."""
+    """Hidden matrices go to Muon; embeddings, the head and scalar gains go to Adam. The later records' parts go
+    where their records put them: the smear gate with Muon, the bigram table with the embeddings, the skip gate in
+    an Adam group of its own; the smear's and the bigram's weights (vectors) go with the scalars."""
     embed = [model.embed.weight] + [ve.weight for ve in model.value_embeds]
     if getattr(model, "bigram", None) is not None:
         embed.append(model.bigram.table.weight)   # record-62/83: the bigram table at the embeddings' 75x Adam lr
