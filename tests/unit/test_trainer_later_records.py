@@ -458,3 +458,26 @@ def test_logit_rescale_changes_the_model_loss_as_the_record_computes_it():
     z = model.lm_head(torch.nn.functional.rms_norm(x, (64,)))[:, :model.cfg.vocab_size]
     assert torch.allclose(model.logits(x), 23 * torch.sigmoid((z + 5) / 7.5) - 11.5, atol=1e-5)
     assert not torch.equal(model(t[:-1], t[1:], torch.tensor(2)), plain(t[:-1], t[1:], torch.tensor(2)))
+
+
+# ----------------------------------------------------------------------------------------------- all at once
+
+
+def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
+    """fullgraph: no data-dependent Python in the new forward code (torch.compile would break the graph there)."""
+    from trainer.model import GPT
+
+    cfg = tiny_config(num_layers=4, smear=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16,
+                      value_embed_gate=True, skip_gate=True, logit_rescale=True, muon_variant="normuon",
+                      muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    t = tokens()
+    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(t[:-1], t[1:], torch.tensor(2))
+    loss.backward()
+    adam, muon = build_optimizers(model, cfg)
+    adam.step()
+    muon.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
+    ids = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))   # every parameter in exactly one group
