@@ -65,8 +65,6 @@ class TrainConfig:
                                               # in place of its lambda (w per layer, trained by Muon)
     skip_gate: bool = False                   # record-55: each U-net skip times 2*sigmoid(w . x0[:12]), one w, trained
     adam_skip_gate_lr: float = 0.008 * 0.05   # by Adam at the record's 0.05x of the base lr 0.008
-    logit_rescale: bool = False               # record-54: logits 23*sigmoid((z+5)/7.5) in place of record-28's
-                                              # 30*sigmoid(z/7.5) (logit_softcap; see soft_cap)
     # --- schedule
     steps: int = 1695
     cooldown_frac: float = 0.45
@@ -148,14 +146,6 @@ class TrainConfig:
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")
         return self
-
-    def soft_cap(self) -> tuple[float, float, float]:
-        """(cap, shift, scale): the logits' soft cap is cap * tanh((z + shift) / scale). The records write it as
-        A*sigmoid((z + shift)/(scale/2)) = (A/2)*tanh((z + shift)/scale) + A/2, the constant lost in the softmax:
-        record-28 A = 30, shift 0, scale 15 (our logit_softcap); record-54's rescale A = 23, shift 5."""
-        if self.logit_rescale:
-            return 11.5, 5.0, 15.0
-        return self.logit_softcap, 0.0, self.logit_softcap
 
     def skipped_attention_layers(self) -> frozenset[int]:
         """attn_skip_layers as a set of layer indices; ValueError on anything but layers of this model."""

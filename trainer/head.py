@@ -28,8 +28,8 @@ def _none(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("speedrun::head_loss", mutates_args=())
 def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float, fp8: bool,
-               need_grad: bool, shift: float, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
+               need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
     """Returns (sum of row losses, G, G^T, x8^T, W8^T, W's scale); G^T, x8^T, W8^T only in FP8 mode, and
     G only when need_grad. The last four are what backward needs, nothing for callers."""
     if fp8:
@@ -42,12 +42,10 @@ def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: i
         w_s = torch.ones((), dtype=torch.float32, device=x.device)
         logits = x @ w.detach().to(x.dtype).t()
     if not need_grad:
-        loss = softcap_cross_entropy(logits, targets, vocab, cap, shift=shift, scale=scale)
-        return loss.sum(), _none(x), _none(x), _none(x), _none(x), w_s
+        return softcap_cross_entropy(logits, targets, vocab, cap).sum(), _none(x), _none(x), _none(x), _none(x), w_s
     if fp8:
         g = torch.empty(logits.shape, dtype=E5M2, device=x.device)
-        loss = softcap_cross_entropy(logits, targets, vocab, cap, grad=g, grad_mult=FP8_GRAD_SCALE, shift=shift,
-                                     scale=scale)
+        loss = softcap_cross_entropy(logits, targets, vocab, cap, grad=g, grad_mult=FP8_GRAD_SCALE)
         del logits   # before G^T is allocated: 4.9 GB less at the peak
         g_t = torch.empty(g.shape[::-1], dtype=E5M2, device=x.device)
         transpose(g, g_t)
@@ -55,13 +53,12 @@ def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: i
         transpose(x8, x8_t)   # torch's strided copy of FP8 runs at a tenth of the bandwidth
         transpose(w8, w8_t)
         return loss.sum(), g, g_t, x8_t, w8_t, w_s
-    # the gradient replaces the logits
-    loss = softcap_cross_entropy(logits, targets, vocab, cap, grad=logits, shift=shift, scale=scale)
+    loss = softcap_cross_entropy(logits, targets, vocab, cap, grad=logits)   # the gradient replaces the logits
     return loss.sum(), logits, _none(x), _none(x), _none(x), w_s
 
 
 @_head_loss.register_fake
-def _(x, w, targets, vocab, cap, fp8, need_grad, shift, scale):
+def _(x, w, targets, vocab, cap, fp8, need_grad):
     M, K, N = x.size(0), x.size(1), w.size(0)
     loss, w_s = x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32)
     if not need_grad:
@@ -73,7 +70,7 @@ def _(x, w, targets, vocab, cap, fp8, need_grad, shift, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, _, _, _, fp8, _, _, _ = inputs
+    x, w, _, _, _, fp8, _ = inputs
     _, g, g_t, x8_t, w8_t, w_s = output
     ctx.fp8 = fp8
     ctx.w_dtype = w.dtype
@@ -97,27 +94,23 @@ def _backward(ctx, grad_loss, *_unused):
         s = grad_loss.to(g.dtype)
         grad_x = (g @ w.to(g.dtype)) * s
         grad_w = (g.t() @ x).float() * grad_loss
-    return grad_x, grad_w.to(ctx.w_dtype), None, None, None, None, None, None, None
+    return grad_x, grad_w.to(ctx.w_dtype), None, None, None, None, None
 
 
 _head_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
 def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
-              fp8: bool = False, shift: float = 0.0, scale: float | None = None) -> torch.Tensor:
-    """Sum over rows of the cross-entropy of cap*tanh((x @ w.T + shift) / scale)[:, :vocab] (scale defaults to
-    cap); rows with target < 0 add 0.
+              fp8: bool = False) -> torch.Tensor:
+    """Sum over rows of the cross-entropy of cap*tanh(x @ w.T / cap)[:, :vocab]; rows with target < 0 add 0.
 
     x: (M, K) activations (bf16), w: (N_padded, K) with N_padded >= vocab; FP8 needs M, K, N_padded
     multiples of 16 and |x| <= sqrt(K) (rms-normed rows).
     """
-    return _head_loss(x.contiguous(), w, targets.contiguous(), vocab, float(cap), fp8, torch.is_grad_enabled(),
-                      float(shift), float(cap if scale is None else scale))[0]
+    return _head_loss(x.contiguous(), w, targets.contiguous(), vocab, float(cap), fp8, torch.is_grad_enabled())[0]
 
 
-def head_loss_reference(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
-                        shift: float = 0.0, scale: float | None = None):
+def head_loss_reference(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float):
     """The same loss in plain torch (float32 logits), for tests and benchmarks."""
     z = (x @ w.to(x.dtype).t())[:, :vocab].float()
-    s = cap * torch.tanh((z + shift) / (cap if scale is None else scale))
-    return torch.nn.functional.cross_entropy(s, targets, ignore_index=-1, reduction="sum")
+    return torch.nn.functional.cross_entropy(cap * torch.tanh(z / cap), targets, ignore_index=-1, reduction="sum")

@@ -228,10 +228,8 @@ class GPT(nn.Module):
         else:
             z = self.lm_head(x)
         z = z[..., : self.cfg.vocab_size].float()
-        cap, shift, scale = self.cfg.soft_cap()
-        if shift:   # record-54's asymmetric rescale (logit_rescale)
-            z = z + shift
-        return cap * torch.tanh(z / scale)
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(z / cap)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, window_blocks: torch.Tensor,
                 reduction: str = "mean") -> torch.Tensor:
@@ -277,7 +275,6 @@ class GPT(nn.Module):
         """Summed cross-entropy of these rows. The fused op keeps the logits inside it and computes their
         gradient in the forward pass; the torch path materialises fp32 logits."""
         if self.fused_head_loss:
-            cap, shift, scale = self.cfg.soft_cap()
-            return head_loss(norm(x), self.lm_head.weight, targets, self.cfg.vocab_size, cap, shift=shift, scale=scale,
+            return head_loss(norm(x), self.lm_head.weight, targets, self.cfg.vocab_size, self.cfg.logit_softcap,
                              fp8=self.fp8_head and self.training)
         return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction="sum")

@@ -1,9 +1,8 @@
 """Soft-capped cross-entropy, forward and backward in one Triton kernel over the logits.
 
-Fuses: soft cap (cap * tanh((z + shift) / scale); record-28's has shift 0 and scale = cap), log-sum-exp, the
-target's log-probability, and the gradient dL/dz = (softmax - onehot) * (1 - tanh^2) * cap / scale, written as
-the lm-head backward wants it (bf16 in place of the logits, or FP8 e5m2); `transpose` below then lays the FP8
-gradient out for the weight-gradient matmul.
+Fuses: soft cap (cap * tanh(z / cap)), log-sum-exp, the target's log-probability, and the gradient
+dL/dz = (softmax - onehot) * (1 - tanh^2), written as the lm-head backward wants it (bf16 in place of the
+logits, or FP8 e5m2); `transpose` below then lays the FP8 gradient out for the weight-gradient matmul.
 What it saves: compiled torch runs the cap, the log-softmax and its backward as three to four passes over
 a (tokens x vocab) tensor, partly in fp32 (about 145 ms per 393K-token step on an H100, plus ~170 ms of
 FP8 casts and torch's strided transpose of the gradient); this kernel reads the bf16 logits twice and
@@ -38,15 +37,13 @@ def _tanh(y, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
-def _exp_terms(logits_ptr, row_off, cols, m, inv_scale, offset, cap2, shift2, FAST_TANH: tl.constexpr,
-               MASKED: tl.constexpr):
-    """One tile's t = tanh(z / scale + offset) and exp(s - shift) = 2^(t cap2 - shift2), s = cap t; where ~m, t = 0
-    and e = 0. (offset = shift / scale: one multiply-add, and with offset 0 exactly the old z / cap.)"""
+def _exp_terms(logits_ptr, row_off, cols, m, inv_cap, cap2, shift2, FAST_TANH: tl.constexpr, MASKED: tl.constexpr):
+    """One tile's tanh(z / cap) and exp(s - shift) = 2^(t cap2 - shift2), s = cap t; where ~m, t = 0 and e = 0."""
     if MASKED:
         z = tl.load(logits_ptr + row_off + cols[None, :], mask=m, other=0.0).to(tl.float32)
     else:
         z = tl.load(logits_ptr + row_off + cols[None, :]).to(tl.float32)
-    t = _tanh(z * inv_scale + offset, FAST_TANH)
+    t = _tanh(z * inv_cap, FAST_TANH)
     e = tl.exp2(t * cap2 - shift2)
     if MASKED:
         e = tl.where(m, e, 0.0)
@@ -54,19 +51,18 @@ def _exp_terms(logits_ptr, row_off, cols, m, inv_scale, offset, cap2, shift2, FA
 
 
 @triton.jit
-def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m, grad_stride_m, cap, scale, offset,
-                       grad_mult,
+def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m, grad_stride_m, cap, grad_mult,
                        N: tl.constexpr, N_TOTAL: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, WRITE_GRAD: tl.constexpr):
     # The kernel is bound by instruction issue, not by its two special-function instructions per element and
     # pass (tanh, exp2), so the loops keep each element's work to those and a handful of FP32 operations:
-    # 1/scale is a multiply, exp is exp2 of a pre-scaled argument, tanh stays t for the cap's derivative
+    # 1/cap is a multiply, exp is exp2 of a pre-scaled argument, tanh stays t for the cap's derivative
     # 1 - t^2, the sums accumulate per element and reduce across threads once per row, the target's logit
     # is one load per row rather than a compare in every tile, and only the last column tile (and, when
     # BLOCK_M does not divide M, every tile of the last rows) is masked.
     LOG2E: tl.constexpr = 1.4426950408889634
     N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N       # columns in whole tiles
-    inv_scale = 1.0 / scale
+    inv_cap = 1.0 / cap
     cap2 = cap * LOG2E
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -75,18 +71,17 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
     cols0 = tl.arange(0, BLOCK_N)
     row_off = rows.to(tl.int64)[:, None] * stride_m
     z_tgt = tl.load(logits_ptr + rows.to(tl.int64) * stride_m + tgt, mask=valid, other=0.0).to(tl.float32)
-    t_tgt = _tanh(z_tgt * inv_scale + offset, FAST_TANH)
+    t_tgt = _tanh(z_tgt * inv_cap, FAST_TANH)
     # pass 1: the sum of exp(s - cap), in [e^-2cap, 1] per element
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in tl.range(0, N_FULL, BLOCK_N):
         cols = start + cols0
-        _, e = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None], inv_scale, offset, cap2, cap2, FAST_TANH,
-                          not EVEN_M)
+        _, e = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None], inv_cap, cap2, cap2, FAST_TANH, not EVEN_M)
         acc += e
     if N_FULL < N:
         cols = N_FULL + cols0
-        _, e = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None] & (cols < N)[None, :], inv_scale, offset, cap2,
-                          cap2, FAST_TANH, True)
+        _, e = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None] & (cols < N)[None, :], inv_cap, cap2, cap2,
+                          FAST_TANH, True)
         acc += e
     lse = cap + tl.log(tl.where(row_ok, tl.sum(acc, axis=1), 1.0))   # rows past M: keep the masked math finite
     tl.store(loss_ptr + rows, tl.where(valid, lse - cap * t_tgt, 0.0), mask=row_ok)
@@ -98,7 +93,7 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
         g_off = rows.to(tl.int64)[:, None] * grad_stride_m
         for start in tl.range(0, N_FULL, BLOCK_N):
             cols = start + cols0
-            t, p = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None], inv_scale, offset, cap2, lse2[:, None],
+            t, p = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None], inv_cap, cap2, lse2[:, None],
                               FAST_TANH, not EVEN_M)
             g = (p * row_mult) * (1.0 - t * t)
             if EVEN_M:
@@ -107,8 +102,8 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
                 tl.store(grad_ptr + g_off + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None])
         for start in tl.range(N_FULL, N_TOTAL, BLOCK_N):   # the tail: the last real columns, then the padding
             cols = start + cols0
-            t, p = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None] & (cols < N)[None, :], inv_scale, offset,
-                              cap2, lse2[:, None], FAST_TANH, True)
+            t, p = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None] & (cols < N)[None, :], inv_cap, cap2,
+                              lse2[:, None], FAST_TANH, True)
             g = (p * row_mult) * (1.0 - t * t)
             tl.store(grad_ptr + g_off + cols[None, :], g.to(grad_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & (cols < N_TOTAL)[None, :])
@@ -129,10 +124,8 @@ GPU_CONFIG = (4, 256, 4)
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
                           grad: torch.Tensor | None = None, grad_mult: float = 1.0, block_m: int = GPU_CONFIG[0],
                           block_n: int = GPU_CONFIG[1], num_warps: int = GPU_CONFIG[2],
-                          fast_tanh: bool | None = None, shift: float = 0.0,
-                          scale: float | None = None) -> torch.Tensor:
-    """Per-row losses (fp32, 0 where target < 0) of cap*tanh((logits + shift)/scale) over the first `vocab`
-    columns; scale defaults to cap (record-28's cap*tanh(logits/cap)).
+                          fast_tanh: bool | None = None) -> torch.Tensor:
+    """Per-row losses (fp32, 0 where target < 0) of cap*tanh(logits/cap) over the first `vocab` columns.
 
     logits: (M, N_padded) with unit column stride. grad: optional (M, N_padded) output for
     grad_mult * dL_row/dz (may be `logits` itself: each tile is read before it is overwritten); columns
@@ -148,21 +141,18 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: in
     loss = torch.empty(M, dtype=torch.float32, device=logits.device)
     if M == 0:
         return loss
-    scale = cap if scale is None else scale
     _softcap_ce_kernel[(triton.cdiv(M, block_m),)](
         logits, targets, loss, grad if grad is not None else logits, M, logits.stride(0),
-        grad.stride(0) if grad is not None else 0, float(cap), float(scale), float(shift / scale),
-        float(grad_mult * (cap / scale)), N=vocab, N_TOTAL=n_cols,
+        grad.stride(0) if grad is not None else 0, float(cap), float(grad_mult), N=vocab, N_TOTAL=n_cols,
         FAST_TANH=logits.is_cuda if fast_tanh is None else fast_tanh, BLOCK_M=block_m, BLOCK_N=block_n,
         EVEN_M=M % block_m == 0, WRITE_GRAD=grad is not None, num_warps=num_warps)
     return loss
 
 
-def softcap_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
-                                    shift: float = 0.0, scale: float | None = None):
+def softcap_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float):
     """Per-row losses and the unit gradient (M, N_padded) in float32 torch, for tests and the bench."""
     z = logits.float().detach().requires_grad_()
-    s = cap * torch.tanh((z[:, :vocab] + shift) / (cap if scale is None else scale))
+    s = cap * torch.tanh(z[:, :vocab] / cap)
     loss = torch.nn.functional.cross_entropy(s, targets, ignore_index=-1, reduction="none")
     loss.sum().backward()
     return loss.detach(), z.grad
