@@ -52,7 +52,7 @@ class TrainConfig:
                                               # grad_h) | all (+ grad_x); the triton MLP on Hopper, ignored elsewhere
     # --- later records' techniques (issue 22), each off so the defaults stay record-28's. The records, numbered as
     # in modded-nanogpt's README: 34 Smear 2025-09-18, 39 CustomBatching 2025-09-30, 41 NorMuon 2025-10-24,
-    # 43 CautiousWD 2025-11-10, 54 LogitRescale 2025-12-26, 55 VeSkipGates 2025-12-29, 62 BigramHashEmbedding
+    # 43 CautiousWD 2025-11-10, 55 VeSkipGates 2025-12-29, 62 BigramHashEmbedding
     # 2026-01-19, 83 BigramsSignTrick 2026-05-20. Every new gate reads the first attn_gate_dims (12) dims of its
     # input, as the records' gates do
     smear: bool = False                       # record-34: each embedding plus a gated share of the previous token's
