@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator.store import PARTIAL_SUFFIX, Store, StoreError, sha256_file, validate_key
+from orchestrator.sweep import MANIFEST, seed_done
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 PENDING = "pending.json"
 SKIP_NAMES = {MANIFEST, "CHECKPOINT_NOW"}
 TEXT_SUFFIXES = {".log", ".txt", ".json", ".jsonl", ".yaml", ".yml", ".csv", ".out", ".err"}
@@ -239,7 +239,7 @@ class SeedUploader:
         prefix, keys = record["prefix"], record["files"]
         files = entry / "files"
         done = read_manifest(self.store, prefix)
-        if done is not None and done.state not in (None, "succeeded") and record["created_at"] > done.created_at:
+        if done is not None and not seed_done(True, done.state) and record["created_at"] > done.created_at:
             # A newer attempt of a seed committed as failed: un-commit first, so that no manifest ever
             # lists objects that no longer match it, then upload as usual.
             log.warning("%s was committed as %s; replacing it with a newer attempt", self.store.url(prefix), done.state)

@@ -90,6 +90,8 @@ def _follow(backend, handle) -> None:
 
 def cmd_launch(args) -> int:
     from orchestrator.runs import RunRecord, record_run
+    from orchestrator.sweep import plan_key
+    from orchestrator.watch import watch
 
     plan, backend = _prepare_launch(args)
     if args.dry_run:
@@ -98,7 +100,7 @@ def cmd_launch(args) -> int:
         return 0
     backend.check(plan)
     store = _open_store(plan.store_url)
-    store.put_bytes(plan.to_json().encode(), f"{plan.sweep_id}/plan.json")
+    store.put_bytes(plan.to_json().encode(), plan_key(plan.sweep_id))
     handle = backend.submit(plan)
     record_run(RunRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
                          handle.to_dict()), store)
@@ -106,13 +108,16 @@ def cmd_launch(args) -> int:
                   f"seeds {plan.seeds}")
     if args.detach:
         console.print(f"follow with: speedrun logs -f {plan.sweep_id}")
+        if backend.reruns_dead_jobs and plan.job.retries:
+            console.print(f"dead jobs are re-submitted (retries: {plan.job.retries}) while a watcher runs: "
+                          f"speedrun watch {plan.sweep_id}")
         return 0
     try:
         _follow(backend, handle)
     except KeyboardInterrupt:
         console.print(f"\ndetached; the run goes on. cancel with: speedrun cancel {plan.sweep_id}")
         return 130
-    status = backend.wait(handle, poll_s=0.5)
+    status = watch(backend, handle, poll_s=0.5, say=lambda line: console.print(line, markup=False))
     _print_sweep(store, plan.sweep_id, plan.store_url, plan.cluster)
     console.print(f"run {plan.sweep_id}: {status.state.value} ({status.detail})")
     return 0 if status.state.value == "SUCCEEDED" else 1
@@ -127,6 +132,7 @@ def _fmt(v, spec: str, unit: str = "") -> str:
 
 def _print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
     from orchestrator.summary import sweep_summary
+    from orchestrator.sweep import SeedState, seed_dir
 
     s = sweep_summary(store, sweep_id)
     t = Table(title=f"{sweep_id}", title_justify="left")
@@ -135,11 +141,11 @@ def _print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
     for r in s.seeds:
         t.add_row(str(r.seed), r.state, _fmt(r.val_loss, ".4f"), _fmt(r.train_time_s, ".1f", " s"),
                   _fmt(r.step_avg_ms, ".1f", " ms"), _fmt(r.peak_mem_mib, ".0f", " MiB"),
-                  f"seed-{r.seed}/")
+                  f"{seed_dir(r.seed)}/")
     console.print(t)
     console.print(f"artifacts: {store_url.rstrip('/')}/{sweep_id}/", markup=False, soft_wrap=True)
     for r in s.seeds:
-        if r.state != "succeeded" and r.reason:
+        if r.state != SeedState.SUCCEEDED and r.reason:
             console.print(f"seed {r.seed}: {r.state}: {r.reason}", style="red", markup=False, soft_wrap=True)
     if s.entropy_rate_nats is not None:
         console.print(f"data entropy rate (best possible val loss): {s.entropy_rate_nats:.4f} nats")
@@ -172,6 +178,7 @@ def _store_for(args, run_id: str | None = None):
 def cmd_runs(args) -> int:
     from orchestrator.runs import list_sweeps
     from orchestrator.summary import sweep_summary
+    from orchestrator.sweep import SeedState
 
     store, url = _store_for(args)
     t = Table(title=f"runs in {url}", title_justify="left")
@@ -179,7 +186,7 @@ def cmd_runs(args) -> int:
         t.add_column(col)
     for sweep in list_sweeps(store):
         s = sweep_summary(store, sweep)
-        done = [r for r in s.seeds if r.state == "succeeded"]
+        done = [r for r in s.seeds if r.state == SeedState.SUCCEEDED]
         best = min((r.val_loss for r in done if r.val_loss is not None), default=None)
         t.add_row(sweep, str(len(s.seeds)), f"{len(done)}/{len(s.seeds)}", _fmt(best, ".4f"))
     console.print(t)
@@ -201,11 +208,12 @@ def _backend_for(run_id: str):
     from orchestrator.config import ClusterConfig
     from orchestrator.runs import find_run
     from orchestrator.plan import LaunchPlan
+    from orchestrator.sweep import plan_key
 
     rec = find_run(run_id)
 
     store = _open_store(rec.store_url)
-    plan = LaunchPlan.from_json(store.get_bytes(f"{run_id}/plan.json").decode())
+    plan = LaunchPlan.from_json(store.get_bytes(plan_key(run_id)).decode())
     cluster: ClusterConfig = plan.cluster
     return get_backend(cluster), rec.handle_obj, store, rec
 
@@ -217,6 +225,16 @@ def cmd_status(args) -> int:
     for job, state in st.jobs.items():
         console.print(f"  job {job}: {state.value}")
     return 0
+
+
+def cmd_watch(args) -> int:
+    from orchestrator.watch import watch
+
+    backend, handle, _, _ = _backend_for(args.run)
+    console.print(f"{args.run}: watching; dead jobs are re-submitted as the job's retries allow")
+    st = watch(backend, handle, poll_s=args.poll, say=lambda line: console.print(line, markup=False))
+    console.print(f"{args.run}: [bold]{st.state.value}[/bold] {st.detail}")
+    return 0 if st.state.value == "SUCCEEDED" else 1
 
 
 def cmd_logs(args) -> int:
@@ -271,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("run")
         p.set_defaults(func=func)
+    p = sub.add_parser("watch", help="follow a run to its end, re-submitting dead jobs as its retries allow")
+    p.add_argument("run")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between looks (default 5)")
+    p.set_defaults(func=cmd_watch)
     p = sub.add_parser("logs", help="the node runner's output of a run")
     p.add_argument("run")
     p.add_argument("-f", "--follow", action="store_true")

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from orchestrator.sweep import plan_key, seed_dir, seed_done, seed_of_dir, seed_prefix
+
 log = logging.getLogger(__name__)
 
 # `step:N/T` anywhere on the line (torchrun may prefix `[rank0]:`), then `key:value` pairs.
@@ -113,12 +115,12 @@ class RunSummary:
             peak_mem_mib=result.peak_alloc_mib,
             complete=result.complete,
             reason=result.reason,
-            name=name or (f"seed-{seed}" if seed is not None else ""),
+            name=name or (seed_dir(seed) if seed is not None else ""),
         )
 
     @classmethod
     def failed(cls, reason: str, seed: int | None = None, name: str = "") -> "RunSummary":
-        return cls(seed, None, None, None, None, False, reason, name or (f"seed-{seed}" if seed is not None else ""))
+        return cls(seed, None, None, None, None, False, reason, name or (seed_dir(seed) if seed is not None else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -246,8 +248,6 @@ def parse_log(text: str) -> RunResult:
 
 # ---- loaders: a sweep in the store, or raw log files (the only I/O in this module) ----
 
-_SEED_DIR_RE = re.compile(r"^seed-(\d+)$")
-
 
 class ResultsError(Exception):
     """One sentence naming the sweep or file, the cause and the fix."""
@@ -266,8 +266,8 @@ class SeedRun:
 
 
 def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedRun:
-    prefix = f"{sweep_id}/seed-{seed}"
-    name = f"seed-{seed}"
+    prefix = seed_prefix(sweep_id, seed)
+    name = seed_dir(seed)
     if f"{prefix}/train.log" not in keys:
         why = "no train.log in the store" if keys else "no objects in the store (never started, or still staging)"
         return SeedRun(RunSummary.failed(why, seed=seed, name=name))
@@ -289,7 +289,7 @@ def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedRun:
                 state = json.loads(store.get_bytes(f"{prefix}/{record}")).get("state")
             except (ValueError, AttributeError):
                 pass
-    if state not in (None, "succeeded"):
+    if not seed_done(True, state):
         summary.complete = False
         summary.reason = f"node runner marked it {state}" + (f"; log: {result.reason}" if result.reason else "")
     return SeedRun(summary, result)
@@ -303,12 +303,12 @@ def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedRun]:
     seeds: set[int] = set()
     for key in keys:
         parts = key[len(sweep_id) + 1:].split("/")
-        m = _SEED_DIR_RE.match(parts[0])
-        if m and len(parts) > 1:
-            seeds.add(int(m.group(1)))
-    if f"{sweep_id}/plan.json" in keys:
+        seed = seed_of_dir(parts[0])
+        if seed is not None and len(parts) > 1:
+            seeds.add(seed)
+    if plan_key(sweep_id) in keys:
         try:
-            seeds.update(int(s) for s in json.loads(store.get_bytes(f"{sweep_id}/plan.json")).get("seeds", []))
+            seeds.update(int(s) for s in json.loads(store.get_bytes(plan_key(sweep_id))).get("seeds", []))
         except (ValueError, TypeError, AttributeError):
             log.warning("%s/plan.json is not a readable plan; using the seeds found in the store", sweep_id)
     if not seeds:
@@ -316,7 +316,7 @@ def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedRun]:
                            "check the sweep id (`speedrun status`) and the --store URL")
     runs = []
     for seed in sorted(seeds):
-        seed_keys = {k for k in keys if k.startswith(f"{sweep_id}/seed-{seed}/")}
+        seed_keys = {k for k in keys if k.startswith(f"{seed_prefix(sweep_id, seed)}/")}
         runs.append(_seed_run(store, sweep_id, seed, seed_keys))
     return runs
 

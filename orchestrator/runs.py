@@ -15,6 +15,7 @@ from filelock import FileLock
 
 from orchestrator.backends.base import Handle
 from orchestrator.config import ConfigError
+from orchestrator.sweep import handle_key, sweep_of_key
 
 
 def speedrun_home() -> Path:
@@ -60,13 +61,13 @@ def record_run(rec: RunRecord, store=None) -> None:
         tmp.write_text(json.dumps(idx, indent=2, sort_keys=True))
         tmp.replace(p)
     if store is not None:
-        store.put_bytes(json.dumps(rec.__dict__, indent=2).encode(), f"{rec.sweep_id}/handle.json")
+        store.put_bytes(json.dumps(rec.__dict__, indent=2).encode(), handle_key(rec.sweep_id))
 
 
 def find_run(sweep_id: str, store=None) -> RunRecord:
     rec = _read_index().get(sweep_id)
-    if rec is None and store is not None and store.exists(f"{sweep_id}/handle.json"):
-        rec = json.loads(store.get_bytes(f"{sweep_id}/handle.json"))
+    if rec is None and store is not None and store.exists(handle_key(sweep_id)):
+        rec = json.loads(store.get_bytes(handle_key(sweep_id)))
     if rec is None:
         known = sorted(_read_index())[-3:]
         hint = f" recent runs: {', '.join(known)}" if known else ""
@@ -79,7 +80,7 @@ def list_sweeps(store) -> list[str]:
     """Sweep ids present in a store: prefixes that hold a plan.json."""
     out = set()
     for obj in store.list(""):
-        parts = obj.key.split("/")
-        if len(parts) == 2 and parts[1] == "plan.json":
-            out.add(parts[0])
+        sweep = sweep_of_key(obj.key)
+        if sweep:
+            out.add(sweep)
     return sorted(out)

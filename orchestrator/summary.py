@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 
 from orchestrator.results import ResultsError, load_sweep_runs
+from orchestrator.sweep import SeedState, seed_prefix
 
 
 @dataclass
@@ -46,10 +47,10 @@ def sweep_summary(store, sweep_id: str) -> SweepSummary:
     walls = []
     for run in runs:
         r = run.summary
-        prefix = f"{sweep_id}/seed-{r.seed}"
+        prefix = seed_prefix(sweep_id, r.seed)
         committed = store.exists(f"{prefix}/manifest.json")
-        state = "succeeded" if r.complete else ("failed" if committed else "incomplete")
-        s.seeds.append(SeedRow(r.seed, state, r.val_loss, r.train_time_s, r.step_avg_ms, r.peak_mem_mib, r.reason))
+        state = SeedState.SUCCEEDED if r.complete else (SeedState.FAILED if committed else SeedState.INCOMPLETE)
+        s.seeds.append(SeedRow(r.seed, state.value, r.val_loss, r.train_time_s, r.step_avg_ms, r.peak_mem_mib, r.reason))
         timings = _json_or_none(store, f"{prefix}/timings.json") or {}
         if timings.get("total_s") is not None:
             walls.append(timings["total_s"])

@@ -18,6 +18,7 @@ from typing import Iterator
 from orchestrator.backends.base import Backend, Handle, RunState, RunStatus
 from orchestrator.config import REPO_ROOT, expand
 from orchestrator.plan import LaunchPlan
+from orchestrator.sweep import EXIT_FAILED, EXIT_OK
 
 
 def _proc_start_ticks(pid: int) -> int | None:
@@ -71,7 +72,7 @@ class LocalBackend(Backend):
                                     start_new_session=True)
         return Handle(backend=self.name, sweep_id=plan.sweep_id, job_ids=[str(proc.pid)],
                       data={"pid": proc.pid, "start_ticks": _proc_start_ticks(proc.pid), "log": str(log_path),
-                            "exit_file": str(exit_file), "run_dir": str(d)})
+                            "exit_file": str(exit_file), "run_dir": str(d)}, store_url=plan.store_url)
 
     def status(self, handle: Handle) -> RunStatus:
         data = handle.data
@@ -84,8 +85,8 @@ class LocalBackend(Backend):
         elif cancelled:
             state, detail = RunState.CANCELLED, "cancelled"
         elif exit_file.is_file():
-            rc = int(exit_file.read_text().strip() or 1)
-            state = RunState.SUCCEEDED if rc == 0 else RunState.FAILED
+            rc = int(exit_file.read_text().strip() or EXIT_FAILED)
+            state = RunState.SUCCEEDED if rc == EXIT_OK else RunState.FAILED
             detail = f"node runner exited with code {rc}"
         else:
             state, detail = RunState.FAILED, "node runner died without an exit code (killed?)"

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from orchestrator.backends.base import Backend, Handle, RunState, RunStatus
 from orchestrator.config import REPO_ROOT, ConfigError
+from orchestrator.sweep import describe_exit, ending_of_nodes, next_action, seed_done, seed_prefix
 
 if TYPE_CHECKING:
     from orchestrator.plan import LaunchPlan
@@ -35,9 +36,6 @@ log = logging.getLogger(__name__)
 
 MARK = "speedrun-ray:"
 PLAN_ENV = "SPEEDRUN_PLAN_JSON"
-PREEMPTED = 75             # node runner: checkpointed, resume me (does not use up a retry)
-SEEDS_FAILED = 1           # node runner: seeds failed after the node runner's own per-seed retries
-MAX_REQUEUES = 20
 STOP_GRACE_S = 15          # SIGTERM (checkpoint and exit) -> SIGKILL, for a node runner being stopped
 # Never shipped with the job: environments, outputs, data, caches.
 EXCLUDES = [".venv/", "venv/", ".git/", "runs/", "build/", "dist/", ".whl/", ".device/", "tmp/", "bench/results/",
@@ -131,7 +129,7 @@ class RayBackend(Backend):
             log.warning("store %s is a directory on this machine: the Ray nodes at %s write to a directory of that "
                         "name on their own disks; use s3://bucket/prefix to get the artifacts back", plan.store_url, host)
         return Handle(backend=self.name, sweep_id=plan.sweep_id, job_ids=[sid],
-                      data={"address": client.get_address(), "nodes": self.cluster.nodes})
+                      data={"address": client.get_address(), "nodes": self.cluster.nodes}, store_url=plan.store_url)
 
     def _client_for(self, handle: Handle):
         return _job_client(handle.data.get("address") or self.cluster.ray.address, key="handle.address")
@@ -313,14 +311,6 @@ def run_node(plan_json: str, rank: int, nnodes: int, master_addr: str, master_po
     return proc.returncode
 
 
-def _describe_exit(code: int | str) -> str:
-    if isinstance(code, str):
-        return code
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
-
-
 def _unfinished(plan: "LaunchPlan", candidates: list[int]) -> list[int]:
     """Seeds among candidates without a succeeded manifest in the store (all of them if the store cannot say)."""
     from orchestrator.artifacts import read_manifest
@@ -328,8 +318,8 @@ def _unfinished(plan: "LaunchPlan", candidates: list[int]) -> list[int]:
 
     try:
         store = open_store(plan.store_url)
-        manifests = {s: read_manifest(store, f"{plan.sweep_id}/seed-{s}") for s in candidates}
-        return [s for s, m in manifests.items() if m is None or (m.state or "succeeded") != "succeeded"]
+        manifests = {s: read_manifest(store, seed_prefix(plan.sweep_id, s)) for s in candidates}
+        return [s for s, m in manifests.items() if not seed_done(m is not None, m.state if m else None)]
     except Exception as e:  # noqa: BLE001  any store trouble: re-run them all rather than lose one
         _say(f"cannot read the store to find finished seeds ({type(e).__name__}); re-running all of {candidates}")
         return list(candidates)
@@ -360,7 +350,7 @@ def _run_attempt(plan: "LaunchPlan", pg) -> dict[int, int | str]:
             except ray.exceptions.RayError as e:  # the Ray worker itself died (killed, OOM, node lost)
                 codes[rank] = f"Ray worker lost ({type(e).__name__})"
             if codes[rank] != 0 and pending:
-                _say(f"node {rank}: {_describe_exit(codes[rank])}; stopping the other nodes")
+                _say(f"node {rank}: {describe_exit(codes[rank])}; stopping the other nodes")
                 for ref in pending:
                     ray.cancel(ref)
     except KeyboardInterrupt:  # the job is being stopped: take the node runners down with us
@@ -375,20 +365,10 @@ def next_step(codes: dict[int, int | str], seeds: list[int], unfinished: list[in
               retries: int, requeues: int) -> tuple[str, str]:
     """After one attempt (node rank -> exit code or what happened to its Ray worker), with the
     sweep's seeds and those still without a succeeded manifest: ("done" | "failed" | "retry" |
-    "resume", the line that reports it)."""
-    if all(code == 0 for code in codes.values()):
-        return "done", f"all seeds done: {seeds}"
-    why = "; ".join(f"node {r}: {_describe_exit(code)}" for r, code in sorted(codes.items()) if code != 0)
-    if not unfinished:
-        return "done", f"a node runner failed ({why}) but every seed has its manifest"
-    if all(code in (0, PREEMPTED) for code in codes.values()) and requeues < MAX_REQUEUES:
-        return "resume", f"preempted ({why}); resuming seeds {unfinished} (requeue {requeues + 1})"
-    if all(code in (0, SEEDS_FAILED) for code in codes.values()):
-        # The node runner already retried each failed seed `retries` times itself.
-        return "failed", f"failed ({why}); seeds {unfinished} failed after their retries"
-    if retries_used >= retries:
-        return "failed", f"failed ({why}); seeds {unfinished} unfinished, no retries left (retries: {retries})"
-    return "retry", f"failed ({why}); retry {retries_used + 1} of {retries} for seeds {unfinished}"
+    "resume", the line that reports it), as orchestrator.sweep.next_action decides."""
+    why = "; ".join(f"node {r}: {describe_exit(code)}" for r, code in sorted(codes.items()) if code != 0)
+    nxt = next_action(ending_of_nodes(codes), unfinished, retries_used, retries, requeues, why=why, seeds=seeds)
+    return nxt.action, nxt.reason
 
 
 def _interrupt(signum, frame):

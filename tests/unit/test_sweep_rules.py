@@ -1,0 +1,64 @@
+"""orchestrator/sweep.py: a sweep's rules as pure functions (keys, seed states, exit codes, the retry policy)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from orchestrator import sweep
+from orchestrator.sweep import Ending, SeedState, ending_of_exit, ending_of_nodes, next_action
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_seed_keys_and_layout():
+    assert sweep.seed_prefix("s-1", 3) == "s-1/seed-3"
+    assert sweep.seed_of_dir("seed-12") == 12 and sweep.seed_of_dir("seed-x") is None
+    assert sweep.seed_of_dir(sweep.seed_dir(7)) == 7
+    assert sweep.plan_key("s") == "s/plan.json" and sweep.handle_key("s") == "s/handle.json"
+    assert sweep.attempt_key("s", "12_0") == "s/attempts/12_0.json"
+    assert sweep.sweep_of_key("s/plan.json") == "s" and sweep.sweep_of_key("s/seed-0/plan.json") is None
+
+
+def test_a_seed_is_done_only_with_a_manifest_that_says_succeeded():
+    assert sweep.seed_done(True, "succeeded") and sweep.seed_done(True, None)  # manifests before the field
+    assert not sweep.seed_done(True, "failed") and not sweep.seed_done(False, "succeeded")
+    assert sweep.seed_state(False, None) is SeedState.INCOMPLETE
+    assert sweep.seed_state(True, "failed") is SeedState.FAILED
+
+
+def test_exit_codes_are_the_trainers():
+    from trainer.train import PREEMPTED_EXIT
+
+    assert sweep.EXIT_PREEMPTED == PREEMPTED_EXIT == 75
+    assert sweep.trainer_outcome(0) is SeedState.SUCCEEDED
+    assert sweep.trainer_outcome(75) is SeedState.PREEMPTED and sweep.trainer_outcome(1, stop_requested=True) is SeedState.PREEMPTED
+    assert sweep.trainer_outcome(-9) is SeedState.FAILED
+    assert sweep.describe_exit(-9) == "killed by SIGKILL" and sweep.describe_exit(3) == "exit code 3"
+
+
+def test_endings_of_node_runners():
+    assert [ending_of_exit(c) for c in (0, 75, 1, -9, "lost")] == [
+        Ending.SUCCEEDED, Ending.PREEMPTED, Ending.FAILED, Ending.DIED, Ending.DIED]
+    assert ending_of_nodes({0: 0, 1: 75}) is Ending.PREEMPTED
+    assert ending_of_nodes({0: 1, 1: 75}) is Ending.DIED  # mixed: the nodes disagree, run it again
+
+
+def test_the_retry_policy():
+    assert next_action(Ending.DIED, [0], 0, 1).action == "retry"
+    assert next_action(Ending.DIED, [0], 1, 1).action == "failed"
+    assert next_action(Ending.DIED, [], 0, 1).action == "done"  # every seed has its manifest
+    assert next_action(Ending.FAILED, [0], 0, 3).action == "failed"  # the node runner spent them already
+    assert next_action(Ending.PREEMPTED, [0], 1, 1, requeues=3).action == "resume"  # spends no retry
+    assert next_action(Ending.PREEMPTED, [0], 1, 1, requeues=sweep.MAX_REQUEUES).action == "failed"
+    # a failed query is never grounds to submit anything
+    unknown = next_action(Ending.UNKNOWN, [0], 0, 5, why="squeue exited with 1")
+    assert unknown.action == "wait" and "squeue exited with 1" in unknown.reason
+
+
+def test_the_sweep_rules_import_nothing_from_the_orchestrator():
+    def imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert not any(m.startswith("orchestrator") for m in imports(REPO / "orchestrator" / "sweep.py"))
