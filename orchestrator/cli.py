@@ -379,20 +379,23 @@ def _data_verify(args) -> int:
 
 
 def _stats_runs(args, what: list[str]):
-    """SeedRuns from log files (every argument a file, or a folder of *.txt/*.log) or from one sweep id."""
-    from orchestrator.results import ResultsError, load_sweep_runs, runs_from_logs
+    """SeedRuns from log files (every argument a file, or a folder of *.txt/*.log) or from one sweep id,
+    where they came from, and the target to test them against (--target, else the sweep job's)."""
+    from orchestrator.results import ResultsError, load_sweep_runs, runs_from_logs, sweep_target
+    from orchestrator.sweep import choose_target
 
     paths = [p for p in map(Path, what) if p.exists()]
     if paths and len(paths) == len(what):
         files = [f for p in paths for f in (sorted([*p.glob("*.txt"), *p.glob("*.log")]) if p.is_dir() else [p])]
         if not files:
             raise ResultsError(f"{what[0]}: no *.txt or *.log training logs in it; pass log files or a sweep id")
-        return runs_from_logs(files), f"{len(files)} log file(s)"
+        return runs_from_logs(files), f"{len(files)} log file(s)", choose_target(args.target, None)
     missing = next(w for w in what if not Path(w).exists())
     if len(what) != 1 or Path(missing).suffix in (".txt", ".log") or "/" in missing.rstrip("/"):
         raise ResultsError(f"{missing}: no such log file; pass either log files or ONE sweep id")
     store, url = _store_for(args, what[0])
-    return load_sweep_runs(store, what[0]), f"{url.rstrip('/')}/{what[0]}"
+    runs = load_sweep_runs(store, what[0])
+    return runs, f"{url.rstrip('/')}/{what[0]}", choose_target(args.target, sweep_target(store, what[0]))
 
 
 def cmd_stats(args) -> int:
@@ -400,8 +403,9 @@ def cmd_stats(args) -> int:
 
     from orchestrator.stats import render_stats, sweep_stats
 
-    runs, where = _stats_runs(args, args.what)
-    s = sweep_stats([r.summary for r in runs], args.target)
+    runs, where, (target, source) = _stats_runs(args, args.what)
+    s = sweep_stats([r.summary for r in runs], target)
+    s.target_source = source
     if args.json:
         sys.stdout.write(json.dumps(s.to_dict(), indent=2) + "\n")
     else:
@@ -414,9 +418,9 @@ def cmd_compare(args) -> int:
 
     from orchestrator.stats import compare, render_comparison
 
-    a, _ = _stats_runs(args, [args.a])
-    b, _ = _stats_runs(args, [args.b])
-    c = compare([r.summary for r in a], [r.summary for r in b], args.a, args.b)
+    a, _, target_a = _stats_runs(args, [args.a])
+    b, _, target_b = _stats_runs(args, [args.b])
+    c = compare([r.summary for r in a], [r.summary for r in b], args.a, args.b, targets=[target_a, target_b])
     if args.json:
         sys.stdout.write(json.dumps(c.to_dict(), indent=2) + "\n")
     else:
@@ -426,12 +430,16 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     from orchestrator.report import write_report
+    from orchestrator.results import sweep_target
+    from orchestrator.sweep import choose_target
 
     store, url = _store_for(args, args.sweep)
     out = Path(args.out or f"{args.sweep}-report")
-    manifest = write_report(store, args.sweep, out, args.target)
+    target, source = choose_target(args.target, sweep_target(store, args.sweep))
+    manifest = write_report(store, args.sweep, out, target, target_source=source)
     t = Table(title=f"report of {args.sweep}", title_justify="left",
-              caption=f"local: {out}/\nstore: {url.rstrip('/')}/{manifest.prefix}/", caption_justify="left")
+              caption=f"target val loss: {target} ({source})\nlocal: {out}/\nstore: {url.rstrip('/')}/{manifest.prefix}/",
+              caption_justify="left")
     for col in ("file", "size", "sha256"):
         t.add_column(col)
     for f in manifest.files:
@@ -442,12 +450,13 @@ def cmd_report(args) -> int:
 
 def add_stats_commands(sub) -> None:
     """`speedrun stats|compare|report` (orchestrator/stats.py, orchestrator/report.py)."""
-    from orchestrator.stats import TARGET_VAL_LOSS
+    from orchestrator.sweep import TARGET_VAL_LOSS
 
     def common(p):
         p.add_argument("--store", help="object store holding the sweep (default: the run's, else the cluster's)")
         p.add_argument("--cluster", default="local", help="cluster config whose store to use (default: local)")
-        p.add_argument("--target", type=float, default=TARGET_VAL_LOSS, help="target val loss (default 3.28)")
+        p.add_argument("--target", type=float, default=None,
+                       help=f"target val loss (default: the sweep job's target_loss, else {TARGET_VAL_LOSS})")
 
     p = sub.add_parser("stats", help="seeds table, mean ± std, p-value against the target, train time CI")
     p.add_argument("what", nargs="+", metavar="SWEEP|LOG", help="a sweep id, or training log files / folders")

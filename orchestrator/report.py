@@ -99,7 +99,8 @@ def make_plots(runs: Sequence[SeedRun], out_dir: str | Path, target: float = TAR
     ]
 
 
-def write_report(store: Any, sweep_id: str, out_dir: str | Path, target: float = TARGET_VAL_LOSS) -> Manifest:
+def write_report(store: Any, sweep_id: str, out_dir: str | Path, target: float = TARGET_VAL_LOSS,
+                 target_source: str = "") -> Manifest:
     """Plots and stats.json into out_dir, uploaded to `<sweep>/report/`; `report/manifest.json` (the seeds'
     manifest format: key relative to the prefix, size, sha256) goes last, so a report without it is unfinished."""
     sweep_id = sweep_id.strip("/")
@@ -108,7 +109,9 @@ def write_report(store: Any, sweep_id: str, out_dir: str | Path, target: float =
     out = Path(out_dir)
     files = make_plots(runs, out, target)
     stats_path = out / "stats.json"
-    stats_path.write_text(json.dumps(sweep_stats([r.summary for r in runs], target).to_dict(), indent=2))
+    stats = sweep_stats([r.summary for r in runs], target)
+    stats.target_source = target_source
+    stats_path.write_text(json.dumps(stats.to_dict(), indent=2))
     files.append(stats_path)
     entries = []
     for path in files:

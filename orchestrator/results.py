@@ -321,6 +321,19 @@ def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedRun]:
     return runs
 
 
+def sweep_target(store: Any, sweep_id: str) -> float | None:
+    """The job's `target_loss:` from the sweep's plan.json; None when the store has no readable plan."""
+    key = plan_key(sweep_id.strip("/"))
+    try:
+        if not store.exists(key):
+            return None
+        value = json.loads(store.get_bytes(key)).get("job", {}).get("target_loss")
+        return None if value is None else float(value)
+    except (ValueError, TypeError, AttributeError):
+        log.warning("%s is not a readable plan; using the default target", key)
+        return None
+
+
 def load_sweep(store: Any, sweep_id: str) -> list[RunSummary]:
     return [r.summary for r in load_sweep_runs(store, sweep_id)]
 

@@ -19,10 +19,10 @@ from rich.table import Table
 from scipy import stats as sps
 
 from orchestrator.results import RunSummary
+from orchestrator.sweep import TARGET_VAL_LOSS
 
 log = logging.getLogger(__name__)
 
-TARGET_VAL_LOSS = 3.28
 RECORD_P = 0.01
 # Past this many seeds a "needed" count stops being a useful answer.
 MAX_SEEDS_NEEDED = 100_000
@@ -32,6 +32,7 @@ MAX_SEEDS_NEEDED = 100_000
 class SweepStats:
     runs: list[RunSummary]
     target: float = TARGET_VAL_LOSS
+    target_source: str = ""  # --target, the job's target_loss, or the record's target
     n_complete: int = 0
     val_loss_mean: float | None = None
     val_loss_std: float | None = None  # sample std (ddof=1)
@@ -75,12 +76,23 @@ class Difference:
 
 
 @dataclass
+class SideVsTarget:
+    name: str
+    target: float
+    target_source: str
+    p_value: float | None
+    is_record: bool
+
+
+@dataclass
 class Comparison:
     name_a: str
     name_b: str
     differences: list[Difference]
     failed_a: list[str]
     failed_b: list[str]
+    # each side's val loss against its target (its job's target_loss unless --target): p and whether a record
+    targets: list["SideVsTarget"] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _json_safe(asdict(self))
@@ -187,8 +199,10 @@ def welch(a: Sequence[float], b: Sequence[float], metric: str) -> Difference:
     return d
 
 
-def compare(a: Sequence[RunSummary], b: Sequence[RunSummary], name_a: str = "A", name_b: str = "B") -> Comparison:
-    """Differences B - A of final val loss and train time over the complete seeds of each sweep."""
+def compare(a: Sequence[RunSummary], b: Sequence[RunSummary], name_a: str = "A", name_b: str = "B",
+            targets: Sequence[tuple[float, str]] = ()) -> Comparison:
+    """Differences B - A of final val loss and train time over the complete seeds of each sweep; with
+    targets ((value, where it came from) for A and B), each side's one-sided test against its target."""
     ga = [r for r in a if r.complete]
     gb = [r for r in b if r.complete]
 
@@ -196,8 +210,12 @@ def compare(a: Sequence[RunSummary], b: Sequence[RunSummary], name_a: str = "A",
         return [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
 
     diffs = [welch(col(ga, m), col(gb, m), m) for m in ("val_loss", "train_time_s", "step_avg_ms")]
+    sides = []
+    for name, runs, (target, source) in zip((name_a, name_b), (a, b), targets):
+        s = sweep_stats(list(runs), target)
+        sides.append(SideVsTarget(name, target, source, s.p_value, s.is_record))
     return Comparison(name_a, name_b, diffs,
-                      [r.name for r in a if not r.complete], [r.name for r in b if not r.complete])
+                      [r.name for r in a if not r.complete], [r.name for r in b if not r.complete], sides)
 
 
 # ---- rich rendering (the CLI prints these) ----
@@ -223,6 +241,7 @@ def summary_table(s: SweepStats) -> Table:
     t.add_column("what")
     t.add_column("value", justify="right")
     t.add_row("complete seeds", f"{s.n_complete} of {len(s.runs)}")
+    t.add_row("target val loss", f"{s.target}" + (f" ({s.target_source})" if s.target_source else ""))
     std = f" ± {s.val_loss_std:.4f}" if s.val_loss_std is not None else ""
     t.add_row("val loss (mean ± std)", _f(s.val_loss_mean, ".4f") + std)
     t.add_row(f"p (mean ≤ {s.target}, one-sided t-test)", _f(s.p_value, ".3g"))
@@ -266,6 +285,10 @@ def render_comparison(c: Comparison) -> Group:
         diff = "-" if d.diff is None else format(d.diff, "+" + f)
         t.add_row(d.metric, _f(d.mean_a, f), _f(d.mean_b, f), diff, ci, _f(d.p_value, ".3g"), f"{d.n_a} / {d.n_b}")
     parts: list[Any] = [t]
+    for side in c.targets:
+        verdict = "[bold green]yes[/]" if side.is_record else "[yellow]no[/]"
+        parts.append(f"{side.name}: target {side.target} ({side.target_source}); p (mean ≤ target) "
+                     f"{_f(side.p_value, '.3g')}; record (p < {RECORD_P}): {verdict}")
     for name, failed in ((c.name_a, c.failed_a), (c.name_b, c.failed_b)):
         if failed:
             parts.append(f"[bold red]{name}: {len(failed)} failed/incomplete seed(s) left out: {', '.join(failed)}[/]")

@@ -18,6 +18,17 @@ from trainer.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMP
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_PREEMPTED"]
 
 MAX_REQUEUES = 20  # preemptions resumed without spending a retry, before a sweep is called failed
+TARGET_VAL_LOSS = 3.28  # the record's target; a job's `target_loss:` replaces it for its sweep
+
+
+def choose_target(flag: float | None, job_target: float | None) -> tuple[float, str]:
+    """The val-loss target that stats, report and compare test against, and where it came from:
+    --target, else the sweep's job `target_loss:`, else the record's 3.28."""
+    if flag is not None:
+        return flag, "--target"
+    if job_target is not None:
+        return job_target, "the job's target_loss"
+    return TARGET_VAL_LOSS, "the record's target"
 
 # ------------------------------------------------------------------------------------- keys and layout
 
