@@ -31,7 +31,7 @@ def _open_store(url: str):
 
 def _prepare_launch(args):
     """Load, validate and plan; creates nothing. Returns (plan, backend)."""
-    from orchestrator.backends.base import get_backend
+    from orchestrator.backends.registry import get_backend
     from orchestrator.config import check_store_url, check_writable_dir, expand, load_cluster, load_job
     from orchestrator.plan import build_plan
 
@@ -89,7 +89,7 @@ def _follow(backend, handle) -> None:
 
 
 def cmd_launch(args) -> int:
-    from orchestrator.runs import RunRecord, record_run
+    from orchestrator.runs import SweepRecord, record_sweep
     from orchestrator.sweep import plan_key
     from orchestrator.watch import watch
 
@@ -102,8 +102,8 @@ def cmd_launch(args) -> int:
     store = _open_store(plan.store_url)
     store.put_bytes(plan.to_json().encode(), plan_key(plan.sweep_id))
     handle = backend.submit(plan)
-    record_run(RunRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
-                         handle.to_dict()), store)
+    record_sweep(SweepRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
+                             handle.to_dict()), store)
     console.print(f"launched [bold]{plan.sweep_id}[/bold] on {plan.cluster.name} ({backend.name}); "
                   f"seeds {plan.seeds}")
     if args.detach:
@@ -161,13 +161,13 @@ def _print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
 def _store_for(args, run_id: str | None = None):
     """The store named by --store, else the one recorded for RUN, else the local cluster's default."""
     from orchestrator.config import load_cluster
-    from orchestrator.runs import find_run
+    from orchestrator.runs import find_sweep
 
     if args.store:
         return _open_store(args.store), args.store
     if run_id:
         try:
-            rec = find_run(run_id)
+            rec = find_sweep(run_id)
             return _open_store(rec.store_url), rec.store_url
         except ConfigError:
             pass
@@ -203,25 +203,60 @@ def cmd_show(args) -> int:
     return 0
 
 
-def _backend_for(run_id: str):
-    from orchestrator.backends.base import get_backend
-    from orchestrator.config import ClusterConfig
-    from orchestrator.runs import find_run
+def _engine_of(rec, store):
+    """The backend that runs a sweep, from the plan stored beside it."""
+    from orchestrator.backends.registry import get_backend
     from orchestrator.plan import LaunchPlan
     from orchestrator.sweep import plan_key
 
-    rec = find_run(run_id)
+    plan = LaunchPlan.from_json(store.get_bytes(plan_key(rec.sweep_id)).decode())
+    return get_backend(plan.cluster)
 
-    store = _open_store(rec.store_url)
-    plan = LaunchPlan.from_json(store.get_bytes(plan_key(run_id)).decode())
-    cluster: ClusterConfig = plan.cluster
-    return get_backend(cluster), rec.handle_obj, store, rec
+
+def _backend_for(args):
+    """(backend, handle, store, record) of the sweep named by args.run: an id, a prefix or `last`, found in
+    this machine's index or, with --store, in the store's handle.json."""
+    from orchestrator.runs import find_sweep
+
+    store = _open_store(args.store) if args.store else None
+    rec = find_sweep(args.run, store)
+    store = store or _open_store(rec.store_url)
+    return _engine_of(rec, store), rec.handle_obj, store, rec
+
+
+def _list_sweeps(args) -> int:
+    import time
+
+    from orchestrator.runs import index_path, recent_sweeps
+
+    if args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be >= 1")
+    store = _open_store(args.store) if args.store else None
+    where = f"{index_path()}" + (f" and {args.store}" if args.store else "")
+    t = Table(title=f"recent runs ({where})", title_justify="left")
+    for col in ("run", "launched (UTC)", "backend", "state", "detail"):
+        t.add_column(col, no_wrap=col == "run")
+    stores = {args.store: store} if store is not None else {}
+    for rec in recent_sweeps(store, limit=args.limit):
+        launched = time.strftime("%Y-%m-%d %H:%M", time.gmtime(rec.created_at))
+        try:
+            if rec.store_url not in stores:
+                stores[rec.store_url] = _open_store(rec.store_url)
+            st = _engine_of(rec, stores[rec.store_url]).status(rec.handle_obj)
+            state, detail = st.state.value, st.detail.splitlines()[0][:80] if st.detail else ""
+        except Exception as e:  # noqa: BLE001  one unreachable engine must not hide the other runs
+            state, detail = "?", f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        t.add_row(rec.sweep_id, launched, rec.handle_obj.backend, state, detail)
+    console.print(t)
+    return 0
 
 
 def cmd_status(args) -> int:
-    backend, handle, store, rec = _backend_for(args.run)
+    if args.run is None:
+        return _list_sweeps(args)
+    backend, handle, store, rec = _backend_for(args)
     st = backend.status(handle)
-    console.print(f"{args.run}: [bold]{st.state.value}[/bold] {st.detail}")
+    console.print(f"{rec.sweep_id}: [bold]{st.state.value}[/bold] {st.detail}")
     for job, state in st.jobs.items():
         console.print(f"  job {job}: {state.value}")
     return 0
@@ -230,24 +265,24 @@ def cmd_status(args) -> int:
 def cmd_watch(args) -> int:
     from orchestrator.watch import watch
 
-    backend, handle, _, _ = _backend_for(args.run)
-    console.print(f"{args.run}: watching; dead jobs are re-submitted as the job's retries allow")
+    backend, handle, _, rec = _backend_for(args)
+    console.print(f"{rec.sweep_id}: watching; dead jobs are re-submitted as the job's retries allow")
     st = watch(backend, handle, poll_s=args.poll, say=lambda line: console.print(line, markup=False))
-    console.print(f"{args.run}: [bold]{st.state.value}[/bold] {st.detail}")
+    console.print(f"{rec.sweep_id}: [bold]{st.state.value}[/bold] {st.detail}")
     return 0 if st.state.value == "SUCCEEDED" else 1
 
 
 def cmd_logs(args) -> int:
-    backend, handle, _, _ = _backend_for(args.run)
+    backend, handle, _, _ = _backend_for(args)
     for line in backend.logs(handle, follow=args.follow):
         console.print(line, markup=False, soft_wrap=True)
     return 0
 
 
 def cmd_cancel(args) -> int:
-    backend, handle, _, _ = _backend_for(args.run)
+    backend, handle, _, rec = _backend_for(args)
     backend.cancel(handle)
-    console.print(f"{args.run}: cancel requested; now {backend.status(handle).state.value}")
+    console.print(f"{rec.sweep_id}: cancel requested; now {backend.status(handle).state.value}")
     return 0
 
 
@@ -285,16 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds-parallel", action="store_true", help="slurm: one array task per seed")
     p.set_defaults(func=cmd_launch)
 
-    for name, func, helptext in (("status", cmd_status, "state of a run"), ("cancel", cmd_cancel, "stop a run")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("run")
-        p.set_defaults(func=func)
+    run_help = "a run id, an unambiguous prefix of one, or 'last'"
+    store_help = "object store the run was launched with (finds runs launched on other machines)"
+    p = sub.add_parser("status", help="state of a run; without RUN, the recent runs, newest first")
+    p.add_argument("run", nargs="?", help=run_help)
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--limit", type=int, default=10, help="how many recent runs to list (default 10)")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("cancel", help="stop a run")
+    p.add_argument("run", help=run_help)
+    p.add_argument("--store", help=store_help)
+    p.set_defaults(func=cmd_cancel)
     p = sub.add_parser("watch", help="follow a run to its end, re-submitting dead jobs as its retries allow")
-    p.add_argument("run")
+    p.add_argument("run", help=run_help)
+    p.add_argument("--store", help=store_help)
     p.add_argument("--poll", type=float, default=5.0, help="seconds between looks (default 5)")
     p.set_defaults(func=cmd_watch)
     p = sub.add_parser("logs", help="the node runner's output of a run")
-    p.add_argument("run")
+    p.add_argument("run", help=run_help)
+    p.add_argument("--store", help=store_help)
     p.add_argument("-f", "--follow", action="store_true")
     p.set_defaults(func=cmd_logs)
 

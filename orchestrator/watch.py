@@ -14,10 +14,12 @@ import logging
 import os
 import socket
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from orchestrator.backends.base import Backend, Handle, JobEnd, RunStatus
 from orchestrator.sweep import attempt_key, next_action, plan_key, seed_done, seed_prefix
+
+if TYPE_CHECKING:  # backends/base.py calls watch(): only names from it here, so no import circle
+    from orchestrator.backends.base import Backend, Handle, JobEnd, RunStatus
 
 log = logging.getLogger(__name__)
 

@@ -117,20 +117,3 @@ class Backend(ABC):
         from orchestrator.watch import watch
 
         return watch(self, handle, poll_s=poll_s, timeout_s=timeout_s)
-
-
-def get_backend(cluster: "ClusterConfig") -> Backend:
-    """The backend named by the cluster config; engines are imported only when asked for."""
-    if cluster.backend == "local":
-        from orchestrator.backends.local import LocalBackend
-
-        return LocalBackend(cluster)
-    if cluster.backend == "slurm":
-        from orchestrator.backends.slurm import SlurmBackend
-
-        return SlurmBackend(cluster)
-    if cluster.backend == "ray":
-        from orchestrator.backends.ray import RayBackend
-
-        return RayBackend(cluster)
-    raise ValueError(f"unknown backend {cluster.backend!r}")
