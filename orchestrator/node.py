@@ -285,17 +285,21 @@ class NodeRunner:
         (out / "env.json").write_text(json.dumps(record, indent=2))
 
     def upload_seed(self, seed: int, out: Path, outcome: SeedOutcome, run_t: dict) -> None:
+        """One upload pass: the seed's files, then its records (timings.json states that pass's time), then
+        the manifest."""
         from orchestrator.artifacts import SeedUploader
 
-        uploader = SeedUploader(self.store, self.work / "spool")
-        # Pass 1 carries everything but the small records, so that timings.json can state the upload time.
-        t0 = time.time()
-        self.write_seed_records(seed, out, outcome, run_t, upload_s=0.0)
-        uploader.upload_seed(out, self.seed_prefix(seed), keep_last_ckpt=self.plan.job.checkpoint.keep_last,
-                             state=outcome.state, write_manifest=False)
-        self.write_seed_records(seed, out, outcome, run_t, upload_s=time.time() - t0)
-        uploader.upload_seed(out, self.seed_prefix(seed), keep_last_ckpt=self.plan.job.checkpoint.keep_last,
-                             state=outcome.state, write_manifest=True)
+        records = ("timings.json", "env.json")
+        for name in records:  # an earlier attempt's records are replaced, not uploaded first
+            (out / name).unlink(missing_ok=True)
+
+        def write_records(upload_s: float) -> dict[str, bytes]:
+            self.write_seed_records(seed, out, outcome, run_t, upload_s=upload_s)
+            return {name: (out / name).read_bytes() for name in records}
+
+        SeedUploader(self.store, self.work / "spool").upload_seed(
+            out, self.seed_prefix(seed), keep_last_ckpt=self.plan.job.checkpoint.keep_last, state=outcome.state,
+            closing=write_records)
 
     def run_seed(self, seed: int, data_dir: Path) -> SeedOutcome:
         out = self.work / seed_dir(seed)
