@@ -150,12 +150,9 @@ def _print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
     if s.entropy_rate_nats is not None:
         console.print(f"data entropy rate (best possible val loss): {s.entropy_rate_nats:.4f} nats")
     if cluster is not None and cluster.cost_per_hour and s.wall_s:
-        try:
-            from orchestrator.cloud import cost_line
+        from orchestrator.summary import cost_line
 
-            console.print(cost_line(cluster, s.wall_s))
-        except ImportError:
-            pass
+        console.print(cost_line(cluster, s.wall_s))
 
 
 def _store_for(args, run_id: str | None = None):
@@ -521,13 +518,13 @@ def add_stats_commands(sub) -> None:
 
 
 def cmd_cluster(args) -> int:
-    from orchestrator.cloud import cluster_command
+    from orchestrator.backends.ray_launcher import cluster_command
 
     return cluster_command(args, console)
 
 
 def add_cluster_commands(sub) -> None:
-    """`speedrun cluster up|down|status` (orchestrator/cloud.py)."""
+    """`speedrun cluster up|down|status` (orchestrator/backends/ray_launcher.py)."""
     p = sub.add_parser("cluster", help="rent or release nodes: the Ray cluster launcher on a cluster config")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("config", help="cluster_configs/NAME.yaml with a ray.launcher section, e.g. ray-cluster-aws")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from orchestrator.config import ClusterConfig
 from orchestrator.results import ResultsError, load_sweep_runs
 from orchestrator.sweep import SeedState, seed_prefix
 
@@ -59,3 +60,16 @@ def sweep_summary(store, sweep_id: str) -> SweepSummary:
             s.entropy_rate_nats = (env.get("data") or {}).get("entropy_rate_nats")
     s.wall_s = max(walls) if walls else None
     return s
+
+
+def cost_line(cluster: ClusterConfig, seconds: float) -> str:
+    """`cost: 8 GPUs x 0.05 h = 0.37 GPU-hours; 1 node x $55.04/node-hour = $2.75` for run summaries."""
+    hours = max(seconds, 0.0) / 3600
+    gpus = cluster.nodes * cluster.gpus_per_node
+    gpu_hours = gpus * hours
+    line = f"cost: {gpus} GPUs x {hours:.2f} h = {gpu_hours:.2f} GPU-hours"
+    if cluster.cost_per_hour is None:
+        return line + f" (no cost_per_hour in cluster config {cluster.name!r}, so no $)"
+    per_gpu_hour = cluster.cost_per_hour / cluster.gpus_per_node
+    return (line + f" x ${per_gpu_hour:,.2f}/GPU-hour (${cluster.cost_per_hour:,.2f}/node-hour)"
+            f" = ${gpu_hours * per_gpu_hour:,.2f}")
