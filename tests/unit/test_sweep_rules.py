@@ -62,3 +62,22 @@ def test_the_sweep_rules_import_nothing_from_the_orchestrator():
             a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
 
     assert not any(m.startswith("orchestrator") for m in imports(REPO / "orchestrator" / "sweep.py"))
+
+
+def test_the_trainer_imports_nothing_from_the_orchestrator():
+    for path in (REPO / "trainer").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m.split(".")[0] == "orchestrator" for m in found), path
+
+
+def test_the_shard_format_has_one_implementation():
+    from orchestrator.data import shards
+    from trainer import data, shard_format
+
+    assert shards.MAGIC is shard_format.MAGIC and shards.encode_header is shard_format.encode_header
+    assert data.read_header is shard_format.read_header and data.write_shard is shard_format.write_shard
+    for path in (REPO / "orchestrator" / "data" / "shards.py", REPO / "trainer" / "data.py"):
+        assert "MAGIC =" not in path.read_text() and "np.zeros(HEADER_INTS" not in path.read_text(), path
+
