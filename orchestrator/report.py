@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from orchestrator.artifacts import MANIFEST, Manifest, ManifestEntry
-from orchestrator.results import SeedRun, load_sweep_runs
+from orchestrator.results import SeedLog, load_sweep_runs
 from orchestrator.stats import TARGET_VAL_LOSS, sweep_stats
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def _figure() -> Figure:
     return fig
 
 
-def _val_curves(runs: Sequence[SeedRun], target: float, x: str, path: Path) -> Path:
+def _val_curves(runs: Sequence[SeedLog], target: float, x: str, path: Path) -> Path:
     fig = _figure()
     ax = fig.add_subplot()
     lows = []
@@ -63,7 +63,7 @@ def _val_curves(runs: Sequence[SeedRun], target: float, x: str, path: Path) -> P
     return path
 
 
-def _train_times(runs: Sequence[SeedRun], target: float, path: Path) -> Path:
+def _train_times(runs: Sequence[SeedLog], target: float, path: Path) -> Path:
     stats = sweep_stats([r.summary for r in runs], target)
     times = [r.summary.train_time_s for r in runs if r.summary.complete and r.summary.train_time_s is not None]
     fig = _figure()
@@ -88,7 +88,7 @@ def _train_times(runs: Sequence[SeedRun], target: float, path: Path) -> Path:
     return path
 
 
-def make_plots(runs: Sequence[SeedRun], out_dir: str | Path, target: float = TARGET_VAL_LOSS) -> list[Path]:
+def make_plots(runs: Sequence[SeedLog], out_dir: str | Path, target: float = TARGET_VAL_LOSS) -> list[Path]:
     """Write the three PNGs into out_dir and return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

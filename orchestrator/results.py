@@ -74,7 +74,9 @@ class TrainPoint:
 
 
 @dataclass
-class RunResult:
+class SeedResult:
+    """One seed's training log, parsed: its curves and final numbers (from ours or modded-nanogpt's log)."""
+
     val_points: list[ValPoint] = field(default_factory=list)
     train_points: list[TrainPoint] = field(default_factory=list)
     final_val_loss: float | None = None
@@ -93,7 +95,7 @@ class RunResult:
 
 
 @dataclass
-class RunSummary:
+class SeedSummary:
     """One seed's numbers as the statistics see them."""
 
     seed: int | None
@@ -106,7 +108,7 @@ class RunSummary:
     name: str = ""  # `seed-3` or the log file's name; what tables show
 
     @classmethod
-    def from_result(cls, result: RunResult, seed: int | None = None, name: str = "") -> "RunSummary":
+    def from_result(cls, result: SeedResult, seed: int | None = None, name: str = "") -> "SeedSummary":
         return cls(
             seed=seed,
             val_loss=result.final_val_loss,
@@ -119,14 +121,14 @@ class RunSummary:
         )
 
     @classmethod
-    def failed(cls, reason: str, seed: int | None = None, name: str = "") -> "RunSummary":
+    def failed(cls, reason: str, seed: int | None = None, name: str = "") -> "SeedSummary":
         return cls(seed, None, None, None, None, False, reason, name or (seed_dir(seed) if seed is not None else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunSummary":
+    def from_dict(cls, d: dict[str, Any]) -> "SeedSummary":
         return cls(**d)
 
 
@@ -181,12 +183,12 @@ def _last_error(lines: list[str], after: int) -> str | None:
     return error
 
 
-def parse_log(text: str) -> RunResult:
+def parse_log(text: str) -> SeedResult:
     """Whole-log result. After a resume or a retry the later attempt wins (see the note in the loop)."""
     lines = text.splitlines()
     val: dict[int, ValPoint] = {}
     train: dict[int, TrainPoint] = {}
-    result = RunResult()
+    result = SeedResult()
     last: StepEvent | None = None
     last_step_line = 0
     for i, line in enumerate(lines):
@@ -254,32 +256,32 @@ class ResultsError(Exception):
 
 
 @dataclass
-class SeedRun:
+class SeedLog:
     """One seed (or one log file) with its parsed curves, for the statistics and the plots."""
 
-    summary: RunSummary
-    result: RunResult | None = None
+    summary: SeedSummary
+    result: SeedResult | None = None
 
     @property
     def name(self) -> str:
         return self.summary.name
 
 
-def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedRun:
+def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedLog:
     prefix = seed_prefix(sweep_id, seed)
     name = seed_dir(seed)
     if f"{prefix}/train.log" not in keys:
         why = "no train.log in the store" if keys else "no objects in the store (never started, or still staging)"
-        return SeedRun(RunSummary.failed(why, seed=seed, name=name))
+        return SeedLog(SeedSummary.failed(why, seed=seed, name=name))
     text = store.get_bytes(f"{prefix}/train.log").decode("utf-8", errors="replace")
     result = parse_log(text)
-    summary = RunSummary.from_result(result, seed=seed, name=name)
+    summary = SeedSummary.from_result(result, seed=seed, name=name)
     if f"{prefix}/manifest.json" not in keys:
         # The manifest is written last: without it the upload is unfinished, whatever the log says.
         summary.complete = False
         summary.reason = "no manifest.json (upload unfinished or seed still running; `speedrun collect` finishes it)" + (
             f"; log: {result.reason}" if result.reason else "")
-        return SeedRun(summary, result)
+        return SeedLog(summary, result)
     # The node runner records the seed's fate in timings.json (state, exit_code); a log can look whole
     # while the trainer still crashed at exit, so a failed state wins.
     state = None
@@ -292,10 +294,10 @@ def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedRun:
     if not seed_done(True, state):
         summary.complete = False
         summary.reason = f"node runner marked it {state}" + (f"; log: {result.reason}" if result.reason else "")
-    return SeedRun(summary, result)
+    return SeedLog(summary, result)
 
 
-def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedRun]:
+def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedLog]:
     """Every seed of a sweep: those found under `<sweep>/seed-<n>/` and those the plan lists but never wrote."""
     sweep_id = sweep_id.strip("/")
     listing = store.list(f"{sweep_id}/")
@@ -334,11 +336,11 @@ def sweep_target(store: Any, sweep_id: str) -> float | None:
         return None
 
 
-def load_sweep(store: Any, sweep_id: str) -> list[RunSummary]:
+def load_sweep(store: Any, sweep_id: str) -> list[SeedSummary]:
     return [r.summary for r in load_sweep_runs(store, sweep_id)]
 
 
-def runs_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedRun]:
+def runs_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedLog]:
     """Raw training logs (`speedrun stats logs/*.txt`); each file is one run, named by its file name."""
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
@@ -347,9 +349,9 @@ def runs_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedRun]:
     runs = []
     for p in paths:
         result = parse_log(Path(p).read_text(encoding="utf-8", errors="replace"))
-        runs.append(SeedRun(RunSummary.from_result(result, seed=None, name=Path(p).name), result))
+        runs.append(SeedLog(SeedSummary.from_result(result, seed=None, name=Path(p).name), result))
     return runs
 
 
-def summaries_from_logs(paths: Sequence[str | os.PathLike]) -> list[RunSummary]:
+def summaries_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedSummary]:
     return [r.summary for r in runs_from_logs(paths)]

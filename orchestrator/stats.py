@@ -18,7 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 from scipy import stats as sps
 
-from orchestrator.results import RunSummary
+from orchestrator.results import SeedSummary
 from orchestrator.sweep import TARGET_VAL_LOSS
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ MAX_SEEDS_NEEDED = 100_000
 
 @dataclass
 class SweepStats:
-    runs: list[RunSummary]
+    runs: list[SeedSummary]
     target: float = TARGET_VAL_LOSS
     target_source: str = ""  # --target, the job's target_loss, or the record's target
     n_complete: int = 0
@@ -46,7 +46,7 @@ class SweepStats:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def failed(self) -> list[RunSummary]:
+    def failed(self) -> list[SeedSummary]:
         return [r for r in self.runs if not r.complete]
 
     @property
@@ -144,11 +144,11 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float] | None:
     return (float(lo), float(hi))
 
 
-def _counts(r: RunSummary) -> bool:
+def _counts(r: SeedSummary) -> bool:
     return r.complete and r.val_loss is not None and math.isfinite(r.val_loss)
 
 
-def sweep_stats(runs: Sequence[RunSummary], target: float = TARGET_VAL_LOSS) -> SweepStats:
+def sweep_stats(runs: Sequence[SeedSummary], target: float = TARGET_VAL_LOSS) -> SweepStats:
     runs = list(runs)
     out = SweepStats(runs=runs, target=target)
     good = [r for r in runs if _counts(r)]
@@ -199,14 +199,14 @@ def welch(a: Sequence[float], b: Sequence[float], metric: str) -> Difference:
     return d
 
 
-def compare(a: Sequence[RunSummary], b: Sequence[RunSummary], name_a: str = "A", name_b: str = "B",
+def compare(a: Sequence[SeedSummary], b: Sequence[SeedSummary], name_a: str = "A", name_b: str = "B",
             targets: Sequence[tuple[float, str]] = ()) -> Comparison:
     """Differences B - A of final val loss and train time over the complete seeds of each sweep; with
     targets ((value, where it came from) for A and B), each side's one-sided test against its target."""
     ga = [r for r in a if r.complete]
     gb = [r for r in b if r.complete]
 
-    def col(runs: list[RunSummary], attr: str) -> list[float]:
+    def col(runs: list[SeedSummary], attr: str) -> list[float]:
         return [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
 
     diffs = [welch(col(ga, m), col(gb, m), m) for m in ("val_loss", "train_time_s", "step_avg_ms")]
@@ -224,7 +224,7 @@ def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
-def runs_table(runs: Sequence[RunSummary], title: str = "Seeds") -> Table:
+def runs_table(runs: Sequence[SeedSummary], title: str = "Seeds") -> Table:
     t = Table(title=title)
     for name in ("run", "val loss", "train time (s)", "step avg (ms)", "peak mem (MiB)", "status"):
         t.add_column(name, justify="left" if name in ("run", "status") else "right", no_wrap=name == "run")
@@ -256,7 +256,7 @@ def summary_table(s: SweepStats) -> Table:
     return t
 
 
-def failed_panel(runs: Sequence[RunSummary]) -> Panel | None:
+def failed_panel(runs: Sequence[SeedSummary]) -> Panel | None:
     bad = [r for r in runs if not r.complete]
     if not bad:
         return None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 from orchestrator.sweep import attempt_key, next_action, plan_key, seed_done, seed_prefix
 
 if TYPE_CHECKING:  # backends/base.py calls watch(): only names from it here, so no import circle
-    from orchestrator.backends.base import Backend, Handle, JobEnd, RunStatus
+    from orchestrator.backends.base import Backend, Handle, JobEnd, SweepStatus
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def claim_attempt(store, sweep_id: str, dead: JobEnd, action: str) -> bool:
     return store.put_new(json.dumps(record, indent=1).encode(), attempt_key(sweep_id, dead.job_id))
 
 
-def rerun_dead_jobs(backend: Backend, handle: Handle, status: RunStatus, store, retries: int,
+def rerun_dead_jobs(backend: Backend, handle: Handle, status: SweepStatus, store, retries: int,
                     say: Callable[[str], None] = log.warning) -> bool:
     """Re-submit the jobs of `status.ended` that the retry policy allows; True if any was (by us or another)."""
     replaced = False
@@ -71,7 +71,7 @@ def _sweep_retries(store, sweep_id: str) -> int:
 
 
 def watch(backend: Backend, handle: Handle, poll_s: float = 1.0, timeout_s: float | None = None,
-          say: Callable[[str], None] = log.warning) -> RunStatus:
+          say: Callable[[str], None] = log.warning) -> SweepStatus:
     """Poll until the sweep finishes (or timeout_s), re-running dead jobs as `retries:` allows."""
     from orchestrator.store import StoreError, open_store
 

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from orchestrator.plan import LaunchPlan
 
 
-class RunState(str, enum.Enum):
+class SweepState(str, enum.Enum):
+    """A sweep's state, and each of its jobs' (one per node, or per array task)."""
+
     PENDING = "PENDING"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
@@ -31,7 +33,7 @@ class RunState(str, enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+        return self in (SweepState.SUCCEEDED, SweepState.FAILED, SweepState.CANCELLED)
 
 
 @dataclass
@@ -66,11 +68,13 @@ class JobEnd:
 
 
 @dataclass
-class RunStatus:
-    state: RunState
+class SweepStatus:
+    """What the engine says of a sweep right now (status() only reads)."""
+
+    state: SweepState
     detail: str = ""
     # per job id (one per node, or per array task) -> state
-    jobs: dict[str, RunState] = field(default_factory=dict)
+    jobs: dict[str, SweepState] = field(default_factory=dict)
     # jobs that a watcher may run again (engines whose retries happen inside the cluster leave it empty)
     ended: list[JobEnd] = field(default_factory=list)
 
@@ -99,7 +103,7 @@ class Backend(ABC):
         """Start one node-runner invocation per node and return at once."""
 
     @abstractmethod
-    def status(self, handle: Handle) -> RunStatus: ...
+    def status(self, handle: Handle) -> SweepStatus: ...
 
     @abstractmethod
     def logs(self, handle: Handle, follow: bool = False) -> Iterator[str]:
@@ -112,7 +116,7 @@ class Backend(ABC):
         """Submit a dead job's seeds again and return the new job's id (engines that list ended jobs)."""
         raise NotImplementedError(f"the {self.name} backend re-runs nothing from outside the cluster")
 
-    def wait(self, handle: Handle, poll_s: float = 1.0, timeout_s: float | None = None) -> RunStatus:
+    def wait(self, handle: Handle, poll_s: float = 1.0, timeout_s: float | None = None) -> SweepStatus:
         """Watch until the sweep finishes, re-running dead jobs as `retries:` allow (orchestrator/watch.py)."""
         from orchestrator.watch import watch
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from orchestrator.backends.base import Backend, Handle, RunState, RunStatus
+from orchestrator.backends.base import Backend, Handle, SweepState, SweepStatus
 from orchestrator.config import REPO_ROOT, ConfigError
 
 if TYPE_CHECKING:
@@ -31,8 +31,8 @@ STOP_GRACE_S = 15          # SIGTERM (checkpoint and exit) -> SIGKILL, for a nod
 EXCLUDES = [".venv/", "venv/", ".git/", "runs/", "build/", "dist/", ".whl/", ".device/", "tmp/", "bench/results/",
             "**/__pycache__/", "*.egg-info/", ".pytest_cache/", "*.bin", "*.pt", "*.safetensors"]
 
-_STATES = {"PENDING": RunState.PENDING, "RUNNING": RunState.RUNNING, "STOPPED": RunState.CANCELLED,
-           "SUCCEEDED": RunState.SUCCEEDED, "FAILED": RunState.FAILED}
+_STATES = {"PENDING": SweepState.PENDING, "RUNNING": SweepState.RUNNING, "STOPPED": SweepState.CANCELLED,
+           "SUCCEEDED": SweepState.SUCCEEDED, "FAILED": SweepState.FAILED}
 
 
 def _job_client(address: str, key: str = "ray.address"):
@@ -124,18 +124,18 @@ class RayBackend(Backend):
     def _client_for(self, handle: Handle):
         return _job_client(handle.data.get("address") or self.cluster.ray.address, key="handle.address")
 
-    def status(self, handle: Handle) -> RunStatus:
+    def status(self, handle: Handle) -> SweepStatus:
         client = self._client_for(handle)
         sid = handle.job_ids[0]
         try:
             info = client.get_job_info(sid)
         except RuntimeError as e:
-            return RunStatus(RunState.UNKNOWN, f"Ray job {sid} not found at {client.get_address()} ({str(e)[:120]})")
-        state = _STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), RunState.UNKNOWN)
+            return SweepStatus(SweepState.UNKNOWN, f"Ray job {sid} not found at {client.get_address()} ({str(e)[:120]})")
+        state = _STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), SweepState.UNKNOWN)
         detail = _latest_mark(client.get_job_logs(sid))
-        if state is RunState.FAILED and info.message and not detail:
+        if state is SweepState.FAILED and info.message and not detail:
             detail = info.message.strip().splitlines()[0]
-        return RunStatus(state, detail, {sid: state})
+        return SweepStatus(state, detail, {sid: state})
 
     def logs(self, handle: Handle, follow: bool = False) -> Iterator[str]:
         client = self._client_for(handle)

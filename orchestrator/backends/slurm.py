@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from filelock import FileLock
 from rich.console import Console
 
-from orchestrator.backends.base import Backend, Handle, JobEnd, RunState, RunStatus
+from orchestrator.backends.base import Backend, Handle, JobEnd, SweepState, SweepStatus
 from orchestrator.config import REPO_ROOT, ClusterConfig, ConfigError, expand
 from orchestrator.plan import LaunchPlan
 from orchestrator.sweep import EXIT_OK, EXIT_PREEMPTED, Ending
@@ -49,11 +49,11 @@ CHECKPOINT_WAIT_S = 600  # longest wait for the trainer to save after the signal
 # Slurm job states -> ours. A requeued job shows PENDING/REQUEUED again, so it is not finished.
 SLURM_STATES = {
     **dict.fromkeys(["PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"],
-                    RunState.PENDING),
-    **dict.fromkeys(["RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING"], RunState.RUNNING),
+                    SweepState.PENDING),
+    **dict.fromkeys(["RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING"], SweepState.RUNNING),
     **dict.fromkeys(["FAILED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
-                     "SPECIAL_EXIT", "REVOKED"], RunState.FAILED),
-    "COMPLETED": RunState.SUCCEEDED, "CANCELLED": RunState.CANCELLED,
+                     "SPECIAL_EXIT", "REVOKED"], SweepState.FAILED),
+    "COMPLETED": SweepState.SUCCEEDED, "CANCELLED": SweepState.CANCELLED,
 }
 
 
@@ -263,7 +263,7 @@ class SlurmBackend(Backend):
                       data={"folder": str(folder), "array": parallel}, store_url=plan.store_url)
 
     # ----------------------------------------------------------------------------------- status
-    def status(self, handle: Handle) -> RunStatus:
+    def status(self, handle: Handle) -> SweepStatus:
         """Every live job's state, read from squeue/sacct and submitit's result files; submits nothing.
 
         A job counts as ended only when Slurm positively says so (a final state, or absent from an
@@ -272,7 +272,7 @@ class SlurmBackend(Backend):
         live = [j for j in _read_jobs(folder) if not j.get("replaced_by")]
         queue = _slurm_states(f"speedrun-{handle.sweep_id}", [j["id"] for j in live])
         cancelled = (folder / "cancelled").exists()
-        states: dict[str, RunState] = {}
+        states: dict[str, SweepState] = {}
         details, ended = [], []
         for j in live:
             known = queue is not None
@@ -283,7 +283,7 @@ class SlurmBackend(Backend):
             if ending is not None:
                 ended.append(JobEnd(j["id"], list(j["seeds"]), ending, why.split(";")[0],
                                     retries_used=j.get("attempt", 0), requeues=j.get("requeues", 0)))
-        return RunStatus(state=_overall(list(states.values())), detail="; ".join(details), jobs=states,
+        return SweepStatus(state=_overall(list(states.values())), detail="; ".join(details), jobs=states,
                          ended=ended)
 
     def rerun(self, handle: Handle, dead: JobEnd, resume: bool) -> str:
@@ -411,13 +411,13 @@ def _slurm_states(job_name: str, job_ids: list[str]) -> dict[str, str] | None:
 
 
 def _job_state(folder: Path, job_id: str, slurm_state: str | None, cancelled: bool,
-               queue_answered: bool = True) -> tuple[RunState, str, Ending | None]:
+               queue_answered: bool = True) -> tuple[SweepState, str, Ending | None]:
     """Our state of one job, why it did not succeed (with the tail of its log), and how it ended when
     running its seeds again could make sense: DIED (no result) or PREEMPTED (checkpointed, not requeued).
     slurm_state None: absent from the queue (when it answered) or nothing known (when it did not)."""
     result = folder / f"{job_id}_0_result.pkl"
-    state = SLURM_STATES.get(slurm_state.split()[0], RunState.UNKNOWN) if slurm_state else None
-    if state in (RunState.PENDING, RunState.RUNNING):
+    state = SLURM_STATES.get(slurm_state.split()[0], SweepState.UNKNOWN) if slurm_state else None
+    if state in (SweepState.PENDING, SweepState.RUNNING):
         return state, "", None
     outcome, value = "none", ""
     if result.exists():
@@ -425,30 +425,30 @@ def _job_state(folder: Path, job_id: str, slurm_state: str | None, cancelled: bo
 
         outcome, value = pickle_load(result)
     if outcome == "success":
-        return RunState.SUCCEEDED, "", None
-    if cancelled or state == RunState.CANCELLED:  # our scancel (or the user's): its error is the cancel itself
-        return RunState.CANCELLED, "cancelled", None
+        return SweepState.SUCCEEDED, "", None
+    if cancelled or state == SweepState.CANCELLED:  # our scancel (or the user's): its error is the cancel itself
+        return SweepState.CANCELLED, "cancelled", None
     if outcome == "none" and not queue_answered:
-        return RunState.UNKNOWN, "squeue did not answer (controller unreachable?); state unknown", None
+        return SweepState.UNKNOWN, "squeue did not answer (controller unreachable?); state unknown", None
     tail = log_tail(folder, job_id)
     if outcome == "error":
         reason = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
         resumable = Ending.PREEMPTED if NOT_REQUEUED in reason else None
-        return RunState.FAILED, f"failed: {reason}; last lines of its log:\n{tail}", resumable
+        return SweepState.FAILED, f"failed: {reason}; last lines of its log:\n{tail}", resumable
     what = slurm_state or "gone from the queue"
-    return RunState.FAILED, f"died ({what}) before reporting a result; last lines of its log:\n{tail}", Ending.DIED
+    return SweepState.FAILED, f"died ({what}) before reporting a result; last lines of its log:\n{tail}", Ending.DIED
 
 
-def _overall(states: list[RunState]) -> RunState:
+def _overall(states: list[SweepState]) -> SweepState:
     if not states:
-        return RunState.UNKNOWN
-    for s in (RunState.RUNNING, RunState.PENDING):
+        return SweepState.UNKNOWN
+    for s in (SweepState.RUNNING, SweepState.PENDING):
         if s in states:
             return s
-    if all(s == RunState.SUCCEEDED for s in states):
-        return RunState.SUCCEEDED
-    if RunState.CANCELLED in states:
-        return RunState.CANCELLED
-    if RunState.FAILED in states:
-        return RunState.FAILED
-    return RunState.UNKNOWN
+    if all(s == SweepState.SUCCEEDED for s in states):
+        return SweepState.SUCCEEDED
+    if SweepState.CANCELLED in states:
+        return SweepState.CANCELLED
+    if SweepState.FAILED in states:
+        return SweepState.FAILED
+    return SweepState.UNKNOWN

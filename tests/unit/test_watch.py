@@ -5,7 +5,7 @@ import json
 import threading
 
 from orchestrator.artifacts import Manifest
-from orchestrator.backends.base import Backend, Handle, JobEnd, RunState, RunStatus
+from orchestrator.backends.base import Backend, Handle, JobEnd, SweepState, SweepStatus
 from orchestrator.store import LocalStore
 from orchestrator.sweep import Ending, attempt_key, seed_prefix
 from orchestrator.watch import rerun_dead_jobs, watch
@@ -16,7 +16,7 @@ class FakeEngine(Backend):
 
     name = "fake"
 
-    def __init__(self, status: RunStatus):
+    def __init__(self, status: SweepStatus):
         self._status, self.reruns = status, []
         self.lock = threading.Lock()
 
@@ -38,7 +38,7 @@ class FakeEngine(Backend):
     def rerun(self, handle, dead, resume):
         with self.lock:
             self.reruns.append((dead.job_id, resume))
-        self._status = RunStatus(RunState.SUCCEEDED, jobs={"2": RunState.SUCCEEDED})
+        self._status = SweepStatus(SweepState.SUCCEEDED, jobs={"2": SweepState.SUCCEEDED})
         return "2"
 
 
@@ -49,7 +49,7 @@ def _sweep(tmp_path, retries=1):
 
 
 def dead(ending=Ending.DIED, retries_used=0):
-    return RunStatus(RunState.FAILED, jobs={"1": RunState.FAILED},
+    return SweepStatus(SweepState.FAILED, jobs={"1": SweepState.FAILED},
                      ended=[JobEnd("1", [0], ending, "died (NODE_FAIL)", retries_used=retries_used)])
 
 
@@ -67,13 +67,13 @@ def test_watch_resubmits_then_returns_the_final_state(tmp_path):
     _, handle = _sweep(tmp_path)
     engine = FakeEngine(dead())
     final = watch(engine, handle, poll_s=0.01, timeout_s=5)
-    assert final.state == RunState.SUCCEEDED and engine.reruns == [("1", False)]
+    assert final.state == SweepState.SUCCEEDED and engine.reruns == [("1", False)]
 
 
 def test_no_resubmission_without_retries_or_for_a_finished_seed(tmp_path):
     store, handle = _sweep(tmp_path, retries=0)
     engine = FakeEngine(dead())
-    assert watch(engine, handle, poll_s=0.01, timeout_s=5).state == RunState.FAILED and engine.reruns == []
+    assert watch(engine, handle, poll_s=0.01, timeout_s=5).state == SweepState.FAILED and engine.reruns == []
     store, handle = _sweep(tmp_path / "b", retries=3)
     store.put_bytes(Manifest(seed_prefix('s', 0), [], state="succeeded").to_json(), f"{seed_prefix('s', 0)}/manifest.json")
     assert not rerun_dead_jobs(engine, handle, dead(), store, retries=3) and engine.reruns == []
@@ -88,8 +88,8 @@ def test_a_preempted_job_resumes_without_spending_a_retry(tmp_path):
 
 def test_an_unknown_state_is_waited_out_not_resubmitted(tmp_path):
     _, handle = _sweep(tmp_path)
-    engine = FakeEngine(RunStatus(RunState.UNKNOWN, "squeue did not answer", jobs={"1": RunState.UNKNOWN}))
-    assert watch(engine, handle, poll_s=0.01, timeout_s=0.2).state == RunState.UNKNOWN and engine.reruns == []
+    engine = FakeEngine(SweepStatus(SweepState.UNKNOWN, "squeue did not answer", jobs={"1": SweepState.UNKNOWN}))
+    assert watch(engine, handle, poll_s=0.01, timeout_s=0.2).state == SweepState.UNKNOWN and engine.reruns == []
 
 
 def test_put_new_creates_once(tmp_path):
