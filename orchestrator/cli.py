@@ -262,6 +262,8 @@ def cmd_status(args) -> int:
 def cmd_watch(args) -> int:
     from orchestrator.watch import watch
 
+    if args.poll <= 0:
+        raise ConfigError(f"--poll {args.poll}: must be > 0 seconds")
     backend, handle, _, rec = _backend_for(args)
     console.print(f"{rec.sweep_id}: watching; dead jobs are re-submitted as the job's retries allow")
     st = watch(backend, handle, poll_s=args.poll, say=lambda line: console.print(line, markup=False))
