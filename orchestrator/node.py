@@ -29,9 +29,9 @@ from orchestrator.compile_cache import compile_cache_env
 from orchestrator.config import REPO_ROOT, expand
 from orchestrator.plan import LaunchPlan
 from orchestrator.provenance import describe_devices, environment_record, package_version, trainer_code_hash
-from orchestrator.sweep import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending, SeedState, next_action, seed_dir
+from orchestrator.sweep import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending, SeedState, next_action, seed_dir,
+                                seed_prefix, trainer_outcome)
 from orchestrator.sweep import seed_done as is_seed_done
-from orchestrator.sweep import seed_prefix, trainer_outcome
 
 log = logging.getLogger(__name__)
 

@@ -284,7 +284,7 @@ class SlurmBackend(Backend):
                 ended.append(JobEnd(j["id"], list(j["seeds"]), ending, why.split(";")[0],
                                     retries_used=j.get("attempt", 0), requeues=j.get("requeues", 0)))
         return SweepStatus(state=_overall(list(states.values())), detail="; ".join(details), jobs=states,
-                         ended=ended)
+                           ended=ended)
 
     def rerun(self, handle: Handle, dead: JobEnd, resume: bool) -> str:
         """Submit a dead job's seeds again (the node runner skips seeds already in the store); its new id.
