@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator.sweep import plan_key, seed_dir, seed_done, seed_of_dir, seed_prefix
+from orchestrator.sweep import MANIFEST, plan_key, seed_dir, seed_done, seed_of_dir, seed_prefix, shown_state
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class SeedSummary:
     complete: bool
     reason: str = ""
     name: str = ""  # `seed-3` or the log file's name; what tables show
+    state: str = ""  # a sweep's seed: succeeded | failed | incomplete (sweep.shown_state); "" for a log file
 
     @classmethod
     def from_result(cls, result: SeedResult, seed: int | None = None, name: str = "") -> "SeedSummary":
@@ -319,7 +320,10 @@ def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedLog]:
     runs = []
     for seed in sorted(seeds):
         seed_keys = {k for k in keys if k.startswith(f"{seed_prefix(sweep_id, seed)}/")}
-        runs.append(_seed_run(store, sweep_id, seed, seed_keys))
+        run = _seed_run(store, sweep_id, seed, seed_keys)
+        committed = f"{seed_prefix(sweep_id, seed)}/{MANIFEST}" in seed_keys
+        run.summary.state = shown_state(run.summary.complete, committed).value
+        runs.append(run)
     return runs
 
 

@@ -1,7 +1,7 @@
 """SweepSummary: what a sweep looks like from its objects in the store, for `launch`, `show` and `runs`.
 
-The numbers come from results.load_sweep_runs (train.log parsed, manifest = commit marker); this adds
-the state word a table shows, the data's entropy rate (env.json) and the sweep's wall time (timings.json).
+The seeds and their shown state come from results.load_sweep_runs (train.log parsed, manifest = commit
+marker); this adds the data's entropy rate (env.json) and the sweep's wall time (timings.json).
 """
 from __future__ import annotations
 
@@ -9,25 +9,14 @@ import json
 from dataclasses import dataclass, field
 
 from orchestrator.config import ClusterConfig
-from orchestrator.results import ResultsError, load_sweep_runs
-from orchestrator.sweep import SeedState, seed_prefix
-
-
-@dataclass
-class SeedRow:
-    seed: int
-    state: str  # succeeded | failed | incomplete (no manifest yet: running, dead, or upload unfinished)
-    val_loss: float | None = None
-    train_time_s: float | None = None
-    step_avg_ms: float | None = None
-    peak_mem_mib: float | None = None
-    reason: str = ""
+from orchestrator.results import ResultsError, SeedSummary, load_sweep_runs
+from orchestrator.sweep import seed_prefix
 
 
 @dataclass
 class SweepSummary:
     sweep_id: str
-    seeds: list[SeedRow] = field(default_factory=list)
+    seeds: list[SeedSummary] = field(default_factory=list)  # each with its shown state
     entropy_rate_nats: float | None = None
     wall_s: float | None = None
 
@@ -49,9 +38,7 @@ def sweep_summary(store, sweep_id: str) -> SweepSummary:
     for run in runs:
         r = run.summary
         prefix = seed_prefix(sweep_id, r.seed)
-        committed = store.exists(f"{prefix}/manifest.json")
-        state = SeedState.SUCCEEDED if r.complete else (SeedState.FAILED if committed else SeedState.INCOMPLETE)
-        s.seeds.append(SeedRow(r.seed, state.value, r.val_loss, r.train_time_s, r.step_avg_ms, r.peak_mem_mib, r.reason))
+        s.seeds.append(r)
         timings = _json_or_none(store, f"{prefix}/timings.json") or {}
         if timings.get("total_s") is not None:
             walls.append(timings["total_s"])

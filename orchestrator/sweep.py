@@ -95,6 +95,14 @@ def seed_state(has_manifest: bool, recorded: str | None) -> SeedState:
     return SeedState.FAILED
 
 
+def shown_state(complete: bool, has_manifest: bool) -> SeedState:
+    """What a sweep's table says of a seed: its log complete and committed, committed but not complete
+    (the node runner or the log says it failed), or not committed yet."""
+    if complete:
+        return SeedState.SUCCEEDED
+    return SeedState.FAILED if has_manifest else SeedState.INCOMPLETE
+
+
 def seed_done(has_manifest: bool, recorded: str | None) -> bool:
     """A seed that nobody needs to run again."""
     return seed_state(has_manifest, recorded) is SeedState.SUCCEEDED

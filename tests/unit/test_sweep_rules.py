@@ -81,3 +81,19 @@ def test_the_shard_format_has_one_implementation():
     for path in (REPO / "orchestrator" / "data" / "shards.py", REPO / "trainer" / "data.py"):
         assert "MAGIC =" not in path.read_text() and "np.zeros(HEADER_INTS" not in path.read_text(), path
 
+
+
+def test_the_state_a_sweeps_table_shows(tmp_path):
+    from orchestrator.results import load_sweep
+    from orchestrator.store import LocalStore
+    from orchestrator.summary import sweep_summary
+
+    assert sweep.shown_state(True, True) is SeedState.SUCCEEDED
+    assert sweep.shown_state(False, True) is SeedState.FAILED and sweep.shown_state(False, False) is SeedState.INCOMPLETE
+    store = LocalStore(tmp_path)
+    line = b"step:10/10 val_loss:3.2700 train_time:1000ms step_avg:100.00ms\n"
+    for seed in (0, 1):
+        store.put_bytes(line, f"{sweep.seed_prefix('s', seed)}/train.log")
+    store.put_bytes(b'{"prefix": "s/seed-0", "files": [], "created_at": 0, "format": 1}', "s/seed-0/manifest.json")
+    assert [(r.seed, r.state) for r in load_sweep(store, "s")] == [(0, "succeeded"), (1, "incomplete")]
+    assert [(r.seed, r.state) for r in sweep_summary(store, "s").seeds] == [(0, "succeeded"), (1, "incomplete")]
