@@ -31,15 +31,16 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator.store import PARTIAL_SUFFIX, Store, StoreError, sha256_file, validate_key
+from orchestrator.sweep import MANIFEST, seed_done
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 PENDING = "pending.json"
 SKIP_NAMES = {MANIFEST, "CHECKPOINT_NOW"}
 TEXT_SUFFIXES = {".log", ".txt", ".json", ".jsonl", ".yaml", ".yml", ".csv", ".out", ".err"}
@@ -185,11 +186,15 @@ class SeedUploader:
         self.max_workers, self.console = max_workers, console
 
     def upload_seed(self, local_dir: str | os.PathLike, prefix: str, keep_last_ckpt: int | None = None,
-                    state: str | None = None, write_manifest: bool = True) -> Manifest:
-        """Upload a finished seed's directory to `prefix`; see the module docstring."""
+                    state: str | None = None, write_manifest: bool = True,
+                    closing: Callable[[float], dict[str, bytes]] | None = None) -> Manifest:
+        """Upload a finished seed's directory to `prefix`; see the module docstring.
+
+        closing(upload_s) returns small files (the node runner's timings.json, which states the upload
+        time) that join the same pass after every other file is up, just before the manifest."""
         entry = self._snapshot(Path(local_dir), validate_key(prefix.strip("/")), keep_last_ckpt,
                                {"state": state, "write_manifest": write_manifest})
-        return self.finish(entry)
+        return self.finish(entry, closing)
 
     def _snapshot(self, local_dir: Path, prefix: str, keep: int | None, extra: dict) -> Path:
         if not local_dir.is_dir():
@@ -224,22 +229,23 @@ class SeedUploader:
         os.replace(tmp, entry / PENDING)  # the entry counts only once its record is complete
         return entry
 
-    def finish(self, entry: Path) -> Manifest:
+    def finish(self, entry: Path, closing: Callable[[float], dict[str, bytes]] | None = None) -> Manifest:
         """Upload a spool entry, write its manifest, prune checkpoints, drop the entry. Idempotent."""
         record = json.loads((entry / PENDING).read_text())
         try:
-            return self._finish(entry, record)
+            return self._finish(entry, record, closing)
         except (UploadIncomplete, UploadConflict):
             raise
         except StoreError as e:  # the store is unreachable or refusing: the entry stays for collect
             raise UploadIncomplete(f"{e}; the seed waits in {entry}; "
                                    f"run `speedrun collect {record['prefix'].split('/')[0]}` later") from e
 
-    def _finish(self, entry: Path, record: dict) -> Manifest:
+    def _finish(self, entry: Path, record: dict, closing: Callable[[float], dict[str, bytes]] | None = None) -> Manifest:
+        started = time.monotonic()
         prefix, keys = record["prefix"], record["files"]
         files = entry / "files"
         done = read_manifest(self.store, prefix)
-        if done is not None and done.state not in (None, "succeeded") and record["created_at"] > done.created_at:
+        if done is not None and not seed_done(True, done.state) and record["created_at"] > done.created_at:
             # A newer attempt of a seed committed as failed: un-commit first, so that no manifest ever
             # lists objects that no longer match it, then upload as usual.
             log.warning("%s was committed as %s; replacing it with a newer attempt", self.store.url(prefix), done.state)
@@ -281,6 +287,8 @@ class SeedUploader:
         if failures:
             raise UploadIncomplete(f"{self.store.url(prefix)}: {len(failures)} of {len(keys)} files were not uploaded "
                                    f"(first: {sorted(failures)[0]}); they wait in {entry}; run `speedrun collect {prefix.split('/')[0]}` later")
+        if closing is not None:
+            results += self._upload_closing(entry, record, closing(time.monotonic() - started), present)
         manifest = Manifest(prefix, sorted(results, key=lambda f: f.key), state=record.get("state"))
         if not record.get("write_manifest", True):
             shutil.rmtree(entry, ignore_errors=True)
@@ -290,6 +298,21 @@ class SeedUploader:
         shutil.rmtree(entry, ignore_errors=True)
         log.info("uploaded %s: %d files, %.1f MB", self.store.url(prefix), len(results), manifest.total_bytes / 1e6)
         return manifest
+
+    def _upload_closing(self, entry: Path, record: dict, extra: dict[str, bytes], present: dict[str, int]) -> list[ManifestEntry]:
+        """The closing files into the spool entry (so that collect has them too), then to the store."""
+        files, out = entry / "files", []
+        for key, data in extra.items():
+            (files / validate_key(key)).parent.mkdir(parents=True, exist_ok=True)
+            (files / key).write_bytes(redact_bytes(data))
+        record["files"] = sorted(set(record["files"]) | set(extra))
+        tmp = entry / (PENDING + PARTIAL_SUFFIX)
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, entry / PENDING)
+        for key in sorted(extra):
+            size, digest = self._upload_one(files / key, f"{record['prefix']}/{key}", present)
+            out.append(ManifestEntry(key, size, digest))
+        return out
 
     def _upload_one(self, path: Path, key: str, present: dict[str, int]) -> tuple[int, str]:
         size, digest = path.stat().st_size, sha256_file(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.cli_results import add_results_commands, open_store_for, print_sweep
 from orchestrator.config import ConfigError
 
 console = Console(highlight=False)
@@ -21,17 +22,9 @@ err_console = Console(stderr=True, highlight=False)
 # ------------------------------------------------------------------------------------------ launch
 
 
-def _open_store(url: str):
-    """The store as the CLI uses it: a person is waiting, so an unreachable endpoint fails in ~20 s, not the
-    node uploader's 5-minute budget (which exists so that artifacts are never lost)."""
-    from orchestrator.store import open_store
-
-    return open_store(url, retry_budget_s=20.0) if str(url).startswith("s3://") else open_store(url)
-
-
 def _prepare_launch(args):
     """Load, validate and plan; creates nothing. Returns (plan, backend)."""
-    from orchestrator.backends.base import get_backend
+    from orchestrator.backends.registry import get_backend
     from orchestrator.config import check_store_url, check_writable_dir, expand, load_cluster, load_job
     from orchestrator.plan import build_plan
 
@@ -89,7 +82,9 @@ def _follow(backend, handle) -> None:
 
 
 def cmd_launch(args) -> int:
-    from orchestrator.runs import RunRecord, record_run
+    from orchestrator.runs import SweepRecord, record_sweep
+    from orchestrator.sweep import plan_key
+    from orchestrator.watch import watch
 
     plan, backend = _prepare_launch(args)
     if args.dry_run:
@@ -97,154 +92,116 @@ def cmd_launch(args) -> int:
         console.print("[dim]dry run: nothing was created or submitted[/dim]")
         return 0
     backend.check(plan)
-    store = _open_store(plan.store_url)
-    store.put_bytes(plan.to_json().encode(), f"{plan.sweep_id}/plan.json")
+    store = open_store_for(plan.store_url)
+    store.put_bytes(plan.to_json().encode(), plan_key(plan.sweep_id))
     handle = backend.submit(plan)
-    record_run(RunRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
-                         handle.to_dict()), store)
+    record_sweep(SweepRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
+                             handle.to_dict()), store)
     console.print(f"launched [bold]{plan.sweep_id}[/bold] on {plan.cluster.name} ({backend.name}); "
                   f"seeds {plan.seeds}")
     if args.detach:
         console.print(f"follow with: speedrun logs -f {plan.sweep_id}")
+        if backend.reruns_dead_jobs and plan.job.retries:
+            console.print(f"dead jobs are re-submitted (retries: {plan.job.retries}) while a watcher runs: "
+                          f"speedrun watch {plan.sweep_id}")
         return 0
     try:
         _follow(backend, handle)
     except KeyboardInterrupt:
         console.print(f"\ndetached; the run goes on. cancel with: speedrun cancel {plan.sweep_id}")
         return 130
-    status = backend.wait(handle, poll_s=0.5)
-    _print_sweep(store, plan.sweep_id, plan.store_url, plan.cluster)
+    status = watch(backend, handle, poll_s=0.5, say=lambda line: console.print(line, markup=False))
+    print_sweep(store, plan.sweep_id, plan.store_url, plan.cluster)
     console.print(f"run {plan.sweep_id}: {status.state.value} ({status.detail})")
     return 0 if status.state.value == "SUCCEEDED" else 1
 
 
-# ------------------------------------------------------------------------------- runs and results
+# ------------------------------------------------------------------------------- following a sweep
 
 
-def _fmt(v, spec: str, unit: str = "") -> str:
-    return "-" if v is None else f"{v:{spec}}{unit}"
-
-
-def _print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
-    from orchestrator.summary import sweep_summary
-
-    s = sweep_summary(store, sweep_id)
-    t = Table(title=f"{sweep_id}", title_justify="left")
-    for col in ("seed", "state", "val loss", "train time", "step avg", "peak mem", "artifacts"):
-        t.add_column(col, justify="right" if col not in ("state", "artifacts") else "left")
-    for r in s.seeds:
-        t.add_row(str(r.seed), r.state, _fmt(r.val_loss, ".4f"), _fmt(r.train_time_s, ".1f", " s"),
-                  _fmt(r.step_avg_ms, ".1f", " ms"), _fmt(r.peak_mem_mib, ".0f", " MiB"),
-                  f"seed-{r.seed}/")
-    console.print(t)
-    console.print(f"artifacts: {store_url.rstrip('/')}/{sweep_id}/", markup=False, soft_wrap=True)
-    for r in s.seeds:
-        if r.state != "succeeded" and r.reason:
-            console.print(f"seed {r.seed}: {r.state}: {r.reason}", style="red", markup=False, soft_wrap=True)
-    if s.entropy_rate_nats is not None:
-        console.print(f"data entropy rate (best possible val loss): {s.entropy_rate_nats:.4f} nats")
-    if cluster is not None and cluster.cost_per_hour and s.wall_s:
-        try:
-            from orchestrator.cloud import cost_line
-
-            console.print(cost_line(cluster, s.wall_s))
-        except ImportError:
-            pass
-
-
-def _store_for(args, run_id: str | None = None):
-    """The store named by --store, else the one recorded for RUN, else the local cluster's default."""
-    from orchestrator.config import load_cluster
-    from orchestrator.runs import find_run
-
-    if args.store:
-        return _open_store(args.store), args.store
-    if run_id:
-        try:
-            rec = find_run(run_id)
-            return _open_store(rec.store_url), rec.store_url
-        except ConfigError:
-            pass
-    cluster, _ = load_cluster(args.cluster)
-    return _open_store(cluster.store), cluster.store
-
-
-def cmd_runs(args) -> int:
-    from orchestrator.runs import list_sweeps
-    from orchestrator.summary import sweep_summary
-
-    store, url = _store_for(args)
-    t = Table(title=f"runs in {url}", title_justify="left")
-    for col in ("run", "seeds", "complete", "best val loss"):
-        t.add_column(col)
-    for sweep in list_sweeps(store):
-        s = sweep_summary(store, sweep)
-        done = [r for r in s.seeds if r.state == "succeeded"]
-        best = min((r.val_loss for r in done if r.val_loss is not None), default=None)
-        t.add_row(sweep, str(len(s.seeds)), f"{len(done)}/{len(s.seeds)}", _fmt(best, ".4f"))
-    console.print(t)
-    return 0
-
-
-def cmd_show(args) -> int:
-    from orchestrator.runs import list_sweeps
-
-    store, url = _store_for(args, args.run)
-    if args.run not in list_sweeps(store):
-        raise ConfigError(f"run {args.run!r}: not found in store {url}; list runs with `speedrun runs --store {url}`")
-    _print_sweep(store, args.run, url)
-    return 0
-
-
-def _backend_for(run_id: str):
-    from orchestrator.backends.base import get_backend
-    from orchestrator.config import ClusterConfig
-    from orchestrator.runs import find_run
+def _engine_of(rec, store):
+    """The backend that runs a sweep, from the plan stored beside it."""
+    from orchestrator.backends.registry import get_backend
     from orchestrator.plan import LaunchPlan
+    from orchestrator.sweep import plan_key
 
-    rec = find_run(run_id)
+    plan = LaunchPlan.from_json(store.get_bytes(plan_key(rec.sweep_id)).decode())
+    return get_backend(plan.cluster)
 
-    store = _open_store(rec.store_url)
-    plan = LaunchPlan.from_json(store.get_bytes(f"{run_id}/plan.json").decode())
-    cluster: ClusterConfig = plan.cluster
-    return get_backend(cluster), rec.handle_obj, store, rec
+
+def _backend_for(args):
+    """(backend, handle, store, record) of the sweep named by args.run: an id, a prefix or `last`, found in
+    this machine's index or, with --store, in the store's handle.json."""
+    from orchestrator.runs import find_sweep
+
+    store = open_store_for(args.store) if args.store else None
+    rec = find_sweep(args.run, store)
+    store = store or open_store_for(rec.store_url)
+    return _engine_of(rec, store), rec.handle_obj, store, rec
+
+
+def _list_sweeps(args) -> int:
+    import time
+
+    from orchestrator.runs import index_path, recent_sweeps
+
+    if args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be >= 1")
+    store = open_store_for(args.store) if args.store else None
+    where = f"{index_path()}" + (f" and {args.store}" if args.store else "")
+    t = Table(title=f"recent runs ({where})", title_justify="left")
+    for col in ("run", "launched (UTC)", "backend", "state", "detail"):
+        t.add_column(col, no_wrap=col == "run")
+    stores = {args.store: store} if store is not None else {}
+    for rec in recent_sweeps(store, limit=args.limit):
+        launched = time.strftime("%Y-%m-%d %H:%M", time.gmtime(rec.created_at))
+        try:
+            if rec.store_url not in stores:
+                stores[rec.store_url] = open_store_for(rec.store_url)
+            st = _engine_of(rec, stores[rec.store_url]).status(rec.handle_obj)
+            state, detail = st.state.value, st.detail.splitlines()[0][:80] if st.detail else ""
+        except Exception as e:  # noqa: BLE001  one unreachable engine must not hide the other runs
+            state, detail = "?", f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        t.add_row(rec.sweep_id, launched, rec.handle_obj.backend, state, detail)
+    console.print(t)
+    return 0
 
 
 def cmd_status(args) -> int:
-    backend, handle, store, rec = _backend_for(args.run)
+    if args.run is None:
+        return _list_sweeps(args)
+    backend, handle, store, rec = _backend_for(args)
     st = backend.status(handle)
-    console.print(f"{args.run}: [bold]{st.state.value}[/bold] {st.detail}")
+    console.print(f"{rec.sweep_id}: [bold]{st.state.value}[/bold] {st.detail}")
     for job, state in st.jobs.items():
         console.print(f"  job {job}: {state.value}")
     return 0
 
 
+def cmd_watch(args) -> int:
+    from orchestrator.watch import watch
+
+    if args.poll <= 0:
+        raise ConfigError(f"--poll {args.poll}: must be > 0 seconds")
+    backend, handle, _, rec = _backend_for(args)
+    console.print(f"{rec.sweep_id}: watching; dead jobs are re-submitted as the job's retries allow")
+    st = watch(backend, handle, poll_s=args.poll, say=lambda line: console.print(line, markup=False))
+    console.print(f"{rec.sweep_id}: [bold]{st.state.value}[/bold] {st.detail}")
+    return 0 if st.state.value == "SUCCEEDED" else 1
+
+
 def cmd_logs(args) -> int:
-    backend, handle, _, _ = _backend_for(args.run)
+    backend, handle, _, _ = _backend_for(args)
     for line in backend.logs(handle, follow=args.follow):
         console.print(line, markup=False, soft_wrap=True)
     return 0
 
 
 def cmd_cancel(args) -> int:
-    backend, handle, _, _ = _backend_for(args.run)
+    backend, handle, _, rec = _backend_for(args)
     backend.cancel(handle)
-    console.print(f"{args.run}: cancel requested; now {backend.status(handle).state.value}")
+    console.print(f"{rec.sweep_id}: cancel requested; now {backend.status(handle).state.value}")
     return 0
-
-
-def cmd_collect(args) -> int:
-    from orchestrator.artifacts import collect
-    from orchestrator.config import expand, load_cluster
-
-    store, url = _store_for(args, args.run)
-    spool = Path(args.spool) if args.spool else None
-    if spool is None:
-        cluster, _ = load_cluster(args.cluster)
-        spool = expand(cluster.work_dir) / args.run / "spool"
-    report = collect(store, spool, args.run)
-    console.print(report.describe() if hasattr(report, "describe") else str(report))
-    return 0 if getattr(report, "ok", True) else 1
 
 
 # --------------------------------------------------------------------------------------- parsing
@@ -267,33 +224,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds-parallel", action="store_true", help="slurm: one array task per seed")
     p.set_defaults(func=cmd_launch)
 
-    for name, func, helptext in (("status", cmd_status, "state of a run"), ("cancel", cmd_cancel, "stop a run")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("run")
-        p.set_defaults(func=func)
+    run_help = "a run id, an unambiguous prefix of one, or 'last'"
+    store_help = "object store the run was launched with (finds runs launched on other machines)"
+    p = sub.add_parser("status", help="state of a run; without RUN, the recent runs, newest first")
+    p.add_argument("run", nargs="?", help=run_help)
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--limit", type=int, default=10, help="how many recent runs to list (default 10)")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("cancel", help="stop a run")
+    p.add_argument("run", help=run_help)
+    p.add_argument("--store", help=store_help)
+    p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("watch", help="follow a run to its end, re-submitting dead jobs as its retries allow")
+    p.add_argument("run", help=run_help)
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between looks (default 5)")
+    p.set_defaults(func=cmd_watch)
     p = sub.add_parser("logs", help="the node runner's output of a run")
-    p.add_argument("run")
+    p.add_argument("run", help=run_help)
+    p.add_argument("--store", help=store_help)
     p.add_argument("-f", "--follow", action="store_true")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("runs", help="list runs found in a store")
-    p.add_argument("--store")
-    p.add_argument("--cluster", default="local")
-    p.set_defaults(func=cmd_runs)
-    p = sub.add_parser("show", help="one run's summary")
-    p.add_argument("run")
-    p.add_argument("--store")
-    p.add_argument("--cluster", default="local")
-    p.set_defaults(func=cmd_show)
-    p = sub.add_parser("collect", help="finish an interrupted upload from the node's spool")
-    p.add_argument("run")
-    p.add_argument("--store")
-    p.add_argument("--spool", help="spool directory (default: <work_dir>/<run>/spool)")
-    p.add_argument("--cluster", default="local")
-    p.set_defaults(func=cmd_collect)
-
+    add_results_commands(sub)
     add_data_commands(sub)
-    add_stats_commands(sub)
     add_cluster_commands(sub)
     return ap
 
@@ -356,103 +310,14 @@ def _data_verify(args) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
-def _stats_runs(args, what: list[str]):
-    """SeedRuns from log files (every argument a file, or a folder of *.txt/*.log) or from one sweep id."""
-    from orchestrator.results import ResultsError, load_sweep_runs, runs_from_logs
-
-    paths = [p for p in map(Path, what) if p.exists()]
-    if paths and len(paths) == len(what):
-        files = [f for p in paths for f in (sorted([*p.glob("*.txt"), *p.glob("*.log")]) if p.is_dir() else [p])]
-        if not files:
-            raise ResultsError(f"{what[0]}: no *.txt or *.log training logs in it; pass log files or a sweep id")
-        return runs_from_logs(files), f"{len(files)} log file(s)"
-    missing = next(w for w in what if not Path(w).exists())
-    if len(what) != 1 or Path(missing).suffix in (".txt", ".log") or "/" in missing.rstrip("/"):
-        raise ResultsError(f"{missing}: no such log file; pass either log files or ONE sweep id")
-    store, url = _store_for(args, what[0])
-    return load_sweep_runs(store, what[0]), f"{url.rstrip('/')}/{what[0]}"
-
-
-def cmd_stats(args) -> int:
-    import json
-
-    from orchestrator.stats import render_stats, sweep_stats
-
-    runs, where = _stats_runs(args, args.what)
-    s = sweep_stats([r.summary for r in runs], args.target)
-    if args.json:
-        sys.stdout.write(json.dumps(s.to_dict(), indent=2) + "\n")
-    else:
-        console.print(render_stats(s, title=where))
-    return 0
-
-
-def cmd_compare(args) -> int:
-    import json
-
-    from orchestrator.stats import compare, render_comparison
-
-    a, _ = _stats_runs(args, [args.a])
-    b, _ = _stats_runs(args, [args.b])
-    c = compare([r.summary for r in a], [r.summary for r in b], args.a, args.b)
-    if args.json:
-        sys.stdout.write(json.dumps(c.to_dict(), indent=2) + "\n")
-    else:
-        console.print(render_comparison(c))
-    return 0
-
-
-def cmd_report(args) -> int:
-    from orchestrator.report import write_report
-
-    store, url = _store_for(args, args.sweep)
-    out = Path(args.out or f"{args.sweep}-report")
-    manifest = write_report(store, args.sweep, out, args.target)
-    t = Table(title=f"report of {args.sweep}", title_justify="left",
-              caption=f"local: {out}/\nstore: {url.rstrip('/')}/{manifest.prefix}/", caption_justify="left")
-    for col in ("file", "size", "sha256"):
-        t.add_column(col)
-    for f in manifest.files:
-        t.add_row(f.key, f"{f.size / 1024:.0f} KiB", f.sha256[:16])
-    console.print(t)
-    return 0
-
-
-def add_stats_commands(sub) -> None:
-    """`speedrun stats|compare|report` (orchestrator/stats.py, orchestrator/report.py)."""
-    from orchestrator.stats import TARGET_VAL_LOSS
-
-    def common(p):
-        p.add_argument("--store", help="object store holding the sweep (default: the run's, else the cluster's)")
-        p.add_argument("--cluster", default="local", help="cluster config whose store to use (default: local)")
-        p.add_argument("--target", type=float, default=TARGET_VAL_LOSS, help="target val loss (default 3.28)")
-
-    p = sub.add_parser("stats", help="seeds table, mean ± std, p-value against the target, train time CI")
-    p.add_argument("what", nargs="+", metavar="SWEEP|LOG", help="a sweep id, or training log files / folders")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    common(p)
-    p.set_defaults(func=cmd_stats)
-    p = sub.add_parser("compare", help="B minus A: val loss and train time with 95%% CIs (Welch)")
-    p.add_argument("a", metavar="A", help="sweep id or folder of logs")
-    p.add_argument("b", metavar="B", help="sweep id or folder of logs")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    common(p)
-    p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("report", help="PNG plots of a sweep, uploaded to <sweep>/report/ with a manifest")
-    p.add_argument("sweep")
-    p.add_argument("--out", help="local folder for the plots (default: ./<sweep>-report)")
-    common(p)
-    p.set_defaults(func=cmd_report)
-
-
 def cmd_cluster(args) -> int:
-    from orchestrator.cloud import cluster_command
+    from orchestrator.backends.ray_launcher import cluster_command
 
     return cluster_command(args, console)
 
 
 def add_cluster_commands(sub) -> None:
-    """`speedrun cluster up|down|status` (orchestrator/cloud.py)."""
+    """`speedrun cluster up|down|status` (orchestrator/backends/ray_launcher.py)."""
     p = sub.add_parser("cluster", help="rent or release nodes: the Ray cluster launcher on a cluster config")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("config", help="cluster_configs/NAME.yaml with a ray.launcher section, e.g. ray-cluster-aws")

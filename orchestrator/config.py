@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.sweep import TARGET_VAL_LOSS
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +63,7 @@ class JobSpec(Strict):
     trainer: dict[str, Any] = Field(default_factory=dict, description="overrides of trainer.config.TrainConfig")
     script: str | None = Field(None, description="an external modded-nanogpt style train_gpt.py instead of our trainer")
     script_args: list[str] = Field(default_factory=list)
-    target_loss: float = 3.28
+    target_loss: float = Field(TARGET_VAL_LOSS, description="val loss that stats/report/compare test against")
     retries: int = Field(0, ge=0, description="re-submit a failed seed this many times")
     store: str | None = Field(None, description="object store URL; default: the cluster's store")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)

@@ -29,10 +29,11 @@ from orchestrator.compile_cache import compile_cache_env
 from orchestrator.config import REPO_ROOT, expand
 from orchestrator.plan import LaunchPlan
 from orchestrator.provenance import describe_devices, environment_record, package_version, trainer_code_hash
+from orchestrator.sweep import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending, SeedState, next_action, seed_dir,
+                                seed_prefix, trainer_outcome)
+from orchestrator.sweep import seed_done as is_seed_done
 
 log = logging.getLogger(__name__)
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on request; run again to resume
 
 
 def apply_launch_env(environ: Mapping[str, str], launch: Mapping[str, str | None]) -> dict[str, str]:
@@ -95,13 +96,13 @@ class NodeRunner:
         return self._store
 
     def seed_prefix(self, seed: int) -> str:
-        return f"{self.plan.sweep_id}/seed-{seed}"
+        return seed_prefix(self.plan.sweep_id, seed)
 
     def seed_done(self, seed: int) -> bool:
         from orchestrator.artifacts import read_manifest
 
         m = read_manifest(self.store, self.seed_prefix(seed))
-        return m is not None and m.state in (None, "succeeded")
+        return is_seed_done(m is not None, m.state if m else None)
 
     # ---------------------------------------------------------------- preemption
     def request_checkpoint(self, timeout_s: float = 300.0) -> bool:
@@ -284,39 +285,45 @@ class NodeRunner:
         (out / "env.json").write_text(json.dumps(record, indent=2))
 
     def upload_seed(self, seed: int, out: Path, outcome: SeedOutcome, run_t: dict) -> None:
+        """One upload pass: the seed's files, then its records (timings.json states that pass's time), then
+        the manifest."""
         from orchestrator.artifacts import SeedUploader
 
-        uploader = SeedUploader(self.store, self.work / "spool")
-        # Pass 1 carries everything but the small records, so that timings.json can state the upload time.
-        t0 = time.time()
-        self.write_seed_records(seed, out, outcome, run_t, upload_s=0.0)
-        uploader.upload_seed(out, self.seed_prefix(seed), keep_last_ckpt=self.plan.job.checkpoint.keep_last,
-                             state=outcome.state, write_manifest=False)
-        self.write_seed_records(seed, out, outcome, run_t, upload_s=time.time() - t0)
-        uploader.upload_seed(out, self.seed_prefix(seed), keep_last_ckpt=self.plan.job.checkpoint.keep_last,
-                             state=outcome.state, write_manifest=True)
+        records = ("timings.json", "env.json")
+        for name in records:  # an earlier attempt's records are replaced, not uploaded first
+            (out / name).unlink(missing_ok=True)
+
+        def write_records(upload_s: float) -> dict[str, bytes]:
+            self.write_seed_records(seed, out, outcome, run_t, upload_s=upload_s)
+            return {name: (out / name).read_bytes() for name in records}
+
+        SeedUploader(self.store, self.work / "spool").upload_seed(
+            out, self.seed_prefix(seed), keep_last_ckpt=self.plan.job.checkpoint.keep_last, state=outcome.state,
+            closing=write_records)
 
     def run_seed(self, seed: int, data_dir: Path) -> SeedOutcome:
-        out = self.work / f"seed-{seed}"
+        out = self.work / seed_dir(seed)
         out.mkdir(parents=True, exist_ok=True)
-        outcome = SeedOutcome(seed=seed, state="failed")
+        outcome = SeedOutcome(seed=seed, state=SeedState.FAILED.value)
         run_t: dict = {}
-        for attempt in range(1 + self.plan.job.retries):
-            outcome.attempts = attempt + 1
-            self.console.print(f"[node] seed {seed}: attempt {attempt + 1}, torchrun x{self.plan.cluster.gpus_per_node}"
+        while True:
+            outcome.attempts += 1
+            self.console.print(f"[node] seed {seed}: attempt {outcome.attempts}, torchrun x{self.plan.cluster.gpus_per_node}"
                                f"{'' if self.node.nnodes == 1 else f' on node {self.node.node_rank}/{self.node.nnodes}'}")
             rc, run_t = self.run_seed_once(seed, out, data_dir)
             outcome.exit_code = rc
-            if rc == 0:
-                outcome.state = "succeeded"
+            outcome.state = trainer_outcome(rc, self._stop.is_set()).value
+            if outcome.state == SeedState.SUCCEEDED:
                 break
-            if rc == EXIT_PREEMPTED or self._stop.is_set():
-                outcome.state = "preempted"
+            if outcome.state == SeedState.PREEMPTED:
                 return outcome  # no upload: the requeued run resumes this seed from its checkpoint
             tail = "".join((out / "train.log").read_text(errors="replace").splitlines(True)[-15:])
             outcome.reason = f"trainer exited with code {rc}"
             self.console.print(f"[node] seed {seed} failed ({outcome.reason}); last lines of train.log:\n{tail}",
                                markup=False)
+            # a trainer that failed is this node runner's to retry; the backend retries only dead node runners
+            if next_action(Ending.DIED, [seed], outcome.attempts - 1, self.plan.job.retries).action != "retry":
+                break
         if self.node.is_first:
             from orchestrator.store import StoreError
 
@@ -347,18 +354,18 @@ class NodeRunner:
                 self.console.print(f"[node] seed {seed}: already complete in the store, skipped")
                 continue
             o = self.run_seed(seed, staged.dest)
-            if o.state == "preempted":
+            if o.state == SeedState.PREEMPTED:
                 self.console.print(f"[node] seed {seed}: checkpointed for preemption; resume by running again")
                 return EXIT_PREEMPTED
             outcomes.append(o)
         self.save_compile_cache()
-        failed = [o.seed for o in outcomes if o.state != "succeeded"]
+        failed = [o.seed for o in outcomes if o.state != SeedState.SUCCEEDED]
         pending = [o.seed for o in outcomes if o.upload_pending]
         if failed or pending:
             self.console.print(f"[node] failed seeds: {failed or 'none'}; seeds waiting in the spool: {pending or 'none'}")
-            return 1
+            return EXIT_FAILED
         self.console.print("[node] all seeds done")
-        return 0
+        return EXIT_OK
 
 
 def run_node(plan: LaunchPlan, node: NodeEnvironment | None = None) -> int:
@@ -382,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # reported in one line; the traceback goes to the log for whoever debugs
         log.exception("node runner failed")
         Console(stderr=True).print(f"[node] failed: {e}", markup=False)
-        rc = 1
+        rc = EXIT_FAILED
     if args.exit_file:
         args.exit_file.write_text(str(rc))
     return rc

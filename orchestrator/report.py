@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from orchestrator.artifacts import MANIFEST, Manifest, ManifestEntry
-from orchestrator.results import SeedRun, load_sweep_runs
+from orchestrator.results import SeedLog, load_sweep_runs
 from orchestrator.stats import TARGET_VAL_LOSS, sweep_stats
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def _figure() -> Figure:
     return fig
 
 
-def _val_curves(runs: Sequence[SeedRun], target: float, x: str, path: Path) -> Path:
+def _val_curves(runs: Sequence[SeedLog], target: float, x: str, path: Path) -> Path:
     fig = _figure()
     ax = fig.add_subplot()
     lows = []
@@ -63,7 +63,7 @@ def _val_curves(runs: Sequence[SeedRun], target: float, x: str, path: Path) -> P
     return path
 
 
-def _train_times(runs: Sequence[SeedRun], target: float, path: Path) -> Path:
+def _train_times(runs: Sequence[SeedLog], target: float, path: Path) -> Path:
     stats = sweep_stats([r.summary for r in runs], target)
     times = [r.summary.train_time_s for r in runs if r.summary.complete and r.summary.train_time_s is not None]
     fig = _figure()
@@ -88,7 +88,7 @@ def _train_times(runs: Sequence[SeedRun], target: float, path: Path) -> Path:
     return path
 
 
-def make_plots(runs: Sequence[SeedRun], out_dir: str | Path, target: float = TARGET_VAL_LOSS) -> list[Path]:
+def make_plots(runs: Sequence[SeedLog], out_dir: str | Path, target: float = TARGET_VAL_LOSS) -> list[Path]:
     """Write the three PNGs into out_dir and return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,8 @@ def make_plots(runs: Sequence[SeedRun], out_dir: str | Path, target: float = TAR
     ]
 
 
-def write_report(store: Any, sweep_id: str, out_dir: str | Path, target: float = TARGET_VAL_LOSS) -> Manifest:
+def write_report(store: Any, sweep_id: str, out_dir: str | Path, target: float = TARGET_VAL_LOSS,
+                 target_source: str = "") -> Manifest:
     """Plots and stats.json into out_dir, uploaded to `<sweep>/report/`; `report/manifest.json` (the seeds'
     manifest format: key relative to the prefix, size, sha256) goes last, so a report without it is unfinished."""
     sweep_id = sweep_id.strip("/")
@@ -108,7 +109,9 @@ def write_report(store: Any, sweep_id: str, out_dir: str | Path, target: float =
     out = Path(out_dir)
     files = make_plots(runs, out, target)
     stats_path = out / "stats.json"
-    stats_path.write_text(json.dumps(sweep_stats([r.summary for r in runs], target).to_dict(), indent=2))
+    stats = sweep_stats([r.summary for r in runs], target)
+    stats.target_source = target_source
+    stats_path.write_text(json.dumps(stats.to_dict(), indent=2))
     files.append(stats_path)
     entries = []
     for path in files:

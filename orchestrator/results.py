@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from orchestrator.sweep import MANIFEST, plan_key, seed_dir, seed_done, seed_of_dir, seed_prefix, shown_state
+
 log = logging.getLogger(__name__)
 
 # `step:N/T` anywhere on the line (torchrun may prefix `[rank0]:`), then `key:value` pairs.
@@ -72,7 +74,9 @@ class TrainPoint:
 
 
 @dataclass
-class RunResult:
+class SeedResult:
+    """One seed's training log, parsed: its curves and final numbers (from ours or modded-nanogpt's log)."""
+
     val_points: list[ValPoint] = field(default_factory=list)
     train_points: list[TrainPoint] = field(default_factory=list)
     final_val_loss: float | None = None
@@ -91,7 +95,7 @@ class RunResult:
 
 
 @dataclass
-class RunSummary:
+class SeedSummary:
     """One seed's numbers as the statistics see them."""
 
     seed: int | None
@@ -102,9 +106,10 @@ class RunSummary:
     complete: bool
     reason: str = ""
     name: str = ""  # `seed-3` or the log file's name; what tables show
+    state: str = ""  # a sweep's seed: succeeded | failed | incomplete (sweep.shown_state); "" for a log file
 
     @classmethod
-    def from_result(cls, result: RunResult, seed: int | None = None, name: str = "") -> "RunSummary":
+    def from_result(cls, result: SeedResult, seed: int | None = None, name: str = "") -> "SeedSummary":
         return cls(
             seed=seed,
             val_loss=result.final_val_loss,
@@ -113,18 +118,18 @@ class RunSummary:
             peak_mem_mib=result.peak_alloc_mib,
             complete=result.complete,
             reason=result.reason,
-            name=name or (f"seed-{seed}" if seed is not None else ""),
+            name=name or (seed_dir(seed) if seed is not None else ""),
         )
 
     @classmethod
-    def failed(cls, reason: str, seed: int | None = None, name: str = "") -> "RunSummary":
-        return cls(seed, None, None, None, None, False, reason, name or (f"seed-{seed}" if seed is not None else ""))
+    def failed(cls, reason: str, seed: int | None = None, name: str = "") -> "SeedSummary":
+        return cls(seed, None, None, None, None, False, reason, name or (seed_dir(seed) if seed is not None else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunSummary":
+    def from_dict(cls, d: dict[str, Any]) -> "SeedSummary":
         return cls(**d)
 
 
@@ -179,12 +184,12 @@ def _last_error(lines: list[str], after: int) -> str | None:
     return error
 
 
-def parse_log(text: str) -> RunResult:
+def parse_log(text: str) -> SeedResult:
     """Whole-log result. After a resume or a retry the later attempt wins (see the note in the loop)."""
     lines = text.splitlines()
     val: dict[int, ValPoint] = {}
     train: dict[int, TrainPoint] = {}
-    result = RunResult()
+    result = SeedResult()
     last: StepEvent | None = None
     last_step_line = 0
     for i, line in enumerate(lines):
@@ -246,40 +251,38 @@ def parse_log(text: str) -> RunResult:
 
 # ---- loaders: a sweep in the store, or raw log files (the only I/O in this module) ----
 
-_SEED_DIR_RE = re.compile(r"^seed-(\d+)$")
-
 
 class ResultsError(Exception):
     """One sentence naming the sweep or file, the cause and the fix."""
 
 
 @dataclass
-class SeedRun:
+class SeedLog:
     """One seed (or one log file) with its parsed curves, for the statistics and the plots."""
 
-    summary: RunSummary
-    result: RunResult | None = None
+    summary: SeedSummary
+    result: SeedResult | None = None
 
     @property
     def name(self) -> str:
         return self.summary.name
 
 
-def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedRun:
-    prefix = f"{sweep_id}/seed-{seed}"
-    name = f"seed-{seed}"
+def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedLog:
+    prefix = seed_prefix(sweep_id, seed)
+    name = seed_dir(seed)
     if f"{prefix}/train.log" not in keys:
         why = "no train.log in the store" if keys else "no objects in the store (never started, or still staging)"
-        return SeedRun(RunSummary.failed(why, seed=seed, name=name))
+        return SeedLog(SeedSummary.failed(why, seed=seed, name=name))
     text = store.get_bytes(f"{prefix}/train.log").decode("utf-8", errors="replace")
     result = parse_log(text)
-    summary = RunSummary.from_result(result, seed=seed, name=name)
+    summary = SeedSummary.from_result(result, seed=seed, name=name)
     if f"{prefix}/manifest.json" not in keys:
         # The manifest is written last: without it the upload is unfinished, whatever the log says.
         summary.complete = False
         summary.reason = "no manifest.json (upload unfinished or seed still running; `speedrun collect` finishes it)" + (
             f"; log: {result.reason}" if result.reason else "")
-        return SeedRun(summary, result)
+        return SeedLog(summary, result)
     # The node runner records the seed's fate in timings.json (state, exit_code); a log can look whole
     # while the trainer still crashed at exit, so a failed state wins.
     state = None
@@ -289,13 +292,13 @@ def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedRun:
                 state = json.loads(store.get_bytes(f"{prefix}/{record}")).get("state")
             except (ValueError, AttributeError):
                 pass
-    if state not in (None, "succeeded"):
+    if not seed_done(True, state):
         summary.complete = False
         summary.reason = f"node runner marked it {state}" + (f"; log: {result.reason}" if result.reason else "")
-    return SeedRun(summary, result)
+    return SeedLog(summary, result)
 
 
-def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedRun]:
+def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedLog]:
     """Every seed of a sweep: those found under `<sweep>/seed-<n>/` and those the plan lists but never wrote."""
     sweep_id = sweep_id.strip("/")
     listing = store.list(f"{sweep_id}/")
@@ -303,12 +306,12 @@ def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedRun]:
     seeds: set[int] = set()
     for key in keys:
         parts = key[len(sweep_id) + 1:].split("/")
-        m = _SEED_DIR_RE.match(parts[0])
-        if m and len(parts) > 1:
-            seeds.add(int(m.group(1)))
-    if f"{sweep_id}/plan.json" in keys:
+        seed = seed_of_dir(parts[0])
+        if seed is not None and len(parts) > 1:
+            seeds.add(seed)
+    if plan_key(sweep_id) in keys:
         try:
-            seeds.update(int(s) for s in json.loads(store.get_bytes(f"{sweep_id}/plan.json")).get("seeds", []))
+            seeds.update(int(s) for s in json.loads(store.get_bytes(plan_key(sweep_id))).get("seeds", []))
         except (ValueError, TypeError, AttributeError):
             log.warning("%s/plan.json is not a readable plan; using the seeds found in the store", sweep_id)
     if not seeds:
@@ -316,16 +319,32 @@ def load_sweep_runs(store: Any, sweep_id: str) -> list[SeedRun]:
                            "check the sweep id (`speedrun status`) and the --store URL")
     runs = []
     for seed in sorted(seeds):
-        seed_keys = {k for k in keys if k.startswith(f"{sweep_id}/seed-{seed}/")}
-        runs.append(_seed_run(store, sweep_id, seed, seed_keys))
+        seed_keys = {k for k in keys if k.startswith(f"{seed_prefix(sweep_id, seed)}/")}
+        run = _seed_run(store, sweep_id, seed, seed_keys)
+        committed = f"{seed_prefix(sweep_id, seed)}/{MANIFEST}" in seed_keys
+        run.summary.state = shown_state(run.summary.complete, committed).value
+        runs.append(run)
     return runs
 
 
-def load_sweep(store: Any, sweep_id: str) -> list[RunSummary]:
+def sweep_target(store: Any, sweep_id: str) -> float | None:
+    """The job's `target_loss:` from the sweep's plan.json; None when the store has no readable plan."""
+    key = plan_key(sweep_id.strip("/"))
+    try:
+        if not store.exists(key):
+            return None
+        value = json.loads(store.get_bytes(key)).get("job", {}).get("target_loss")
+        return None if value is None else float(value)
+    except (ValueError, TypeError, AttributeError):
+        log.warning("%s is not a readable plan; using the default target", key)
+        return None
+
+
+def load_sweep(store: Any, sweep_id: str) -> list[SeedSummary]:
     return [r.summary for r in load_sweep_runs(store, sweep_id)]
 
 
-def runs_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedRun]:
+def runs_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedLog]:
     """Raw training logs (`speedrun stats logs/*.txt`); each file is one run, named by its file name."""
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
@@ -334,9 +353,9 @@ def runs_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedRun]:
     runs = []
     for p in paths:
         result = parse_log(Path(p).read_text(encoding="utf-8", errors="replace"))
-        runs.append(SeedRun(RunSummary.from_result(result, seed=None, name=Path(p).name), result))
+        runs.append(SeedLog(SeedSummary.from_result(result, seed=None, name=Path(p).name), result))
     return runs
 
 
-def summaries_from_logs(paths: Sequence[str | os.PathLike]) -> list[RunSummary]:
+def summaries_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedSummary]:
     return [r.summary for r in runs_from_logs(paths)]

@@ -18,11 +18,11 @@ from rich.panel import Panel
 from rich.table import Table
 from scipy import stats as sps
 
-from orchestrator.results import RunSummary
+from orchestrator.results import SeedSummary
+from orchestrator.sweep import TARGET_VAL_LOSS
 
 log = logging.getLogger(__name__)
 
-TARGET_VAL_LOSS = 3.28
 RECORD_P = 0.01
 # Past this many seeds a "needed" count stops being a useful answer.
 MAX_SEEDS_NEEDED = 100_000
@@ -30,8 +30,9 @@ MAX_SEEDS_NEEDED = 100_000
 
 @dataclass
 class SweepStats:
-    runs: list[RunSummary]
+    runs: list[SeedSummary]
     target: float = TARGET_VAL_LOSS
+    target_source: str = ""  # --target, the job's target_loss, or the record's target
     n_complete: int = 0
     val_loss_mean: float | None = None
     val_loss_std: float | None = None  # sample std (ddof=1)
@@ -45,7 +46,7 @@ class SweepStats:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def failed(self) -> list[RunSummary]:
+    def failed(self) -> list[SeedSummary]:
         return [r for r in self.runs if not r.complete]
 
     @property
@@ -75,12 +76,23 @@ class Difference:
 
 
 @dataclass
+class SideVsTarget:
+    name: str
+    target: float
+    target_source: str
+    p_value: float | None
+    is_record: bool
+
+
+@dataclass
 class Comparison:
     name_a: str
     name_b: str
     differences: list[Difference]
     failed_a: list[str]
     failed_b: list[str]
+    # each side's val loss against its target (its job's target_loss unless --target): p and whether a record
+    targets: list["SideVsTarget"] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _json_safe(asdict(self))
@@ -132,11 +144,11 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float] | None:
     return (float(lo), float(hi))
 
 
-def _counts(r: RunSummary) -> bool:
+def _counts(r: SeedSummary) -> bool:
     return r.complete and r.val_loss is not None and math.isfinite(r.val_loss)
 
 
-def sweep_stats(runs: Sequence[RunSummary], target: float = TARGET_VAL_LOSS) -> SweepStats:
+def sweep_stats(runs: Sequence[SeedSummary], target: float = TARGET_VAL_LOSS) -> SweepStats:
     runs = list(runs)
     out = SweepStats(runs=runs, target=target)
     good = [r for r in runs if _counts(r)]
@@ -187,17 +199,23 @@ def welch(a: Sequence[float], b: Sequence[float], metric: str) -> Difference:
     return d
 
 
-def compare(a: Sequence[RunSummary], b: Sequence[RunSummary], name_a: str = "A", name_b: str = "B") -> Comparison:
-    """Differences B - A of final val loss and train time over the complete seeds of each sweep."""
+def compare(a: Sequence[SeedSummary], b: Sequence[SeedSummary], name_a: str = "A", name_b: str = "B",
+            targets: Sequence[tuple[float, str]] = ()) -> Comparison:
+    """Differences B - A of final val loss and train time over the complete seeds of each sweep; with
+    targets ((value, where it came from) for A and B), each side's one-sided test against its target."""
     ga = [r for r in a if r.complete]
     gb = [r for r in b if r.complete]
 
-    def col(runs: list[RunSummary], attr: str) -> list[float]:
+    def col(runs: list[SeedSummary], attr: str) -> list[float]:
         return [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
 
     diffs = [welch(col(ga, m), col(gb, m), m) for m in ("val_loss", "train_time_s", "step_avg_ms")]
+    sides = []
+    for name, runs, (target, source) in zip((name_a, name_b), (a, b), targets):
+        s = sweep_stats(list(runs), target)
+        sides.append(SideVsTarget(name, target, source, s.p_value, s.is_record))
     return Comparison(name_a, name_b, diffs,
-                      [r.name for r in a if not r.complete], [r.name for r in b if not r.complete])
+                      [r.name for r in a if not r.complete], [r.name for r in b if not r.complete], sides)
 
 
 # ---- rich rendering (the CLI prints these) ----
@@ -206,7 +224,7 @@ def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
-def runs_table(runs: Sequence[RunSummary], title: str = "Seeds") -> Table:
+def runs_table(runs: Sequence[SeedSummary], title: str = "Seeds") -> Table:
     t = Table(title=title)
     for name in ("run", "val loss", "train time (s)", "step avg (ms)", "peak mem (MiB)", "status"):
         t.add_column(name, justify="left" if name in ("run", "status") else "right", no_wrap=name == "run")
@@ -223,6 +241,7 @@ def summary_table(s: SweepStats) -> Table:
     t.add_column("what")
     t.add_column("value", justify="right")
     t.add_row("complete seeds", f"{s.n_complete} of {len(s.runs)}")
+    t.add_row("target val loss", f"{s.target}" + (f" ({s.target_source})" if s.target_source else ""))
     std = f" ± {s.val_loss_std:.4f}" if s.val_loss_std is not None else ""
     t.add_row("val loss (mean ± std)", _f(s.val_loss_mean, ".4f") + std)
     t.add_row(f"p (mean ≤ {s.target}, one-sided t-test)", _f(s.p_value, ".3g"))
@@ -237,7 +256,7 @@ def summary_table(s: SweepStats) -> Table:
     return t
 
 
-def failed_panel(runs: Sequence[RunSummary]) -> Panel | None:
+def failed_panel(runs: Sequence[SeedSummary]) -> Panel | None:
     bad = [r for r in runs if not r.complete]
     if not bad:
         return None
@@ -266,6 +285,10 @@ def render_comparison(c: Comparison) -> Group:
         diff = "-" if d.diff is None else format(d.diff, "+" + f)
         t.add_row(d.metric, _f(d.mean_a, f), _f(d.mean_b, f), diff, ci, _f(d.p_value, ".3g"), f"{d.n_a} / {d.n_b}")
     parts: list[Any] = [t]
+    for side in c.targets:
+        verdict = "[bold green]yes[/]" if side.is_record else "[yellow]no[/]"
+        parts.append(f"{side.name}: target {side.target} ({side.target_source}); p (mean ≤ target) "
+                     f"{_f(side.p_value, '.3g')}; record (p < {RECORD_P}): {verdict}")
     for name, failed in ((c.name_a, c.failed_a), (c.name_b, c.failed_b)):
         if failed:
             parts.append(f"[bold red]{name}: {len(failed)} failed/incomplete seed(s) left out: {', '.join(failed)}[/]")

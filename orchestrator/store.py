@@ -98,6 +98,10 @@ class Store(ABC):
     def put_bytes(self, data: bytes, key: str) -> ObjectInfo: ...
 
     @abstractmethod
+    def put_new(self, data: bytes, key: str) -> bool:
+        """Create the object only if no object has that key; False (nothing written) if one has."""
+
+    @abstractmethod
     def get_file(self, key: str, local_path: str | os.PathLike) -> Path: ...
 
     @abstractmethod
@@ -177,6 +181,22 @@ class LocalStore(Store):
         except OSError as e:
             raise StoreError(f"{self.url(key)}: cannot write: {e.strerror or e}") from e
         return ObjectInfo(key, len(data), hashlib.sha256(data).hexdigest())
+
+    def put_new(self, data, key):
+        dest = self._path(key)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+            tmp.write_bytes(data)
+            try:
+                os.link(tmp, dest)  # atomic, and fails if dest exists: one creator wins
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.url(key)}: cannot write: {e.strerror or e}") from e
 
     def get_file(self, key, local_path):
         src, dest = self._path(key), Path(local_path)
@@ -346,6 +366,21 @@ class S3Store(Store):
         self._call("upload", key, lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data,
                                                                 Metadata={"sha256": digest}))
         return ObjectInfo(key, len(data), digest)
+
+    def put_new(self, data, key):
+        import botocore.exceptions as be
+
+        full, digest = self._full(key), hashlib.sha256(data).hexdigest()
+        try:  # S3 conditional write: If-None-Match: * fails with 412 when the key exists
+            self._call("upload", key, lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data,
+                                                                    Metadata={"sha256": digest}, IfNoneMatch="*"))
+        except StoreError as e:
+            cause = e.__cause__
+            if isinstance(cause, be.ClientError) and cause.response.get("Error", {}).get("Code") in (
+                    "PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
 
     def get_file(self, key, local_path):
         full, dest = self._full(key), Path(local_path)

@@ -1,31 +1,22 @@
 """SweepSummary: what a sweep looks like from its objects in the store, for `launch`, `show` and `runs`.
 
-The numbers come from results.load_sweep_runs (train.log parsed, manifest = commit marker); this adds
-the state word a table shows, the data's entropy rate (env.json) and the sweep's wall time (timings.json).
+The seeds and their shown state come from results.load_sweep_runs (train.log parsed, manifest = commit
+marker); this adds the data's entropy rate (env.json) and the sweep's wall time (timings.json).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 
-from orchestrator.results import ResultsError, load_sweep_runs
-
-
-@dataclass
-class SeedRow:
-    seed: int
-    state: str  # succeeded | failed | incomplete (no manifest yet: running, dead, or upload unfinished)
-    val_loss: float | None = None
-    train_time_s: float | None = None
-    step_avg_ms: float | None = None
-    peak_mem_mib: float | None = None
-    reason: str = ""
+from orchestrator.config import ClusterConfig
+from orchestrator.results import ResultsError, SeedSummary, load_sweep_runs
+from orchestrator.sweep import seed_prefix
 
 
 @dataclass
 class SweepSummary:
     sweep_id: str
-    seeds: list[SeedRow] = field(default_factory=list)
+    seeds: list[SeedSummary] = field(default_factory=list)  # each with its shown state
     entropy_rate_nats: float | None = None
     wall_s: float | None = None
 
@@ -46,10 +37,8 @@ def sweep_summary(store, sweep_id: str) -> SweepSummary:
     walls = []
     for run in runs:
         r = run.summary
-        prefix = f"{sweep_id}/seed-{r.seed}"
-        committed = store.exists(f"{prefix}/manifest.json")
-        state = "succeeded" if r.complete else ("failed" if committed else "incomplete")
-        s.seeds.append(SeedRow(r.seed, state, r.val_loss, r.train_time_s, r.step_avg_ms, r.peak_mem_mib, r.reason))
+        prefix = seed_prefix(sweep_id, r.seed)
+        s.seeds.append(r)
         timings = _json_or_none(store, f"{prefix}/timings.json") or {}
         if timings.get("total_s") is not None:
             walls.append(timings["total_s"])
@@ -58,3 +47,16 @@ def sweep_summary(store, sweep_id: str) -> SweepSummary:
             s.entropy_rate_nats = (env.get("data") or {}).get("entropy_rate_nats")
     s.wall_s = max(walls) if walls else None
     return s
+
+
+def cost_line(cluster: ClusterConfig, seconds: float) -> str:
+    """`cost: 8 GPUs x 0.05 h = 0.37 GPU-hours; 1 node x $55.04/node-hour = $2.75` for run summaries."""
+    hours = max(seconds, 0.0) / 3600
+    gpus = cluster.nodes * cluster.gpus_per_node
+    gpu_hours = gpus * hours
+    line = f"cost: {gpus} GPUs x {hours:.2f} h = {gpu_hours:.2f} GPU-hours"
+    if cluster.cost_per_hour is None:
+        return line + f" (no cost_per_hour in cluster config {cluster.name!r}, so no $)"
+    per_gpu_hour = cluster.cost_per_hour / cluster.gpus_per_node
+    return (line + f" x ${per_gpu_hour:,.2f}/GPU-hour (${cluster.cost_per_hour:,.2f}/node-hour)"
+            f" = ${gpu_hours * per_gpu_hour:,.2f}")

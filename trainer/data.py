@@ -12,49 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-BOS = 50256
-
-
-class ShardError(ValueError):
-    """A shard is missing or malformed; the message names the file and the cause."""
-
-
-def read_header(path: str) -> int:
-    """Validate the header and return the token count it declares."""
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header.size < HEADER_INTS:
-        raise ShardError(f"{path}: shorter than the 1024-byte header; the shard is truncated, re-stage it")
-    if header[0] != MAGIC:
-        raise ShardError(f"{path}: magic {header[0]} is not {MAGIC}; not a FineWeb-format shard")
-    if header[1] != VERSION:
-        raise ShardError(f"{path}: version {header[1]} is not {VERSION}; re-create the shard with version 1")
-    count = int(header[2])
-    expect = HEADER_INTS * 4 + 2 * count
-    size = os.path.getsize(path)
-    if size != expect:
-        raise ShardError(f"{path}: {size} bytes but the header declares {count} tokens ({expect} bytes); re-stage it")
-    return count
-
-
-def load_tokens(path: str) -> np.ndarray:
-    """The shard's tokens as a read-only uint16 memory map (no copy of a 200 MB shard)."""
-    count = read_header(path)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(count,))
-
-
-def write_shard(path: str, tokens: np.ndarray) -> None:
-    """Write tokens in the shard format (used by tests and fixtures)."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ShardError(f"{path}: tokens must fit in uint16")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, tokens.size)
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
+# the format itself lives in trainer/shard_format.py (the orchestrator's staging uses the same code)
+from trainer.shard_format import BOS, ShardError, load_tokens, read_header, write_shard  # noqa: F401
 
 
 def find_shards(data_dir: str, pattern: str) -> list[str]:

@@ -1,10 +1,10 @@
-"""Tiny configurations and Markov shards, for the trainer's tests and quick local runs."""
+"""Tiny configurations and models, for the trainer's tests and quick local runs (Markov shards for them:
+orchestrator.data.synthetic.markov_shards; the trainer imports nothing from the orchestrator)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from trainer.config import TrainConfig
-from trainer.data import write_shard
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -31,14 +31,3 @@ def randomised_model(cfg: TrainConfig, std: float = 0.05, device: str = "cpu"):
             if p.ndim >= 2 and not p.any():
                 p.normal_(0, std)
     return model
-
-
-def markov_shards(dest: Path, url: str = "synthetic://markov?seed=0&states=64&branch=4&shard_tokens=262144") -> float:
-    """Write the synthetic source's train and val shards into dest; return its entropy rate in nats."""
-    from orchestrator.data.synthetic import MarkovSource
-
-    source = MarkovSource.from_url(url)
-    dest.mkdir(parents=True, exist_ok=True)
-    for split, index, name in source.shard_names():
-        write_shard(str(dest / name), source.generate(split, index))
-    return source.entropy_rate_nats

@@ -23,11 +23,11 @@ from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import BOS, TrainBatches, find_shards, validation_chunks
 from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, barrier, init_ranks, sum_to_host
+from trainer.exit_codes import EXIT_PREEMPTED as PREEMPTED_EXIT
 from trainer.model import GPT
 from trainer.optim import build_optimizers
 
 log = logging.getLogger("trainer")
-PREEMPTED_EXIT = 75
 
 
 # ----------------------------------------------------------------------------------- schedules

@@ -4,6 +4,7 @@ A backend receives a validated LaunchPlan and starts ONE node-runner invocation 
 (`python -m orchestrator.node --plan PLAN.json --node-rank R`). Everything after that (staging,
 torchrun, uploads) is the node runner's job and is identical on every backend.
 A Handle is plain JSON so that `speedrun status|logs|cancel` work after the launching CLI exits.
+status() and logs() only read; re-running dead jobs is orchestrator/watch.py's, through rerun().
 """
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
+from orchestrator.sweep import Ending
+
 if TYPE_CHECKING:
     from orchestrator.config import ClusterConfig
     from orchestrator.plan import LaunchPlan
 
 
-class RunState(str, enum.Enum):
+class SweepState(str, enum.Enum):
+    """A sweep's state, and each of its jobs' (one per node, or per array task)."""
+
     PENDING = "PENDING"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
@@ -28,7 +33,7 @@ class RunState(str, enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+        return self in (SweepState.SUCCEEDED, SweepState.FAILED, SweepState.CANCELLED)
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Handle:
     job_ids: list[str]
     data: dict[str, Any] = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.time)
+    store_url: str = ""  # where the sweep's plan and attempt records live ("" in handles of older versions)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,18 +55,35 @@ class Handle:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """A job the engine positively says ended without success, in a way that running it again could mend."""
+
+    job_id: str
+    seeds: list[int]
+    ending: Ending          # DIED or PREEMPTED
+    why: str
+    retries_used: int = 0
+    requeues: int = 0
+
+
 @dataclass
-class RunStatus:
-    state: RunState
+class SweepStatus:
+    """What the engine says of a sweep right now (status() only reads)."""
+
+    state: SweepState
     detail: str = ""
     # per job id (one per node, or per array task) -> state
-    jobs: dict[str, RunState] = field(default_factory=dict)
+    jobs: dict[str, SweepState] = field(default_factory=dict)
+    # jobs that a watcher may run again (engines whose retries happen inside the cluster leave it empty)
+    ended: list[JobEnd] = field(default_factory=list)
 
 
 class Backend(ABC):
     """submit(plan) -> Handle, status(h), logs(h), cancel(h); describe(plan) is the --dry-run text."""
 
     name: str = "base"
+    reruns_dead_jobs: bool = False  # status() lists ended jobs that a watcher may re-submit with rerun()
 
     def __init__(self, cluster: "ClusterConfig"):
         self.cluster = cluster
@@ -80,7 +103,7 @@ class Backend(ABC):
         """Start one node-runner invocation per node and return at once."""
 
     @abstractmethod
-    def status(self, handle: Handle) -> RunStatus: ...
+    def status(self, handle: Handle) -> SweepStatus: ...
 
     @abstractmethod
     def logs(self, handle: Handle, follow: bool = False) -> Iterator[str]:
@@ -89,29 +112,12 @@ class Backend(ABC):
     @abstractmethod
     def cancel(self, handle: Handle) -> None: ...
 
-    def wait(self, handle: Handle, poll_s: float = 1.0, timeout_s: float | None = None) -> RunStatus:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            st = self.status(handle)
-            if st.state.finished:
-                return st
-            if deadline is not None and time.monotonic() > deadline:
-                return st
-            time.sleep(poll_s)
+    def rerun(self, handle: Handle, dead: JobEnd, resume: bool) -> str:
+        """Submit a dead job's seeds again and return the new job's id (engines that list ended jobs)."""
+        raise NotImplementedError(f"the {self.name} backend re-runs nothing from outside the cluster")
 
+    def wait(self, handle: Handle, poll_s: float = 1.0, timeout_s: float | None = None) -> SweepStatus:
+        """Watch until the sweep finishes, re-running dead jobs as `retries:` allow (orchestrator/watch.py)."""
+        from orchestrator.watch import watch
 
-def get_backend(cluster: "ClusterConfig") -> Backend:
-    """The backend named by the cluster config; engines are imported only when asked for."""
-    if cluster.backend == "local":
-        from orchestrator.backends.local import LocalBackend
-
-        return LocalBackend(cluster)
-    if cluster.backend == "slurm":
-        from orchestrator.backends.slurm import SlurmBackend
-
-        return SlurmBackend(cluster)
-    if cluster.backend == "ray":
-        from orchestrator.backends.ray import RayBackend
-
-        return RayBackend(cluster)
-    raise ValueError(f"unknown backend {cluster.backend!r}")
+        return watch(self, handle, poll_s=poll_s, timeout_s=timeout_s)

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from orchestrator.backends.base import Backend, Handle, RunState, RunStatus
+from orchestrator.backends.base import Backend, Handle, SweepState, SweepStatus
 from orchestrator.config import REPO_ROOT, expand
 from orchestrator.plan import LaunchPlan
+from orchestrator.sweep import EXIT_FAILED, EXIT_OK
 
 
 def _proc_start_ticks(pid: int) -> int | None:
@@ -71,25 +72,25 @@ class LocalBackend(Backend):
                                     start_new_session=True)
         return Handle(backend=self.name, sweep_id=plan.sweep_id, job_ids=[str(proc.pid)],
                       data={"pid": proc.pid, "start_ticks": _proc_start_ticks(proc.pid), "log": str(log_path),
-                            "exit_file": str(exit_file), "run_dir": str(d)})
+                            "exit_file": str(exit_file), "run_dir": str(d)}, store_url=plan.store_url)
 
-    def status(self, handle: Handle) -> RunStatus:
+    def status(self, handle: Handle) -> SweepStatus:
         data = handle.data
         pid = data["pid"]
         exit_file = Path(data["exit_file"])
         cancelled = (Path(data["run_dir"]) / "cancelled").exists()
         if _alive(pid, data.get("start_ticks")):
-            state = RunState.RUNNING
+            state = SweepState.RUNNING
             detail = f"pid {pid}"
         elif cancelled:
-            state, detail = RunState.CANCELLED, "cancelled"
+            state, detail = SweepState.CANCELLED, "cancelled"
         elif exit_file.is_file():
-            rc = int(exit_file.read_text().strip() or 1)
-            state = RunState.SUCCEEDED if rc == 0 else RunState.FAILED
+            rc = int(exit_file.read_text().strip() or EXIT_FAILED)
+            state = SweepState.SUCCEEDED if rc == EXIT_OK else SweepState.FAILED
             detail = f"node runner exited with code {rc}"
         else:
-            state, detail = RunState.FAILED, "node runner died without an exit code (killed?)"
-        return RunStatus(state=state, detail=detail, jobs={str(pid): state})
+            state, detail = SweepState.FAILED, "node runner died without an exit code (killed?)"
+        return SweepStatus(state=state, detail=detail, jobs={str(pid): state})
 
     def logs(self, handle: Handle, follow: bool = False) -> Iterator[str]:
         path = Path(handle.data["log"])

@@ -1,8 +1,9 @@
 """Slurm through submitit: one task per node runs `python -m orchestrator.node`; torchrun rendezvous on node 0.
 
-Everything a later `speedrun status|logs|cancel` needs lives in the run's submitit folder
-(`<slurm.log_dir>/<sweep-id>/`): plan.json, jobs.json (every job submitted for the run, including
+Everything a later `speedrun status|logs|cancel` needs lives in the sweep's submitit folder
+(`<slurm.log_dir>/<sweep-id>/`): plan.json, jobs.json (every job submitted for the sweep, including
 re-submissions) and submitit's own logs and result pickles. The Handle only points at that folder.
+status() only reads: whether a dead job runs again is decided by orchestrator/watch.py, which calls rerun().
 
 Preemption and time limits: Slurm sends USR2 `signal_delay_s` before the end; submitit calls
 NodeTask.checkpoint(), which asks the node runner to checkpoint (SIGUSR1: the trainer saves and exits
@@ -27,9 +28,10 @@ from typing import Any, Iterator
 from filelock import FileLock
 from rich.console import Console
 
-from orchestrator.backends.base import Backend, Handle, RunState, RunStatus
+from orchestrator.backends.base import Backend, Handle, JobEnd, SweepState, SweepStatus
 from orchestrator.config import REPO_ROOT, ClusterConfig, ConfigError, expand
 from orchestrator.plan import LaunchPlan
+from orchestrator.sweep import EXIT_OK, EXIT_PREEMPTED, Ending
 
 try:
     import submitit
@@ -40,7 +42,6 @@ except ImportError:  # reported by SlurmBackend() as one sentence
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # the node runner's "checkpointed, run me again" (orchestrator/node.py)
 LOG_TAIL_LINES = 20
 NOT_REQUEUED = "checkpointed (exit 75) but was not requeued"  # resumable: `retries:` runs it again
 CHECKPOINT_WAIT_S = 600  # longest wait for the trainer to save after the signal
@@ -48,11 +49,11 @@ CHECKPOINT_WAIT_S = 600  # longest wait for the trainer to save after the signal
 # Slurm job states -> ours. A requeued job shows PENDING/REQUEUED again, so it is not finished.
 SLURM_STATES = {
     **dict.fromkeys(["PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"],
-                    RunState.PENDING),
-    **dict.fromkeys(["RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING"], RunState.RUNNING),
+                    SweepState.PENDING),
+    **dict.fromkeys(["RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING"], SweepState.RUNNING),
     **dict.fromkeys(["FAILED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
-                     "SPECIAL_EXIT", "REVOKED"], RunState.FAILED),
-    "COMPLETED": RunState.SUCCEEDED, "CANCELLED": RunState.CANCELLED,
+                     "SPECIAL_EXIT", "REVOKED"], SweepState.FAILED),
+    "COMPLETED": SweepState.SUCCEEDED, "CANCELLED": SweepState.CANCELLED,
 }
 
 
@@ -100,8 +101,8 @@ class NodeTask(Checkpointable):
         while (rc := self._proc.poll()) is None:
             time.sleep(0.5)
         self._proc = None
-        if rc == 0:
-            return {"exit_code": 0, "requeues": self.requeues}
+        if rc == EXIT_OK:
+            return {"exit_code": rc, "requeues": self.requeues}
         if rc == EXIT_PREEMPTED:
             raise RuntimeError(f"node runner {NOT_REQUEUED}: it was stopped by a signal that was not submitit's")
         raise RuntimeError(f"node runner exited with code {rc}")
@@ -192,6 +193,7 @@ def sbatch_parameters(cluster: ClusterConfig, job_name: str) -> dict[str, Any]:
 
 class SlurmBackend(Backend):
     name = "slurm"
+    reruns_dead_jobs = True
 
     def __init__(self, cluster: ClusterConfig):
         if submitit is None:
@@ -258,45 +260,50 @@ class SlurmBackend(Backend):
         _write_jobs(folder, jobs)
         log.info("submitted %s as Slurm job(s) %s", plan.sweep_id, [j["id"] for j in jobs])
         return Handle(backend=self.name, sweep_id=plan.sweep_id, job_ids=[j["id"] for j in jobs],
-                      data={"folder": str(folder), "array": parallel})
+                      data={"folder": str(folder), "array": parallel}, store_url=plan.store_url)
 
     # ----------------------------------------------------------------------------------- status
-    def status(self, handle: Handle) -> RunStatus:
-        """Every live job's state; a job that died without a result is re-submitted while `retries:` allow."""
+    def status(self, handle: Handle) -> SweepStatus:
+        """Every live job's state, read from squeue/sacct and submitit's result files; submits nothing.
+
+        A job counts as ended only when Slurm positively says so (a final state, or absent from an
+        answered squeue) or submitit wrote its result; when squeue fails, the job's state is UNKNOWN."""
         folder = Path(handle.data["folder"])
-        _read_jobs(folder)  # one clear error if the folder is not on this machine, before taking its lock
-        with FileLock(str(folder / "jobs.json.lock")):  # two watchers must not both re-submit a dead job
+        live = [j for j in _read_jobs(folder) if not j.get("replaced_by")]
+        queue = _slurm_states(f"speedrun-{handle.sweep_id}", [j["id"] for j in live])
+        cancelled = (folder / "cancelled").exists()
+        states: dict[str, SweepState] = {}
+        details, ended = [], []
+        for j in live:
+            known = queue is not None
+            state, why, ending = _job_state(folder, j["id"], (queue or {}).get(j["id"]), cancelled, known)
+            states[j["id"]] = state
+            if why:
+                details.append(f"job {j['id']} (seeds {j['seeds']}): {why}")
+            if ending is not None:
+                ended.append(JobEnd(j["id"], list(j["seeds"]), ending, why.split(";")[0],
+                                    retries_used=j.get("attempt", 0), requeues=j.get("requeues", 0)))
+        return SweepStatus(state=_overall(list(states.values())), detail="; ".join(details), jobs=states,
+                           ended=ended)
+
+    def rerun(self, handle: Handle, dead: JobEnd, resume: bool) -> str:
+        """Submit a dead job's seeds again (the node runner skips seeds already in the store); its new id.
+
+        Only orchestrator/watch.py calls this, after claiming the attempt in the store."""
+        folder = Path(handle.data["folder"])
+        with FileLock(str(folder / "jobs.json.lock")):  # watchers on one filesystem update jobs.json in turn
             jobs = _read_jobs(folder)
-            live = [j for j in jobs if not j.get("replaced_by")]
-            queue = _slurm_states([j["id"] for j in live])
-            cancelled = (folder / "cancelled").exists()
-            states: dict[str, RunState] = {}
-            details = []
-            for j in live:
-                state, why, retryable = _job_state(folder, j["id"], queue.get(j["id"]), cancelled)
-                if retryable and j["attempt"] < self._retries(folder):
-                    new = self._resubmit(folder, jobs, j)
-                    states[new["id"]] = RunState.PENDING
-                    details.append(f"job {j['id']} (seeds {j['seeds']}) {why.split(';')[0]}; "
-                                   f"re-submitted as job {new['id']}")
-                    continue
-                states[j["id"]] = state
-                if why:
-                    details.append(f"job {j['id']} (seeds {j['seeds']}): {why}")
-        return RunStatus(state=_overall(list(states.values())), detail="; ".join(details), jobs=states)
-
-    def _retries(self, folder: Path) -> int:
-        return LaunchPlan.from_json((folder / "plan.json").read_text()).job.retries
-
-    def _resubmit(self, folder: Path, jobs: list[dict[str, Any]], dead: dict[str, Any]) -> dict[str, Any]:
-        """Run a dead job's seeds again (node failure, killed); the node runner skips seeds already in the store."""
-        plan = LaunchPlan.from_json((folder / "plan.json").read_text())
-        new = self._submit_seeds(plan, [dead["seeds"]], attempt=dead["attempt"] + 1)[0]
-        dead["replaced_by"] = new["id"]
-        jobs.append(new)
-        _write_jobs(folder, jobs)
-        log.warning("job %s died; re-submitted seeds %s as job %s", dead["id"], dead["seeds"], new["id"])
-        return new
+            old = next(j for j in jobs if j["id"] == dead.job_id)
+            if old.get("replaced_by"):
+                return old["replaced_by"]
+            plan = LaunchPlan.from_json((folder / "plan.json").read_text())
+            new = self._submit_seeds(plan, [old["seeds"]], attempt=old["attempt"] + (not resume))[0]
+            new["requeues"] = old.get("requeues", 0) + resume
+            old["replaced_by"] = new["id"]
+            jobs.append(new)
+            _write_jobs(folder, jobs)
+        log.warning("job %s %s; re-submitted seeds %s as job %s", dead.job_id, dead.why, old["seeds"], new["id"])
+        return new["id"]
 
     # ------------------------------------------------------------------------------------- logs
     def logs(self, handle: Handle, follow: bool = False) -> Iterator[str]:
@@ -370,16 +377,29 @@ def log_tail(folder: Path, job_id: str, n: int = LOG_TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
-def _slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """Job id -> Slurm state, from squeue (jobs still in slurmctld) and then sacct (if accounting is on)."""
+def _slurm_states(job_name: str, job_ids: list[str]) -> dict[str, str] | None:
+    """Job id -> Slurm state, from squeue (jobs still in slurmctld) and then sacct (if accounting is on).
+
+    None when squeue did not answer (controller unreachable: exit code 1, empty output): then nothing
+    is known, and a running job must not look gone. A job absent from an answered squeue has left slurmctld.
+    """
     if not job_ids:
         return {}
+    # by name, not -j: squeue -j fails outright once one of the ids has been purged from slurmctld
+    try:
+        q = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T", f"--name={job_name}"],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.info("squeue failed (%s): job states unknown", e)
+        return None
+    if q.returncode != 0:
+        log.info("squeue exited with %s (%s): job states unknown", q.returncode, q.stderr.strip()[:200])
+        return None
     out: dict[str, str] = {}
-    q = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T", "-j", ",".join(_base_ids(job_ids))],
-                       capture_output=True, text=True, timeout=60)
     for line in q.stdout.splitlines():
         jid, _, state = line.strip().partition("|")
-        out[jid] = state
+        if jid in job_ids:
+            out[jid] = state
     missing = [j for j in job_ids if j not in out]
     if missing and shutil.which("sacct"):
         a = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(missing)],
@@ -390,44 +410,45 @@ def _slurm_states(job_ids: list[str]) -> dict[str, str]:
     return out
 
 
-def _base_ids(job_ids: list[str]) -> list[str]:
-    return sorted({j.split("_")[0] for j in job_ids})
-
-
-def _job_state(folder: Path, job_id: str, slurm_state: str | None, cancelled: bool) -> tuple[RunState, str, bool]:
-    """Our state of one job, why it did not succeed (with the tail of its log), and whether running
-    its seeds again makes sense (it died, or it checkpointed without being requeued)."""
+def _job_state(folder: Path, job_id: str, slurm_state: str | None, cancelled: bool,
+               queue_answered: bool = True) -> tuple[SweepState, str, Ending | None]:
+    """Our state of one job, why it did not succeed (with the tail of its log), and how it ended when
+    running its seeds again could make sense: DIED (no result) or PREEMPTED (checkpointed, not requeued).
+    slurm_state None: absent from the queue (when it answered) or nothing known (when it did not)."""
     result = folder / f"{job_id}_0_result.pkl"
-    state = SLURM_STATES.get(slurm_state.split()[0], RunState.UNKNOWN) if slurm_state else None
-    if state in (RunState.PENDING, RunState.RUNNING):
-        return state, "", False
+    state = SLURM_STATES.get(slurm_state.split()[0], SweepState.UNKNOWN) if slurm_state else None
+    if state in (SweepState.PENDING, SweepState.RUNNING):
+        return state, "", None
     outcome, value = "none", ""
     if result.exists():
         from submitit.core.utils import pickle_load
 
         outcome, value = pickle_load(result)
     if outcome == "success":
-        return RunState.SUCCEEDED, "", False
-    if cancelled or state == RunState.CANCELLED:  # our scancel (or the user's): its error is the cancel itself
-        return RunState.CANCELLED, "cancelled", False
+        return SweepState.SUCCEEDED, "", None
+    if cancelled or state == SweepState.CANCELLED:  # our scancel (or the user's): its error is the cancel itself
+        return SweepState.CANCELLED, "cancelled", None
+    if outcome == "none" and not queue_answered:
+        return SweepState.UNKNOWN, "squeue did not answer (controller unreachable?); state unknown", None
     tail = log_tail(folder, job_id)
     if outcome == "error":
         reason = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
-        return RunState.FAILED, f"failed: {reason}; last lines of its log:\n{tail}", NOT_REQUEUED in reason
+        resumable = Ending.PREEMPTED if NOT_REQUEUED in reason else None
+        return SweepState.FAILED, f"failed: {reason}; last lines of its log:\n{tail}", resumable
     what = slurm_state or "gone from the queue"
-    return RunState.FAILED, f"died ({what}) before reporting a result; last lines of its log:\n{tail}", True
+    return SweepState.FAILED, f"died ({what}) before reporting a result; last lines of its log:\n{tail}", Ending.DIED
 
 
-def _overall(states: list[RunState]) -> RunState:
+def _overall(states: list[SweepState]) -> SweepState:
     if not states:
-        return RunState.UNKNOWN
-    for s in (RunState.RUNNING, RunState.PENDING):
+        return SweepState.UNKNOWN
+    for s in (SweepState.RUNNING, SweepState.PENDING):
         if s in states:
             return s
-    if all(s == RunState.SUCCEEDED for s in states):
-        return RunState.SUCCEEDED
-    if RunState.CANCELLED in states:
-        return RunState.CANCELLED
-    if RunState.FAILED in states:
-        return RunState.FAILED
-    return RunState.UNKNOWN
+    if all(s == SweepState.SUCCEEDED for s in states):
+        return SweepState.SUCCEEDED
+    if SweepState.CANCELLED in states:
+        return SweepState.CANCELLED
+    if SweepState.FAILED in states:
+        return SweepState.FAILED
+    return SweepState.UNKNOWN

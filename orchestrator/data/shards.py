@@ -1,7 +1,6 @@
-"""The FineWeb shard format of the speedrun, and the checks every staged or prepared shard passes.
-
-A shard is a header of 256 little-endian int32 (magic 20240520, version 1, token count, then zeros)
-followed by the tokens as little-endian uint16. Files are named fineweb_{train,val}_NNNNNN.bin.
+"""Shard names and the checks every staged or prepared shard passes, on the one implementation of the
+shard format (trainer/shard_format.py), with its errors as DataError. Files are named
+fineweb_{train,val}_NNNNNN.bin.
 """
 from __future__ import annotations
 
@@ -13,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-VOCAB_SIZE = 50257
-BOS = 50256  # <|endoftext|>, which opens every document
+from trainer import shard_format as fmt
+from trainer.shard_format import (BOS, HEADER_BYTES, HEADER_INTS, MAGIC, VERSION, VOCAB_SIZE,  # noqa: F401
+                                  encode_header, shard_size)
+
 SPLITS = ("train", "val")
 SHARD_NAME_RE = re.compile(r"^fineweb_(train|val)_(\d{6})\.bin$")
 
@@ -47,39 +44,20 @@ def parse_shard_name(name: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-def shard_size(tokens: int) -> int:
-    return HEADER_BYTES + 2 * tokens
-
-
-def encode_header(tokens: int) -> bytes:
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = MAGIC, VERSION, tokens
-    return header.tobytes()
-
-
 def decode_header(raw: bytes, name: str) -> int:
     """Token count from the first 1024 bytes of a shard; DataError when they are not a shard header."""
-    if len(raw) < HEADER_BYTES:
-        raise DataError(f"{name}: truncated header ({len(raw)} of {HEADER_BYTES} bytes); fetch or prepare it again")
-    header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
-    if header[0] != MAGIC:
-        raise DataError(f"{name}: bad magic {int(header[0])} (expected {MAGIC}); this is not a FineWeb shard")
-    if header[1] != VERSION:
-        raise DataError(f"{name}: unsupported shard version {int(header[1])} (expected {VERSION})")
-    if header[2] < 0:
-        raise DataError(f"{name}: negative token count {int(header[2])} in the header; the shard is corrupted")
-    return int(header[2])
+    try:
+        return fmt.decode_header(raw, name)
+    except fmt.ShardError as e:
+        raise DataError(str(e)) from None
 
 
 def read_header(path: str | os.PathLike, name: str | None = None) -> int:
     """Token count of the shard at path (`name`: its real name when path is a temporary file)."""
-    path = Path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-    except FileNotFoundError:
-        raise DataError(f"{name or path.name}: no such shard at {path}") from None
-    return decode_header(raw, name or path.name)
+        return fmt.read_header(path, name or Path(path).name, check_size=False)
+    except fmt.ShardError as e:
+        raise DataError(str(e)) from None
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
@@ -97,18 +75,16 @@ def verify_shard(path: str | os.PathLike, sha256: str | None = None, name: str |
     """
     path = Path(path)
     name = name or path.name
-    tokens = read_header(path, name)
-    size = path.stat().st_size
-    if size != shard_size(tokens):
-        kind = "truncated" if size < shard_size(tokens) else "too long"
-        raise DataError(f"{name}: {kind}: {size} bytes on disk, but its header promises {tokens} tokens "
-                        f"({shard_size(tokens)} bytes)")
+    try:
+        tokens = fmt.read_header(path, name)
+    except fmt.ShardError as e:
+        raise DataError(str(e)) from None
     digest = None
     if sha256 is not None:
         digest = file_sha256(path)
         if digest != sha256:
             raise DataError(f"{name}: corrupted: sha256 {digest[:12]}… does not match the expected {sha256[:12]}…")
-    return ShardInfo(name=name, tokens=tokens, size=size, sha256=digest)
+    return ShardInfo(name=name, tokens=tokens, size=path.stat().st_size, sha256=digest)
 
 
 def read_tokens(path: str | os.PathLike) -> np.ndarray:
@@ -119,23 +95,8 @@ def read_tokens(path: str | os.PathLike) -> np.ndarray:
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> ShardInfo:
     """Write tokens as a shard atomically (temporary name, fsync, rename) and return its size and sha256."""
-    path = Path(path)
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= VOCAB_SIZE):
-        raise DataError(f"{path.name}: token ids must lie in [0, {VOCAB_SIZE}); got {tokens.min()}..{tokens.max()}")
-    header = encode_header(int(tokens.size))
-    body = tokens.astype("<u2", copy=False).tobytes()
-    h = hashlib.sha256(header)
-    h.update(body)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return ShardInfo(name=path.name, tokens=int(tokens.size), size=len(header) + len(body), sha256=h.hexdigest())
+        count, size, digest = fmt.write_shard(path, tokens)
+    except fmt.ShardError as e:
+        raise DataError(str(e)) from None
+    return ShardInfo(name=Path(path).name, tokens=count, size=size, sha256=digest)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, fields
 from functools import cached_property
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
-from orchestrator.data.shards import BOS, DataError, shard_name
+from orchestrator.data.shards import BOS, DataError, shard_name, write_shard
 
 _SPLIT_CODE = {"train": 0, "val": 1}
 _DOC_CHUNK = 1 << 16  # documents generated side by side; bounds memory for 100M-token shards
@@ -198,3 +199,13 @@ class MarkovSource:
             state = self.successors[state, pick]
             out[starts[:k] + 1 + t] = self.token_ids[state]
         return out
+
+
+def markov_shards(dest: Path, url: str = "synthetic://markov?seed=0&states=64&branch=4&shard_tokens=262144") -> float:
+    """Write the synthetic source's train and val shards into dest (for tests and benchmarks of the
+    trainer); return its entropy rate in nats."""
+    source = MarkovSource.from_url(url)
+    dest.mkdir(parents=True, exist_ok=True)
+    for split, index, name in source.shard_names():
+        write_shard(dest / name, source.generate(split, index))
+    return source.entropy_rate_nats

@@ -18,7 +18,7 @@ import yaml
 from ray_cluster import ray_head  # noqa: F401 (session fixture)
 
 from orchestrator.artifacts import read_manifest, verify_manifest
-from orchestrator.backends.base import Handle, RunState
+from orchestrator.backends.base import Handle, SweepState
 from orchestrator.backends.ray import MARK, RayBackend
 from orchestrator.config import ClusterConfig, ConfigError
 from orchestrator.plan import LaunchPlan
@@ -126,7 +126,7 @@ def test_cancel_stops_the_job_and_every_process_under_it(speedrun):
     speedrun.wait_for_log(sweep, r"step:2/5000 train_loss")
     proc = speedrun("cancel", sweep)
     assert proc.returncode == 0, proc.stderr
-    assert speedrun.backend(sweep).status(speedrun.handle(sweep)).state is RunState.CANCELLED
+    assert speedrun.backend(sweep).status(speedrun.handle(sweep)).state is SweepState.CANCELLED
     assert "CANCELLED" in speedrun("status", sweep).stdout
     deadline = time.monotonic() + 60
     while alive(pid) and time.monotonic() < deadline:
@@ -148,7 +148,7 @@ def test_killed_node_runner_is_reported_and_retried(speedrun):
     backend, handle = speedrun.backend(sweep), speedrun.handle(sweep)
     final = backend.wait(handle, poll_s=1, timeout_s=400)
     log = speedrun.log_text(sweep)
-    assert final.state is RunState.SUCCEEDED, log[-4000:]
+    assert final.state is SweepState.SUCCEEDED, log[-4000:]
     assert f"{MARK} failed (node 0: killed by SIGKILL); retry 1 of 1 for seeds [0]" in log
     assert len(re.findall(rf"{MARK} node 0: node runner pid", log)) == 2
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers), \
@@ -183,6 +183,6 @@ def test_two_nodes_one_node_runner_per_bundle_with_one_torchrun_rendezvous(speed
 def test_a_run_unknown_to_the_cluster_is_one_sentence(ray_head):  # noqa: F811
     backend = RayBackend(ClusterConfig(name="t", backend="ray", ray={"address": ray_head.address}))
     handle = Handle(backend="ray", sweep_id="gone", job_ids=["speedrun-gone"], data={"address": ray_head.address})
-    assert backend.status(handle).state is RunState.UNKNOWN
+    assert backend.status(handle).state is SweepState.UNKNOWN
     with pytest.raises(ConfigError, match=r"run gone: Ray job speedrun-gone not found at http://127\.0\.0\.1:"):
         list(backend.logs(handle))

@@ -113,3 +113,11 @@ def test_throttling_beyond_the_budget_spools_and_collect_finishes(moto_s3, s3_en
     m = read_manifest(direct, "sw/seed-0")
     for f in m.files:
         assert sha(direct.get_bytes(f"sw/seed-0/{f.key}")) == f.sha256 == sha((seed / f.key).read_bytes())
+
+
+def test_put_new_creates_an_object_once(moto_s3, s3_env):
+    # what keeps two watchers from both re-submitting a dead job (orchestrator/watch.py)
+    store = open_store(f"s3://{bucket(moto_s3)}/sweeps?endpoint_url={moto_s3.endpoint}")
+    assert store.put_new(b"first", "s/attempts/7.json")
+    assert not store.put_new(b"second", "s/attempts/7.json")
+    assert store.get_bytes("s/attempts/7.json") == b"first"

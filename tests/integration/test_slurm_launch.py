@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster import slurm_cluster  # noqa: F401 (session fixture)
 
-from orchestrator.backends.base import Handle, RunState
+from orchestrator.backends.base import Handle, SweepState
 from orchestrator.plan import LaunchPlan
 
 pytest.importorskip("submitit")
@@ -136,11 +136,11 @@ def test_requeue_in_mid_training_resumes_to_the_same_final_loss(speedrun, slurm_
     # what Slurm sends before a time limit or a preemption; submitit checkpoints and requeues on it
     slurm_cluster.run("scancel", "--signal=USR2", job_id)
     speedrun.wait_for(lambda: any(j["state"] == "PENDING" for j in slurm_cluster.queue()))
-    assert speedrun.backend(sweep).status(speedrun.handle(sweep)).state == RunState.PENDING
+    assert speedrun.backend(sweep).status(speedrun.handle(sweep)).state == SweepState.PENDING
     slurm_cluster.release(job_id)
     final = speedrun.backend(sweep).wait(speedrun.handle(sweep), poll_s=0.5, timeout_s=240)
     log = speedrun.log_text(sweep)
-    assert final.state == RunState.SUCCEEDED, final.detail + log[-3000:]
+    assert final.state == SweepState.SUCCEEDED, final.detail + log[-3000:]
     assert "exit code 75" in log
     seed_log = (speedrun.store / sweep / "seed-0" / "train.log").read_text()
     resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", log + seed_log).group(1))
@@ -154,7 +154,7 @@ def test_seeds_parallel_runs_a_job_array(speedrun, slurm_cluster):  # noqa: F811
     base = handle.job_ids[0].split("_")[0]
     assert handle.job_ids == [f"{base}_0", f"{base}_1"]
     final = speedrun.backend(sweep).wait(handle, poll_s=0.5, timeout_s=240)
-    assert final.state == RunState.SUCCEEDED, final.detail
+    assert final.state == SweepState.SUCCEEDED, final.detail
     assert set(final.jobs) == {f"{base}_0", f"{base}_1"}
     for seed in (0, 1):
         assert (speedrun.store / sweep / f"seed-{seed}" / "manifest.json").is_file()
@@ -192,7 +192,7 @@ def test_a_job_that_dies_is_resubmitted_when_retries_allow(speedrun, slurm_clust
     # Slurm hands a job its submitter's environment: the re-run must still compute as the launch did
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     final = speedrun.backend(sweep).wait(speedrun.handle(sweep), poll_s=0.5, timeout_s=240)
-    assert final.state == RunState.SUCCEEDED, final.detail
+    assert final.state == SweepState.SUCCEEDED, final.detail
     assert job_id not in final.jobs and len(final.jobs) == 1  # the seed ran again as a new job
     assert (speedrun.store / sweep / "seed-0" / "manifest.json").is_file()
     env = json.loads((speedrun.store / sweep / "seed-0" / "env.json").read_text())["env"]
@@ -214,3 +214,39 @@ def test_two_nodes_run_one_node_runner_each_with_one_torchrun_rendezvous(speedru
         assert (speedrun.root / f"work-{rank}" / sweep).is_dir()
     assert f"step:{STEPS}/{STEPS} val_loss" in speedrun.log_text(sweep)
     assert json.loads((speedrun.store / sweep / "seed-0" / "manifest.json").read_text())["files"]
+
+
+def test_a_failing_squeue_during_a_running_job_submits_nothing(speedrun, slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
+    sweep, _ = speedrun.launch("--seeds", "1", sets=[*TINY, "retries=2", "trainer.steps=100000"])
+    job_id = speedrun.handle(sweep).job_ids[0]
+    speedrun.wait_for(lambda: "seed 0: attempt 1" in speedrun.log_text(sweep))
+    # what squeue and sacct do when slurmctld is unreachable: exit 1, nothing on stdout
+    broken = tmp_path / "broken-bin"
+    broken.mkdir()
+    for tool in ("squeue", "sacct"):
+        (broken / tool).write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+        (broken / tool).chmod(0o755)
+    path = f"{broken}{os.pathsep}{os.environ['PATH']}"
+    with monkeypatch.context() as m:
+        m.setenv("PATH", path)
+        env = dict(speedrun.env, PATH=path)
+        status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", sweep], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=120)
+        # two watchers at once, the CLI's and one in this process: neither may take the job for dead
+        watcher = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "watch", sweep, "--poll", "0.5"],
+                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = speedrun.backend(sweep).wait(speedrun.handle(sweep), poll_s=0.5, timeout_s=6)
+        watcher.terminate()
+        watched = watcher.communicate(timeout=30)[0]
+    assert "re-submitted as job" not in watched, watched
+    assert status.returncode == 0 and "UNKNOWN" in status.stdout and "squeue did not answer" in status.stdout, \
+        status.stdout + status.stderr
+    assert seen.state == SweepState.UNKNOWN and seen.jobs == {job_id: SweepState.UNKNOWN}
+    # nothing was submitted: one job in the folder's record, none in the queue but ours, no attempt claimed
+    folder = Path(speedrun.handle(sweep).data["folder"])
+    assert [j["id"] for j in json.loads((folder / "jobs.json").read_text())] == [job_id]
+    assert not (speedrun.store / sweep / "attempts").exists()
+    assert [j["id"] for j in slurm_cluster.queue() if j["state"] in ("PENDING", "RUNNING")] == [job_id]
+    assert speedrun.backend(sweep).status(speedrun.handle(sweep)).state == SweepState.RUNNING
+    speedrun("cancel", sweep)
+    speedrun.wait_for(lambda: slurm_cluster.queue() == [])

@@ -12,7 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from trainer.fixtures import markov_shards, tiny_config  # noqa: E402
+from orchestrator.data.synthetic import markov_shards  # noqa: E402
+from trainer.fixtures import tiny_config  # noqa: E402
 from trainer.train import PREEMPTED_EXIT, Trainer  # noqa: E402
 
 pytestmark = pytest.mark.integration

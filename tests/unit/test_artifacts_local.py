@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 
@@ -159,3 +160,28 @@ def test_a_seed_committed_as_failed_is_replaced_by_a_newer_attempt(tmp_path):
     assert collect(store, tmp_path / "spool", "sw").verified == ["sw/seed-0"]
     with pytest.raises(UploadConflict):  # a succeeded seed stays as committed
         up.upload_seed(make_seed(tmp_path / "c", ckpts=(5,)), "sw/seed-0", state="succeeded")
+
+
+def test_closing_files_join_the_one_pass_before_the_manifest(tmp_path, monkeypatch):
+    """The node runner's single upload: files, then timings.json stating that upload's time, then the manifest."""
+    store = LocalStore(tmp_path / "store")
+    seed = make_seed(tmp_path / "seed")
+    (seed / "timings.json").unlink(missing_ok=True)  # the node runner writes it only in closing()
+    order = []
+    real_put = LocalStore.put_file
+    monkeypatch.setattr(LocalStore, "put_file", lambda self, p, k, sha256=None: order.append(k) or real_put(self, p, k, sha256))
+    real_bytes = LocalStore.put_bytes
+    monkeypatch.setattr(LocalStore, "put_bytes", lambda self, d, k: order.append(k) or real_bytes(self, d, k))
+    seen = []
+
+    def closing(upload_s):
+        seen.append(upload_s)
+        assert read_manifest(store, "sw/seed-0") is None  # not committed yet
+        return {"timings.json": json.dumps({"upload_s": upload_s}).encode()}
+
+    m = SeedUploader(store, tmp_path / "spool").upload_seed(seed, "sw/seed-0", state="succeeded", closing=closing)
+    assert len(seen) == 1 and seen[0] >= 0
+    assert order[-2:] == ["sw/seed-0/timings.json", "sw/seed-0/manifest.json"]
+    assert len(order) == len(set(order))  # every object sent once
+    assert "timings.json" in {f.key for f in m.files}
+    assert json.loads(store.get_bytes("sw/seed-0/timings.json"))["upload_s"] == seen[0]

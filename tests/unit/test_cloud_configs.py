@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cloud import (check_launcher, cluster_command, cost_line, launcher_config, load_rented,
-                                provisioning, ray_schema)
+from orchestrator.backends.ray_launcher import (check_launcher, cluster_command, launcher_config, load_rented,
+                                                provisioning, ray_schema)
 from orchestrator.config import ClusterConfig, ConfigError, load_cluster
+from orchestrator.summary import cost_line
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = ["ray-cluster-aws", "ray-cluster-onprem"]

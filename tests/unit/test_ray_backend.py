@@ -85,7 +85,7 @@ def test_handle_round_trips_through_json():
 
 
 def test_what_the_driver_does_after_an_attempt():
-    from orchestrator.backends.ray import next_step
+    from orchestrator.backends.ray_driver import next_step
 
     assert next_step({0: 0, 1: 0}, [0, 1], [0, 1], 0, 0, 0) == ("done", "all seeds done: [0, 1]")
     # A node runner killed outright: retried while retries last, then the run fails, naming why.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.results import MemoryEvent, RunSummary, StepEvent, parse_line, parse_log
+from orchestrator.results import MemoryEvent, SeedSummary, StepEvent, parse_line, parse_log
 
 LOGS = Path(__file__).resolve().parents[1] / "data" / "logs"
 
@@ -130,10 +130,10 @@ def test_resumed_run_later_lines_win():
 
 
 def test_summary_from_result():
-    s = RunSummary.from_result(parse_log(read("modded_record.txt")), seed=3)
+    s = SeedSummary.from_result(parse_log(read("modded_record.txt")), seed=3)
     assert (s.seed, s.name, s.complete) == (3, "seed-3", True)
     assert s.train_time_s == pytest.approx(168.94, abs=0.01) and s.peak_mem_mib == 34004
-    assert RunSummary.from_dict(s.to_dict()) == s
+    assert SeedSummary.from_dict(s.to_dict()) == s
 
 
 def test_retry_appended_to_the_same_log_supersedes_the_dead_attempt():

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("submitit")
 
-from orchestrator.backends.base import RunState  # noqa: E402
+from orchestrator.backends.base import SweepState  # noqa: E402
 from orchestrator.backends.slurm import (  # noqa: E402
     NOT_REQUEUED, NodeTask, SlurmBackend, _job_state, _overall, parse_extra_sbatch, sbatch_parameters,
 )
@@ -111,28 +111,28 @@ def test_node_task_pickles_without_its_child_process():
 def test_job_states_from_queue_result_and_cancel_marker(tmp_path):
     from submitit.core.utils import cloudpickle_dump
 
-    assert _job_state(tmp_path, "7", "RUNNING", False)[0] == RunState.RUNNING
-    assert _job_state(tmp_path, "7", "PENDING", False)[0] == RunState.PENDING
+    assert _job_state(tmp_path, "7", "RUNNING", False)[0] == SweepState.RUNNING
+    assert _job_state(tmp_path, "7", "PENDING", False)[0] == SweepState.PENDING
     (tmp_path / "7_0_log.out").write_text("submitit INFO - Starting\n[node] staging\nTraceback\nValueError: bad shard\n"
                                           "submitit ERROR - Submitted job triggered an exception\nTraceback\n"
                                           "RuntimeError: node runner exited with code 1\n")
     state, why, retryable = _job_state(tmp_path, "7", None, False)
-    assert state == RunState.FAILED and why.startswith("died") and why.endswith("ValueError: bad shard") and retryable
+    assert state == SweepState.FAILED and why.startswith("died") and why.endswith("ValueError: bad shard") and retryable
     assert "submitit" not in why  # the tail is the node runner's output, not submitit's traceback of it
-    assert _job_state(tmp_path, "7", None, True)[0] == RunState.CANCELLED
+    assert _job_state(tmp_path, "7", None, True)[0] == SweepState.CANCELLED
     cloudpickle_dump(("error", "Traceback...\nRuntimeError: node runner exited with code 1"), tmp_path / "7_0_result.pkl")
     state, why, retryable = _job_state(tmp_path, "7", "COMPLETED", False)
-    assert state == RunState.FAILED and "exited with code 1" in why and "bad shard" in why and not retryable
-    assert _job_state(tmp_path, "7", "CANCELLED", False)[0] == RunState.CANCELLED  # someone ran scancel
-    assert _job_state(tmp_path, "7", "COMPLETED", True)[0] == RunState.CANCELLED  # our scancel made that error
+    assert state == SweepState.FAILED and "exited with code 1" in why and "bad shard" in why and not retryable
+    assert _job_state(tmp_path, "7", "CANCELLED", False)[0] == SweepState.CANCELLED  # someone ran scancel
+    assert _job_state(tmp_path, "7", "COMPLETED", True)[0] == SweepState.CANCELLED  # our scancel made that error
     cloudpickle_dump(("success", {"exit_code": 0}), tmp_path / "8_0_result.pkl")
-    assert _job_state(tmp_path, "8", "COMPLETED", False)[0] == RunState.SUCCEEDED
+    assert _job_state(tmp_path, "8", "COMPLETED", False)[0] == SweepState.SUCCEEDED
     cloudpickle_dump(("error", f"RuntimeError: node runner {NOT_REQUEUED}: stopped by SIGTERM"), tmp_path / "9_0_result.pkl")
     assert _job_state(tmp_path, "9", "COMPLETED", False)[2]  # checkpointed: running it again resumes it
 
 
 def test_run_state_is_the_least_finished_job():
-    S = RunState
+    S = SweepState
     assert _overall([S.SUCCEEDED, S.RUNNING]) == S.RUNNING
     assert _overall([S.SUCCEEDED, S.PENDING]) == S.PENDING
     assert _overall([S.SUCCEEDED, S.SUCCEEDED]) == S.SUCCEEDED

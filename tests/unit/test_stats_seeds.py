@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from scipy import stats as sps
 
-from orchestrator.results import RunSummary
+from orchestrator.results import SeedSummary
 from orchestrator.stats import (compare, mean_ci95, one_sided_p, render_comparison, render_stats, seeds_needed,
                                 sweep_stats)
 
@@ -18,12 +18,12 @@ TIMES = [168.94, 169.20, 168.71, 169.05, 168.88, 169.33, 168.79, 169.01]
 
 
 def runs(losses, times, start_seed=0):
-    return [RunSummary(seed=start_seed + i, val_loss=l, train_time_s=t, step_avg_ms=t / 1.695, peak_mem_mib=34004,
+    return [SeedSummary(seed=start_seed + i, val_loss=l, train_time_s=t, step_avg_ms=t / 1.695, peak_mem_mib=34004,
                        complete=True, name=f"seed-{start_seed + i}") for i, (l, t) in enumerate(zip(losses, times))]
 
 
 def dead(seed, reason="stopped at step 812/1695: torch.OutOfMemoryError: CUDA out of memory"):
-    return RunSummary(seed=seed, val_loss=3.9, train_time_s=80.0, step_avg_ms=99.0, peak_mem_mib=None,
+    return SeedSummary(seed=seed, val_loss=3.9, train_time_s=80.0, step_avg_ms=99.0, peak_mem_mib=None,
                       complete=False, reason=reason, name=f"seed-{seed}")
 
 

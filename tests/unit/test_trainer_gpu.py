@@ -116,7 +116,7 @@ def test_training_loop_on_the_gpu_logs_every_step_from_cuda_events(tmp_path):
     still gets its line, in order, with its own loss and a train_time that grows."""
     import json
 
-    from trainer.fixtures import markov_shards
+    from orchestrator.data.synthetic import markov_shards
     from trainer.train import Trainer
 
     markov_shards(tmp_path / "data")

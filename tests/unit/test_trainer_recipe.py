@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import BOS, TrainBatches, write_shard  # noqa: E402
-from trainer.fixtures import markov_shards, randomised_model, tiny_config  # noqa: E402
+from orchestrator.data.synthetic import markov_shards  # noqa: E402
+from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
 from trainer.model import GPT, Attention, attention_layout  # noqa: E402
 from trainer.optim import build_optimizers, split_parameters  # noqa: E402
 from trainer.train import Trainer, window_blocks  # noqa: E402

@@ -1,4 +1,4 @@
-"""Rented nodes: `speedrun cluster up|down|status CONFIG` over the Ray cluster launcher, and the cost line.
+"""Rented nodes: `speedrun cluster up|down|status CONFIG`, a wrapper of the Ray cluster launcher.
 
 A config for rented machines is an ordinary cluster config (backend: ray) whose `ray.launcher` (inline)
 or `ray.cluster_yaml` (a file) is a Ray cluster-launcher config. `up` hands it to `ray up`
@@ -24,22 +24,6 @@ from rich.table import Table
 from orchestrator.config import ClusterConfig, ConfigError, load_cluster
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------ cost
-
-
-def cost_line(cluster: ClusterConfig, seconds: float) -> str:
-    """`cost: 8 GPUs x 0.05 h = 0.37 GPU-hours; 1 node x $55.04/node-hour = $2.75` for run summaries."""
-    hours = max(seconds, 0.0) / 3600
-    gpus = cluster.nodes * cluster.gpus_per_node
-    gpu_hours = gpus * hours
-    line = f"cost: {gpus} GPUs x {hours:.2f} h = {gpu_hours:.2f} GPU-hours"
-    if cluster.cost_per_hour is None:
-        return line + f" (no cost_per_hour in cluster config {cluster.name!r}, so no $)"
-    per_gpu_hour = cluster.cost_per_hour / cluster.gpus_per_node
-    return (line + f" x ${per_gpu_hour:,.2f}/GPU-hour (${cluster.cost_per_hour:,.2f}/node-hour)"
-            f" = ${gpu_hours * per_gpu_hour:,.2f}")
 
 
 # ------------------------------------------------------------------------- the launcher config
