@@ -99,7 +99,7 @@ def run_phase(args) -> dict:
     from gpu_clocks import ClockSampler, gpu_uuid
     from trainer.__main__ import parse_value
     from trainer.config import TrainConfig
-    from trainer.fixtures import markov_shards
+    from orchestrator.data.synthetic import markov_shards
     from trainer.train import Trainer
 
     overrides = {"val_tokens": 262144}

@@ -383,7 +383,7 @@ def test_adam_steps_on_odd_steps_only_when_asked():
 
 
 def test_adam_every_other_step_steps_on_the_sum_of_two_steps_gradients(tmp_path):
-    from trainer.fixtures import markov_shards
+    from orchestrator.data.synthetic import markov_shards
     from trainer.model import GPT
     from trainer.train import Trainer, window_blocks
 
