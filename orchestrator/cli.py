@@ -14,8 +14,9 @@ from rich.table import Table
 
 from orchestrator.cli_results import add_results_commands, open_store_for, print_sweep
 from orchestrator.config import ConfigError
+from orchestrator.terminal import OutputConsole
 
-console = Console(highlight=False)
+console = OutputConsole(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 

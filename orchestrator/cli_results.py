@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import ConfigError
+from orchestrator.terminal import OutputConsole
 
-console = Console(highlight=False)
+console = OutputConsole(highlight=False)
 
 
 def open_store_for(url: str):
