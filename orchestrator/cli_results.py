@@ -144,7 +144,7 @@ def cmd_stats(args) -> int:
         sys.stdout.write(json.dumps(s.to_dict(), indent=2) + "\n")
     else:
         console.print(render_stats(s, title=where))
-    return 0
+    return 1 if args.check and not s.is_record else 0   # a script can branch on it: `speedrun stats --check X && ...`
 
 
 def cmd_compare(args) -> int:
@@ -195,6 +195,8 @@ def add_stats_commands(sub) -> None:
     p = sub.add_parser("stats", help="seeds table, mean ± std, p-value against the target, train time CI")
     p.add_argument("what", nargs="+", metavar="SWEEP|LOG", help="a sweep id, or training log files / folders")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 unless the sweep is a record (mean below the target at p < 0.01); tables print as usual")
     common(p)
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser("compare", help="B minus A: val loss and train time with 95%% CIs (Welch)")

@@ -53,3 +53,13 @@ def test_a_console_given_a_width_keeps_it():
     console = OutputConsole(file=buf, width=50)
     console.print("x " * 40)
     assert max(len(line) for line in buf.getvalue().splitlines()) <= 50
+
+
+def test_stats_check_exits_1_unless_the_sweep_is_a_record(capsys):
+    logs = [str(LOGS / "modded_record.txt"), str(LOGS / "ours_complete.txt")]   # 3.2772 and 3.2712
+    assert main(["stats", *logs, "--check", "--target", "3.4"]) == 0   # far below 3.4: p < 0.01
+    assert main(["stats", *logs, "--check"]) == 1                      # below 3.28, but not at p < 0.01
+    assert main(["stats", *logs]) == 0                                 # without --check, 0 either way
+    capsys.readouterr()
+    assert main(["stats", *logs, "--check", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["is_record"] is False
