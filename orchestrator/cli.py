@@ -14,6 +14,7 @@ from rich.table import Table
 
 from orchestrator.cli_results import add_results_commands, open_store_for, print_sweep
 from orchestrator.config import ConfigError
+from orchestrator.sweep import MAX_SEEDS
 from orchestrator.terminal import OutputConsole
 
 console = OutputConsole(highlight=False)
@@ -31,8 +32,8 @@ def _prepare_launch(args):
 
     job = load_job(args.job, args.set)
     cluster, cluster_path = load_cluster(args.cluster, args.set)
-    if args.seeds is not None and args.seeds < 1:
-        raise ConfigError(f"--seeds {args.seeds}: must be >= 1")
+    if args.seeds is not None and not 1 <= args.seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds {args.seeds}: must be from 1 to {MAX_SEEDS} (a sweep's bound)")
     if args.seeds_parallel:
         if cluster.backend != "slurm":
             raise ConfigError(f"--seeds-parallel: only the slurm backend runs seeds as a job array, not {cluster.backend!r}")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.sweep import TARGET_VAL_LOSS
+from orchestrator.sweep import MAX_SEEDS, TARGET_VAL_LOSS
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ class CheckpointSpec(Strict):
 
 class JobSpec(Strict):
     name: str
-    seeds: int = Field(1, ge=1)
+    seeds: int = Field(1, ge=1, le=MAX_SEEDS)
     seed_base: int = Field(0, ge=0, description="seeds run as seed_base .. seed_base+seeds-1")
     data: DataSpec
     trainer: dict[str, Any] = Field(default_factory=dict, description="overrides of trainer.config.TrainConfig")
@@ -198,7 +198,10 @@ def _explain(e: ValidationError, path: Path, model: type[BaseModel]) -> ConfigEr
     if err["type"] == "missing":
         return ConfigError(f"{path}: {key}: required key is missing; add it")
     msg = err["msg"].removeprefix("Value error, ")
-    msg = msg.replace("greater than", "must be >").replace("Input should be", "must be")
+    for words, sign in (("greater than or equal to", ">="), ("less than or equal to", "<="), ("greater than", ">"),
+                        ("less than", "<")):
+        msg = msg.replace(f"Input should be {words}", f"must be {sign}")
+    msg = msg.replace("Input should be", "must be")
     return ConfigError(f"{path}: {key}: {msg} (got {err.get('input')!r})")
 
 

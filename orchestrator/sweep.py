@@ -18,6 +18,7 @@ from trainer.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMP
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_PREEMPTED"]
 
 MAX_REQUEUES = 20  # preemptions resumed without spending a retry, before a sweep is called failed
+MAX_SEEDS = 1000  # seeds in one sweep: p < 0.01 needs tens; a typo's 10^9 would fill memory planning them
 TARGET_VAL_LOSS = 3.28  # the record's target; a job's `target_loss:` replaces it for its sweep
 
 

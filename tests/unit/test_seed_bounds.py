@@ -1,0 +1,21 @@
+"""Issue 23: the seed count is bounded before anything is planned, and bounds read as one plain sentence."""
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.sweep import MAX_SEEDS
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "1000000000"], f"--seeds 1000000000: must be from 1 to {MAX_SEEDS} (a sweep's bound)"),
+    (["--seeds", "0"], f"--seeds 0: must be from 1 to {MAX_SEEDS}"),
+    (["--set", "seeds=1000000000"], f"jobs/smoke.yaml: seeds: must be <= {MAX_SEEDS} (got 1000000000)"),
+    (["--set", "seeds=-2"], "jobs/smoke.yaml: seeds: must be >= 1 (got -2)"),
+])
+def test_a_seed_count_out_of_bounds_is_one_sentence_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))   # the run index must stay empty: nothing is created
+    assert main(["launch", "jobs/smoke.yaml", *argv, "--dry-run", "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "must be must be" not in err and err.count("\n") == 1
+    assert not (tmp_path / "store").exists()
