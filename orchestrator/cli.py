@@ -34,6 +34,9 @@ def _prepare_launch(args):
     cluster, cluster_path = load_cluster(args.cluster, args.set)
     if args.seeds is not None and not 1 <= args.seeds <= MAX_SEEDS:
         raise ConfigError(f"--seeds {args.seeds}: must be from 1 to {MAX_SEEDS} (a sweep's bound)")
+    both = [o for o in args.set if o.partition("=")[0].strip() == "seeds"]
+    if args.seeds is not None and both:
+        raise ConfigError(f"--seeds {args.seeds} and --set {both[-1]}: two seed counts; give one of them")
     if args.seeds_parallel:
         if cluster.backend != "slurm":
             raise ConfigError(f"--seeds-parallel: only the slurm backend runs seeds as a job array, not {cluster.backend!r}")

@@ -19,3 +19,10 @@ def test_a_seed_count_out_of_bounds_is_one_sentence_and_exit_2(argv, message, tm
     err = capsys.readouterr().err
     assert message in err and "must be must be" not in err and err.count("\n") == 1
     assert not (tmp_path / "store").exists()
+
+
+def test_seeds_given_twice_is_refused_not_silently_picked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = ["launch", "jobs/smoke.yaml", "--seeds", "3", "--set", "seeds=5", "--dry-run", "--store", str(tmp_path / "s")]
+    assert main(argv) == 2
+    assert "--seeds 3 and --set seeds=5: two seed counts; give one of them" in capsys.readouterr().err
