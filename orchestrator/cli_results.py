@@ -101,12 +101,16 @@ def cmd_show(args) -> int:
 def cmd_collect(args) -> int:
     from orchestrator.artifacts import collect
     from orchestrator.config import expand, load_cluster
+    from orchestrator.sweep import handle_key, plan_key
 
     store, url = _store_for(args, args.run)
     spool = Path(args.spool) if args.spool else None
     if spool is None:
         cluster, _ = load_cluster(args.cluster)
         spool = expand(cluster.work_dir) / args.run / "spool"
+    if not spool.is_dir() and not any(store.exists(k) for k in (plan_key(args.run), handle_key(args.run))):
+        raise ConfigError(f"collect {args.run}: no spool at {spool} and no such sweep in {url}; check the id "
+                          "(`speedrun status` lists runs) or pass --spool")
     report = collect(store, spool, args.run)
     console.print(report.describe() if hasattr(report, "describe") else str(report))
     return 0 if getattr(report, "ok", True) else 1

@@ -1,4 +1,4 @@
-"""Issue 23: the seed count is bounded before anything is planned, and bounds read as one plain sentence."""
+"""Issue 23: bad input is one sentence and exit 2, checked before anything is planned or created."""
 from __future__ import annotations
 
 import pytest
@@ -26,3 +26,12 @@ def test_seeds_given_twice_is_refused_not_silently_picked(tmp_path, monkeypatch,
     argv = ["launch", "jobs/smoke.yaml", "--seeds", "3", "--set", "seeds=5", "--dry-run", "--store", str(tmp_path / "s")]
     assert main(argv) == 2
     assert "--seeds 3 and --set seeds=5: two seed counts; give one of them" in capsys.readouterr().err
+
+
+def test_collect_of_a_run_that_is_nowhere_is_bad_input(tmp_path, monkeypatch, capsys):
+    """No spool and no such sweep in the store: one sentence and exit 2, not 'nothing to collect' and 0."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = ["collect", "smoke-20990101T000000Z-000000", "--store", str(tmp_path / "store"), "--spool", str(tmp_path / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "collect smoke-20990101T000000Z-000000: no spool at" in err and "no such sweep in" in err
