@@ -234,6 +234,7 @@ def read_seeds(store_dir: Path, launch_output: str) -> tuple[str | None, list[di
     """The sweep a launch wrote to its own store (the id it printed, else the store's only one) and its seeds."""
     from orchestrator.results import load_sweep_runs
     from orchestrator.runs import list_sweeps
+    from orchestrator.summary import json_or_none
     from orchestrator.sweep import seed_prefix
     from orchestrator.store import open_store
 
@@ -244,8 +245,8 @@ def read_seeds(store_dir: Path, launch_output: str) -> tuple[str | None, list[di
     seeds = []
     for one in load_sweep_runs(store, sweep) if sweep else []:
         # the node runner's records: a seed that died early has none, and its log says why
-        env, timings = (json.loads(p.read_text()) if p.is_file() else {}
-                        for p in (store_dir / seed_prefix(sweep, one.summary.seed) / n for n in ("env.json", "timings.json")))
+        env, timings = (json_or_none(store, f"{seed_prefix(sweep, one.summary.seed)}/{n}") or {}
+                        for n in ("env.json", "timings.json"))
         seeds.append(dict(seed=one.summary.seed, state="succeeded" if one.summary.complete else "failed",
                           reason=one.summary.reason, ms_per_step=one.summary.step_avg_ms,
                           final_val_loss=one.summary.val_loss, curve=curve_of(one.result) if one.result else [],

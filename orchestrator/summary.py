@@ -21,7 +21,8 @@ class SweepSummary:
     wall_s: float | None = None
 
 
-def _json_or_none(store, key: str) -> dict | None:
+def json_or_none(store, key: str) -> dict | None:
+    """A JSON record of the store, or None where it is missing or unreadable."""
     try:
         return json.loads(store.get_bytes(key)) if store.exists(key) else None
     except ValueError:
@@ -39,11 +40,11 @@ def sweep_summary(store, sweep_id: str) -> SweepSummary:
         r = run.summary
         prefix = seed_prefix(sweep_id, r.seed)
         s.seeds.append(r)
-        timings = _json_or_none(store, f"{prefix}/timings.json") or {}
+        timings = json_or_none(store, f"{prefix}/timings.json") or {}
         if timings.get("total_s") is not None:
             walls.append(timings["total_s"])
         if s.entropy_rate_nats is None:
-            env = _json_or_none(store, f"{prefix}/env.json") or {}
+            env = json_or_none(store, f"{prefix}/env.json") or {}
             s.entropy_rate_nats = (env.get("data") or {}).get("entropy_rate_nats")
     s.wall_s = max(walls) if walls else None
     return s
