@@ -50,23 +50,29 @@ class TrainConfig:
                                               # way, CUDA only; CPU runs torch) | torch
     mlp_fp8: str = "all"                      # none | forward (both forward matmuls in FP8) | grad_h (+ the backward's
                                               # grad_h) | all (+ grad_x); the triton MLP on Hopper, ignored elsewhere
-    # --- later records' techniques (issue 22), each off so the defaults stay record-28's. The records, numbered as
-    # in modded-nanogpt's README: 34 Smear 2025-09-18, 39 CustomBatching 2025-09-30, 41 NorMuon 2025-10-24,
-    # 43 CautiousWD 2025-11-10, 55 VeSkipGates 2025-12-29, 62 BigramHashEmbedding
-    # 2026-01-19, 83 BigramsSignTrick 2026-05-20. Every new gate reads the first attn_gate_dims (12) dims of its
-    # input, as the records' gates do
+    # --- later records' techniques (issue 22), each behind its own switch. The records, numbered as in
+    # modded-nanogpt's README: 34 Smear 2025-09-18, 39 CustomBatching 2025-09-30, 41 NorMuon 2025-10-24,
+    # 43 CautiousWD 2025-11-10, 55 VeSkipGates 2025-12-29, 62 BigramHashEmbedding 2026-01-19, 83 BigramsSignTrick
+    # 2026-05-20. Every new gate reads the first attn_gate_dims (12) dims of its input, as the records' gates do.
+    # "yardstick": bench/recipe.py on one H200, 200 steps, time to record-28's loss against record-28's time, one
+    # seed each; with all of them off 0.813 in the same lease, 0.802 twice in an earlier one (bench/NOTES.md)
     smear: bool = False                       # record-34: each embedding plus a gated share of the previous token's
-                                              # (trainer/embeddings.py)
-    bigram_embed: bool = False                # record-62: a hashed (previous token, token) embedding added to the first
+                                              # (trainer/embeddings.py). Yardstick: 0.815, no gain: off
+    bigram_embed: bool = True                 # record-62: a hashed (previous token, token) embedding added to the first
     bigram_rows: int = 50304 * 15             # bigram_dim dims of every block's input, times a per-layer weight (init
-    bigram_dim: int = 192                     # 0.05); rows, dim and the sign trick's 8192 sign rows: record-83's
-    bigram_sign_rows: int = 8192
+    bigram_dim: int = 192                     # 0.05); rows, dim and the sign trick's 8192 sign rows: record-83's.
+    bigram_sign_rows: int = 8192              # Yardstick: 0.775 (loss lower at every point, +10 ms/step): on
     value_embed_gate: bool = False            # record-55: each head's value embedding times 2*sigmoid(w . x[:12]),
                                               # in place of its lambda (w per layer, trained by Muon)
+                                              # Yardstick, with skip_gate: 0.825, +9 ms/step, same final loss: off
     skip_gate: bool = False                   # record-55: each U-net skip times 2*sigmoid(w . x0[:12]), one w, trained
     adam_skip_gate_lr: float = 0.008 * 0.05   # by Adam at the record's 0.05x of the base lr 0.008
     # --- schedule
-    steps: int = 1695
+    # record-28 ran 1695 steps. With the bigram embedding and NorMuon on: 1545, the larger of two estimates of the
+    # steps to the same loss, (a) the records' own step counts, 1695 x 1600/1765 (record-62's bigram, from
+    # record-61's) x 2315/2330 (record-41's NorMuon, from record-40's) = 1527, and (b) the yardstick, where both
+    # reach record-28's loss at step 182.1 of 200: 1695 x 0.9105 = 1543. The 8xH100 projection: bench/NOTES.md
+    steps: int = 1545
     cooldown_frac: float = 0.45
     warmup_steps: int = 0
     val_every: int = 125
@@ -79,8 +85,10 @@ class TrainConfig:
     # record-43's cautious weight decay: the update gets + lr * wd * p where the update and p agree in sign (the
     # step then shrinks |p|), so the decay follows the lr schedule; 0 = off (record-43: 1.2 at its Muon lr 0.03)
     muon_cautious_wd: float = 0.0
-    muon_variant: str = "muon"                # muon | normuon: record-41's neuron-wise normalised update
-    normuon_beta2: float = 0.95               # (trainer/optim.py; the record ran it at Muon lr 0.06)
+    muon_variant: str = "normuon"             # muon | normuon: record-41's neuron-wise normalised update
+    normuon_beta2: float = 0.95               # (trainer/optim.py; the record ran it at Muon lr 0.06, ours 0.05).
+                                              # Yardstick: 0.798 alone, 0.758 with bigram_embed (bigram alone
+                                              # 0.775); ms/step unchanged: on
     muon_polynomial: str = "newton_schulz"    # newton_schulz (record-28) | polar_express (later records)
     # record-28: one Adam lr 0.008 times a per-parameter multiplier: 75 for the embeddings, 1 for the head, 5 for
     # the scalar gains
@@ -93,7 +101,9 @@ class TrainConfig:
     # over 8 ranks); ours is the mean over the step's tokens, 49,152x smaller, so the same damping is 1e-10/49152
     adam_eps: float = 1e-10 / 49152
     adam_every_other_step: bool = False       # record-39: Adam steps on odd steps only, on two steps' summed gradients
-                                              # (reduced across ranks once); Muon steps every step
+                                              # (reduced across ranks once); Muon steps every step. Yardstick on one
+                                              # GPU (no reduction to save): 574.6 ms/step, final loss 2.1609, not
+                                              # reaching the target: off (8 ranks untried)
     # --- runtime
     seed: int = 0
     device: str = "auto"                      # auto | cuda | cpu

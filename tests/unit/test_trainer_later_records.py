@@ -1,6 +1,6 @@
-"""Techniques of records after record-28, each behind its own TrainConfig switch, off by default (issue 22):
-with every switch off the trainer computes what it computed before them; each switch, on, computes what its
-record specifies."""
+"""Techniques of records after record-28, each behind its own TrainConfig switch (issue 22): with every switch off
+the trainer computes what it computed before them; each switch, on, computes what its record specifies. The tiny
+model of these tests is record-28's (trainer/fixtures.py); the defaults turn on what the yardstick kept."""
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -56,7 +56,16 @@ def test_with_every_switch_off_one_step_is_bit_identical_to_before_the_switches(
     assert (means, squares) == pytest.approx(BEFORE_SWITCHES[1:], rel=1e-8)
 
 
-def test_the_defaults_build_none_of_the_later_records_parts():
+def test_the_defaults_keep_what_the_yardstick_kept():
+    from trainer.config import TrainConfig
+
+    d = TrainConfig()
+    assert d.bigram_embed and d.muon_variant == "normuon"
+    assert not (d.smear or d.value_embed_gate or d.skip_gate or d.adam_every_other_step or d.muon_cautious_wd
+                or d.muon_momentum_cooldown_steps)
+
+
+def test_the_tiny_model_builds_none_of_the_later_records_parts():
     model = randomised_model(tiny_config())
     assert model.smear is None and model.bigram is None and model.bigram_lambdas is None and model.skip_gate is None
     assert all(b.attn.value_gate is None for b in model.blocks)
