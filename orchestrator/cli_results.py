@@ -117,50 +117,69 @@ def cmd_collect(args) -> int:
 
 
 def _stats_runs(args, what: list[str]):
-    """SeedRuns from log files (every argument a file, or a folder of *.txt/*.log) or from one sweep id,
-    where they came from, and the target to test them against (--target, else the sweep job's)."""
-    from orchestrator.results import ResultsError, load_sweep_runs, runs_from_logs, sweep_target
+    """SeedRuns from log files (every argument a file, or a folder of logs or a downloaded sweep) or from one
+    sweep id, where they came from, the target to test them against (--target, else the sweep job's), and
+    notes on the files (skipped, duplicates)."""
+    from orchestrator.log_files import load_log_files
+    from orchestrator.results import ResultsError, load_sweep_runs, sweep_target
     from orchestrator.sweep import choose_target
 
     paths = [p for p in map(Path, what) if p.exists()]
     if paths and len(paths) == len(what):
-        files = [f for p in paths for f in (sorted([*p.glob("*.txt"), *p.glob("*.log")]) if p.is_dir() else [p])]
-        if not files:
-            raise ResultsError(f"{what[0]}: no *.txt or *.log training logs in it; pass log files or a sweep id")
-        return runs_from_logs(files), f"{len(files)} log file(s)", choose_target(args.target, None)
+        pool = load_log_files(paths)
+        return pool.runs, f"{len(pool.runs)} log file(s)", choose_target(args.target, None), pool.notes
     missing = next(w for w in what if not Path(w).exists())
     if len(what) != 1 or Path(missing).suffix in (".txt", ".log") or "/" in missing.rstrip("/"):
         raise ResultsError(f"{missing}: no such log file; pass either log files or ONE sweep id")
     store, url = _store_for(args, what[0])
     runs = load_sweep_runs(store, what[0])
-    return runs, f"{url.rstrip('/')}/{what[0]}", choose_target(args.target, sweep_target(store, what[0]))
+    return runs, f"{url.rstrip('/')}/{what[0]}", choose_target(args.target, sweep_target(store, what[0])), []
+
+
+def _print_json(obj) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
 def cmd_stats(args) -> int:
-    import json
+    from orchestrator.stats import group_by_steps, render_stats, sweep_stats
 
-    from orchestrator.stats import render_stats, sweep_stats
-
-    runs, where, (target, source) = _stats_runs(args, args.what)
-    s = sweep_stats([r.summary for r in runs], target)
-    s.target_source = source
-    if args.json:
-        sys.stdout.write(json.dumps(s.to_dict(), indent=2) + "\n")
+    runs, where, (target, source), notes = _stats_runs(args, args.what)
+    summaries = [r.summary for r in runs]
+    groups = group_by_steps(summaries) if args.group_by == "steps" else [(None, summaries)]
+    stats = []
+    for _, group in groups:
+        s = sweep_stats(group, target)
+        s.target_source = source
+        stats.append(s)
+    if args.group_by is None:
+        stats[0].notes[:0] = notes
+        if args.json:
+            _print_json(stats[0].to_dict())
+        else:
+            console.print(render_stats(stats[0], title=where))
+    elif args.json:
+        _print_json({"group_by": args.group_by, "notes": notes,
+                     "groups": [{"steps": steps, **s.to_dict()} for (steps, _), s in zip(groups, stats)]})
     else:
-        console.print(render_stats(s, title=where))
-    return 1 if args.check and not s.is_record else 0   # a script can branch on it: `speedrun stats --check X && ...`
+        for note in notes:
+            console.print(note, style="yellow", markup=False)
+        for (steps, _), s in zip(groups, stats):
+            console.print(render_stats(s, title=f"{where}: {'unknown' if steps is None else steps} steps"))
+    # a script can branch on it: `speedrun stats --check X && ...`; with groups, every group must be a record
+    return 1 if args.check and not all(s.is_record for s in stats) else 0
 
 
 def cmd_compare(args) -> int:
-    import json
-
     from orchestrator.stats import compare, render_comparison
 
-    a, _, target_a = _stats_runs(args, [args.a])
-    b, _, target_b = _stats_runs(args, [args.b])
+    a, _, target_a, notes_a = _stats_runs(args, [args.a])
+    b, _, target_b, notes_b = _stats_runs(args, [args.b])
     c = compare([r.summary for r in a], [r.summary for r in b], args.a, args.b, targets=[target_a, target_b])
+    c.notes[:0] = notes_a + notes_b
     if args.json:
-        sys.stdout.write(json.dumps(c.to_dict(), indent=2) + "\n")
+        _print_json(c.to_dict())
     else:
         console.print(render_comparison(c))
     return 0
@@ -201,6 +220,8 @@ def add_stats_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless the sweep is a record (mean below the target at p < 0.01); tables print as usual")
+    p.add_argument("--group-by", choices=["steps"], default=None,
+                   help="one table (and test) per step count, for a pool that mixes runs of different lengths")
     common(p)
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser("compare", help="B minus A: val loss and train time with 95%% CIs (Welch)")
