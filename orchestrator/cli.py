@@ -30,8 +30,11 @@ def _prepare_launch(args):
     from orchestrator.config import check_store_url, check_writable_dir, expand, load_cluster, load_job
     from orchestrator.plan import build_plan
 
+    from orchestrator.backends.ray_launcher import check_launch_nodes
+
     job = load_job(args.job, args.set)
     cluster, cluster_path = load_cluster(args.cluster, args.set)
+    check_launch_nodes(cluster, cluster_path, args.set)
     if args.seeds is not None and not 1 <= args.seeds <= MAX_SEEDS:
         raise ConfigError(f"--seeds {args.seeds}: must be from 1 to {MAX_SEEDS} (a sweep's bound)")
     both = [o for o in args.set if o.partition("=")[0].strip() == "seeds"]
@@ -212,15 +215,30 @@ def cmd_cancel(args) -> int:
 # --------------------------------------------------------------------------------------- parsing
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one sentence and exit 2 (its usage block above the error buries the sentence)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def seed_count(text: str) -> int:
+    """--seeds: a whole number (its bound, sweep.MAX_SEEDS, is checked with the job's own seeds)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number; give a seed count from 1 to {MAX_SEEDS}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="speedrun", description="Launch NanoGPT-speedrun jobs and prove records.")
+    ap = OneLineParser(prog="speedrun", description="Launch NanoGPT-speedrun jobs and prove records.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("launch", help="run a job (all its seeds) on a cluster")
     p.add_argument("job", help="job YAML, e.g. jobs/smoke.yaml")
     p.add_argument("--cluster", default="local", help="cluster_configs/NAME.yaml or a path (default: local)")
-    p.add_argument("--seeds", type=int, help="number of seeds (overrides seeds: in the job)")
+    p.add_argument("--seeds", type=seed_count, help=f"number of seeds, 1 to {MAX_SEEDS} (overrides seeds: in the job)")
     p.add_argument("--store", help="object store: a directory, file://..., or s3://bucket/prefix")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job key (trainer.steps=50) or a cluster key (cluster.nodes=2)")

@@ -84,7 +84,7 @@ def load_log_files(paths: Sequence[str | os.PathLike]) -> LogPool:
         try:
             data = p.read_bytes()
         except OSError as e:
-            raise ResultsError(f"log file {p}: cannot be read ({e.strerror or e}); check its permissions") from None
+            raise ResultsError(f"log file {p}: cannot be read ({e.strerror or e}); check that it is a readable file") from None
         why = _not_a_log(p, data)
         if why:
             pool.notes.append(f"{p}: skipped: {why}")

@@ -21,7 +21,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.config import ClusterConfig, ConfigError, load_cluster
+from orchestrator.config import ClusterConfig, ConfigError, load_cluster, override_source
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,24 @@ def check_launcher(config: dict[str, Any], cluster: ClusterConfig, path: Path, k
                                   "give the SSH-reachable addresses of the machines")
     elif provider is not None and not config.get("available_node_types"):
         raise ConfigError(f"{path}: {key}.available_node_types: missing; declare the head (and worker) node types")
+    check_node_count(config, cluster, path, key)
+
+
+def check_node_count(config: dict[str, Any], cluster: ClusterConfig, path: Path, key: str, where: str = "") -> None:
+    """`nodes:` must not ask for more GPU nodes than the launcher config starts (a head with no workers is one)."""
     gpu_nodes = sum(g.count for g in provisioning(config) if g.gpus is None or g.gpus >= cluster.gpus_per_node)
     if gpu_nodes < cluster.nodes:
-        raise ConfigError(f"{path}: nodes: {cluster.nodes} nodes of {cluster.gpus_per_node} GPUs asked for, but "
-                          f"{key} starts {gpu_nodes} such node(s); raise min_workers or lower nodes")
+        raise ConfigError(f"{where or path}: nodes: {cluster.nodes} nodes of {cluster.gpus_per_node} GPUs asked for, "
+                          f"but {key} starts {gpu_nodes} such node(s); raise min_workers or lower nodes")
+
+
+def check_launch_nodes(cluster: ClusterConfig, path: Path, overrides: list[str] = ()) -> None:
+    """At launch (and --dry-run): a cluster config that provisions its own nodes must provide `nodes:` of them.
+    Reads the launcher config only; contacts nothing."""
+    if cluster.backend == "ray" and cluster.ray is not None and (cluster.ray.launcher or cluster.ray.cluster_yaml):
+        config, key = launcher_config(cluster, path)
+        given = override_source(list(overrides), ["nodes"], ("cluster",))
+        check_node_count(config, cluster, path, key, f"{given} (on {path})" if given else "")
 
 
 @dataclass
