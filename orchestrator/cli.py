@@ -15,7 +15,7 @@ from rich.table import Table
 from orchestrator.cli_results import add_results_commands, open_store_for, print_sweep
 from orchestrator.config import ConfigError
 from orchestrator.sweep import MAX_SEEDS
-from orchestrator.terminal import OutputConsole
+from orchestrator.terminal import OutputConsole, print_json
 
 console = OutputConsole(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -94,7 +94,13 @@ def cmd_launch(args) -> int:
     from orchestrator.sweep import plan_key
     from orchestrator.watch import watch
 
+    if args.json and not args.dry_run:
+        raise ConfigError("--json: only with --dry-run (a launch follows its logs); launch with --detach, then "
+                          "`speedrun status RUN --json`")
     plan, backend = _prepare_launch(args)
+    if args.dry_run and args.json:
+        print_json({"plan": plan.shown_dict(), "submit": backend.describe(plan).splitlines()})
+        return 0
     if args.dry_run:
         _print_plan(plan, backend)
         console.print("[dim]dry run: nothing was created or submitted[/dim]")
@@ -156,10 +162,7 @@ def _list_sweeps(args) -> int:
     if args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be >= 1")
     store = open_store_for(args.store) if args.store else None
-    where = f"{index_path()}" + (f" and {args.store}" if args.store else "")
-    t = Table(title=f"recent runs ({where})", title_justify="left")
-    for col in ("run", "launched (UTC)", "backend", "state", "detail"):
-        t.add_column(col, no_wrap=col == "run")
+    rows = []
     stores = {args.store: store} if store is not None else {}
     for rec in recent_sweeps(store, limit=args.limit):
         launched = time.strftime("%Y-%m-%d %H:%M", time.gmtime(rec.created_at))
@@ -170,7 +173,17 @@ def _list_sweeps(args) -> int:
             state, detail = st.state.value, st.detail.splitlines()[0][:80] if st.detail else ""
         except Exception as e:  # noqa: BLE001  one unreachable engine must not hide the other runs
             state, detail = "?", f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-        t.add_row(rec.sweep_id, launched, rec.handle_obj.backend, state, detail)
+        rows.append({"run": rec.sweep_id, "launched_utc": launched, "backend": rec.handle_obj.backend,
+                     "state": state, "detail": detail})
+    if args.json:
+        print_json({"index": str(index_path()), "store": args.store, "runs": rows})
+        return 0
+    where = f"{index_path()}" + (f" and {args.store}" if args.store else "")
+    t = Table(title=f"recent runs ({where})", title_justify="left")
+    for col in ("run", "launched (UTC)", "backend", "state", "detail"):
+        t.add_column(col, no_wrap=col == "run")
+    for r in rows:
+        t.add_row(r["run"], r["launched_utc"], r["backend"], r["state"], r["detail"])
     console.print(t)
     return 0
 
@@ -180,6 +193,10 @@ def cmd_status(args) -> int:
         return _list_sweeps(args)
     backend, handle, store, rec = _backend_for(args)
     st = backend.status(handle)
+    if args.json:
+        print_json({"run": rec.sweep_id, "state": st.state.value, "detail": st.detail,
+                    "jobs": {job: state.value for job, state in st.jobs.items()}})
+        return 0
     console.print(f"{rec.sweep_id}: [bold]{st.state.value}[/bold] {st.detail}")
     for job, state in st.jobs.items():
         console.print(f"  job {job}: {state.value}")
@@ -245,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and what would be submitted; change nothing")
     p.add_argument("--detach", action="store_true", help="return once submitted")
     p.add_argument("--seeds-parallel", action="store_true", help="slurm: one array task per seed")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the plan and what would be submitted, as JSON")
     p.set_defaults(func=cmd_launch)
 
     run_help = "a run id, an unambiguous prefix of one, or 'last'"
@@ -253,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help=run_help)
     p.add_argument("--store", help=store_help)
     p.add_argument("--limit", type=int, default=10, help="how many recent runs to list (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("cancel", help="stop a run")
     p.add_argument("run", help=run_help)
@@ -295,6 +314,7 @@ def add_data_commands(sub) -> None:
     p.set_defaults(func=_data_prepare)
     p = data.add_parser("verify", help="check every shard of a directory (header, size, sha256)")
     p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_data_verify)
 
 
@@ -323,6 +343,11 @@ def _data_verify(args) -> int:
     from orchestrator.data import verify_dir
 
     checks = verify_dir(args.dir)
+    if args.json:
+        from dataclasses import asdict
+
+        print_json({"dir": str(args.dir), "ok": all(c.ok for c in checks), "shards": [asdict(c) for c in checks]})
+        return 0 if all(c.ok for c in checks) else 1
     t = Table(title=f"shards in {args.dir}", title_justify="left")
     for col in ("shard", "tokens", "sha256", "status"):
         t.add_column(col, justify="right" if col == "tokens" else "left")
@@ -345,6 +370,7 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("config", help="cluster_configs/NAME.yaml with a ray.launcher section, e.g. ray-cluster-aws")
     p.add_argument("--dry-run", action="store_true", help="print what would be provisioned and its $/hour; call nothing")
+    p.add_argument("--json", action="store_true", help="with up|down --dry-run: what would be provisioned, as JSON")
     p.set_defaults(func=cmd_cluster)
 
 

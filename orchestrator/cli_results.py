@@ -5,13 +5,12 @@ numbers come from orchestrator.summary, results, stats and report.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from rich.table import Table
 
 from orchestrator.config import ConfigError
-from orchestrator.terminal import OutputConsole
+from orchestrator.terminal import OutputConsole, print_json
 
 console = OutputConsole(highlight=False)
 
@@ -26,6 +25,16 @@ def open_store_for(url: str):
 
 def _fmt(v, spec: str, unit: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{unit}"
+
+
+def sweep_json(store, sweep_id: str, store_url: str) -> dict:
+    """`speedrun show RUN --json`: the sweep's seeds as the table shows them, and where its artifacts are."""
+    from dataclasses import asdict
+
+    from orchestrator.summary import sweep_summary
+
+    s = sweep_summary(store, sweep_id)
+    return {"run": sweep_id, "store": store_url, "artifacts": f"{store_url.rstrip('/')}/{sweep_id}/", **asdict(s)}
 
 
 def print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
@@ -76,14 +85,20 @@ def cmd_runs(args) -> int:
     from orchestrator.sweep import SeedState
 
     store, url = _store_for(args)
-    t = Table(title=f"runs in {url}", title_justify="left")
-    for col in ("run", "seeds", "complete", "best val loss"):
-        t.add_column(col)
+    rows = []
     for sweep in list_sweeps(store):
         s = sweep_summary(store, sweep)
         done = [r for r in s.seeds if r.state == SeedState.SUCCEEDED]
         best = min((r.val_loss for r in done if r.val_loss is not None), default=None)
-        t.add_row(sweep, str(len(s.seeds)), f"{len(done)}/{len(s.seeds)}", _fmt(best, ".4f"))
+        rows.append({"run": sweep, "seeds": len(s.seeds), "complete": len(done), "best_val_loss": best})
+    if args.json:
+        print_json({"store": url, "runs": rows})
+        return 0
+    t = Table(title=f"runs in {url}", title_justify="left")
+    for col in ("run", "seeds", "complete", "best val loss"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["run"], str(r["seeds"]), f"{r['complete']}/{r['seeds']}", _fmt(r["best_val_loss"], ".4f"))
     console.print(t)
     return 0
 
@@ -94,7 +109,10 @@ def cmd_show(args) -> int:
     store, url = _store_for(args, args.run)
     if args.run not in list_sweeps(store):
         raise ConfigError(f"run {args.run!r}: not found in store {url}; list runs with `speedrun runs --store {url}`")
-    print_sweep(store, args.run, url)
+    if args.json:
+        print_json(sweep_json(store, args.run, url))
+    else:
+        print_sweep(store, args.run, url)
     return 0
 
 
@@ -136,12 +154,6 @@ def _stats_runs(args, what: list[str]):
     return runs, f"{url.rstrip('/')}/{what[0]}", choose_target(args.target, sweep_target(store, what[0])), []
 
 
-def _print_json(obj) -> None:
-    import json
-
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
-
-
 def cmd_stats(args) -> int:
     from orchestrator.stats import group_by_steps, render_stats, sweep_stats
 
@@ -156,11 +168,11 @@ def cmd_stats(args) -> int:
     if args.group_by is None:
         stats[0].notes[:0] = notes
         if args.json:
-            _print_json(stats[0].to_dict())
+            print_json(stats[0].to_dict())
         else:
             console.print(render_stats(stats[0], title=where))
     elif args.json:
-        _print_json({"group_by": args.group_by, "notes": notes,
+        print_json({"group_by": args.group_by, "notes": notes,
                      "groups": [{"steps": steps, **s.to_dict()} for (steps, _), s in zip(groups, stats)]})
     else:
         for note in notes:
@@ -179,7 +191,7 @@ def cmd_compare(args) -> int:
     c = compare([r.summary for r in a], [r.summary for r in b], args.a, args.b, targets=[target_a, target_b])
     c.notes[:0] = notes_a + notes_b
     if args.json:
-        _print_json(c.to_dict())
+        print_json(c.to_dict())
     else:
         console.print(render_comparison(c))
     return 0
@@ -194,6 +206,11 @@ def cmd_report(args) -> int:
     out = Path(args.out or f"{args.sweep}-report")
     target, source = choose_target(args.target, sweep_target(store, args.sweep))
     manifest = write_report(store, args.sweep, out, target, target_source=source)
+    if args.json:
+        print_json({"sweep": args.sweep, "target": target, "target_source": source, "local": str(out),
+                    "store": f"{url.rstrip('/')}/{manifest.prefix}/",
+                    "files": [{"key": f.key, "size": f.size, "sha256": f.sha256} for f in manifest.files]})
+        return 0
     t = Table(title=f"report of {args.sweep}", title_justify="left",
               caption=f"target val loss: {target} ({source})\nlocal: {out}/\nstore: {url.rstrip('/')}/{manifest.prefix}/",
               caption_justify="left")
@@ -233,6 +250,7 @@ def add_stats_commands(sub) -> None:
     p = sub.add_parser("report", help="PNG plots of a sweep, uploaded to <sweep>/report/ with a manifest")
     p.add_argument("sweep")
     p.add_argument("--out", help="local folder for the plots (default: ./<sweep>-report)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     common(p)
     p.set_defaults(func=cmd_report)
 
@@ -242,11 +260,13 @@ def add_results_commands(sub) -> None:
     p = sub.add_parser("runs", help="list runs found in a store")
     p.add_argument("--store")
     p.add_argument("--cluster", default="local")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_runs)
     p = sub.add_parser("show", help="one run's summary")
     p.add_argument("run")
     p.add_argument("--store")
     p.add_argument("--cluster", default="local")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("collect", help="finish an interrupted upload from the node's spool")
     p.add_argument("run")

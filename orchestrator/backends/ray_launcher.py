@@ -151,6 +151,17 @@ def provisioning_table(cluster: ClusterConfig, config: dict[str, Any], title: st
     return t
 
 
+def provisioning_json(cluster: ClusterConfig, config: dict[str, Any], path: Path, action: str) -> dict[str, Any]:
+    """`speedrun cluster up|down CONFIG --dry-run --json`: the provisioning table's rows and totals."""
+    from dataclasses import asdict
+
+    rate = cluster.cost_per_hour
+    groups = [{**asdict(g), "usd_per_hour": None if rate is None else rate * g.count} for g in provisioning(config)]
+    total = sum(g["count"] for g in groups)
+    return {"config": str(path), "cluster_name": config["cluster_name"], "action": action, "nodes": groups,
+            "total_nodes": total, "usd_per_hour": None if rate is None else rate * total}
+
+
 # ------------------------------------------------------------------------------------- commands
 
 
@@ -235,7 +246,18 @@ def cluster_status(config_path: str, console: Console) -> int:
 
 
 def cluster_command(args, console: Console) -> int:
-    """`speedrun cluster ACTION CONFIG [--dry-run]`, dispatched from orchestrator/cli.py."""
+    """`speedrun cluster ACTION CONFIG [--dry-run] [--json]`, dispatched from orchestrator/cli.py."""
+    if getattr(args, "json", False):
+        if args.action in ("up", "down") and not args.dry_run:
+            raise ConfigError(f"--json: `cluster {args.action}` takes it only with --dry-run (ray's own output "
+                              "streams while it works)")
+        if args.action == "status":
+            raise ConfigError("--json: `cluster status` prints no table; its two lines are the whole answer")
+        from orchestrator.terminal import print_json
+
+        cluster, path, config = load_rented(args.config)
+        print_json(provisioning_json(cluster, config, path, args.action))
+        return 0
     if args.action == "up":
         return cluster_up(args.config, args.dry_run, console)
     if args.action == "down":
