@@ -83,8 +83,10 @@ def _follow(backend, handle) -> None:
         for line in backend.logs(handle, follow=True):
             ev = parse_line(line)
             if isinstance(ev, StepEvent) and ev.val_loss is None and ev.train_loss is not None:
-                status.update(f"step {ev.step}/{ev.total_steps}  train_loss {ev.train_loss:.4f}  "
-                              f"train_time {ev.train_time_ms / 1000:.1f}s  step_avg {ev.step_avg_ms or 0:.1f}ms")
+                total = f"/{ev.total_steps}" if ev.total_steps else ""   # llm.c-style lines carry no total
+                timed = "" if ev.train_time_ms is None else f"  train_time {ev.train_time_ms / 1000:.1f}s"
+                status.update(f"step {ev.step}{total}  train_loss {ev.train_loss:.4f}{timed}  "
+                              f"step_avg {ev.step_avg_ms or 0:.1f}ms")
             else:
                 console.print(line, markup=False, soft_wrap=True)
 

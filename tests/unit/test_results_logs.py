@@ -173,3 +173,52 @@ def test_equal_train_times_give_a_degenerate_interval_and_no_scipy_warning(tmp_p
     out = " ".join(captured.out.split())
     assert "9.97 [9.97, 9.97]" in out
     assert "all 3 train times are 9.97 s (no spread): the 95% interval is degenerate, that one point" in out
+
+
+def test_all_equal_val_losses_say_the_test_is_degenerate_without_warnings():
+    from orchestrator.results import SeedSummary
+    from orchestrator.stats import sweep_stats
+
+    runs = [SeedSummary(i, 3.27, 100.0 + i, 10.0, 1, True, total_steps=100) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = sweep_stats(runs, 3.28)
+    assert s.val_loss_std == 0 and s.p_value == 0 and s.t_statistic is None
+    assert s.notes == ["all 3 val losses are 3.2700 (no spread): the t-test is degenerate, p is 0 because the mean is "
+                       "below the target; more seeds with real spread make it meaningful"]
+
+
+def test_check_with_groups_needs_every_group_to_be_a_record(tmp_path, capsys):
+    def logs(steps, losses):
+        out = []
+        for i, loss in enumerate(losses):
+            p = tmp_path / f"{steps}-{i}.txt"
+            p.write_text(f"step:{steps}/{steps} val_loss:{loss} train_time:{1000 + i}ms step_avg:10.00ms\n")
+            out.append(str(p))
+        return out
+
+    record, short = logs(1390, ("3.2701", "3.2702", "3.2703")), logs(1200, ("3.3001", "3.3102", "3.3203"))
+    assert main(["stats", *record, "--group-by", "steps", "--check"]) == 0
+    assert main(["stats", *record, *short, "--group-by", "steps", "--check"]) == 1
+    assert main(["stats", *record, *short, "--group-by", "steps"]) == 0
+    out = capsys.readouterr().out
+    assert "6 log file(s): 1200 steps" in out and "6 log file(s): 1390 steps" in out
+
+
+def test_the_live_step_line_takes_logs_without_times_or_totals(monkeypatch):
+    """`speedrun launch` on a terminal turns train lines into one status line; an llm.c line has no total and no
+    time, and a unitless time is left unread: neither may stop the follow."""
+    import io
+
+    from orchestrator import cli
+    from orchestrator.terminal import OutputConsole
+
+    class Lines:
+        def logs(self, handle, follow):
+            yield from ["s:3 trl:4.5 lr:0.0006 norm:0.3", "step:5/10 train_loss:3.2 train_time:1689 step_avg:1.0ms",
+                        "step:6/10 train_loss:3.1 train_time:1700ms step_avg:1.0ms", "done"]
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", OutputConsole(file=out, force_terminal=True, width=100))
+    cli._follow(Lines(), None)
+    assert "done" in out.getvalue()
