@@ -138,11 +138,20 @@ def _stats_runs(args, what: list[str]):
     """SeedRuns from log files (every argument a file, or a folder of logs or a downloaded sweep) or from one
     sweep id, where they came from, the target to test them against (--target, else the sweep job's), and
     notes on the files (skipped, duplicates)."""
-    from orchestrator.log_files import load_log_files
+    from orchestrator.log_files import is_sweep_folder, load_log_files
     from orchestrator.results import ResultsError, load_sweep_runs, sweep_target
     from orchestrator.sweep import choose_target
 
     paths = [p for p in map(Path, what) if p.exists()]
+    if len(paths) == 1 == len(what) and is_sweep_folder(paths[0]):
+        # A sweep copied out of the store (`aws s3 sync s3://bucket/prefix/SWEEP SWEEP`): read as the store reads
+        # it, so a seed without its manifest is incomplete and the job's target applies.
+        from orchestrator.store import open_store
+
+        folder = paths[0].absolute()
+        store = open_store(folder.parent)
+        target = choose_target(args.target, sweep_target(store, folder.name))
+        return load_sweep_runs(store, folder.name), str(folder), target, []
     if paths and len(paths) == len(what):
         pool = load_log_files(paths)
         return pool.runs, f"{len(pool.runs)} log file(s)", choose_target(args.target, None), pool.notes

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from orchestrator.results import LogFormatError, ResultsError, SeedLog, SeedSummary, parse_log
-from orchestrator.sweep import seed_of_dir
+from orchestrator.sweep import MANIFEST, seed_of_dir
 
 LOG_SUFFIXES = (".txt", ".log", ".out", ".err", "")  # torchrun/Slurm output files, and `train.log` itself
 COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5": "zstd", b"\xfd7": "xz", b"BZ": "bzip2", b"PK": "zip"}
@@ -26,6 +26,14 @@ class LogPool:
 
     runs: list[SeedLog] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def is_sweep_folder(path: Path) -> bool:
+    """A sweep's folder as the store lays it out (plan.json, or seed-<n>/ folders holding a manifest.json)."""
+    if not path.is_dir():
+        return False
+    return (path / "plan.json").is_file() or any(
+        d.is_dir() and seed_of_dir(d.name) is not None and (d / MANIFEST).is_file() for d in path.iterdir())
 
 
 def expand(paths: Sequence[str | os.PathLike]) -> list[Path]:

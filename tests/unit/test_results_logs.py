@@ -150,13 +150,18 @@ def test_logs_inside_a_downloaded_sweep_folder(tmp_path, capsys):
     for seed, src in ((0, LOGS / "modded_record.txt"), (3, RECORD)):
         (sweep / f"seed-{seed}").mkdir(parents=True)
         shutil.copy(src, sweep / f"seed-{seed}" / "train.log")
-        (sweep / f"seed-{seed}" / "manifest.json").write_text("{}")
     d = stats_json(capsys, sweep / "seed-3" / "train.log")
     assert [r["name"] for r in d["runs"]] == ["train.log"] and d["n_complete"] == 1
     d = stats_json(capsys, sweep / "seed-0" / "train.log", sweep / "seed-3" / "train.log")
     assert [r["name"] for r in d["runs"]] == ["seed-0/train.log", "seed-3/train.log"]
-    d = stats_json(capsys, sweep)
+    d = stats_json(capsys, sweep)   # only the logs were downloaded: read as log files
     assert [r["name"] for r in d["runs"]] == ["seed-0/train.log", "seed-3/train.log"] and d["n_complete"] == 2
+    # The whole sweep was copied out of the store (manifests too): read as the store reads it, so seed 3,
+    # which has no manifest, did not finish its upload, whatever its log says.
+    (sweep / "seed-0" / "manifest.json").write_text('{"prefix": "x", "files": [], "created_at": 0, "format": 1}')
+    d = stats_json(capsys, sweep)
+    assert [(r["name"], r["complete"]) for r in d["runs"]] == [("seed-0", True), ("seed-3", False)]
+    assert d["runs"][1]["reason"].startswith("no manifest.json")
 
 
 def test_equal_train_times_give_a_degenerate_interval_and_no_scipy_warning(tmp_path, capsys):
