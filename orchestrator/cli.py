@@ -15,7 +15,7 @@ from rich.table import Table
 from orchestrator.cli_results import add_results_commands, open_store_for, print_sweep
 from orchestrator.config import ConfigError
 from orchestrator.sweep import MAX_SEEDS
-from orchestrator.terminal import OutputConsole
+from orchestrator.terminal import OutputConsole, print_json
 
 console = OutputConsole(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -30,8 +30,11 @@ def _prepare_launch(args):
     from orchestrator.config import check_store_url, check_writable_dir, expand, load_cluster, load_job
     from orchestrator.plan import build_plan
 
+    from orchestrator.backends.ray_launcher import check_launch_nodes
+
     job = load_job(args.job, args.set)
     cluster, cluster_path = load_cluster(args.cluster, args.set)
+    check_launch_nodes(cluster, cluster_path, args.set)
     if args.seeds is not None and not 1 <= args.seeds <= MAX_SEEDS:
         raise ConfigError(f"--seeds {args.seeds}: must be from 1 to {MAX_SEEDS} (a sweep's bound)")
     both = [o for o in args.set if o.partition("=")[0].strip() == "seeds"]
@@ -80,8 +83,10 @@ def _follow(backend, handle) -> None:
         for line in backend.logs(handle, follow=True):
             ev = parse_line(line)
             if isinstance(ev, StepEvent) and ev.val_loss is None and ev.train_loss is not None:
-                status.update(f"step {ev.step}/{ev.total_steps}  train_loss {ev.train_loss:.4f}  "
-                              f"train_time {ev.train_time_ms / 1000:.1f}s  step_avg {ev.step_avg_ms or 0:.1f}ms")
+                total = f"/{ev.total_steps}" if ev.total_steps else ""   # llm.c-style lines carry no total
+                timed = "" if ev.train_time_ms is None else f"  train_time {ev.train_time_ms / 1000:.1f}s"
+                status.update(f"step {ev.step}{total}  train_loss {ev.train_loss:.4f}{timed}  "
+                              f"step_avg {ev.step_avg_ms or 0:.1f}ms")
             else:
                 console.print(line, markup=False, soft_wrap=True)
 
@@ -91,7 +96,13 @@ def cmd_launch(args) -> int:
     from orchestrator.sweep import plan_key
     from orchestrator.watch import watch
 
+    if args.json and not args.dry_run:
+        raise ConfigError("--json: only with --dry-run (a launch follows its logs); launch with --detach, then "
+                          "`speedrun status RUN --json`")
     plan, backend = _prepare_launch(args)
+    if args.dry_run and args.json:
+        print_json({"plan": plan.shown_dict(), "submit": backend.describe(plan).splitlines()})
+        return 0
     if args.dry_run:
         _print_plan(plan, backend)
         console.print("[dim]dry run: nothing was created or submitted[/dim]")
@@ -153,10 +164,7 @@ def _list_sweeps(args) -> int:
     if args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be >= 1")
     store = open_store_for(args.store) if args.store else None
-    where = f"{index_path()}" + (f" and {args.store}" if args.store else "")
-    t = Table(title=f"recent runs ({where})", title_justify="left")
-    for col in ("run", "launched (UTC)", "backend", "state", "detail"):
-        t.add_column(col, no_wrap=col == "run")
+    rows = []
     stores = {args.store: store} if store is not None else {}
     for rec in recent_sweeps(store, limit=args.limit):
         launched = time.strftime("%Y-%m-%d %H:%M", time.gmtime(rec.created_at))
@@ -167,7 +175,17 @@ def _list_sweeps(args) -> int:
             state, detail = st.state.value, st.detail.splitlines()[0][:80] if st.detail else ""
         except Exception as e:  # noqa: BLE001  one unreachable engine must not hide the other runs
             state, detail = "?", f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-        t.add_row(rec.sweep_id, launched, rec.handle_obj.backend, state, detail)
+        rows.append({"run": rec.sweep_id, "launched_utc": launched, "backend": rec.handle_obj.backend,
+                     "state": state, "detail": detail})
+    if args.json:
+        print_json({"index": str(index_path()), "store": args.store, "runs": rows})
+        return 0
+    where = f"{index_path()}" + (f" and {args.store}" if args.store else "")
+    t = Table(title=f"recent runs ({where})", title_justify="left")
+    for col in ("run", "launched (UTC)", "backend", "state", "detail"):
+        t.add_column(col, no_wrap=col == "run")
+    for r in rows:
+        t.add_row(r["run"], r["launched_utc"], r["backend"], r["state"], r["detail"])
     console.print(t)
     return 0
 
@@ -177,6 +195,10 @@ def cmd_status(args) -> int:
         return _list_sweeps(args)
     backend, handle, store, rec = _backend_for(args)
     st = backend.status(handle)
+    if args.json:
+        print_json({"run": rec.sweep_id, "state": st.state.value, "detail": st.detail,
+                    "jobs": {job: state.value for job, state in st.jobs.items()}})
+        return 0
     console.print(f"{rec.sweep_id}: [bold]{st.state.value}[/bold] {st.detail}")
     for job, state in st.jobs.items():
         console.print(f"  job {job}: {state.value}")
@@ -212,21 +234,37 @@ def cmd_cancel(args) -> int:
 # --------------------------------------------------------------------------------------- parsing
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one sentence and exit 2 (its usage block above the error buries the sentence)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def seed_count(text: str) -> int:
+    """--seeds: a whole number (its bound, sweep.MAX_SEEDS, is checked with the job's own seeds)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number; give a seed count from 1 to {MAX_SEEDS}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="speedrun", description="Launch NanoGPT-speedrun jobs and prove records.")
+    ap = OneLineParser(prog="speedrun", description="Launch NanoGPT-speedrun jobs and prove records.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("launch", help="run a job (all its seeds) on a cluster")
     p.add_argument("job", help="job YAML, e.g. jobs/smoke.yaml")
     p.add_argument("--cluster", default="local", help="cluster_configs/NAME.yaml or a path (default: local)")
-    p.add_argument("--seeds", type=int, help="number of seeds (overrides seeds: in the job)")
+    p.add_argument("--seeds", type=seed_count, help=f"number of seeds, 1 to {MAX_SEEDS} (overrides seeds: in the job)")
     p.add_argument("--store", help="object store: a directory, file://..., or s3://bucket/prefix")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job key (trainer.steps=50) or a cluster key (cluster.nodes=2)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what would be submitted; change nothing")
     p.add_argument("--detach", action="store_true", help="return once submitted")
     p.add_argument("--seeds-parallel", action="store_true", help="slurm: one array task per seed")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the plan and what would be submitted, as JSON")
     p.set_defaults(func=cmd_launch)
 
     run_help = "a run id, an unambiguous prefix of one, or 'last'"
@@ -235,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help=run_help)
     p.add_argument("--store", help=store_help)
     p.add_argument("--limit", type=int, default=10, help="how many recent runs to list (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("cancel", help="stop a run")
     p.add_argument("run", help=run_help)
@@ -277,6 +316,7 @@ def add_data_commands(sub) -> None:
     p.set_defaults(func=_data_prepare)
     p = data.add_parser("verify", help="check every shard of a directory (header, size, sha256)")
     p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_data_verify)
 
 
@@ -305,6 +345,11 @@ def _data_verify(args) -> int:
     from orchestrator.data import verify_dir
 
     checks = verify_dir(args.dir)
+    if args.json:
+        from dataclasses import asdict
+
+        print_json({"dir": str(args.dir), "ok": all(c.ok for c in checks), "shards": [asdict(c) for c in checks]})
+        return 0 if all(c.ok for c in checks) else 1
     t = Table(title=f"shards in {args.dir}", title_justify="left")
     for col in ("shard", "tokens", "sha256", "status"):
         t.add_column(col, justify="right" if col == "tokens" else "left")
@@ -327,6 +372,7 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("config", help="cluster_configs/NAME.yaml with a ray.launcher section, e.g. ray-cluster-aws")
     p.add_argument("--dry-run", action="store_true", help="print what would be provisioned and its $/hour; call nothing")
+    p.add_argument("--json", action="store_true", help="with up|down --dry-run: what would be provisioned, as JSON")
     p.set_defaults(func=cmd_cluster)
 
 

@@ -5,13 +5,12 @@ numbers come from orchestrator.summary, results, stats and report.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from rich.table import Table
 
 from orchestrator.config import ConfigError
-from orchestrator.terminal import OutputConsole
+from orchestrator.terminal import OutputConsole, print_json
 
 console = OutputConsole(highlight=False)
 
@@ -26,6 +25,16 @@ def open_store_for(url: str):
 
 def _fmt(v, spec: str, unit: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{unit}"
+
+
+def sweep_json(store, sweep_id: str, store_url: str) -> dict:
+    """`speedrun show RUN --json`: the sweep's seeds as the table shows them, and where its artifacts are."""
+    from dataclasses import asdict
+
+    from orchestrator.summary import sweep_summary
+
+    s = sweep_summary(store, sweep_id)
+    return {"run": sweep_id, "store": store_url, "artifacts": f"{store_url.rstrip('/')}/{sweep_id}/", **asdict(s)}
 
 
 def print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
@@ -76,14 +85,20 @@ def cmd_runs(args) -> int:
     from orchestrator.sweep import SeedState
 
     store, url = _store_for(args)
-    t = Table(title=f"runs in {url}", title_justify="left")
-    for col in ("run", "seeds", "complete", "best val loss"):
-        t.add_column(col)
+    rows = []
     for sweep in list_sweeps(store):
         s = sweep_summary(store, sweep)
         done = [r for r in s.seeds if r.state == SeedState.SUCCEEDED]
         best = min((r.val_loss for r in done if r.val_loss is not None), default=None)
-        t.add_row(sweep, str(len(s.seeds)), f"{len(done)}/{len(s.seeds)}", _fmt(best, ".4f"))
+        rows.append({"run": sweep, "seeds": len(s.seeds), "complete": len(done), "best_val_loss": best})
+    if args.json:
+        print_json({"store": url, "runs": rows})
+        return 0
+    t = Table(title=f"runs in {url}", title_justify="left")
+    for col in ("run", "seeds", "complete", "best val loss"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["run"], str(r["seeds"]), f"{r['complete']}/{r['seeds']}", _fmt(r["best_val_loss"], ".4f"))
     console.print(t)
     return 0
 
@@ -94,7 +109,10 @@ def cmd_show(args) -> int:
     store, url = _store_for(args, args.run)
     if args.run not in list_sweeps(store):
         raise ConfigError(f"run {args.run!r}: not found in store {url}; list runs with `speedrun runs --store {url}`")
-    print_sweep(store, args.run, url)
+    if args.json:
+        print_json(sweep_json(store, args.run, url))
+    else:
+        print_sweep(store, args.run, url)
     return 0
 
 
@@ -117,50 +135,72 @@ def cmd_collect(args) -> int:
 
 
 def _stats_runs(args, what: list[str]):
-    """SeedRuns from log files (every argument a file, or a folder of *.txt/*.log) or from one sweep id,
-    where they came from, and the target to test them against (--target, else the sweep job's)."""
-    from orchestrator.results import ResultsError, load_sweep_runs, runs_from_logs, sweep_target
+    """SeedRuns from log files (every argument a file, or a folder of logs or a downloaded sweep) or from one
+    sweep id, where they came from, the target to test them against (--target, else the sweep job's), and
+    notes on the files (skipped, duplicates)."""
+    from orchestrator.log_files import is_sweep_folder, load_log_files
+    from orchestrator.results import ResultsError, load_sweep_runs, sweep_target
     from orchestrator.sweep import choose_target
 
     paths = [p for p in map(Path, what) if p.exists()]
+    if len(paths) == 1 == len(what) and is_sweep_folder(paths[0]):
+        # A sweep copied out of the store (`aws s3 sync s3://bucket/prefix/SWEEP SWEEP`): read as the store reads
+        # it, so a seed without its manifest is incomplete and the job's target applies.
+        from orchestrator.store import open_store
+
+        folder = paths[0].absolute()
+        store = open_store(folder.parent)
+        target = choose_target(args.target, sweep_target(store, folder.name))
+        return load_sweep_runs(store, folder.name), str(folder), target, []
     if paths and len(paths) == len(what):
-        files = [f for p in paths for f in (sorted([*p.glob("*.txt"), *p.glob("*.log")]) if p.is_dir() else [p])]
-        if not files:
-            raise ResultsError(f"{what[0]}: no *.txt or *.log training logs in it; pass log files or a sweep id")
-        return runs_from_logs(files), f"{len(files)} log file(s)", choose_target(args.target, None)
+        pool = load_log_files(paths)
+        return pool.runs, f"{len(pool.runs)} log file(s)", choose_target(args.target, None), pool.notes
     missing = next(w for w in what if not Path(w).exists())
     if len(what) != 1 or Path(missing).suffix in (".txt", ".log") or "/" in missing.rstrip("/"):
         raise ResultsError(f"{missing}: no such log file; pass either log files or ONE sweep id")
     store, url = _store_for(args, what[0])
     runs = load_sweep_runs(store, what[0])
-    return runs, f"{url.rstrip('/')}/{what[0]}", choose_target(args.target, sweep_target(store, what[0]))
+    return runs, f"{url.rstrip('/')}/{what[0]}", choose_target(args.target, sweep_target(store, what[0])), []
 
 
 def cmd_stats(args) -> int:
-    import json
+    from orchestrator.stats import group_by_steps, render_stats, sweep_stats
 
-    from orchestrator.stats import render_stats, sweep_stats
-
-    runs, where, (target, source) = _stats_runs(args, args.what)
-    s = sweep_stats([r.summary for r in runs], target)
-    s.target_source = source
-    if args.json:
-        sys.stdout.write(json.dumps(s.to_dict(), indent=2) + "\n")
+    runs, where, (target, source), notes = _stats_runs(args, args.what)
+    summaries = [r.summary for r in runs]
+    groups = group_by_steps(summaries) if args.group_by == "steps" else [(None, summaries)]
+    stats = []
+    for _, group in groups:
+        s = sweep_stats(group, target)
+        s.target_source = source
+        stats.append(s)
+    if args.group_by is None:
+        stats[0].notes[:0] = notes
+        if args.json:
+            print_json(stats[0].to_dict())
+        else:
+            console.print(render_stats(stats[0], title=where))
+    elif args.json:
+        print_json({"group_by": args.group_by, "notes": notes,
+                     "groups": [{"steps": steps, **s.to_dict()} for (steps, _), s in zip(groups, stats)]})
     else:
-        console.print(render_stats(s, title=where))
-    return 1 if args.check and not s.is_record else 0   # a script can branch on it: `speedrun stats --check X && ...`
+        for note in notes:
+            console.print(note, style="yellow", markup=False)
+        for (steps, _), s in zip(groups, stats):
+            console.print(render_stats(s, title=f"{where}: {'unknown' if steps is None else steps} steps"))
+    # a script can branch on it: `speedrun stats --check X && ...`; with groups, every group must be a record
+    return 1 if args.check and not all(s.is_record for s in stats) else 0
 
 
 def cmd_compare(args) -> int:
-    import json
-
     from orchestrator.stats import compare, render_comparison
 
-    a, _, target_a = _stats_runs(args, [args.a])
-    b, _, target_b = _stats_runs(args, [args.b])
+    a, _, target_a, notes_a = _stats_runs(args, [args.a])
+    b, _, target_b, notes_b = _stats_runs(args, [args.b])
     c = compare([r.summary for r in a], [r.summary for r in b], args.a, args.b, targets=[target_a, target_b])
+    c.notes[:0] = notes_a + notes_b
     if args.json:
-        sys.stdout.write(json.dumps(c.to_dict(), indent=2) + "\n")
+        print_json(c.to_dict())
     else:
         console.print(render_comparison(c))
     return 0
@@ -175,6 +215,11 @@ def cmd_report(args) -> int:
     out = Path(args.out or f"{args.sweep}-report")
     target, source = choose_target(args.target, sweep_target(store, args.sweep))
     manifest = write_report(store, args.sweep, out, target, target_source=source)
+    if args.json:
+        print_json({"sweep": args.sweep, "target": target, "target_source": source, "local": str(out),
+                    "store": f"{url.rstrip('/')}/{manifest.prefix}/",
+                    "files": [{"key": f.key, "size": f.size, "sha256": f.sha256} for f in manifest.files]})
+        return 0
     t = Table(title=f"report of {args.sweep}", title_justify="left",
               caption=f"target val loss: {target} ({source})\nlocal: {out}/\nstore: {url.rstrip('/')}/{manifest.prefix}/",
               caption_justify="left")
@@ -201,6 +246,8 @@ def add_stats_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless the sweep is a record (mean below the target at p < 0.01); tables print as usual")
+    p.add_argument("--group-by", choices=["steps"], default=None,
+                   help="one table (and test) per step count, for a pool that mixes runs of different lengths")
     common(p)
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser("compare", help="B minus A: val loss and train time with 95%% CIs (Welch)")
@@ -212,6 +259,7 @@ def add_stats_commands(sub) -> None:
     p = sub.add_parser("report", help="PNG plots of a sweep, uploaded to <sweep>/report/ with a manifest")
     p.add_argument("sweep")
     p.add_argument("--out", help="local folder for the plots (default: ./<sweep>-report)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     common(p)
     p.set_defaults(func=cmd_report)
 
@@ -221,11 +269,13 @@ def add_results_commands(sub) -> None:
     p = sub.add_parser("runs", help="list runs found in a store")
     p.add_argument("--store")
     p.add_argument("--cluster", default="local")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_runs)
     p = sub.add_parser("show", help="one run's summary")
     p.add_argument("run")
     p.add_argument("--store")
     p.add_argument("--cluster", default="local")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("collect", help="finish an interrupted upload from the node's spool")
     p.add_argument("run")

@@ -155,10 +155,18 @@ class ClusterConfig(Strict):
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a {what} file; give the YAML file's path")
     if not path.is_file():
         raise ConfigError(f"{path}: no such {what} file; check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); give the {what} YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e}); check that it is a readable file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -187,10 +195,28 @@ def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
     return []
 
 
-def _explain(e: ValidationError, path: Path, model: type[BaseModel]) -> ConfigError:
+def override_source(overrides: list[str], key: list[str] | tuple, prefix: tuple[str, ...] = ()) -> str | None:
+    """`--set K=V` when an override set this key (or a section above it, or a key inside it), else None."""
+    key = tuple(str(k) for k in key)
+    for o in reversed(overrides):   # the last --set of a key wins, so it is the one to blame
+        parts = tuple(parse_override(o)[0])
+        if parts[:len(prefix)] != prefix:
+            continue
+        parts = parts[len(prefix):]
+        n = min(len(parts), len(key))
+        if n and parts[:n] == key[:n]:
+            return f"--set {o}"
+    return None
+
+
+def _explain(e: ValidationError, path: Path, model: type[BaseModel], source: Any = None) -> ConfigError:
+    """One sentence for pydantic's first error; `source(loc)` names a --set that gave the key, if any."""
     err = e.errors()[0]
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
+    given = source(loc) if source else None
+    if given:   # the value came from the command line: blame it, not the file
+        path = f"{given} (on {path})"
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(loc[-1]), _fields_of(model, loc), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else "; remove it"
@@ -264,19 +290,39 @@ def validate_trainer_overrides(overrides: dict[str, Any], path: Path) -> dict[st
     return out
 
 
+def _check_job_key(o: str, first: str) -> None:
+    """A --set whose first key is not a job key: a cluster key missing its `cluster.`, or a typo."""
+    if first in JobSpec.model_fields:
+        return
+    if first in ClusterConfig.model_fields:
+        raise ConfigError(f"--set {o}: {first} is a cluster key, not a job key; write --set cluster.{o.strip()}")
+    close = difflib.get_close_matches(first, [*JobSpec.model_fields, "cluster"], n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "job keys are listed in jobs/*.yaml, cluster keys take 'cluster.'"
+    raise ConfigError(f"--set {o}: {first} is neither a job key nor cluster.<key>; {hint}")
+
+
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     path = Path(path)
     data = _read_yaml(path, "job")
+    overrides = list(overrides)
     for o in overrides:
         parts, value = parse_override(o)
         if parts[0] == "cluster":
             continue  # applied to the cluster config
+        _check_job_key(o, parts[0])
         _apply(data, parts, value)
     try:
         job = JobSpec.model_validate(data)
     except ValidationError as e:
-        raise _explain(e, path, JobSpec) from None
-    job.trainer = validate_trainer_overrides(job.trainer, path)
+        raise _explain(e, path, JobSpec, lambda loc: override_source(overrides, loc)) from None
+    try:
+        job.trainer = validate_trainer_overrides(job.trainer, path)
+    except ConfigError as e:
+        rest = str(e).removeprefix(f"{path}: ")   # `trainer.KEY: what is wrong`
+        given = override_source(overrides, rest.split(":", 1)[0].split("."))
+        if given:
+            raise ConfigError(f"{given} (on {path}): {rest}") from None
+        raise
     if job.script is not None:
         script = Path(job.script) if Path(job.script).is_absolute() else (path.parent / job.script)
         if not script.is_file() and not Path(job.script).is_file():
@@ -307,14 +353,21 @@ def load_cluster(name_or_path: str, overrides: list[str] = ()) -> tuple[ClusterC
     path = find_cluster_file(name_or_path)
     data = _read_yaml(path, "cluster config")
     data.setdefault("name", path.stem)
+    overrides = list(overrides)
     for o in overrides:
         parts, value = parse_override(o)
         if parts[0] == "cluster" and len(parts) > 1:
             _apply(data, parts[1:], value)
     try:
-        return ClusterConfig.model_validate(data), path
+        cluster = ClusterConfig.model_validate(data)
     except ValidationError as e:
-        raise _explain(e, path, ClusterConfig) from None
+        raise _explain(e, path, ClusterConfig, lambda loc: override_source(overrides, loc, ("cluster",))) from None
+    if cluster.backend == "local" and cluster.nodes > 1:
+        where = override_source(overrides, ["nodes"], ("cluster",))
+        where = f"{where} (on {path})" if where else str(path)
+        raise ConfigError(f"{where}: nodes: the local backend runs on this one machine, so nodes must be 1 "
+                          f"(got {cluster.nodes}); use a slurm or ray cluster config for more nodes")
+    return cluster, path
 
 
 # ------------------------------------------------------------------------------ side-effect checks

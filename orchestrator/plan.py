@@ -82,6 +82,16 @@ class LaunchPlan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def shown_dict(self) -> dict[str, Any]:
+        """The plan as a console may show it (`launch --dry-run --json`): secret-named env values and anything
+        shaped like a key, token or URL password read <redacted>."""
+        from orchestrator.artifacts import SECRET_NAME, redact
+
+        d = self.to_dict()
+        for env in (d["job"]["env"], d["cluster"]["env"]):
+            env.update({k: "<redacted>" for k in env if SECRET_NAME.search(k)})
+        return json.loads(redact(json.dumps(d)))
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LaunchPlan":
         d = dict(d)

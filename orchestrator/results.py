@@ -6,19 +6,19 @@ Both trainers print the same record line shape:
     peak memory allocated: 34004 MiB reserved: 49660 MiB
 modded-nanogpt logs also start with the script's source and nvidia-smi output; the source holds the
 same text as f-string templates (`step:{step}/...`), which the patterns below never match because
-they require digits. `parse_line` serves the node runner's live step/loss line; `parse_log` the whole
-file. Everything above the loaders at the bottom is pure.
+they require digits. The 2024 baselines were llm.c logs: `s:250 tel:4.51` (val loss) and
+`s:251 trl:4.49 lr:... norm:...` (train loss), with no total step count and no times.
+`parse_line` serves the node runner's live step/loss line; `parse_log` the whole file. Everything
+above the sweep loaders at the bottom is pure; raw log files are loaded by orchestrator/log_files.py.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from orchestrator.sweep import MANIFEST, plan_key, seed_dir, seed_done, seed_of_dir, seed_prefix, shown_state
 
@@ -31,6 +31,10 @@ _PAIR_RE = re.compile(r"\b([a-z_]+)\s*:\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-
 _MEM_RE = re.compile(
     r"peak memory (?:allocated|consumption)\s*:\s*(\d+)\s*MiB(?:\s*,?\s*reserved\s*:\s*(\d+)\s*MiB)?", re.I
 )
+# llm.c's format, anchored at the line start: `s:N tel:X` is a val loss, `s:N trl:X ...` a train loss.
+_LLMC_RE = re.compile(r"^s:(\d+)\s+(tel|trl):\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)\b", re.I)
+# Keys whose value is a duration: without `ms` or `s` after it the number cannot be read.
+_TIME_KEYS = ("train_time", "time", "step_avg")
 _TRACEBACK = "Traceback (most recent call last)"
 # Last line of a Python traceback (`torch.OutOfMemoryError: CUDA out of memory...`), or a signal notice.
 _ERROR_RE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
@@ -39,14 +43,16 @@ _SIGNAL_RE = re.compile(r"(Signal \d+ \(SIG\w+\) received.*|exitcode\s*:\s*-?\d+
 
 @dataclass(frozen=True)
 class StepEvent:
-    """One `step:N/T ...` line; losses are None when the line does not carry them."""
+    """One `step:N/T ...` (or llm.c `s:N ...`) line; losses are None when the line does not carry them.
+    total_steps is None in llm.c logs, which never print it."""
 
     step: int
-    total_steps: int
+    total_steps: int | None
     val_loss: float | None = None
     train_loss: float | None = None
     train_time_ms: float | None = None
     step_avg_ms: float | None = None
+    unitless: str | None = None  # a time printed without its unit (`train_time:1689`); its value is left None
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class MemoryEvent:
 @dataclass(frozen=True)
 class ValPoint:
     step: int
-    total_steps: int
+    total_steps: int | None
     val_loss: float
     train_time_ms: float | None
     step_avg_ms: float | None
@@ -67,7 +73,7 @@ class ValPoint:
 @dataclass(frozen=True)
 class TrainPoint:
     step: int
-    total_steps: int
+    total_steps: int | None
     train_loss: float | None
     train_time_ms: float | None
     step_avg_ms: float | None
@@ -89,6 +95,7 @@ class SeedResult:
     complete: bool = False
     reason: str = ""  # why the run is incomplete; empty when complete
     error: str | None = None  # the last error line the log shows, if any
+    log_format: str = "record"  # "record" (`step:N/T ...`, ours and modded-nanogpt's) or "llm.c" (`s:N tel:...`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +114,7 @@ class SeedSummary:
     reason: str = ""
     name: str = ""  # `seed-3` or the log file's name; what tables show
     state: str = ""  # a sweep's seed: succeeded | failed | incomplete (sweep.shown_state); "" for a log file
+    total_steps: int | None = None  # the run's step count: runs of different lengths are not one pool
 
     @classmethod
     def from_result(cls, result: SeedResult, seed: int | None = None, name: str = "") -> "SeedSummary":
@@ -119,6 +127,7 @@ class SeedSummary:
             complete=result.complete,
             reason=result.reason,
             name=name or (seed_dir(seed) if seed is not None else ""),
+            total_steps=result.total_steps,
         )
 
     @classmethod
@@ -137,14 +146,28 @@ def _number(text: str) -> float:
     return float(text)  # float() accepts nan/inf in any case
 
 
+class LogFormatError(ValueError):
+    """A line the parser cannot read without guessing (a time with no unit); `line` is 1-based."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(f"line {line}: {message}")
+        self.line, self.message = line, message
+
+
 def parse_line(line: str) -> StepEvent | MemoryEvent | None:
     """The event on one log line, or None for anything else (source code, nvidia-smi, warnings)."""
     m = _STEP_RE.search(line)
     if m:
         values: dict[str, float] = {}
+        unitless = None
         for key, raw, unit in _PAIR_RE.findall(line[m.end():]):
+            key = key.lower()
+            if key in _TIME_KEYS and not unit and raw.lower() != "nan":
+                # `train_time:1689` could be ms or s; a guess would be off by 1000x, so the value stays unread.
+                unitless = unitless or f"{key}:{raw}"
+                continue
             # Times are kept in ms; a trainer that prints seconds (`train_time:168.9s`) is converted.
-            values[key.lower()] = _number(raw) * (1000.0 if unit.lower() == "s" else 1.0)
+            values[key] = _number(raw) * (1000.0 if unit.lower() == "s" else 1.0)
         # Old logs used `time:` or `train_time:`; `step_avg` of step 0 is `nanms`.
         return StepEvent(
             step=int(m.group(1)),
@@ -153,7 +176,14 @@ def parse_line(line: str) -> StepEvent | MemoryEvent | None:
             train_loss=values.get("train_loss", values.get("loss")),
             train_time_ms=values.get("train_time", values.get("time")),
             step_avg_ms=values.get("step_avg"),
+            unitless=unitless,
         )
+    m = _LLMC_RE.match(line.strip())
+    if m:
+        loss = _number(m.group(3))
+        is_val = m.group(2).lower() == "tel"
+        return StepEvent(step=int(m.group(1)), total_steps=None,
+                         val_loss=loss if is_val else None, train_loss=None if is_val else loss)
     m = _MEM_RE.search(line)
     if m:
         return MemoryEvent(int(m.group(1)), int(m.group(2)) if m.group(2) else None)
@@ -184,14 +214,27 @@ def _last_error(lines: list[str], after: int) -> str | None:
     return error
 
 
+def _cut_last_line(text: str, lines: list[str]) -> str | None:
+    """The last line when the file stops in the middle of it (no newline at the end) and it is a step line:
+    the trainer was killed while writing it, so `val_loss:3.27` may be the start of `val_loss:3.2772`."""
+    if not lines or text.endswith(("\n", "\r")):
+        return None
+    return lines[-1].strip() if isinstance(parse_line(lines[-1]), StepEvent) else None
+
+
 def parse_log(text: str) -> SeedResult:
-    """Whole-log result. After a resume or a retry the later attempt wins (see the note in the loop)."""
+    """Whole-log result. After a resume or a retry the later attempt wins (see the note in the loop).
+    Raises LogFormatError on a time printed without its unit: reading it as ms or as s would be a guess."""
     lines = text.splitlines()
+    cut = _cut_last_line(text, lines)
+    if cut is not None:
+        lines = lines[:-1]
     val: dict[int, ValPoint] = {}
     train: dict[int, TrainPoint] = {}
     result = SeedResult()
     last: StepEvent | None = None
     last_step_line = 0
+    times_seen = False
     for i, line in enumerate(lines):
         event = parse_line(line)
         if isinstance(event, MemoryEvent):
@@ -200,12 +243,18 @@ def parse_log(text: str) -> SeedResult:
             continue
         if event is None:
             continue
+        if event.unitless:
+            raise LogFormatError(i + 1, f"{event.unitless} has no unit, so it could be ms or s; "
+                                        f"the trainer must print it as {event.unitless}ms (or s)")
+        if event.total_steps is None:
+            result.log_format = "llm.c"
         if last is not None and event.step < last.step:
             # A resume from a checkpoint or a retry from scratch (the node runner appends to train.log):
             # what the earlier attempt logged from this step on is superseded.
             val = {k: v for k, v in val.items() if k < event.step}
             train = {k: v for k, v in train.items() if k < event.step}
         last, last_step_line = event, i + 1
+        times_seen = times_seen or event.train_time_ms is not None
         if event.val_loss is not None:
             val[event.step] = ValPoint(event.step, event.total_steps, event.val_loss,
                                        event.train_time_ms, _finite(event.step_avg_ms))
@@ -218,12 +267,19 @@ def parse_log(text: str) -> SeedResult:
 
     if last is None:
         result.reason = "no step lines in the log (the run died before training started)"
+        if cut is not None:
+            result.reason = f"the log's only step line is cut mid-write ({cut!r})"
         if result.error:
             result.reason += f": {result.error}"
         return result
 
-    result.total_steps = last.total_steps
     result.steps_done = max([p.step for p in result.val_points] + [p.step for p in result.train_points])
+    if result.log_format == "llm.c":
+        # llm.c prints no step count: a run is whole when its last line is a val loss at or after every train step.
+        finished = last.val_loss is not None and last.step >= result.steps_done and cut is None
+        result.total_steps = last.step if finished else None
+    else:
+        result.total_steps = last.total_steps
     timed = [e for e in (*result.val_points, *result.train_points) if e.train_time_ms is not None]
     if timed:
         # The last step's time. Val points come first in `timed`, and max() keeps the first of equals: at the
@@ -231,16 +287,26 @@ def parse_log(text: str) -> SeedResult:
         latest = max(timed, key=lambda p: p.step)
         result.train_time_ms = latest.train_time_ms
         result.step_avg_ms = latest.step_avg_ms
-    if result.val_points:
-        final = result.val_points[-1]
+    final = result.val_points[-1] if result.val_points else None
+    at_end = final is not None and final.step == result.total_steps
+    if at_end and cut is None and times_seen and final.train_time_ms is None:
+        # Every other line carried a time and the final one does not: it is cut, not a finished run.
         result.final_val_loss = final.val_loss
-        if final.step == final.total_steps and math.isfinite(final.val_loss):
+        result.reason = f"the final val line (step {final.step}) has no train_time: it was cut mid-write"
+        return result
+    if final is not None:
+        result.final_val_loss = final.val_loss
+        if at_end and math.isfinite(final.val_loss):
             result.complete = True
             return result
-        if final.step == final.total_steps:
+        if at_end:
             result.reason = f"final val loss is {final.val_loss} (diverged)"
             return result
-    if result.steps_done >= (result.total_steps or 0):
+    if cut is not None:
+        result.reason = f"the log's last line is cut mid-write ({cut!r}); before it, step {result.steps_done}"
+    elif result.total_steps is None:
+        result.reason = f"stopped at step {result.steps_done} (llm.c log: no val loss after the last train step)"
+    elif result.steps_done >= result.total_steps:
         result.reason = f"no validation at the final step {result.total_steps}"
     else:
         result.reason = f"stopped at step {result.steps_done}/{result.total_steps}"
@@ -249,7 +315,7 @@ def parse_log(text: str) -> SeedResult:
     return result
 
 
-# ---- loaders: a sweep in the store, or raw log files (the only I/O in this module) ----
+# ---- loaders: a sweep in the store (the only I/O in this module) ----
 
 
 class ResultsError(Exception):
@@ -275,7 +341,10 @@ def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedLog:
         why = "no train.log in the store" if keys else "no objects in the store (never started, or still staging)"
         return SeedLog(SeedSummary.failed(why, seed=seed, name=name))
     text = store.get_bytes(f"{prefix}/train.log").decode("utf-8", errors="replace")
-    result = parse_log(text)
+    try:
+        result = parse_log(text)
+    except LogFormatError as e:
+        return SeedLog(SeedSummary.failed(f"train.log {e}", seed=seed, name=name))
     summary = SeedSummary.from_result(result, seed=seed, name=name)
     if f"{prefix}/manifest.json" not in keys:
         # The manifest is written last: without it the upload is unfinished, whatever the log says.
@@ -342,20 +411,3 @@ def sweep_target(store: Any, sweep_id: str) -> float | None:
 
 def load_sweep(store: Any, sweep_id: str) -> list[SeedSummary]:
     return [r.summary for r in load_sweep_runs(store, sweep_id)]
-
-
-def runs_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedLog]:
-    """Raw training logs (`speedrun stats logs/*.txt`); each file is one run, named by its file name."""
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        raise ResultsError(f"log file {missing[0]} does not exist or is not a file; pass training logs "
-                           "(ours or modded-nanogpt's) or a sweep id")
-    runs = []
-    for p in paths:
-        result = parse_log(Path(p).read_text(encoding="utf-8", errors="replace"))
-        runs.append(SeedLog(SeedSummary.from_result(result, seed=None, name=Path(p).name), result))
-    return runs
-
-
-def summaries_from_logs(paths: Sequence[str | os.PathLike]) -> list[SeedSummary]:
-    return [r.summary for r in runs_from_logs(paths)]

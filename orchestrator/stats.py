@@ -16,6 +16,7 @@ import numpy as np
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 from scipy import stats as sps
 
 from orchestrator.results import SeedSummary
@@ -93,6 +94,7 @@ class Comparison:
     failed_b: list[str]
     # each side's val loss against its target (its job's target_loss unless --target): p and whether a record
     targets: list["SideVsTarget"] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # on the inputs: skipped files, duplicates
 
     def to_dict(self) -> dict[str, Any]:
         return _json_safe(asdict(self))
@@ -134,14 +136,32 @@ def seeds_needed(mean: float, std: float, target: float = TARGET_VAL_LOSS, alpha
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float] | None:
-    """Student-t 95% interval for the mean; None below two values."""
+    """Student-t 95% interval for the mean; None below two values. Equal values have no spread to
+    estimate: the interval is that one point (degenerate), and scipy is not asked (it would warn about 0 * inf)."""
     x = np.asarray(values, dtype=float)
     if x.size < 2:
         return None
+    if np.ptp(x) == 0:
+        return (float(x[0]), float(x[0]))
     lo, hi = sps.t.interval(0.95, df=x.size - 1, loc=x.mean(), scale=sps.sem(x))
-    if not math.isfinite(lo):  # zero spread: the interval is the point
-        return (float(x.mean()), float(x.mean()))
     return (float(lo), float(hi))
+
+
+def steps_of(runs: Sequence[SeedSummary]) -> dict[int | None, int]:
+    """How many complete runs there are of each step count (None: an llm.c log cut before its end)."""
+    counts: dict[int | None, int] = {}
+    for r in runs:
+        if _counts(r):
+            counts[r.total_steps] = counts.get(r.total_steps, 0) + 1
+    return counts
+
+
+def group_by_steps(runs: Sequence[SeedSummary]) -> list[tuple[int | None, list[SeedSummary]]]:
+    """The runs split by their step count, shortest first; runs with no known count last."""
+    groups: dict[int | None, list[SeedSummary]] = {}
+    for r in runs:
+        groups.setdefault(r.total_steps, []).append(r)
+    return sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
 
 
 def _counts(r: SeedSummary) -> bool:
@@ -159,6 +179,12 @@ def sweep_stats(runs: Sequence[SeedSummary], target: float = TARGET_VAL_LOSS) ->
     if not good:
         out.notes.append("no complete seeds: nothing to test")
         return out
+    lengths = steps_of(good)
+    if len(lengths) > 1:
+        mix = ", ".join(f"{n} run(s) of {'unknown' if k is None else k} steps" for k, n in sorted(
+            lengths.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
+        out.notes.append(f"these runs have different step counts ({mix}): one mean over them compares unlike "
+                         "runs; `speedrun stats --group-by steps` gives one table per step count")
     losses = np.array([r.val_loss for r in good], dtype=float)
     out.val_loss_mean = float(losses.mean())
     if losses.size >= 2:
@@ -167,6 +193,10 @@ def sweep_stats(runs: Sequence[SeedSummary], target: float = TARGET_VAL_LOSS) ->
         if out.val_loss_std > 0:
             out.t_statistic = float((out.val_loss_mean - target) / (out.val_loss_std / math.sqrt(losses.size)))
         out.seeds_needed = seeds_needed(out.val_loss_mean, out.val_loss_std, target)
+        if out.val_loss_std == 0:
+            out.notes.append(f"all {losses.size} val losses are {losses[0]:.4f} (no spread): the t-test is degenerate, "
+                             f"p is {out.p_value:g} because the mean is {'below' if out.p_value == 0 else 'not below'} "
+                             "the target; more seeds with real spread make it meaningful")
         if out.seeds_needed is None:
             out.notes.append(f"mean val loss {out.val_loss_mean:.4f} is not below the target {target}: "
                              "no number of seeds makes this a record")
@@ -176,6 +206,9 @@ def sweep_stats(runs: Sequence[SeedSummary], target: float = TARGET_VAL_LOSS) ->
     if times:
         out.train_time_mean_s = float(np.mean(times))
         out.train_time_ci95_s = mean_ci95(times)
+        if len(times) >= 2 and np.ptp(times) == 0:
+            out.notes.append(f"all {len(times)} train times are {times[0]:.2f} s (no spread): the 95% interval is "
+                             "degenerate, that one point")
     avgs = [r.step_avg_ms for r in good if r.step_avg_ms is not None]
     out.step_avg_mean_ms = float(np.mean(avgs)) if avgs else None
     mems = [r.peak_mem_mib for r in good if r.peak_mem_mib is not None]
@@ -270,7 +303,7 @@ def render_stats(s: SweepStats, title: str = "Seeds") -> Group:
     panel = failed_panel(s.runs)
     if panel is not None:
         parts.append(panel)
-    parts.extend(f"[yellow]{n}[/]" for n in s.notes)
+    parts.extend(Text(n, style="yellow") for n in s.notes)  # Text: a file name's [brackets] are not markup
     return Group(*parts)
 
 
@@ -292,4 +325,5 @@ def render_comparison(c: Comparison) -> Group:
     for name, failed in ((c.name_a, c.failed_a), (c.name_b, c.failed_b)):
         if failed:
             parts.append(f"[bold red]{name}: {len(failed)} failed/incomplete seed(s) left out: {', '.join(failed)}[/]")
+    parts.extend(Text(n, style="yellow") for n in c.notes)
     return Group(*parts)

@@ -6,6 +6,10 @@ file (CI logs, `| tee`), there is no width to fit, so tables are laid out at the
 """
 from __future__ import annotations
 
+import json
+import math
+import sys
+
 from rich.console import Console, Group
 from rich.table import Table
 
@@ -34,3 +38,19 @@ class OutputConsole(Console):
         if not self._fixed_width:   # asked at each print: stdout may be swapped after import (tests, redirects)
             self._width = None if self.is_terminal else PIPE_WIDTH
         super().print(*(whole(o) for o in objects), **kwargs)
+
+
+def _strict(x):
+    """NaN and infinity (a diverged loss) become null: strict JSON, which every parser reads."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    return x
+
+
+def print_json(obj) -> None:
+    """`--json`: one JSON document on stdout, for scripts; the tables go to people."""
+    sys.stdout.write(json.dumps(_strict(obj), indent=2) + "\n")

@@ -21,7 +21,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.config import ClusterConfig, ConfigError, load_cluster
+from orchestrator.config import ClusterConfig, ConfigError, load_cluster, override_source
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,24 @@ def check_launcher(config: dict[str, Any], cluster: ClusterConfig, path: Path, k
                                   "give the SSH-reachable addresses of the machines")
     elif provider is not None and not config.get("available_node_types"):
         raise ConfigError(f"{path}: {key}.available_node_types: missing; declare the head (and worker) node types")
+    check_node_count(config, cluster, path, key)
+
+
+def check_node_count(config: dict[str, Any], cluster: ClusterConfig, path: Path, key: str, where: str = "") -> None:
+    """`nodes:` must not ask for more GPU nodes than the launcher config starts (a head with no workers is one)."""
     gpu_nodes = sum(g.count for g in provisioning(config) if g.gpus is None or g.gpus >= cluster.gpus_per_node)
     if gpu_nodes < cluster.nodes:
-        raise ConfigError(f"{path}: nodes: {cluster.nodes} nodes of {cluster.gpus_per_node} GPUs asked for, but "
-                          f"{key} starts {gpu_nodes} such node(s); raise min_workers or lower nodes")
+        raise ConfigError(f"{where or path}: nodes: {cluster.nodes} nodes of {cluster.gpus_per_node} GPUs asked for, "
+                          f"but {key} starts {gpu_nodes} such node(s); raise min_workers or lower nodes")
+
+
+def check_launch_nodes(cluster: ClusterConfig, path: Path, overrides: list[str] = ()) -> None:
+    """At launch (and --dry-run): a cluster config that provisions its own nodes must provide `nodes:` of them.
+    Reads the launcher config only; contacts nothing."""
+    if cluster.backend == "ray" and cluster.ray is not None and (cluster.ray.launcher or cluster.ray.cluster_yaml):
+        config, key = launcher_config(cluster, path)
+        given = override_source(list(overrides), ["nodes"], ("cluster",))
+        check_node_count(config, cluster, path, key, f"{given} (on {path})" if given else "")
 
 
 @dataclass
@@ -135,6 +149,17 @@ def provisioning_table(cluster: ClusterConfig, config: dict[str, Any], title: st
         t.add_row(g.role, g.node_type, g.instance, str(g.count), g.where, "-" if rate is None else f"{rate * g.count:,.2f}")
     t.add_row("total", "", "", str(total), "", "-" if rate is None else f"{rate * total:,.2f}", style="bold")
     return t
+
+
+def provisioning_json(cluster: ClusterConfig, config: dict[str, Any], path: Path, action: str) -> dict[str, Any]:
+    """`speedrun cluster up|down CONFIG --dry-run --json`: the provisioning table's rows and totals."""
+    from dataclasses import asdict
+
+    rate = cluster.cost_per_hour
+    groups = [{**asdict(g), "usd_per_hour": None if rate is None else rate * g.count} for g in provisioning(config)]
+    total = sum(g["count"] for g in groups)
+    return {"config": str(path), "cluster_name": config["cluster_name"], "action": action, "nodes": groups,
+            "total_nodes": total, "usd_per_hour": None if rate is None else rate * total}
 
 
 # ------------------------------------------------------------------------------------- commands
@@ -221,7 +246,18 @@ def cluster_status(config_path: str, console: Console) -> int:
 
 
 def cluster_command(args, console: Console) -> int:
-    """`speedrun cluster ACTION CONFIG [--dry-run]`, dispatched from orchestrator/cli.py."""
+    """`speedrun cluster ACTION CONFIG [--dry-run] [--json]`, dispatched from orchestrator/cli.py."""
+    if getattr(args, "json", False):
+        if args.action in ("up", "down") and not args.dry_run:
+            raise ConfigError(f"--json: `cluster {args.action}` takes it only with --dry-run (ray's own output "
+                              "streams while it works)")
+        if args.action == "status":
+            raise ConfigError("--json: `cluster status` prints no table; its two lines are the whole answer")
+        from orchestrator.terminal import print_json
+
+        cluster, path, config = load_rented(args.config)
+        print_json(provisioning_json(cluster, config, path, args.action))
+        return 0
     if args.action == "up":
         return cluster_up(args.config, args.dry_run, console)
     if args.action == "down":

@@ -103,7 +103,7 @@ def test_wrong_trainer_type_names_key(workspace, capsys):
 @pytest.mark.parametrize("steps", [0, -5])
 def test_steps_must_be_positive(workspace, capsys, steps):
     rc, err = run_cli(workspace, capsys, "launch", "jobs/smoke.yaml", "--set", f"trainer.steps={steps}")
-    assert rc == 2 and f"jobs/smoke.yaml: trainer.steps: must be > 0 (got {steps})" in err
+    assert rc == 2 and f"--set trainer.steps={steps} (on jobs/smoke.yaml): trainer.steps: must be > 0 (got {steps})" in err
 
 
 def test_missing_job_file(workspace, capsys):

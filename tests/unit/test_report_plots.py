@@ -6,7 +6,7 @@ from pathlib import Path
 
 from orchestrator.artifacts import read_manifest, verify_manifest
 from orchestrator.report import make_plots, write_report
-from orchestrator.results import runs_from_logs
+from orchestrator.log_files import runs_from_logs
 from orchestrator.store import open_store
 
 LOGS = Path(__file__).resolve().parents[1] / "data" / "logs"

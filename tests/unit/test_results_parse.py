@@ -96,10 +96,10 @@ def test_modded_nanogpt_2024_log():
 
 
 def test_log_cut_mid_line_is_incomplete():
-    r = parse_log(read("modded_truncated.txt"))
+    r = parse_log(read("modded_truncated.txt"))   # ends in `step:925/1695 train_ti`, no newline
     assert not r.complete
-    assert r.steps_done == 925 and r.total_steps == 1695
-    assert r.reason.startswith("stopped at step 925/1695")
+    assert r.steps_done == 900 and r.total_steps == 1695   # the cut line is not read
+    assert r.reason == "the log's last line is cut mid-write ('step:925/1695 train_ti'); before it, step 900"
     assert r.train_time_ms is not None and r.peak_alloc_mib is None
 
 

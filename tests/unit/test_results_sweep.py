@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.results import ResultsError, load_sweep, load_sweep_runs, summaries_from_logs
+from orchestrator.log_files import summaries_from_logs
+from orchestrator.results import ResultsError, load_sweep, load_sweep_runs
 from orchestrator.stats import sweep_stats
 from orchestrator.store import open_store
 
