@@ -46,12 +46,28 @@ def _prepare_launch(args):
     check_store_url(store_url, store_key)
     if "://" not in store_url or store_url.startswith("file://"):
         store_url = str(expand(store_url.removeprefix("file://")).absolute())
+    _check_data(job, args.job)
     if cluster.backend == "local":  # remote nodes' directories are checked by the node runner there
         data_key = f"{args.job}: data.dir" if job.data.dir else f"{cluster_path}: data_dir"
         check_writable_dir(expand(job.data.dir or cluster.data_dir), "data directory", data_key)
         check_writable_dir(expand(cluster.work_dir), "work directory", f"{cluster_path}: work_dir")
     plan = build_plan(job, cluster, Path(args.job), cluster_path, seeds=args.seeds, store=store_url)
     return plan, get_backend(cluster)
+
+
+def _check_data(job, job_file) -> None:
+    from orchestrator.data import DataError
+    from orchestrator.data.stage import unprovided_shards
+
+    d = job.data
+    try:
+        found = unprovided_shards(d.source, d.train_shards, d.val_shards)
+    except DataError as e:
+        raise ConfigError(f"{job_file}: data.source: {e}") from None
+    if found and found[0]:
+        lacking, fix = found
+        raise ConfigError(f"{job_file}: data: {d.source} does not provide {', '.join(lacking[:3])}"
+                          f"{f' and {len(lacking) - 3} more' if len(lacking) > 3 else ''}; {fix}")
 
 
 def _print_plan(plan, backend) -> None:
@@ -62,6 +78,10 @@ def _print_plan(plan, backend) -> None:
     t.add_row("seeds", ", ".join(map(str, plan.seeds)))
     t.add_row("data", f"{plan.job.data.source} -> {plan.data_dir}")
     t.add_row("trainer", plan.job.script or ", ".join(f"{k}={v}" for k, v in plan.job.trainer.items()) or "defaults")
+    for what, shipped in (("workdir", plan.workdir), ("offline", plan.offline)):
+        if shipped:
+            t.add_row(what, f"{shipped['root']}: {len(shipped['files'])} files, {shipped['bytes'] / 1e6:.2f} MB "
+                            f"-> {plan.store_url}/{shipped['key']}")
     t.add_row("store", f"{plan.store_url}/{plan.sweep_id}/")
     t.add_row("code", f"{plan.code.get('commit') or 'unknown'}{' (dirty)' if plan.code.get('dirty') else ''}")
     console.print(t)
@@ -90,6 +110,7 @@ def cmd_launch(args) -> int:
     from orchestrator.runs import SweepRecord, record_sweep
     from orchestrator.sweep import plan_key
     from orchestrator.watch import watch
+    from orchestrator.workdir import ship_code
 
     plan, backend = _prepare_launch(args)
     if args.dry_run:
@@ -98,6 +119,7 @@ def cmd_launch(args) -> int:
         return 0
     backend.check(plan)
     store = open_store_for(plan.store_url)
+    ship_code(plan, store)  # the script's folder and the offline caches, unless the store has them already
     store.put_bytes(plan.to_json().encode(), plan_key(plan.sweep_id))
     handle = backend.submit(plan)
     record_sweep(SweepRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
@@ -119,6 +141,22 @@ def cmd_launch(args) -> int:
     print_sweep(store, plan.sweep_id, plan.store_url, plan.cluster)
     console.print(f"run {plan.sweep_id}: {status.state.value} ({status.detail})")
     return 0 if status.state.value == "SUCCEEDED" else 1
+
+
+def cmd_prefetch(args) -> int:
+    from orchestrator.config import load_job
+    from orchestrator.offline import missing, prefetch
+
+    job = load_job(args.job)
+    if job.offline is None or not (job.offline.hf_kernels or job.offline.tiktoken):
+        raise ConfigError(f"{args.job}: offline: the job names nothing to pre-fetch; add offline.hf_kernels or "
+                          "offline.tiktoken")
+    root = prefetch(job.offline, say=lambda line: console.print(line, markup=False))
+    left = missing(job.offline)
+    if left:
+        raise ConfigError(f"{args.job}: offline: {', '.join(left)} still missing from {root} after the download")
+    console.print(f"pre-fetched into {root}; `speedrun launch {args.job}` ships it to the nodes")
+    return 0
 
 
 # ------------------------------------------------------------------------------- following a sweep
@@ -228,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="return once submitted")
     p.add_argument("--seeds-parallel", action="store_true", help="slurm: one array task per seed")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("prefetch", help="download what a job's offline: section names (hub kernels, tiktoken) into "
+                                        "its cache folder, for nodes without internet")
+    p.add_argument("job", help="job YAML with an offline: section")
+    p.set_defaults(func=cmd_prefetch)
 
     run_help = "a run id, an unambiguous prefix of one, or 'last'"
     store_help = "object store the run was launched with (finds runs launched on other machines)"

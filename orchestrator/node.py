@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -85,6 +84,9 @@ class NodeRunner:
         self._stop = threading.Event()
         self._store = None
         self.data_info: dict = {}
+        self.shipped_cache = expand(plan.cluster.work_dir) / "shipped"  # workdir and offline tars, by sha256
+        self.offline_dir: Path | None = None
+        self._shipped: list[str] = []  # the workdir's files in the seed's script folder: in the store already
 
     # ---------------------------------------------------------------- store (node 0 uploads)
     @property
@@ -146,10 +148,11 @@ class NodeRunner:
         return res
 
     def compile_cache_key(self) -> str:
-        from orchestrator.compile_cache import cache_key
+        from orchestrator.compile_cache import cache_key, code_hash
 
         gpu = describe_devices(self.plan.cluster.device)[0].split(",")[0]
-        return cache_key(trainer_code_hash(), package_version("torch") or "none", gpu)
+        code = code_hash(self.plan.workdir.get("sha256"), trainer_code_hash())
+        return cache_key(code, package_version("torch") or "none", gpu)
 
     def restore_compile_cache(self) -> None:
         if self.plan.cluster.device != "cuda":
@@ -199,15 +202,43 @@ class NodeRunner:
         return argv, REPO_ROOT
 
     def _script_argv(self, run: list[str], out: Path, data_dir: Path) -> list[str]:
-        """An external modded-nanogpt train_gpt.py reads data/fineweb10B/*.bin relative to its cwd."""
-        script = Path(self.plan.extra.get("script_path") or self.plan.job.script)
-        rundir = out / "script"
-        (rundir / "data").mkdir(parents=True, exist_ok=True)
+        """An external modded-nanogpt train_gpt.py, in its shipped folder (see prepare_script_dir)."""
+        self.prepare_script_dir(out / "script", data_dir)
+        return run + [self.plan.workdir["entry"], *self.plan.job.script_args]
+
+    def prepare_script_dir(self, rundir: Path, data_dir: Path) -> None:
+        """The script's working directory: its shipped folder unpacked (from this node's cache of the store's
+        tar), data/fineweb10B linked to the staged shards (where records read them, DATA_PATH being
+        this folder) and the folders it writes to made."""
+        from orchestrator.workdir import Snapshot, fetch, unpack
+
+        if not self.plan.workdir:
+            raise RuntimeError("the plan names a script but ships no workdir (launched by an older speedrun?); "
+                               "launch the job again")
+        snap = Snapshot.from_dict(self.plan.workdir)
+        self._shipped = unpack(fetch(self.store, snap, self.shipped_cache), rundir)
         link = rundir / "data" / "fineweb10B"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.is_file():
+            link.unlink()
         if not link.exists():
-            link.symlink_to(data_dir, target_is_directory=True)
-        shutil.copy2(script, rundir / "train_gpt.py")
-        return run + ["train_gpt.py", *self.plan.job.script_args]
+            link.symlink_to(data_dir.absolute(), target_is_directory=True)
+        for d in self.plan.job.script_dirs:
+            (rundir / d).mkdir(parents=True, exist_ok=True)
+
+    def restore_offline(self) -> None:
+        """Unpack the pre-fetched hub/tiktoken files (job `offline:`) once per node, where the script finds them."""
+        from orchestrator.workdir import Snapshot, fetch, unpack
+
+        if not self.plan.offline:
+            return
+        snap = Snapshot.from_dict(self.plan.offline)
+        dest = self.shipped_cache / f"offline-{snap.sha256[:16]}"
+        if not (dest / ".complete").is_file():
+            unpack(fetch(self.store, snap, self.shipped_cache), dest)
+            (dest / ".complete").touch()
+        self.offline_dir = dest
+        self.console.print(f"[node] offline caches ({len(snap.files)} files) in {dest}")
 
     def child_env(self, seed: int) -> dict[str, str]:
         # the launcher's thread counts, whoever submitted this job (plan.LAUNCH_ENV_KEYS); the configs' env wins
@@ -220,6 +251,14 @@ class NodeRunner:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         for k, v in compile_cache_env(self.cache_root).items():
             env.setdefault(k, v)
+        if self.plan.job.script:
+            rundir = self.work / seed_dir(seed) / "script"
+            if "DATA_PATH" not in {**self.plan.cluster.env, **self.plan.job.env}:
+                env["DATA_PATH"] = str(rundir)  # records read DATA_PATH/data/fineweb10B/*.bin
+            if self.offline_dir is not None:
+                from orchestrator.offline import node_env
+
+                env.update(node_env(self.offline_dir, self.plan.job.offline))
         if self.plan.cluster.device == "cpu":
             # one gloo rank per core share; oversubscribed threads make small CPU runs several times slower
             per_rank = max(1, (os.cpu_count() or 1) // self.plan.cluster.gpus_per_node)
@@ -299,7 +338,7 @@ class NodeRunner:
 
         SeedUploader(self.store, self.work / "spool").upload_seed(
             out, self.seed_prefix(seed), keep_last_ckpt=self.plan.job.checkpoint.keep_last, state=outcome.state,
-            closing=write_records)
+            closing=write_records, skip=[f"script/{name}" for name in self._shipped])
 
     def run_seed(self, seed: int, data_dir: Path) -> SeedOutcome:
         out = self.work / seed_dir(seed)
@@ -345,6 +384,7 @@ class NodeRunner:
         self.console.print(f"[node] {self.plan.sweep_id}: node {self.node.node_rank}/{self.node.nnodes} on "
                            f"{socket.gethostname()}, seeds {self.plan.seeds}")
         staged = self.stage()
+        self.restore_offline()
         self.restore_compile_cache()
         outcomes = []
         for seed in self.plan.seeds:
