@@ -111,12 +111,6 @@ class JobSpec(Strict):
                 raise ValueError(f"{d!r} must be a folder inside the script's working directory, e.g. logs/final")
         return v
 
-    @model_validator(mode="after")
-    def _workdir_needs_script(self) -> "JobSpec":
-        if self.workdir is not None and self.script is None:
-            raise ValueError("workdir needs script: the entry script inside it, e.g. script: train_gpt.py")
-        return self
-
 
 # ------------------------------------------------------------------------------------- cluster
 
@@ -338,6 +332,8 @@ def resolve_job_paths(job: JobSpec, path: Path) -> None:
     if job.offline is not None:
         job.offline.cache = _against(base, job.offline.cache)
     if job.workdir is not None:
+        if job.script is None:
+            raise ConfigError(f"{path}: workdir: needs script: the entry script inside it, e.g. script: train_gpt.py")
         job.workdir = _against(base, job.workdir)
         if not Path(job.workdir).is_dir():
             raise ConfigError(f"{path}: workdir: {job.workdir} is not a folder; give the folder of your train_gpt.py")
