@@ -79,7 +79,7 @@ def snapshot_cache(spec: OfflineSpec, key: str, job_file: str) -> Snapshot:
         files += [f"{sub}/{p}" for p in f]
         links.update({f"{sub}/{p}": t for p, t in lk.items()})
     entry = files[0] if files else ""
-    return snapshot_workdir(root, entry, float("inf"), key, listing=(files, links))
+    return snapshot_workdir(root, entry, float("inf"), key, listing=(files, links), prefix="offline")
 
 
 def prefetch(spec: OfflineSpec, say: Callable[[str], None] = log.info) -> Path:

@@ -46,10 +46,11 @@ class Snapshot:
     links: dict[str, str] = field(default_factory=dict)  # in-tree symlinks kept as links: path -> target
     bytes: int = 0
     sha256: str = ""
+    prefix: str = PREFIX                                 # the store folder of such tars
 
     @property
     def key(self) -> str:
-        return f"{PREFIX}/{self.sha256}.tar"
+        return f"{self.prefix}/{self.sha256}.tar"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "key": self.key}
@@ -168,7 +169,7 @@ class _Hasher(io.RawIOBase):
 
 
 def snapshot_workdir(root: str | os.PathLike, entry: str, max_bytes: float, key: str,
-                     listing: tuple[list[str], dict[str, str]] | None = None) -> Snapshot:
+                     listing: tuple[list[str], dict[str, str]] | None = None, prefix: str = PREFIX) -> Snapshot:
     """The files that would be shipped and their tar's sha256; reads, creates nothing. `listing`: ship these
     (files, links) of root instead of what list_files finds (the one-file `script:` shorthand, the offline
     cache). ConfigError past max_bytes, on an unreadable file, or when the entry script is not shipped."""
@@ -193,7 +194,7 @@ def snapshot_workdir(root: str | os.PathLike, entry: str, max_bytes: float, key:
     except OSError as e:
         raise ConfigError(f"{key}: {e.filename or root} cannot be read ({e.strerror}); fix it or add it to "
                           ".gitignore") from None
-    return Snapshot(str(root), entry, files, links, total, sink.h.hexdigest())
+    return Snapshot(str(root), entry, files, links, total, sink.h.hexdigest(), prefix)
 
 
 def ship(snap: Snapshot, store) -> bool:

@@ -15,3 +15,14 @@ def unigram_loss(counts: np.ndarray, tokens: np.ndarray) -> float:
     """Mean cross-entropy of tokens under add-one-smoothed unigram counts, in nats."""
     p = (counts + 1.0) / (counts.sum() + VOCAB)
     return float(-np.log(p[tokens]).mean())
+
+
+def hub_kernel(repo: str) -> str:
+    """The first line of a hub kernel's module, found as kernels.get_kernel finds it: snapshot_download."""
+    from pathlib import Path
+
+    from huggingface_hub import snapshot_download
+
+    modules = sorted(Path(snapshot_download(repo)).glob("build/*/*/__init__.py"))
+    assert modules, f"{repo}: no build/<variant>/<name>/__init__.py in the hub cache"
+    return modules[0].read_text().splitlines()[0]

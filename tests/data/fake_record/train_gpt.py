@@ -1,9 +1,12 @@
 """A stand-in for a modded-nanogpt record script: run by torchrun from its own folder, it imports a sibling
 module, reads data/fineweb10B/*.bin under DATA_PATH, writes logs/<run_id>.txt with run_id final/<uuid>
 (so logs/final/ must exist, as in the published records) and prints the records' log lines. Its "model"
-is a unigram count over a random sample of the train tokens; numpy only, so it runs on any CPU."""
+is a unigram count over a random sample of the train tokens; numpy only, so it runs on any CPU.
+`--hub-kernel OWNER/NAME` loads that repo from the Hugging Face hub cache the way kernels.get_kernel does
+(HF_HUB_OFFLINE=1 on an offline node: the cache must hold it)."""
 import glob
 import os
+import sys
 import time
 import uuid
 
@@ -35,6 +38,10 @@ val = read_shard(val_files[0])[:65536]
 rng = np.random.default_rng()
 counts = np.zeros(VOCAB)
 t0 = time.perf_counter()
+if "--hub-kernel" in sys.argv:
+    from fake_kernels import hub_kernel
+
+    print0(f"hub kernel: {hub_kernel(sys.argv[sys.argv.index('--hub-kernel') + 1])}")
 print0(f"step:0/{num_iterations} val_loss:{unigram_loss(counts, val):.4f} train_time:0ms step_avg:nanms")
 for step in range(1, num_iterations + 1):
     counts += np.bincount(train[rng.integers(0, len(train), 4096)], minlength=VOCAB)
