@@ -80,7 +80,7 @@ def _print_plan(plan, backend) -> None:
     t.add_row("trainer", plan.job.script or ", ".join(f"{k}={v}" for k, v in plan.job.trainer.items()) or "defaults")
     for what, shipped in (("workdir", plan.workdir), ("offline", plan.offline)):
         if shipped:
-            t.add_row(what, f"{shipped['root']}: {len(shipped['files'])} files, {shipped['bytes'] / 1e6:.2f} MB "
+            t.add_row(what, f"{shipped['root']}: {shipped['files']} files, {shipped['bytes'] / 1e6:.2f} MB "
                             f"-> {plan.store_url}/{shipped['key']}")
     t.add_row("store", f"{plan.store_url}/{plan.sweep_id}/")
     t.add_row("code", f"{plan.code.get('commit') or 'unknown'}{' (dirty)' if plan.code.get('dirty') else ''}")

@@ -210,13 +210,13 @@ class NodeRunner:
         """The script's working directory: its shipped folder unpacked (from this node's cache of the store's
         tar), data/fineweb10B linked to the staged shards (where records read them, DATA_PATH being
         this folder) and the folders it writes to made."""
-        from orchestrator.workdir import Snapshot, fetch, unpack
+        from orchestrator.workdir import fetch, unpack
 
-        if not self.plan.workdir:
+        shipped = self.plan.workdir
+        if not shipped:
             raise RuntimeError("the plan names a script but ships no workdir (launched by an older speedrun?); "
                                "launch the job again")
-        snap = Snapshot.from_dict(self.plan.workdir)
-        self._shipped = unpack(fetch(self.store, snap, self.shipped_cache), rundir)
+        self._shipped = unpack(fetch(self.store, shipped["key"], shipped["sha256"], self.shipped_cache), rundir)
         link = rundir / "data" / "fineweb10B"
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.is_file():
@@ -228,17 +228,17 @@ class NodeRunner:
 
     def restore_offline(self) -> None:
         """Unpack the pre-fetched hub/tiktoken files (job `offline:`) once per node, where the script finds them."""
-        from orchestrator.workdir import Snapshot, fetch, unpack
+        from orchestrator.workdir import fetch, unpack
 
-        if not self.plan.offline:
+        shipped = self.plan.offline
+        if not shipped:
             return
-        snap = Snapshot.from_dict(self.plan.offline)
-        dest = self.shipped_cache / f"offline-{snap.sha256[:16]}"
+        dest = self.shipped_cache / f"offline-{shipped['sha256'][:16]}"
         if not (dest / ".complete").is_file():
-            unpack(fetch(self.store, snap, self.shipped_cache), dest)
+            unpack(fetch(self.store, shipped["key"], shipped["sha256"], self.shipped_cache), dest)
             (dest / ".complete").touch()
         self.offline_dir = dest
-        self.console.print(f"[node] offline caches ({len(snap.files)} files) in {dest}")
+        self.console.print(f"[node] offline caches ({shipped['files']} files) in {dest}")
 
     def child_env(self, seed: int) -> dict[str, str]:
         # the launcher's thread counts, whoever submitted this job (plan.LAUNCH_ENV_KEYS); the configs' env wins

@@ -6,9 +6,10 @@ times), so the same files always give the same sha256: the store keeps it once a
 and every seed, node and later sweep of the same code reuses it. The node runner unpacks it into the
 seed's script folder, which becomes the script's working directory.
 
-    snap = snapshot_workdir(root, entry="train_gpt.py", max_bytes=100 << 20, key="job.yaml: workdir")
+    snap = snapshot_workdir(root, entry="train_gpt.py", max_bytes=100e6, key="job.yaml: workdir")
     ship(snap, store)                     # uploads the tar unless the store has it already
-    unpack(archive, dest)                 # node side; only regular files, dirs and in-tree links
+    archive = fetch(store, snap.key, snap.sha256, cache_dir)   # node side, cached by sha256
+    unpack(archive, dest)                 # only regular files, dirs and in-tree links
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import logging
 import os
 import tarfile
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pathspec
@@ -52,12 +53,11 @@ class Snapshot:
     def key(self) -> str:
         return f"{self.prefix}/{self.sha256}.tar"
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "key": self.key}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Snapshot":
-        return cls(**{k: v for k, v in d.items() if k != "key"})
+    def summary(self) -> dict:
+        """What the plan carries (the node needs only key and sha256; file lists stay on the launcher, so a
+        big checkout does not bloat a plan that travels in an environment variable)."""
+        return {"root": self.root, "entry": self.entry, "files": len(self.files) + len(self.links),
+                "bytes": self.bytes, "sha256": self.sha256, "key": self.key}
 
 
 # ------------------------------------------------------------------------------------ listing
@@ -214,10 +214,17 @@ def ship(snap: Snapshot, store) -> bool:
 
 
 def ship_code(plan, store) -> None:
-    """Everything a plan ships to its nodes (its workdir, its offline caches) into the store, once."""
-    for shipped in (plan.workdir, plan.offline):
-        if shipped:
-            ship(Snapshot.from_dict(shipped), store)
+    """Everything a plan ships to its nodes (its workdir, its offline caches) into the store, once; the
+    folders are listed again and must still be what the plan names."""
+    from orchestrator.plan import snapshot_code, snapshot_offline
+
+    for planned, snap in ((plan.workdir, snapshot_code(plan.job, plan.job_file)),
+                          (plan.offline, snapshot_offline(plan.job, plan.job_file))):
+        if snap is None:
+            continue
+        if snap.sha256 != planned.get("sha256"):
+            raise ConfigError(f"{plan.job_file}: {snap.root} changed since the plan was made; launch again")
+        ship(snap, store)
 
 
 def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
@@ -234,18 +241,18 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
     return [m.name for m in members if not m.isdir()]
 
 
-def fetch(store, snap: Snapshot, cache_dir: Path) -> Path:
-    """The snapshot's tar on this node: cached by sha256 under cache_dir, downloaded once and checked."""
-    local = cache_dir / f"{snap.sha256}.tar"
+def fetch(store, key: str, sha256: str, cache_dir: Path) -> Path:
+    """A shipped tar on this node: cached by sha256 under cache_dir, downloaded once and checked."""
+    local = cache_dir / f"{sha256}.tar"
     if local.is_file():
         return local
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(dir=cache_dir, prefix=".part-")[1])
     try:
-        store.get_file(snap.key, tmp)
+        store.get_file(key, tmp)
         got = sha256_file(tmp)
-        if got != snap.sha256:
-            raise RuntimeError(f"{store.url(snap.key)}: sha256 {got[:12]}... is not the {snap.sha256[:12]}... the "
+        if got != sha256:
+            raise RuntimeError(f"{store.url(key)}: sha256 {got[:12]}... is not the {sha256[:12]}... the "
                                "plan names; delete the object and launch again")
         os.replace(tmp, local)
     finally:

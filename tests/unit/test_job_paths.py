@@ -133,6 +133,23 @@ def test_the_plan_carries_the_shipped_folder(tmp_path):
     path = job_file(tmp_path / "jobs", workdir="../my-record", script="train_gpt.py")
     plan = build_plan(load_job(path), ClusterConfig(name="c", backend="local"), path, Path("c.yaml"))
     again = LaunchPlan.from_json(plan.to_json())
-    assert again.workdir["entry"] == "train_gpt.py" and again.workdir["files"] == ["fake_kernels.py", "train_gpt.py"]
+    assert again.workdir["entry"] == "train_gpt.py" and again.workdir["files"] == 2
     assert again.workdir["key"] == f"workdirs/{again.workdir['sha256']}.tar"
     assert json.loads(plan.to_json())["offline"] == {}
+
+
+def test_launch_ships_what_was_planned_or_says_the_folder_changed(tmp_path):
+    from orchestrator.config import ClusterConfig
+    from orchestrator.plan import build_plan
+    from orchestrator.store import open_store
+    from orchestrator.workdir import ship_code
+
+    rec = record(tmp_path)
+    path = job_file(tmp_path / "jobs", workdir="../my-record", script="train_gpt.py")
+    plan = build_plan(load_job(path), ClusterConfig(name="c", backend="local"), path, Path("c.yaml"))
+    store = open_store(tmp_path / "store")
+    ship_code(plan, store)
+    assert [o.key for o in store.list("")] == [plan.workdir["key"]]
+    (rec / "fake_kernels.py").write_text("VOCAB = 1\n")   # edited between the plan and the upload
+    with pytest.raises(ConfigError, match=rf"^{path}: {rec} changed since the plan was made; launch again$"):
+        ship_code(plan, store)

@@ -30,7 +30,7 @@ def test_a_complete_cache_ships_its_hub_repo_with_links_and_the_hub_client_reads
     store = open_store(tmp_path / "store")
     ship(snap, store)
     node = tmp_path / "node"
-    unpack(fetch(store, snap, node / "cache"), node / "offline")
+    unpack(fetch(store, snap.key, snap.sha256, node / "cache"), node / "offline")
     env = node_env(node / "offline", spec)
     assert env["HF_HUB_OFFLINE"] == "1" and env["TIKTOKEN_CACHE_DIR"] == str(node / "offline" / "tiktoken")
     # The hub client, in a fresh process with that environment and a dead endpoint, finds the repo offline.

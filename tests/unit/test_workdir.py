@@ -11,7 +11,7 @@ import pytest
 from orchestrator.compile_cache import cache_key, code_hash
 from orchestrator.config import ConfigError
 from orchestrator.store import open_store
-from orchestrator.workdir import Snapshot, fetch, list_files, ship, snapshot_workdir, unpack
+from orchestrator.workdir import fetch, list_files, ship, snapshot_workdir, unpack
 
 
 def write(root: Path, files: dict[str, str]) -> Path:
@@ -60,7 +60,9 @@ def test_the_tar_depends_on_contents_not_on_times_and_names_a_change(tmp_path):
     (root / "triton_kernels.py").write_text("X = 1\n")
     (root / "train_gpt.py").chmod(0o755)   # an exec bit is part of what is shipped
     assert snapshot_workdir(root, "train_gpt.py", 1e6, "k").sha256 != a.sha256
-    assert a.key == f"workdirs/{a.sha256}.tar" and Snapshot.from_dict(a.to_dict()) == a
+    assert a.key == f"workdirs/{a.sha256}.tar"
+    assert a.summary() == {"root": str(root), "entry": "train_gpt.py", "files": 8, "bytes": a.bytes, "sha256": a.sha256,
+                           "key": a.key}
 
 
 def test_a_workdir_past_the_size_guard_is_one_sentence_naming_its_largest_file(tmp_path):
@@ -99,7 +101,7 @@ def test_shipped_once_fetched_checked_and_unpacked(tmp_path):
     assert store.sha256(snap.key) == snap.sha256
 
     node = tmp_path / "node"
-    archive = fetch(store, snap, node / "cache")
+    archive = fetch(store, snap.key, snap.sha256, node / "cache")
     names = unpack(archive, node / "seed-0" / "script")
     assert sorted(names) == sorted(snap.files + list(snap.links))
     run = node / "seed-0" / "script"
@@ -113,7 +115,7 @@ def test_shipped_once_fetched_checked_and_unpacked(tmp_path):
     # an object that is not what the plan names is refused, not run
     store.put_bytes(b"not the tar", snap.key)
     with pytest.raises(RuntimeError, match="is not the .* the plan names"):
-        fetch(store, snap, tmp_path / "other-node")
+        fetch(store, snap.key, snap.sha256, tmp_path / "other-node")
 
 
 def test_compile_cache_key_is_the_trainers_or_the_shipped_scripts():
