@@ -202,43 +202,23 @@ class NodeRunner:
         return argv, REPO_ROOT
 
     def _script_argv(self, run: list[str], out: Path, data_dir: Path) -> list[str]:
-        """An external modded-nanogpt train_gpt.py, in its shipped folder (see prepare_script_dir)."""
-        self.prepare_script_dir(out / "script", data_dir)
-        return run + [self.plan.workdir["entry"], *self.plan.job.script_args]
+        """An external modded-nanogpt train_gpt.py, run in its shipped folder (workdir.prepare_script_dir)."""
+        from orchestrator.workdir import prepare_script_dir
 
-    def prepare_script_dir(self, rundir: Path, data_dir: Path) -> None:
-        """The script's working directory: its shipped folder unpacked (from this node's cache of the store's
-        tar), data/fineweb10B linked to the staged shards (where records read them, DATA_PATH being
-        this folder) and the folders it writes to made."""
-        from orchestrator.workdir import fetch, unpack
-
-        shipped = self.plan.workdir
-        if not shipped:
+        if not self.plan.workdir:
             raise RuntimeError("the plan names a script but ships no workdir (launched by an older speedrun?); "
                                "launch the job again")
-        self._shipped = unpack(fetch(self.store, shipped["key"], shipped["sha256"], self.shipped_cache), rundir)
-        link = rundir / "data" / "fineweb10B"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.is_file():
-            link.unlink()
-        if not link.exists():
-            link.symlink_to(data_dir.absolute(), target_is_directory=True)
-        for d in self.plan.job.script_dirs:
-            (rundir / d).mkdir(parents=True, exist_ok=True)
+        self._shipped = prepare_script_dir(self.store, self.plan.workdir, out / "script", data_dir,
+                                           self.plan.job.script_dirs, self.shipped_cache)
+        return run + [self.plan.workdir["entry"], *self.plan.job.script_args]
 
     def restore_offline(self) -> None:
-        """Unpack the pre-fetched hub/tiktoken files (job `offline:`) once per node, where the script finds them."""
-        from orchestrator.workdir import fetch, unpack
+        """The pre-fetched hub/tiktoken files (job `offline:`), unpacked once per node."""
+        from orchestrator.offline import restore
 
-        shipped = self.plan.offline
-        if not shipped:
-            return
-        dest = self.shipped_cache / f"offline-{shipped['sha256'][:16]}"
-        if not (dest / ".complete").is_file():
-            unpack(fetch(self.store, shipped["key"], shipped["sha256"], self.shipped_cache), dest)
-            (dest / ".complete").touch()
-        self.offline_dir = dest
-        self.console.print(f"[node] offline caches ({shipped['files']} files) in {dest}")
+        if self.plan.offline:
+            self.offline_dir = restore(self.store, self.plan.offline, self.shipped_cache)
+            self.console.print(f"[node] offline caches ({self.plan.offline['files']} files) in {self.offline_dir}")
 
     def child_env(self, seed: int) -> dict[str, str]:
         # the launcher's thread counts, whoever submitted this job (plan.LAUNCH_ENV_KEYS); the configs' env wins

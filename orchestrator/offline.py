@@ -11,7 +11,8 @@ it and starts the script with HF_HOME, HF_HUB_OFFLINE=1 and TIKTOKEN_CACHE_DIR p
     missing(spec)            -> [what is not in the cache, in words]       (pure reads)
     snapshot_cache(spec, key) -> workdir.Snapshot of the needed files      (ConfigError when incomplete)
     prefetch(spec, say)      -> downloads into spec.cache                  (`speedrun prefetch`)
-    node_env(unpacked_dir)   -> the environment variables for the script
+    restore(store, shipped, cache_dir) -> the unpacked folder on the node
+    node_env(unpacked_dir, spec)      -> the environment variables for the script
 """
 from __future__ import annotations
 
@@ -124,6 +125,17 @@ def prefetch(spec: OfflineSpec, say: Callable[[str], None] = log.info) -> Path:
             else:
                 os.environ["TIKTOKEN_CACHE_DIR"] = old
     return root
+
+
+def restore(store, shipped: dict, cache_dir: Path) -> Path:
+    """The shipped offline caches unpacked on this node, once (later seeds and sweeps reuse the folder)."""
+    from orchestrator.workdir import fetch, unpack
+
+    dest = cache_dir / f"offline-{shipped['sha256'][:16]}"
+    if not (dest / ".complete").is_file():
+        unpack(fetch(store, shipped["key"], shipped["sha256"], cache_dir), dest)
+        (dest / ".complete").touch()
+    return dest
 
 
 def node_env(unpacked: Path, spec: OfflineSpec) -> dict[str, str]:

@@ -258,3 +258,20 @@ def fetch(store, key: str, sha256: str, cache_dir: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return local
+
+
+def prepare_script_dir(store, shipped: dict, rundir: Path, data_dir: Path, make_dirs: list[str],
+                       cache_dir: Path) -> list[str]:
+    """The script's working directory on the node: the shipped folder unpacked (from this node's cache of the
+    store's tar), data/fineweb10B linked to the staged shards, where records read them (DATA_PATH names
+    rundir), and the folders the script writes to made. Returns the shipped names (not uploaded per seed)."""
+    names = unpack(fetch(store, shipped["key"], shipped["sha256"], cache_dir), rundir)
+    link = rundir / "data" / "fineweb10B"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(Path(data_dir).absolute(), target_is_directory=True)
+    for d in make_dirs:
+        (rundir / d).mkdir(parents=True, exist_ok=True)
+    return names

@@ -62,11 +62,14 @@ class Checkout:
         return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=self.root, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
-    def launch(self, cluster: str, sets: list[str]) -> str:
+    def launch(self, cluster: str, sets: list[str], seeds: int = 2, rc: int = 0) -> str:
         flags = [x for s in [*CPU, f"cluster.work_dir={self.root / 'work'}", f"cluster.data_dir={self.root / 'data'}",
                              *sets] for x in ("--set", s)]
-        proc = self("launch", "jobs/record.yaml", "--cluster", cluster, "--seeds", "2", "--store", "store", *flags)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        proc = self("launch", "jobs/record.yaml", "--cluster", cluster, "--seeds", str(seeds), "--store", "store", *flags)
+        assert proc.returncode == rc, proc.stdout[-4000:] + proc.stderr[-2000:]
+        self.output = proc.stdout
+        if rc:
+            return re.search(r"launched (\S+) on", proc.stdout).group(1)
         sweep = re.search(r"launched (\S+) on", proc.stdout).group(1)
         assert f"run {sweep}: SUCCEEDED" in proc.stdout
         return sweep
@@ -100,6 +103,18 @@ class Checkout:
 def test_local_backend(tmp_path):
     checkout = Checkout(tmp_path)
     checkout.check(checkout.launch("local", []))
+
+
+def test_a_script_that_dies_before_its_first_step_is_summarised_by_its_error(tmp_path):
+    """Without script_dirs' logs/final, the record's own `open('logs/final/<uuid>.txt')` fails, as record-28 did."""
+    checkout = Checkout(tmp_path)
+    sweep = checkout.launch("local", ["script_dirs=[]"], seeds=1, rc=1)
+    why = ("no step lines in the log (the run died before training started): FileNotFoundError: [Errno 2] No such file "
+           "or directory: 'logs/final/")
+    assert f"seed 0: failed: node runner marked it failed; log: {why}" in checkout.output
+    stats = checkout("stats", sweep, "--store", "store", "--json", timeout=120)
+    d = json.loads(stats.stdout[stats.stdout.index("{"):])
+    assert d["n_complete"] == 0 and why in json.dumps(d), stats.stdout
 
 
 def test_slurm_backend(tmp_path, slurm_cluster):  # noqa: F811

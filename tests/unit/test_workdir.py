@@ -128,3 +128,22 @@ def test_compile_cache_key_is_the_trainers_or_the_shipped_scripts():
     # torch and the GPU model are part of the key for a script too
     assert cache_key(code_hash("a" * 64, "x"), "2.12.0", "NVIDIA H200") != script_a
     assert cache_key(code_hash("a" * 64, "x"), "2.11.0+cu130", "NVIDIA H100 80GB HBM3") != script_a
+
+
+def test_the_script_dir_links_the_staged_shards_and_makes_the_folders_it_writes_to(tmp_path):
+    from orchestrator.workdir import prepare_script_dir
+
+    root = write(tmp_path / "rec", RECORD)
+    store = open_store(tmp_path / "store")
+    snap = snapshot_workdir(root, "train_gpt.py", 1e6, "k")
+    ship(snap, store)
+    staged = write(tmp_path / "staged", {"fineweb_train_000001.bin": "shard"})
+    run = tmp_path / "seed-0" / "script"
+    names = prepare_script_dir(store, snap.summary(), run, staged, ["logs/final"], tmp_path / "cache")
+    assert sorted(names) == snap.files
+    assert (run / "data/fineweb10B/fineweb_train_000001.bin").read_text() == "shard"
+    assert (run / "data/cached_fineweb10B.py").is_file() and (run / "logs/final").is_dir()
+    # a retry on a node whose shards now live elsewhere follows them
+    moved = write(tmp_path / "staged2", {"fineweb_train_000001.bin": "shard 2"})
+    prepare_script_dir(store, snap.summary(), run, moved, ["logs/final"], tmp_path / "cache")
+    assert (run / "data/fineweb10B/fineweb_train_000001.bin").read_text() == "shard 2"
