@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from rich.console import Console
@@ -78,7 +79,6 @@ class NodeRunner:
         # markup off: "[node]" and the trainer's own lines are plain text, not rich markup
         self.console = console or Console(highlight=False, soft_wrap=True, markup=False)
         self.work = expand(plan.cluster.work_dir) / plan.sweep_id
-        self.cache_root = expand(plan.cluster.work_dir) / "compile-cache"
         self._current_out: Path | None = None
         self._proc: subprocess.Popen | None = None
         self._stop = threading.Event()
@@ -147,6 +147,7 @@ class NodeRunner:
                                f"(the best achievable val loss; ln(50257) = 10.8249)")
         return res
 
+    @cached_property
     def compile_cache_key(self) -> str:
         from orchestrator.compile_cache import cache_key, code_hash
 
@@ -154,13 +155,19 @@ class NodeRunner:
         code = code_hash(self.plan.workdir.get("sha256"), trainer_code_hash())
         return cache_key(code, package_version("torch") or "none", gpu)
 
+    @cached_property
+    def cache_root(self) -> Path:
+        """This code's compile caches on this node: one folder per key, so what is saved under a key holds
+        only what that code compiled (a record script never saves our trainer's kernels, nor the reverse)."""
+        return expand(self.plan.cluster.work_dir) / "compile-cache" / Path(self.compile_cache_key).stem
+
     def restore_compile_cache(self) -> None:
         if self.plan.cluster.device != "cuda":
             return
         from orchestrator.compile_cache import restore_compile_cache
 
         try:
-            hit = restore_compile_cache(self.store, self.compile_cache_key(), self.cache_root)
+            hit = restore_compile_cache(self.store, self.compile_cache_key, self.cache_root)
             self.console.print(f"[node] compile cache {'restored' if hit else 'not in store yet (cold compile)'}")
         except Exception as e:  # a cache is an optimisation: never fail a run over it
             log.warning("compile cache restore failed: %s", e)
@@ -171,7 +178,7 @@ class NodeRunner:
         from orchestrator.compile_cache import save_compile_cache
 
         try:
-            save_compile_cache(self.store, self.compile_cache_key(), self.cache_root)
+            save_compile_cache(self.store, self.compile_cache_key, self.cache_root)
         except Exception as e:
             log.warning("compile cache save failed: %s", e)
 

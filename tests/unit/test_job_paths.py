@@ -153,3 +153,24 @@ def test_launch_ships_what_was_planned_or_says_the_folder_changed(tmp_path):
     (rec / "fake_kernels.py").write_text("VOCAB = 1\n")   # edited between the plan and the upload
     with pytest.raises(ConfigError, match=rf"^{path}: {rec} changed since the plan was made; launch again$"):
         ship_code(plan, store)
+
+
+def test_a_script_and_our_trainer_keep_their_compile_caches_apart_on_the_node(tmp_path):
+    from orchestrator.config import ClusterConfig
+    from orchestrator.node import NodeRunner
+    from orchestrator.plan import build_plan
+
+    record(tmp_path)
+    cluster = ClusterConfig(name="c", backend="local", device="cpu", work_dir=str(tmp_path / "work"))
+    script_job = job_file(tmp_path / "a", workdir="../my-record", script="train_gpt.py")
+    ours_job = job_file(tmp_path / "b")
+    script = NodeRunner(build_plan(load_job(script_job), cluster, script_job, Path("c.yaml")))
+    ours = NodeRunner(build_plan(load_job(ours_job), cluster, ours_job, Path("c.yaml")))
+    sha = script.plan.workdir["sha256"]
+    assert script.compile_cache_key.startswith(f"compile-cache/script-{sha[:16]}-")
+    assert not ours.compile_cache_key.startswith("compile-cache/script-")
+    assert script.cache_root.parent == ours.cache_root.parent == tmp_path / "work" / "compile-cache"
+    assert script.cache_root != ours.cache_root
+    env = script.child_env(0)
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(script.cache_root / "inductor")
+    assert env["DATA_PATH"] == str(script.work / "seed-0" / "script")
