@@ -46,7 +46,7 @@ def _prepare_launch(args):
     check_store_url(store_url, store_key)
     if "://" not in store_url or store_url.startswith("file://"):
         store_url = str(expand(store_url.removeprefix("file://")).absolute())
-    _check_data(job, args.job)
+    _check_data(job, args.job, local=cluster.backend == "local")
     if cluster.backend == "local":  # remote nodes' directories are checked by the node runner there
         data_key = f"{args.job}: data.dir" if job.data.dir else f"{cluster_path}: data_dir"
         check_writable_dir(expand(job.data.dir or cluster.data_dir), "data directory", data_key)
@@ -55,11 +55,15 @@ def _prepare_launch(args):
     return plan, get_backend(cluster)
 
 
-def _check_data(job, job_file) -> None:
+def _check_data(job, job_file, local: bool) -> None:
+    """Shards the source cannot provide, where that is known here (see data.stage.unprovided_shards)."""
     from orchestrator.data import DataError
     from orchestrator.data.stage import unprovided_shards
 
     d = job.data
+    if local and "://" not in d.source and not Path(d.source).is_dir():
+        raise ConfigError(f"{job_file}: data.source: {d.source} is not a folder on this machine; give the folder "
+                          "that holds the fineweb_*.bin shards (relative paths are read from the job file's folder)")
     try:
         found = unprovided_shards(d.source, d.train_shards, d.val_shards)
     except DataError as e:

@@ -84,6 +84,7 @@ class JobSpec(Strict):
                                "trainer; inside workdir when one is given, else the one file shipped")
     workdir: str | None = Field(None, description="a folder shipped whole (honouring .gitignore) as the script's "
                                 "working directory")
+    # a record folder is a few scripts; 100 MB of it is a stray dataset or checkpoint
     workdir_max_mb: float = Field(100.0, gt=0, description="refuse a workdir that ships more than this")
     script_dirs: list[str] = Field(["logs/final"], description="folders made in the script's working directory "
                                    "before it starts (records write logs/final/<uuid>.txt)")

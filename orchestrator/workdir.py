@@ -29,7 +29,6 @@ from orchestrator.store import sha256_file
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MB = 100.0   # a record folder is a few scripts; 100 MB is a stray dataset or checkpoint
 PREFIX = "workdirs"
 # Never shipped, .gitignore or not: git's own folder, the shards (the node links its staged ones there),
 # and bytecode that the node's Python writes for itself.
@@ -104,11 +103,11 @@ def list_files(root: Path, key: str) -> tuple[list[str], dict[str, str]]:
             if _ignored(specs, rel, is_dir=True):
                 continue
             if (here / d).is_symlink():
-                target = os.readlink(here / d)
                 if _inside(root, here / d):
-                    links[rel] = target
+                    links[rel] = _relative_target(here / d, here)
                 else:
-                    log.warning("%s: not shipped: a link to the folder %s outside the workdir", rel, target)
+                    log.warning("%s: not shipped: a link to the folder %s outside the workdir", rel,
+                                os.readlink(here / d))
                 continue
             keep.append(d)
         dirnames[:] = keep
@@ -118,7 +117,7 @@ def list_files(root: Path, key: str) -> tuple[list[str], dict[str, str]]:
             if _ignored(specs, rel, is_dir=False):
                 continue
             if p.is_symlink() and _inside(root, p) and p.exists():
-                links[rel] = os.readlink(p)
+                links[rel] = _relative_target(p, here)
                 continue
             if not os.access(p, os.R_OK) or not p.is_file():
                 why = "a broken link" if p.is_symlink() and not p.exists() else "not a readable file"
@@ -129,6 +128,11 @@ def list_files(root: Path, key: str) -> tuple[list[str], dict[str, str]]:
 
 def _inside(root: Path, p: Path) -> bool:
     return p.resolve().is_relative_to(root)
+
+
+def _relative_target(link: Path, here: Path) -> str:
+    """An in-tree link's target relative to its folder: an absolute one would point nowhere on the node."""
+    return Path(os.path.relpath(link.resolve(), here)).as_posix()
 
 
 def _unreadable(e: OSError, key: str) -> None:
@@ -156,15 +160,16 @@ def _pack(root: Path, files: list[str], links: dict[str, str], fileobj) -> None:
 
 
 class _Hasher(io.RawIOBase):
+    """A write-only stream that keeps the sha256 of what is written: the tar's digest without the tar."""
+
     def __init__(self):
-        self.h, self.n = hashlib.sha256(), 0
+        self.h = hashlib.sha256()
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
         self.h.update(b)
-        self.n += len(b)
         return len(b)
 
 
@@ -234,10 +239,14 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         for m in members:
+            if not (m.isfile() or m.isdir() or m.issym()) or Path(m.name).is_absolute() or ".." in Path(m.name).parts:
+                raise RuntimeError(f"{archive}: {m.name!r} is not a file inside the folder; not unpacking it")
             target = dest / m.name
             if target.is_symlink() or (target.exists() and not target.is_dir()):
                 target.unlink()  # a replaced file or link, e.g. from an earlier attempt of the seed
-        tar.extractall(dest, members=members, filter="data")  # refuses absolute names, '..' and outside links
+        # the "data" filter (Python >= 3.11.4) also refuses links that point outside dest
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **kwargs)
     return [m.name for m in members if not m.isdir()]
 
 

@@ -88,6 +88,8 @@ def created(tmp_path: Path) -> list[str]:
     ("shards", "data: synthetic://markov?seed=0&train_shards=1&shard_tokens=4096 does not provide "
                "fineweb_train_000002.bin, fineweb_train_000003.bin; raise train_shards/val_shards in the synthetic:// URL"),
     ("no-script", "script: {tmp}/my-record/train.py does not exist"),
+    ("no-folder", "data.source: {tmp}/shards is not a folder on this machine"),
+    ("few-files", "data: {tmp}/shards does not provide fineweb_val_000000.bin; add the shards to the folder"),
     ("too-large", "workdir: {tmp}/my-record ships 2.0 MB (largest: weights.npy, 2.0 MB), more than workdir_max_mb: 1;"),
     ("unreadable", "workdir: {tmp}/my-record/old.py is a broken link; fix it or add it to {tmp}/my-record/.gitignore"),
     ("offline", "offline: the hub repo kernels-community/flash-attn3 is not in {tmp}/jobs/cache; pre-fetch on a machine "
@@ -99,6 +101,11 @@ def test_dry_run_checks_everything_before_any_side_effect(case, message, tmp_pat
     spec = {"workdir": "../my-record", "script": "train_gpt.py"}
     if case == "shards":
         spec["data"] = {"source": SYNTHETIC, "train_shards": 3}
+    elif case in ("no-folder", "few-files"):
+        spec["data"] = {"source": "../shards", "train_shards": 1}
+        if case == "few-files":
+            (tmp_path / "shards").mkdir()
+            (tmp_path / "shards" / "fineweb_train_000001.bin").write_bytes(b"")
     elif case == "no-script":
         spec["script"] = "train.py"
     elif case == "too-large":

@@ -44,10 +44,11 @@ RECORD = {
 def test_the_folder_ships_what_git_would_ship(tmp_path):
     root = write(tmp_path / "rec", RECORD)
     os.symlink("triton_kernels.py", root / "kernels_link.py")   # a link inside the folder stays a link
+    os.symlink(root / "kernels" / "attn.py", root / "abs_link.py")   # made relative: it must point there on the node
     files, links = list_files(root, "job.yaml: workdir")
     assert files == [".gitignore", "README.md", "data/cached_fineweb10B.py", "keep.pt", "kernels/.gitignore",
                      "kernels/attn.py", "train_gpt.py", "triton_kernels.py"]
-    assert links == {"kernels_link.py": "triton_kernels.py"}
+    assert links == {"kernels_link.py": "triton_kernels.py", "abs_link.py": "kernels/attn.py"}
 
 
 def test_the_tar_depends_on_contents_not_on_times_and_names_a_change(tmp_path):
