@@ -68,3 +68,18 @@ def test_prefetch_without_internet_is_one_sentence_and_exit_2(tmp_path):
                                  "Hugging Face hub (")
     assert f"run `speedrun prefetch` on a machine with internet and copy {tmp_path / 'cache'} here" in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_tiktoken_prefetch_without_internet_is_one_sentence_and_records_nothing(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "r", "data": {"source": "synthetic://markov?seed=0"}, "script": "t.py",
+                                   "offline": {"tiktoken": ["gpt2"], "cache": "cache"}}))
+    (tmp_path / "t.py").write_text("")
+    dead = "http://127.0.0.1:9"   # every download goes through a proxy that is not there
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HTTPS_PROXY": dead, "HTTP_PROXY": dead, "https_proxy": dead,
+           "http_proxy": dead, "NO_PROXY": "", "no_proxy": ""}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "prefetch", str(job)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("error: offline.tiktoken: cannot load the encoding gpt2 (") and out.stderr.count("\n") == 1
+    assert not (tmp_path / "cache" / "tiktoken" / "speedrun-encodings.json").exists()
