@@ -61,6 +61,8 @@ class OfflineSpec(Strict):
 
     hf_kernels: list[str] = Field(default_factory=list,
                                   description="Hugging Face hub repos the script loads with kernels.get_kernel")
+    hf_variants: list[str] = Field(default_factory=list, description="only these build/<variant>/ folders of the hub "
+                                   "repos (the nodes' torch/CUDA, e.g. torch211-cxx11-cu130-x86_64-linux); empty: all")
     tiktoken: list[str] = Field(default_factory=list, description="tiktoken encodings the script loads, e.g. gpt2")
     cache: str = Field("~/.cache/speedrun/offline",
                        description="launcher-side folder holding them: hf/ (an HF_HOME) and tiktoken/")

@@ -37,15 +37,17 @@ def hub_folder(repo: str) -> str:
     return f"{HF}/hub/models--{repo.replace('/', '--')}"
 
 
-def _hub_snapshot(root: Path, repo: str) -> Path | None:
-    """The cached snapshot of the repo's main revision, if the cache holds one with files."""
+def _hub_snapshot(root: Path, repo: str, variants: list[str]) -> Path | None:
+    """The cached snapshot of the repo's main revision, if the cache holds one with files (and the variants)."""
     folder = root / hub_folder(repo)
     try:
         commit = (folder / "refs" / "main").read_text().strip()
     except OSError:
         return None
     snap = folder / "snapshots" / commit
-    return snap if snap.is_dir() and any(snap.iterdir()) else None
+    if not snap.is_dir() or not any(snap.iterdir()):
+        return None
+    return snap if all((snap / "build" / v).is_dir() for v in variants) else None
 
 
 def _encodings(root: Path) -> list[str]:
@@ -58,7 +60,9 @@ def _encodings(root: Path) -> list[str]:
 def missing(spec: OfflineSpec) -> list[str]:
     """What the spec names that the cache folder does not hold, each in words."""
     root = expand(spec.cache)
-    out = [f"the hub repo {repo}" for repo in spec.hf_kernels if _hub_snapshot(root, repo) is None]
+    variants = f" (build variants {', '.join(spec.hf_variants)})" if spec.hf_variants else ""
+    out = [f"the hub repo {repo}{variants}" for repo in spec.hf_kernels
+           if _hub_snapshot(root, repo, spec.hf_variants) is None]
     have = _encodings(root)
     out += [f"the tiktoken encoding {name}" for name in spec.tiktoken if name not in have]
     return out
@@ -93,7 +97,9 @@ def prefetch(spec: OfflineSpec, say: Callable[[str], None] = log.info) -> Path:
             raise ConfigError("offline.hf_kernels: pre-fetching needs huggingface_hub; pip install 'speedrun[hf]'") from None
         say(f"pre-fetching the hub repo {repo} into {root / HF}")
         try:
-            snapshot_download(repo, cache_dir=root / HF / "hub")
+            # kernels.get_kernel loads build/<variant>/ of the main revision; the others need not travel
+            patterns = [f"build/{v}/*" for v in spec.hf_variants] or None
+            snapshot_download(repo, cache_dir=root / HF / "hub", allow_patterns=patterns)
         except Exception as e:  # noqa: BLE001  offline, unknown repo, gated: one sentence either way
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ConfigError(f"offline.hf_kernels: cannot download {repo} from the Hugging Face hub ({first}); run "

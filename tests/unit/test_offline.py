@@ -43,6 +43,15 @@ def test_a_complete_cache_ships_its_hub_repo_with_links_and_the_hub_client_reads
     assert "def flash_attn_func" in out.stdout
 
 
+def test_build_variants_named_must_be_in_the_cache(offline_cache):
+    spec = OfflineSpec(hf_kernels=["testorg/fake-kernel"], hf_variants=["torch-universal"], cache=str(offline_cache))
+    assert missing(spec) == []
+    spec = OfflineSpec(hf_kernels=["testorg/fake-kernel"], hf_variants=["torch-universal", "torch211-cxx11-cu130-x86_64-linux"],
+                       cache=str(offline_cache))
+    assert missing(spec) == ["the hub repo testorg/fake-kernel (build variants torch-universal, "
+                             "torch211-cxx11-cu130-x86_64-linux)"]
+
+
 def test_what_the_cache_lacks_is_one_sentence_saying_how_to_prefetch(offline_cache):
     spec = OfflineSpec(hf_kernels=["kernels-community/flash-attn3"], tiktoken=["gpt2", "cl100k_base"],
                        cache=str(offline_cache))
