@@ -31,7 +31,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,22 +187,24 @@ class SeedUploader:
 
     def upload_seed(self, local_dir: str | os.PathLike, prefix: str, keep_last_ckpt: int | None = None,
                     state: str | None = None, write_manifest: bool = True,
-                    closing: Callable[[float], dict[str, bytes]] | None = None) -> Manifest:
+                    closing: Callable[[float], dict[str, bytes]] | None = None, skip: Collection[str] = ()) -> Manifest:
         """Upload a finished seed's directory to `prefix`; see the module docstring.
 
         closing(upload_s) returns small files (the node runner's timings.json, which states the upload
-        time) that join the same pass after every other file is up, just before the manifest."""
+        time) that join the same pass after every other file is up, just before the manifest. skip: files
+        (relative to local_dir) left out, e.g. the shipped workdir, which the store holds once already."""
         entry = self._snapshot(Path(local_dir), validate_key(prefix.strip("/")), keep_last_ckpt,
-                               {"state": state, "write_manifest": write_manifest})
+                               {"state": state, "write_manifest": write_manifest}, frozenset(skip))
         return self.finish(entry, closing)
 
-    def _snapshot(self, local_dir: Path, prefix: str, keep: int | None, extra: dict) -> Path:
+    def _snapshot(self, local_dir: Path, prefix: str, keep: int | None, extra: dict,
+                  skip: frozenset[str] = frozenset()) -> Path:
         if not local_dir.is_dir():
             raise StoreError(f"{local_dir}: the seed directory does not exist; nothing to upload for {prefix}")
         found: dict[str, Path] = {}
         for path in sorted(local_dir.rglob("*")):
             rel = path.relative_to(local_dir).as_posix()
-            if path.is_file() and rel not in SKIP_NAMES and not rel.endswith(PARTIAL_SUFFIX):
+            if path.is_file() and rel not in SKIP_NAMES and rel not in skip and not rel.endswith(PARTIAL_SUFFIX):
                 found[validate_key(rel)] = path
         ckpts = newest_checkpoints(list(found), keep)
         chosen = {k: p for k, p in found.items() if not k.startswith("ckpt/") or k in ckpts}

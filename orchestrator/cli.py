@@ -49,12 +49,32 @@ def _prepare_launch(args):
     check_store_url(store_url, store_key)
     if "://" not in store_url or store_url.startswith("file://"):
         store_url = str(expand(store_url.removeprefix("file://")).absolute())
+    _check_data(job, args.job, local=cluster.backend == "local")
     if cluster.backend == "local":  # remote nodes' directories are checked by the node runner there
         data_key = f"{args.job}: data.dir" if job.data.dir else f"{cluster_path}: data_dir"
         check_writable_dir(expand(job.data.dir or cluster.data_dir), "data directory", data_key)
         check_writable_dir(expand(cluster.work_dir), "work directory", f"{cluster_path}: work_dir")
     plan = build_plan(job, cluster, Path(args.job), cluster_path, seeds=args.seeds, store=store_url)
     return plan, get_backend(cluster)
+
+
+def _check_data(job, job_file, local: bool) -> None:
+    """Shards the source cannot provide, where that is known here (see data.stage.unprovided_shards)."""
+    from orchestrator.data import DataError
+    from orchestrator.data.stage import unprovided_shards
+
+    d = job.data
+    if local and "://" not in d.source and not Path(d.source).is_dir():
+        raise ConfigError(f"{job_file}: data.source: {d.source} is not a folder on this machine; give the folder "
+                          "that holds the fineweb_*.bin shards (relative paths are read from the job file's folder)")
+    try:
+        found = unprovided_shards(d.source, d.train_shards, d.val_shards)
+    except DataError as e:
+        raise ConfigError(f"{job_file}: data.source: {e}") from None
+    if found and found[0]:
+        lacking, fix = found
+        raise ConfigError(f"{job_file}: data: {d.source} does not provide {', '.join(lacking[:3])}"
+                          f"{f' and {len(lacking) - 3} more' if len(lacking) > 3 else ''}; {fix}")
 
 
 def _print_plan(plan, backend) -> None:
@@ -65,6 +85,10 @@ def _print_plan(plan, backend) -> None:
     t.add_row("seeds", ", ".join(map(str, plan.seeds)))
     t.add_row("data", f"{plan.job.data.source} -> {plan.data_dir}")
     t.add_row("trainer", plan.job.script or ", ".join(f"{k}={v}" for k, v in plan.job.trainer.items()) or "defaults")
+    for what, shipped in (("workdir", plan.workdir), ("offline", plan.offline)):
+        if shipped:
+            t.add_row(what, f"{shipped['root']}: {shipped['files']} files, {shipped['bytes'] / 1e6:.2f} MB "
+                            f"-> {plan.store_url}/{shipped['key']}")
     t.add_row("store", f"{plan.store_url}/{plan.sweep_id}/")
     t.add_row("code", f"{plan.code.get('commit') or 'unknown'}{' (dirty)' if plan.code.get('dirty') else ''}")
     console.print(t)
@@ -95,6 +119,7 @@ def cmd_launch(args) -> int:
     from orchestrator.runs import SweepRecord, record_sweep
     from orchestrator.sweep import plan_key
     from orchestrator.watch import watch
+    from orchestrator.workdir import ship_code
 
     if args.json and not args.dry_run:
         raise ConfigError("--json: only with --dry-run (a launch follows its logs); launch with --detach, then "
@@ -109,6 +134,7 @@ def cmd_launch(args) -> int:
         return 0
     backend.check(plan)
     store = open_store_for(plan.store_url)
+    ship_code(plan, store)  # the script's folder and the offline caches, unless the store has them already
     store.put_bytes(plan.to_json().encode(), plan_key(plan.sweep_id))
     handle = backend.submit(plan)
     record_sweep(SweepRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
@@ -130,6 +156,22 @@ def cmd_launch(args) -> int:
     print_sweep(store, plan.sweep_id, plan.store_url, plan.cluster)
     console.print(f"run {plan.sweep_id}: {status.state.value} ({status.detail})")
     return 0 if status.state.value == "SUCCEEDED" else 1
+
+
+def cmd_prefetch(args) -> int:
+    from orchestrator.config import load_job
+    from orchestrator.offline import missing, prefetch
+
+    job = load_job(args.job)
+    if job.offline is None or not (job.offline.hf_kernels or job.offline.tiktoken):
+        raise ConfigError(f"{args.job}: offline: the job names nothing to pre-fetch; add offline.hf_kernels or "
+                          "offline.tiktoken")
+    root = prefetch(job.offline, say=lambda line: console.print(line, markup=False))
+    left = missing(job.offline)
+    if left:
+        raise ConfigError(f"{args.job}: offline: {', '.join(left)} still missing from {root} after the download")
+    console.print(f"pre-fetched into {root}; `speedrun launch {args.job}` ships it to the nodes")
+    return 0
 
 
 # ------------------------------------------------------------------------------- following a sweep
@@ -266,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds-parallel", action="store_true", help="slurm: one array task per seed")
     p.add_argument("--json", action="store_true", help="with --dry-run: the plan and what would be submitted, as JSON")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("prefetch", help="download what a job's offline: section names (hub kernels, tiktoken) into "
+                                        "its cache folder, for nodes without internet")
+    p.add_argument("job", help="job YAML with an offline: section")
+    p.set_defaults(func=cmd_prefetch)
 
     run_help = "a run id, an unambiguous prefix of one, or 'last'"
     store_help = "object store the run was launched with (finds runs launched on other machines)"

@@ -5,7 +5,7 @@ the same code on the same torch and GPU model, most kernels load from disk inste
 points TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under one root (`compile_cache_env(root)`), calls
 `restore_compile_cache` before the first seed and `save_compile_cache` after it.
 
-    key = cache_key(code_hash, torch.__version__, "NVIDIA H100 80GB HBM3")
+    key = cache_key(code_hash(script_sha256, trainer_hash), torch.__version__, "NVIDIA H100 80GB HBM3")
         # -> "compile-cache/<code-hash>-<torch-version>-<gpu-model>.tar", sanitised
     restore_compile_cache(store, key, root) -> bool   # False: not in the store yet (cold compile)
     save_compile_cache(store, key, root) -> int       # bytes uploaded (0: nothing to save)
@@ -34,6 +34,12 @@ SKIP = re.compile(r"(\.lock$|\.tmp|^tmp|\.pid$)")
 def _clean(part: str) -> str:
     part = re.sub(r"[^A-Za-z0-9._+-]+", "_", part.strip()).strip("._")
     return part[:80] or "unknown"
+
+
+def code_hash(script_sha256: str | None, trainer_hash: str) -> str:
+    """What compiles: an external script's shipped folder (the sha256 of its tar: every file it imports) or,
+    without one, our trainer (the hash of trainer/). A script never shares our trainer's cache, nor another's."""
+    return f"script-{script_sha256[:16]}" if script_sha256 else trainer_hash
 
 
 def cache_key(code_hash: str, torch_version: str, gpu_name: str) -> str:

@@ -55,13 +55,42 @@ class CheckpointSpec(Strict):
     keep_last: int = Field(2, ge=1, description="checkpoints kept in the store per seed")
 
 
+class OfflineSpec(Strict):
+    """What the script fetches from the internet at run time, pre-fetched on the launching machine
+    (`speedrun prefetch JOB`) and restored on nodes that have no internet."""
+
+    hf_kernels: list[str] = Field(default_factory=list,
+                                  description="Hugging Face hub repos the script loads with kernels.get_kernel")
+    hf_variants: list[str] = Field(default_factory=list, description="only these build/<variant>/ folders of the hub "
+                                   "repos (the nodes' torch/CUDA, e.g. torch211-cxx11-cu130-x86_64-linux); empty: all")
+    tiktoken: list[str] = Field(default_factory=list, description="tiktoken encodings the script loads, e.g. gpt2")
+    cache: str = Field("~/.cache/speedrun/offline",
+                       description="launcher-side folder holding them: hf/ (an HF_HOME) and tiktoken/")
+
+    @field_validator("hf_kernels")
+    @classmethod
+    def _repo_ids(cls, v: list[str]) -> list[str]:
+        for repo in v:
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+                raise ValueError(f"{repo!r} is not a hub repo id; write it as owner/name, e.g. kernels-community/flash-attn3")
+        return v
+
+
 class JobSpec(Strict):
     name: str
     seeds: int = Field(1, ge=1, le=MAX_SEEDS)
     seed_base: int = Field(0, ge=0, description="seeds run as seed_base .. seed_base+seeds-1")
     data: DataSpec
     trainer: dict[str, Any] = Field(default_factory=dict, description="overrides of trainer.config.TrainConfig")
-    script: str | None = Field(None, description="an external modded-nanogpt style train_gpt.py instead of our trainer")
+    script: str | None = Field(None, description="an external modded-nanogpt style train_gpt.py instead of our "
+                               "trainer; inside workdir when one is given, else the one file shipped")
+    workdir: str | None = Field(None, description="a folder shipped whole (honouring .gitignore) as the script's "
+                                "working directory")
+    # a record folder is a few scripts; 100 MB of it is a stray dataset or checkpoint
+    workdir_max_mb: float = Field(100.0, gt=0, description="refuse a workdir that ships more than this")
+    script_dirs: list[str] = Field(["logs/final"], description="folders made in the script's working directory "
+                                   "before it starts (records write logs/final/<uuid>.txt)")
+    offline: OfflineSpec | None = None
     script_args: list[str] = Field(default_factory=list)
     target_loss: float = Field(TARGET_VAL_LOSS, description="val loss that stats/report/compare test against")
     retries: int = Field(0, ge=0, description="re-submit a failed seed this many times")
@@ -75,6 +104,14 @@ class JobSpec(Strict):
     def _name(cls, v: str) -> str:
         if not NAME_RE.match(v):
             raise ValueError("must be lower-case letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit")
+        return v
+
+    @field_validator("script_dirs")
+    @classmethod
+    def _relative_dirs(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if Path(d).is_absolute() or ".." in Path(d).parts or not d.strip():
+                raise ValueError(f"{d!r} must be a folder inside the script's working directory, e.g. logs/final")
         return v
 
 
@@ -323,11 +360,45 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         if given:
             raise ConfigError(f"{given} (on {path}): {rest}") from None
         raise
-    if job.script is not None:
-        script = Path(job.script) if Path(job.script).is_absolute() else (path.parent / job.script)
-        if not script.is_file() and not Path(job.script).is_file():
-            raise ConfigError(f"{path}: script: {job.script} does not exist; give a path to a train_gpt.py")
+    resolve_job_paths(job, path)
     return job
+
+
+def _against(base: Path, p: str) -> str:
+    """p as an absolute path, a relative one read from base (the job file's folder); ~ and $VARS expanded."""
+    q = expand(p)
+    return os.path.normpath(q if q.is_absolute() else base / q)
+
+
+def resolve_job_paths(job: JobSpec, path: Path) -> None:
+    """Every path of a job file, once: relative ones are read from the job file's folder, whoever launches
+    from wherever; `script:` is read from `workdir:` when the job has one. Checks the files exist."""
+    base = path.parent.absolute()
+    if "://" not in job.data.source:
+        job.data.source = _against(base, job.data.source)
+    if job.data.dir is not None:
+        job.data.dir = _against(base, job.data.dir)
+    if job.offline is not None:
+        job.offline.cache = _against(base, job.offline.cache)
+    if job.workdir is not None:
+        if job.script is None:
+            raise ConfigError(f"{path}: workdir: needs script: the entry script inside it, e.g. script: train_gpt.py")
+        job.workdir = _against(base, job.workdir)
+        if not Path(job.workdir).is_dir():
+            raise ConfigError(f"{path}: workdir: {job.workdir} is not a folder; give the folder of your train_gpt.py")
+        entry = Path(job.script)
+        inside = (Path(job.workdir) / entry).resolve()
+        if entry.is_absolute() or not inside.is_relative_to(Path(job.workdir).resolve()):
+            raise ConfigError(f"{path}: script: {job.script} is not inside workdir {job.workdir}; give the entry "
+                              "script's path relative to the workdir, e.g. script: train_gpt.py")
+        if not inside.is_file():
+            raise ConfigError(f"{path}: script: {inside} does not exist; give the entry script's path inside the workdir")
+        job.script = entry.as_posix()
+    elif job.script is not None:
+        job.script = _against(base, job.script)
+        if not Path(job.script).is_file():
+            raise ConfigError(f"{path}: script: {job.script} does not exist; give a path to a train_gpt.py "
+                              "(relative paths are read from the job file's folder)")
 
 
 def cluster_search_path() -> list[Path]:

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from rich.console import Console
@@ -79,12 +79,14 @@ class NodeRunner:
         # markup off: "[node]" and the trainer's own lines are plain text, not rich markup
         self.console = console or Console(highlight=False, soft_wrap=True, markup=False)
         self.work = expand(plan.cluster.work_dir) / plan.sweep_id
-        self.cache_root = expand(plan.cluster.work_dir) / "compile-cache"
         self._current_out: Path | None = None
         self._proc: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._store = None
         self.data_info: dict = {}
+        self.shipped_cache = expand(plan.cluster.work_dir) / "shipped"  # workdir and offline tars, by sha256
+        self.offline_dir: Path | None = None
+        self._shipped: list[str] = []  # the workdir's files in the seed's script folder: in the store already
 
     # ---------------------------------------------------------------- store (node 0 uploads)
     @property
@@ -145,11 +147,19 @@ class NodeRunner:
                                f"(the best achievable val loss; ln(50257) = 10.8249)")
         return res
 
+    @cached_property
     def compile_cache_key(self) -> str:
-        from orchestrator.compile_cache import cache_key
+        from orchestrator.compile_cache import cache_key, code_hash
 
         gpu = describe_devices(self.plan.cluster.device)[0].split(",")[0]
-        return cache_key(trainer_code_hash(), package_version("torch") or "none", gpu)
+        code = code_hash(self.plan.workdir.get("sha256"), trainer_code_hash())
+        return cache_key(code, package_version("torch") or "none", gpu)
+
+    @cached_property
+    def cache_root(self) -> Path:
+        """This code's compile caches on this node: one folder per key, so what is saved under a key holds
+        only what that code compiled (a record script never saves our trainer's kernels, nor the reverse)."""
+        return expand(self.plan.cluster.work_dir) / "compile-cache" / Path(self.compile_cache_key).stem
 
     def restore_compile_cache(self) -> None:
         if self.plan.cluster.device != "cuda":
@@ -157,7 +167,7 @@ class NodeRunner:
         from orchestrator.compile_cache import restore_compile_cache
 
         try:
-            hit = restore_compile_cache(self.store, self.compile_cache_key(), self.cache_root)
+            hit = restore_compile_cache(self.store, self.compile_cache_key, self.cache_root)
             self.console.print(f"[node] compile cache {'restored' if hit else 'not in store yet (cold compile)'}")
         except Exception as e:  # a cache is an optimisation: never fail a run over it
             log.warning("compile cache restore failed: %s", e)
@@ -168,7 +178,7 @@ class NodeRunner:
         from orchestrator.compile_cache import save_compile_cache
 
         try:
-            save_compile_cache(self.store, self.compile_cache_key(), self.cache_root)
+            save_compile_cache(self.store, self.compile_cache_key, self.cache_root)
         except Exception as e:
             log.warning("compile cache save failed: %s", e)
 
@@ -199,15 +209,23 @@ class NodeRunner:
         return argv, REPO_ROOT
 
     def _script_argv(self, run: list[str], out: Path, data_dir: Path) -> list[str]:
-        """An external modded-nanogpt train_gpt.py reads data/fineweb10B/*.bin relative to its cwd."""
-        script = Path(self.plan.extra.get("script_path") or self.plan.job.script)
-        rundir = out / "script"
-        (rundir / "data").mkdir(parents=True, exist_ok=True)
-        link = rundir / "data" / "fineweb10B"
-        if not link.exists():
-            link.symlink_to(data_dir, target_is_directory=True)
-        shutil.copy2(script, rundir / "train_gpt.py")
-        return run + ["train_gpt.py", *self.plan.job.script_args]
+        """An external modded-nanogpt train_gpt.py, run in its shipped folder (workdir.prepare_script_dir)."""
+        from orchestrator.workdir import prepare_script_dir
+
+        if not self.plan.workdir:
+            raise RuntimeError("the plan names a script but ships no workdir (launched by an older speedrun?); "
+                               "launch the job again")
+        self._shipped = prepare_script_dir(self.store, self.plan.workdir, out / "script", data_dir,
+                                           self.plan.job.script_dirs, self.shipped_cache)
+        return run + [self.plan.workdir["entry"], *self.plan.job.script_args]
+
+    def restore_offline(self) -> None:
+        """The pre-fetched hub/tiktoken files (job `offline:`), unpacked once per node."""
+        from orchestrator.offline import restore
+
+        if self.plan.offline:
+            self.offline_dir = restore(self.store, self.plan.offline, self.shipped_cache)
+            self.console.print(f"[node] offline caches ({self.plan.offline['files']} files) in {self.offline_dir}")
 
     def child_env(self, seed: int) -> dict[str, str]:
         # the launcher's thread counts, whoever submitted this job (plan.LAUNCH_ENV_KEYS); the configs' env wins
@@ -220,6 +238,14 @@ class NodeRunner:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         for k, v in compile_cache_env(self.cache_root).items():
             env.setdefault(k, v)
+        if self.plan.job.script:
+            rundir = self.work / seed_dir(seed) / "script"
+            if "DATA_PATH" not in {**self.plan.cluster.env, **self.plan.job.env}:
+                env["DATA_PATH"] = str(rundir)  # records read DATA_PATH/data/fineweb10B/*.bin
+            if self.offline_dir is not None:
+                from orchestrator.offline import node_env
+
+                env.update(node_env(self.offline_dir, self.plan.job.offline))
         if self.plan.cluster.device == "cpu":
             # one gloo rank per core share; oversubscribed threads make small CPU runs several times slower
             per_rank = max(1, (os.cpu_count() or 1) // self.plan.cluster.gpus_per_node)
@@ -299,7 +325,7 @@ class NodeRunner:
 
         SeedUploader(self.store, self.work / "spool").upload_seed(
             out, self.seed_prefix(seed), keep_last_ckpt=self.plan.job.checkpoint.keep_last, state=outcome.state,
-            closing=write_records)
+            closing=write_records, skip=[f"script/{name}" for name in self._shipped])
 
     def run_seed(self, seed: int, data_dir: Path) -> SeedOutcome:
         out = self.work / seed_dir(seed)
@@ -345,6 +371,7 @@ class NodeRunner:
         self.console.print(f"[node] {self.plan.sweep_id}: node {self.node.node_rank}/{self.node.nnodes} on "
                            f"{socket.gethostname()}, seeds {self.plan.seeds}")
         staged = self.stage()
+        self.restore_offline()
         self.restore_compile_cache()
         outcomes = []
         for seed in self.plan.seeds:

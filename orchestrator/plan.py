@@ -66,6 +66,10 @@ class LaunchPlan:
     code: dict[str, Any] = field(default_factory=dict)
     python: str = sys.executable
     launch_env: dict[str, str | None] = field(default_factory=dict)   # see LAUNCH_ENV_KEYS
+    # The user's code (workdir.Snapshot.summary(): store key, sha256, entry script) and the offline cache
+    # (the same for the pre-fetched hub/tiktoken files); empty when the job has none.
+    workdir: dict[str, Any] = field(default_factory=dict)
+    offline: dict[str, Any] = field(default_factory=dict)
     # Filled per submission for seeds that run as separate jobs (Slurm arrays, retries).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +113,36 @@ class LaunchPlan:
         return LaunchPlan.from_dict(d)
 
 
+def snapshot_code(job: JobSpec, job_file: str | Path):
+    """What ships the job's script (a workdir.Snapshot): its workdir, or the one script file; None for our trainer."""
+    from orchestrator.workdir import snapshot_workdir
+
+    if job.script is None:
+        return None
+    max_bytes = job.workdir_max_mb * 1e6
+    if job.workdir is not None:
+        snap = snapshot_workdir(job.workdir, job.script, max_bytes, f"{job_file}: workdir")
+    else:
+        script = Path(job.script)
+        snap = snapshot_workdir(script.parent, script.name, max_bytes, f"{job_file}: script",
+                                listing=([script.name], {}))
+    return snap
+
+
+def snapshot_offline(job: JobSpec, job_file: str | Path):
+    """What ships the job's pre-fetched offline caches (a workdir.Snapshot); None when it names none."""
+    from orchestrator.offline import snapshot_cache
+
+    spec = job.offline
+    if spec is None or not (spec.hf_kernels or spec.tiktoken):
+        return None
+    return snapshot_cache(spec, f"{job_file}: offline", str(job_file))
+
+
+def _summary(snap) -> dict[str, Any]:
+    return snap.summary() if snap is not None else {}
+
+
 def build_plan(
     job: JobSpec,
     cluster: ClusterConfig,
@@ -135,4 +169,6 @@ def build_plan(
         created_at=created,
         code=code_version(),
         launch_env=launch_env(os.environ if environ is None else environ),
+        workdir=_summary(snapshot_code(job, job_file)),
+        offline=_summary(snapshot_offline(job, job_file)),
     )

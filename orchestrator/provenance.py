@@ -55,6 +55,7 @@ def environment_record(plan: LaunchPlan, data_info: dict | None = None, env: Map
         "git_commit": plan.code.get("commit"),
         "git_dirty": plan.code.get("dirty"),
         "trainer_code_hash": trainer_code_hash(),
+        "workdir_sha256": plan.workdir.get("sha256"),  # the shipped script folder's tar, when the job runs a script
         "python": platform.python_version(),
         "torch": package_version("torch"),
         "triton": package_version("triton"),

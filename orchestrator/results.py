@@ -36,6 +36,7 @@ _LLMC_RE = re.compile(r"^s:(\d+)\s+(tel|trl):\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:
 # Keys whose value is a duration: without `ms` or `s` after it the number cannot be read.
 _TIME_KEYS = ("train_time", "time", "step_avg")
 _TRACEBACK = "Traceback (most recent call last)"
+_TORCHRUN_WRAPPER = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
 # Last line of a Python traceback (`torch.OutOfMemoryError: CUDA out of memory...`), or a signal notice.
 _ERROR_RE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
 _SIGNAL_RE = re.compile(r"(Signal \d+ \(SIG\w+\) received.*|exitcode\s*:\s*-?\d+.*|Killed\b.*)")
@@ -205,7 +206,9 @@ def _last_error(lines: list[str], after: int) -> str | None:
             continue
         m = _ERROR_RE.match(text)
         if m and (in_traceback or "Error:" in text):
-            error = m.group(1)[:300]
+            # torchrun's own ChildFailedError only says that a rank failed; the rank's error, above it, says why
+            if error is None or not m.group(1).startswith(_TORCHRUN_WRAPPER):
+                error = m.group(1)[:300]
             in_traceback = False
             continue
         s = _SIGNAL_RE.search(text)

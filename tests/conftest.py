@@ -41,3 +41,33 @@ def tree(root: Path) -> set[str]:
 def cpu_env(monkeypatch):
     """Keep torch from oversubscribing the 2 CI cores."""
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def make_offline_cache(root: Path, repo: str = "testorg/fake-kernel", encodings: tuple[str, ...] = ("gpt2",)) -> Path:
+    """A launcher's offline cache folder as `speedrun prefetch` leaves it, made without the internet: hf/ in the
+    hub cache's own layout (refs/main -> snapshots/<commit>/ whose files link to blobs/), tiktoken/ with a
+    cached file and the record of the encodings loaded into it."""
+    import hashlib
+    import json
+
+    folder = root / "hf" / "hub" / f"models--{repo.replace('/', '--')}"
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    content = b"def flash_attn_func(q, k, v): ...\n"
+    blob = hashlib.sha256(content).hexdigest()
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "blobs" / blob).write_bytes(content)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    snap = folder / "snapshots" / commit / "build" / "torch-universal" / "fake_kernel"
+    snap.mkdir(parents=True)
+    os.symlink(f"../../../../../blobs/{blob}", snap / "__init__.py")
+    tik = root / "tiktoken"
+    tik.mkdir(parents=True)
+    (tik / hashlib.sha1(b"https://example.invalid/vocab.bpe").hexdigest()).write_text("cached vocabulary")
+    (tik / "speedrun-encodings.json").write_text(json.dumps(list(encodings)))
+    return root
+
+
+@pytest.fixture
+def offline_cache(tmp_path) -> Path:
+    return make_offline_cache(tmp_path / "offline-cache")

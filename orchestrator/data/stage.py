@@ -117,6 +117,22 @@ def wanted_names(src: Source, train_shards: int | None, val_shards: int) -> list
     return train + [shard_name("val", i) for i in range(val_shards)]
 
 
+def unprovided_shards(source: str, train_shards: int | None, val_shards: int) -> tuple[list[str], str] | None:
+    """(the wanted shards the source lacks, the fix) where that is known without downloading anything: the
+    synthetic generator (its URL says what it makes) and a directory on this machine; None for the others."""
+    scheme = source.split("://", 1)[0].lower() if "://" in source else "file"
+    if scheme == "file" and not Path(source.removeprefix("file://")).expanduser().is_dir():
+        return None  # a path on the nodes, not here: the node runner checks it there
+    if scheme not in ("file", "synthetic"):
+        return None
+    src = open_source(source)
+    have = set(src.available())
+    lacking = [n for n in wanted_names(src, train_shards, val_shards) if n not in have]
+    fix = ("raise train_shards/val_shards in the synthetic:// URL or lower data.train_shards/data.val_shards"
+           if scheme == "synthetic" else "add the shards to the folder or lower data.train_shards/data.val_shards")
+    return lacking, fix
+
+
 def stage_shards(source: str | Source, dest: str | os.PathLike, train_shards: int | None = None,
                  val_shards: int = 1, progress: bool = True, console=None, workers: int = 16,
                  part_size: int | None = None) -> StageResult:

@@ -162,3 +162,18 @@ def test_untimed_warmup_steps_then_timer_reset():
     r = parse_log(text)
     assert r.complete and r.train_time_ms == 495 and r.step_avg_ms == 123.75
     assert len(r.train_points) == 14  # a clock going back is not a resume: the step number went on
+
+
+def test_a_script_that_died_before_its_first_step_is_summarised_by_its_own_error_not_torchruns():
+    # A real torchrun (--standalone, 1 process) of a script writing logs/final/<id>.txt before logs/final existed,
+    # as the published record-28 script does: the rank's FileNotFoundError, then torchrun's ChildFailedError.
+    r = parse_log(read("torchrun_died_before_start.txt"))
+    assert not r.complete and r.val_points == []
+    assert r.reason == ("no step lines in the log (the run died before training started): FileNotFoundError: "
+                        "[Errno 2] No such file or directory: 'logs/final/abc.txt'")
+
+
+def test_torchruns_child_failed_error_alone_is_still_the_error():
+    r = parse_log("Traceback (most recent call last):\n  File \"x\", line 1\n"
+                  "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    assert r.error.startswith("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")

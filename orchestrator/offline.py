@@ -1,0 +1,156 @@
+"""Offline nodes: what a script fetches from the internet at run time, fetched beforehand on the launcher.
+
+Many clusters give compute nodes no internet. A record script that calls
+`kernels.get_kernel('kernels-community/flash-attn3')` (a Hugging Face hub download) or
+`tiktoken.get_encoding('gpt2')` dies there. A job's `offline:` section names those fetches;
+`speedrun prefetch JOB` fills the launcher's cache folder with them (hf/ is an HF_HOME, tiktoken/ a
+TIKTOKEN_CACHE_DIR); `speedrun launch` checks that everything named is in it, ships the needed part
+of the folder through the store like a workdir (content-addressed, once), and the node runner unpacks
+it and starts the script with HF_HOME, HF_HUB_OFFLINE=1 and TIKTOKEN_CACHE_DIR pointing at it.
+
+    missing(spec)            -> [what is not in the cache, in words]       (pure reads)
+    snapshot_cache(spec, key) -> workdir.Snapshot of the needed files      (ConfigError when incomplete)
+    prefetch(spec, say)      -> downloads into spec.cache                  (`speedrun prefetch`)
+    restore(store, shipped, cache_dir) -> the unpacked folder on the node
+    node_env(unpacked_dir, spec)      -> the environment variables for the script
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from orchestrator.config import ConfigError, OfflineSpec, expand
+from orchestrator.workdir import Snapshot, list_files, snapshot_workdir
+
+log = logging.getLogger(__name__)
+
+HF = "hf"                   # an HF_HOME: the hub cache is hf/hub/models--owner--name/
+TIKTOKEN = "tiktoken"       # a TIKTOKEN_CACHE_DIR
+TIKTOKEN_RECORD = "speedrun-encodings.json"  # the encodings prefetch loaded into tiktoken/ (its files are hashed URLs)
+
+
+def hub_folder(repo: str) -> str:
+    """`hf/hub/models--owner--name`: where the hub cache keeps a model repo."""
+    return f"{HF}/hub/models--{repo.replace('/', '--')}"
+
+
+def _hub_snapshot(root: Path, repo: str, variants: list[str]) -> Path | None:
+    """The cached snapshot of the repo's main revision, if the cache holds one with files (and the variants)."""
+    folder = root / hub_folder(repo)
+    try:
+        commit = (folder / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    snap = folder / "snapshots" / commit
+    if not snap.is_dir() or not any(snap.iterdir()):
+        return None
+    return snap if all((snap / "build" / v).is_dir() for v in variants) else None
+
+
+def _encodings(root: Path) -> list[str]:
+    try:
+        return list(json.loads((root / TIKTOKEN / TIKTOKEN_RECORD).read_text()))
+    except (OSError, ValueError):
+        return []
+
+
+def missing(spec: OfflineSpec) -> list[str]:
+    """What the spec names that the cache folder does not hold, each in words."""
+    root = expand(spec.cache)
+    variants = f" (build variants {', '.join(spec.hf_variants)})" if spec.hf_variants else ""
+    out = [f"the hub repo {repo}{variants}" for repo in spec.hf_kernels
+           if _hub_snapshot(root, repo, spec.hf_variants) is None]
+    have = _encodings(root)
+    out += [f"the tiktoken encoding {name}" for name in spec.tiktoken if name not in have]
+    return out
+
+
+def snapshot_cache(spec: OfflineSpec, key: str, job_file: str) -> Snapshot:
+    """The part of the cache folder the nodes need, as one content-addressed tar (reads, creates nothing)."""
+    root = expand(spec.cache)
+    gone = missing(spec)
+    if gone:
+        raise ConfigError(f"{key}: {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} not in {root}; pre-fetch on a "
+                          f"machine with internet with `speedrun prefetch {job_file}` and copy {root} here, or point "
+                          "offline.cache at a folder that holds them")
+    files: list[str] = []
+    links: dict[str, str] = {}
+    subs = [hub_folder(r) for r in spec.hf_kernels] + ([TIKTOKEN] if spec.tiktoken else [])
+    for sub in subs:
+        f, lk = list_files(root / sub, key)
+        files += [f"{sub}/{p}" for p in f]
+        links.update({f"{sub}/{p}": t for p, t in lk.items()})
+    entry = files[0] if files else ""
+    return snapshot_workdir(root, entry, float("inf"), key, listing=(files, links), prefix="offline")
+
+
+def prefetch(spec: OfflineSpec, say: Callable[[str], None] = log.info) -> Path:
+    """Download what the spec names into its cache folder (needs internet); ConfigError names what failed."""
+    root = expand(spec.cache)
+    for repo in spec.hf_kernels:
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise ConfigError("offline.hf_kernels: pre-fetching needs huggingface_hub; pip install 'speedrun[hf]'") from None
+        say(f"pre-fetching the hub repo {repo} into {root / HF}")
+        try:
+            # kernels.get_kernel loads build/<variant>/ of the main revision; the others need not travel
+            patterns = [f"build/{v}/*" for v in spec.hf_variants] or None
+            snapshot_download(repo, cache_dir=root / HF / "hub", allow_patterns=patterns)
+        except Exception as e:  # noqa: BLE001  offline, unknown repo, gated: one sentence either way
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"offline.hf_kernels: cannot download {repo} from the Hugging Face hub ({first}); run "
+                              f"`speedrun prefetch` on a machine with internet and copy {root} here") from None
+    if spec.tiktoken:
+        try:
+            import tiktoken
+        except ImportError:
+            raise ConfigError("offline.tiktoken: pre-fetching needs tiktoken; pip install 'speedrun[prepare]'") from None
+        cache = root / TIKTOKEN
+        cache.mkdir(parents=True, exist_ok=True)
+        loaded = set(_encodings(root))
+        old = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)  # tiktoken reads it on every load
+        try:
+            for name in spec.tiktoken:
+                say(f"pre-fetching the tiktoken encoding {name} into {cache}")
+                try:
+                    tiktoken.get_encoding(name)
+                except Exception as e:  # noqa: BLE001
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    raise ConfigError(f"offline.tiktoken: cannot load the encoding {name} ({first}); run `speedrun "
+                                      f"prefetch` on a machine with internet and copy {root} here") from None
+                loaded.add(name)
+                (cache / TIKTOKEN_RECORD).write_text(json.dumps(sorted(loaded)))
+        finally:
+            if old is None:
+                os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = old
+    return root
+
+
+def restore(store, shipped: dict, cache_dir: Path) -> Path:
+    """The shipped offline caches unpacked on this node, once (later seeds and sweeps reuse the folder)."""
+    from orchestrator.workdir import fetch, unpack
+
+    dest = cache_dir / f"offline-{shipped['sha256'][:16]}"
+    if not (dest / ".complete").is_file():
+        unpack(fetch(store, shipped["key"], shipped["sha256"], cache_dir), dest)
+        (dest / ".complete").touch()
+    return dest
+
+
+def node_env(unpacked: Path, spec: OfflineSpec) -> dict[str, str]:
+    """The script's environment on the node: hub and tiktoken caches from the shipped folder, no downloads."""
+    env: dict[str, str] = {}
+    if spec.hf_kernels:
+        hub = str(unpacked / HF / "hub")
+        # kernels passes HF_KERNELS_CACHE (when set) to the hub as its cache folder; all three name the same one
+        env.update(HF_HOME=str(unpacked / HF), HF_HUB_CACHE=hub, HF_KERNELS_CACHE=hub, HF_HUB_OFFLINE="1")
+    if spec.tiktoken:
+        env["TIKTOKEN_CACHE_DIR"] = str(unpacked / TIKTOKEN)
+    return env
