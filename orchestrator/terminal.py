@@ -11,14 +11,19 @@ import math
 import sys
 
 from rich.console import Console, Group
+from rich.panel import Panel
 from rich.table import Table
 
 PIPE_WIDTH = 1000   # a pipe has no width: wide enough that no table of ours is ever squeezed
 
 
 def whole(renderable):
-    """The renderable with every table in it (nested in Groups too) set to wrap its cells, never cut them."""
-    if isinstance(renderable, Table):
+    """The renderable with every table in it (nested in Groups and Panels too) set to wrap its cells, never cut
+    them; a Panel is as wide as what it holds, not the console (a pipe's console is PIPE_WIDTH wide)."""
+    if isinstance(renderable, Panel):
+        renderable.expand = False
+        whole(renderable.renderable)
+    elif isinstance(renderable, Table):
         for column in renderable.columns:
             column.overflow, column.no_wrap = "fold", False
     elif isinstance(renderable, Group):

@@ -40,6 +40,13 @@ def test_stats_in_a_pipe_prints_every_figure_whole(monkeypatch, capsys, three):
     assert "…" not in out and all(w in out for w in want), out
 
 
+def test_a_failed_seeds_panel_in_a_pipe_is_as_wide_as_its_text(monkeypatch, capsys):
+    cut = str(LOGS / "record_2025-01-04_softcap_cut.txt")
+    assert main(["stats", cut]) == 0
+    out = capsys.readouterr().out
+    assert "cut mid-write" in out and max(len(line) for line in out.splitlines()) < 200, out
+
+
 def test_stats_on_a_narrow_terminal_wraps_cells_instead_of_cutting_them(monkeypatch, three):
     buf = io.StringIO()
     monkeypatch.setattr(cli_results, "console", OutputConsole(file=buf, force_terminal=True, width=60))
