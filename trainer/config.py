@@ -67,6 +67,9 @@ class TrainConfig:
                                               # Yardstick, with skip_gate: 0.825, +9 ms/step, same final loss: off
     skip_gate: bool = False                   # record-55: each U-net skip times 2*sigmoid(w . x0[:12]), one w, trained
     adam_skip_gate_lr: float = 0.008 * 0.05   # by Adam at the record's 0.05x of the base lr 0.008
+    logit_rescale: bool = False               # record-54: logits 23*sigmoid((z+5)/7.5) for record-28's 30*sigmoid(z/7.5),
+                                              # i.e. 11.5*tanh((z+5)/15) for 15*tanh(z/15) up to a constant the
+                                              # softmax ignores (softcap_form below; the fused loss kernel takes it)
     # --- schedule
     # record-28 ran 1695 steps. With the bigram embedding and NorMuon on: 1545, the larger of two estimates of the
     # steps to the same loss, (a) the records' own step counts, 1695 x 1600/1765 (record-62's bigram, from
@@ -113,6 +116,12 @@ class TrainConfig:
     checkpoint_final: bool = True
     stop_check_every: int = 10                # how often ranks agree on a checkpoint-and-stop request
     log_every: int = 1
+
+    def softcap_form(self) -> tuple[float, float, float]:
+        """(cap, div, offset) of the soft-capped logits s = cap * tanh((z + offset) / div)."""
+        if self.logit_rescale:
+            return 11.5, 15.0, 5.0
+        return self.logit_softcap, self.logit_softcap, 0.0
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError('key: problem') on the first bad value."""

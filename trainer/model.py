@@ -228,8 +228,8 @@ class GPT(nn.Module):
         else:
             z = self.lm_head(x)
         z = z[..., : self.cfg.vocab_size].float()
-        cap = self.cfg.logit_softcap
-        return cap * torch.tanh(z / cap)
+        cap, div, offset = self.cfg.softcap_form()
+        return cap * torch.tanh((z + offset) / div)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, window_blocks: torch.Tensor,
                 reduction: str = "mean") -> torch.Tensor:
@@ -275,6 +275,7 @@ class GPT(nn.Module):
         """Summed cross-entropy of these rows. The fused op keeps the logits inside it and computes their
         gradient in the forward pass; the torch path materialises fp32 logits."""
         if self.fused_head_loss:
-            return head_loss(norm(x), self.lm_head.weight, targets, self.cfg.vocab_size, self.cfg.logit_softcap,
-                             fp8=self.fp8_head and self.training)
+            cap, div, offset = self.cfg.softcap_form()
+            return head_loss(norm(x), self.lm_head.weight, targets, self.cfg.vocab_size, cap,
+                             fp8=self.fp8_head and self.training, div=div, offset=offset)
         return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction="sum")

@@ -18,8 +18,19 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"      # the small cases: interpreted on a CPU machine, compiled on a GPU one
 # on the GPU the kernel uses the hardware's approximate tanh (relative error ~2^-11): losses agree to ~1e-4
 LOSS_TOL = dict(rtol=1e-4, atol=3e-4) if CUDA else dict(rtol=1e-5, atol=1e-5)
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-hopper = pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() < (9, 0), reason="FP8 needs Hopper")
+_no_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+_no_hopper = pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() < (9, 0), reason="FP8 needs Hopper")
+
+
+def gpu(test):
+    """Skipped without CUDA, and marked `gpu` so that `pytest -m gpu` on the GPU machine runs it."""
+    return pytest.mark.gpu(_no_gpu(test))
+
+
+hopper = [pytest.mark.gpu, _no_hopper]   # as a parameter's marks
+# the soft cap's forms: record-28's 15*tanh(z/15) and record-54's 11.5*tanh((z+5)/15) (= 23*sigmoid((z+5)/7.5)
+# less a constant; trainer/config.py logit_rescale)
+FORMS = {"record-28": dict(cap=15.0), "record-54": dict(cap=11.5, div=15.0, offset=5.0)}
 
 
 def logits_and_targets(M, N_pad, vocab, device=DEV, seed=0, spread=8.0):
@@ -44,6 +55,21 @@ def test_losses_and_gradient_match_torch(M, N_pad, vocab, block_m):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=2e-6)
     assert (loss[t < 0] == 0).all() and (grad[t < 0] == 0).all()       # ignored rows contribute nothing
     assert (grad[:, vocab:] == 0).all()                                  # nor do the padded columns
+
+
+@pytest.mark.parametrize("M,N_pad,vocab,block_m", [(70, 384, 300, 32), (64, 256, 256, 8)])
+def test_the_rescaled_form_matches_torch(M, N_pad, vocab, block_m):
+    """record-54's cap 11.5, divisor 15, offset 5: the kernel's loss and its gradient (with the cap/div factor)."""
+    z, t = logits_and_targets(M, N_pad, vocab, seed=5)
+    form = FORMS["record-54"]
+    ref_loss, ref_grad = reference(z, t, vocab, **form)
+    grad = torch.empty(M, N_pad, dtype=torch.float32, device=DEV)
+    loss = softcap_cross_entropy(z, t, vocab, grad=grad, block_m=block_m, block_n=128, **form)
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=2e-6)
+    assert (grad[t < 0] == 0).all() and (grad[:, vocab:] == 0).all()
+    plain, _ = reference(z, t, vocab, 15.0)
+    assert (loss - plain).abs().max() > 0.1      # the form does change the loss
 
 
 def test_gradient_written_in_place_and_scaled():
@@ -84,25 +110,27 @@ def test_loss_only_mode_writes_no_gradient():
     assert torch.equal(z, before)
 
 
-def test_head_op_matches_torch_autograd():
+@pytest.mark.parametrize("form", FORMS)
+def test_head_op_matches_torch_autograd(form):
     """The fp32 head op (the kernel's gradient, then two matmuls) equals autograd through torch."""
+    form = FORMS[form]
     torch.manual_seed(0)
     M, K, N_pad, vocab = 64, 32, 256, 250
     x = torch.nn.functional.rms_norm(torch.randn(M, K, device=DEV), (K,)).requires_grad_()
     w = (torch.randn(N_pad, K, device=DEV) * 0.3).requires_grad_()
     t = torch.randint(0, vocab, (M,), device=DEV)
     t[5] = -1
-    loss = head_loss(x, w, t, vocab, 15.0)
+    loss = head_loss(x, w, t, vocab, **form)
     (loss * 0.25).backward()
     rx, rw = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    ref = head_loss_reference(rx, rw, t, vocab, 15.0)
+    ref = head_loss_reference(rx, rw, t, vocab, **form)
     (ref * 0.25).backward()
     tol = dict(rtol=2e-3, atol=1e-3) if CUDA else dict(rtol=1e-4, atol=1e-5)   # TF32 matmuls on the GPU
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(x.grad, rx.grad, **tol)
     torch.testing.assert_close(w.grad, rw.grad, **tol)
     with torch.no_grad():
-        torch.testing.assert_close(head_loss(x, w, t, vocab, 15.0), ref, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(head_loss(x, w, t, vocab, **form), ref, rtol=1e-4, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -112,18 +140,20 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("form", FORMS)
 @gpu
-def test_kernel_on_real_shapes():
+def test_kernel_on_real_shapes(form):
     M, N_pad, vocab = 8192, 50304, 50257
     z, t = logits_and_targets(M, N_pad, vocab, "cuda", spread=4.0)
-    ref_loss, ref_grad = reference(z, t, vocab, 15.0)
+    ref_loss, ref_grad = reference(z, t, vocab, **FORMS[form])
     grad = torch.empty_like(z)
-    loss = softcap_cross_entropy(z, t, vocab, 15.0, grad=grad)
+    loss = softcap_cross_entropy(z, t, vocab, grad=grad, **FORMS[form])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
     assert rel(grad, ref_grad) < 5e-3 and (grad[:, vocab:] == 0).all()
 
 
-@hopper
+@pytest.mark.gpu
+@_no_hopper
 def test_fp8_gradient_is_the_rounded_reference():
     M, N_pad, vocab = 4096, 50304, 50257
     z, t = logits_and_targets(M, N_pad, vocab, "cuda", seed=3, spread=4.0)
@@ -139,19 +169,21 @@ def test_fp8_gradient_is_the_rounded_reference():
     assert rel(g8.float() / FP8_GRAD_SCALE, ref_grad) < 0.08
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=hopper)])
 @gpu
-def test_head_op_compiled_matches_reference(fp8):
+def test_head_op_compiled_matches_reference(fp8, form):
+    form = FORMS[form]
     torch.manual_seed(0)
     M, K, N_pad, vocab = 8192, 768, 50304, 50257
     x = torch.nn.functional.rms_norm(torch.randn(M, K, device="cuda"), (K,)).bfloat16().requires_grad_()
     w = (torch.randn(N_pad, K, device="cuda") * 0.02).requires_grad_()
     t = torch.randint(0, vocab, (M,), device="cuda")
-    f = torch.compile(lambda x, w, t: head_loss(x, w, t, vocab, 15.0, fp8=fp8) / M)
+    f = torch.compile(lambda x, w, t: head_loss(x, w, t, vocab, fp8=fp8, **form) / M)
     loss = f(x, w, t)
     loss.backward()
     rx, rw = x.detach().float().requires_grad_(), w.detach().clone().requires_grad_()
-    ref = head_loss_reference(rx, rw, t, vocab, 15.0) / M
+    ref = head_loss_reference(rx, rw, t, vocab, **form) / M
     ref.backward()
     tol = 0.1 if fp8 else 2e-2        # e4m3 inputs and e5m2 gradients keep 3 and 2 mantissa bits
     assert abs(loss.item() - ref.item()) < 0.01 * ref.item()

@@ -157,12 +157,13 @@ def test_validation_loss_has_no_fp8_in_it():
 
 
 LATER_RECORDS_PARTS = dict(smear=True, bigram_embed=True, bigram_rows=50304 * 2, bigram_dim=128, bigram_sign_rows=512,
-                           value_embed_gate=True, skip_gate=True)
+                           value_embed_gate=True, skip_gate=True, logit_rescale=True)
 
 
 def test_compiled_model_with_the_later_records_parts_matches_the_dense_model():
-    """Smear, the bigram embedding and the value and skip gates, compiled with FlexAttention in bf16, give the
-    loss of the same model run eagerly with dense attention."""
+    """Smear, the bigram embedding, the value and skip gates and the logit rescale (the fused loss kernel's
+    rescaled form), compiled with FlexAttention in bf16, give the loss of the same model run eagerly with dense
+    attention."""
     cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=2048, num_layers=4, num_value_embeds=2,
                       **LATER_RECORDS_PARTS)
     model = randomised_model(cfg, std=0.02, device="cuda")

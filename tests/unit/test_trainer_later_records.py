@@ -445,6 +445,29 @@ def test_a_step_that_defers_adam_does_not_reduce_its_gradients_across_ranks(monk
         assert sorted(id(t) for t in reduced) == sorted(id(p.grad) for p in want)
 
 
+# ------------------------------------------------------------------------------ logit rescale (record-54)
+
+
+def test_logit_rescale_is_the_records_asymmetric_sigmoid_up_to_a_constant():
+    """record-54: 23*sigmoid((z+5)/7.5) in place of 30*sigmoid(z/7.5); ours is 11.5*tanh((z+5)/15), which differs
+    by the constant 11.5, so the loss (a softmax) is the record's exactly."""
+    import torch.nn.functional as F
+
+    from trainer.model import GPT
+
+    plain = randomised_model(tiny_config())
+    model = GPT(tiny_config(logit_rescale=True))
+    model.load_state_dict(plain.state_dict())     # no new parameters: only the cap's form differs
+    x = torch.randn(2, 5, 64) * 3
+    z = model.lm_head(F.rms_norm(x, (64,)))[..., :model.cfg.vocab_size].float()
+    torch.testing.assert_close(model.logits(x), 23 * torch.sigmoid((z + 5) / 7.5) - 11.5, rtol=1e-5, atol=1e-5)
+    targets = torch.randint(0, model.cfg.vocab_size, (2, 5))
+    record = F.cross_entropy((23 * torch.sigmoid((z + 5) / 7.5)).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(F.cross_entropy(model.logits(x).flatten(0, 1), targets.flatten()), record)
+    t = tokens()
+    assert model(t[:-1], t[1:], torch.tensor(2)) != plain(t[:-1], t[1:], torch.tensor(2))
+
+
 # ----------------------------------------------------------------------------------------------- all at once
 
 
@@ -453,7 +476,7 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
     from trainer.model import GPT
 
     cfg = tiny_config(num_layers=4, smear=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16,
-                      value_embed_gate=True, skip_gate=True, muon_variant="normuon",
+                      value_embed_gate=True, skip_gate=True, muon_variant="normuon", logit_rescale=True,
                       muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True)
     torch.manual_seed(0)
     model = GPT(cfg)

@@ -1,8 +1,9 @@
 """Soft-capped cross-entropy, forward and backward in one Triton kernel over the logits.
 
-Fuses: soft cap (cap * tanh(z / cap)), log-sum-exp, the target's log-probability, and the gradient
-dL/dz = (softmax - onehot) * (1 - tanh^2), written as the lm-head backward wants it (bf16 in place of the
-logits, or FP8 e5m2); `transpose` below then lays the FP8 gradient out for the weight-gradient matmul.
+Fuses: soft cap (s = cap * tanh((z + offset) / div), div = cap and offset = 0 by default), log-sum-exp, the
+target's log-probability, and the gradient dL/dz = (softmax - onehot) * (cap / div) * (1 - tanh^2), written as
+the lm-head backward wants it (bf16 in place of the logits, or FP8 e5m2); `transpose` below then lays the FP8
+gradient out for the weight-gradient matmul.
 What it saves: compiled torch runs the cap, the log-softmax and its backward as three to four passes over
 a (tokens x vocab) tensor, partly in fp32 (about 145 ms per 393K-token step on an H100, plus ~170 ms of
 FP8 casts and torch's strided transpose of the gradient); this kernel reads the bf16 logits twice and
@@ -37,13 +38,14 @@ def _tanh(y, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
-def _exp_terms(logits_ptr, row_off, cols, m, inv_cap, cap2, shift2, FAST_TANH: tl.constexpr, MASKED: tl.constexpr):
-    """One tile's tanh(z / cap) and exp(s - shift) = 2^(t cap2 - shift2), s = cap t; where ~m, t = 0 and e = 0."""
+def _exp_terms(logits_ptr, row_off, cols, m, inv_div, off, cap2, shift2, FAST_TANH: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One tile's t = tanh(z / div + off) and exp(s - shift) = 2^(t cap2 - shift2), s = cap t; where ~m, e = 0."""
     if MASKED:
         z = tl.load(logits_ptr + row_off + cols[None, :], mask=m, other=0.0).to(tl.float32)
     else:
         z = tl.load(logits_ptr + row_off + cols[None, :]).to(tl.float32)
-    t = _tanh(z * inv_cap, FAST_TANH)
+    t = _tanh(z * inv_div + off, FAST_TANH)   # one FMA, as the plain z / cap was one multiply
     e = tl.exp2(t * cap2 - shift2)
     if MASKED:
         e = tl.where(m, e, 0.0)
@@ -51,7 +53,8 @@ def _exp_terms(logits_ptr, row_off, cols, m, inv_cap, cap2, shift2, FAST_TANH: t
 
 
 @triton.jit
-def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m, grad_stride_m, cap, grad_mult,
+def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m, grad_stride_m, cap, div, offset,
+                       grad_mult,
                        N: tl.constexpr, N_TOTAL: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, WRITE_GRAD: tl.constexpr):
     # The kernel is bound by instruction issue, not by its two special-function instructions per element and
@@ -62,7 +65,8 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
     # BLOCK_M does not divide M, every tile of the last rows) is masked.
     LOG2E: tl.constexpr = 1.4426950408889634
     N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N       # columns in whole tiles
-    inv_cap = 1.0 / cap
+    inv_div = 1.0 / div
+    off = offset * inv_div
     cap2 = cap * LOG2E
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -71,16 +75,16 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
     cols0 = tl.arange(0, BLOCK_N)
     row_off = rows.to(tl.int64)[:, None] * stride_m
     z_tgt = tl.load(logits_ptr + rows.to(tl.int64) * stride_m + tgt, mask=valid, other=0.0).to(tl.float32)
-    t_tgt = _tanh(z_tgt * inv_cap, FAST_TANH)
+    t_tgt = _tanh(z_tgt * inv_div + off, FAST_TANH)
     # pass 1: the sum of exp(s - cap), in [e^-2cap, 1] per element
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in tl.range(0, N_FULL, BLOCK_N):
         cols = start + cols0
-        _, e = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None], inv_cap, cap2, cap2, FAST_TANH, not EVEN_M)
+        _, e = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None], inv_div, off, cap2, cap2, FAST_TANH, not EVEN_M)
         acc += e
     if N_FULL < N:
         cols = N_FULL + cols0
-        _, e = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None] & (cols < N)[None, :], inv_cap, cap2, cap2,
+        _, e = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None] & (cols < N)[None, :], inv_div, off, cap2, cap2,
                           FAST_TANH, True)
         acc += e
     lse = cap + tl.log(tl.where(row_ok, tl.sum(acc, axis=1), 1.0))   # rows past M: keep the masked math finite
@@ -88,12 +92,12 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
     if WRITE_GRAD:
         # pass 2: softmax * (1 - t^2) everywhere, the target's -1 patched in after; ignored rows and padded
         # vocabulary columns get exactly 0
-        row_mult = tl.where(valid, grad_mult, 0.0)[:, None]
+        row_mult = tl.where(valid, grad_mult * cap * inv_div, 0.0)[:, None]   # ds/dz = cap / div * (1 - t^2)
         lse2 = lse * LOG2E
         g_off = rows.to(tl.int64)[:, None] * grad_stride_m
         for start in tl.range(0, N_FULL, BLOCK_N):
             cols = start + cols0
-            t, p = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None], inv_cap, cap2, lse2[:, None],
+            t, p = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None], inv_div, off, cap2, lse2[:, None],
                               FAST_TANH, not EVEN_M)
             g = (p * row_mult) * (1.0 - t * t)
             if EVEN_M:
@@ -102,7 +106,7 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
                 tl.store(grad_ptr + g_off + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None])
         for start in tl.range(N_FULL, N_TOTAL, BLOCK_N):   # the tail: the last real columns, then the padding
             cols = start + cols0
-            t, p = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None] & (cols < N)[None, :], inv_cap, cap2,
+            t, p = _exp_terms(logits_ptr, row_off, cols, row_ok[:, None] & (cols < N)[None, :], inv_div, off, cap2,
                               lse2[:, None], FAST_TANH, True)
             g = (p * row_mult) * (1.0 - t * t)
             tl.store(grad_ptr + g_off + cols[None, :], g.to(grad_ptr.dtype.element_ty),
@@ -111,7 +115,7 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
         # barrier orders its threads' global writes)
         tl.debug_barrier()
         p_tgt = tl.exp2(t_tgt * cap2 - lse2)
-        g_tgt = (p_tgt - 1.0) * (1.0 - t_tgt * t_tgt) * grad_mult
+        g_tgt = (p_tgt - 1.0) * (1.0 - t_tgt * t_tgt) * (grad_mult * cap * inv_div)
         tl.store(grad_ptr + rows.to(tl.int64) * grad_stride_m + tgt, g_tgt.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
@@ -124,8 +128,10 @@ GPU_CONFIG = (4, 256, 4)
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
                           grad: torch.Tensor | None = None, grad_mult: float = 1.0, block_m: int = GPU_CONFIG[0],
                           block_n: int = GPU_CONFIG[1], num_warps: int = GPU_CONFIG[2],
-                          fast_tanh: bool | None = None) -> torch.Tensor:
-    """Per-row losses (fp32, 0 where target < 0) of cap*tanh(logits/cap) over the first `vocab` columns.
+                          fast_tanh: bool | None = None, div: float | None = None,
+                          offset: float = 0.0) -> torch.Tensor:
+    """Per-row losses (fp32, 0 where target < 0) of s = cap*tanh((logits + offset)/div) over the first `vocab`
+    columns (div None: cap). |ds/dz| <= cap/div, so an FP8 gradient's scaling holds while cap <= div.
 
     logits: (M, N_padded) with unit column stride. grad: optional (M, N_padded) output for
     grad_mult * dL_row/dz (may be `logits` itself: each tile is read before it is overwritten); columns
@@ -143,16 +149,18 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: in
         return loss
     _softcap_ce_kernel[(triton.cdiv(M, block_m),)](
         logits, targets, loss, grad if grad is not None else logits, M, logits.stride(0),
-        grad.stride(0) if grad is not None else 0, float(cap), float(grad_mult), N=vocab, N_TOTAL=n_cols,
+        grad.stride(0) if grad is not None else 0, float(cap), float(cap if div is None else div), float(offset),
+        float(grad_mult), N=vocab, N_TOTAL=n_cols,
         FAST_TANH=logits.is_cuda if fast_tanh is None else fast_tanh, BLOCK_M=block_m, BLOCK_N=block_n,
         EVEN_M=M % block_m == 0, WRITE_GRAD=grad is not None, num_warps=num_warps)
     return loss
 
 
-def softcap_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float):
+def softcap_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
+                                    div: float | None = None, offset: float = 0.0):
     """Per-row losses and the unit gradient (M, N_padded) in float32 torch, for tests and the bench."""
     z = logits.float().detach().requires_grad_()
-    s = cap * torch.tanh(z[:, :vocab] / cap)
+    s = cap * torch.tanh((z[:, :vocab] + offset) / (cap if div is None else div))
     loss = torch.nn.functional.cross_entropy(s, targets, ignore_index=-1, reduction="none")
     loss.sum().backward()
     return loss.detach(), z.grad
