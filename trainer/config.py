@@ -7,6 +7,8 @@ file without a GPU stack. Scalar fields only, so `--set trainer.KEY=VALUE` can r
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
+from functools import lru_cache
 
 MLP_FP8_MODES = ("none", "forward", "grad_h", "all")   # mlp_fp8's values (trainer/kernels/linear_relu2.py runs them)
 
@@ -70,6 +72,15 @@ class TrainConfig:
     logit_rescale: bool = False               # record-54: logits 23*sigmoid((z+5)/7.5) for record-28's 30*sigmoid(z/7.5),
                                               # i.e. 11.5*tanh((z+5)/15) for 15*tanh(z/15) up to a constant the
                                               # softmax ignores (softcap_form below; the fused loss kernel takes it)
+    # record-46 (BatchSizeSchedule, 2025-11-29): the batch grows over training, in micro-batches per step, so no
+    # tensor changes shape (no recompile). "END:COUNT,..." runs COUNT micro-batches (every rank an equal share) on the
+    # steps below END x steps (END a fraction such as 1/3; the last END is 1); "" = off, grad_accum_total every step.
+    # The lrs stay tuned for grad_accum_total: a phase of COUNT runs every lr times (COUNT / grad_accum_total) **
+    # batch_lr_exponent, and the cool-down still ends at 0.1 x the first phase's lr. The record: 131,072 / 262,144 /
+    # 393,216 tokens per step over thirds of training, lrs (bs / 131,072) ** 0.6 = 1, 1.51, 1.93 times its first
+    # phase's; here seq_len=16384, grad_accum_total=24, "1/3:8,2/3:16,1:24" (0.52, 0.78, 1 times ours)
+    batch_schedule: str = ""
+    batch_lr_exponent: float = 0.6
     # --- schedule
     # record-28 ran 1695 steps. With the bigram embedding and NorMuon on: 1545, the larger of two estimates of the
     # steps to the same loss, (a) the records' own step counts, 1695 x 1600/1765 (record-62's bigram, from
@@ -162,6 +173,9 @@ class TrainConfig:
                              f"bigram_sign_rows > 0 (got {self.bigram_dim}, {self.bigram_rows}, "
                              f"{self.bigram_sign_rows})")
         self.skipped_attention_layers()
+        self.batch_phases()
+        if self.batch_lr_exponent < 0:
+            raise ValueError(f"batch_lr_exponent: must be >= 0 (got {self.batch_lr_exponent})")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")
         return self
@@ -182,6 +196,10 @@ class TrainConfig:
                              "list layers below num_layers, or '' for none")
         return layers
 
+    def batch_phases(self) -> tuple[tuple[Fraction, int], ...]:
+        """batch_schedule as ((END, COUNT), ...), () when off; ValueError naming the key on anything else."""
+        return parse_batch_schedule(str(self.batch_schedule), self.grad_accum_total)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -192,3 +210,27 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{sorted(unknown)[0]}: unknown TrainConfig key")
         return cls(**d).validate()
+
+
+@lru_cache(maxsize=16)
+def parse_batch_schedule(text: str, grad_accum_total: int) -> tuple[tuple[Fraction, int], ...]:
+    """Cached: the trainer asks for the step's phase on every step."""
+    if not text.strip():
+        return ()
+    phases = []
+    for part in text.split(","):
+        end, sep, count = part.partition(":")
+        try:
+            phase = (Fraction(end.strip()), int(count))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"batch_schedule: {part.strip()!r} is not END:COUNT; write e.g. '1/3:8,2/3:16,1:24' "
+                             "(steps below END x steps run COUNT micro-batches), or '' for off") from None
+        if not sep or not 0 < phase[0] <= 1 or not 0 < phase[1] <= grad_accum_total:
+            raise ValueError(f"batch_schedule: {part.strip()!r} needs END within (0, 1] and COUNT within "
+                             f"1..grad_accum_total={grad_accum_total}")
+        if phases and phase[0] <= phases[-1][0]:
+            raise ValueError(f"batch_schedule: the ENDs must increase ({phases[-1][0]} then {phase[0]})")
+        phases.append(phase)
+    if phases[-1][0] != 1:
+        raise ValueError(f"batch_schedule: the last phase must end at 1 (got {phases[-1][0]}), so every step has one")
+    return tuple(phases)

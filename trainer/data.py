@@ -73,10 +73,15 @@ class TrainBatches:
         raise ShardError(f"{self.files[0]}: no document start (token {BOS}) leaves room for {n} tokens; "
                          "the shards need BOS-delimited documents")
 
-    def next_step(self) -> list[np.ndarray]:
-        """This rank's micro-batches for the next optimizer step (grad_accum_total / world of them)."""
+    def next_step(self, count: int | None = None) -> list[np.ndarray]:
+        """This rank's micro-batches for the next optimizer step of `count` micro-batches over all ranks
+        (grad_accum_total when None; a batch_schedule's phase count otherwise): count / world of them. The stream
+        advances by exactly count sequences, so the state after it is where the next step starts."""
+        count = self.grad_accum_total if count is None else count
+        if count <= 0 or count % self.world:
+            raise ValueError(f"batch_schedule: a step of {count} micro-batches does not split over {self.world} ranks")
         mine = []
-        for k in range(self.grad_accum_total):
+        for k in range(count):
             seq = self._next_sequence()
             if k % self.world == self.rank:
                 mine.append(seq)

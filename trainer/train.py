@@ -34,14 +34,34 @@ log = logging.getLogger("trainer")
 
 
 def lr_scale(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, flat, then a linear cool-down to 0.1 over the last cooldown_frac of training."""
+    """Linear warm-up, flat, then a linear cool-down to 0.1 over the last cooldown_frac of training; with a
+    batch_schedule (record-46) the flat part is the step's batch_lr_scale and the cool-down runs from it to 0.1 x
+    the first phase's (1.0 for all three without one: exact, the same floats as before)."""
+    peak, first = batch_lr_scale(cfg, step), batch_lr_scale(cfg, 0)
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return peak * (step + 1) / cfg.warmup_steps
     x = step / cfg.steps
     if x < 1 - cfg.cooldown_frac:
-        return 1.0
+        return peak
     w = (1 - x) / cfg.cooldown_frac
-    return w + (1 - w) * 0.1
+    return peak * w + (1 - w) * 0.1 * first
+
+
+def microbatches(cfg: TrainConfig, step: int) -> int:
+    """Micro-batches in this step, over all ranks: its batch_schedule phase's count (record-46), else
+    grad_accum_total. Steps from cfg.steps on (validation only) belong to the last phase."""
+    phases = cfg.batch_phases()
+    for end, count in phases:
+        if step < end * cfg.steps:   # exact: end is a Fraction
+            return count
+    return phases[-1][1] if phases else cfg.grad_accum_total
+
+
+def batch_lr_scale(cfg: TrainConfig, step: int) -> float:
+    """record-46's lr tied to the batch: (this step's micro-batches / grad_accum_total) ** batch_lr_exponent."""
+    if not cfg.batch_phases():
+        return 1.0
+    return (microbatches(cfg, step) / cfg.grad_accum_total) ** cfg.batch_lr_exponent
 
 
 def window_blocks(cfg: TrainConfig, step: int) -> int:
@@ -114,6 +134,10 @@ class Trainer:
         r = self.ranks
         if cfg.grad_accum_total % r.world:
             raise ValueError(f"grad_accum_total={cfg.grad_accum_total} is not divisible by {r.world} ranks")
+        uneven = [count for _, count in cfg.batch_phases() if count % r.world]
+        if uneven:
+            raise ValueError(f"batch_schedule: a phase of {uneven[0]} micro-batches does not split over {r.world} "
+                             f"ranks; give every phase a multiple of {r.world} micro-batches")
         # the data first: a missing or malformed shard fails before any model is built
         self.batches = TrainBatches(find_shards(data_dir, cfg.train_files), cfg.seq_len, r.rank, r.world,
                                     cfg.grad_accum_total)
@@ -167,14 +191,17 @@ class Trainer:
         return dev[:-1].view(len(micro_batches), -1), dev[-1]
 
     def train_step(self, micro_batches: list[np.ndarray], step: int) -> torch.Tensor:
+        """One optimizer step on this rank's micro-batches: the gradient is the mean over the step's tokens on all
+        ranks (every micro-batch holds seq_len of them), however many micro-batches the step has."""
         cfg = self.cfg
         tokens, window = self._step_tensors(micro_batches, window_blocks(cfg, step))
         total = torch.zeros((), device=self.ranks.device)
         adam_now = adam_steps(cfg, step)
+        step_micro_batches = len(micro_batches) * self.ranks.world   # grad_accum_total, or the batch_schedule's
         for i, seq_t in enumerate(tokens):
             self.reducer.arm(last_micro_batch=i == len(micro_batches) - 1, defer=not adam_now)
             loss = self.forward(seq_t[:-1], seq_t[1:], window)
-            (loss / cfg.grad_accum_total).backward()
+            (loss / step_micro_batches).backward()
             total += loss.detach()
         self.reducer.wait()
         scale = lr_scale(cfg, step)
@@ -269,8 +296,9 @@ class Trainer:
         cfg = self.cfg
         self.emit(f"step:{step}/{cfg.steps} train_loss:{train_loss:.4f} train_time:{now:.0f}ms "
                   f"step_avg:{now / step:.2f}ms")
+        extra = dict(micro_batches=microbatches(cfg, step - 1)) if cfg.batch_phases() else {}
         self.record(step=step, train_loss=train_loss, train_time_ms=round(now, 1),
-                    lr_scale=lr_scale(cfg, step - 1), window=window_blocks(cfg, step - 1))
+                    lr_scale=lr_scale(cfg, step - 1), window=window_blocks(cfg, step - 1), **extra)
 
     def start_stretch(self) -> float:
         """A stretch of train_time begins (after a sync): returns its start on the host's clock."""
@@ -392,7 +420,7 @@ class Trainer:
                 self.end_stretch(pending, t0)
                 self.save(checkpoint.step_path(self.out, step))
                 t0, pending = self.start_stretch(), None
-            loss = self.train_step(self.batches.next_step(), step)
+            loss = self.train_step(self.batches.next_step(microbatches(cfg, step)), step)
             self.step = step + 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 queued = (self.step, sum_to_host(loss), self.mark())

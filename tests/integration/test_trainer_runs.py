@@ -72,6 +72,24 @@ def test_two_gloo_ranks_train_the_same_model_as_one(markov, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-3, msg=name)   # Muon's bf16: ~5e-4
 
 
+def test_two_gloo_ranks_with_a_batch_schedule_train_the_same_model_as_one(markov, tmp_path):
+    """record-46's batch_schedule: phases of 2 and 4 micro-batches, split over 2 ranks, train on the same tokens to
+    the same model as one rank taking them all (the gradient's scale: test_trainer_batch_schedule.py)."""
+    data, _ = markov
+    cfg = tiny_config(steps=4, val_every=4, grad_accum_total=4, batch_schedule="1/2:2,1:4")
+    Trainer(cfg, str(data), str(tmp_path / "one")).run()
+    done = torchrun(2, data, tmp_path / "two", cfg)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = rows(tmp_path / "one", "train_loss"), rows(tmp_path / "two", "train_loss")
+    assert rows(tmp_path / "two", "micro_batches") == {1: 2, 2: 2, 3: 4, 4: 4}
+    for s in one:
+        assert two[s] == pytest.approx(one[s], abs=2e-3)
+    a = torch.load(tmp_path / "one" / "ckpt" / "final.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt" / "final.pt", weights_only=False)["model"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-3, msg=name)
+
+
 def test_resume_reproduces_the_uninterrupted_losses(markov, tmp_path):
     data, _ = markov
     cfg = tiny_config(steps=6, val_every=3, checkpoint_every=3)

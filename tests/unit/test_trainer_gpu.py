@@ -194,3 +194,32 @@ def test_training_loop_on_the_gpu_with_every_later_records_switch(tmp_path):
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(train) == 12 and all(0 < x < 12 for x in train)
     assert val[-1] < val[0]
+
+
+def test_training_loop_on_the_gpu_with_a_batch_schedule_compiles_no_shape_after_the_warm_up(tmp_path):
+    """record-46's batch_schedule: phases of 1, 2 and 4 micro-batches of the one compiled shape. After the warm-up
+    (training steps and validation, compiled) the loop recompiles nothing, every phase trains and is logged."""
+    import contextlib
+    import json
+
+    from orchestrator.data.synthetic import markov_shards
+    from trainer.train import Trainer
+
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(model_dim=128, num_heads=2, head_dim=64, steps=9, val_every=9, device="cuda", compile=True,
+                      warmup_compile_steps=2, grad_accum_total=4, batch_schedule="1/3:1,2/3:2,1:4")
+    trainer = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out"))
+    warm_up = trainer.warm_up
+    with contextlib.ExitStack() as after_warm_up:
+        def warm_up_then_forbid_recompiles():
+            warm_up()
+            after_warm_up.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
+
+        trainer.warm_up = warm_up_then_forbid_recompiles
+        assert trainer.run() == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train_loss" in r]
+    assert [r["micro_batches"] for r in train] == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+    assert all(0 < r["train_loss"] < 12 for r in train)
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert val[-1] < val[0]

@@ -62,7 +62,7 @@ def test_the_defaults_keep_what_the_yardstick_kept():
     d = TrainConfig()
     assert d.bigram_embed and d.muon_variant == "normuon"
     assert not (d.smear or d.value_embed_gate or d.skip_gate or d.adam_every_other_step or d.muon_cautious_wd
-                or d.muon_momentum_cooldown_steps)
+                or d.muon_momentum_cooldown_steps or d.batch_schedule)
 
 
 def test_the_tiny_model_builds_none_of_the_later_records_parts():
@@ -477,12 +477,20 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
 
     cfg = tiny_config(num_layers=4, smear=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16,
                       value_embed_gate=True, skip_gate=True, muon_variant="normuon", logit_rescale=True,
-                      muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True)
+                      muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True,
+                      batch_schedule="1/2:1,1:2")
     torch.manual_seed(0)
     model = GPT(cfg)
     t = tokens()
-    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(t[:-1], t[1:], torch.tensor(2))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(t[:-1], t[1:], torch.tensor(2))
     loss.backward()
+    # the batch schedule's steps differ only in how many micro-batches of the one shape they run
+    from trainer.train import microbatches
+
+    assert (microbatches(cfg, 0), microbatches(cfg, cfg.steps - 1)) == (1, 2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        (compiled(t[:-1], t[1:], torch.tensor(3)) / 2).backward()
     adam, muon = build_optimizers(model, cfg)
     adam.step()
     muon.step()

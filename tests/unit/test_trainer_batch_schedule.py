@@ -1,0 +1,203 @@
+"""record-46's batch-size schedule (issue 22), as micro-batches per step: the schedule and the lr tied to it are
+the record's, a step of k micro-batches steps on the mean gradient over their tokens, and the loader hands each
+step exactly its tokens, across a phase change and across a resume."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from orchestrator.data.synthetic import markov_shards  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.data import TrainBatches, find_shards  # noqa: E402
+from trainer.fixtures import tiny_config  # noqa: E402
+from trainer.train import Trainer, lr_scale, microbatches, window_blocks  # noqa: E402
+
+# record-46 in our terms: its 131,072 / 262,144 / 393,216 tokens per step are 8 / 16 / 24 micro-batches of 16,384
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on a shared 2-core machine a second one only spins."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+RECORD = dict(seq_len=16384, grad_accum_total=24, batch_schedule="1/3:8,2/3:16,1:24", steps=2120, cooldown_frac=0.55)
+
+
+def record_batch_tokens(step: int, steps: int = 2120) -> int:
+    """record-46's get_bs over its 2120 scheduled steps: a third of training at each batch."""
+    return (8, 16, 24)[int(3 * (step / steps))] * 2048 * 8
+
+
+def record_lr(step: int, steps: int = 2120, cooldown_frac: float = 0.55) -> float:
+    """record-46's get_lr (its units: the first phase's lr), with the multiplier (bs / 131,072) ** 0.6 taken at the
+    step's own batch (the record rounds it to 1.51 and 1.93 and switches it at x > 0.33 and 0.66)."""
+    x = step / steps
+    peak = (record_batch_tokens(step, steps) / 131072) ** 0.6
+    if x < 1 - cooldown_frac:
+        return peak
+    w = (1 - x) / cooldown_frac
+    return peak * w + (1 - w) * 0.1
+
+
+def test_microbatches_are_record_46s_thirds():
+    cfg = TrainConfig(**RECORD).validate()
+    assert [microbatches(cfg, s) * cfg.seq_len for s in range(cfg.steps)] == \
+        [record_batch_tokens(s) for s in range(cfg.steps)]
+    assert [microbatches(cfg, s) for s in (0, 706, 707, 1413, 1414, 2119, 2120)] == [8, 8, 16, 16, 24, 24, 24]
+    short = tiny_config(steps=10, grad_accum_total=4, batch_schedule="1/2:1,4/5:2,1:4")
+    assert [microbatches(short, s) for s in range(10)] == [1] * 5 + [2] * 3 + [4] * 2
+    off = TrainConfig()
+    assert {microbatches(off, s) for s in range(off.steps + 1)} == {8}
+
+
+def test_lr_is_tied_to_the_batch_as_record_46_ties_it():
+    cfg = TrainConfig(**RECORD).validate()
+    # ours is the record's divided by its last phase's multiplier 3 ** 0.6: the lrs stay tuned for the full batch
+    for s in range(cfg.steps):
+        assert lr_scale(cfg, s) * 3 ** 0.6 == pytest.approx(record_lr(s), rel=1e-12), s
+    assert lr_scale(cfg, 0) == pytest.approx(1 / 1.933, rel=1e-3)
+    assert lr_scale(cfg, 800) == pytest.approx(1.516 / 1.933, rel=1e-3)   # phase 2, before the cool-down
+    assert lr_scale(cfg, cfg.steps) == pytest.approx(0.1 / 1.933, rel=1e-3)
+    flat = TrainConfig(**{**RECORD, "batch_lr_exponent": 0.0}).validate()
+    off = TrainConfig(cooldown_frac=0.55, steps=2120)
+    assert [lr_scale(flat, s) for s in range(2121)] == [lr_scale(off, s) for s in range(2121)]
+
+
+def test_without_a_schedule_the_lr_is_the_plain_cool_down_bit_for_bit():
+    for cfg in (TrainConfig(), TrainConfig(warmup_steps=50)):
+        for s in range(cfg.steps + 1):
+            if s < cfg.warmup_steps:
+                want = (s + 1) / cfg.warmup_steps
+            elif s / cfg.steps < 1 - cfg.cooldown_frac:
+                want = 1.0
+            else:
+                w = (1 - s / cfg.steps) / cfg.cooldown_frac
+                want = w + (1 - w) * 0.1
+            assert lr_scale(cfg, s) == want
+
+
+@pytest.mark.parametrize("schedule, words", [
+    ("1/3:8,2/3:16", "needs END within"),             # 16 > grad_accum_total=8
+    ("1/2:4", "last phase must end at 1"),
+    ("1/2:4,1/3:8,1:8", "ENDs must increase"),
+    ("0:4,1:8", "needs END within"),
+    ("1/2:0,1:8", "needs END within"),
+    ("half:4,1:8", "is not END:COUNT"),
+    ("1/2-4,1:8", "is not END:COUNT"),
+])
+def test_a_bad_schedule_is_refused_naming_the_key(schedule, words):
+    with pytest.raises(ValueError, match=f"^batch_schedule: .*{words}"):
+        TrainConfig(batch_schedule=schedule).validate()
+    with pytest.raises(ValueError, match="^batch_lr_exponent"):
+        TrainConfig(batch_schedule="1:8", batch_lr_exponent=-1).validate()
+
+
+def test_a_schedule_that_does_not_split_over_the_ranks_is_refused(tmp_path):
+    from trainer.distributed import Ranks
+
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(grad_accum_total=4, batch_schedule="1/2:2,3/4:3,1:4")
+    with pytest.raises(ValueError, match="^batch_schedule: a phase of 3 micro-batches does not split over 2 ranks"):
+        Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out"), ranks=Ranks(0, 2, 0, torch.device("cpu")))
+    loader = TrainBatches(find_shards(str(tmp_path / "data"), cfg.train_files), 512, 0, 2, 4)
+    with pytest.raises(ValueError, match="batch_schedule"):
+        loader.next_step(3)
+
+
+def noisy_trainer(tmp_path, cfg) -> Trainer:
+    markov_shards(tmp_path / "data")
+    trainer = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out"))
+    with torch.no_grad():   # the zero-initialised head and projections would leave most gradients at zero
+        for p in trainer.model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0, 0.05)
+    return trainer
+
+
+def test_a_step_of_k_micro_batches_steps_on_the_mean_gradient_over_their_tokens(tmp_path):
+    from trainer.model import GPT
+
+    cfg = tiny_config(grad_accum_total=4, batch_schedule="1/2:2,1:4", steps=4)
+    trainer = noisy_trainer(tmp_path, cfg)
+    batch = trainer.batches.next_step(microbatches(cfg, 0))
+    assert len(batch) == 2
+    reference = GPT(cfg)   # the plain mean: every token of both micro-batches, one sum, one division
+    reference.load_state_dict(trainer.model.state_dict())
+    window = torch.tensor(window_blocks(cfg, 0))
+    seqs = [torch.from_numpy(s.astype("int64")) for s in batch]
+    total = sum(reference(s[:-1], s[1:], window, reduction="sum") for s in seqs)
+    mean = total / (2 * cfg.seq_len)
+    mean.backward()
+    seen = {}
+    muon_step = trainer.muon.step
+
+    def record_then_step():
+        seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        seen["lr"] = trainer.muon.param_groups[0]["lr"]
+        muon_step()
+
+    trainer.muon.step = record_then_step
+    loss = trainer.train_step(batch, 0)
+    assert loss.item() == pytest.approx(mean.item(), rel=1e-6)
+    grads = dict(reference.named_parameters())
+    assert set(seen) - {"lr"} == {n for n, p in grads.items() if p.grad is not None}
+    for name, p in grads.items():
+        if p.grad is not None:
+            torch.testing.assert_close(seen[name], p.grad, rtol=1e-5, atol=1e-8, msg=name)
+    assert seen["lr"] == pytest.approx(cfg.muon_lr * 0.5 ** 0.6)   # 2 of grad_accum_total=4 micro-batches
+
+
+def recorded_run(cfg, data, out, resume=None):
+    """Run a trainer; returns {step: the micro-batches it trained on} and the metrics' train rows."""
+    trainer = Trainer(cfg, str(data), str(out))
+    fed = {}
+    train_step = trainer.train_step
+
+    def recording(micro_batches, step):
+        fed[step] = [np.array(s) for s in micro_batches]
+        return train_step(micro_batches, step)
+
+    trainer.train_step = recording
+    assert trainer.run(resume=resume) == 0
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return fed, {r["step"]: r for r in rows if "train_loss" in r}
+
+
+def test_the_loader_feeds_each_step_its_tokens_across_a_phase_change_and_a_resume(tmp_path):
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(batch_schedule="1/2:1,1:2", steps=6, val_every=6, val_tokens=1024, checkpoint_every=2)
+    fed, rows = recorded_run(cfg, tmp_path / "data", tmp_path / "a")
+    assert [len(fed[s]) for s in range(6)] == [1, 1, 1, 2, 2, 2]
+    assert [rows[s]["micro_batches"] for s in range(1, 7)] == [1, 1, 1, 2, 2, 2]
+    # the steps together took the stream's first 9 sequences, in order, none skipped and none twice
+    plain = TrainBatches(find_shards(str(tmp_path / "data"), cfg.train_files), cfg.seq_len, 0, 1, 1)
+    stream = [plain.next_step()[0] for _ in range(9)]
+    assert all(np.array_equal(a, b) for a, b in zip([s for k in range(6) for s in fed[k]], stream, strict=True))
+    # resumed from step 2 (phase 1), it crosses the change at step 3 on the same tokens and the same losses
+    (tmp_path / "b" / "ckpt").mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "ckpt" / "step_000002.pt", tmp_path / "b" / "ckpt" / "step_000002.pt")
+    resumed, resumed_rows = recorded_run(cfg, tmp_path / "data", tmp_path / "b", resume="auto")
+    assert sorted(resumed) == [2, 3, 4, 5]
+    for s in resumed:
+        assert all(np.array_equal(a, b) for a, b in zip(resumed[s], fed[s], strict=True)), s
+        assert resumed_rows[s + 1]["train_loss"] == pytest.approx(rows[s + 1]["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_split_every_phase_of_the_same_global_stream(tmp_path, world):
+    markov_shards(tmp_path / "data")
+    files = find_shards(str(tmp_path / "data"), "fineweb_train_*.bin")
+    counts = [4, 4, 8, 8]
+    ranks = [TrainBatches(files, 512, r, world, 8) for r in range(world)]
+    one = TrainBatches(files, 512, 0, 1, 8)
+    for count in counts:
+        mine = [loader.next_step(count) for loader in ranks]
+        assert {len(m) for m in mine} == {count // world}
+        want = one.next_step(count)
+        assert all(np.array_equal(mine[k % world][k // world], want[k]) for k in range(count))
+        assert all(loader.state_dict() == one.state_dict() for loader in ranks)   # each rank resumes where all do
