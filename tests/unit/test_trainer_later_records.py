@@ -576,6 +576,31 @@ def test_resume_across_the_untie_gives_the_uninterrupted_run(tmp_path, resume_at
         assert torch.equal(p, a.model.state_dict()[name]), name
 
 
+def test_warm_up_runs_its_last_step_untied_then_puts_the_tied_model_back(tmp_path):
+    """The warm-up (untimed) reaches the untie, so the untied graph compiles there, not in the timed loop; then the
+    model is tied again with its initial weights. Run eagerly here: the logic is the same compiled."""
+    from orchestrator.data.synthetic import markov_shards
+    from trainer.train import Trainer
+
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(steps=20, tie_head_until=0.75, warmup_compile_steps=3)   # warm-up steps 0, 6, then 15 (not 13)
+    trainer = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out"))
+    trainer.compiled = True
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    seen, step_fn = [], trainer.train_step
+
+    def train_step(mb, step):   # each warm-up step, and whether the model was tied after it
+        loss = step_fn(mb, step)
+        seen.append((step, trainer.model.head_tied))
+        return loss
+
+    trainer.train_step = train_step
+    trainer.warm_up()
+    assert seen == [(0, True), (6, True), (15, False)] and trainer.model.head_tied
+    assert all(torch.equal(v, initial[k]) for k, v in trainer.model.state_dict().items())
+    assert not trainer.adam.state and trainer.model.embed.weight.grad is None
+
+
 def test_compiled_model_recompiles_once_at_the_untie_and_then_reads_the_embedding():
     from torch._dynamo.testing import CompileCounterWithBackend
 
