@@ -547,33 +547,47 @@ def test_untie_copies_the_table_and_its_adam_state_to_the_embedding_at_the_untie
     assert adam.state[model.embed.weight]["step"] == adam.state[model.lm_head.weight]["step"] == 4
 
 
-@pytest.mark.parametrize("resume_at", [2, 3, 4])   # before the untie, at its step (saved still tied), after it
-def test_resume_across_the_untie_gives_the_uninterrupted_run(tmp_path, resume_at):
-    import json
+TIED_RUN = dict(steps=6, val_every=6, checkpoint_every=1, tie_head_until=0.5)   # untied at step 3
 
+
+@pytest.fixture(scope="module")
+def tied_run(tmp_path_factory):
+    """Markov shards and one uninterrupted 6-step run that unties at step 3, with a checkpoint at every step."""
     from orchestrator.data.synthetic import markov_shards
     from trainer.train import Trainer
 
-    markov_shards(tmp_path / "data")
-    cfg = tiny_config(steps=6, val_every=6, checkpoint_every=1, tie_head_until=0.5)
+    root = tmp_path_factory.mktemp("tied")
+    markov_shards(root / "data")
+    trainer = Trainer(tiny_config(**TIED_RUN), str(root / "data"), str(root / "a"))
+    assert trainer.run() == 0 and not trainer.model.head_tied
+    return root, trainer.model.state_dict()
 
-    def losses(out):
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r.get("train_loss", r.get("val_loss")) for r in rows if "train_loss" in r or r["step"] == 6}
 
-    a = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "a"))
-    assert a.run() == 0 and not a.model.head_tied
-    (tmp_path / "b" / "ckpt").mkdir(parents=True)
+def run_losses(out):
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r.get("train_loss", r.get("val_loss")) for r in rows if "train_loss" in r or r["step"] == 6}
+
+
+@pytest.mark.parametrize("resume_at", [2, 3, 4])   # before the untie, at its step (saved still tied), after it
+def test_resume_across_the_untie_gives_the_uninterrupted_run(tied_run, tmp_path, resume_at):
+    import shutil
+
+    from trainer.train import Trainer
+
+    root, final = tied_run
     name = f"step_{resume_at:06d}.pt"
-    (tmp_path / "a" / "ckpt" / name).rename(tmp_path / "b" / "ckpt" / name)
-    b = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "b"))
-    assert b.run(resume="auto") == 0
-    want, got = losses(tmp_path / "a"), losses(tmp_path / "b")
+    (tmp_path / "ckpt").mkdir()
+    shutil.copy(root / "a" / "ckpt" / name, tmp_path / "ckpt" / name)
+    b = Trainer(tiny_config(**TIED_RUN), str(root / "data"), str(tmp_path))
+    assert b.model.head_tied and b.run(resume="auto") == 0
+    want, got = run_losses(root / "a"), run_losses(tmp_path)
     assert sorted(got) == list(range(resume_at + 1, 7))
     for s in got:
         assert got[s] == pytest.approx(want[s], rel=1e-6)
-    for name, p in b.model.state_dict().items():
-        assert torch.equal(p, a.model.state_dict()[name]), name
+    for k, v in b.model.state_dict().items():
+        assert torch.equal(v, final[k]), k
 
 
 def test_warm_up_runs_its_last_step_untied_then_puts_the_tied_model_back(tmp_path):
