@@ -532,16 +532,17 @@ def test_untie_copies_the_table_and_its_adam_state_to_the_embedding_at_the_untie
     for step in range(3):
         trainer.train_step(trainer.batches.next_step(), step)
         assert model.head_tied and torch.equal(model.embed.weight, e0) and model.embed.weight not in adam.state
-    head, head_state = model.lm_head.weight.detach().clone(), {k: v.clone() for k, v in adam.state[model.lm_head.weight].items()}
+    head = model.lm_head.weight.detach().clone()
+    head_state = {k: v.clone() for k, v in adam.state[model.lm_head.weight].items()}
     trainer.untie_head_if_due(3)
     V = cfg.vocab_size
     assert not model.head_tied and torch.equal(model.embed.weight, head[:V])
     assert torch.equal(model.lm_head.weight, head)
-    embed_state = adam.state[model.embed.weight]
+    embed_state, kept = adam.state[model.embed.weight], adam.state[model.lm_head.weight]
     assert embed_state["step"] == head_state["step"] == 3
     for k in ("exp_avg", "exp_avg_sq"):
-        assert torch.equal(embed_state[k], head_state[k][:V]) and torch.equal(adam.state[model.lm_head.weight][k], head_state[k])
-        assert embed_state[k].data_ptr() != adam.state[model.lm_head.weight][k].data_ptr()   # copies, not views
+        assert torch.equal(embed_state[k], head_state[k][:V]) and torch.equal(kept[k], head_state[k])
+        assert embed_state[k].data_ptr() != kept[k].data_ptr()   # copies, not views
     trainer.train_step(trainer.batches.next_step(), 3)   # from here on two tables, each with its own gradient
     assert not torch.equal(model.embed.weight, model.lm_head.weight[:V])
     assert adam.state[model.embed.weight]["step"] == adam.state[model.lm_head.weight]["step"] == 4
