@@ -81,6 +81,13 @@ class TrainConfig:
     # phase's; here seq_len=16384, grad_accum_total=24, "1/3:8,2/3:16,1:24" (0.52, 0.78, 1 times ours)
     batch_schedule: str = ""
     batch_lr_exponent: float = 0.6
+    # record-51 (2025-12-19 RetieLMHead) ties the embedding to the head: one (padded vocab, dim) table, initialised
+    # N(0, 0.005) in place of the head's zero init, is both the input lookup and the head weight (its gradient the
+    # sum of both uses), trained by Adam at the head's lr (0.008). Record-53 (2025-12-22 MultiTokenPrediction) unties
+    # them at step ceil(2/3 * steps): the embedding becomes its own table again, a copy of the tied one with a copy of
+    # its Adam moments and step count, and trains at the head's lr too, not at adam_embed_lr (its README: the untied
+    # embedding gained nothing from a multiplier). The fraction of training tied; 0 = never (record-28), 1 = always
+    tie_head_until: float = 0.0
     # --- schedule
     # record-28 ran 1695 steps. With the bigram embedding and NorMuon on: 1545, the larger of two estimates of the
     # steps to the same loss, (a) the records' own step counts, 1695 x 1600/1765 (record-62's bigram, from
@@ -149,6 +156,8 @@ class TrainConfig:
             raise ValueError(f"muon_variant: must be muon or normuon (got {self.muon_variant!r})")
         if not 0.0 <= self.normuon_beta2 < 1.0:
             raise ValueError(f"normuon_beta2: must be within [0, 1) (got {self.normuon_beta2})")
+        if not 0.0 <= self.tie_head_until <= 1.0:
+            raise ValueError(f"tie_head_until: must be within [0, 1], a fraction of the steps (got {self.tie_head_until})")
         if not 0.0 <= self.cooldown_frac <= 1.0:
             raise ValueError(f"cooldown_frac: must be within [0, 1] (got {self.cooldown_frac})")
         if self.window_min_blocks > self.window_max_blocks:

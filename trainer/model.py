@@ -1,10 +1,11 @@
 """The GPT of the record recipe, read top to bottom.
 
 Rotary + QK-norm attention with value embeddings and a sparse per-head output gate, ReLU^2 MLP,
-zero-initialised output projections, untied embedding and head, soft-capped logits, U-net skips between
-early and late blocks, the input embedding mixed into every block, and no attention in layer 7 (record-28's
-layout). Weights stay fp32 (the optimizer's copy); matmuls run in the activation dtype (bf16 on the GPU,
-fp32 on CPU). The FP8 paths run only in training (module.training): validation is bf16, as the record's.
+zero-initialised output projections, untied embedding and head (tied for a first share of training with
+tie_head_until, records 51 and 53), soft-capped logits, U-net skips between early and late blocks, the input
+embedding mixed into every block, and no attention in layer 7 (record-28's layout). Weights stay fp32 (the
+optimizer's copy); matmuls run in the activation dtype (bf16 on the GPU, fp32 on CPU). The FP8 paths run only
+in training (module.training): validation is bf16, as the record's.
 """
 from __future__ import annotations
 
@@ -213,6 +214,11 @@ class GPT(nn.Module):
                   value_gate=cfg.value_embed_gate and self.ve_of_layer[i] is not None)
             for i, kind in enumerate(self.layout))
         self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
+        # tie_head_until: the head weight is the embedding table too until untie_head() (record-51 starts the tied
+        # table at N(0, 0.005): a zero table would give every token the same zero input). model.embed waits unused.
+        self.head_tied = cfg.tie_head_until > 0
+        if self.head_tied:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.005)
         self.skip_weights = nn.Parameter(torch.ones(L // 2))
         # record-55's skip gate: every U-net skip also times 2*sigmoid(w . x0[:dims]) (1 at the zero init), one w
         self.skip_gate = CastedLinear(cfg.attn_gate_dims, 1, zero_init=True) if cfg.skip_gate else None
@@ -220,6 +226,13 @@ class GPT(nn.Module):
         self.attention = "dense"   # dense (CPU) | flex: how attention runs (trainer/attention.py)
         self.fp8_head = False   # the trainer sets these two for its GPU
         self.fused_head_loss = False
+
+    @torch.no_grad()
+    def untie_head(self) -> None:
+        """Record-53's untie: the embedding becomes its own table, starting as a copy of the tied one (its first
+        vocab_size rows); the head keeps the tied parameter. The optimizer's state is the caller's to copy."""
+        self.embed.weight.copy_(self.lm_head.weight[: self.cfg.vocab_size])
+        self.head_tied = False
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = norm(x)
@@ -241,7 +254,9 @@ class GPT(nn.Module):
             masks = [attn_impl.flex_block_mask(docs, w, cfg.block_size) for w in windows]
         else:
             masks, windows = [None, None], tuple(int(w) for w in windows)
-        e = self.embed(tokens).to(self.act_dtype)
+        # tied: the head's table, padded rows never looked up; a Python flag, so torch.compile recompiles once when
+        # it flips
+        e = (F.embedding(tokens, self.lm_head.weight) if self.head_tied else self.embed(tokens)).to(self.act_dtype)
         if self.smear is not None:
             e = self.smear(e)
         x = x0 = norm(e[None])

@@ -140,11 +140,14 @@ class Muon(torch.optim.Optimizer):
 def split_parameters(model) -> dict[str, list]:
     """Hidden matrices go to Muon; embeddings, the head and scalar gains go to Adam. The later records' parts go
     where their records put them: the smear gate with Muon, the bigram table with the embeddings, the skip gate in
-    an Adam group of its own; the smear's and the bigram's weights (vectors) go with the scalars."""
-    embed = [model.embed.weight] + [ve.weight for ve in model.value_embeds]
+    an Adam group of its own; the smear's and the bigram's weights (vectors) go with the scalars. With the head tied to
+    the embedding (tie_head_until), the token embedding goes with the head: records 51 and 53 train the tied table
+    and, after the untie, the embedding at the head's lr."""
+    tied = model.cfg.tie_head_until > 0
+    embed = ([] if tied else [model.embed.weight]) + [ve.weight for ve in model.value_embeds]
     if getattr(model, "bigram", None) is not None:
         embed.append(model.bigram.table.weight)   # record-62/83: the bigram table at the embeddings' 75x Adam lr
-    head = [model.lm_head.weight]
+    head = [model.lm_head.weight] + ([model.embed.weight] if tied else [])
     hidden = [p for b in model.blocks for n, p in b.named_parameters() if p.ndim >= 2]
     if getattr(model, "smear", None) is not None:
         hidden.append(model.smear.gate)   # record-34 trains the smear gate with Muon
@@ -155,6 +158,16 @@ def split_parameters(model) -> dict[str, list]:
     if missing:
         raise RuntimeError(f"parameters with no optimizer: {missing}")
     return {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars, "skip_gate": skip_gate}
+
+
+def copy_adam_state(adam: torch.optim.Adam, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst's Adam state becomes a copy of src's (moments cut to dst's rows, the same step count): record-53's untie
+    hands the tied table's state to the embedding. With no state for src yet, dst starts fresh too."""
+    adam.state.pop(dst, None)
+    if src in adam.state:
+        rows = dst.size(0)
+        adam.state[dst] = {k: (v[:rows] if v.ndim and v.shape == src.shape else v).clone()
+                           for k, v in adam.state[src].items()}
 
 
 def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:

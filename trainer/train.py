@@ -25,7 +25,7 @@ from trainer.data import BOS, TrainBatches, find_shards, validation_chunks
 from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, barrier, init_ranks, sum_to_host
 from trainer.exit_codes import EXIT_PREEMPTED as PREEMPTED_EXIT
 from trainer.model import GPT
-from trainer.optim import build_optimizers
+from trainer.optim import build_optimizers, copy_adam_state
 
 log = logging.getLogger("trainer")
 
@@ -90,6 +90,12 @@ def adam_steps(cfg: TrainConfig, step: int) -> bool:
     gradients, so one written after an even step would lose that step's share: keep checkpoint_every and
     stop_check_every even (stop_check_every's default 10 is)."""
     return not cfg.adam_every_other_step or step % 2 == 1
+
+
+def head_tied(cfg: TrainConfig, step: int) -> bool:
+    """Whether the head is still the embedding at this step (tie_head_until): record-53 unties at step
+    ceil(2/3 * its scheduled steps), the same arithmetic here (1545 steps: 1030). 0 = never tied, 1 = never untied."""
+    return cfg.tie_head_until > 0 and step < math.ceil(cfg.tie_head_until * cfg.steps)
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -190,10 +196,20 @@ class Trainer:
         dev = host.to(self.ranks.device, non_blocking=True)
         return dev[:-1].view(len(micro_batches), -1), dev[-1]
 
+    def untie_head_if_due(self, step: int) -> None:
+        """At the first step past tie_head_until, the embedding leaves the head (record-53): it takes a copy of the
+        tied table and of its Adam state; the head keeps both, and any gradient still pending on it (Adam every
+        other step), as in the record, where the copy follows the last Adam step before the untie."""
+        if self.model.head_tied and not head_tied(self.cfg, step):
+            self.model.untie_head()
+            copy_adam_state(self.adam, self.model.lm_head.weight, self.model.embed.weight)
+            log.info("untied the embedding from the lm head at step %d", step)
+
     def train_step(self, micro_batches: list[np.ndarray], step: int) -> torch.Tensor:
         """One optimizer step on this rank's micro-batches: the gradient is the mean over the step's tokens on all
         ranks (every micro-batch holds seq_len of them), however many micro-batches the step has."""
         cfg = self.cfg
+        self.untie_head_if_due(step)
         tokens, window = self._step_tensors(micro_batches, window_blocks(cfg, step))
         total = torch.zeros((), device=self.ranks.device)
         adam_now = adam_steps(cfg, step)
@@ -256,7 +272,8 @@ class Trainer:
     def state(self) -> dict:
         return dict(step=self.step, train_ms=self.train_ms, model=self.model.state_dict(),
                     adam=self.adam.state_dict(), muon=self.muon.state_dict(), loader=self.batches.state_dict(),
-                    config=self.cfg.to_dict(), world=self.ranks.world, timings=self.timings)
+                    config=self.cfg.to_dict(), world=self.ranks.world, timings=self.timings,
+                    head_tied=self.model.head_tied)
 
     def save(self, path: Path) -> None:
         if self.ranks.is_main:
@@ -268,6 +285,7 @@ class Trainer:
         self.model.load_state_dict(st["model"])
         self.adam.load_state_dict(st["adam"])
         self.muon.load_state_dict(st["muon"])
+        self.model.head_tied = bool(st.get("head_tied", False))   # a checkpoint of the step that unties is still tied
         self.batches.load_state_dict(st["loader"])
         self.step, self.train_ms = int(st["step"]), float(st["train_ms"])
         self.timings.update({k: st["timings"][k] for k in ("warmup_s", "first_step_unix", "val_s")})
@@ -350,8 +368,12 @@ class Trainer:
             mb = [gen.integers(0, BOS, self.cfg.seq_len + 1) for _ in range(local)]
             for seq in mb:
                 seq[:: 4096] = BOS
+            step = (i * self.cfg.steps) // n
+            untie = math.ceil(self.cfg.tie_head_until * self.cfg.steps)
+            if i == n - 1 and n > 1 and self.model.head_tied and untie < self.cfg.steps:
+                step = max(step, untie)   # the untied graph compiles here, not in the timed loop
             try:
-                self.train_step(mb, step=(i * self.cfg.steps) // n)
+                self.train_step(mb, step=step)
             except Exception as e:   # noqa: BLE001 - any compile failure of the FP8 head, whatever its type
                 if i > 0 or not self.model.fp8_head:
                     raise
@@ -366,6 +388,9 @@ class Trainer:
         self.sync()
         v0 = time.time()
         self.warmup_parts["steps_s"] = v0 - t0
+        # tied again if the last warm-up step untied it: validation at step 0 then finds its graph compiled (the
+        # untied one compiles at the first validation after the untie, also untimed)
+        self.model.head_tied = head_tied(self.cfg, 0)
         self.validate(0)
         self.sync()
         self.warmup_parts["validation_s"] = time.time() - v0

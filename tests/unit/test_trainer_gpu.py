@@ -223,3 +223,50 @@ def test_training_loop_on_the_gpu_with_a_batch_schedule_compiles_no_shape_after_
     assert all(0 < r["train_loss"] < 12 for r in train)
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert val[-1] < val[0]
+
+
+def test_compiled_tied_model_with_the_fused_head_matches_the_dense_model():
+    """The head tied to the embedding (records 51/53), compiled with FlexAttention and the fused head + loss op, gives
+    the eager dense loss, and the tied table's gradient (both uses summed) is finite and non-zero in both halves."""
+    cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=2048, num_layers=4, num_value_embeds=2,
+                      tie_head_until=0.5)
+    model = randomised_model(cfg, std=0.02, device="cuda")
+    model.act_dtype = torch.bfloat16
+    t = packed(cfg.seq_len + 1, 5, 2)
+    w = torch.tensor(4, device="cuda")
+    dense = model(t[:-1], t[1:], w)
+    model.attention, model.fused_head_loss = "flex", True
+    model.fp8_head = torch.cuda.get_device_capability() >= (9, 0)
+    fused = torch.compile(model, dynamic=False)(t[:-1], t[1:], w)
+    assert abs(fused.item() - dense.item()) < 2e-2 * dense.item()
+    fused.backward()
+    g = model.lm_head.weight.grad
+    assert torch.isfinite(g).all() and g[t[:-1]].abs().sum() > 0 and model.embed.weight.grad is None
+
+
+def test_training_loop_on_the_gpu_unties_the_head_and_resumes_after(tmp_path):
+    """Compiled with the warm-up (which compiles the untied graph too), the loop trains tied, unties at step 6 of 12
+    and trains on; a run resumed from a checkpoint after the untie is untied and finishes."""
+    import json
+
+    from orchestrator.data.synthetic import markov_shards
+    from trainer.train import Trainer
+
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(model_dim=128, num_heads=2, head_dim=64, num_layers=4, steps=12, val_every=6, device="cuda",
+                      compile=True, warmup_compile_steps=3, checkpoint_every=4, tie_head_until=0.5,
+                      **LATER_RECORDS_PARTS)
+    trainer = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out"))
+    assert trainer.run() == 0 and not trainer.model.head_tied
+    model = trainer.model
+    assert not torch.equal(model.embed.weight, model.lm_head.weight[:cfg.vocab_size])
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [r["train_loss"] for r in records if "train_loss" in r]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(train) == 12 and all(0 < x < 12 for x in train) and val[-1] < val[0]
+    (tmp_path / "b" / "ckpt").mkdir(parents=True)
+    (tmp_path / "out" / "ckpt" / "step_000008.pt").rename(tmp_path / "b" / "ckpt" / "step_000008.pt")
+    resumed = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "b"))
+    assert resumed.run(resume="auto") == 0 and not resumed.model.head_tied
+    again = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again if "train_loss" in r] == [9, 10, 11, 12]

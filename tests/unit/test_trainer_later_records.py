@@ -468,6 +468,200 @@ def test_logit_rescale_is_the_records_asymmetric_sigmoid_up_to_a_constant():
     assert model(t[:-1], t[1:], torch.tensor(2)) != plain(t[:-1], t[1:], torch.tensor(2))
 
 
+# ------------------------------------------------------------- head tied to the embedding until 2/3 (records 51, 53)
+
+
+def test_the_head_is_tied_before_the_untie_step_only():
+    from trainer.train import head_tied
+
+    assert not any(head_tied(tiny_config(steps=1545), s) for s in range(1546))   # 0: never tied, as before
+    on = tiny_config(steps=1545, tie_head_until=2 / 3)
+    assert [head_tied(on, s) for s in (0, 1029, 1030, 1544)] == [True, True, False, False]
+    assert head_tied(tiny_config(steps=1880, tie_head_until=2 / 3), 1253)   # record-53: ceil(2/3 * 1880) = 1254
+    assert not head_tied(tiny_config(steps=1880, tie_head_until=2 / 3), 1254)
+    assert all(head_tied(tiny_config(steps=20, tie_head_until=1.0), s) for s in range(20))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="tie_head_until"):
+            tiny_config(tie_head_until=bad)
+
+
+def tied_and_explicit(**switches):
+    """(a randomised tied model, an untied one with the same parameters whose embedding is the head's table)."""
+    tied = randomised_model(tiny_config(tie_head_until=0.5, **switches))
+    explicit = randomised_model(tiny_config(**switches))
+    explicit.load_state_dict(tied.state_dict())
+    with torch.no_grad():
+        explicit.embed.weight.copy_(tied.lm_head.weight[:explicit.cfg.vocab_size])
+        tied.embed.weight.fill_(float("nan"))   # unused while tied: a nan here would show in the loss
+    return tied, explicit
+
+
+def test_tied_model_starts_from_the_records_random_table_not_the_zero_head():
+    tied = randomised_model(tiny_config(tie_head_until=0.5))
+    w = tied.lm_head.weight
+    assert tied.head_tied and w.shape == (50304, 64) and abs(w.std().item() - 0.005) < 1e-4
+    plain = GPT_of(tiny_config())
+    assert not plain.head_tied and not plain.lm_head.weight.any()   # record-28's zero head when off
+
+
+def GPT_of(cfg):
+    from trainer.model import GPT
+
+    torch.manual_seed(0)
+    return GPT(cfg)
+
+
+@pytest.mark.parametrize("switches", [{}, dict(smear=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16)])
+def test_tied_forward_is_the_model_whose_embedding_is_the_head_and_its_gradient_the_sum_of_both_uses(switches):
+    tied, explicit = tied_and_explicit(**switches)
+    t = tokens()
+    loss = tied(t[:-1], t[1:], torch.tensor(2))
+    want = explicit(t[:-1], t[1:], torch.tensor(2))
+    assert torch.equal(loss, want)
+    loss.backward()
+    want.backward()
+    V = explicit.cfg.vocab_size
+    summed = explicit.lm_head.weight.grad.clone()
+    summed[:V] += explicit.embed.weight.grad
+    assert explicit.embed.weight.grad.abs().sum() > 0 and explicit.lm_head.weight.grad[:V].abs().sum() > 0
+    assert torch.allclose(tied.lm_head.weight.grad, summed, rtol=1e-6, atol=1e-9)
+    assert tied.embed.weight.grad is None   # the waiting embedding gets nothing: Adam leaves it alone
+
+
+def test_tied_table_and_the_untied_embedding_train_at_the_heads_adam_rate():
+    from trainer.optim import split_parameters
+
+    cfg = tiny_config(tie_head_until=0.5)
+    model = randomised_model(cfg)
+    parts = split_parameters(model)
+    assert [id(p) for p in parts["head"]] == [id(model.lm_head.weight), id(model.embed.weight)]
+    assert not any(p is model.embed.weight for p in parts["embed"])
+    adam, _ = build_optimizers(model, cfg)
+    head_group = [g for g in adam.param_groups if any(p is model.lm_head.weight for p in g["params"])][0]
+    assert head_group["lr"] == pytest.approx(0.008) and any(p is model.embed.weight for p in head_group["params"])
+    off = randomised_model(tiny_config())
+    assert any(p is off.embed.weight for p in split_parameters(off)["embed"])
+
+
+def test_untie_copies_the_table_and_its_adam_state_to_the_embedding_at_the_untie_step(tmp_path):
+    from orchestrator.data.synthetic import markov_shards
+    from trainer.train import Trainer
+
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(steps=6, tie_head_until=0.5)   # untied from step 3 on
+    trainer = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out"))
+    model, adam = trainer.model, trainer.adam
+    e0 = model.embed.weight.detach().clone()
+    for step in range(3):
+        trainer.train_step(trainer.batches.next_step(), step)
+        assert model.head_tied and torch.equal(model.embed.weight, e0) and model.embed.weight not in adam.state
+    head = model.lm_head.weight.detach().clone()
+    head_state = {k: v.clone() for k, v in adam.state[model.lm_head.weight].items()}
+    trainer.untie_head_if_due(3)
+    V = cfg.vocab_size
+    assert not model.head_tied and torch.equal(model.embed.weight, head[:V])
+    assert torch.equal(model.lm_head.weight, head)
+    embed_state, kept = adam.state[model.embed.weight], adam.state[model.lm_head.weight]
+    assert embed_state["step"] == head_state["step"] == 3
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(embed_state[k], head_state[k][:V]) and torch.equal(kept[k], head_state[k])
+        assert embed_state[k].data_ptr() != kept[k].data_ptr()   # copies, not views
+    trainer.train_step(trainer.batches.next_step(), 3)   # from here on two tables, each with its own gradient
+    assert not torch.equal(model.embed.weight, model.lm_head.weight[:V])
+    assert adam.state[model.embed.weight]["step"] == adam.state[model.lm_head.weight]["step"] == 4
+
+
+TIED_RUN = dict(steps=6, val_every=6, checkpoint_every=1, tie_head_until=0.5)   # untied at step 3
+
+
+@pytest.fixture(scope="module")
+def tied_run(tmp_path_factory):
+    """Markov shards and one uninterrupted 6-step run that unties at step 3, with a checkpoint at every step."""
+    from orchestrator.data.synthetic import markov_shards
+    from trainer.train import Trainer
+
+    root = tmp_path_factory.mktemp("tied")
+    markov_shards(root / "data")
+    trainer = Trainer(tiny_config(**TIED_RUN), str(root / "data"), str(root / "a"))
+    assert trainer.run() == 0 and not trainer.model.head_tied
+    return root, trainer.model.state_dict()
+
+
+def run_losses(out):
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r.get("train_loss", r.get("val_loss")) for r in rows if "train_loss" in r or r["step"] == 6}
+
+
+@pytest.mark.parametrize("resume_at", [2, 3, 4])   # before the untie, at its step (saved still tied), after it
+def test_resume_across_the_untie_gives_the_uninterrupted_run(tied_run, tmp_path, resume_at):
+    import shutil
+
+    from trainer.train import Trainer
+
+    root, final = tied_run
+    name = f"step_{resume_at:06d}.pt"
+    (tmp_path / "ckpt").mkdir()
+    shutil.copy(root / "a" / "ckpt" / name, tmp_path / "ckpt" / name)
+    b = Trainer(tiny_config(**TIED_RUN), str(root / "data"), str(tmp_path))
+    assert b.model.head_tied and b.run(resume="auto") == 0
+    want, got = run_losses(root / "a"), run_losses(tmp_path)
+    assert sorted(got) == list(range(resume_at + 1, 7))
+    for s in got:
+        assert got[s] == pytest.approx(want[s], rel=1e-6)
+    for k, v in b.model.state_dict().items():
+        assert torch.equal(v, final[k]), k
+
+
+def test_warm_up_runs_its_last_step_untied_then_puts_the_tied_model_back(tmp_path):
+    """The warm-up (untimed) reaches the untie, so the untied graph compiles there, not in the timed loop; then the
+    model is tied again with its initial weights. Run eagerly here: the logic is the same compiled."""
+    from orchestrator.data.synthetic import markov_shards
+    from trainer.train import Trainer
+
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(steps=20, tie_head_until=0.75, warmup_compile_steps=3)   # warm-up steps 0, 6, then 15 (not 13)
+    trainer = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out"))
+    trainer.compiled = True
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    seen, step_fn = [], trainer.train_step
+
+    def train_step(mb, step):   # each warm-up step, and whether the model was tied after it
+        loss = step_fn(mb, step)
+        seen.append((step, trainer.model.head_tied))
+        return loss
+
+    trainer.train_step = train_step
+    trainer.warm_up()
+    assert seen == [(0, True), (6, True), (15, False)] and trainer.model.head_tied
+    assert all(torch.equal(v, initial[k]) for k, v in trainer.model.state_dict().items())
+    assert not trainer.adam.state and trainer.model.embed.weight.grad is None
+
+
+def test_compiled_model_recompiles_once_at_the_untie_and_then_reads_the_embedding():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from trainer.model import GPT
+
+    cfg = tiny_config(tie_head_until=0.5)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    t = tokens()
+    assert torch.equal(compiled(t[:-1], t[1:], torch.tensor(2)), model(t[:-1], t[1:], torch.tensor(2)))
+    model.untie_head()
+    with torch.no_grad():
+        model.embed.weight.add_(torch.randn_like(model.embed.weight))   # the untied table now differs from the head's
+    eager = model(t[:-1], t[1:], torch.tensor(2))
+    for _ in range(2):
+        assert torch.allclose(compiled(t[:-1], t[1:], torch.tensor(2)), eager, rtol=1e-6)
+    assert counter.frame_count == 2   # the tied graph and the untied one
+    model.head_tied = True
+    assert not torch.allclose(model(t[:-1], t[1:], torch.tensor(2)), eager, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------- all at once
 
 
@@ -478,7 +672,7 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
     cfg = tiny_config(num_layers=4, smear=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16,
                       value_embed_gate=True, skip_gate=True, muon_variant="normuon", logit_rescale=True,
                       muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True,
-                      batch_schedule="1/2:1,1:2")
+                      batch_schedule="1/2:1,1:2", tie_head_until=0.5)
     torch.manual_seed(0)
     model = GPT(cfg)
     t = tokens()
