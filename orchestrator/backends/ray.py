@@ -53,23 +53,16 @@ class RayBackend(Backend):
 
     # ------------------------------------------------------------------ what would be submitted
     def runtime_env(self, plan: "LaunchPlan") -> dict[str, Any]:
-        settings = self.cluster.ray
-        root = Path(settings.working_dir).expanduser() if settings.working_dir else REPO_ROOT
-        env: dict[str, Any] = {
-            "working_dir": str(root),
-            "excludes": EXCLUDES + list(settings.excludes),
-            "env_vars": {
-                PLAN_ENV: plan.to_json(),
-                "PYTHONUNBUFFERED": "1",
-                "RAY_DEDUP_LOGS": "0",    # identical lines from several nodes are all kept
-                "RAY_COLOR_PREFIX": "0",  # no ANSI colours in the job log
-                # Ray's job stop waits this long after SIGTERM before SIGKILL (default 3 s): enough
-                # for the driver to stop every node runner and the torchrun workers under it.
-                "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S + 15),
-            },
-        }
-        if settings.pip:
-            env["pip"] = list(settings.pip)
+        env = code_runtime_env(self.cluster)
+        env["env_vars"].update({
+            PLAN_ENV: plan.to_json(),
+            "PYTHONUNBUFFERED": "1",
+            "RAY_DEDUP_LOGS": "0",    # identical lines from several nodes are all kept
+            "RAY_COLOR_PREFIX": "0",  # no ANSI colours in the job log
+            # Ray's job stop waits this long after SIGTERM before SIGKILL (default 3 s): enough
+            # for the driver to stop every node runner and the torchrun workers under it.
+            "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S + 15),
+        })
         return env
 
     def entrypoint(self) -> str:
@@ -199,6 +192,16 @@ class _NodeNames:
         if self.nodes <= 1:
             return rest
         return f"[node {self.rank_of_pid.get(m.group(2), '?')}] {rest}"
+
+
+def code_runtime_env(cluster) -> dict[str, Any]:
+    """The job's code (this checkout, or ray.working_dir) and extra pip packages, as a Ray runtime_env."""
+    settings = cluster.ray
+    root = Path(settings.working_dir).expanduser() if settings.working_dir else REPO_ROOT
+    env: dict[str, Any] = {"working_dir": str(root), "excludes": EXCLUDES + list(settings.excludes), "env_vars": {}}
+    if settings.pip:
+        env["pip"] = list(settings.pip)
+    return env
 
 
 def submission_id(plan: "LaunchPlan") -> str:
