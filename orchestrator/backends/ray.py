@@ -9,6 +9,7 @@ can quote the latest one. `speedrun cluster up|down` is backends/ray_launcher.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -146,11 +147,12 @@ class RayBackend(Backend):
         logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed"
         loop = asyncio.new_event_loop()
         chunks = client.tail_job_logs(sid)
-        pending = ""
+        pending, task = "", None
         try:
             while True:
+                task = loop.create_task(chunks.__anext__())
                 try:
-                    chunk = loop.run_until_complete(chunks.__anext__())
+                    chunk = loop.run_until_complete(task)
                 except StopAsyncIteration:
                     break
                 lines = (pending + chunk).split("\n")
@@ -159,7 +161,12 @@ class RayBackend(Backend):
             if pending:
                 yield names.rewrite(pending)
         finally:
-            loop.run_until_complete(chunks.aclose())
+            if task is not None and not task.done():  # Ctrl-C inside the wait: end the read it was in
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    loop.run_until_complete(task)
+            with contextlib.suppress(RuntimeError):
+                loop.run_until_complete(chunks.aclose())
             loop.close()
 
     def cancel(self, handle: Handle) -> None:
