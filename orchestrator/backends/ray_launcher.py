@@ -189,11 +189,12 @@ def confirm_cost(cluster: ClusterConfig, path: Path, config: dict[str, Any], yes
 
 @contextlib.contextmanager
 def launcher_output(console: Console):
-    """Ray's launcher narrates on stdout with its own log prefixes and colours; keep its words, not its
-    colour codes (and none of its debug lines unless -v)."""
+    """Ray's launcher narrates on stdout: colours only on a terminal, plain timestamped lines in a pipe or
+    file, and none of its debug lines (VINFO) unless -v."""
     from ray.autoscaler._private.cli_logger import cli_logger
 
-    cli_logger.configure(log_style="record", color_mode="true" if console.is_terminal else "false",
+    cli_logger.configure(log_style="pretty" if console.is_terminal else "record",
+                         color_mode="true" if console.is_terminal else "false",
                          verbosity=1 if log.isEnabledFor(logging.DEBUG) else 0)
     yield
 
