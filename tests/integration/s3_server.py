@@ -38,9 +38,8 @@ def moto_binary() -> str:
 
 
 class MotoServer:
-    def __init__(self, port: int | None = None, server_env: dict[str, str] | None = None):
+    def __init__(self, port: int | None = None):
         self.port = port or free_port()
-        self.server_env = dict(os.environ, **(server_env or {}))  # e.g. MOTO_IAM_LOAD_MANAGED_POLICIES
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="moto-", suffix=".log")[1])
 
@@ -54,7 +53,7 @@ class MotoServer:
 
     def start(self, timeout_s: float = 30.0) -> "MotoServer":
         with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen([moto_binary(), "-H", "127.0.0.1", "-p", str(self.port)], env=self.server_env,
+            self.proc = subprocess.Popen([moto_binary(), "-H", "127.0.0.1", "-p", str(self.port)],
                                          stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -1,9 +1,9 @@
 """The AWS example against a simulated EC2: moto_server on 127.0.0.1 (s3_server.MotoServer), fake keys.
 
 How far the Ray cluster launcher gets with cluster_configs/ray-cluster-aws.yaml as shipped (only the
-cluster name, ray.address and an SSH that fails at once changed): it checks the AWS environment, creates
-the IAM role and instance profile, the key pair (its .pem under this test's HOME) and the security group,
-launches ONE p5.48xlarge head through RunInstances with the config's ImageId (moto takes the SSM alias
+cluster name, ray.address and an SSH that fails at once changed): it checks the AWS environment, takes
+the instance profile Ray made on an earlier `up` (made here by the test: Ray waits 30 s for IAM to propagate
+when it makes one), creates the key pair (its .pem under this test's HOME) and the security group, launches ONE p5.48xlarge head through RunInstances with the config's ImageId (moto takes the SSM alias
 as it is; real EC2 resolves it), tags it, and then waits for SSH, which never answers: there is no
 machine. `up` then fails with one sentence; `status` lists the head from EC2 without creating anything;
 `down` terminates it; `launch --down` releases the head it started when provisioning fails. What moto
@@ -11,6 +11,7 @@ cannot say: that the AMI boots, that install.sh and mount-nvme.sh work on it, th
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +32,12 @@ def aws(tmp_path_factory):
     if not Path(moto_binary()).exists():
         pytest.skip("moto_server is not installed next to this python; install the [dev] extra")
     root = tmp_path_factory.mktemp("aws")
-    with MotoServer(server_env={"MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}) as moto:  # Ray attaches AmazonEC2FullAccess
+    with MotoServer() as moto:
+        iam = client(moto, "iam")  # what Ray's first `up` in an account leaves: its role in its instance profile
+        iam.create_role(RoleName="ray-autoscaler-v1", AssumeRolePolicyDocument=json.dumps({"Statement": [
+            {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}))
+        iam.create_instance_profile(InstanceProfileName="ray-autoscaler-v1")
+        iam.add_role_to_instance_profile(InstanceProfileName="ray-autoscaler-v1", RoleName="ray-autoscaler-v1")
         cfg = yaml.safe_load((REPO / "cluster_configs" / "ray-cluster-aws.yaml").read_text())
         cfg["ray"]["address"] = f"http://127.0.0.1:{free_port()}"  # nothing answers there
         launcher = cfg["ray"]["launcher"]
@@ -76,8 +82,9 @@ def test_aws_example_as_far_as_a_simulated_ec2_goes(aws):
     status = cli("cluster", "status", cfg)
     assert status.returncode == 1 and "no node running" in status.stdout, status.stdout + status.stderr
     assert states(moto) == []
-    assert client(moto, "iam").list_roles()["Roles"] == []  # neither a dry run nor status bootstraps anything
-    assert client(moto, "ec2").describe_key_pairs()["KeyPairs"] == []
+    assert client(moto, "ec2").describe_key_pairs()["KeyPairs"] == []  # neither a dry run nor status bootstraps
+    assert client(moto, "ec2").describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": [f"ray-autoscaler-{NAME}"]}])["SecurityGroups"] == []
 
     up = cli("cluster", "up", cfg, "--yes")
     assert up.returncode == 2, up.stdout[-3000:] + up.stderr[-3000:]
@@ -87,7 +94,9 @@ def test_aws_example_as_far_as_a_simulated_ec2_goes(aws):
     assert head["InstanceType"] == "p5.48xlarge" and head["State"]["Name"] == "running"
     assert head["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/")
     assert tags["ray-node-type"] == "head" and tags["ray-node-status"] == "update-failed"
-    assert any(r["RoleName"] == "ray-autoscaler-v1" for r in client(moto, "iam").list_roles()["Roles"])
+    assert head["IamInstanceProfile"]["Arn"].endswith("instance-profile/ray-autoscaler-v1")
+    assert client(moto, "ec2").describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": [f"ray-autoscaler-{NAME}"]}])["SecurityGroups"]
     assert [k["KeyName"] for k in client(moto, "ec2").describe_key_pairs()["KeyPairs"]] == ["ray-autoscaler_us-east-1"]
     assert (root / "home" / ".ssh" / "ray-autoscaler_us-east-1.pem").is_file()
 
