@@ -120,7 +120,8 @@ def cmd_launch(args) -> int:
     def collect() -> None:
         missing = rented.collect(plan, state["store"]) if "store" in state else []
         if missing:
-            console.print(f"seeds {missing} never reached the store; their files went with the cluster", style="red")
+            console.print(f"seeds {missing} have no manifest in the store (stopped, failed, or their upload did not "
+                          "finish); what they left on the nodes goes with the cluster", style="red", markup=False)
 
     return launch_around(rented, args.down, run, cancel, collect)
 

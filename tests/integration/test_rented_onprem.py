@@ -214,6 +214,7 @@ def test_launch_down_releases_on_ctrl_c(onprem):
     out = "".join(seen) + out
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted: cancelling the sweep, then releasing the cluster" in out
+    assert "collecting seeds [0] from the head's spool" in out  # `speedrun collect` ran on the head, as a Ray job
     assert f"cluster {onprem.name!r} is down" in out
     assert not onprem.ray_pids(), "Ray still runs after Ctrl-C of launch --down"
 
