@@ -52,8 +52,10 @@ def print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
         from orchestrator.summary import json_or_none
         from orchestrator.sweep import plan_key
 
-        stored = json_or_none(store, plan_key(sweep_id))
-        cluster = LaunchPlan.from_dict(stored).cluster if stored else None
+        try:
+            cluster = LaunchPlan.from_dict(json_or_none(store, plan_key(sweep_id))).cluster
+        except (AttributeError, KeyError, TypeError, ValueError):  # no plan, or one this version cannot read
+            cluster = None
     if cluster is not None and s.wall_s:
         from orchestrator.summary import cost_line
 

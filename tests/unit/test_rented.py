@@ -274,3 +274,28 @@ def test_an_unanswered_poll_counts_as_busy():
 def test_the_watcher_releases_cloud_nodes_with_ray_down_and_on_prem_stops_ray():
     assert teardown_command("aws", "/v/bin/ray") == ["/v/bin/ray", "down", "-y", str(Path("~/ray_bootstrap_config.yaml").expanduser())]
     assert teardown_command("local", "ray") == ["ray", "stop"]
+
+
+def test_show_states_the_sweeps_gpu_hours_and_cost_from_the_plan_it_ran_with(tmp_path, capsys, monkeypatch):
+    import json
+
+    from orchestrator.cli import main
+    from orchestrator.config import load_cluster, load_job
+    from orchestrator.plan import build_plan
+    from orchestrator.store import open_store
+
+    cluster, cpath = load_cluster(AWS)
+    plan = build_plan(load_job("jobs/smoke.yaml"), cluster, Path("jobs/smoke.yaml"), cpath, seeds=None,
+                      store=str(tmp_path / "store"))
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes(plan.to_json().encode(), f"{plan.sweep_id}/plan.json")
+    log = (REPO / "tests" / "data" / "logs" / "ours_complete.txt").read_bytes()
+    store.put_bytes(log, f"{plan.sweep_id}/seed-0/train.log")
+    store.put_bytes(json.dumps({"state": "succeeded", "total_s": 1800}).encode(), f"{plan.sweep_id}/seed-0/timings.json")
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["show", plan.sweep_id, "--store", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "cost: 8 GPUs x 0.50 h = 4.00 GPU-hours x $6.88/GPU-hour ($55.04/node-hour) = $27.52" in out
+    store.put_bytes(b'{"seeds": [0]}', f"{plan.sweep_id}/plan.json")  # a plan this version cannot read: no cost line
+    assert main(["show", plan.sweep_id, "--store", str(tmp_path / "store")]) == 0
+    assert "cost:" not in capsys.readouterr().out
