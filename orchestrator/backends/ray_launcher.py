@@ -274,20 +274,25 @@ class LiveNode:
     state: str
 
 
-def live_nodes(config: dict[str, Any]) -> list[LiveNode]:
+def live_nodes(config: dict[str, Any], path: Path) -> list[LiveNode]:
     """The cluster's nodes as its provider lists them (read-only: no bootstrap, nothing created)."""
     from ray.autoscaler._private.providers import _get_node_provider
     from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_STATUS
 
     quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        provider = _get_node_provider(config["provider"], config["cluster_name"])
-        nodes = []
-        for node_id in provider.non_terminated_nodes({}):
-            tags = provider.node_tags(node_id)
-            address = provider.external_ip(node_id) or provider.internal_ip(node_id) or "-"
-            nodes.append(LiveNode(tags.get(TAG_RAY_NODE_KIND, "?"), str(node_id), str(address),
-                                  tags.get(TAG_RAY_NODE_STATUS, "?")))
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            provider = _get_node_provider(config["provider"], config["cluster_name"])
+            nodes = []
+            for node_id in provider.non_terminated_nodes({}):
+                tags = provider.node_tags(node_id)
+                address = provider.external_ip(node_id) or provider.internal_ip(node_id) or "-"
+                nodes.append(LiveNode(tags.get(TAG_RAY_NODE_KIND, "?"), str(node_id), str(address),
+                                      tags.get(TAG_RAY_NODE_STATUS, "?")))
+    except Exception as e:  # noqa: BLE001  credentials, network: one sentence, not a traceback
+        raise ConfigError(f"{path}: the {config['provider'].get('type')} provider could not list the nodes of "
+                          f"{config['cluster_name']!r} ({type(e).__name__}: {str(e).strip()[:200]}); "
+                          "check credentials and region") from None
     return sorted(nodes, key=lambda n: (n.role != "head", n.node_id))
 
 
@@ -309,11 +314,7 @@ def cluster_status(config_path: str, dry_run: bool, console: Console) -> int:
         console.print(f"dry run: no provider or cloud API was asked; `speedrun cluster status {config_path}` "
                       "lists the running nodes", markup=False, highlight=False)
         return 0
-    try:
-        nodes = live_nodes(config)
-    except Exception as e:  # noqa: BLE001  credentials, network: one sentence, not a traceback
-        raise ConfigError(f"{path}: the {config['provider'].get('type')} provider could not list the nodes of {name!r} "
-                          f"({type(e).__name__}: {str(e).strip()[:200]}); check credentials and region") from None
+    nodes = live_nodes(config, path)
     answers = jobs_api_answers(cluster.ray.address)
     t = Table(title=f"{path}: Ray cluster {name!r}", title_justify="left")
     for col in ("role", "node", "address", "launcher state"):

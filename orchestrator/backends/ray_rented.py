@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
+import yaml
+
 from orchestrator.backends.ray_autostop import HEAD_CONFIG, PREFIX
 from orchestrator.backends.ray_launcher import (hourly_cost, jobs_api_answers, live_nodes, provision, provisioning,
                                                 remote_dashboard_port, saved_launcher_path, teardown)
@@ -75,7 +77,7 @@ class RentedCluster:
         if jobs_api_answers(self.address, timeout_s=3):
             return
         local = self.config["provider"].get("type") == "local"
-        head_up = any(n.role == "head" for n in live_nodes(self.config))
+        head_up = any(n.role == "head" for n in live_nodes(self.config, self.path))
         # On-prem the launcher only remembers that it once started Ray there: a forward tells whether it still runs.
         if head_up and self._forward(wait_s=15 if local else FORWARD_WAIT_S):
             return
@@ -99,8 +101,6 @@ class RentedCluster:
         self.close()
         saved = saved_launcher_path(self.config)
         saved.parent.mkdir(parents=True, exist_ok=True)
-        import yaml
-
         saved.write_text(yaml.safe_dump(self.config, sort_keys=False))
         log = open(saved.with_suffix(".dashboard.log"), "a")
         self.forward = subprocess.Popen(

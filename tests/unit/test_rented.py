@@ -299,3 +299,18 @@ def test_show_states_the_sweeps_gpu_hours_and_cost_from_the_plan_it_ran_with(tmp
     store.put_bytes(b'{"seeds": [0]}', f"{plan.sweep_id}/plan.json")  # a plan this version cannot read: no cost line
     assert main(["show", plan.sweep_id, "--store", str(tmp_path / "store")]) == 0
     assert "cost:" not in capsys.readouterr().out
+
+
+def test_status_when_the_provider_cannot_answer_is_one_sentence(monkeypatch, capsys):
+    import ray.autoscaler._private.providers as providers
+
+    from orchestrator.cli import main
+
+    def no_credentials(*a, **k):
+        raise RuntimeError("Unable to locate credentials")
+
+    monkeypatch.setattr(providers, "_get_node_provider", no_credentials)
+    assert main(["cluster", "status", AWS]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the aws provider could not list the nodes of 'speedrun-p5' (RuntimeError: Unable to locate credentials)" in err
+    assert "Traceback" not in err
