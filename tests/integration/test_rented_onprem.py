@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ray_stop_scoped import cluster_processes
-from sshd_server import free_port, start_sshd
+from sshd_server import SSHD, free_port, start_sshd
 from test_ray_jobs import TINY
 
 from orchestrator.artifacts import read_manifest
@@ -126,6 +126,14 @@ def sweep_of(out: str) -> str:
 
 @pytest.fixture(scope="module")
 def onprem():
+    import shutil
+
+    missing = [name for name, found in (("openssh-server", Path(SSHD).is_file()), ("rsync", shutil.which("rsync")),
+                                        ("netcat-openbsd", shutil.which("nc"))) if not found]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed; scripts/bootstrap.sh installs them")
+    if os.geteuid() != 0:
+        pytest.skip("the test's sshd needs root (its privilege-separation directory /run/sshd); run it as root")
     cluster = OnPrem()
     try:
         yield cluster
