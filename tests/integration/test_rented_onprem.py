@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,7 @@ class OnPrem:
             self.sshd.stop()
             for suffix in ("state", "lock"):  # the launcher's record of this on-prem cluster
                 Path(f"/tmp/ray/cluster-{self.name}.{suffix}").unlink(missing_ok=True)
+            shutil.rmtree(self.root, ignore_errors=True)  # keys, the head's home, Ray's temp dir, the store
 
 
 def alive(pid: int) -> bool:
@@ -126,8 +128,6 @@ def sweep_of(out: str) -> str:
 
 @pytest.fixture(scope="module")
 def onprem():
-    import shutil
-
     missing = [name for name, found in (("openssh-server", Path(SSHD).is_file()), ("rsync", shutil.which("rsync")),
                                         ("netcat-openbsd", shutil.which("nc"))) if not found]
     if missing:
