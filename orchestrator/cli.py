@@ -116,27 +116,65 @@ def _follow(backend, handle) -> None:
 
 
 def cmd_launch(args) -> int:
-    from orchestrator.runs import SweepRecord, record_sweep
-    from orchestrator.sweep import plan_key
-    from orchestrator.watch import watch
-    from orchestrator.workdir import ship_code
+    from orchestrator.backends.ray_rented import rented_for_launch
 
     if args.json and not args.dry_run:
         raise ConfigError("--json: only with --dry-run (a launch follows its logs); launch with --detach, then "
                           "`speedrun status RUN --json`")
     plan, backend = _prepare_launch(args)
+    rented = rented_for_launch(plan, args.cluster, args.down, args.detach, args.idle_minutes, console)
     if args.dry_run and args.json:
-        print_json({"plan": plan.shown_dict(), "submit": backend.describe(plan).splitlines()})
+        print_json({"plan": plan.shown_dict(), "submit": backend.describe(plan).splitlines(),
+                    "rented": rented.describe(args.down, args.idle_minutes) if rented else []})
         return 0
     if args.dry_run:
         _print_plan(plan, backend)
-        console.print("[dim]dry run: nothing was created or submitted[/dim]")
+        for line in rented.describe(args.down, args.idle_minutes) if rented else []:
+            console.print(line, markup=False, soft_wrap=True)
+        console.print("[dim]dry run: nothing was created, provisioned or submitted[/dim]")
         return 0
+    if rented is None:
+        return _run_sweep(args, plan, backend, {})
+    from orchestrator.backends.ray_launcher import confirm_cost
+    from orchestrator.backends.ray_rented import launch_around
+
+    if not confirm_cost(plan.cluster, rented.path, rented.config, args.yes, console, "launch"):
+        console.print("nothing was provisioned or submitted")
+        return 1
+    state: dict = {}
+
+    def run() -> int:
+        rented.ensure_up()
+        if args.idle_minutes is not None:
+            rented.start_autostop(args.idle_minutes)
+        return _run_sweep(args, plan, backend, state, keep_running_on_interrupt=not args.down)
+
+    def cancel() -> None:
+        if "handle" in state:
+            backend.cancel(state["handle"])
+
+    def collect() -> None:
+        missing = rented.collect(plan, state["store"]) if "store" in state else []
+        if missing:
+            console.print(f"seeds {missing} have no manifest in the store (stopped, failed, or their upload did not "
+                          "finish); what they left on the nodes goes with the cluster", style="red", markup=False)
+
+    return launch_around(rented, args.down, run, cancel, collect)
+
+
+def _run_sweep(args, plan, backend, state: dict, keep_running_on_interrupt: bool = True) -> int:
+    from orchestrator.runs import SweepRecord, record_sweep
+    from orchestrator.sweep import plan_key
+    from orchestrator.watch import watch
+    from orchestrator.workdir import ship_code
+
     backend.check(plan)
     store = open_store_for(plan.store_url)
+    state["store"] = store
     ship_code(plan, store)  # the script's folder and the offline caches, unless the store has them already
     store.put_bytes(plan.to_json().encode(), plan_key(plan.sweep_id))
     handle = backend.submit(plan)
+    state["handle"] = handle
     record_sweep(SweepRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
                              handle.to_dict()), store)
     console.print(f"launched [bold]{plan.sweep_id}[/bold] on {plan.cluster.name} ({backend.name}); "
@@ -150,28 +188,14 @@ def cmd_launch(args) -> int:
     try:
         _follow(backend, handle)
     except KeyboardInterrupt:
+        if not keep_running_on_interrupt:
+            raise
         console.print(f"\ndetached; the run goes on. cancel with: speedrun cancel {plan.sweep_id}")
         return 130
     status = watch(backend, handle, poll_s=0.5, say=lambda line: console.print(line, markup=False))
     print_sweep(store, plan.sweep_id, plan.store_url, plan.cluster)
     console.print(f"run {plan.sweep_id}: {status.state.value} ({status.detail})")
     return 0 if status.state.value == "SUCCEEDED" else 1
-
-
-def cmd_prefetch(args) -> int:
-    from orchestrator.config import load_job
-    from orchestrator.offline import missing, prefetch
-
-    job = load_job(args.job)
-    if job.offline is None or not (job.offline.hf_kernels or job.offline.tiktoken):
-        raise ConfigError(f"{args.job}: offline: the job names nothing to pre-fetch; add offline.hf_kernels or "
-                          "offline.tiktoken")
-    root = prefetch(job.offline, say=lambda line: console.print(line, markup=False))
-    left = missing(job.offline)
-    if left:
-        raise ConfigError(f"{args.job}: offline: {', '.join(left)} still missing from {root} after the download")
-    console.print(f"pre-fetched into {root}; `speedrun launch {args.job}` ships it to the nodes")
-    return 0
 
 
 # ------------------------------------------------------------------------------- following a sweep
@@ -307,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="return once submitted")
     p.add_argument("--seeds-parallel", action="store_true", help="slurm: one array task per seed")
     p.add_argument("--json", action="store_true", help="with --dry-run: the plan and what would be submitted, as JSON")
+    p.add_argument("--down", action="store_true",
+                   help="rented cluster (ray.launcher): release it after the sweep, on success, failure or Ctrl-C")
+    p.add_argument("--idle-minutes", type=float, metavar="N",
+                   help="rented cluster: a watcher on the head releases it after N minutes without a running job")
+    p.add_argument("--yes", action="store_true", help="rented cluster: go ahead at the stated $/hour without asking")
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("prefetch", help="download what a job's offline: section names (hub kernels, tiktoken) into "
@@ -419,7 +448,8 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("config", help="cluster_configs/NAME.yaml with a ray.launcher section, e.g. ray-cluster-aws")
     p.add_argument("--dry-run", action="store_true", help="print what would be provisioned and its $/hour; call nothing")
-    p.add_argument("--json", action="store_true", help="with up|down --dry-run: what would be provisioned, as JSON")
+    p.add_argument("--json", action="store_true", help="up|down --dry-run: what would be provisioned; status: the nodes, as JSON")
+    p.add_argument("--yes", action="store_true", help="go ahead without asking (up: at the stated $/hour)")
     p.set_defaults(func=cmd_cluster)
 
 

@@ -56,10 +56,19 @@ def print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
             console.print(f"seed {r.seed}: {r.state}: {r.reason}", style="red", markup=False, soft_wrap=True)
     if s.entropy_rate_nats is not None:
         console.print(f"data entropy rate (best possible val loss): {s.entropy_rate_nats:.4f} nats")
-    if cluster is not None and cluster.cost_per_hour and s.wall_s:
+    if cluster is None:  # `show`: the cluster the sweep was launched on, from its stored plan
+        from orchestrator.plan import LaunchPlan
+        from orchestrator.summary import json_or_none
+        from orchestrator.sweep import plan_key
+
+        try:
+            cluster = LaunchPlan.from_dict(json_or_none(store, plan_key(sweep_id))).cluster
+        except (AttributeError, KeyError, TypeError, ValueError):  # no plan, or one this version cannot read
+            cluster = None
+    if cluster is not None and s.wall_s:
         from orchestrator.summary import cost_line
 
-        console.print(cost_line(cluster, s.wall_s))
+        console.print(cost_line(cluster, s.wall_s), markup=False)
 
 
 def _store_for(args, run_id: str | None = None):

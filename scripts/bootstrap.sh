@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine: system packages the integration tests start
-# (Slurm, munge, nginx), a virtualenv with the CPU build of torch, and this project.
+# (Slurm, munge, nginx, an sshd for the Ray cluster launcher's on-prem provider, with the rsync and nc
+# that launcher uses), a virtualenv with the CPU build of torch, and this project.
 # Re-running it is cheap: every step checks before it acts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(slurm-wlm munge nginx-light)
+APT_PACKAGES=(slurm-wlm munge nginx-light openssh-server openssh-client rsync netcat-openbsd)
 VENV=${SPEEDRUN_VENV:-.venv}
 TORCH_CPU=torch==2.13.0   # the CPU build, installed from a local file on this kind of machine
 

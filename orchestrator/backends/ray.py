@@ -9,6 +9,7 @@ can quote the latest one. `speedrun cluster up|down` is backends/ray_launcher.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -53,23 +54,16 @@ class RayBackend(Backend):
 
     # ------------------------------------------------------------------ what would be submitted
     def runtime_env(self, plan: "LaunchPlan") -> dict[str, Any]:
-        settings = self.cluster.ray
-        root = Path(settings.working_dir).expanduser() if settings.working_dir else REPO_ROOT
-        env: dict[str, Any] = {
-            "working_dir": str(root),
-            "excludes": EXCLUDES + list(settings.excludes),
-            "env_vars": {
-                PLAN_ENV: plan.to_json(),
-                "PYTHONUNBUFFERED": "1",
-                "RAY_DEDUP_LOGS": "0",    # identical lines from several nodes are all kept
-                "RAY_COLOR_PREFIX": "0",  # no ANSI colours in the job log
-                # Ray's job stop waits this long after SIGTERM before SIGKILL (default 3 s): enough
-                # for the driver to stop every node runner and the torchrun workers under it.
-                "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S + 15),
-            },
-        }
-        if settings.pip:
-            env["pip"] = list(settings.pip)
+        env = code_runtime_env(self.cluster)
+        env["env_vars"].update({
+            PLAN_ENV: plan.to_json(),
+            "PYTHONUNBUFFERED": "1",
+            "RAY_DEDUP_LOGS": "0",    # identical lines from several nodes are all kept
+            "RAY_COLOR_PREFIX": "0",  # no ANSI colours in the job log
+            # Ray's job stop waits this long after SIGTERM before SIGKILL (default 3 s): enough
+            # for the driver to stop every node runner and the torchrun workers under it.
+            "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S + 15),
+        })
         return env
 
     def entrypoint(self) -> str:
@@ -153,11 +147,12 @@ class RayBackend(Backend):
         logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed"
         loop = asyncio.new_event_loop()
         chunks = client.tail_job_logs(sid)
-        pending = ""
+        pending, task = "", None
         try:
             while True:
+                task = loop.create_task(chunks.__anext__())
                 try:
-                    chunk = loop.run_until_complete(chunks.__anext__())
+                    chunk = loop.run_until_complete(task)
                 except StopAsyncIteration:
                     break
                 lines = (pending + chunk).split("\n")
@@ -166,7 +161,12 @@ class RayBackend(Backend):
             if pending:
                 yield names.rewrite(pending)
         finally:
-            loop.run_until_complete(chunks.aclose())
+            if task is not None and not task.done():  # Ctrl-C inside the wait: end the read it was in
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    loop.run_until_complete(task)
+            with contextlib.suppress(RuntimeError):
+                loop.run_until_complete(chunks.aclose())
             loop.close()
 
     def cancel(self, handle: Handle) -> None:
@@ -199,6 +199,16 @@ class _NodeNames:
         if self.nodes <= 1:
             return rest
         return f"[node {self.rank_of_pid.get(m.group(2), '?')}] {rest}"
+
+
+def code_runtime_env(cluster) -> dict[str, Any]:
+    """The job's code (this checkout, or ray.working_dir) and extra pip packages, as a Ray runtime_env."""
+    settings = cluster.ray
+    root = Path(settings.working_dir).expanduser() if settings.working_dir else REPO_ROOT
+    env: dict[str, Any] = {"working_dir": str(root), "excludes": EXCLUDES + list(settings.excludes), "env_vars": {}}
+    if settings.pip:
+        env["pip"] = list(settings.pip)
+    return env
 
 
 def submission_id(plan: "LaunchPlan") -> str:

@@ -99,7 +99,8 @@ def test_dry_run_prints_instances_and_price_and_calls_nothing(capsys, monkeypatc
 
     for fn in ("create_or_update_cluster", "teardown_cluster", "get_head_node_ip"):
         monkeypatch.setattr(sdk, fn, boom)
-    args = type("A", (), {"action": "up", "config": str(REPO / "cluster_configs" / "ray-cluster-aws.yaml"), "dry_run": True})
+    args = type("A", (), {"action": "up", "config": str(REPO / "cluster_configs" / "ray-cluster-aws.yaml"), "dry_run": True,
+                       "yes": False})
     console = Console(width=200, force_terminal=False)
     assert cluster_command(args, console) == 0
     out = capsys.readouterr().out
