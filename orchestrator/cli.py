@@ -198,6 +198,22 @@ def _run_sweep(args, plan, backend, state: dict, keep_running_on_interrupt: bool
     return 0 if status.state.value == "SUCCEEDED" else 1
 
 
+def cmd_prefetch(args) -> int:
+    from orchestrator.config import load_job
+    from orchestrator.offline import missing, prefetch
+
+    job = load_job(args.job)
+    if job.offline is None or not (job.offline.hf_kernels or job.offline.tiktoken):
+        raise ConfigError(f"{args.job}: offline: the job names nothing to pre-fetch; add offline.hf_kernels or "
+                          "offline.tiktoken")
+    root = prefetch(job.offline, say=lambda line: console.print(line, markup=False))
+    left = missing(job.offline)
+    if left:
+        raise ConfigError(f"{args.job}: offline: {', '.join(left)} still missing from {root} after the download")
+    console.print(f"pre-fetched into {root}; `speedrun launch {args.job}` ships it to the nodes")
+    return 0
+
+
 # ------------------------------------------------------------------------------- following a sweep
 
 

@@ -145,7 +145,7 @@ def test_launch_dry_run(tmp_path, monkeypatch, capsys):
 
 def test_cluster_up_dry_run(capsys):
     d = run_json(capsys, "cluster", "up", "cluster_configs/ray-cluster-aws.yaml", "--dry-run",
-                 command="cluster up|down --dry-run")
+                 command="cluster up|down|status --dry-run")
     assert (d["cluster_name"], d["action"], d["total_nodes"], d["usd_per_hour"]) == ("speedrun-p5", "up", 1, 55.04)
     assert d["nodes"] == [{"role": "head", "node_type": "p5-head", "instance": "p5.48xlarge", "count": 1,
                            "where": "us-east-1", "gpus": 8, "usd_per_hour": 55.04}]
