@@ -236,11 +236,13 @@ class NodeRunner:
         env["SPEEDRUN_SWEEP_ID"] = self.plan.sweep_id
         env["SPEEDRUN_SEED"] = str(seed)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        chosen = {**self.plan.cluster.env, **self.plan.job.env}
         for k, v in compile_cache_env(self.cache_root).items():
-            env.setdefault(k, v)
+            if k not in chosen:   # the node's own variable (torch sets TORCHINDUCTOR_CACHE_DIR itself) must not win
+                env[k] = v
         if self.plan.job.script:
             rundir = self.work / seed_dir(seed) / "script"
-            if "DATA_PATH" not in {**self.plan.cluster.env, **self.plan.job.env}:
+            if "DATA_PATH" not in chosen:
                 env["DATA_PATH"] = str(rundir)  # records read DATA_PATH/data/fineweb10B/*.bin
             if self.offline_dir is not None:
                 from orchestrator.offline import node_env

@@ -181,3 +181,21 @@ def test_a_script_and_our_trainer_keep_their_compile_caches_apart_on_the_node(tm
     env = script.child_env(0)
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(script.cache_root / "inductor")
     assert env["DATA_PATH"] == str(script.work / "seed-0" / "script")
+
+
+def test_the_nodes_compile_cache_folder_wins_over_a_cache_dir_in_its_own_environment(tmp_path, monkeypatch):
+    """torch sets TORCHINDUCTOR_CACHE_DIR in its process's environment once it has compiled; a node runner started
+    from such a process must still point its seeds at the cache it restores and saves."""
+    from orchestrator.config import ClusterConfig
+    from orchestrator.node import NodeRunner
+    from orchestrator.plan import build_plan
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_elsewhere")
+    cluster = ClusterConfig(name="c", backend="local", device="cpu", work_dir=str(tmp_path / "work"))
+    job = job_file(tmp_path / "b")
+    runner = NodeRunner(build_plan(load_job(job), cluster, job, Path("c.yaml")))
+    assert runner.child_env(0)["TORCHINDUCTOR_CACHE_DIR"] == str(runner.cache_root / "inductor")
+    chosen = ClusterConfig(name="c", backend="local", device="cpu", work_dir=str(tmp_path / "work"),
+                           env={"TORCHINDUCTOR_CACHE_DIR": "/fast/disk"})
+    runner = NodeRunner(build_plan(load_job(job), chosen, job, Path("c.yaml")))
+    assert runner.child_env(0)["TORCHINDUCTOR_CACHE_DIR"] == "/fast/disk"   # a cluster config's choice stays
