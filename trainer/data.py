@@ -110,3 +110,12 @@ def validation_chunks(files: list[str], val_tokens: int, val_seq_len: int, rank:
     stream = np.concatenate(parts)
     starts = list(range(0, val_tokens, val_seq_len))
     return [stream[s:min(s + val_seq_len, val_tokens) + 1] for i, s in enumerate(starts) if i % world == rank]
+
+
+def one_chunk_per_shape(chunks: list[np.ndarray]) -> list[np.ndarray]:
+    """The first chunk of each length: what the warm-up validates, so that every validation graph compiles
+    without a pass over all the validation tokens (that pass is the step-0 validation's, later)."""
+    seen: dict[int, np.ndarray] = {}
+    for c in chunks:
+        seen.setdefault(len(c), c)
+    return list(seen.values())

@@ -21,7 +21,7 @@ import torch
 from trainer import attention as attn_impl
 from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.data import BOS, TrainBatches, find_shards, validation_chunks
+from trainer.data import BOS, TrainBatches, find_shards, one_chunk_per_shape, validation_chunks
 from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, barrier, init_ranks, sum_to_host
 from trainer.exit_codes import EXIT_PREEMPTED as PREEMPTED_EXIT
 from trainer.model import GPT
@@ -235,19 +235,20 @@ class Trainer:
         return total / len(micro_batches)
 
     @torch.no_grad()
-    def validate(self, step: int) -> float:
-        """Mean loss over the validation tokens, in eval mode: bf16 with no FP8 anywhere (the record's metric)."""
+    def validate(self, step: int, chunks: list[np.ndarray] | None = None) -> float:
+        """Mean loss over the validation tokens (or only `chunks` of them), in eval mode: bf16 with no FP8
+        anywhere (the record's metric)."""
         self.model.eval()
         try:
-            return self._validation_loss(step)
+            return self._validation_loss(step, self.val if chunks is None else chunks)
         finally:
             self.model.train()
 
-    def _validation_loss(self, step: int) -> float:
+    def _validation_loss(self, step: int, chunks: list[np.ndarray]) -> float:
         window = torch.tensor(window_blocks(self.cfg, step), device=self.ranks.device)
         loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.ranks.device), 0
         bs = self.cfg.block_size
-        for chunk in self.val:
+        for chunk in chunks:
             x, y = chunk[:-1], chunk[1:].astype(np.int64)
             pad = -len(x) % bs if self.model.attention == "flex" else 0   # flex needs whole blocks; padded targets are ignored
             x = np.concatenate([x, np.full(pad, BOS, x.dtype)])
@@ -391,7 +392,7 @@ class Trainer:
         # tied again if the last warm-up step untied it: validation at step 0 then finds its graph compiled (the
         # untied one compiles at the first validation after the untie, also untimed)
         self.model.head_tied = head_tied(self.cfg, 0)
-        self.validate(0)
+        self.validate(0, one_chunk_per_shape(self.val))
         self.sync()
         self.warmup_parts["validation_s"] = time.time() - v0
         self.model.load_state_dict(initial)

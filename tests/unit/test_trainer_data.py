@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from trainer.data import BOS, ShardError, TrainBatches, load_tokens, read_header, validation_chunks, write_shard
+from trainer.data import (BOS, ShardError, TrainBatches, load_tokens, one_chunk_per_shape, read_header,
+                          validation_chunks, write_shard)
 
 
 def docs_stream(n_docs=400, seed=0):
@@ -101,3 +102,12 @@ def test_validation_needs_enough_tokens(shards):
     d, tokens = shards
     with pytest.raises(ShardError, match="fewer than val_tokens"):
         validation_chunks([str(d / "fineweb_val_000000.bin")], len(tokens), 256, 0, 1)
+
+
+def test_warm_up_validates_one_chunk_of_each_shape(shards):
+    d, tokens = shards
+    chunks = validation_chunks([str(d / "fineweb_val_000000.bin")], 1000, 256, 0, 1)
+    assert [len(c) for c in chunks] == [257, 257, 257, 233]
+    picked = one_chunk_per_shape(chunks)
+    assert [len(c) for c in picked] == [257, 233]
+    assert picked[0] is chunks[0] and picked[1] is chunks[3]
