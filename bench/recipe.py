@@ -10,8 +10,9 @@ the reference (../shared/reference/record28_train_gpt.py as `script:`, a copy wi
 and its run_id out of logs/final/, where the published one dies; its seeds are repetitions) unless its curve
 comes from an earlier JSON; ours; the baseline (DIR's CLI and trainer); each variant. The target is the
 reference's final val loss (of its mean curve over repetitions); a run's time to it is where its mean curve first
-reaches it, interpolated from the val point before. bench/results/recipe-<gpu>[-TAG].json is rewritten after
-every run, so a cut-off keeps what finished.
+reaches it, interpolated from the val point before. A variant may set its own `steps` (a batch schedule reads
+fewer tokens a step, so it is judged on a longer schedule); the reference and ours keep --steps.
+bench/results/recipe-<gpu>[-TAG].json is rewritten after every run, so a cut-off keeps what finished.
 """
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def patch_reference(text: str, steps: int, val_every: int, val_tokens: int) -> s
     return text
 
 
-def parse_overrides(items: list[str], where: str, base: dict | None = None) -> dict:
-    """KEY=VALUE items typed as TrainConfig fields, merged over base and validated as a whole config."""
+def parse_overrides(items: list[str], where: str, base: dict | None = None, own_steps: bool = False) -> dict:
+    """KEY=VALUE items typed as TrainConfig fields, merged over base and validated as a whole config; with
+    own_steps (a variant), `steps` is allowed: that run's schedule length."""
     from trainer.__main__ import parse_value
     from trainer.config import TrainConfig
 
@@ -81,7 +83,7 @@ def parse_overrides(items: list[str], where: str, base: dict | None = None) -> d
             close = difflib.get_close_matches(key, fields, n=1)
             raise UsageError(f"{where} {key}: not a TrainConfig field" + (f"; did you mean {close[0]}?" if close else
                              "; trainer/config.py lists them"))
-        if key in FIXED:
+        if key in FIXED and not (own_steps and key == "steps"):
             raise UsageError(f"{where} {key}: every run shares it; set it with {FIXED[key]}")
         try:
             out[key] = parse_value(key, text)
@@ -100,17 +102,29 @@ def parse_variant(text: str, base: dict, taken: list[str]) -> tuple[str, dict]:
     if not sep or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) or name in taken:
         raise UsageError(f"--variant {text}: expected NAME:KEY=VALUE[,KEY=VALUE...] with a new NAME of letters, "
                          f"digits, . _ - (taken: {', '.join(taken)})")
-    return name, parse_overrides([s for s in re.split(r",(?=\s*\w+=)", items) if s], f"--variant {name}", base)
+    return name, parse_overrides([s for s in re.split(r",(?=\s*\w+=)", items) if s], f"--variant {name}", base,
+                                 own_steps=True)
 
 
-def check_token_budget(train: list[int], val: list[int], steps: int, tokens_per_step: int, val_tokens: int) -> None:
-    """The reference's loaders never cycle: train needs the steps' tokens, +3% skipped at document starts and a
-    2-step window left at each shard's end; val, whole windows of 8 batches in the first val shard."""
-    need = math.ceil(steps * tokens_per_step * BOS_SKIP) + len(train) * (2 * tokens_per_step + 1)
+def run_tokens(overrides: dict, steps: int) -> int:
+    """Train tokens a run of ours reads in its steps: its batch_schedule's micro-batches (record-46), else the
+    full batch every step."""
+    from trainer.config import TrainConfig
+    from trainer.train import microbatches
+
+    cfg = TrainConfig.from_dict(dict(overrides, steps=steps))
+    return sum(microbatches(cfg, s) for s in range(steps)) * cfg.seq_len
+
+
+def check_token_budget(train: list[int], val: list[int], tokens: int, what: str, tokens_per_step: int,
+                       val_tokens: int) -> None:
+    """The loaders never cycle: train needs the run's tokens (`what` says whose), +3% skipped at document starts and
+    a 2-step window left at each shard's end; val, whole windows of 8 batches in the first val shard."""
+    need = math.ceil(tokens * BOS_SKIP) + len(train) * (2 * tokens_per_step + 1)
     if sum(train) < need:
-        raise UsageError(f"--data: the train shards hold {sum(train):,} tokens but {steps} steps of {tokens_per_step:,} "
-                         f"need {need:,} (3% skipped at document starts, {2 * tokens_per_step + 1:,} left at each "
-                         "shard's end); prepare more text or lower --steps")
+        raise UsageError(f"--data: the train shards hold {sum(train):,} tokens but {what} need {need:,} (3% skipped "
+                         f"at document starts, {2 * tokens_per_step + 1:,} left at each shard's end); prepare more "
+                         "text or lower --steps")
     val_need = max(val_tokens + 1, math.ceil(val_tokens / REFERENCE_VAL_WINDOW) * REFERENCE_VAL_WINDOW + 2)
     first = val[0] if val else 0
     if first < val_need:
@@ -194,8 +208,17 @@ def plan_runs(args) -> tuple[list[dict], dict]:
     meta = dict(command=shlex.join([sys.executable, *sys.argv]), set=sets, steps=args.steps, val_every=args.val_every,
                 val_tokens=args.val_tokens, tokens_per_step=TOKENS_PER_STEP, seeds=args.seeds,
                 cluster=str(cluster), data=describe_data(Path(args.data).resolve()))
-    check_token_budget(meta["data"]["train_shard_tokens"], meta["data"]["val_shard_tokens"], args.steps,
-                       TOKENS_PER_STEP, args.val_tokens)
+    for run in runs:
+        if run.get("reused_from"):
+            continue
+        run["steps"] = run["overrides"].get("steps", args.steps)
+        if run["kind"] == "reference":
+            tokens, what = args.steps * TOKENS_PER_STEP, f"{args.steps} steps of {TOKENS_PER_STEP:,}"
+        else:
+            tokens = run_tokens(run["overrides"], run["steps"])
+            what = f"{run['label']}'s {run['steps']} steps ({tokens:,} tokens)"
+        check_token_budget(meta["data"]["train_shard_tokens"], meta["data"]["val_shard_tokens"], tokens, what,
+                           TOKENS_PER_STEP, args.val_tokens)
     try:
         if args.reference_json:
             old = json.loads(Path(args.reference_json).read_text())
@@ -219,7 +242,7 @@ def write_job(run: dict, args, meta: dict, work: Path) -> Path:
     # staged into the work folder: the cluster's data_dir may hold another source's shards, which staging deletes
     spec = dict(name=name, seeds=args.seeds, checkpoint=dict(every=0, final=False), data=dict(
         source=meta["data"]["dir"], dir=str(work / "shards"), val_shards=len(meta["data"]["val_shard_tokens"])),
-        trainer=dict(steps=args.steps, val_every=args.val_every, val_tokens=args.val_tokens, **run["overrides"]))
+        trainer=dict(dict(steps=args.steps, val_every=args.val_every, val_tokens=args.val_tokens), **run["overrides"]))
     if run["kind"] == "reference":
         spec.update(trainer={}, script=str(work / "reference" / "train_gpt.py"))
         Path(spec["script"]).parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,21 @@ from trainer.optim import build_optimizers, copy_adam_state
 log = logging.getLogger("trainer")
 
 
+# The compile cache's record of this process: whether the warm-up's graphs came from the cache (hits) or compiled
+# (misses), by layer: inductor's FX graphs and AOTAutograd's forward+backward pairs; plus dynamo's graph count.
+CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
+                  ("inductor", "fxgraph_cache_bypass"), ("aot_autograd", "autograd_cache_hit"),
+                  ("aot_autograd", "autograd_cache_miss"), ("aot_autograd", "autograd_cache_bypass"),
+                  ("stats", "unique_graphs"))
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """CACHE_COUNTERS as {name: count}, the ones above zero, from torch's process-wide counters."""
+    from torch._dynamo.utils import counters
+
+    return {name: counters[group][name] for group, name in CACHE_COUNTERS if counters[group][name]}
+
+
 # ----------------------------------------------------------------------------------- schedules
 
 
@@ -400,8 +415,10 @@ class Trainer:
         self.adam, self.muon = build_optimizers(self.model, self.cfg)
         self.sync()
         self.timings["warmup_s"] = time.time() - t0
-        log.info("warm-up of %d steps took %.1fs (%s)", n, self.timings["warmup_s"],
-                 ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items()))
+        self.timings["compile_cache"] = compile_cache_counts()
+        log.info("warm-up of %d steps took %.1fs (%s); compile cache: %s", n, self.timings["warmup_s"],
+                 ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items()),
+                 ", ".join(f"{k} {v}" for k, v in self.timings["compile_cache"].items()) or "no compiles")
 
     def run(self, resume: str | None = None) -> int:
         """Train to cfg.steps; returns 0 when done, 75 when stopped on request (after a checkpoint)."""

@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from recipe import (TOKENS_PER_STEP, UsageError, assemble, check_reference_json, check_token_budget,  # noqa: E402
                     curve_of, data_fingerprint, describe_data, parse_overrides, parse_variant, patch_reference,
-                    results_path, time_to_loss)
+                    results_path, run_tokens, time_to_loss)
 
 from orchestrator.results import parse_log  # noqa: E402
 from trainer.data import write_shard  # noqa: E402
@@ -158,21 +158,32 @@ def test_data_without_val_shards_is_refused(tmp_path):
 
 def test_token_budget_of_the_reference_loader():
     need = math.ceil(200 * TOKENS_PER_STEP * 1.03) + 2 * TOKENS_PER_STEP + 1   # one shard: 81,789,482
-    check_token_budget([need], [4_194_306], 200, TOKENS_PER_STEP, 4_194_304)
+    what, tokens = "200 steps of 393,216", 200 * TOKENS_PER_STEP
+    check_token_budget([need], [4_194_306], tokens, what, TOKENS_PER_STEP, 4_194_304)
     with pytest.raises(UsageError, match=f"hold {need - 1:,} tokens but 200 steps of 393,216 need {need:,}"):
-        check_token_budget([need - 1], [4_194_306], 200, TOKENS_PER_STEP, 4_194_304)
+        check_token_budget([need - 1], [4_194_306], tokens, what, TOKENS_PER_STEP, 4_194_304)
     # every shard end costs one 2-step window more
     with pytest.raises(UsageError, match=f"need {need + 2 * TOKENS_PER_STEP + 1:,}"):
-        check_token_budget([need // 2, need // 2 + 1], [4_194_306], 200, TOKENS_PER_STEP, 4_194_304)
+        check_token_budget([need // 2, need // 2 + 1], [4_194_306], tokens, what, TOKENS_PER_STEP, 4_194_304)
+
+
+def test_a_variant_may_run_its_own_schedule_length_and_a_batch_schedule_reads_fewer_tokens():
+    name, overrides = parse_variant("bs:batch_schedule=1/3:3,2/3:5,1:8,steps=300", {}, ["reference", "ours"])
+    assert overrides == dict(batch_schedule="1/3:3,2/3:5,1:8", steps=300)
+    # thirds of 300 steps at 3, 5 and 8 of the 8 micro-batches of 49,152 tokens
+    assert run_tokens(overrides, 300) == 100 * (3 + 5 + 8) * 49_152
+    assert run_tokens({}, 200) == 200 * TOKENS_PER_STEP
+    with pytest.raises(UsageError, match="^--set steps: every run shares it"):
+        parse_overrides(["steps=300"], "--set")
 
 
 def test_val_budget_is_whole_windows_of_the_reference_val_loader():
-    check_token_budget([10**9], [4_194_306], 10, TOKENS_PER_STEP, 4_194_304)
+    check_token_budget([10**9], [4_194_306], 10 * TOKENS_PER_STEP, "10 steps", TOKENS_PER_STEP, 4_194_304)
     with pytest.raises(UsageError, match="holds 4,194,305 tokens but --val-tokens 4,194,304 needs 4,194,306"):
-        check_token_budget([10**9], [4_194_305], 10, TOKENS_PER_STEP, 4_194_304)
+        check_token_budget([10**9], [4_194_305], 10 * TOKENS_PER_STEP, "10 steps", TOKENS_PER_STEP, 4_194_304)
     # 262,144 val tokens still read a whole window of 8 x 262,144
     with pytest.raises(UsageError, match="needs 2,097,154"):
-        check_token_budget([10**9], [262_145], 10, TOKENS_PER_STEP, 262_144)
+        check_token_budget([10**9], [262_145], 10 * TOKENS_PER_STEP, "10 steps", TOKENS_PER_STEP, 262_144)
 
 
 def test_overrides_are_typed_trainconfig_fields():

@@ -1,0 +1,33 @@
+"""The warm-up's compile-cache record: a second process compiling the same graph finds it in the cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROGRAM = """
+import json, torch
+from trainer.train import compile_cache_counts
+f = torch.compile(lambda x: (x * 2).sin().sum(), dynamic=False)
+f(torch.randn(64, requires_grad=True)).backward()
+print(json.dumps(compile_cache_counts()))
+"""
+
+
+def test_a_second_process_compiles_nothing_the_first_one_cached(tmp_path):
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), TRITON_CACHE_DIR=str(tmp_path / "triton"),
+               PYTHONPATH=str(REPO))
+
+    def one_process() -> dict:
+        out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = one_process(), one_process()
+    assert first.get("fxgraph_cache_miss", 0) >= 1 and first.get("unique_graphs") == 1
+    assert second.get("fxgraph_cache_hit", 0) >= 1 and "fxgraph_cache_miss" not in second
+    assert second.get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second
