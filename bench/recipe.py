@@ -223,7 +223,7 @@ def plan_runs(args) -> tuple[list[dict], dict]:
         if args.reference_json:
             old = json.loads(Path(args.reference_json).read_text())
             runs[0] = dict(check_reference_json(old, meta), reused_from=str(Path(args.reference_json).resolve()))
-            meta["reference_script"] = old.get("reference_script")
+            meta["reference_script"], meta["reference_gpu"] = old.get("reference_script"), old.get("gpu")
         elif runs[0]["kind"] == "reference":
             meta["reference_script"] = str(Path(args.reference).resolve())
             runs[0]["script_text"] = patch_reference(Path(args.reference).read_text(), args.steps, args.val_every,

@@ -66,9 +66,14 @@ def assemble(meta: dict, runs: list[dict]) -> dict:
     target = ref_curve[-1]["val_loss"] if ref_curve else None
     out = [summarize_run(r, target) for r in runs]
     ref_time = next((r["time_to_loss_s"] for r in out if r["kind"] == "reference"), None)
-    for r in out:
-        r["time_to_loss_ratio"] = r["time_to_loss_s"] / ref_time if r["time_to_loss_s"] is not None and ref_time else None
+    # a reference curve reused from another GPU model keeps its losses (the same arithmetic) but not its seconds
+    same_gpu = meta.get("reference_gpu") in (None, meta.get("gpu"))
     ours = next((r for r in out if r["kind"] == "ours"), {})
+    for r in out:
+        t = r["time_to_loss_s"]
+        r["time_to_loss_ratio"] = t / ref_time if t is not None and ref_time and same_gpu else None
+        mine = same_gpu or r["kind"] != "reference"
+        r["vs_ours"] = t / ours["time_to_loss_s"] if t is not None and ours.get("time_to_loss_s") and mine else None
     return dict(meta, reference_final_loss=target, reference_time_to_loss_s=ref_time,
                 ours_time_to_loss_s=ours.get("time_to_loss_s"), time_to_loss_ratio=ours.get("time_to_loss_ratio"),
                 runs=out)
@@ -82,9 +87,13 @@ def print_tables(report: dict) -> None:
         return "-" if v is None else f"{v:{spec}}"
 
     target, common = report["reference_final_loss"], report.get("set", {})
-    t = Table("run", "overrides beyond --set", "seeds", "ms/step", "final val loss", "time to it (s)", "steps to it", "vs reference",
+    other = report.get("reference_gpu") not in (None, report["gpu"])
+    t = Table("run", "overrides beyond --set", "seeds", "ms/step", "final val loss", "time to it (s)", "steps to it",
+              "vs reference", "vs ours",
               title=f"time to the reference's final val loss {f(target, '.4f')}, {report['gpu']} (torch "
-                    f"{report['torch']}), {report['steps']} steps of {report['tokens_per_step']:,} tokens")
+                    f"{report['torch']}), {report['steps']} steps of {report['tokens_per_step']:,} tokens" +
+                    (f"; the reference ran on {report['reference_gpu']}: its seconds are not this GPU's, compare "
+                     "with ours" if other else ""))
     for r in report["runs"]:
         spread = r["time_to_loss_spread"]
         if not r["curve"]:
@@ -97,7 +106,7 @@ def print_tables(report: dict) -> None:
         own = {k: v for k, v in r["overrides"].items() if k not in common or common[k] != v}
         t.add_row(r["label"], " ".join(f"{k}={v}" for k, v in own.items()) or "-", str(len(r["seeds"])),
                   f(r["ms_per_step"], ".1f"), f(r["final_val_loss"], ".4f"), when, f(r["steps_to_loss"], ".1f"),
-                  f(r["time_to_loss_ratio"], ".3f"))
+                  f(r["time_to_loss_ratio"], ".3f"), f(r["vs_ours"], ".3f"))
     c = Table("step", *(r["label"] for r in report["runs"]), title="val loss by step (mean over seeds)")
     by_run = [{p["step"]: p["val_loss"] for p in r["curve"]} for r in report["runs"]]
     for step in sorted({s for b in by_run for s in b}):

@@ -71,14 +71,18 @@ class TrainConfig:
     adam_skip_gate_lr: float = 0.008 * 0.05   # by Adam at the record's 0.05x of the base lr 0.008
     logit_rescale: bool = False               # record-54: logits 23*sigmoid((z+5)/7.5) for record-28's 30*sigmoid(z/7.5),
                                               # i.e. 11.5*tanh((z+5)/15) for 15*tanh(z/15) up to a constant the
-                                              # softmax ignores (softcap_form below; the fused loss kernel takes it)
+                                              # softmax ignores (softcap_form below; the fused loss kernel takes it).
+                                              # Yardstick (one H100): 1.012x ours' time, final loss +0.004: off
     # record-46 (BatchSizeSchedule, 2025-11-29): the batch grows over training, in micro-batches per step, so no
     # tensor changes shape (no recompile). "END:COUNT,..." runs COUNT micro-batches (every rank an equal share) on the
     # steps below END x steps (END a fraction such as 1/3; the last END is 1); "" = off, grad_accum_total every step.
     # The lrs stay tuned for grad_accum_total: a phase of COUNT runs every lr times (COUNT / grad_accum_total) **
     # batch_lr_exponent, and the cool-down still ends at 0.1 x the first phase's lr. The record: 131,072 / 262,144 /
     # 393,216 tokens per step over thirds of training, lrs (bs / 131,072) ** 0.6 = 1, 1.51, 1.93 times its first
-    # phase's; here seq_len=16384, grad_accum_total=24, "1/3:8,2/3:16,1:24" (0.52, 0.78, 1 times ours)
+    # phase's; here seq_len=16384, grad_accum_total=24, "1/3:8,2/3:16,1:24" (0.52, 0.78, 1 times ours).
+    # Yardstick (one H100, 2026-12-05): "1/3:3,2/3:5,1:8" of 49,152-token micro-batches over 260 steps reached
+    # record-28's loss in 0.861x ours' time (99.0 against 115.0 s). Off until the 8-rank form above (3 and 5 do not
+    # split over 8 ranks) is measured; its FineWeb step count follows from that (bench/NOTES.md)
     batch_schedule: str = ""
     batch_lr_exponent: float = 0.6
     # record-51 (2025-12-19 RetieLMHead) ties the embedding to the head: one (padded vocab, dim) table, initialised

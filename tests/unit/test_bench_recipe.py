@@ -254,6 +254,23 @@ def test_assemble_targets_the_reference_mean_final_loss_and_times_every_run_to_i
     # a reused reference (already summarized) gives the same figures
     again = assemble(META, [r_ref, ours])
     assert again["reference_final_loss"] == pytest.approx(3.1) and again["ours_time_to_loss_s"] == report["ours_time_to_loss_s"]
+    assert r_ours["vs_ours"] == pytest.approx(1.0) and r_ref["vs_ours"] == pytest.approx(71.0 / (28 + 29 * 2 / 3))
+
+
+def test_a_reference_from_another_gpu_gives_its_loss_target_but_no_time_ratio():
+    ref = dict(label="reference", kind="reference", overrides={}, state="succeeded",
+               seeds=[seed([(0, 0, 10.0), (100, 70_000, 3.0)], ms=700.0)])
+    ours = dict(label="ours", kind="ours", overrides={}, state="succeeded",
+                seeds=[seed([(0, 0, 10.0), (50, 30_000, 3.5), (100, 60_000, 2.5)], ms=600.0)])
+    fast = dict(label="fast", kind="variant", overrides=dict(steps=80), state="succeeded",
+                seeds=[seed([(0, 0, 10.0), (80, 40_000, 3.0)], ms=500.0)])
+    report = assemble(dict(META, reference_gpu="NVIDIA H200", gpu="NVIDIA H100 80GB HBM3"), [ref, ours, fast])
+    assert report["reference_final_loss"] == 3.0 and report["time_to_loss_ratio"] is None
+    r_ref, r_ours, r_fast = report["runs"]
+    assert r_ours["time_to_loss_s"] == pytest.approx(45.0) and r_ours["time_to_loss_ratio"] is None
+    assert r_fast["vs_ours"] == pytest.approx(40.0 / 45.0) and r_ref["vs_ours"] is None
+    same = assemble(dict(META, reference_gpu="NVIDIA H200", gpu="NVIDIA H200"), [ref, ours])
+    assert same["time_to_loss_ratio"] == pytest.approx(45.0 / 70.0)
 
 
 def test_assemble_without_a_reference_has_no_target():
