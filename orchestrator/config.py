@@ -94,6 +94,9 @@ class JobSpec(Strict):
     script_args: list[str] = Field(default_factory=list)
     target_loss: float = Field(TARGET_VAL_LOSS, description="val loss that stats/report/compare test against")
     retries: int = Field(0, ge=0, description="re-submit a failed seed this many times")
+    seed_time_limit_min: float | None = Field(
+        None, gt=0, description="stop a seed's trainer or script after this many minutes (SIGTERM, SIGKILL 30 s "
+        "later); the seed is failed, not retried, and the sweep goes on with the next")
     store: str | None = Field(None, description="object store URL; default: the cluster's store")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     env: dict[str, str] = Field(default_factory=dict)

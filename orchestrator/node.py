@@ -72,6 +72,16 @@ class SeedOutcome:
     timings: dict = field(default_factory=dict)
 
 
+def stop_at_time_limit(proc: subprocess.Popen, timed_out: threading.Event, grace_s: float = 30.0) -> None:
+    """The seed's time is up: SIGTERM (torchrun passes it to its workers), SIGKILL if it outlives the grace."""
+    timed_out.set()
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 class NodeRunner:
     def __init__(self, plan: LaunchPlan, node: NodeEnvironment | None = None, console: Console | None = None):
         self.plan = plan
@@ -263,7 +273,7 @@ class NodeRunner:
             cwd = out / "script"
         (out / "CHECKPOINT_NOW").unlink(missing_ok=True)
         started = time.time()
-        first_step_at = None
+        first_step_at, timed_out, timer = None, threading.Event(), None
         log_path = out / "train.log"
         sync = LogSync(self.store, log_path, f"{self.seed_prefix(seed)}/train.log",
                        every_s=self.plan.job.log_sync_seconds) if self.node.is_first else None
@@ -274,6 +284,11 @@ class NodeRunner:
                 self._current_out = out
                 self._proc = subprocess.Popen(argv, cwd=cwd, env=self.child_env(seed), stdout=subprocess.PIPE,
                                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+                limit = self.plan.job.seed_time_limit_min
+                timer = threading.Timer(limit * 60, stop_at_time_limit, (self._proc, timed_out)) if limit else None
+                if timer:
+                    timer.daemon = True
+                    timer.start()
                 assert self._proc.stdout is not None
                 for line in self._proc.stdout:
                     logf.write(line)
@@ -282,10 +297,13 @@ class NodeRunner:
                     self.console.print(line.rstrip("\n"), markup=False, highlight=False)
                 rc = self._proc.wait()
             finally:
+                if timer:
+                    timer.cancel()
                 self._proc = None
                 if sync:
                     sync.stop()
-        return rc, {"started_unix": started, "first_step_unix": first_step_at, "ended_unix": time.time()}
+        return rc, {"started_unix": started, "first_step_unix": first_step_at, "ended_unix": time.time(),
+                    "timed_out": timed_out.is_set()}
 
     def write_seed_records(self, seed: int, out: Path, outcome: SeedOutcome, run_t: dict, upload_s: float) -> None:
         tt = {}
@@ -304,6 +322,7 @@ class NodeRunner:
             "steps_done": tt.get("steps_done"),
             "total_steps": tt.get("total_steps"),
             "state": outcome.state,
+            "reason": outcome.reason or None,
             "exit_code": outcome.exit_code,
             "attempts": outcome.attempts,
         }
@@ -341,6 +360,11 @@ class NodeRunner:
             rc, run_t = self.run_seed_once(seed, out, data_dir)
             outcome.exit_code = rc
             outcome.state = trainer_outcome(rc, self._stop.is_set()).value
+            if run_t["timed_out"]:
+                outcome.state = SeedState.FAILED.value
+                outcome.reason = f"stopped at the job's seed_time_limit_min ({self.plan.job.seed_time_limit_min:g} min)"
+                self.console.print(f"[node] seed {seed}: {outcome.reason}; not retried", markup=False)
+                break
             if outcome.state == SeedState.SUCCEEDED:
                 break
             if outcome.state == SeedState.PREEMPTED:

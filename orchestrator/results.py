@@ -357,16 +357,18 @@ def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedLog:
         return SeedLog(summary, result)
     # The node runner records the seed's fate in timings.json (state, exit_code); a log can look whole
     # while the trainer still crashed at exit, so a failed state wins.
-    state = None
+    state, why = None, None
     for record in ("manifest.json", "timings.json"):
-        if state is None and f"{prefix}/{record}" in keys:
+        if f"{prefix}/{record}" in keys:
             try:
-                state = json.loads(store.get_bytes(f"{prefix}/{record}")).get("state")
+                fields = json.loads(store.get_bytes(f"{prefix}/{record}"))
+                state, why = state or fields.get("state"), why or fields.get("reason")
             except (ValueError, AttributeError):
                 pass
     if not seed_done(True, state):
         summary.complete = False
-        summary.reason = f"node runner marked it {state}" + (f"; log: {result.reason}" if result.reason else "")
+        summary.reason = f"node runner marked it {state}" + (f" ({why})" if why else "") + (
+            f"; log: {result.reason}" if result.reason else "")
     return SeedLog(summary, result)
 
 

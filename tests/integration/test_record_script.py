@@ -111,10 +111,32 @@ def test_a_script_that_dies_before_its_first_step_is_summarised_by_its_error(tmp
     sweep = checkout.launch("local", ["script_dirs=[]"], seeds=1, rc=1)
     why = ("no step lines in the log (the run died before training started): FileNotFoundError: [Errno 2] No such file "
            "or directory: 'logs/final/")
-    assert f"seed 0: failed: node runner marked it failed; log: {why}" in checkout.output
+    assert f"seed 0: failed: node runner marked it failed (trainer exited with code 1); log: {why}" in checkout.output
     stats = checkout("stats", sweep, "--store", "store", "--json", timeout=120)
     d = json.loads(stats.stdout[stats.stdout.index("{"):])
     assert d["n_complete"] == 0 and why in json.dumps(d), stats.stdout
+
+
+def test_a_seed_past_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
+    """A script that hangs after its first step (a stuck collective, say): each seed is stopped at the job's
+    seed_time_limit_min, marked failed with that reason, not retried, and the next seed still runs."""
+    checkout = Checkout(tmp_path)
+    sweep = checkout.launch("local", ["seed_time_limit_min=0.1", "retries=2",
+                                      "script_args=[--hang-after-step, '1']"], seeds=2, rc=1)
+    assert "(each stopped after 0.1 min)" in checkout.output
+    store = open_store(checkout.store)
+    for seed in (0, 1):
+        prefix = f"{sweep}/seed-{seed}"
+        log = store.get_bytes(f"{prefix}/train.log").decode()
+        pid = int(re.search(r"hanging after step 1, pid (\d+)", log).group(1))
+        with pytest.raises(ProcessLookupError):   # the hung script itself is gone, not only torchrun
+            os.kill(pid, 0)
+        timings = json.loads(store.get_bytes(f"{prefix}/timings.json"))
+        assert timings["state"] == "failed" and timings["attempts"] == 1
+        assert timings["reason"] == "stopped at the job's seed_time_limit_min (0.1 min)"
+        assert 6 <= timings["seed_wall_s"] < 60 and timings["seed_start_to_first_step_s"] is not None
+        assert (f"seed {seed}: failed: node runner marked it failed (stopped at the job's seed_time_limit_min "
+                "(0.1 min))") in checkout.output
 
 
 def test_slurm_backend(tmp_path, slurm_cluster):  # noqa: F811

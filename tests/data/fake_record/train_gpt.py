@@ -3,7 +3,8 @@ module, reads data/fineweb10B/*.bin under DATA_PATH, writes logs/<run_id>.txt wi
 (so logs/final/ must exist, as in the published records) and prints the records' log lines. Its "model"
 is a unigram count over a random sample of the train tokens; numpy only, so it runs on any CPU.
 `--hub-kernel OWNER/NAME` loads that repo from the Hugging Face hub cache the way kernels.get_kernel does
-(HF_HUB_OFFLINE=1 on an offline node: the cache must hold it)."""
+(HF_HUB_OFFLINE=1 on an offline node: the cache must hold it). `--hang-after-step N` prints its pid and sleeps
+after step N, as a hung NCCL collective would leave a record."""
 import glob
 import os
 import sys
@@ -51,4 +52,7 @@ for step in range(1, num_iterations + 1):
                f"step_avg:{ms / step:.2f}ms")
     else:
         print0(f"step:{step}/{num_iterations} train_time:{ms:.0f}ms step_avg:{ms / step:.2f}ms")
+    if "--hang-after-step" in sys.argv and step == int(sys.argv[sys.argv.index("--hang-after-step") + 1]):
+        print0(f"hanging after step {step}, pid {os.getpid()}")
+        time.sleep(3600)
 print0("peak memory allocated: 0 MiB reserved: 0 MiB")
