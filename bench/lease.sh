@@ -1,0 +1,68 @@
+# The steps of a GPU lease, as shell functions: `source bench/lease.sh` in the device command, then call them.
+# The yardstick's corpus (../shared/realtext, `make_jsonl.py --mb 320`, `xz -6`: ~82 MB) is over one call's
+# 64 MiB, so it travels in pieces over two calls of one warm machine (a call within 30 s of the last):
+#
+#   here:    lease_pieces /work/rt/docs.jsonl.xz .rt        # .rt/part.aa, part.ab, part.ac (37.7 MB at most)
+#   call 1:  carry .whl and .rt holding part.aa:   lease_install; lease_small .rt/part.aa; <compile-cache probe, tests>
+#   call 2:  carry .whl and .rt holding the rest:  lease_install; lease_full .rt/part.ab .rt/part.ac; bench/recipe.py ...
+#
+# .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
+# markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).
+# Shards land in /tmp/rt/shards: the path recipe-nvidia-h200.json's reference curve names.
+
+LEASE_RT=/tmp/rt
+LEASE_CACHE=/tmp/speedrun/work/compile-cache   # cluster_configs/local-gpu.yaml's work_dir, one folder per key
+
+lease_pieces() {   # CORPUS_XZ OUTDIR: split the corpus into pieces that each fit a call beside the tree
+  mkdir -p "$2" && split -b 37700000 "$1" "$2/part." && ls -l "$2"/part.*
+}
+
+lease_install() {   # the wheels into /tmp/site; PYTHONPATH; `speedrun` as this interpreter's module
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || return 1
+  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+  # not `pip install -e .`: the machine's `pip` may belong to another python than python3 (seen 2026-12-05)
+  speedrun() { python3 -m orchestrator.cli "$@"; }
+  mkdir -p $LEASE_RT
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+}
+
+lease_small() {   # FIRST_PIECE: shards of its first 30,000 documents in /tmp/rt/small; the piece kept for call 2
+  xz -dc "$1" 2>/dev/null | head -n 30000 > $LEASE_RT/small.jsonl
+  speedrun data prepare --input $LEASE_RT/small.jsonl --out $LEASE_RT/small --encoding-file .rt/bpe --val-docs 5000 \
+    | tail -1
+  cp "$1" $LEASE_RT/
+}
+
+lease_full() {   # OTHER_PIECES...: the whole corpus (the first piece from call 1) as shards in /tmp/rt/shards
+  [ -f $LEASE_RT/part.aa ] || { echo "no $LEASE_RT/part.aa: the machine of call 1 is gone"; return 3; }
+  cat $LEASE_RT/part.aa "$@" | xz -dc > $LEASE_RT/docs.jsonl && wc -l < $LEASE_RT/docs.jsonl
+  speedrun data prepare --input $LEASE_RT/docs.jsonl --out $LEASE_RT/shards --encoding-file .rt/bpe --val-docs 5000 \
+    | tail -1
+  python3 -c "import sys; sys.path.insert(0, 'bench'); from recipe import describe_data; from pathlib import Path; \
+print('fingerprint', describe_data(Path('$LEASE_RT/shards'))['fingerprint'])"
+}
+
+lease_cache_probe() {   # JOB N: N launches of JOB on this node, one store each; what each compiled, into $OUT
+  local i s
+  for i in $(seq 1 "$2"); do
+    s=$(date +%s)
+    speedrun launch "$1" --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1 \
+      --store /tmp/probe/store$i > $OUT/probe-launch-$i.log 2>&1
+    echo "launch $i: rc $? in $(( $(date +%s) - s )) s"
+    (cd $LEASE_CACHE && find . -type f | sort) > /tmp/probe/list-$i.txt
+    grep -h "warm-up of" -r /tmp/probe/store$i | cut -c1-400
+  done
+  lease_key_diff > $OUT/probe-key-diff.txt
+  cut -c1-300 $OUT/probe-key-diff.txt | head -40
+}
+
+lease_key_diff() {   # kernels compiled under two cache keys: how their metadata differ (what Triton keyed)
+  (cd $LEASE_CACHE && find . -name '*.json' -path '*/triton/*' ! -name '__grp__*' | sort) \
+    | awk -F/ '{print $NF, $0}' | sort | awk '{n[$1]++; p[$1]=p[$1] " " $2} END {for (k in n) if (n[k] > 1) print p[k]}' \
+    | head -3 | while read -r a b _; do
+        (cd $LEASE_CACHE && python3 -c "import json, sys; x, y = (json.load(open(f)) for f in sys.argv[1:3]); \
+print(sys.argv[1], sys.argv[2]); [print(' ', k, x.get(k), '|', y.get(k)) for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]" "$a" "$b")
+      done
+}
