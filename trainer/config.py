@@ -73,6 +73,10 @@ class TrainConfig:
                                               # i.e. 11.5*tanh((z+5)/15) for 15*tanh(z/15) up to a constant the
                                               # softmax ignores (softcap_form below; the fused loss kernel takes it).
                                               # Yardstick (one H100): 1.012x ours' time, final loss +0.004: off
+    # record-49 (PartialKeyOffset, 2025-12-14): in the long-window layers, the key dims that rotary leaves unrotated
+    # (head_dim/4..head_dim/2 and 3/4 head_dim..head_dim) hold the previous position's values, so one key carries
+    # two positions (one-layer induction). Not yet on the yardstick: off
+    key_offset: bool = False
     # record-46 (BatchSizeSchedule, 2025-11-29): the batch grows over training, in micro-batches per step, so no
     # tensor changes shape (no recompile). "END:COUNT,..." runs COUNT micro-batches (every rank an equal share) on the
     # steps below END x steps (END a fraction such as 1/3; the last END is 1); "" = off, grad_accum_total every step.

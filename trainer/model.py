@@ -70,11 +70,21 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
 
 
+def offset_stationary_keys(k: torch.Tensor) -> torch.Tensor:
+    """Record-49's partial key offset on k (B, T, H, D): the dims Rotary leaves unrotated (D/4..D/2, 3D/4..D: zero
+    frequency, so the offset commutes with the rotation) take position t-1's values; position 0 keeps its own."""
+    D = k.size(-1)
+    stationary = torch.arange(D, device=k.device) % (D // 2) >= D // 4
+    return torch.where(stationary, torch.cat([k[:, :1], k[:, :-1]], dim=1), k)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, prep_kernel: str = "torch",
-                 rotary: Rotary | None = None, gate_dims: int = 0, value_gate_dims: int = 0):
+                 rotary: Rotary | None = None, gate_dims: int = 0, value_gate_dims: int = 0,
+                 key_offset: bool = False):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
+        self.key_offset = key_offset
         # record-28's sparse attention gate: each head's output is scaled by sigmoid(w . x[:gate_dims]), w zero at
         # start (every head at 0.5), so a head can learn to switch itself off for tokens where it only adds noise
         self.gate_dims = gate_dims
@@ -120,6 +130,8 @@ class Attention(nn.Module):
                 v = lambdas[0] * v + lambdas[1] * ve.view_as(v)
             else:
                 v = lambdas[0] * v
+        if self.key_offset:
+            k = offset_stationary_keys(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE).transpose(1, 2)
         if self.gate is not None:   # (B, T, H, D) times (B, T, H, 1)
@@ -152,11 +164,11 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: TrainConfig, rotary: Rotary | None = None, attention: bool = True,
-                 value_gate: bool = False):
+                 value_gate: bool = False, key_offset: bool = False):
         super().__init__()
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep, rotary,
                               cfg.attn_gate_dims if cfg.attn_gate else 0,
-                              cfg.attn_gate_dims if value_gate else 0) if attention else None
+                              cfg.attn_gate_dims if value_gate else 0, key_offset) if attention else None
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
@@ -211,7 +223,8 @@ class GPT(nn.Module):
             self.ve_of_layer[L - n + i] = i
         self.blocks = nn.ModuleList(
             Block(cfg, rotary, attention=kind is not None,
-                  value_gate=cfg.value_embed_gate and self.ve_of_layer[i] is not None)
+                  value_gate=cfg.value_embed_gate and self.ve_of_layer[i] is not None,
+                  key_offset=cfg.key_offset and kind == "long")
             for i, kind in enumerate(self.layout))
         self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
         # tie_head_until: the head weight is the embedding table too until untie_head() (record-51 starts the tied

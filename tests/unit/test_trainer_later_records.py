@@ -62,7 +62,7 @@ def test_the_defaults_keep_what_the_yardstick_kept():
     d = TrainConfig()
     assert d.bigram_embed and d.muon_variant == "normuon"
     assert not (d.smear or d.value_embed_gate or d.skip_gate or d.adam_every_other_step or d.muon_cautious_wd
-                or d.muon_momentum_cooldown_steps or d.batch_schedule)
+                or d.muon_momentum_cooldown_steps or d.batch_schedule or d.key_offset)
 
 
 def test_the_tiny_model_builds_none_of_the_later_records_parts():
@@ -662,6 +662,40 @@ def test_compiled_model_recompiles_once_at_the_untie_and_then_reads_the_embeddin
     assert not torch.allclose(model(t[:-1], t[1:], torch.tensor(2)), eager, rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------------- partial key offset (record-49)
+
+
+def test_partial_key_offset_is_the_records_shift_of_the_stationary_dims():
+    from trainer.model import offset_stationary_keys
+
+    k = torch.randn(2, 9, 3, 16)
+    expected = k.clone()   # record-49's in-place form, for head_dim 16
+    expected[:, 1:, :, 4:8] = k[:, :-1, :, 4:8]
+    expected[:, 1:, :, 12:] = k[:, :-1, :, 12:]
+    assert torch.equal(offset_stationary_keys(k), expected)
+
+
+def test_the_offset_dims_are_the_ones_rotary_leaves_alone_so_the_two_commute():
+    from trainer.model import Rotary, offset_stationary_keys
+
+    rotary, k = Rotary(32), torch.randn(1, 40, 2, 32)
+    assert torch.equal(rotary(offset_stationary_keys(k)), offset_stationary_keys(rotary(k)))
+    assert not torch.equal(rotary(k)[..., :8], k[..., :8])   # the rotated dims do move, and are not offset
+
+
+def test_key_offset_sits_on_the_long_window_layers_keeps_the_model_causal_and_changes_it():
+    plain, model = randomised_model(tiny_config(num_layers=4)), randomised_model(tiny_config(num_layers=4,
+                                                                                             key_offset=True))
+    assert model.layout == ["long", "short", "short", "long"]
+    assert [b.attn.key_offset for b in model.blocks] == [True, False, False, True]
+    t = tokens()
+    changed = t.clone()
+    changed[300:] = (changed[300:] + 7) % BOS
+    a, b = (model(s[:-1], s[1:], torch.tensor(4), reduction="none").detach() for s in (t, changed))
+    assert torch.equal(a[:299], b[:299]) and not torch.equal(a[299:], b[299:])
+    assert not torch.allclose(a, plain(t[:-1], t[1:], torch.tensor(4), reduction="none").detach())
+
+
 # ----------------------------------------------------------------------------------------------- all at once
 
 
@@ -672,7 +706,7 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
     cfg = tiny_config(num_layers=4, smear=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16,
                       value_embed_gate=True, skip_gate=True, muon_variant="normuon", logit_rescale=True,
                       muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True,
-                      batch_schedule="1/2:1,1:2", tie_head_until=0.5)
+                      batch_schedule="1/2:1,1:2", tie_head_until=0.5, key_offset=True)
     torch.manual_seed(0)
     model = GPT(cfg)
     t = tokens()
