@@ -209,14 +209,12 @@ def plan_runs(args) -> tuple[list[dict], dict]:
                 val_tokens=args.val_tokens, tokens_per_step=TOKENS_PER_STEP, seeds=args.seeds,
                 cluster=str(cluster), data=describe_data(Path(args.data).resolve()))
     for run in runs:
-        if run.get("reused_from"):
-            continue
-        run["steps"] = run["overrides"].get("steps", args.steps)
         if run["kind"] == "reference":
             tokens, what = args.steps * TOKENS_PER_STEP, f"{args.steps} steps of {TOKENS_PER_STEP:,}"
         else:
-            tokens = run_tokens(run["overrides"], run["steps"])
-            what = f"{run['label']}'s {run['steps']} steps ({tokens:,} tokens)"
+            steps = run["overrides"].get("steps", args.steps)
+            tokens = run_tokens(run["overrides"], steps)
+            what = f"{run['label']}'s {steps} steps ({tokens:,} tokens)"
         check_token_budget(meta["data"]["train_shard_tokens"], meta["data"]["val_shard_tokens"], tokens, what,
                            TOKENS_PER_STEP, args.val_tokens)
     try:

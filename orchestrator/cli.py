@@ -77,13 +77,18 @@ def _check_data(job, job_file, local: bool) -> None:
                           f"{f' and {len(lacking) - 3} more' if len(lacking) > 3 else ''}; {fix}")
 
 
+def _time_limit_note(plan) -> str:
+    """' (each stopped after N min)' where the job sets seed_time_limit_min, else ''."""
+    limit = plan.job.seed_time_limit_min
+    return f" (each stopped after {limit:g} min)" if limit else ""
+
+
 def _print_plan(plan, backend) -> None:
     t = Table(title=f"plan {plan.sweep_id}", show_header=False, title_justify="left")
     t.add_row("job", f"{plan.job_file} ({plan.job.name})")
     t.add_row("cluster", f"{plan.cluster_file} (backend {plan.cluster.backend}, {plan.cluster.nodes} node(s) x "
                          f"{plan.cluster.gpus_per_node} {plan.cluster.device})")
-    limit = plan.job.seed_time_limit_min
-    t.add_row("seeds", ", ".join(map(str, plan.seeds)) + (f" (each stopped after {limit:g} min)" if limit else ""))
+    t.add_row("seeds", ", ".join(map(str, plan.seeds)) + _time_limit_note(plan))
     t.add_row("data", f"{plan.job.data.source} -> {plan.data_dir}")
     t.add_row("trainer", plan.job.script or ", ".join(f"{k}={v}" for k, v in plan.job.trainer.items()) or "defaults")
     for what, shipped in (("workdir", plan.workdir), ("offline", plan.offline)):
@@ -178,9 +183,8 @@ def _run_sweep(args, plan, backend, state: dict, keep_running_on_interrupt: bool
     state["handle"] = handle
     record_sweep(SweepRecord(plan.sweep_id, plan.store_url, plan.cluster_file, plan.job_file, plan.created_at,
                              handle.to_dict()), store)
-    limit = plan.job.seed_time_limit_min
     console.print(f"launched [bold]{plan.sweep_id}[/bold] on {plan.cluster.name} ({backend.name}); "
-                  f"seeds {plan.seeds}" + (f" (each stopped after {limit:g} min)" if limit else ""))
+                  f"seeds {plan.seeds}" + _time_limit_note(plan))
     if args.detach:
         console.print(f"follow with: speedrun logs -f {plan.sweep_id}")
         if backend.reruns_dead_jobs and plan.job.retries:

@@ -337,6 +337,16 @@ class SeedLog:
         return self.summary.name
 
 
+def _record_field(store: Any, keys: set[str], key: str, name: str) -> Any:
+    """One field of a JSON record the node runner wrote; None when the record is missing or unreadable."""
+    if key not in keys:
+        return None
+    try:
+        return json.loads(store.get_bytes(key)).get(name)
+    except (ValueError, AttributeError):
+        return None
+
+
 def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedLog:
     prefix = seed_prefix(sweep_id, seed)
     name = seed_dir(seed)
@@ -357,15 +367,12 @@ def _seed_run(store: Any, sweep_id: str, seed: int, keys: set[str]) -> SeedLog:
         return SeedLog(summary, result)
     # The node runner records the seed's fate in timings.json (state, exit_code); a log can look whole
     # while the trainer still crashed at exit, so a failed state wins.
-    state, why = None, None
+    state = None
     for record in ("manifest.json", "timings.json"):
-        if f"{prefix}/{record}" in keys:
-            try:
-                fields = json.loads(store.get_bytes(f"{prefix}/{record}"))
-                state, why = state or fields.get("state"), why or fields.get("reason")
-            except (ValueError, AttributeError):
-                pass
+        if state is None:
+            state = _record_field(store, keys, f"{prefix}/{record}", "state")
     if not seed_done(True, state):
+        why = _record_field(store, keys, f"{prefix}/timings.json", "reason")   # why it stopped, if the node said
         summary.complete = False
         summary.reason = f"node runner marked it {state}" + (f" ({why})" if why else "") + (
             f"; log: {result.reason}" if result.reason else "")
