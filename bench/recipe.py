@@ -107,13 +107,13 @@ def parse_variant(text: str, base: dict, taken: list[str]) -> tuple[str, dict]:
 
 
 def run_tokens(overrides: dict, steps: int) -> int:
-    """Train tokens a run of ours reads in its steps: its batch_schedule's micro-batches (record-46), else the
-    full batch every step."""
+    """Train tokens a run of ours reads in its steps: its batch_schedule's or seq_len_schedule's (record-46), else
+    the full batch every step."""
     from trainer.config import TrainConfig
-    from trainer.train import microbatches
+    from trainer.train import step_tokens
 
     cfg = TrainConfig.from_dict(dict(overrides, steps=steps))
-    return sum(microbatches(cfg, s) for s in range(steps)) * cfg.seq_len
+    return sum(step_tokens(cfg, s) for s in range(steps))
 
 
 def check_token_budget(train: list[int], val: list[int], tokens: int, what: str, tokens_per_step: int,

@@ -88,6 +88,11 @@ class TrainConfig:
     # record-28's loss in 0.861x ours' time (99.0 against 115.0 s). Off until the 8-rank form above (3 and 5 do not
     # split over 8 ranks) is measured; its FineWeb step count follows from that (bench/NOTES.md)
     batch_schedule: str = ""
+    # record-46's own form on 8 GPUs (one micro-batch per rank): the micro-batch grows, not their count.
+    # "END:TOKENS,..." runs grad_accum_total micro-batches of TOKENS (a multiple of block_size, at most seq_len)
+    # on the steps below END x steps; each length compiles once, in the warm-up. The lr ties to the step's
+    # tokens as above. The record: "1/3:16384,2/3:32768,1:49152". Not with batch_schedule; "" = off
+    seq_len_schedule: str = ""
     batch_lr_exponent: float = 0.6
     # record-51 (2025-12-19 RetieLMHead) ties the embedding to the head: one (padded vocab, dim) table, initialised
     # N(0, 0.005) in place of the head's zero init, is both the input lookup and the head weight (its gradient the
@@ -191,6 +196,10 @@ class TrainConfig:
                              f"{self.bigram_sign_rows})")
         self.skipped_attention_layers()
         self.batch_phases()
+        self.seq_len_phases()
+        if self.batch_phases() and self.seq_len_phases():
+            raise ValueError("batch_schedule, seq_len_schedule: set one of them; the batch grows either in "
+                             "micro-batches or in their length")
         if self.batch_lr_exponent < 0:
             raise ValueError(f"batch_lr_exponent: must be >= 0 (got {self.batch_lr_exponent})")
         if self.device not in ("auto", "cuda", "cpu"):
@@ -215,7 +224,14 @@ class TrainConfig:
 
     def batch_phases(self) -> tuple[tuple[Fraction, int], ...]:
         """batch_schedule as ((END, COUNT), ...), () when off; ValueError naming the key on anything else."""
-        return parse_batch_schedule(str(self.batch_schedule), self.grad_accum_total)
+        return parse_phases("batch_schedule", str(self.batch_schedule), "COUNT", 1, self.grad_accum_total, 1,
+                            "'1/3:8,2/3:16,1:24' (steps below END x steps run COUNT micro-batches)")
+
+    def seq_len_phases(self) -> tuple[tuple[Fraction, int], ...]:
+        """seq_len_schedule as ((END, TOKENS), ...), () when off; ValueError naming the key on anything else."""
+        return parse_phases("seq_len_schedule", str(self.seq_len_schedule), "TOKENS", self.block_size, self.seq_len,
+                            self.block_size, "'1/3:16384,2/3:32768,1:49152' (steps below END x steps run "
+                            "micro-batches of TOKENS)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -230,24 +246,25 @@ class TrainConfig:
 
 
 @lru_cache(maxsize=16)
-def parse_batch_schedule(text: str, grad_accum_total: int) -> tuple[tuple[Fraction, int], ...]:
-    """Cached: the trainer asks for the step's phase on every step."""
+def parse_phases(key: str, text: str, unit: str, low: int, high: int, multiple: int, example: str
+                 ) -> tuple[tuple[Fraction, int], ...]:
+    """A schedule "END:UNIT,..." as ((END, value), ...): ENDs increasing fractions of the steps, the last 1, each
+    value within low..high and a multiple of `multiple`. Cached: the trainer asks for the step's phase every step."""
     if not text.strip():
         return ()
     phases = []
     for part in text.split(","):
-        end, sep, count = part.partition(":")
+        end, sep, value = part.partition(":")
         try:
-            phase = (Fraction(end.strip()), int(count))
+            phase = (Fraction(end.strip()), int(value))
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"batch_schedule: {part.strip()!r} is not END:COUNT; write e.g. '1/3:8,2/3:16,1:24' "
-                             "(steps below END x steps run COUNT micro-batches), or '' for off") from None
-        if not sep or not 0 < phase[0] <= 1 or not 0 < phase[1] <= grad_accum_total:
-            raise ValueError(f"batch_schedule: {part.strip()!r} needs END within (0, 1] and COUNT within "
-                             f"1..grad_accum_total={grad_accum_total}")
+            raise ValueError(f"{key}: {part.strip()!r} is not END:{unit}; write e.g. {example}, or '' for off") from None
+        if not sep or not 0 < phase[0] <= 1 or not low <= phase[1] <= high or phase[1] % multiple:
+            within = f"within {low}..{high}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
+            raise ValueError(f"{key}: {part.strip()!r} needs END within (0, 1] and {unit} {within}")
         if phases and phase[0] <= phases[-1][0]:
-            raise ValueError(f"batch_schedule: the ENDs must increase ({phases[-1][0]} then {phase[0]})")
+            raise ValueError(f"{key}: the ENDs must increase ({phases[-1][0]} then {phase[0]})")
         phases.append(phase)
     if phases[-1][0] != 1:
-        raise ValueError(f"batch_schedule: the last phase must end at 1 (got {phases[-1][0]}), so every step has one")
+        raise ValueError(f"{key}: the last phase must end at 1 (got {phases[-1][0]}), so every step has one")
     return tuple(phases)

@@ -57,15 +57,15 @@ class TrainBatches:
             self._bos = np.flatnonzero(self._tokens == BOS)
             self._loaded = i
 
-    def _next_sequence(self) -> np.ndarray:
-        n = self.seq_len + 1
+    def _next_sequence(self, length: int) -> np.ndarray:
+        n = length + 1
         for _ in range(2 * len(self.files) + 1):
             st = self.state
             self._load(st.shard)
             j = np.searchsorted(self._bos, st.cursor)
             if j < len(self._bos) and self._bos[j] + n <= len(self._tokens):
                 start = int(self._bos[j])
-                st.cursor = start + self.seq_len   # as record-28: a BOS that is this one's last target starts the next
+                st.cursor = start + length   # as record-28: a BOS that is this one's last target starts the next
                 return np.asarray(self._tokens[start:start + n])
             st.shard, st.cursor = st.shard + 1, 0          # this shard is used up: the next one
             if st.shard == len(self.files):
@@ -73,16 +73,20 @@ class TrainBatches:
         raise ShardError(f"{self.files[0]}: no document start (token {BOS}) leaves room for {n} tokens; "
                          "the shards need BOS-delimited documents")
 
-    def next_step(self, count: int | None = None) -> list[np.ndarray]:
+    def next_step(self, count: int | None = None, length: int | None = None) -> list[np.ndarray]:
         """This rank's micro-batches for the next optimizer step of `count` micro-batches over all ranks
-        (grad_accum_total when None; a batch_schedule's phase count otherwise): count / world of them. The stream
-        advances by exactly count sequences, so the state after it is where the next step starts."""
+        (grad_accum_total when None; a batch_schedule's phase count otherwise), each of `length` tokens (seq_len
+        when None; a seq_len_schedule's otherwise): count / world of them. The stream advances by exactly count
+        sequences, so the state after it is where the next step starts."""
         count = self.grad_accum_total if count is None else count
+        length = self.seq_len if length is None else length
+        if not 0 < length <= self.seq_len:
+            raise ValueError(f"seq_len_schedule: a micro-batch of {length} tokens is not within 1..seq_len={self.seq_len}")
         if count <= 0 or count % self.world:
             raise ValueError(f"batch_schedule: a step of {count} micro-batches does not split over {self.world} ranks")
         mine = []
         for k in range(count):
-            seq = self._next_sequence()
+            seq = self._next_sequence(length)
             if k % self.world == self.rank:
                 mine.append(seq)
         return mine

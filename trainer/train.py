@@ -62,21 +62,37 @@ def lr_scale(cfg: TrainConfig, step: int) -> float:
     return peak * w + (1 - w) * 0.1 * first
 
 
+def _phase_value(phases, cfg: TrainConfig, step: int, default: int) -> int:
+    """The value of the phase a step is in (END a Fraction: exact); steps from cfg.steps on (validation only)
+    belong to the last phase; `default` without a schedule."""
+    for end, value in phases:
+        if step < end * cfg.steps:
+            return value
+    return phases[-1][1] if phases else default
+
+
 def microbatches(cfg: TrainConfig, step: int) -> int:
     """Micro-batches in this step, over all ranks: its batch_schedule phase's count (record-46), else
-    grad_accum_total. Steps from cfg.steps on (validation only) belong to the last phase."""
-    phases = cfg.batch_phases()
-    for end, count in phases:
-        if step < end * cfg.steps:   # exact: end is a Fraction
-            return count
-    return phases[-1][1] if phases else cfg.grad_accum_total
+    grad_accum_total."""
+    return _phase_value(cfg.batch_phases(), cfg, step, cfg.grad_accum_total)
+
+
+def micro_batch_len(cfg: TrainConfig, step: int) -> int:
+    """Tokens in each of this step's micro-batches: its seq_len_schedule phase's (record-46 on 8 GPUs), else
+    seq_len."""
+    return _phase_value(cfg.seq_len_phases(), cfg, step, cfg.seq_len)
+
+
+def step_tokens(cfg: TrainConfig, step: int) -> int:
+    """Training tokens in this step, over all ranks."""
+    return microbatches(cfg, step) * micro_batch_len(cfg, step)
 
 
 def batch_lr_scale(cfg: TrainConfig, step: int) -> float:
-    """record-46's lr tied to the batch: (this step's micro-batches / grad_accum_total) ** batch_lr_exponent."""
-    if not cfg.batch_phases():
+    """record-46's lr tied to the batch: (this step's tokens / the full batch's) ** batch_lr_exponent."""
+    if not (cfg.batch_phases() or cfg.seq_len_phases()):
         return 1.0
-    return (microbatches(cfg, step) / cfg.grad_accum_total) ** cfg.batch_lr_exponent
+    return (step_tokens(cfg, step) / (cfg.grad_accum_total * cfg.seq_len)) ** cfg.batch_lr_exponent
 
 
 def window_blocks(cfg: TrainConfig, step: int) -> int:
@@ -114,6 +130,23 @@ def head_tied(cfg: TrainConfig, step: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------- the run
+
+
+def warmup_steps(cfg: TrainConfig, n: int, tied: bool) -> list[int]:
+    """The training steps the warm-up runs, so that every graph the loop meets compiles in it: n spread over the
+    schedule (the window grows), the last one past the untie while the head is tied, and then the first step of
+    each seq_len_schedule phase whose micro-batch length none of them had."""
+    steps = [(i * cfg.steps) // n for i in range(n)]
+    untie = math.ceil(cfg.tie_head_until * cfg.steps)
+    if n > 1 and tied and untie < cfg.steps:
+        steps[-1] = max(steps[-1], untie)   # the untied graph compiles here, not in the timed loop
+    lengths = {micro_batch_len(cfg, s) for s in steps}
+    for end, _ in cfg.seq_len_phases()[:-1]:
+        start = math.ceil(end * cfg.steps)   # the next phase's first step
+        if start < cfg.steps and micro_batch_len(cfg, start) not in lengths:
+            steps.append(start)
+            lengths.add(micro_batch_len(cfg, start))
+    return steps
 
 
 def keep_freed_memory() -> None:
@@ -330,7 +363,8 @@ class Trainer:
         cfg = self.cfg
         self.emit(f"step:{step}/{cfg.steps} train_loss:{train_loss:.4f} train_time:{now:.0f}ms "
                   f"step_avg:{now / step:.2f}ms")
-        extra = dict(micro_batches=microbatches(cfg, step - 1)) if cfg.batch_phases() else {}
+        extra = dict(micro_batches=microbatches(cfg, step - 1), micro_batch_len=micro_batch_len(cfg, step - 1)) \
+            if cfg.batch_phases() or cfg.seq_len_phases() else {}
         self.record(step=step, train_loss=train_loss, train_time_ms=round(now, 1),
                     lr_scale=lr_scale(cfg, step - 1), window=window_blocks(cfg, step - 1), **extra)
 
@@ -377,17 +411,13 @@ class Trainer:
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         gen = np.random.default_rng(self.cfg.seed)
         local = self.cfg.grad_accum_total // self.ranks.world
-        for i in range(n):
+        for i, step in enumerate(warmup_steps(self.cfg, n, self.model.head_tied)):
             if i == 1:
                 self.sync()
                 self.warmup_parts["first_step_s"] = time.time() - t0
-            mb = [gen.integers(0, BOS, self.cfg.seq_len + 1) for _ in range(local)]
+            mb = [gen.integers(0, BOS, micro_batch_len(self.cfg, step) + 1) for _ in range(local)]
             for seq in mb:
                 seq[:: 4096] = BOS
-            step = (i * self.cfg.steps) // n
-            untie = math.ceil(self.cfg.tie_head_until * self.cfg.steps)
-            if i == n - 1 and n > 1 and self.model.head_tied and untie < self.cfg.steps:
-                step = max(step, untie)   # the untied graph compiles here, not in the timed loop
             try:
                 self.train_step(mb, step=step)
             except Exception as e:   # noqa: BLE001 - any compile failure of the FP8 head, whatever its type
@@ -463,7 +493,7 @@ class Trainer:
                 self.end_stretch(pending, t0)
                 self.save(checkpoint.step_path(self.out, step))
                 t0, pending = self.start_stretch(), None
-            loss = self.train_step(self.batches.next_step(microbatches(cfg, step)), step)
+            loss = self.train_step(self.batches.next_step(microbatches(cfg, step), micro_batch_len(cfg, step)), step)
             self.step = step + 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 queued = (self.step, sum_to_host(loss), self.mark())

@@ -1,6 +1,7 @@
-"""record-46's batch-size schedule (issue 22), as micro-batches per step: the schedule and the lr tied to it are
-the record's, a step of k micro-batches steps on the mean gradient over their tokens, and the loader hands each
-step exactly its tokens, across a phase change and across a resume."""
+"""record-46's batch-size schedule (issue 22), in both forms: micro-batches per step (batch_schedule) and, as the
+record runs on 8 GPUs, one micro-batch a rank whose length grows (seq_len_schedule). The schedule and the lr tied to
+it are the record's, a step of k micro-batches steps on the mean gradient over their tokens, the warm-up compiles
+every length, and the loader hands each step exactly its tokens, across a phase change and across a resume."""
 import json
 import shutil
 
@@ -11,9 +12,10 @@ torch = pytest.importorskip("torch")
 
 from orchestrator.data.synthetic import markov_shards  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import TrainBatches, find_shards  # noqa: E402
+from trainer.data import BOS, TrainBatches, find_shards  # noqa: E402
 from trainer.fixtures import tiny_config  # noqa: E402
-from trainer.train import Trainer, lr_scale, microbatches, window_blocks  # noqa: E402
+from trainer.train import (Trainer, lr_scale, micro_batch_len, microbatches, step_tokens, warmup_steps,  # noqa: E402
+                           window_blocks)
 
 # record-46 in our terms: its 131,072 / 262,144 / 393,216 tokens per step are 8 / 16 / 24 micro-batches of 16,384
 @pytest.fixture(scope="module", autouse=True)
@@ -201,3 +203,86 @@ def test_ranks_split_every_phase_of_the_same_global_stream(tmp_path, world):
         want = one.next_step(count)
         assert all(np.array_equal(mine[k % world][k // world], want[k]) for k in range(count))
         assert all(loader.state_dict() == one.state_dict() for loader in ranks)   # each rank resumes where all do
+
+
+# record-46 as it runs on 8 GPUs: grad_accum_steps 1, batch_size // 8 tokens a rank
+RECORD_8GPU = dict(seq_len=49152, grad_accum_total=8, seq_len_schedule="1/3:16384,2/3:32768,1:49152", steps=2120,
+                   cooldown_frac=0.55)
+
+
+def test_each_step_has_record_46s_tokens_in_eight_micro_batches():
+    cfg = TrainConfig(**RECORD_8GPU).validate()
+    assert [step_tokens(cfg, s) for s in range(cfg.steps)] == [record_batch_tokens(s) for s in range(cfg.steps)]
+    assert {microbatches(cfg, s) for s in range(cfg.steps + 1)} == {8}
+    assert [micro_batch_len(cfg, s) for s in (0, 706, 707, 1413, 1414, 2119, 2120)] == \
+        [16384, 16384, 32768, 32768, 49152, 49152, 49152]
+    off = TrainConfig()
+    assert {micro_batch_len(off, s) for s in range(off.steps + 1)} == {off.seq_len}
+
+
+def test_the_lr_follows_the_tokens_exactly_as_the_micro_batch_count_form():
+    cfg = TrainConfig(**RECORD_8GPU).validate()
+    counted = TrainConfig(**RECORD).validate()   # the same tokens per step as 8 / 16 / 24 micro-batches of 16,384
+    for s in range(cfg.steps + 1):
+        assert lr_scale(cfg, s) == lr_scale(counted, s), s
+    # the record's multipliers, ours divided by its last phase's 3 ** 0.6: the lrs stay tuned for the full batch
+    assert all(lr_scale(cfg, s) * 3 ** 0.6 == pytest.approx(record_lr(s), rel=1e-12) for s in range(cfg.steps))
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(seq_len_schedule="1/2:1000,1:2048", seq_len=2048), "seq_len_schedule: '1/2:1000' needs END .* multiple of 128"),
+    (dict(seq_len_schedule="1/2:4096,1:2048", seq_len=2048), "seq_len_schedule: '1/2:4096' needs END .* 128..2048"),
+    (dict(seq_len_schedule="1/2:1024", seq_len=2048), "seq_len_schedule: the last phase must end at 1"),
+    (dict(seq_len_schedule="1/2-1024,1:2048", seq_len=2048), "seq_len_schedule: '1/2-1024' is not END:TOKENS"),
+    (dict(seq_len_schedule="1/2:1024,1:2048", batch_schedule="1/2:4,1:8", seq_len=2048),
+     "batch_schedule, seq_len_schedule: set one of them"),
+])
+def test_a_bad_seq_len_schedule_is_refused_naming_the_key(overrides, words):
+    with pytest.raises(ValueError, match=f"^{words}"):
+        TrainConfig(**overrides).validate()
+
+
+def test_the_warm_up_runs_every_micro_batch_length_and_nothing_else_changes_without_a_schedule():
+    cfg = TrainConfig(**RECORD_8GPU).validate()
+    steps = warmup_steps(cfg, 3, tied=False)
+    # 0 and 706 are in the first third and 1413 in the second: the last third's first step is added
+    assert steps == [0, 706, 1413, 1414]
+    assert {micro_batch_len(cfg, s) for s in steps} == {16384, 32768, 49152}
+    plain = TrainConfig(steps=200)
+    assert warmup_steps(plain, 3, tied=False) == [0, 66, 133]
+    tied = TrainConfig(steps=200, tie_head_until=0.6667)
+    assert warmup_steps(tied, 3, tied=True) == [0, 66, 134]   # the last one past the untie at ceil(133.34)
+    assert warmup_steps(TrainConfig(**RECORD_8GPU, tie_head_until=0.99), 3, tied=True)[:3] == [0, 706, 2099]
+
+
+def test_the_loader_cuts_each_micro_batch_at_the_asked_length_from_one_stream(tmp_path):
+    markov_shards(tmp_path / "data")
+    files = find_shards(str(tmp_path / "data"), "fineweb_train_*.bin")
+    one = TrainBatches(files, 512, 0, 1, 2)
+    ranks = [TrainBatches(files, 512, r, 2, 2) for r in range(2)]
+    for length in (128, 128, 256, 512, 512):
+        want = one.next_step(2, length)
+        assert [len(s) for s in want] == [length + 1] * 2 and all(s[0] == BOS for s in want)
+        mine = [loader.next_step(2, length) for loader in ranks]
+        assert all(np.array_equal(mine[k][0], want[k]) for k in range(2))
+        assert all(loader.state_dict() == one.state_dict() for loader in ranks)
+    with pytest.raises(ValueError, match="^seq_len_schedule: a micro-batch of 1024 tokens"):
+        one.next_step(2, 1024)
+
+
+def test_a_run_grows_its_micro_batches_across_a_phase_change_and_a_resume(tmp_path):
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(seq_len_schedule="1/2:256,1:512", steps=6, val_every=6, val_tokens=1024, checkpoint_every=2)
+    fed, rows = recorded_run(cfg, tmp_path / "data", tmp_path / "a")
+    assert [[len(m) for m in fed[s]] for s in range(6)] == [[257] * 2] * 3 + [[513] * 2] * 3
+    assert [(rows[s]["micro_batches"], rows[s]["micro_batch_len"]) for s in range(1, 7)] == \
+        [(2, 256)] * 3 + [(2, 512)] * 3
+    assert rows[1]["lr_scale"] == pytest.approx(lr_scale(tiny_config(steps=6), 0) * 0.5 ** 0.6)   # half the tokens
+    # resumed from step 2 (first phase), it crosses the change at step 3 on the same tokens and the same losses
+    (tmp_path / "b" / "ckpt").mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "ckpt" / "step_000002.pt", tmp_path / "b" / "ckpt" / "step_000002.pt")
+    resumed, resumed_rows = recorded_run(cfg, tmp_path / "data", tmp_path / "b", resume="auto")
+    assert sorted(resumed) == [2, 3, 4, 5]
+    for s in resumed:
+        assert all(np.array_equal(a, b) for a, b in zip(resumed[s], fed[s], strict=True)), s
+        assert resumed_rows[s + 1]["train_loss"] == pytest.approx(rows[s + 1]["train_loss"], rel=1e-6)

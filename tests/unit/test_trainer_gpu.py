@@ -196,9 +196,15 @@ def test_training_loop_on_the_gpu_with_every_later_records_switch(tmp_path):
     assert val[-1] < val[0]
 
 
-def test_training_loop_on_the_gpu_with_a_batch_schedule_compiles_no_shape_after_the_warm_up(tmp_path):
-    """record-46's batch_schedule: phases of 1, 2 and 4 micro-batches of the one compiled shape. After the warm-up
-    (training steps and validation, compiled) the loop recompiles nothing, every phase trains and is logged."""
+@pytest.mark.parametrize("schedule, logged", [
+    (dict(batch_schedule="1/3:1,2/3:2,1:4"), [(1, 512)] * 3 + [(2, 512)] * 3 + [(4, 512)] * 3),
+    (dict(seq_len_schedule="1/3:128,2/3:256,1:512"), [(4, 128)] * 3 + [(4, 256)] * 3 + [(4, 512)] * 3),
+])
+def test_training_loop_on_the_gpu_with_a_batch_schedule_compiles_no_shape_after_the_warm_up(tmp_path, schedule,
+                                                                                          logged):
+    """record-46's schedules: phases of 1, 2 and 4 micro-batches of the one compiled shape, or 4 micro-batches of
+    three lengths. After the warm-up (training steps and validation, compiled) the loop recompiles nothing, every
+    phase trains and is logged."""
     import contextlib
     import json
 
@@ -207,7 +213,7 @@ def test_training_loop_on_the_gpu_with_a_batch_schedule_compiles_no_shape_after_
 
     markov_shards(tmp_path / "data")
     cfg = tiny_config(model_dim=128, num_heads=2, head_dim=64, steps=9, val_every=9, device="cuda", compile=True,
-                      warmup_compile_steps=2, grad_accum_total=4, batch_schedule="1/3:1,2/3:2,1:4")
+                      warmup_compile_steps=2, grad_accum_total=4, **schedule)
     trainer = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out"))
     warm_up = trainer.warm_up
     with contextlib.ExitStack() as after_warm_up:
@@ -219,7 +225,7 @@ def test_training_loop_on_the_gpu_with_a_batch_schedule_compiles_no_shape_after_
         assert trainer.run() == 0
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train_loss" in r]
-    assert [r["micro_batches"] for r in train] == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+    assert [(r["micro_batches"], r["micro_batch_len"]) for r in train] == logged
     assert all(0 < r["train_loss"] < 12 for r in train)
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert val[-1] < val[0]
