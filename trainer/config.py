@@ -84,14 +84,16 @@ class TrainConfig:
     # batch_lr_exponent, and the cool-down still ends at 0.1 x the first phase's lr. The record: 131,072 / 262,144 /
     # 393,216 tokens per step over thirds of training, lrs (bs / 131,072) ** 0.6 = 1, 1.51, 1.93 times its first
     # phase's; here seq_len=16384, grad_accum_total=24, "1/3:8,2/3:16,1:24" (0.52, 0.78, 1 times ours).
-    # Yardstick (one H100, 2026-12-05): "1/3:3,2/3:5,1:8" of 49,152-token micro-batches over 260 steps reached
-    # record-28's loss in 0.861x ours' time (99.0 against 115.0 s). Off until the 8-rank form above (3 and 5 do not
-    # split over 8 ranks) is measured; its FineWeb step count follows from that (bench/NOTES.md)
+    # Yardstick (H100s, 2026-12-05, 260 steps): "1/3:3,2/3:5,1:8" of 49,152-token micro-batches reached record-28's
+    # loss in 0.861x ours' time, but 3 and 5 do not split over 8 ranks; the 8-rank form above took 1.231x (a
+    # 16K micro-batch costs 62% of a 48K one). Off (bench/NOTES.md)
     batch_schedule: str = ""
     # record-46's own form on 8 GPUs (one micro-batch per rank): the micro-batch grows, not their count.
     # "END:TOKENS,..." runs grad_accum_total micro-batches of TOKENS (a multiple of block_size, at most seq_len)
     # on the steps below END x steps; each length compiles once, in the warm-up. The lr ties to the step's
-    # tokens as above. The record: "1/3:16384,2/3:32768,1:49152". Not with batch_schedule; "" = off
+    # tokens as above. The record: "1/3:16384,2/3:32768,1:49152". Not with batch_schedule; "" = off.
+    # Yardstick (H100, 260 steps): the record's form 1.008x ours' time (against ours of another call): the same
+    # loss per token as the 0.861x form, lost to the first third's short micro-batches. Off (bench/NOTES.md)
     seq_len_schedule: str = ""
     batch_lr_exponent: float = 0.6
     # record-51 (2025-12-19 RetieLMHead) ties the embedding to the head: one (padded vocab, dim) table, initialised
