@@ -128,19 +128,22 @@ def _linear_relu2_build(lr, key, cfg, default: bool) -> Build:
 
 
 def softcap_ce_builds() -> list[Build]:
-    """The loss kernel at the lm head's shape, writing the FP8 gradient as the trainer does. Its MUFU count
-    (the special-function unit: tanh, exp2, log, reciprocals) is what it is bound by besides memory."""
+    """The loss kernel at the lm head's shape, writing the FP8 gradient as the trainer does, with one target a
+    row and with multi-token prediction's three weighted ones. Its MUFU count (the special-function unit: tanh,
+    exp2, log, reciprocals) is what it is bound by besides memory."""
     from trainer.kernels import softcap_ce as ce
 
-    sig = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "loss_ptr": "*fp32", "grad_ptr": "*fp8e5",
-           "cap": "fp32", "grad_mult": "fp32", "stride_m": "i32", "grad_stride_m": "i32"}
+    sig = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "weights_ptr": "*fp32", "loss_ptr": "*fp32",
+           "grad_ptr": "*fp8e5", "cap": "fp32", "grad_mult": "fp32", "stride_m": "i32", "grad_stride_m": "i32"}
     out = []
-    for cfg in [ce.GPU_CONFIG, (8, 128, 4), (8, 256, 8), (4, 256, 8), (4, 512, 4), (2, 512, 4), (4, 128, 4)]:
-        bm, bn, warps = cfg
-        out.append(Build(f"softcap CE {bm}x{bn}, {warps} warps", ce._softcap_ce_kernel, sig,
+    configs = [ce.GPU_CONFIG, (8, 128, 4), (8, 256, 8), (4, 256, 8), (4, 512, 4), (2, 512, 4), (4, 128, 4)]
+    for (bm, bn, warps), k in [(cfg, 1) for cfg in configs] + [(ce.GPU_CONFIG, 3)]:
+        name = f"softcap CE {bm}x{bn}, {warps} warps" + (f", {k} weighted targets" if k > 1 else "")
+        out.append(Build(name, ce._softcap_ce_kernel, sig,
                          {"N": 50257, "N_TOTAL": 50304, "FAST_TANH": True, "BLOCK_M": bm, "BLOCK_N": bn,
-                          "EVEN_M": True, "WRITE_GRAD": True}, warps, 3, default=cfg == ce.GPU_CONFIG, matmul=False,
-                         aligned=("logits_ptr", "targets_ptr", "loss_ptr", "grad_ptr", "M", "stride_m",
+                          "EVEN_M": True, "WRITE_GRAD": True, "K": k, "WEIGHTED": k > 1}, warps, 3,
+                         default=(bm, bn, warps) == ce.GPU_CONFIG, matmul=False,
+                         aligned=("logits_ptr", "targets_ptr", "weights_ptr", "loss_ptr", "grad_ptr", "M", "stride_m",
                                   "grad_stride_m")))
     return out
 

@@ -73,6 +73,12 @@ class TrainConfig:
                                               # i.e. 11.5*tanh((z+5)/15) for 15*tanh(z/15) up to a constant the
                                               # softmax ignores (softcap_form below; the fused loss kernel takes it).
                                               # Yardstick (one H100): 1.012x ours' time, final loss +0.004: off
+    # record-53 (MultiTokenPrediction, 2025-12-22): the one head also predicts the tokens 2 and 3 positions on, from
+    # the same logits; the training loss is sum_k w_k CE(logits_t, token_{t+1+k}) with the record's weights by
+    # thirds of training, each ramping linearly: (1, 0.5, 0.25 -> 0), (1, 0.5 -> 0), (1) (train.mtp_weights).
+    # Targets cross documents, as the record's do; validation stays plain next-token CE, and the logged
+    # train_loss is the weighted sum. Not yet on the yardstick: off
+    multi_token_prediction: bool = False
     # record-49 (PartialKeyOffset, 2025-12-14): in the long-window layers, the key dims that rotary leaves unrotated
     # (head_dim/4..head_dim/2 and 3/4 head_dim..head_dim) hold the previous position's values, so one key carries
     # two positions (one-layer induction). Not yet on the yardstick: off
@@ -260,7 +266,8 @@ def parse_phases(key: str, text: str, unit: str, low: int, high: int, multiple: 
         try:
             phase = (Fraction(end.strip()), int(value))
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"{key}: {part.strip()!r} is not END:{unit}; write e.g. {example}, or '' for off") from None
+            raise ValueError(f"{key}: {part.strip()!r} is not END:{unit}; write e.g. {example}, "
+                             "or '' for off") from None
         if not sep or not 0 < phase[0] <= 1 or not low <= phase[1] <= high or phase[1] % multiple:
             within = f"within {low}..{high}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
             raise ValueError(f"{key}: {part.strip()!r} needs END within (0, 1] and {unit} {within}")

@@ -81,7 +81,8 @@ class TrainBatches:
         count = self.grad_accum_total if count is None else count
         length = self.seq_len if length is None else length
         if not 0 < length <= self.seq_len:
-            raise ValueError(f"seq_len_schedule: a micro-batch of {length} tokens is not within 1..seq_len={self.seq_len}")
+            raise ValueError(f"seq_len_schedule: a micro-batch of {length} tokens is not within "
+                             f"1..seq_len={self.seq_len}")
         if count <= 0 or count % self.world:
             raise ValueError(f"batch_schedule: a step of {count} micro-batches does not split over {self.world} ranks")
         mine = []

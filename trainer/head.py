@@ -27,8 +27,8 @@ def _none(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("speedrun::head_loss", mutates_args=())
-def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float, div: float,
-               offset: float, fp8: bool, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, vocab: int,
+               cap: float, div: float, offset: float, fp8: bool, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor]:
     """Returns (sum of row losses, G, G^T, x8^T, W8^T, W's scale); G^T, x8^T, W8^T only in FP8 mode, and
     G only when need_grad. The last four are what backward needs, nothing for callers."""
@@ -41,7 +41,7 @@ def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: i
     else:
         w_s = torch.ones((), dtype=torch.float32, device=x.device)
         logits = x @ w.detach().to(x.dtype).t()
-    form = dict(div=div, offset=offset)
+    form = dict(div=div, offset=offset, weights=weights)
     if not need_grad:
         loss = softcap_cross_entropy(logits, targets, vocab, cap, **form)
         return loss.sum(), _none(x), _none(x), _none(x), _none(x), w_s
@@ -55,12 +55,14 @@ def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: i
         transpose(x8, x8_t)   # torch's strided copy of FP8 runs at a tenth of the bandwidth
         transpose(w8, w8_t)
         return loss.sum(), g, g_t, x8_t, w8_t, w_s
-    loss = softcap_cross_entropy(logits, targets, vocab, cap, grad=logits, **form)   # the gradient replaces them
-    return loss.sum(), logits, _none(x), _none(x), _none(x), w_s
+    # the gradient replaces the logits, unless weighted targets need them after it is written
+    g = logits if weights is None else torch.empty_like(logits)
+    loss = softcap_cross_entropy(logits, targets, vocab, cap, grad=g, **form)
+    return loss.sum(), g, _none(x), _none(x), _none(x), w_s
 
 
 @_head_loss.register_fake
-def _(x, w, targets, vocab, cap, div, offset, fp8, need_grad):
+def _(x, w, targets, weights, vocab, cap, div, offset, fp8, need_grad):
     M, K, N = x.size(0), x.size(1), w.size(0)
     loss, w_s = x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32)
     if not need_grad:
@@ -96,27 +98,33 @@ def _backward(ctx, grad_loss, *_unused):
         s = grad_loss.to(g.dtype)
         grad_x = (g @ w.to(g.dtype)) * s
         grad_w = (g.t() @ x).float() * grad_loss
-    return grad_x, grad_w.to(ctx.w_dtype), None, None, None, None, None, None, None
+    return grad_x, grad_w.to(ctx.w_dtype), None, None, None, None, None, None, None, None
 
 
 _head_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
 def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
-              fp8: bool = False, div: float | None = None, offset: float = 0.0) -> torch.Tensor:
+              fp8: bool = False, div: float | None = None, offset: float = 0.0,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over rows of the cross-entropy of cap*tanh((x @ w.T + offset) / div)[:, :vocab] (div None: cap);
     rows with target < 0 add 0. FP8 needs cap <= div (the gradient's scaling assumes |ds/dz| <= 1).
+    weights (K,) float32 and targets (M, K): each row's K targets, their losses weighted (multi-token
+    prediction, record-53; targets < 0 skipped); FP8 then needs the weights to sum to at most 1.75.
 
     x: (M, K) activations (bf16), w: (N_padded, K) with N_padded >= vocab; FP8 needs M, K, N_padded
     multiples of 16 and |x| <= sqrt(K) (rms-normed rows).
     """
-    return _head_loss(x.contiguous(), w, targets.contiguous(), vocab, float(cap), float(cap if div is None else div),
-                      float(offset), fp8, torch.is_grad_enabled())[0]
+    return _head_loss(x.contiguous(), w, targets.contiguous(), weights, vocab, float(cap),
+                      float(cap if div is None else div), float(offset), fp8, torch.is_grad_enabled())[0]
 
 
 def head_loss_reference(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
-                        div: float | None = None, offset: float = 0.0):
+                        div: float | None = None, offset: float = 0.0, weights: torch.Tensor | None = None):
     """The same loss in plain torch (float32 logits), for tests and benchmarks."""
     z = (x @ w.to(x.dtype).t())[:, :vocab].float()
     s = cap * torch.tanh((z + offset) / (cap if div is None else div))
-    return torch.nn.functional.cross_entropy(s, targets, ignore_index=-1, reduction="sum")
+    if weights is None:
+        return torch.nn.functional.cross_entropy(s, targets, ignore_index=-1, reduction="sum")
+    return sum(wk * torch.nn.functional.cross_entropy(s, targets[:, k], ignore_index=-1, reduction="sum")
+               for k, wk in enumerate(weights))

@@ -26,6 +26,13 @@ except ImportError:   # a CPU-only torch without triton: the fused head + loss o
     head_loss = None
 
 EVAL_SLICE = {"cuda": 32768, "cpu": 1024}   # tokens per slice of the lm-head + loss under no_grad
+
+
+def future_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """(T,) -> (T, k): column j holds the target j positions on (multi-token prediction), -1 (ignored) past the
+    end of the sequence."""
+    cols = [targets] + [F.pad(targets[j:], (0, j), value=-1) for j in range(1, k)]
+    return torch.stack(cols, dim=1)
 ATTN_SCALE = 0.12   # with QK-norm, a fixed scale a bit above 1/sqrt(128) trains faster (record value)
 
 
@@ -258,8 +265,10 @@ class GPT(nn.Module):
         return cap * torch.tanh((z + offset) / div)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, window_blocks: torch.Tensor,
-                reduction: str = "mean") -> torch.Tensor:
-        """tokens, targets: (T,) one packed sequence; window_blocks: 0-d int tensor. Returns the loss."""
+                reduction: str = "mean", target_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, targets: (T,) one packed sequence; window_blocks: 0-d int tensor. Returns the loss, over the
+        targets' count either way. target_weights (K,): multi-token prediction, the loss of the token k+1 on
+        weighted by target_weights[k] (record-53)."""
         cfg = self.cfg
         docs = attn_impl.document_ids(tokens)
         windows = (window_blocks, torch.clamp(window_blocks // 2, min=1))   # long, short
@@ -291,19 +300,29 @@ class GPT(nn.Module):
             if i < half:
                 skips.append(x)
         x = x[0]
+        count = (targets >= 0).sum()
+        if target_weights is not None:
+            targets = future_targets(targets, target_weights.numel())
         if torch.is_grad_enabled() and not self.fused_head_loss:
-            return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction=reduction)
+            if target_weights is None:
+                return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction=reduction)
+            total = self.summed_loss(x, targets, target_weights)
+            return total if reduction == "sum" else total / count
         # one slice when training (the fused op); evaluation goes in slices: the (T, vocab) logits of a long
         # validation sequence would not fit
         n = x.size(0) if torch.is_grad_enabled() else EVAL_SLICE.get(x.device.type, 1024)
-        total = sum(self.summed_loss(x[s:s + n], targets[s:s + n]) for s in range(0, x.size(0), n))
-        return total if reduction == "sum" else total / (targets >= 0).sum()
+        total = sum(self.summed_loss(x[s:s + n], targets[s:s + n], target_weights) for s in range(0, x.size(0), n))
+        return total if reduction == "sum" else total / count
 
-    def summed_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy of these rows. The fused op keeps the logits inside it and computes their
-        gradient in the forward pass; the torch path materialises fp32 logits."""
+    def summed_loss(self, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed cross-entropy of these rows (targets (T,), or (T, K) with weights (K,)). The fused op keeps the
+        logits inside it and computes their gradient in the forward pass; the torch path materialises fp32 logits."""
         if self.fused_head_loss:
             cap, div, offset = self.cfg.softcap_form()
             return head_loss(norm(x), self.lm_head.weight, targets, self.cfg.vocab_size, cap,
-                             fp8=self.fp8_head and self.training, div=div, offset=offset)
-        return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction="sum")
+                             fp8=self.fp8_head and self.training, div=div, offset=offset, weights=weights)
+        logits = self.logits(x)
+        if weights is None:
+            return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
+        return sum(weights[k] * F.cross_entropy(logits, targets[:, k], ignore_index=-1, reduction="sum")
+                   for k in range(targets.size(1)))

@@ -95,6 +95,24 @@ def batch_lr_scale(cfg: TrainConfig, step: int) -> float:
     return (step_tokens(cfg, step) / (cfg.grad_accum_total * cfg.seq_len)) ** cfg.batch_lr_exponent
 
 
+# record-53's multi-token prediction weights over thirds of training: each third's (start, end), a linear ramp
+# between them; the record drops a weight once it reaches 0, here it stays 0 (one compiled shape)
+MTP_THIRDS = (((1.0, 0.5, 0.25), (1.0, 0.5, 0.0)), ((1.0, 0.5, 0.0), (1.0, 0.0, 0.0)), ((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)))
+
+
+def mtp_weights(cfg: TrainConfig, step: int) -> tuple[float, ...]:
+    """The weights of the next 1, 2 and 3 tokens' losses at this step (multi_token_prediction), () when off. The
+    thirds end at the record's round(steps/3) and round(2 steps/3); steps from cfg.steps on end the last third."""
+    if not cfg.multi_token_prediction:
+        return ()
+    ends = (0, round(cfg.steps / 3), round(cfg.steps * (1 / 3 + 1 / 3)), cfg.steps)
+    third = next((i for i in range(3) if step < ends[i + 1]), 2)
+    start, end = ends[third], ends[third + 1]
+    t = min(1.0, (step - start) / max(end - start, 1))
+    first, last = MTP_THIRDS[third]
+    return tuple(a + (b - a) * t for a, b in zip(first, last))
+
+
 def window_blocks(cfg: TrainConfig, step: int) -> int:
     """The sliding window in blocks: record-28's window grows linearly in tokens from 0 to (max - 1/2) blocks
     (1728 tokens) and is rounded up to whole blocks, at least window_min_blocks; so max is reached only at the
@@ -244,6 +262,13 @@ class Trainer:
         dev = host.to(self.ranks.device, non_blocking=True)
         return dev[:-1].view(len(micro_batches), -1), dev[-1]
 
+    def _weights(self, weights: tuple[float, ...]) -> torch.Tensor | None:
+        """A step's loss weights on the device, copied from pinned memory as the tokens are; None for ()."""
+        if not weights:
+            return None
+        host = torch.tensor(weights, dtype=torch.float32)
+        return (host.pin_memory() if self.cuda else host).to(self.ranks.device, non_blocking=True)
+
     def untie_head_if_due(self, step: int) -> None:
         """At the first step past tie_head_until, the embedding leaves the head (record-53): it takes a copy of the
         tied table and of its Adam state; the head keeps both, and any gradient still pending on it (Adam every
@@ -262,9 +287,10 @@ class Trainer:
         total = torch.zeros((), device=self.ranks.device)
         adam_now = adam_steps(cfg, step)
         step_micro_batches = len(micro_batches) * self.ranks.world   # grad_accum_total, or the batch_schedule's
+        weights = self._weights(mtp_weights(cfg, step))
         for i, seq_t in enumerate(tokens):
             self.reducer.arm(last_micro_batch=i == len(micro_batches) - 1, defer=not adam_now)
-            loss = self.forward(seq_t[:-1], seq_t[1:], window)
+            loss = self.forward(seq_t[:-1], seq_t[1:], window, target_weights=weights)
             (loss / step_micro_batches).backward()
             total += loss.detach()
         self.reducer.wait()
@@ -365,6 +391,8 @@ class Trainer:
                   f"step_avg:{now / step:.2f}ms")
         extra = dict(micro_batches=microbatches(cfg, step - 1), micro_batch_len=micro_batch_len(cfg, step - 1)) \
             if cfg.batch_phases() or cfg.seq_len_phases() else {}
+        if cfg.multi_token_prediction:
+            extra["mtp_weights"] = [round(w, 6) for w in mtp_weights(cfg, step - 1)]
         self.record(step=step, train_loss=train_loss, train_time_ms=round(now, 1),
                     lr_scale=lr_scale(cfg, step - 1), window=window_blocks(cfg, step - 1), **extra)
 

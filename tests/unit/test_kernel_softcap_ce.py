@@ -72,6 +72,45 @@ def test_the_rescaled_form_matches_torch(M, N_pad, vocab, block_m):
     assert (loss - plain).abs().max() > 0.1      # the form does change the loss
 
 
+def future_targets(t, K):
+    """(M, K): column k the target k positions on (multi-token prediction), -1 past the end."""
+    cols = [torch.cat([t[k:], t.new_full((k,), -1)]) for k in range(K)]
+    return torch.stack(cols, dim=1).contiguous()
+
+
+@pytest.mark.parametrize("M,N_pad,vocab,block_m", [(70, 384, 300, 32), (64, 256, 256, 8)])
+@pytest.mark.parametrize("form", FORMS)
+def test_weighted_targets_match_torch(M, N_pad, vocab, block_m, form):
+    """Multi-token prediction's loss (record-53): K targets a row, weighted; targets past the end (-1) skipped,
+    two targets on one column (repeated tokens) both counted, a zero weight a no-op."""
+    z, t = logits_and_targets(M, N_pad, vocab, seed=7)
+    t[t < 0] = 3
+    t[10:14] = 5                      # the next tokens repeat: targets 0, 1 and 2 of rows 10-11 share a column
+    targets = future_targets(t, 3)
+    for weights in ([1.0, 0.5, 0.25], [1.0, 0.5, 0.0]):
+        w = torch.tensor(weights, device=DEV)
+        ref_loss, ref_grad = reference(z, targets, vocab, weights=w, **FORMS[form])
+        grad = torch.empty(M, N_pad, dtype=torch.float32, device=DEV)
+        loss = softcap_cross_entropy(z, targets, vocab, grad=grad, block_m=block_m, block_n=128, weights=w,
+                                     **FORMS[form])
+        torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=2e-6)
+        assert (grad[:, vocab:] == 0).all()
+    plain, _ = reference(z, t, vocab, **FORMS[form])
+    assert (loss - plain).abs().max() > 0.1      # the later targets do change the loss
+
+
+def test_one_weighted_target_of_weight_one_is_the_plain_loss_bit_for_bit():
+    z, t = logits_and_targets(70, 384, 300, seed=8)
+    g1, g2 = (torch.empty(70, 384, dtype=torch.float32, device=DEV) for _ in range(2))
+    plain = softcap_cross_entropy(z, t, 300, 15.0, grad=g1, block_n=128)
+    weighted = softcap_cross_entropy(z, t[:, None].contiguous(), 300, 15.0, grad=g2, block_n=128,
+                                     weights=torch.ones(1, device=DEV))
+    assert torch.equal(plain, weighted) and torch.equal(g1, g2)
+    with pytest.raises(ValueError, match="weights"):
+        softcap_cross_entropy(z, t, 300, 15.0, weights=torch.ones(2, device=DEV))
+
+
 def test_gradient_written_in_place_and_scaled():
     z, t = logits_and_targets(70, 384, 300, seed=1)
     _, ref_grad = reference(z, t, 300, 15.0)
@@ -133,6 +172,24 @@ def test_head_op_matches_torch_autograd(form):
         torch.testing.assert_close(head_loss(x, w, t, vocab, **form), ref, rtol=1e-4, atol=1e-3)
 
 
+def test_weighted_head_op_matches_torch_autograd():
+    torch.manual_seed(1)
+    M, K, N_pad, vocab = 64, 32, 256, 250
+    x = torch.nn.functional.rms_norm(torch.randn(M, K, device=DEV), (K,)).requires_grad_()
+    w = (torch.randn(N_pad, K, device=DEV) * 0.3).requires_grad_()
+    t = future_targets(torch.randint(0, vocab, (M,), device=DEV), 3)
+    weights = torch.tensor([1.0, 0.5, 0.25], device=DEV)
+    loss = head_loss(x, w, t, vocab, 15.0, weights=weights)
+    (loss * 0.25).backward()
+    rx, rw = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = head_loss_reference(rx, rw, t, vocab, 15.0, weights=weights)
+    (ref * 0.25).backward()
+    tol = dict(rtol=2e-3, atol=1e-3) if CUDA else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(x.grad, rx.grad, **tol)
+    torch.testing.assert_close(w.grad, rw.grad, **tol)
+
+
 # ------------------------------------------------------------------------------------------ GPU
 
 
@@ -186,6 +243,28 @@ def test_head_op_compiled_matches_reference(fp8, form):
     ref = head_loss_reference(rx, rw, t, vocab, **form) / M
     ref.backward()
     tol = 0.1 if fp8 else 2e-2        # e4m3 inputs and e5m2 gradients keep 3 and 2 mantissa bits
+    assert abs(loss.item() - ref.item()) < 0.01 * ref.item()
+    assert rel(x.grad, rx.grad) < tol and rel(w.grad, rw.grad) < tol
+
+
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=hopper)])
+@gpu
+def test_weighted_head_op_compiled_matches_reference(fp8):
+    """Multi-token prediction on the trainer's shapes: three targets weighted 1, 0.5, 0.25 (the FP8 gradient's
+    scale has exactly the headroom their sum 1.75 needs)."""
+    torch.manual_seed(0)
+    M, K, N_pad, vocab = 8192, 768, 50304, 50257
+    x = torch.nn.functional.rms_norm(torch.randn(M, K, device="cuda"), (K,)).bfloat16().requires_grad_()
+    w = (torch.randn(N_pad, K, device="cuda") * 0.02).requires_grad_()
+    t = future_targets(torch.randint(0, vocab, (M,), device="cuda"), 3)
+    weights = torch.tensor([1.0, 0.5, 0.25], device="cuda")
+    f = torch.compile(lambda x, w, t, weights: head_loss(x, w, t, vocab, 15.0, fp8=fp8, weights=weights) / M)
+    loss = f(x, w, t, weights)
+    loss.backward()
+    rx, rw = x.detach().float().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = head_loss_reference(rx, rw, t, vocab, 15.0, weights=weights) / M
+    ref.backward()
+    tol = 0.1 if fp8 else 2e-2
     assert abs(loss.item() - ref.item()) < 0.01 * ref.item()
     assert rel(x.grad, rx.grad) < tol and rel(w.grad, rw.grad) < tol
 

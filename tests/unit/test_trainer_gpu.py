@@ -52,10 +52,14 @@ def test_compiled_model_with_flex_matches_dense_model():
     model.act_dtype = torch.bfloat16
     t = packed(cfg.seq_len + 1, 5, 0)
     w = torch.tensor(4, device="cuda")
-    dense = model(t[:-1], t[1:], w)
+    weights = torch.tensor([1.0, 0.5, 0.25], device="cuda")   # multi-token prediction's first weights
+    dense = [model(t[:-1], t[1:], w), model(t[:-1], t[1:], w, target_weights=weights)]
     model.attention = "flex"
-    flex = torch.compile(model, dynamic=False)(t[:-1], t[1:], w)
-    assert abs(flex.item() - dense.item()) < 2e-2 * dense.item()
+    compiled = torch.compile(model, dynamic=False)
+    flex = [compiled(t[:-1], t[1:], w), compiled(t[:-1], t[1:], w, target_weights=weights)]
+    for f, d in zip(flex, dense):
+        assert abs(f.item() - d.item()) < 2e-2 * d.item()
+    assert dense[1].item() > 1.5 * dense[0].item()   # the later tokens' losses add to the next token's
     model.fused_head_loss = True      # the fused head + soft-capped loss op, compiled with the rest
     fused = torch.compile(model, dynamic=False)(t[:-1], t[1:], w)
     assert abs(fused.item() - dense.item()) < 2e-2 * dense.item()
@@ -157,7 +161,8 @@ def test_validation_loss_has_no_fp8_in_it():
 
 
 LATER_RECORDS_PARTS = dict(smear=True, bigram_embed=True, bigram_rows=50304 * 2, bigram_dim=128, bigram_sign_rows=512,
-                           value_embed_gate=True, skip_gate=True, logit_rescale=True, key_offset=True)
+                           value_embed_gate=True, skip_gate=True, logit_rescale=True, key_offset=True,
+                           multi_token_prediction=True)
 
 
 def test_compiled_model_with_the_later_records_parts_matches_the_dense_model():
@@ -170,10 +175,14 @@ def test_compiled_model_with_the_later_records_parts_matches_the_dense_model():
     model.act_dtype = torch.bfloat16
     t = packed(cfg.seq_len + 1, 5, 1)
     w = torch.tensor(4, device="cuda")
-    dense = model(t[:-1], t[1:], w)
+    weights = torch.tensor([1.0, 0.5, 0.25], device="cuda")   # multi-token prediction's first weights
+    dense = [model(t[:-1], t[1:], w), model(t[:-1], t[1:], w, target_weights=weights)]
     model.attention = "flex"
-    flex = torch.compile(model, dynamic=False)(t[:-1], t[1:], w)
-    assert abs(flex.item() - dense.item()) < 2e-2 * dense.item()
+    compiled = torch.compile(model, dynamic=False)
+    flex = [compiled(t[:-1], t[1:], w), compiled(t[:-1], t[1:], w, target_weights=weights)]
+    for f, d in zip(flex, dense):
+        assert abs(f.item() - d.item()) < 2e-2 * d.item()
+    assert dense[1].item() > 1.5 * dense[0].item()   # the later tokens' losses add to the next token's
 
 
 def test_training_loop_on_the_gpu_with_every_later_records_switch(tmp_path):

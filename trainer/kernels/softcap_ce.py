@@ -53,10 +53,30 @@ def _exp_terms(logits_ptr, row_off, cols, m, inv_div, off, cap2, shift2, FAST_TA
 
 
 @triton.jit
-def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m, grad_stride_m, cap, div, offset,
-                       grad_mult,
+def _weighted_targets(logits_ptr, targets_ptr, weights_ptr, rows, row_ok, stride_m, inv_div, off,
+                      K: tl.constexpr, FAST_TANH: tl.constexpr):
+    """Over a row's K weighted targets: S, the sum of the valid ones' weights, and sum w_k t_k, t_k = tanh of the
+    k-th target's scaled logit (the loss is then S lse - cap sum w_k t_k)."""
+    s_w = tl.zeros([rows.shape[0]], dtype=tl.float32)
+    wt = tl.zeros([rows.shape[0]], dtype=tl.float32)
+    for k in tl.static_range(K):
+        tgt = tl.load(targets_ptr + rows * K + k, mask=row_ok, other=-1)
+        ok = row_ok & (tgt >= 0)
+        w = tl.load(weights_ptr + k)
+        z = tl.load(logits_ptr + rows.to(tl.int64) * stride_m + tgt, mask=ok, other=0.0).to(tl.float32)
+        s_w += tl.where(ok, w, 0.0)
+        wt += tl.where(ok, w * _tanh(z * inv_div + off, FAST_TANH), 0.0)
+    return s_w, wt
+
+
+@triton.jit
+def _softcap_ce_kernel(logits_ptr, targets_ptr, weights_ptr, loss_ptr, grad_ptr, M, stride_m, grad_stride_m, cap, div,
+                       offset, grad_mult,
                        N: tl.constexpr, N_TOTAL: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, WRITE_GRAD: tl.constexpr):
+                       BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, WRITE_GRAD: tl.constexpr, K: tl.constexpr,
+                       WEIGHTED: tl.constexpr):
+    # WEIGHTED (multi-token prediction, record-53): each row has K targets with weights w_k, its loss is
+    # sum_k w_k (lse - s[t_k]) over the valid ones, and its gradient S softmax - sum_k w_k onehot(t_k), S = sum w_k.
     # The kernel is bound by instruction issue, not by its two special-function instructions per element and
     # pass (tanh, exp2), so the loops keep each element's work to those and a handful of FP32 operations:
     # 1/cap is a multiply, exp is exp2 of a pre-scaled argument, tanh stays t for the cap's derivative
@@ -70,12 +90,17 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
     cap2 = cap * LOG2E
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    tgt = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
-    valid = row_ok & (tgt >= 0)
     cols0 = tl.arange(0, BLOCK_N)
     row_off = rows.to(tl.int64)[:, None] * stride_m
-    z_tgt = tl.load(logits_ptr + rows.to(tl.int64) * stride_m + tgt, mask=valid, other=0.0).to(tl.float32)
-    t_tgt = _tanh(z_tgt * inv_div + off, FAST_TANH)
+    if WEIGHTED:
+        s_w, wt = _weighted_targets(logits_ptr, targets_ptr, weights_ptr, rows, row_ok, stride_m, inv_div, off, K,
+                                    FAST_TANH)
+        valid = row_ok & (s_w != 0.0)
+    else:
+        tgt = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+        valid = row_ok & (tgt >= 0)
+        z_tgt = tl.load(logits_ptr + rows.to(tl.int64) * stride_m + tgt, mask=valid, other=0.0).to(tl.float32)
+        t_tgt = _tanh(z_tgt * inv_div + off, FAST_TANH)
     # pass 1: the sum of exp(s - cap), in [e^-2cap, 1] per element
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in tl.range(0, N_FULL, BLOCK_N):
@@ -88,11 +113,16 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
                           FAST_TANH, True)
         acc += e
     lse = cap + tl.log(tl.where(row_ok, tl.sum(acc, axis=1), 1.0))   # rows past M: keep the masked math finite
-    tl.store(loss_ptr + rows, tl.where(valid, lse - cap * t_tgt, 0.0), mask=row_ok)
+    if WEIGHTED:
+        tl.store(loss_ptr + rows, tl.where(valid, s_w * lse - cap * wt, 0.0), mask=row_ok)
+    else:
+        tl.store(loss_ptr + rows, tl.where(valid, lse - cap * t_tgt, 0.0), mask=row_ok)
     if WRITE_GRAD:
         # pass 2: softmax * (1 - t^2) everywhere, the target's -1 patched in after; ignored rows and padded
         # vocabulary columns get exactly 0
         row_mult = tl.where(valid, grad_mult * cap * inv_div, 0.0)[:, None]   # ds/dz = cap / div * (1 - t^2)
+        if WEIGHTED:
+            row_mult = row_mult * s_w[:, None]
         lse2 = lse * LOG2E
         g_off = rows.to(tl.int64)[:, None] * grad_stride_m
         for start in tl.range(0, N_FULL, BLOCK_N):
@@ -114,9 +144,26 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, M, stride_m,
         # every thread's stores above land before the patch overwrites the target's element (a block-wide
         # barrier orders its threads' global writes)
         tl.debug_barrier()
-        p_tgt = tl.exp2(t_tgt * cap2 - lse2)
-        g_tgt = (p_tgt - 1.0) * (1.0 - t_tgt * t_tgt) * (grad_mult * cap * inv_div)
-        tl.store(grad_ptr + rows.to(tl.int64) * grad_stride_m + tgt, g_tgt.to(grad_ptr.dtype.element_ty), mask=valid)
+        if WEIGHTED:
+            # each target's column: S p - (the weights of every target on that column); two targets on one
+            # column write the same value
+            for k in tl.static_range(K):
+                tgt = tl.load(targets_ptr + rows * K + k, mask=row_ok, other=-1)
+                ok = row_ok & (tgt >= 0)
+                w_col = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for j in tl.static_range(K):
+                    other = tl.load(targets_ptr + rows * K + j, mask=row_ok, other=-1)
+                    w_col += tl.where(ok & (other == tgt), tl.load(weights_ptr + j), 0.0)
+                z_k = tl.load(logits_ptr + rows.to(tl.int64) * stride_m + tgt, mask=ok, other=0.0).to(tl.float32)
+                t_k = _tanh(z_k * inv_div + off, FAST_TANH)
+                g_k = (s_w * tl.exp2(t_k * cap2 - lse2) - w_col) * (1.0 - t_k * t_k) * (grad_mult * cap * inv_div)
+                tl.store(grad_ptr + rows.to(tl.int64) * grad_stride_m + tgt, g_k.to(grad_ptr.dtype.element_ty),
+                         mask=ok)
+        else:
+            p_tgt = tl.exp2(t_tgt * cap2 - lse2)
+            g_tgt = (p_tgt - 1.0) * (1.0 - t_tgt * t_tgt) * (grad_mult * cap * inv_div)
+            tl.store(grad_ptr + rows.to(tl.int64) * grad_stride_m + tgt, g_tgt.to(grad_ptr.dtype.element_ty),
+                     mask=valid)
 
 
 # (BLOCK_M, BLOCK_N, num_warps) on Hopper: on an H200 (2026-11-29, loss + FP8 gradient at 49152 x 50304),
@@ -129,12 +176,16 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: in
                           grad: torch.Tensor | None = None, grad_mult: float = 1.0, block_m: int = GPU_CONFIG[0],
                           block_n: int = GPU_CONFIG[1], num_warps: int = GPU_CONFIG[2],
                           fast_tanh: bool | None = None, div: float | None = None,
-                          offset: float = 0.0) -> torch.Tensor:
+                          offset: float = 0.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row losses (fp32, 0 where target < 0) of s = cap*tanh((logits + offset)/div) over the first `vocab`
     columns (div None: cap). |ds/dz| <= cap/div, so an FP8 gradient's scaling holds while cap <= div.
+    With weights (K,) (float32, on the logits' device) targets is (M, K): a row's loss is the weighted sum of
+    its K targets' losses (targets < 0 skipped), its gradient the weighted sum of theirs (multi-token
+    prediction). Weights >= 0; an FP8 gradient scaled by FP8_GRAD_SCALE holds while they sum to at most 1.75
+    (|g| <= sum w_k, and e5m2's largest value is 1.75 x 2^15).
 
     logits: (M, N_padded) with unit column stride. grad: optional (M, N_padded) output for
-    grad_mult * dL_row/dz (may be `logits` itself: each tile is read before it is overwritten); columns
+    grad_mult * dL_row/dz (may be `logits` itself without weights: each tile is read before it is overwritten); columns
     from `vocab` on are written as 0. Block sizes: GPU_CONFIG above. Blocks of 1-2 rows with 1024-8192
     columns and 8-32 warps, fewer rows in flight so that the second pass might find them in L2, took
     6.4-9.5 ms against 5.7 ms in a later same-run sweep.
@@ -144,24 +195,36 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: in
         raise ValueError("logits must have unit column stride")
     if grad is not None and (grad.shape != logits.shape or grad.stride(1) != 1):
         raise ValueError("grad must have the logits' shape and unit column stride")
+    if weights is not None and (targets.shape != (M, weights.numel()) or not targets.is_contiguous()
+                                or weights.dtype != torch.float32):
+        raise ValueError("weights: (K,) float32 with targets a contiguous (M, K)")
+    if weights is not None and grad is not None and grad.data_ptr() == logits.data_ptr():
+        raise ValueError("grad: with weights it cannot replace the logits (the patch re-reads the targets' logits)")
     loss = torch.empty(M, dtype=torch.float32, device=logits.device)
     if M == 0:
         return loss
     _softcap_ce_kernel[(triton.cdiv(M, block_m),)](
-        logits, targets, loss, grad if grad is not None else logits, M, logits.stride(0),
+        logits, targets, weights if weights is not None else loss, loss, grad if grad is not None else logits, M,
+        logits.stride(0),
         grad.stride(0) if grad is not None else 0, float(cap), float(cap if div is None else div), float(offset),
         float(grad_mult), N=vocab, N_TOTAL=n_cols,
         FAST_TANH=logits.is_cuda if fast_tanh is None else fast_tanh, BLOCK_M=block_m, BLOCK_N=block_n,
-        EVEN_M=M % block_m == 0, WRITE_GRAD=grad is not None, num_warps=num_warps)
+        EVEN_M=M % block_m == 0, WRITE_GRAD=grad is not None, K=1 if weights is None else weights.numel(),
+        WEIGHTED=weights is not None, num_warps=num_warps)
     return loss
 
 
 def softcap_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
-                                    div: float | None = None, offset: float = 0.0):
+                                    div: float | None = None, offset: float = 0.0,
+                                    weights: torch.Tensor | None = None):
     """Per-row losses and the unit gradient (M, N_padded) in float32 torch, for tests and the bench."""
     z = logits.float().detach().requires_grad_()
     s = cap * torch.tanh((z[:, :vocab] + offset) / (cap if div is None else div))
-    loss = torch.nn.functional.cross_entropy(s, targets, ignore_index=-1, reduction="none")
+    if weights is None:
+        loss = torch.nn.functional.cross_entropy(s, targets, ignore_index=-1, reduction="none")
+    else:
+        loss = sum(w * torch.nn.functional.cross_entropy(s, targets[:, k], ignore_index=-1, reduction="none")
+                   for k, w in enumerate(weights.tolist()))
     loss.sum().backward()
     return loss.detach(), z.grad
 
