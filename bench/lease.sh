@@ -4,7 +4,11 @@
 #
 #   here:    lease_pieces /work/rt/docs.jsonl.xz .rt        # .rt/part.aa, part.ab, part.ac (37.7 MB at most)
 #   call 1:  carry .whl and .rt holding part.aa:   lease_install; lease_small .rt/part.aa; <compile-cache probe, tests>
-#   call 2:  carry .whl and .rt holding the rest:  lease_install; lease_full .rt/part.ab .rt/part.ac; bench/recipe.py ...
+#   call 2:  carry .whl and .rt holding the rest:  lease_install; lease_full .rt/part.ab .rt/part.ac;
+#            lease_recipe TAG --only ours,NAME --variant NAME:KEY=VALUE
+#
+# Budget (one H100, 2026-12-05): a 200-step run takes ~250 s of wall (75 s cold compile and warm-up, 127 s of
+# training, 22 s of validation): ours and one variant fit a 600 s call beside the shards, not two variants.
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).
@@ -42,6 +46,17 @@ lease_full() {   # OTHER_PIECES...: the whole corpus (the first piece from call 
     | tail -1
   python3 -c "import sys; sys.path.insert(0, 'bench'); from recipe import describe_data; from pathlib import Path; \
 print('fingerprint', describe_data(Path('$LEASE_RT/shards'))['fingerprint'])"
+}
+
+lease_recipe() {   # TAG RECIPE_ARGS...: bench/recipe.py on the full shards, its JSON and launch logs written
+  # straight into $OUT: recipe.py rewrites the JSON after every run, so a call cut at its limit still brings back
+  # every run that finished (a copy after the recipe would be lost with the cut; seen 2026-12-05)
+  local tag=$1; shift
+  mkdir -p "$OUT/logs-$tag"
+  python3 bench/recipe.py --data $LEASE_RT/shards --steps 200 --val-every 25 \
+    --reference-json bench/results/recipe-nvidia-h200.json --tag "$tag" --out "$OUT" --log-dir "$OUT/logs-$tag" \
+    --work /tmp/yard/$tag "$@" > "$OUT/recipe-$tag.txt" 2>&1
+  echo "recipe $tag rc $?"; tail -14 "$OUT/recipe-$tag.txt"
 }
 
 lease_cache_probe() {   # JOB N: N launches of JOB on this node, one store each; what each compiled, into $OUT
