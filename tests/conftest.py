@@ -37,6 +37,18 @@ def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """In-process training on one torch thread, as each torchrun rank runs: on the 2 CI cores a second thread
+    only spins. A test module asks for it with pytestmark = pytest.mark.usefixtures("torch_one_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cpu_env(monkeypatch):
     """Keep torch from oversubscribing the 2 CI cores."""

@@ -79,6 +79,12 @@ class TrainConfig:
     # Targets cross documents, as the record's do; validation stays plain next-token CE, and the logged
     # train_loss is the weighted sum. Not yet on the yardstick: off
     multi_token_prediction: bool = False
+    # record-88 (PrefixTokenPrediction, 2026-07-13): one more target a position, the longest proper byte prefix of
+    # the next token that is itself a token (none for single bytes: skipped), weighted 0.25 over the first third,
+    # 0.25 -> 0 over the second, then off (train.prefix_weight). Needs the GPT-2 vocabulary: vocab_file, or ""
+    # for tiktoken's gpt2 (its cache on an offline node; trainer/vocab.py). Not yet on the yardstick: off
+    prefix_token_loss: bool = False
+    vocab_file: str = ""
     # record-49 (PartialKeyOffset, 2025-12-14): in the long-window layers, the key dims that rotary leaves unrotated
     # (head_dim/4..head_dim/2 and 3/4 head_dim..head_dim) hold the previous position's values, so one key carries
     # two positions (one-layer induction). Not yet on the yardstick: off

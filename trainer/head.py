@@ -21,6 +21,12 @@ from trainer.fp8 import E4M3, E5M2, activation_scale, activation_to_fp8, scale_t
 from trainer.kernels.softcap_ce import FP8_GRAD_SCALE, softcap_cross_entropy, transpose
 
 
+def fp8_grad_scale(weights: torch.Tensor | None) -> float:
+    """The FP8 gradient's scale: 2^15 for one target (|g| <= 1); half that with weighted targets, whose |g| reaches
+    their sum (multi-token prediction and the prefix target: 2.0), so that it stays under e5m2's 57344 up to 3.5."""
+    return FP8_GRAD_SCALE if weights is None else FP8_GRAD_SCALE / 2
+
+
 def _none(x: torch.Tensor) -> torch.Tensor:
     """A placeholder output (a custom op's outputs must be distinct tensors)."""
     return x.new_empty((0,))
@@ -47,7 +53,7 @@ def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, weights:
         return loss.sum(), _none(x), _none(x), _none(x), _none(x), w_s
     if fp8:
         g = torch.empty(logits.shape, dtype=E5M2, device=x.device)
-        loss = softcap_cross_entropy(logits, targets, vocab, cap, grad=g, grad_mult=FP8_GRAD_SCALE, **form)
+        loss = softcap_cross_entropy(logits, targets, vocab, cap, grad=g, grad_mult=fp8_grad_scale(weights), **form)
         del logits   # before G^T is allocated: 4.9 GB less at the peak
         g_t = torch.empty(g.shape[::-1], dtype=E5M2, device=x.device)
         transpose(g, g_t)
@@ -74,9 +80,10 @@ def _(x, w, targets, weights, vocab, cap, div, offset, fp8, need_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, *_, fp8, _ = inputs
+    x, w, _, weights, *_, fp8, _ = inputs
     _, g, g_t, x8_t, w8_t, w_s = output
     ctx.fp8 = fp8
+    ctx.grad_scale = fp8_grad_scale(weights)
     ctx.w_dtype = w.dtype
     ctx.mark_non_differentiable(*output[1:])
     if fp8:
@@ -88,7 +95,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused):
     if ctx.fp8:
         g, g_t, x8_t, w8_t, w_s = ctx.saved_tensors
-        g_s = grad_loss.float() * (1.0 / FP8_GRAD_SCALE)
+        g_s = grad_loss.float() * (1.0 / ctx.grad_scale)
         x_s = scale_tensor(activation_scale(x8_t.size(0)), g)
         # operands: row-major first, column-major second (the transposes below are views, not copies)
         grad_x = torch._scaled_mm(g, w8_t.t(), scale_a=g_s, scale_b=w_s, out_dtype=torch.bfloat16)
@@ -110,7 +117,8 @@ def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: in
     """Sum over rows of the cross-entropy of cap*tanh((x @ w.T + offset) / div)[:, :vocab] (div None: cap);
     rows with target < 0 add 0. FP8 needs cap <= div (the gradient's scaling assumes |ds/dz| <= 1).
     weights (K,) float32 and targets (M, K): each row's K targets, their losses weighted (multi-token
-    prediction, record-53; targets < 0 skipped); FP8 then needs the weights to sum to at most 1.75.
+    prediction, record-53, and the prefix target, record-88; targets < 0 skipped); FP8 then needs the weights to
+    sum to at most 3.5 (fp8_grad_scale).
 
     x: (M, K) activations (bf16), w: (N_padded, K) with N_padded >= vocab; FP8 needs M, K, N_padded
     multiples of 16 and |x| <= sqrt(K) (rms-normed rows).

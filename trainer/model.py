@@ -242,6 +242,10 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(L // 2))
         # record-55's skip gate: every U-net skip also times 2*sigmoid(w . x0[:dims]) (1 at the zero init), one w
         self.skip_gate = CastedLinear(cfg.attn_gate_dims, 1, zero_init=True) if cfg.skip_gate else None
+        # prefix_token_loss: each token's longest proper byte prefix that is a token, -1 for none; the trainer
+        # fills it from the vocabulary (trainer/vocab.py), derived data, so not in checkpoints
+        self.register_buffer("prefix_table", torch.full((V,), -1, dtype=torch.int64) if cfg.prefix_token_loss
+                             else None, persistent=False)
         self.act_dtype = torch.float32
         self.attention = "dense"   # dense (CPU) | flex: how attention runs (trainer/attention.py)
         self.fp8_head = False   # the trainer sets these two for its GPU
@@ -301,8 +305,12 @@ class GPT(nn.Module):
                 skips.append(x)
         x = x[0]
         count = (targets >= 0).sum()
-        if target_weights is not None:
-            targets = future_targets(targets, target_weights.numel())
+        if target_weights is not None:   # the next tokens' targets, then the prefix target's (the last weight)
+            future = future_targets(targets, target_weights.numel() - (self.prefix_table is not None))
+            if self.prefix_table is not None:
+                prefix = torch.where(targets >= 0, self.prefix_table[targets.clamp(min=0)], -1)
+                future = torch.cat([future, prefix[:, None]], dim=1)
+            targets = future
         if torch.is_grad_enabled() and not self.fused_head_loss:
             if target_weights is None:
                 return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction=reduction)

@@ -26,6 +26,7 @@ from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, barri
 from trainer.exit_codes import EXIT_PREEMPTED as PREEMPTED_EXIT
 from trainer.model import GPT
 from trainer.optim import build_optimizers, copy_adam_state
+from trainer.vocab import gpt2_ranks, prefix_table
 
 log = logging.getLogger("trainer")
 
@@ -111,6 +112,28 @@ def mtp_weights(cfg: TrainConfig, step: int) -> tuple[float, ...]:
     t = min(1.0, (step - start) / max(end - start, 1))
     first, last = MTP_THIRDS[third]
     return tuple(a + (b - a) * t for a, b in zip(first, last))
+
+
+def prefix_weight(cfg: TrainConfig, step: int) -> float:
+    """The prefix-token loss's weight at this step (prefix_token_loss, record-88): 0.25 through the first third,
+    falling linearly to 0 over the second, 0 after; thirds as mtp_weights'."""
+    if not cfg.prefix_token_loss:
+        return 0.0
+    ends = (0, round(cfg.steps / 3), round(cfg.steps * (1 / 3 + 1 / 3)))
+    if step < ends[1]:
+        return 0.25
+    if step < ends[2]:
+        return 0.25 * (1 - (step - ends[1]) / (ends[2] - ends[1]))
+    return 0.0
+
+
+def loss_weights(cfg: TrainConfig, step: int) -> tuple[float, ...]:
+    """The weights of a step's loss targets, as the model takes them: the next tokens' (one, or three with
+    multi_token_prediction), then the prefix target's when prefix_token_loss is on; () for plain next-token CE."""
+    if not (cfg.multi_token_prediction or cfg.prefix_token_loss):
+        return ()
+    future = mtp_weights(cfg, step) or (1.0,)
+    return future + ((prefix_weight(cfg, step),) if cfg.prefix_token_loss else ())
 
 
 def window_blocks(cfg: TrainConfig, step: int) -> int:
@@ -220,8 +243,11 @@ class Trainer:
         if not self.cuda:
             keep_freed_memory()
         torch.manual_seed(cfg.seed)
+        prefixes = prefix_table(gpt2_ranks(cfg.vocab_file), cfg.vocab_size) if cfg.prefix_token_loss else None
         with torch.device(r.device):   # initialised where it trains: no 200M-parameter init on the host first
             self.model = GPT(cfg)
+        if prefixes is not None:
+            self.model.prefix_table.copy_(torch.from_numpy(prefixes))
         self.model.act_dtype = torch.bfloat16 if self.cuda else torch.float32
         self.model.attention = attn_impl.implementation(cfg.attention, self.cuda)
         fp8_capable = self.cuda and torch.cuda.get_device_capability(r.device) >= (9, 0)
@@ -287,7 +313,7 @@ class Trainer:
         total = torch.zeros((), device=self.ranks.device)
         adam_now = adam_steps(cfg, step)
         step_micro_batches = len(micro_batches) * self.ranks.world   # grad_accum_total, or the batch_schedule's
-        weights = self._weights(mtp_weights(cfg, step))
+        weights = self._weights(loss_weights(cfg, step))
         for i, seq_t in enumerate(tokens):
             self.reducer.arm(last_micro_batch=i == len(micro_batches) - 1, defer=not adam_now)
             loss = self.forward(seq_t[:-1], seq_t[1:], window, target_weights=weights)
@@ -391,8 +417,8 @@ class Trainer:
                   f"step_avg:{now / step:.2f}ms")
         extra = dict(micro_batches=microbatches(cfg, step - 1), micro_batch_len=micro_batch_len(cfg, step - 1)) \
             if cfg.batch_phases() or cfg.seq_len_phases() else {}
-        if cfg.multi_token_prediction:
-            extra["mtp_weights"] = [round(w, 6) for w in mtp_weights(cfg, step - 1)]
+        if cfg.multi_token_prediction or cfg.prefix_token_loss:
+            extra["loss_weights"] = [round(w, 6) for w in loss_weights(cfg, step - 1)]
         self.record(step=step, train_loss=train_loss, train_time_ms=round(now, 1),
                     lr_scale=lr_scale(cfg, step - 1), window=window_blocks(cfg, step - 1), **extra)
 

@@ -58,8 +58,9 @@ class ShardCheck:
 def load_encoding(encoding_file: str | os.PathLike | None = None):
     """The GPT-2 BPE: tiktoken's (downloaded once, then cached) or one from a local file or folder."""
     import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
+
+    from trainer.vocab import load_ranks
 
     if encoding_file is None:
         try:
@@ -68,13 +69,10 @@ def load_encoding(encoding_file: str | os.PathLike | None = None):
             raise DataError(f"tiktoken could not download the GPT-2 BPE ({type(e).__name__}); "
                             f"{NO_NETWORK_HINT}") from None
     path = Path(encoding_file).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such encoding file; {NO_NETWORK_HINT}")
     try:
-        if path.is_dir():
-            ranks = data_gym_to_mergeable_bpe_ranks(str(path / "vocab.bpe"), str(path / "encoder.json"))
-        elif path.is_file():
-            ranks = load_tiktoken_bpe(str(path))
-        else:
-            raise DataError(f"{path}: no such encoding file; {NO_NETWORK_HINT}")
+        ranks = load_ranks(path)
     except (OSError, ValueError, KeyError, AssertionError) as e:
         raise DataError(f"{path}: not a tiktoken BPE file or a vocab.bpe/encoder.json folder ({e})") from None
     if not ranks or max(ranks.values()) >= BOS:

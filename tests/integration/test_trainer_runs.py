@@ -16,16 +16,9 @@ from orchestrator.data.synthetic import markov_shards  # noqa: E402
 from trainer.fixtures import tiny_config  # noqa: E402
 from trainer.train import PREEMPTED_EXIT, Trainer  # noqa: E402
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("torch_one_thread")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs use one thread, as each torchrun rank does (spinning threads cost more than they give)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -250,14 +250,16 @@ def test_head_op_compiled_matches_reference(fp8, form):
 @pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=hopper)])
 @gpu
 def test_weighted_head_op_compiled_matches_reference(fp8):
-    """Multi-token prediction on the trainer's shapes: three targets weighted 1, 0.5, 0.25 (the FP8 gradient's
-    scale has exactly the headroom their sum 1.75 needs)."""
+    """Multi-token prediction and the prefix target on the trainer's shapes: four targets weighted 1, 0.5, 0.25,
+    0.25 (their sum 2.0 needs the halved FP8 gradient scale), the last one often ignored as the prefix's is."""
     torch.manual_seed(0)
     M, K, N_pad, vocab = 8192, 768, 50304, 50257
     x = torch.nn.functional.rms_norm(torch.randn(M, K, device="cuda"), (K,)).bfloat16().requires_grad_()
     w = (torch.randn(N_pad, K, device="cuda") * 0.02).requires_grad_()
-    t = future_targets(torch.randint(0, vocab, (M,), device="cuda"), 3)
-    weights = torch.tensor([1.0, 0.5, 0.25], device="cuda")
+    nxt = torch.randint(0, vocab, (M,), device="cuda")
+    prefix = torch.where(nxt % 3 == 0, -1, nxt // 2)   # stands for the prefix table's lookup
+    t = torch.cat([future_targets(nxt, 3), prefix[:, None]], dim=1).contiguous()
+    weights = torch.tensor([1.0, 0.5, 0.25, 0.25], device="cuda")
     f = torch.compile(lambda x, w, t, weights: head_loss(x, w, t, vocab, 15.0, fp8=fp8, weights=weights) / M)
     loss = f(x, w, t, weights)
     loss.backward()
@@ -267,6 +269,31 @@ def test_weighted_head_op_compiled_matches_reference(fp8):
     tol = 0.1 if fp8 else 2e-2
     assert abs(loss.item() - ref.item()) < 0.01 * ref.item()
     assert rel(x.grad, rx.grad) < tol and rel(w.grad, rw.grad) < tol
+
+
+@pytest.mark.gpu
+@_no_hopper
+def test_fp8_weighted_gradient_stays_finite_at_its_largest():
+    """Four targets on one column the logits rule out: |g| reaches the weights' sum 2.0, which the halved FP8 scale
+    (trainer/head.py fp8_grad_scale) keeps inside e5m2; at the full scale it overflows (inf, or cut to 1.75)."""
+    from trainer.head import fp8_grad_scale
+
+    M, N_pad, vocab = 256, 50304, 50257
+    z = torch.full((M, N_pad), 60.0, device="cuda").bfloat16()   # every other column capped near +15
+    z[:, 7] = 0.0                                       # the targets' column: s = 0 (ds/dz = 1), p ~ e^-15 / N
+    t = torch.full((M, 4), 7, device="cuda")
+    weights = torch.tensor([1.0, 0.5, 0.25, 0.25], device="cuda")
+    _, ref = reference(z, t, vocab, 15.0, weights=weights)
+    assert ref[:, 7].min().item() < -1.9                # the column's gradient is about -2 (times ds/dz)
+    cols = {}
+    for scale in (fp8_grad_scale(weights), FP8_GRAD_SCALE):
+        g8 = torch.empty(M, N_pad, dtype=torch.float8_e5m2, device="cuda")
+        softcap_cross_entropy(z, t, vocab, 15.0, grad=g8, grad_mult=scale, weights=weights)
+        cols[scale] = g8[:, 7].float() / scale
+    assert torch.isfinite(cols[fp8_grad_scale(weights)]).all()
+    assert rel(cols[fp8_grad_scale(weights)], ref[:, 7]) < 0.1
+    full = cols[FP8_GRAD_SCALE]
+    assert not torch.isfinite(full).all() or rel(full, ref[:, 7]) > 0.1
 
 
 def test_model_runs_on_cpu_without_triton():

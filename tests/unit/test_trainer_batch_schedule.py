@@ -17,16 +17,9 @@ from trainer.fixtures import tiny_config  # noqa: E402
 from trainer.train import (Trainer, lr_scale, micro_batch_len, microbatches, step_tokens, warmup_steps,  # noqa: E402
                            window_blocks)
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 # record-46 in our terms: its 131,072 / 262,144 / 393,216 tokens per step are 8 / 16 / 24 micro-batches of 16,384
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on a shared 2-core machine a second one only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 RECORD = dict(seq_len=16384, grad_accum_total=24, batch_schedule="1/3:8,2/3:16,1:24", steps=2120, cooldown_frac=0.55)
 
 
@@ -170,6 +163,18 @@ def recorded_run(cfg, data, out, resume=None):
     return fed, {r["step"]: r for r in rows if "train_loss" in r}
 
 
+def assert_resumed_run_repeats(cfg, tmp_path, fed, rows):
+    """A 6-step run in tmp_path/a resumed from its step-2 checkpoint in tmp_path/b trains steps 2-5 on the same
+    tokens to the same losses."""
+    (tmp_path / "b" / "ckpt").mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "ckpt" / "step_000002.pt", tmp_path / "b" / "ckpt" / "step_000002.pt")
+    resumed, resumed_rows = recorded_run(cfg, tmp_path / "data", tmp_path / "b", resume="auto")
+    assert sorted(resumed) == [2, 3, 4, 5]
+    for s in resumed:
+        assert all(np.array_equal(a, b) for a, b in zip(resumed[s], fed[s], strict=True)), s
+        assert resumed_rows[s + 1]["train_loss"] == pytest.approx(rows[s + 1]["train_loss"], rel=1e-6)
+
+
 def test_the_loader_feeds_each_step_its_tokens_across_a_phase_change_and_a_resume(tmp_path):
     markov_shards(tmp_path / "data")
     cfg = tiny_config(batch_schedule="1/2:1,1:2", steps=6, val_every=6, val_tokens=1024, checkpoint_every=2)
@@ -181,13 +186,7 @@ def test_the_loader_feeds_each_step_its_tokens_across_a_phase_change_and_a_resum
     stream = [plain.next_step()[0] for _ in range(9)]
     assert all(np.array_equal(a, b) for a, b in zip([s for k in range(6) for s in fed[k]], stream, strict=True))
     # resumed from step 2 (phase 1), it crosses the change at step 3 on the same tokens and the same losses
-    (tmp_path / "b" / "ckpt").mkdir(parents=True)
-    shutil.copy(tmp_path / "a" / "ckpt" / "step_000002.pt", tmp_path / "b" / "ckpt" / "step_000002.pt")
-    resumed, resumed_rows = recorded_run(cfg, tmp_path / "data", tmp_path / "b", resume="auto")
-    assert sorted(resumed) == [2, 3, 4, 5]
-    for s in resumed:
-        assert all(np.array_equal(a, b) for a, b in zip(resumed[s], fed[s], strict=True)), s
-        assert resumed_rows[s + 1]["train_loss"] == pytest.approx(rows[s + 1]["train_loss"], rel=1e-6)
+    assert_resumed_run_repeats(cfg, tmp_path, fed, rows)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -279,10 +278,4 @@ def test_a_run_grows_its_micro_batches_across_a_phase_change_and_a_resume(tmp_pa
         [(2, 256)] * 3 + [(2, 512)] * 3
     assert rows[1]["lr_scale"] == pytest.approx(lr_scale(tiny_config(steps=6), 0) * 0.5 ** 0.6)   # half the tokens
     # resumed from step 2 (first phase), it crosses the change at step 3 on the same tokens and the same losses
-    (tmp_path / "b" / "ckpt").mkdir(parents=True)
-    shutil.copy(tmp_path / "a" / "ckpt" / "step_000002.pt", tmp_path / "b" / "ckpt" / "step_000002.pt")
-    resumed, resumed_rows = recorded_run(cfg, tmp_path / "data", tmp_path / "b", resume="auto")
-    assert sorted(resumed) == [2, 3, 4, 5]
-    for s in resumed:
-        assert all(np.array_equal(a, b) for a, b in zip(resumed[s], fed[s], strict=True)), s
-        assert resumed_rows[s + 1]["train_loss"] == pytest.approx(rows[s + 1]["train_loss"], rel=1e-6)
+    assert_resumed_run_repeats(cfg, tmp_path, fed, rows)

@@ -181,8 +181,8 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: in
     columns (div None: cap). |ds/dz| <= cap/div, so an FP8 gradient's scaling holds while cap <= div.
     With weights (K,) (float32, on the logits' device) targets is (M, K): a row's loss is the weighted sum of
     its K targets' losses (targets < 0 skipped), its gradient the weighted sum of theirs (multi-token
-    prediction). Weights >= 0; an FP8 gradient scaled by FP8_GRAD_SCALE holds while they sum to at most 1.75
-    (|g| <= sum w_k, and e5m2's largest value is 1.75 x 2^15).
+    prediction). Weights >= 0; |g| <= grad_mult x their sum, and e5m2's largest value is 1.75 x 2^15 (the
+    head op halves FP8_GRAD_SCALE for weighted targets: trainer/head.py fp8_grad_scale).
 
     logits: (M, N_padded) with unit column stride. grad: optional (M, N_padded) output for
     grad_mult * dL_row/dz (may be `logits` itself without weights: each tile is read before it is overwritten); columns
