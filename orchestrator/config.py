@@ -383,6 +383,12 @@ def resolve_job_paths(job: JobSpec, path: Path) -> None:
         job.data.dir = _against(base, job.data.dir)
     if job.offline is not None:
         job.offline.cache = _against(base, job.offline.cache)
+    if job.trainer.get("vocab_file"):   # the trainer's one path: the GPT-2 vocabulary of the prefix-token loss
+        job.trainer["vocab_file"] = _against(base, str(job.trainer["vocab_file"]))
+        if not Path(job.trainer["vocab_file"]).exists():
+            raise ConfigError(f"{path}: trainer.vocab_file: {job.trainer['vocab_file']} does not exist; give an "
+                              "r50k_base.tiktoken or a folder with vocab.bpe and encoder.json (relative paths are "
+                              "read from the job file's folder)")
     if job.workdir is not None:
         if job.script is None:
             raise ConfigError(f"{path}: workdir: needs script: the entry script inside it, e.g. script: train_gpt.py")

@@ -254,10 +254,10 @@ class NodeRunner:
             rundir = self.work / seed_dir(seed) / "script"
             if "DATA_PATH" not in chosen:
                 env["DATA_PATH"] = str(rundir)  # records read DATA_PATH/data/fineweb10B/*.bin
-            if self.offline_dir is not None:
-                from orchestrator.offline import node_env
+        if self.offline_dir is not None:   # a record script's fetches, or our trainer's GPT-2 vocabulary
+            from orchestrator.offline import node_env
 
-                env.update(node_env(self.offline_dir, self.plan.job.offline))
+            env.update(node_env(self.offline_dir, self.plan.job.offline))
         if self.plan.cluster.device == "cpu":
             # one gloo rank per core share; oversubscribed threads make small CPU runs several times slower
             per_rank = max(1, (os.cpu_count() or 1) // self.plan.cluster.gpus_per_node)

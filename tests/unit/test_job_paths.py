@@ -47,6 +47,16 @@ def test_workdir_and_script_resolve_against_the_job_file_not_the_cwd(tmp_path, m
     assert job.offline.cache == str(tmp_path / "jobs" / "offline-cache")
 
 
+def test_the_trainers_vocab_file_resolves_against_the_job_file_and_must_exist(tmp_path, monkeypatch):
+    (tmp_path / "bpe").mkdir()
+    path = job_file(tmp_path / "jobs", trainer={"prefix_token_loss": True, "vocab_file": "../bpe"})
+    monkeypatch.chdir(REPO)
+    assert load_job(path).trainer["vocab_file"] == str(tmp_path / "bpe")
+    missing = job_file(tmp_path / "jobs2", trainer={"prefix_token_loss": True, "vocab_file": "bpe"})
+    with pytest.raises(ConfigError, match=r"^.*jobs2/job.yaml: trainer.vocab_file: .*/jobs2/bpe does not exist; "):
+        load_job(missing)
+
+
 def test_script_alone_resolves_against_the_job_file(tmp_path, monkeypatch):
     record(tmp_path)
     path = job_file(tmp_path / "jobs", script="../my-record/train_gpt.py")
@@ -199,3 +209,20 @@ def test_the_nodes_compile_cache_folder_wins_over_a_cache_dir_in_its_own_environ
                            env={"TORCHINDUCTOR_CACHE_DIR": "/fast/disk"})
     runner = NodeRunner(build_plan(load_job(job), chosen, job, Path("c.yaml")))
     assert runner.child_env(0)["TORCHINDUCTOR_CACHE_DIR"] == "/fast/disk"   # a cluster config's choice stays
+
+
+def test_our_trainer_gets_the_offline_tiktoken_cache_too(tmp_path, offline_cache):
+    """The prefix-token loss reads the GPT-2 vocabulary through tiktoken: an offline node's shipped cache serves our
+    trainer as it serves a record script."""
+    from orchestrator.config import ClusterConfig
+    from orchestrator.node import NodeRunner
+    from orchestrator.plan import build_plan
+
+    cluster = ClusterConfig(name="c", backend="local", device="cpu", work_dir=str(tmp_path / "work"))
+    job = job_file(tmp_path / "b", trainer={"prefix_token_loss": True},
+                   offline={"tiktoken": ["gpt2"], "cache": str(offline_cache)})
+    runner = NodeRunner(build_plan(load_job(job), cluster, job, Path("c.yaml")))
+    assert "TIKTOKEN_CACHE_DIR" not in runner.child_env(0)   # nothing unpacked yet
+    runner.offline_dir = tmp_path / "work" / "shipped" / "offline-0123"
+    env = runner.child_env(0)
+    assert env["TIKTOKEN_CACHE_DIR"] == str(runner.offline_dir / "tiktoken") and "DATA_PATH" not in env
