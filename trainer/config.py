@@ -107,6 +107,11 @@ class TrainConfig:
     # Yardstick (H100, 260 steps): the record's form 1.008x ours' time (against ours of another call): the same
     # loss per token as the 0.861x form, lost to the first third's short micro-batches. Off (bench/NOTES.md)
     seq_len_schedule: str = ""
+    # the record's document-length cap (train_max_seq_len, its stages since record-46): a micro-batch holds
+    # documents' first TOKENS tokens back to back, the rest of a longer document skipped, on the steps below END x
+    # steps; "END:TOKENS,..." (the current record: "1/3:896,1:2048"), a phase of TOKENS >= seq_len is no cap.
+    # More document starts and no long-context tail early on. Not yet on the yardstick: "" = off, whole documents
+    doc_len_schedule: str = ""
     batch_lr_exponent: float = 0.6
     # record-51 (2025-12-19 RetieLMHead) ties the embedding to the head: one (padded vocab, dim) table, initialised
     # N(0, 0.005) in place of the head's zero init, is both the input lookup and the head weight (its gradient the
@@ -211,6 +216,7 @@ class TrainConfig:
         self.skipped_attention_layers()
         self.batch_phases()
         self.seq_len_phases()
+        self.doc_len_phases()
         if self.batch_phases() and self.seq_len_phases():
             raise ValueError("batch_schedule, seq_len_schedule: set one of them; the batch grows either in "
                              "micro-batches or in their length")
@@ -246,6 +252,11 @@ class TrainConfig:
         return parse_phases("seq_len_schedule", str(self.seq_len_schedule), "TOKENS", self.block_size, self.seq_len,
                             self.block_size, "'1/3:16384,2/3:32768,1:49152' (steps below END x steps run "
                             "micro-batches of TOKENS)")
+
+    def doc_len_phases(self) -> tuple[tuple[Fraction, int], ...]:
+        """doc_len_schedule as ((END, TOKENS), ...), () when off; ValueError naming the key on anything else."""
+        return parse_phases("doc_len_schedule", str(self.doc_len_schedule), "TOKENS", 2, 1 << 30, 1,
+                            "'1/3:896,1:2048' (steps below END x steps cut each document after TOKENS tokens)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,7 +34,9 @@ class TrainBatches:
     """BOS-aligned micro-batches of seq_len+1 tokens (inputs and shifted targets).
 
     Micro-batch k of a step belongs to rank k % world. A micro-batch starts at a document start; the tail
-    of the document that does not fit is skipped, so no sequence begins mid-document.
+    of the document that does not fit is skipped, so no sequence begins mid-document. With a document-length
+    cap (doc_len_schedule, the record's train_max_seq_len) a micro-batch is documents' first `cap` tokens back to
+    back: the rest of a longer document is skipped and the next document starts there.
     """
 
     def __init__(self, files: list[str], seq_len: int, rank: int, world: int, grad_accum_total: int):
@@ -57,6 +59,29 @@ class TrainBatches:
             self._bos = np.flatnonzero(self._tokens == BOS)
             self._loaded = i
 
+    def _next_capped_sequence(self, length: int, cap: int) -> np.ndarray:
+        """length+1 tokens from consecutive documents, each cut after `cap` tokens (its BOS included), the last
+        cut where the micro-batch is full; a shard that runs out of documents part-way is left for the next."""
+        need = length + 1
+        for _ in range(2 * len(self.files) + 1):
+            st = self.state
+            self._load(st.shard)
+            j = int(np.searchsorted(self._bos, st.cursor))
+            pieces, have, cursor = [], 0, st.cursor
+            while have < need and j < len(self._bos):
+                start = int(self._bos[j])
+                doc_end = int(self._bos[j + 1]) if j + 1 < len(self._bos) else len(self._tokens)
+                end = min(doc_end, start + cap, start + need - have)
+                pieces.append(self._tokens[start:end])
+                have, cursor, j = have + end - start, end, j + 1
+            if have == need:
+                st.cursor = cursor   # the next micro-batch starts at the next document
+                return np.concatenate(pieces)
+            st.shard, st.cursor = st.shard + 1, 0
+            if st.shard == len(self.files):
+                st.shard, st.epoch = 0, st.epoch + 1
+        raise ShardError(f"{self.files[0]}: not enough BOS-delimited documents for a micro-batch of {need} tokens")
+
     def _next_sequence(self, length: int) -> np.ndarray:
         n = length + 1
         for _ in range(2 * len(self.files) + 1):
@@ -73,11 +98,11 @@ class TrainBatches:
         raise ShardError(f"{self.files[0]}: no document start (token {BOS}) leaves room for {n} tokens; "
                          "the shards need BOS-delimited documents")
 
-    def next_step(self, count: int | None = None, length: int | None = None) -> list[np.ndarray]:
+    def next_step(self, count: int | None = None, length: int | None = None, cap: int = 0) -> list[np.ndarray]:
         """This rank's micro-batches for the next optimizer step of `count` micro-batches over all ranks
         (grad_accum_total when None; a batch_schedule's phase count otherwise), each of `length` tokens (seq_len
-        when None; a seq_len_schedule's otherwise): count / world of them. The stream advances by exactly count
-        sequences, so the state after it is where the next step starts."""
+        when None; a seq_len_schedule's otherwise), documents cut after `cap` tokens (0: whole): count / world of
+        them. The stream advances by exactly count sequences, so the state after it is where the next step starts."""
         count = self.grad_accum_total if count is None else count
         length = self.seq_len if length is None else length
         if not 0 < length <= self.seq_len:
@@ -87,7 +112,7 @@ class TrainBatches:
             raise ValueError(f"batch_schedule: a step of {count} micro-batches does not split over {self.world} ranks")
         mine = []
         for k in range(count):
-            seq = self._next_sequence(length)
+            seq = self._next_capped_sequence(length, cap) if cap else self._next_sequence(length)
             if k % self.world == self.rank:
                 mine.append(seq)
         return mine

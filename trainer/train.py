@@ -84,6 +84,12 @@ def micro_batch_len(cfg: TrainConfig, step: int) -> int:
     return _phase_value(cfg.seq_len_phases(), cfg, step, cfg.seq_len)
 
 
+def doc_len_cap(cfg: TrainConfig, step: int) -> int:
+    """Tokens a document may put in this step's micro-batches (doc_len_schedule), 0 for whole documents."""
+    cap = _phase_value(cfg.doc_len_phases(), cfg, step, 0)
+    return cap if cap < micro_batch_len(cfg, step) else 0   # a cap past the micro-batch cuts nothing
+
+
 def step_tokens(cfg: TrainConfig, step: int) -> int:
     """Training tokens in this step, over all ranks."""
     return microbatches(cfg, step) * micro_batch_len(cfg, step)
@@ -417,6 +423,8 @@ class Trainer:
                   f"step_avg:{now / step:.2f}ms")
         extra = dict(micro_batches=microbatches(cfg, step - 1), micro_batch_len=micro_batch_len(cfg, step - 1)) \
             if cfg.batch_phases() or cfg.seq_len_phases() else {}
+        if cfg.doc_len_phases():
+            extra["doc_len_cap"] = doc_len_cap(cfg, step - 1)
         if cfg.multi_token_prediction or cfg.prefix_token_loss:
             extra["loss_weights"] = [round(w, 6) for w in loss_weights(cfg, step - 1)]
         self.record(step=step, train_loss=train_loss, train_time_ms=round(now, 1),
@@ -547,7 +555,8 @@ class Trainer:
                 self.end_stretch(pending, t0)
                 self.save(checkpoint.step_path(self.out, step))
                 t0, pending = self.start_stretch(), None
-            loss = self.train_step(self.batches.next_step(microbatches(cfg, step), micro_batch_len(cfg, step)), step)
+            batch = self.batches.next_step(microbatches(cfg, step), micro_batch_len(cfg, step), doc_len_cap(cfg, step))
+            loss = self.train_step(batch, step)
             self.step = step + 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 queued = (self.step, sum_to_host(loss), self.mark())

@@ -279,3 +279,59 @@ def test_a_run_grows_its_micro_batches_across_a_phase_change_and_a_resume(tmp_pa
     assert rows[1]["lr_scale"] == pytest.approx(lr_scale(tiny_config(steps=6), 0) * 0.5 ** 0.6)   # half the tokens
     # resumed from step 2 (first phase), it crosses the change at step 3 on the same tokens and the same losses
     assert_resumed_run_repeats(cfg, tmp_path, fed, rows)
+
+
+# ------------------------------------------------------------------------------ the document-length cap
+
+def docs_shard(path, lengths, first_token=1):
+    """One train shard of documents of these lengths (BOS included), document i's tokens i*100+1, i*100+2, ..."""
+    from trainer.data import write_shard
+
+    docs = [np.concatenate([[BOS], 100 * i + np.arange(first_token, first_token + n - 1)]) for i, n in enumerate(lengths)]
+    path.mkdir(parents=True, exist_ok=True)
+    write_shard(path / "fineweb_train_000001.bin", np.concatenate(docs).astype(np.uint16))
+    return docs
+
+
+def test_a_capped_micro_batch_is_documents_first_tokens_back_to_back(tmp_path):
+    docs = docs_shard(tmp_path / "d", [10, 3, 20, 5, 9, 40, 2, 7] * 6)
+    files = find_shards(str(tmp_path / "d"), "fineweb_train_*.bin")
+    loader = TrainBatches(files, 64, 0, 1, 1)
+    first = loader.next_step(1, 15, cap=6)[0]
+    # 16 tokens: doc 0's first 6, doc 1 whole (3), doc 2's first 6, then doc 3's BOS fills the micro-batch
+    assert first.tolist() == [*docs[0][:6], *docs[1], *docs[2][:6], docs[3][0]]
+    second = loader.next_step(1, 15, cap=6)[0]   # the rest of doc 3 is skipped: doc 4 starts the next one
+    assert second.tolist() == [*docs[4][:6], *docs[5][:6], *docs[6], *docs[7][:2]]
+    # ranks split the same global stream; a cap past every document is the stream of whole documents
+    ranks = [TrainBatches(files, 64, r, 2, 2) for r in range(2)]
+    one = TrainBatches(files, 64, 0, 1, 2)
+    for _ in range(4):
+        want = one.next_step(2, 15, cap=6)
+        assert all(np.array_equal(ranks[k].next_step(2, 15, cap=6)[0], want[k]) for k in range(2))
+    whole = TrainBatches(files, 64, 0, 1, 1).next_step(1, 30, cap=1000)[0]
+    assert whole.tolist() == [*docs[0], *docs[1], *docs[2][:18]]   # 31 tokens: 10 + 3 + 18
+
+
+def test_the_cap_follows_its_schedule_and_a_bad_one_names_the_key():
+    from trainer.train import doc_len_cap
+
+    cfg = TrainConfig(seq_len=2048, grad_accum_total=8, steps=300, doc_len_schedule="1/3:896,1:2048").validate()
+    assert [doc_len_cap(cfg, s) for s in (0, 99, 100, 299, 300)] == [896, 896, 0, 0, 0]   # 2048: no cut at 2048
+    record = TrainConfig(**RECORD_8GPU, doc_len_schedule="1/3:896,1:2048").validate()   # the current record's stages
+    assert [doc_len_cap(record, s) for s in (0, 706, 707, 2119)] == [896, 896, 2048, 2048]
+    assert doc_len_cap(TrainConfig(), 0) == 0
+    with pytest.raises(ValueError, match="^doc_len_schedule: '1/3:1' needs END within"):
+        TrainConfig(doc_len_schedule="1/3:1,1:2048").validate()
+
+
+def test_a_run_with_a_capped_first_half_trains_on_those_tokens(tmp_path):
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(doc_len_schedule="1/2:200,1:512", steps=4, val_every=4, val_tokens=1024)
+    fed, rows = recorded_run(cfg, tmp_path / "data", tmp_path / "a")
+    assert [rows[s]["doc_len_cap"] for s in range(1, 5)] == [200, 200, 0, 0]
+    for s in (0, 1):   # no document runs past 200 tokens in the first half: BOS at most 200 tokens apart
+        for seq in fed[s]:
+            starts = np.flatnonzero(seq == BOS)
+            assert starts[0] == 0 and np.diff(np.append(starts, len(seq))).max() <= 200
+    later = [np.diff(np.append(np.flatnonzero(seq == BOS), len(seq))).max() for s in (2, 3) for seq in fed[s]]
+    assert max(later) > 200   # whole documents again (the Markov shards' longest run past 200 tokens)
