@@ -59,6 +59,13 @@ class TrainBatches:
             self._bos = np.flatnonzero(self._tokens == BOS)
             self._loaded = i
 
+    def _next_shard(self) -> None:
+        """This shard is used up: the next one from its start, the first again after the last (a new epoch)."""
+        st = self.state
+        st.shard, st.cursor = st.shard + 1, 0
+        if st.shard == len(self.files):
+            st.shard, st.epoch = 0, st.epoch + 1
+
     def _next_capped_sequence(self, length: int, cap: int) -> np.ndarray:
         """length+1 tokens from consecutive documents, each cut after `cap` tokens (its BOS included), the last
         cut where the micro-batch is full; a shard that runs out of documents part-way is left for the next."""
@@ -77,9 +84,7 @@ class TrainBatches:
             if have == need:
                 st.cursor = cursor   # the next micro-batch starts at the next document
                 return np.concatenate(pieces)
-            st.shard, st.cursor = st.shard + 1, 0
-            if st.shard == len(self.files):
-                st.shard, st.epoch = 0, st.epoch + 1
+            self._next_shard()
         raise ShardError(f"{self.files[0]}: not enough BOS-delimited documents for a micro-batch of {need} tokens")
 
     def _next_sequence(self, length: int) -> np.ndarray:
@@ -92,9 +97,7 @@ class TrainBatches:
                 start = int(self._bos[j])
                 st.cursor = start + length   # as record-28: a BOS that is this one's last target starts the next
                 return np.asarray(self._tokens[start:start + n])
-            st.shard, st.cursor = st.shard + 1, 0          # this shard is used up: the next one
-            if st.shard == len(self.files):
-                st.shard, st.epoch = 0, st.epoch + 1
+            self._next_shard()
         raise ShardError(f"{self.files[0]}: no document start (token {BOS}) leaves room for {n} tokens; "
                          "the shards need BOS-delimited documents")
 

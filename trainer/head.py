@@ -34,8 +34,8 @@ def _none(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("speedrun::head_loss", mutates_args=())
 def _head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, vocab: int,
-               cap: float, div: float, offset: float, fp8: bool, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                         torch.Tensor]:
+               cap: float, div: float, offset: float, fp8: bool, need_grad: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (sum of row losses, G, G^T, x8^T, W8^T, W's scale); G^T, x8^T, W8^T only in FP8 mode, and
     G only when need_grad. The last four are what backward needs, nothing for callers."""
     if fp8:

@@ -26,6 +26,7 @@ except ImportError:   # a CPU-only torch without triton: the fused head + loss o
     head_loss = None
 
 EVAL_SLICE = {"cuda": 32768, "cpu": 1024}   # tokens per slice of the lm-head + loss under no_grad
+ATTN_SCALE = 0.12   # with QK-norm, a fixed scale a bit above 1/sqrt(128) trains faster (record value)
 
 
 def future_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -33,7 +34,6 @@ def future_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
     end of the sequence."""
     cols = [targets] + [F.pad(targets[j:], (0, j), value=-1) for j in range(1, k)]
     return torch.stack(cols, dim=1)
-ATTN_SCALE = 0.12   # with QK-norm, a fixed scale a bit above 1/sqrt(128) trains faster (record value)
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -271,8 +271,9 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, window_blocks: torch.Tensor,
                 reduction: str = "mean", target_weights: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, targets: (T,) one packed sequence; window_blocks: 0-d int tensor. Returns the loss, over the
-        targets' count either way. target_weights (K,): multi-token prediction, the loss of the token k+1 on
-        weighted by target_weights[k] (record-53)."""
+        targets' count either way. target_weights (K,): the loss of the token k+1 on weighted by target_weights[k]
+        (multi-token prediction, record-53), and with a prefix_table the last weight the next token's prefix
+        token's (record-88)."""
         cfg = self.cfg
         docs = attn_impl.document_ids(tokens)
         windows = (window_blocks, torch.clamp(window_blocks // 2, min=1))   # long, short

@@ -107,12 +107,18 @@ def batch_lr_scale(cfg: TrainConfig, step: int) -> float:
 MTP_THIRDS = (((1.0, 0.5, 0.25), (1.0, 0.5, 0.0)), ((1.0, 0.5, 0.0), (1.0, 0.0, 0.0)), ((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)))
 
 
+def record_thirds(cfg: TrainConfig) -> tuple[int, int, int, int]:
+    """Where the record's three training stages start and end, in steps: its round(c x steps) of the cumulative
+    durations 1/3 and 1/3 + 1/3 (its floats), for the loss weights' stages."""
+    return 0, round(cfg.steps / 3), round(cfg.steps * (1 / 3 + 1 / 3)), cfg.steps
+
+
 def mtp_weights(cfg: TrainConfig, step: int) -> tuple[float, ...]:
-    """The weights of the next 1, 2 and 3 tokens' losses at this step (multi_token_prediction), () when off. The
-    thirds end at the record's round(steps/3) and round(2 steps/3); steps from cfg.steps on end the last third."""
+    """The weights of the next 1, 2 and 3 tokens' losses at this step (multi_token_prediction), () when off, by
+    record_thirds; steps from cfg.steps on end the last third."""
     if not cfg.multi_token_prediction:
         return ()
-    ends = (0, round(cfg.steps / 3), round(cfg.steps * (1 / 3 + 1 / 3)), cfg.steps)
+    ends = record_thirds(cfg)
     third = next((i for i in range(3) if step < ends[i + 1]), 2)
     start, end = ends[third], ends[third + 1]
     t = min(1.0, (step - start) / max(end - start, 1))
@@ -122,10 +128,10 @@ def mtp_weights(cfg: TrainConfig, step: int) -> tuple[float, ...]:
 
 def prefix_weight(cfg: TrainConfig, step: int) -> float:
     """The prefix-token loss's weight at this step (prefix_token_loss, record-88): 0.25 through the first third,
-    falling linearly to 0 over the second, 0 after; thirds as mtp_weights'."""
+    falling linearly to 0 over the second, 0 after (record_thirds)."""
     if not cfg.prefix_token_loss:
         return 0.0
-    ends = (0, round(cfg.steps / 3), round(cfg.steps * (1 / 3 + 1 / 3)))
+    ends = record_thirds(cfg)
     if step < ends[1]:
         return 0.25
     if step < ends[2]:

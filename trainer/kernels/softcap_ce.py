@@ -185,8 +185,8 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: in
     head op halves FP8_GRAD_SCALE for weighted targets: trainer/head.py fp8_grad_scale).
 
     logits: (M, N_padded) with unit column stride. grad: optional (M, N_padded) output for
-    grad_mult * dL_row/dz (may be `logits` itself without weights: each tile is read before it is overwritten); columns
-    from `vocab` on are written as 0. Block sizes: GPU_CONFIG above. Blocks of 1-2 rows with 1024-8192
+    grad_mult * dL_row/dz (may be `logits` itself without weights: each tile is read before it is overwritten);
+    columns from `vocab` on are written as 0. Block sizes: GPU_CONFIG above. Blocks of 1-2 rows with 1024-8192
     columns and 8-32 warps, fewer rows in flight so that the second pass might find them in L2, took
     6.4-9.5 ms against 5.7 ms in a later same-run sweep.
     """
