@@ -81,12 +81,14 @@ def attention_flops(cfg, micro_batches, window: int) -> float:
     except ImportError:   # a --baseline checkout from before record-28's layout: every layer attends
         layout = ["long" if i % 4 == 0 or i == cfg.num_layers - 1 else "short" for i in range(cfg.num_layers)]
     long_w, short_w = window, max(1, window // 2)
-    n_long, n_short = layout.count("long"), layout.count("short")
+    n_long, n_short, n_paired = layout.count("long"), layout.count("short"), layout.count("paired")
     total = 0.0
     for seq in micro_batches:
         docs = np.cumsum(seq[:-1] == BOS)
         keys = n_long * visible_keys(docs, long_w, cfg.block_size) + \
             n_short * visible_keys(docs, short_w, cfg.block_size)
+        if n_paired:   # half the heads over twice the positions, the short window counted in those positions
+            keys += n_paired * visible_keys(np.repeat(docs, 2), short_w, cfg.block_size) / 2
         total += 3 * 4 * cfg.num_heads * cfg.head_dim * keys
     return total
 

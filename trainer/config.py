@@ -89,6 +89,13 @@ class TrainConfig:
     # (head_dim/4..head_dim/2 and 3/4 head_dim..head_dim) hold the previous position's values, so one key carries
     # two positions (one-layer induction). Not yet on the yardstick: off
     key_offset: bool = False
+    # record-58 (PairedHeadAttention, 2026-01-07): in these layers (comma-separated, short-window layers only) heads
+    # go in pairs, and each pair attends as one head over a sequence twice as long, the two heads' q, k and v of
+    # a token side by side (positions 2t and 2t+1, rotated as such): a query then also weighs its partner head's
+    # keys in the same softmax. The window, counted in that sequence, reaches half as many tokens back. The record
+    # pairs 4 short-window layers of 11, its [0, 2, 5, 9], i.e. ours "1,3,6,10" (its first layer is our second).
+    # Not yet on the yardstick: "" = off
+    paired_head_layers: str = ""
     # record-46 (BatchSizeSchedule, 2025-11-29): the batch grows over training, in micro-batches per step, so no
     # tensor changes shape (no recompile). "END:COUNT,..." runs COUNT micro-batches (every rank an equal share) on the
     # steps below END x steps (END a fraction such as 1/3; the last END is 1); "" = off, grad_accum_total every step.
@@ -214,6 +221,7 @@ class TrainConfig:
                              f"bigram_sign_rows > 0 (got {self.bigram_dim}, {self.bigram_rows}, "
                              f"{self.bigram_sign_rows})")
         self.skipped_attention_layers()
+        self.paired_layers()
         self.batch_phases()
         self.seq_len_phases()
         self.doc_len_phases()
@@ -242,6 +250,29 @@ class TrainConfig:
                              "list layers below num_layers, or '' for none")
         return layers
 
+    def paired_layers(self) -> frozenset[int]:
+        """paired_head_layers as a set of layer indices; ValueError unless each is a short-window attention layer
+        of this model with an even head count."""
+        text = str(self.paired_head_layers).strip()
+        if not text:
+            return frozenset()
+        try:
+            layers = frozenset(int(t) for t in text.split(","))
+        except ValueError:
+            raise ValueError(f"paired_head_layers: must be comma-separated layer numbers like '1,3,6,10', or '' for "
+                             f"none (got {self.paired_head_layers!r})") from None
+        if self.num_heads % 2:
+            raise ValueError(f"paired_head_layers: heads go in pairs, and num_heads is {self.num_heads}; use an even "
+                             "num_heads or '' for none")
+        windows = window_layout(self)
+        for i in sorted(layers):
+            if not 0 <= i < self.num_layers or windows[i] != "short":
+                what = "does not exist" if not 0 <= i < self.num_layers else \
+                    "has no attention" if windows[i] is None else "is a long-window layer"
+                short = ",".join(str(j) for j, w in enumerate(windows) if w == "short")
+                raise ValueError(f"paired_head_layers: layer {i} {what}; list short-window layers ({short})")
+        return layers
+
     def batch_phases(self) -> tuple[tuple[Fraction, int], ...]:
         """batch_schedule as ((END, COUNT), ...), () when off; ValueError naming the key on anything else."""
         return parse_phases("batch_schedule", str(self.batch_schedule), "COUNT", 1, self.grad_accum_total, 1,
@@ -268,6 +299,21 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{sorted(unknown)[0]}: unknown TrainConfig key")
         return cls(**d).validate()
+
+
+def window_layout(cfg: TrainConfig) -> list[str | None]:
+    """Each layer's attention window: 'long', 'short' (half of it) or None (no attention in that layer).
+
+    Long where the layer's distance to the nearer end of the stack is a multiple of 4: for 12 layers that is
+    0, 4, 7 and 11, record-28's layout (its layer 7 has no attention at all, so 0, 4 and 11 remain)."""
+    L, skipped = cfg.num_layers, cfg.skipped_attention_layers()
+    return [None if i in skipped else "long" if min(i, L - 1 - i) % 4 == 0 else "short" for i in range(L)]
+
+
+def attention_layout(cfg: TrainConfig) -> list[str | None]:
+    """window_layout with the paired-head layers (short-window ones) marked 'paired'."""
+    paired = cfg.paired_layers()
+    return ["paired" if i in paired else w for i, w in enumerate(window_layout(cfg))]
 
 
 @lru_cache(maxsize=16)

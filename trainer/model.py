@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer import attention as attn_impl
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, attention_layout
 from trainer.embeddings import BigramHash, Smear
 from trainer.fp8 import fp8_forward_linear, fp8_linear
 
@@ -88,10 +88,15 @@ def offset_stationary_keys(k: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, prep_kernel: str = "torch",
                  rotary: Rotary | None = None, gate_dims: int = 0, value_gate_dims: int = 0,
-                 key_offset: bool = False):
+                 key_offset: bool = False, paired: bool = False):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         self.key_offset = key_offset
+        # record-58's paired heads: head m * H/2 + p is member m of pair p. The projection's rows are reordered so
+        # that a token's q, k, v come out as (member, q/k/v, pair, dim): the (T, 2, ...) output is then, as it lies
+        # in memory, a sequence of 2T positions (token t's member m at 2t + m) of H/2 heads, and the attention's
+        # (2T, H/2) output is the (T, H) one, heads in the same order, with no copy either way
+        self.paired = paired
         # record-28's sparse attention gate: each head's output is scaled by sigmoid(w . x[:gate_dims]), w zero at
         # start (every head at 0.5), so a head can learn to switch itself off for tokens where it only adds noise
         self.gate_dims = gate_dims
@@ -117,19 +122,25 @@ class Attention(nn.Module):
                 pass
 
     def forward(self, x, ve, docs, window_blocks, block_size, mask):
+        """docs, window_blocks and mask are the sequence's as this layer attends over it: for paired heads, those
+        of the 2T-position sequence (GPT.forward builds them)."""
         B, T, _ = x.shape
+        w = self.qkv_w
+        if self.paired:   # (q/k/v, member, pair * dim, dim) -> (member, q/k/v, ...)
+            w = w.view(3, 2, -1, w.size(-1)).transpose(0, 1)
         if self.fp8 and self.training and x.is_cuda:   # x is rms-normed: FP8 with a fixed scale
-            qkv = fp8_forward_linear(x, self.qkv_w.flatten(end_dim=1))
+            qkv = fp8_forward_linear(x, w.flatten(end_dim=-2))
         else:
-            qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).to(x.dtype))
-        qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim)
+            qkv = F.linear(x, w.flatten(end_dim=-2).to(x.dtype))
+        S, H = (2 * T, self.num_heads // 2) if self.paired else (T, self.num_heads)   # positions, heads attending
+        qkv = qkv.view(B, S, 3, H, self.head_dim)
         lambdas = self.lambdas
         if self.value_gate is not None and ve is not None:   # the gate takes the place of lambdas[1]
             gate = 2 * torch.sigmoid(self.value_gate(x[..., :self.value_gate_dims]))   # (B, T, H)
             ve = gate[..., None] * ve.view(B, T, self.num_heads, self.head_dim)
             lambdas = torch.cat([self.lambdas[:1], self.lambdas.new_ones(1)])
-        if self.prep is not None and x.is_cuda:
-            q, k, v = self.prep(qkv, ve, lambdas, *self.rotary.tables(T, x.device))
+        if self.prep is not None and x.is_cuda:   # ve: (B, T, H, D) as laid out is (B, S, H', D) of the paired form
+            q, k, v = self.prep(qkv, ve, lambdas, *self.rotary.tables(S, x.device))
         else:
             q, k, v = qkv.unbind(2)
             q, k = self.rotary(norm(q)), self.rotary(norm(k))
@@ -141,6 +152,7 @@ class Attention(nn.Module):
             k = offset_stationary_keys(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE).transpose(1, 2)
+        y = y.reshape(B, T, self.num_heads, self.head_dim)   # paired: (B, 2T, H/2, D) read as (B, T, H, D)
         if self.gate is not None:   # (B, T, H, D) times (B, T, H, 1)
             y = y * torch.sigmoid(self.gate(x[..., :self.gate_dims]))[..., None]
         return self.c_proj(y.reshape(B, T, -1))
@@ -171,11 +183,11 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: TrainConfig, rotary: Rotary | None = None, attention: bool = True,
-                 value_gate: bool = False, key_offset: bool = False):
+                 value_gate: bool = False, key_offset: bool = False, paired: bool = False):
         super().__init__()
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep, rotary,
                               cfg.attn_gate_dims if cfg.attn_gate else 0,
-                              cfg.attn_gate_dims if value_gate else 0, key_offset) if attention else None
+                              cfg.attn_gate_dims if value_gate else 0, key_offset, paired) if attention else None
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
@@ -186,15 +198,6 @@ class Block(nn.Module):
         if self.attn is not None:
             x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, mask)
         return x + self.mlp(norm(x))
-
-
-def attention_layout(cfg: TrainConfig) -> list[str | None]:
-    """Each layer's attention: 'long' window, 'short' (half of it) or None (no attention in that layer).
-
-    Long where the layer's distance to the nearer end of the stack is a multiple of 4: for 12 layers that is
-    0, 4, 7 and 11, record-28's layout (its layer 7 has no attention at all, so 0, 4 and 11 remain)."""
-    L, skipped = cfg.num_layers, cfg.skipped_attention_layers()
-    return [None if i in skipped else "long" if min(i, L - 1 - i) % 4 == 0 else "short" for i in range(L)]
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -231,7 +234,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg, rotary, attention=kind is not None,
                   value_gate=cfg.value_embed_gate and self.ve_of_layer[i] is not None,
-                  key_offset=cfg.key_offset and kind == "long")
+                  key_offset=cfg.key_offset and kind == "long", paired=kind == "paired")
             for i, kind in enumerate(self.layout))
         self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
         # tie_head_until: the head weight is the embedding table too until untie_head() (record-51 starts the tied
@@ -276,11 +279,15 @@ class GPT(nn.Module):
         token's (record-88)."""
         cfg = self.cfg
         docs = attn_impl.document_ids(tokens)
-        windows = (window_blocks, torch.clamp(window_blocks // 2, min=1))   # long, short
+        short = torch.clamp(window_blocks // 2, min=1)
+        # (documents, window, mask) of each layer kind; paired heads attend over 2T positions, the short window
+        kinds = {"long": (docs, window_blocks), "short": (docs, short)}
+        if "paired" in self.layout:
+            kinds["paired"] = (docs.repeat_interleave(2), short)
         if self.attention == "flex":
-            masks = [attn_impl.flex_block_mask(docs, w, cfg.block_size) for w in windows]
+            kinds = {k: (d, w, attn_impl.flex_block_mask(d, w, cfg.block_size)) for k, (d, w) in kinds.items()}
         else:
-            masks, windows = [None, None], tuple(int(w) for w in windows)
+            kinds = {k: (d, int(w), None) for k, (d, w) in kinds.items()}
         # tied: the head's table, padded rows never looked up; a Python flag, so torch.compile recompiles once when
         # it flips
         e = (F.embedding(tokens, self.lm_head.weight) if self.head_tied else self.embed(tokens)).to(self.act_dtype)
@@ -299,8 +306,8 @@ class GPT(nn.Module):
                 skip = skips.pop() if self.skip_gate is None else skip_gate * skips.pop()
                 x = x + self.skip_weights[i - (len(self.blocks) - half)] * skip
             ve = ves[self.ve_of_layer[i]] if self.ve_of_layer[i] is not None else None
-            j = 0 if self.layout[i] == "long" else 1
-            x = block(x, x0, ve, docs, windows[j], cfg.block_size, masks[j],
+            layer_docs, window, mask = kinds[self.layout[i] or "short"]   # None: no attention, the MLP only
+            x = block(x, x0, ve, layer_docs, window, cfg.block_size, mask,
                       None if bigram is None else self.bigram_lambdas[i] * bigram)
             if i < half:
                 skips.append(x)

@@ -90,3 +90,22 @@ def test_a_baseline_that_is_no_checkout_is_one_sentence_and_exit_2(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip() == (f"--baseline {tmp_path}: no trainer/train.py there; give another checkout of "
                                   "this repo (git worktree add DIR REV)")
+
+
+def test_attention_flops_count_a_paired_layer_as_half_the_heads_over_twice_the_positions():
+    import numpy as np
+
+    from trainer.data import BOS
+    from trainer.fixtures import tiny_config
+    from trainer_step import attention_flops
+
+    T = 256   # one document, a window wider than it: every position sees all before it
+    seq = np.full(T + 1, 5)
+    seq[0] = BOS
+    per_key = 3 * 4 * 4 * 16   # forward + backward, QK^T and PV, heads x head_dim
+    cfg = dict(num_layers=4, num_heads=4, head_dim=16)
+    plain = attention_flops(tiny_config(**cfg), [seq], window=8)
+    paired = attention_flops(tiny_config(**cfg, paired_head_layers="1"), [seq], window=8)
+    assert plain == per_key * 4 * T * (T + 1) / 2
+    # the short layer's T(T+1)/2 keys become 2T(2T+1)/2 positions' keys over half the heads
+    assert paired - plain == per_key * (2 * T * (2 * T + 1) / 2 / 2 - T * (T + 1) / 2)

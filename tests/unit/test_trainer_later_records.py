@@ -62,7 +62,7 @@ def test_the_defaults_keep_what_the_yardstick_kept():
     d = TrainConfig()
     assert d.bigram_embed and d.muon_variant == "normuon"
     assert not (d.smear or d.value_embed_gate or d.skip_gate or d.adam_every_other_step or d.muon_cautious_wd
-                or d.muon_momentum_cooldown_steps or d.batch_schedule or d.key_offset)
+                or d.muon_momentum_cooldown_steps or d.batch_schedule or d.key_offset or d.paired_head_layers)
 
 
 def test_the_tiny_model_builds_none_of_the_later_records_parts():
@@ -706,7 +706,7 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
     cfg = tiny_config(num_layers=4, smear=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16,
                       value_embed_gate=True, skip_gate=True, muon_variant="normuon", logit_rescale=True,
                       muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True,
-                      batch_schedule="1/2:1,1:2", tie_head_until=0.5, key_offset=True)
+                      batch_schedule="1/2:1,1:2", tie_head_until=0.5, key_offset=True, paired_head_layers="1")
     torch.manual_seed(0)
     model = GPT(cfg)
     t = tokens()
@@ -725,3 +725,92 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
     assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
     ids = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))   # every parameter in exactly one group
+
+
+# ------------------------------------------------------------------------------------- paired heads (record-58)
+
+
+def paired_reference(attn, x, ve, docs, window_blocks, block_size=128):
+    """Record-58's paired attention written out pair by pair on the CPU: pair p's heads m * H/2 + p (m = 0, 1)
+    form one head over 2T positions, token t's member m at position 2t + m (rotated as that position); causal,
+    same-document and block-window rules over those positions; each position's output is its head's at token t."""
+    import torch.nn.functional as F
+
+    from trainer.model import norm
+
+    B, T, _ = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    q, k, v = (F.linear(x, w).view(B, T, H, D) for w in attn.qkv_w)
+    v = attn.lambdas[0] * v + attn.lambdas[1] * ve.view(B, T, H, D)
+    cos, sin = attn.rotary.tables(2 * T, x.device)
+    pos = torch.arange(2 * T)
+    docs2 = docs.repeat_interleave(2)
+    allowed = (pos[None, :] <= pos[:, None]) & (docs2[None, :] == docs2[:, None]) \
+        & (pos[:, None] // block_size - pos[None, :] // block_size < window_blocks)
+
+    def rotate(u, at):   # u (B, D) at sequence position `at`
+        u1, u2 = norm(u).chunk(2, dim=-1)
+        return torch.cat([u1 * cos[at] + u2 * sin[at], u2 * cos[at] - u1 * sin[at]], dim=-1)
+
+    y = torch.zeros(B, T, H, D)
+    for p in range(H // 2):
+        heads = [m * (H // 2) + p for m in (0, 1)]
+        qs = torch.stack([rotate(q[:, t, heads[m]], 2 * t + m) for t in range(T) for m in (0, 1)], dim=1)
+        ks = torch.stack([rotate(k[:, t, heads[m]], 2 * t + m) for t in range(T) for m in (0, 1)], dim=1)
+        vs = torch.stack([v[:, t, heads[m]] for t in range(T) for m in (0, 1)], dim=1)
+        scores = (qs @ ks.transpose(1, 2)) * 0.12
+        out = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ vs   # (B, 2T, D)
+        for m in (0, 1):
+            y[:, :, heads[m]] = out[:, m::2]
+    y = y * torch.sigmoid(attn.gate(x[..., :attn.gate_dims]))[..., None]
+    return attn.c_proj(y.reshape(B, T, -1))
+
+
+def test_paired_heads_compute_the_records_attention_over_interleaved_positions():
+    from trainer import attention as attn_impl
+    from trainer.model import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4, 16, gate_dims=12, paired=True)
+    with torch.no_grad():
+        attn.gate.weight.normal_(0, 0.5)
+        attn.c_proj.weight.normal_(0, 0.1)
+        attn.lambdas.copy_(torch.tensor([0.7, 0.4]))
+    T = 160
+    t = tokens(T, starts=(0, 70, 150))[:T]
+    docs = attn_impl.document_ids(t)
+    x, ve = torch.randn(1, T, 64), torch.randn(1, T, 64)
+    for window in (1, 2):   # 128 positions of the 2T sequence is 64 tokens back; 256 reaches every token here
+        got = attn(x, ve, docs.repeat_interleave(2), window, 128, None)
+        assert torch.allclose(got, paired_reference(attn, x, ve, docs, window), atol=1e-5, rtol=1e-4)
+    # the pairing is the point: the same weights as plain heads attend otherwise
+    attn.paired = False
+    assert not torch.allclose(attn(x, ve, docs, 2, 128, None), got, atol=1e-3)
+
+
+def test_paired_head_layers_must_be_short_window_layers_of_the_model():
+    from trainer.config import TrainConfig, attention_layout
+
+    cfg = TrainConfig(paired_head_layers="1,3,6,10").validate()
+    assert attention_layout(cfg) == ["long", "paired", "short", "paired", "long", "short", "paired", None, "short",
+                                     "short", "paired", "long"]
+    for layers, says in [("4", "layer 4 is a long-window layer"), ("7", "layer 7 has no attention"),
+                         ("12", "layer 12 does not exist"), ("1;3", "comma-separated")]:
+        with pytest.raises(ValueError, match=f"^paired_head_layers: .*{says}"):
+            TrainConfig(paired_head_layers=layers).validate()
+    with pytest.raises(ValueError, match="num_heads is 3"):
+        TrainConfig(num_heads=3, head_dim=256, paired_head_layers="1").validate()
+
+
+def test_paired_heads_add_no_parameter_keep_the_model_causal_and_change_it():
+    cfg = dict(num_layers=4, num_heads=4, head_dim=16)
+    plain, model = randomised_model(tiny_config(**cfg)), randomised_model(tiny_config(**cfg, paired_head_layers="1"))
+    assert model.layout == ["long", "paired", "short", "long"]
+    assert [b.attn.paired for b in model.blocks] == [False, True, False, False]
+    model.load_state_dict(plain.state_dict())   # strict: the pairing is a different use of the same weights
+    t = tokens()
+    changed = t.clone()
+    changed[300:] = (changed[300:] + 7) % BOS
+    a, b = (model(s[:-1], s[1:], torch.tensor(4), reduction="none").detach() for s in (t, changed))
+    assert torch.equal(a[:299], b[:299]) and not torch.equal(a[299:], b[299:])
+    assert not torch.allclose(a, plain(t[:-1], t[1:], torch.tensor(4), reduction="none").detach())
