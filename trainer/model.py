@@ -3,9 +3,9 @@
 Rotary + QK-norm attention with value embeddings and a sparse per-head output gate, ReLU^2 MLP,
 zero-initialised output projections, untied embedding and head (tied for a first share of training with
 tie_head_until, records 51 and 53), soft-capped logits, U-net skips between early and late blocks, the input
-embedding mixed into every block, and no attention in layer 7 (record-28's layout). Weights stay fp32 (the
-optimizer's copy); matmuls run in the activation dtype (bf16 on the GPU, fp32 on CPU). The FP8 paths run only
-in training (module.training): validation is bf16, as the record's.
+embedding mixed into every block, and no attention in layer 7 (record-28's layout); heads attend in pairs in four
+short-window layers (record-58). Weights stay fp32 (the optimizer's copy); matmuls run in the activation dtype (bf16
+on the GPU, fp32 on CPU). The FP8 paths run only in training (module.training): validation is bf16, as the record's.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from orchestrator.backends.slurm import SlurmBackend  # noqa: E402
 from orchestrator.config import load_cluster, load_job  # noqa: E402
 from orchestrator.plan import build_plan  # noqa: E402
 
-TINY = ["trainer.num_layers=2", "trainer.attn_skip_layers=", "trainer.num_value_embeds=1", "trainer.model_dim=64", "trainer.num_heads=1",
+TINY = ["trainer.num_layers=2", "trainer.attn_skip_layers=", "trainer.paired_head_layers=", "trainer.num_value_embeds=1", "trainer.model_dim=64", "trainer.num_heads=1",
         "trainer.bigram_dim=16", "trainer.bigram_rows=50304",   # the default bigram embedding, narrowed
         "trainer.head_dim=64", "trainer.seq_len=256", "trainer.grad_accum_total=1", "trainer.val_seq_len=1024",
         "trainer.val_tokens=4096", "trainer.steps=3", "trainer.val_every=3", "trainer.window_max_blocks=2",

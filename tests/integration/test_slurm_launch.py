@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 TINY = [  # a 2-layer, 64-wide GPT: a step is well under a second on one CPU core
-    "trainer.num_layers=2", "trainer.attn_skip_layers=", "trainer.num_value_embeds=1", "trainer.model_dim=64", "trainer.num_heads=1",
+    "trainer.num_layers=2", "trainer.attn_skip_layers=", "trainer.paired_head_layers=", "trainer.num_value_embeds=1", "trainer.model_dim=64", "trainer.num_heads=1",
     "trainer.bigram_dim=16", "trainer.bigram_rows=50304",   # the default bigram embedding, narrowed
     "trainer.head_dim=64", "trainer.seq_len=256", "trainer.grad_accum_total=1", "trainer.val_seq_len=1024",
     "trainer.val_tokens=4096", f"trainer.steps={STEPS}", "trainer.val_every=6", "trainer.window_max_blocks=2",
