@@ -34,6 +34,19 @@ class TrainConfig:
     num_value_embeds: int = 3                 # value embeddings mixed into the first and last 3 layers
     window_min_blocks: int = 1                # sliding window grows from min to max blocks of 128 tokens
     window_max_blocks: int = 14               # (record-28: 128 -> 1792 tokens, see train.window_blocks)
+    # record-31 (Yarn, 2025-09-10) and the current record's stages: the long window by phases of training,
+    # "END:BLOCKS,..." (the short window stays half of it), in place of record-28's linear growth; "" = that growth.
+    # The current record: "1/3:3,2/3:7,1:11".
+    window_schedule: str = ""
+    # record-31's YaRN: at each change of the long window from W to W' tokens, every rotary frequency f is scaled by
+    # r + w (1 - r), r = W / W' and w = clamp((W f / 2 pi - 1) / 31, 0, 1) (a frequency turning under once over W is
+    # slowed to keep its angles, one turning 32 times or more is left alone), and the attention scale is multiplied by
+    # 1 + 0.2 ln(W' / W) (train.yarn_scales). Validation runs with the step's frequencies. Off = fixed frequencies
+    yarn: bool = False
+    # the long window of the last validation, in blocks (the current record: 20, its extension after training, with
+    # no YaRN step for it; its short window stays at the training's, ours is half of this one as always); 0 = the
+    # training's last window. Not yet on the yardstick, none of the three
+    final_val_window_blocks: int = 0
     attn_gate: bool = True                    # record-28's sparse attention gate: each head's output times
                                               # sigmoid(a zero-initialised projection of the first attn_gate_dims
     attn_gate_dims: int = 12                  # dims of the block's normed input), trained by Muon
@@ -229,6 +242,10 @@ class TrainConfig:
         self.batch_phases()
         self.seq_len_phases()
         self.doc_len_phases()
+        self.window_phases()
+        if self.final_val_window_blocks < 0:
+            raise ValueError(f"final_val_window_blocks: must be >= 0, 0 for the training's last window "
+                             f"(got {self.final_val_window_blocks})")
         if self.batch_phases() and self.seq_len_phases():
             raise ValueError("batch_schedule, seq_len_schedule: set one of them; the batch grows either in "
                              "micro-batches or in their length")
@@ -292,6 +309,12 @@ class TrainConfig:
         """doc_len_schedule as ((END, TOKENS), ...), () when off; ValueError naming the key on anything else."""
         return parse_phases("doc_len_schedule", str(self.doc_len_schedule), "TOKENS", 2, 1 << 30, 1,
                             "'1/3:896,1:2048' (steps below END x steps cut each document after TOKENS tokens)")
+
+    def window_phases(self) -> tuple[tuple[Fraction, int], ...]:
+        """window_schedule as ((END, BLOCKS), ...), () when off; ValueError naming the key on anything else."""
+        return parse_phases("window_schedule", str(self.window_schedule), "BLOCKS", 1, 1 << 20, 1,
+                            "'1/3:3,2/3:7,1:11' (steps below END x steps attend BLOCKS blocks back in the long-window "
+                            "layers, half of it in the others)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,8 +9,8 @@ from trainer.config import TrainConfig
 
 def tiny_config(**overrides) -> TrainConfig:
     """A model small enough to train on one CPU core in seconds (the vocabulary stays GPT-2's), with record-28's
-    parts only: the later records' switches that are on by default (the bigram embedding, NorMuon, paired heads) are off here,
-    and their tests turn them on."""
+    parts only: the later records' switches that are on by default (the bigram embedding, NorMuon, paired heads) are
+    off here, and their tests turn them on."""
     base = dict(num_layers=2, model_dim=64, num_heads=2, head_dim=32, seq_len=512, grad_accum_total=2,
                 val_seq_len=1024, val_tokens=4096, steps=20, val_every=10, window_min_blocks=1,
                 window_max_blocks=4, block_size=128, warmup_compile_steps=0, device="cpu", compile=False,

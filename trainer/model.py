@@ -64,12 +64,24 @@ class Rotary(nn.Module):
         quarter = head_dim // 4
         freqs = (1.0 / base) ** torch.linspace(0, 1, quarter)
         self.register_buffer("freqs", torch.cat([freqs, freqs.new_zeros(quarter)]), persistent=False)
+        # record-31's YaRN state (the trainer sets it from the step, train.yarn_scales): a factor on each frequency,
+        # and the attention scale's factor, applied as sqrt(factor) on both q and k through the tables. Buffers, so
+        # a change is new data for the compiled graph, not a recompile; derived from the step, so not checkpointed
+        self.register_buffer("yarn_freqs", torch.ones_like(self.freqs), persistent=False)
+        self.register_buffer("yarn_attn", torch.ones(()), persistent=False)
+
+    @torch.no_grad()
+    def set_yarn(self, freq_factors: torch.Tensor, attn_factor: float) -> None:
+        self.yarn_freqs.copy_(freq_factors)
+        self.yarn_attn.fill_(attn_factor)
 
     def tables(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of each position's angles, (T, head_dim / 2), in fp32: in bf16 they would carry a 2^-9
-        error into every rotated q and k (record-28 rotates in fp32 too)."""
-        theta = torch.outer(torch.arange(T, device=device, dtype=torch.float32), self.freqs)
-        return theta.cos(), theta.sin()
+        error into every rotated q and k (record-28 rotates in fp32 too). Both times sqrt(yarn_attn): the rotation
+        scales q and k by it, so their dot products by yarn_attn."""
+        theta = torch.outer(torch.arange(T, device=device, dtype=torch.float32), self.freqs * self.yarn_freqs)
+        gain = self.yarn_attn.sqrt()
+        return theta.cos() * gain, theta.sin() * gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D)
         cos, sin = (t[None, :, None, :] for t in self.tables(x.size(1), x.device))

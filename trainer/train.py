@@ -24,7 +24,7 @@ from trainer.config import TrainConfig
 from trainer.data import BOS, TrainBatches, find_shards, one_chunk_per_shape, validation_chunks
 from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, barrier, init_ranks, sum_to_host
 from trainer.exit_codes import EXIT_PREEMPTED as PREEMPTED_EXIT
-from trainer.model import GPT
+from trainer.model import GPT, Rotary
 from trainer.optim import build_optimizers, copy_adam_state
 from trainer.vocab import gpt2_ranks, prefix_table
 
@@ -149,12 +149,51 @@ def loss_weights(cfg: TrainConfig, step: int) -> tuple[float, ...]:
 
 
 def window_blocks(cfg: TrainConfig, step: int) -> int:
-    """The sliding window in blocks: record-28's window grows linearly in tokens from 0 to (max - 1/2) blocks
-    (1728 tokens) and is rounded up to whole blocks, at least window_min_blocks; so max is reached only at the
-    last 4% of training."""
+    """The long sliding window in blocks: the window_schedule's phase, or record-28's window, which grows linearly in
+    tokens from 0 to (max - 1/2) blocks (1728 tokens) and is rounded up to whole blocks, at least window_min_blocks;
+    so max is reached only at the last 4% of training."""
+    if cfg.window_phases():
+        return _phase_value(cfg.window_phases(), cfg, step, 0)
     x = min(step / cfg.steps, 1.0)
     tokens = (cfg.window_max_blocks * cfg.block_size - cfg.block_size // 2) * x   # the record's float arithmetic
     return max(cfg.window_min_blocks, math.ceil(tokens / cfg.block_size))       # / 128 is exact: same rounding
+
+
+def val_window_blocks(cfg: TrainConfig, step: int) -> int:
+    """The long window a validation at this step attends over: final_val_window_blocks at the end, if set."""
+    if step >= cfg.steps and cfg.final_val_window_blocks:
+        return cfg.final_val_window_blocks
+    return window_blocks(cfg, step)
+
+
+def window_changes(cfg: TrainConfig) -> list[tuple[int, int, int]]:
+    """(step, old, new): each step whose long window differs from the step before's, in order."""
+    return [(s, window_blocks(cfg, s - 1), window_blocks(cfg, s)) for s in range(1, cfg.steps)
+            if window_blocks(cfg, s) != window_blocks(cfg, s - 1)]
+
+
+def yarn_scales(cfg: TrainConfig, freqs: torch.Tensor, step: int,
+                changes: list[tuple[int, int, int]] | None = None) -> tuple[torch.Tensor, float]:
+    """Record-31's YaRN state at a step: (a factor for each rotary frequency in `freqs`, the attention scale's
+    factor), folded over the window changes up to and including it (window_changes, given or computed). For a
+    change from W to W' tokens: r = W / W', each frequency f times r + w (1 - r) with w = clamp((W f / 2 pi - alpha)
+    / (beta - alpha), 0, 1), alpha = 1 and beta = 32, so frequencies that turn less than once over the old window
+    keep their angles over the new one and those turning 32 times or more keep their speed; the scale times
+    1 + 0.2 ln(W' / W). All ones without cfg.yarn."""
+    f = freqs.double().clone()
+    attn = 1.0
+    if not cfg.yarn:
+        return torch.ones_like(freqs), attn
+    for at, old, new in changes if changes is not None else window_changes(cfg):
+        if at > step:
+            break
+        old_t, new_t = old * cfg.block_size, new * cfg.block_size
+        r = old_t / new_t
+        w = ((old_t * f / (2 * math.pi) - 1) / (32 - 1)).clamp(0, 1)
+        f = f * (r + w * (1 - r))
+        attn *= 0.2 * math.log(new_t / old_t) + 1
+    scale = torch.where(freqs.double() > 0, f / freqs.double().clamp(min=1e-30), torch.ones_like(f))
+    return scale.to(freqs.dtype), attn
 
 
 def muon_momentum(cfg: TrainConfig, step: int) -> float:
@@ -278,6 +317,9 @@ class Trainer:
         adam_params = [p for g in self.adam.param_groups for p in g["params"]] if cfg.adam_every_other_step else []
         self.reducer = GradientReducer(self.model.parameters(), r.world, deferrable=adam_params)
         self.stop = StopRequest(self.out)
+        # record-31's YaRN: the window's changes over the run, and how many of them the rotary tables hold now
+        self.window_changes = window_changes(cfg) if cfg.yarn else []
+        self.yarn_applied = 0
         self.step = 0
         self.train_ms = 0.0
         self.stretch_mark = None   # the mark where the current stretch of train_time began (see run)
@@ -307,6 +349,20 @@ class Trainer:
         host = torch.tensor(weights, dtype=torch.float32)
         return (host.pin_memory() if self.cuda else host).to(self.ranks.device, non_blocking=True)
 
+    def set_yarn(self, step: int) -> None:
+        """The rotary frequencies and attention scale of this step (yarn), set only when a window change has passed
+        since the last call (or, after a resume or the warm-up, when the step went back)."""
+        if not self.cfg.yarn:
+            return
+        passed = sum(1 for at, _, _ in self.window_changes if at <= step)
+        if passed == self.yarn_applied:
+            return
+        rotaries = [m for m in self.model.modules() if isinstance(m, Rotary)]
+        factors, attn = yarn_scales(self.cfg, rotaries[0].freqs, step, self.window_changes)
+        for rotary in rotaries:
+            rotary.set_yarn(factors, attn)
+        self.yarn_applied = passed
+
     def untie_head_if_due(self, step: int) -> None:
         """At the first step past tie_head_until, the embedding leaves the head (record-53): it takes a copy of the
         tied table and of its Adam state; the head keeps both, and any gradient still pending on it (Adam every
@@ -321,6 +377,7 @@ class Trainer:
         ranks (every micro-batch holds seq_len of them), however many micro-batches the step has."""
         cfg = self.cfg
         self.untie_head_if_due(step)
+        self.set_yarn(step)
         tokens, window = self._step_tensors(micro_batches, window_blocks(cfg, step))
         total = torch.zeros((), device=self.ranks.device)
         adam_now = adam_steps(cfg, step)
@@ -357,7 +414,8 @@ class Trainer:
             self.model.train()
 
     def _validation_loss(self, step: int, chunks: list[np.ndarray]) -> float:
-        window = torch.tensor(window_blocks(self.cfg, step), device=self.ranks.device)
+        self.set_yarn(step)
+        window = torch.tensor(val_window_blocks(self.cfg, step), device=self.ranks.device)
         loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.ranks.device), 0
         bs = self.cfg.block_size
         for chunk in chunks:
@@ -543,7 +601,7 @@ class Trainer:
                 avg = self.train_ms / max(step, 1)
                 self.emit(f"step:{step}/{cfg.steps} val_loss:{val:.4f} train_time:{self.train_ms:.0f}ms step_avg:{avg:.2f}ms")
                 self.record(step=step, val_loss=val, train_time_ms=round(self.train_ms, 1),
-                            lr_scale=lr_scale(cfg, step), window=window_blocks(cfg, step))
+                            lr_scale=lr_scale(cfg, step), window=val_window_blocks(cfg, step))
                 self.sync()
                 t0, pending = self.start_stretch(), None
             if last:
