@@ -194,9 +194,9 @@ def test_overrides_are_typed_trainconfig_fields():
 
 
 def test_a_variant_is_its_overrides_over_set_and_keeps_commas_inside_a_value():
-    name, overrides = parse_variant("skip:attn_skip_layers=3,7,muon_lr=0.07", dict(muon_lr=0.06, mlp_kernel="torch"),
+    name, overrides = parse_variant("skip:attn_skip_layers=5,7,muon_lr=0.07", dict(muon_lr=0.06, mlp_kernel="torch"),
                                     ["reference", "ours"])
-    assert name == "skip" and overrides == dict(muon_lr=0.07, mlp_kernel="torch", attn_skip_layers="3,7")
+    assert name == "skip" and overrides == dict(muon_lr=0.07, mlp_kernel="torch", attn_skip_layers="5,7")
     for bad in ("ours:muon_lr=0.07", "muon_lr=0.07", "two words:muon_lr=0.07"):
         with pytest.raises(UsageError, match="expected NAME:KEY=VALUE"):
             parse_variant(bad, {}, ["reference", "ours"])

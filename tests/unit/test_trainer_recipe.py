@@ -74,7 +74,7 @@ def test_gate_is_trained_by_muon_and_gets_a_gradient():
 
 
 def test_record_layout_layer_7_has_no_attention_and_long_windows_at_0_4_11():
-    cfg = TrainConfig()
+    cfg = TrainConfig(paired_head_layers="")   # record-28's layout: no paired heads (record-58's, on by default)
     layout = attention_layout(cfg)
     assert layout == ["long", "short", "short", "short", "long", "short", "short", None, "short", "short",
                       "short", "long"]
@@ -94,7 +94,7 @@ def test_record_layout_layer_7_has_no_attention_and_long_windows_at_0_4_11():
 def test_skipped_layers_are_validated(value, words):
     with pytest.raises(ValueError, match=words):
         TrainConfig(attn_skip_layers=value).validate()
-    assert TrainConfig(attn_skip_layers="3, 7").validate().skipped_attention_layers() == {3, 7}
+    assert TrainConfig(attn_skip_layers="5, 7").validate().skipped_attention_layers() == {5, 7}
 
 
 def test_window_schedule_is_record_28s():
