@@ -111,6 +111,13 @@ class TrainConfig:
     # Yardstick (one H100, 2026-12-05, same call): 0.963x ours' time to record-28's loss (111.8 against 116.1 s),
     # final loss 2.0600 against 2.0773, lower at every point; +2.8 ms/step (0.4%): on. "" = off
     paired_head_layers: str = "1,3,6,10"
+    # record-81 (MuddFormer, 2026-04-22), in the current record's trimmed form: a small net on the residual gives each
+    # token coefficients over earlier hidden states, mixed into the last layer's values and residual and into the
+    # residual after it; its bias starts the final residual at minus half of layer 2L/3's output (record-40's
+    # backout, which record-81 absorbed). Trained by Adam at adam_mudd_lr, betas (0.9, 0.99) as the record's.
+    # trainer/mudd.py. Not yet on the yardstick: off
+    mudd: bool = False
+    adam_mudd_lr: float = 0.008 * 0.25        # the record's 0.25x of its base Adam lr 0.008
     # record-46 (BatchSizeSchedule, 2025-11-29): the batch grows over training, in micro-batches per step, so no
     # tensor changes shape (no recompile). "END:COUNT,..." runs COUNT micro-batches (every rank an equal share) on the
     # steps below END x steps (END a fraction such as 1/3; the last END is 1); "" = off, grad_accum_total every step.
@@ -239,6 +246,8 @@ class TrainConfig:
                              f"{self.bigram_sign_rows})")
         self.skipped_attention_layers()
         self.paired_layers()
+        if self.mudd:
+            self.check_mudd()
         self.batch_phases()
         self.seq_len_phases()
         self.doc_len_phases()
@@ -254,6 +263,19 @@ class TrainConfig:
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")
         return self
+
+    def check_mudd(self) -> None:
+        """mudd's needs: values as wide as the residual (the connections add one into the other), a last layer
+        with attention, and layers enough for two saved ones before it (trainer/mudd.py)."""
+        if self.num_heads * self.head_dim != self.model_dim:
+            raise ValueError(f"mudd: needs num_heads x head_dim = model_dim (the values take a residual-shaped term; "
+                             f"got {self.num_heads} x {self.head_dim} against {self.model_dim}); set mudd=false")
+        if self.num_layers < 4:
+            raise ValueError(f"mudd: needs num_layers >= 4 (it reads layers L/3 and 2L/3 before the last; got "
+                             f"{self.num_layers})")
+        if self.num_layers - 1 in self.skipped_attention_layers():
+            raise ValueError(f"mudd: the last layer ({self.num_layers - 1}) takes the connections into its attention "
+                             "values; take it out of attn_skip_layers")
 
     def skipped_attention_layers(self) -> frozenset[int]:
         """attn_skip_layers as a set of layer indices; ValueError on anything but layers of this model."""

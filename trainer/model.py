@@ -19,6 +19,7 @@ from trainer import attention as attn_impl
 from trainer.config import TrainConfig, attention_layout
 from trainer.embeddings import BigramHash, Smear
 from trainer.fp8 import fp8_forward_linear, fp8_linear
+from trainer.mudd import DenseConnections, saved_layers
 
 try:
     from trainer.head import head_loss
@@ -133,9 +134,10 @@ class Attention(nn.Module):
             except ImportError:   # a CPU-only torch without triton: the torch path is what runs on CPU anyway
                 pass
 
-    def forward(self, x, ve, docs, window_blocks, block_size, mask):
+    def forward(self, x, ve, docs, window_blocks, block_size, mask, extra_v=None):
         """docs, window_blocks and mask are the sequence's as this layer attends over it: for paired heads, those
-        of the 2T-position sequence (GPT.forward builds them)."""
+        of the 2T-position sequence (GPT.forward builds them). extra_v (B, T, H * D): added to the values as it
+        comes (MUDD's term, trainer/mudd.py)."""
         B, T, _ = x.shape
         w = self.qkv_w
         if self.paired:   # (q/k/v, member, pair * dim, dim) -> (member, q/k/v, ...)
@@ -151,6 +153,9 @@ class Attention(nn.Module):
             gate = 2 * torch.sigmoid(self.value_gate(x[..., :self.value_gate_dims]))   # (B, T, H)
             ve = gate[..., None] * ve.view(B, T, self.num_heads, self.head_dim)
             lambdas = torch.cat([self.lambdas[:1], self.lambdas.new_ones(1)])
+        if extra_v is not None:   # one tensor beside v: the value embedding, weighted, plus extra_v, at weight 1
+            ve = extra_v if ve is None else lambdas[1] * ve.reshape(extra_v.shape) + extra_v
+            lambdas = torch.cat([lambdas[:1], lambdas.new_ones(1)])
         if self.prep is not None and x.is_cuda:   # ve: (B, T, H, D) as laid out is (B, S, H', D) of the paired form
             q, k, v = self.prep(qkv, ve, lambdas, *self.rotary.tables(S, x.device))
         else:
@@ -203,12 +208,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
-    def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None):
+    def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None, extra_v=None):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if bigram is not None:   # the bigram embedding, already weighted for this layer
             x = x + bigram
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, mask)
+            x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, mask, extra_v)
         return x + self.mlp(norm(x))
 
 
@@ -257,6 +262,8 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(L // 2))
         # record-55's skip gate: every U-net skip also times 2*sigmoid(w . x0[:dims]) (1 at the zero init), one w
         self.skip_gate = CastedLinear(cfg.attn_gate_dims, 1, zero_init=True) if cfg.skip_gate else None
+        # record-81's dense connections into and after the last layer (trainer/mudd.py)
+        self.mudd = DenseConnections(D) if cfg.mudd else None
         # prefix_token_loss: each token's longest proper byte prefix that is a token, -1 for none; the trainer
         # fills it from the vocabulary (trainer/vocab.py), derived data, so not in checkpoints
         self.register_buffer("prefix_table", torch.full((V,), -1, dtype=torch.int64) if cfg.prefix_token_loss
@@ -313,16 +320,26 @@ class GPT(nn.Module):
         skips, half = [], len(self.skip_weights)
         if self.skip_gate is not None:
             skip_gate = 2 * torch.sigmoid(self.skip_gate(x0[..., :cfg.attn_gate_dims]))   # (1, T, 1)
+        # MUDD reads the outputs of layers early and late and the last layer's input
+        saved, (early, late), last = {}, saved_layers(len(self.blocks)), len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if i >= len(self.blocks) - half and skips:
                 skip = skips.pop() if self.skip_gate is None else skip_gate * skips.pop()
                 x = x + self.skip_weights[i - (len(self.blocks) - half)] * skip
             ve = ves[self.ve_of_layer[i]] if self.ve_of_layer[i] is not None else None
             layer_docs, window, mask = kinds[self.layout[i] or "short"]   # None: no attention, the MLP only
+            extra_v = None
+            if self.mudd is not None and i == last:
+                saved["last_in"] = x
+                x, extra_v = self.mudd.before_last(x, x0, saved[late])
             x = block(x, x0, ve, layer_docs, window, cfg.block_size, mask,
-                      None if bigram is None else self.bigram_lambdas[i] * bigram)
+                      None if bigram is None else self.bigram_lambdas[i] * bigram, extra_v)
             if i < half:
                 skips.append(x)
+            if self.mudd is not None and i in (early, late):
+                saved[i] = x
+        if self.mudd is not None:
+            x = self.mudd.after_last(x, x0, saved[late], saved["last_in"], ves[0] if ves else None, saved[early])
         x = x[0]
         count = (targets >= 0).sum()
         if target_weights is not None:   # the next tokens' targets, then the prefix target's (the last weight)

@@ -140,7 +140,7 @@ class Muon(torch.optim.Optimizer):
 def split_parameters(model) -> dict[str, list]:
     """Hidden matrices go to Muon; embeddings, the head and scalar gains go to Adam. The later records' parts go
     where their records put them: the smear gate with Muon, the bigram table with the embeddings, the skip gate in
-    an Adam group of its own; the smear's and the bigram's weights (vectors) go with the scalars. With the head tied to
+    an Adam group of its own, as are MUDD's nets; the smear's and the bigram's weights (vectors) go with the scalars. With the head tied to
     the embedding (tie_head_until), the token embedding goes with the head: records 51 and 53 train the tied table
     and, after the untie, the embedding at the head's lr."""
     tied = model.cfg.tie_head_until > 0
@@ -153,11 +153,12 @@ def split_parameters(model) -> dict[str, list]:
         hidden.append(model.smear.gate)   # record-34 trains the smear gate with Muon
     scalars = [p for p in model.parameters() if p.ndim < 2]
     skip_gate = [model.skip_gate.weight] if getattr(model, "skip_gate", None) is not None else []   # record-55: Adam
-    seen = {id(p) for p in embed + head + hidden + scalars + skip_gate}
+    mudd = list(model.mudd.parameters()) if getattr(model, "mudd", None) is not None else []   # record-81: Adam
+    seen = {id(p) for p in embed + head + hidden + scalars + skip_gate + mudd}
     missing = [n for n, p in model.named_parameters() if id(p) not in seen]
     if missing:
         raise RuntimeError(f"parameters with no optimizer: {missing}")
-    return {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars, "skip_gate": skip_gate}
+    return {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars, "skip_gate": skip_gate, "mudd": mudd}
 
 
 def copy_adam_state(adam: torch.optim.Adam, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -176,6 +177,8 @@ def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
               dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)]
     if parts["skip_gate"]:
         groups.append(dict(params=parts["skip_gate"], lr=cfg.adam_skip_gate_lr))
+    if parts["mudd"]:   # the record's own betas for its MUDD nets
+        groups.append(dict(params=parts["mudd"], lr=cfg.adam_mudd_lr, betas=(0.9, 0.99)))
     adam = torch.optim.Adam(
         groups,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,

@@ -215,7 +215,12 @@ def test_launch_down_releases_on_ctrl_c(onprem):
                 break
         assert onprem.ray_pids(), "".join(seen)[-3000:]
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=180)
+        try:
+            out, _ = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:  # what it was doing when it hung, not only that it did
+            proc.kill()
+            pytest.fail("launch --down had not ended 180 s after Ctrl-C; its output:\n"
+                        + ("".join(seen) + proc.communicate()[0])[-4000:])
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -76,12 +76,14 @@ def test_the_defaults_keep_what_the_yardstick_kept():
     d = TrainConfig()
     assert d.bigram_embed and d.muon_variant == "normuon" and d.paired_head_layers == "1,3,6,10"
     assert not (d.smear or d.value_embed_gate or d.skip_gate or d.adam_every_other_step or d.muon_cautious_wd
-                or d.muon_momentum_cooldown_steps or d.batch_schedule or d.key_offset or d.multi_token_prediction)
+                or d.muon_momentum_cooldown_steps or d.batch_schedule or d.key_offset or d.multi_token_prediction
+                or d.mudd)
 
 
 def test_the_tiny_model_builds_none_of_the_later_records_parts():
     model = randomised_model(tiny_config())
     assert model.smear is None and model.bigram is None and model.bigram_lambdas is None and model.skip_gate is None
+    assert model.mudd is None
     assert all(b.attn.value_gate is None for b in model.blocks)
 
 
@@ -720,7 +722,8 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
     cfg = tiny_config(num_layers=4, smear=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16,
                       value_embed_gate=True, skip_gate=True, muon_variant="normuon", logit_rescale=True,
                       muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True,
-                      batch_schedule="1/2:1,1:2", tie_head_until=0.5, key_offset=True, paired_head_layers="1")
+                      batch_schedule="1/2:1,1:2", tie_head_until=0.5, key_offset=True, paired_head_layers="1",
+                      mudd=True)
     torch.manual_seed(0)
     model = GPT(cfg)
     t = tokens()
