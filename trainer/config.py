@@ -45,7 +45,8 @@ class TrainConfig:
     yarn: bool = False
     # the long window of the last validation, in blocks (the current record: 20, its extension after training, with
     # no YaRN step for it; its short window stays at the training's, ours is half of this one as always); 0 = the
-    # training's last window. Not yet on the yardstick, none of the three
+    # training's last window. Yardstick (one H100, 2026-12-06, the three together with the current stages): 1.029x
+    # ours' time, 3 ms/step cheaper but 0.011-0.028 behind from step 50 on: off, all three
     final_val_window_blocks: int = 0
     attn_gate: bool = True                    # record-28's sparse attention gate: each head's output times
                                               # sigmoid(a zero-initialised projection of the first attn_gate_dims
@@ -115,7 +116,8 @@ class TrainConfig:
     # token coefficients over earlier hidden states, mixed into the last layer's values and residual and into the
     # residual after it; its bias starts the final residual at minus half of layer 2L/3's output (record-40's
     # backout, which record-81 absorbed). Trained by Adam at adam_mudd_lr, betas (0.9, 0.99) as the record's.
-    # trainer/mudd.py. Not yet on the yardstick: off
+    # trainer/mudd.py. Yardstick (one H100, 2026-12-06): 1.112x ours' time, final loss 2.0955 against 2.0596,
+    # +14 ms/step: off (bench/NOTES.md: what differs from the record, what to try next)
     mudd: bool = False
     adam_mudd_lr: float = 0.008 * 0.25        # the record's 0.25x of its base Adam lr 0.008
     # record-46 (BatchSizeSchedule, 2025-11-29): the batch grows over training, in micro-batches per step, so no
@@ -147,7 +149,9 @@ class TrainConfig:
     # sum of both uses), trained by Adam at the head's lr (0.008). Record-53 (2025-12-22 MultiTokenPrediction) unties
     # them at step ceil(2/3 * steps): the embedding becomes its own table again, a copy of the tied one with a copy of
     # its Adam moments and step count, and trains at the head's lr too, not at adam_embed_lr (its README: the untied
-    # embedding gained nothing from a multiplier). The fraction of training tied; 0 = never (record-28), 1 = always
+    # embedding gained nothing from a multiplier). The fraction of training tied; 0 = never (record-28), 1 = always.
+    # Yardstick (one H100, 2026-12-06, 2/3 with multi_token_prediction, as record-53 ran them): 1.026x ours' time,
+    # 0.19 behind at step 100, 0.006 at the end: off
     tie_head_until: float = 0.0
     # --- schedule
     # record-28 ran 1695 steps. With the bigram embedding, NorMuon and paired heads on: 1484, the larger of two
