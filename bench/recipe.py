@@ -110,7 +110,7 @@ def run_tokens(overrides: dict, steps: int) -> int:
     """Train tokens a run of ours reads in its steps: its batch_schedule's or seq_len_schedule's (record-46), else
     the full batch every step."""
     from trainer.config import TrainConfig
-    from trainer.train import step_tokens
+    from trainer.schedules import step_tokens
 
     cfg = TrainConfig.from_dict(dict(overrides, steps=steps))
     return sum(step_tokens(cfg, s) for s in range(steps))

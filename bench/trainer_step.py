@@ -165,7 +165,10 @@ def timed_steps(trainer, cfg, n: int, synced: bool) -> tuple[list[float], list[f
     import torch
 
     from trainer.distributed import sum_to_host
-    from trainer.train import window_blocks
+    try:
+        from trainer.schedules import window_blocks
+    except ImportError:   # a --baseline checkout from before trainer/schedules.py
+        from trainer.train import window_blocks
 
     marks, flops, losses, pending = [], [], [], None
     for i in range(n):

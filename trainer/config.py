@@ -33,7 +33,7 @@ class TrainConfig:
     logit_softcap: float = 15.0
     num_value_embeds: int = 3                 # value embeddings mixed into the first and last 3 layers
     window_min_blocks: int = 1                # sliding window grows from min to max blocks of 128 tokens
-    window_max_blocks: int = 14               # (record-28: 128 -> 1792 tokens, see train.window_blocks)
+    window_max_blocks: int = 14               # (record-28: 128 -> 1792 tokens, see schedules.window_blocks)
     # record-31 (Yarn, 2025-09-10) and the current record's stages: the long window by phases of training,
     # "END:BLOCKS,..." (the short window stays half of it), in place of record-28's linear growth; "" = that growth.
     # The current record: "1/3:3,2/3:7,1:11".
@@ -41,7 +41,7 @@ class TrainConfig:
     # record-31's YaRN: at each change of the long window from W to W' tokens, every rotary frequency f is scaled by
     # r + w (1 - r), r = W / W' and w = clamp((W f / 2 pi - 1) / 31, 0, 1) (a frequency turning under once over W is
     # slowed to keep its angles, one turning 32 times or more is left alone), and the attention scale is multiplied by
-    # 1 + 0.2 ln(W' / W) (train.yarn_scales). Validation runs with the step's frequencies. Off = fixed frequencies
+    # 1 + 0.2 ln(W' / W) (schedules.yarn_scales). Validation runs with the step's frequencies. Off = fixed frequencies
     yarn: bool = False
     # the long window of the last validation, in blocks (the current record: 20, its extension after training, with
     # no YaRN step for it; its short window stays at the training's, ours is half of this one as always); 0 = the
@@ -89,14 +89,14 @@ class TrainConfig:
                                               # Yardstick (one H100): 1.012x ours' time, final loss +0.004: off
     # record-53 (MultiTokenPrediction, 2025-12-22): the one head also predicts the tokens 2 and 3 positions on, from
     # the same logits; the training loss is sum_k w_k CE(logits_t, token_{t+1+k}) with the record's weights by
-    # thirds of training, each ramping linearly: (1, 0.5, 0.25 -> 0), (1, 0.5 -> 0), (1) (train.mtp_weights).
+    # thirds of training, each ramping linearly: (1, 0.5, 0.25 -> 0), (1, 0.5 -> 0), (1) (schedules.mtp_weights).
     # Targets cross documents, as the record's do; validation stays plain next-token CE, and the logged
     # train_loss is the weighted sum. Yardstick (one H100, 2026-12-05, same call): 1.013x ours' time, final loss
     # 2.0799 against 2.0762 (behind until step 125, even from 150 on): no gain at 200 steps, off
     multi_token_prediction: bool = False
     # record-88 (PrefixTokenPrediction, 2026-07-13): one more target a position, the longest proper byte prefix of
     # the next token that is itself a token (none for single bytes: skipped), weighted 0.25 over the first third,
-    # 0.25 -> 0 over the second, then off (train.prefix_weight). Needs the GPT-2 vocabulary: vocab_file, or ""
+    # 0.25 -> 0 over the second, then off (schedules.prefix_weight). Needs the GPT-2 vocabulary: vocab_file, or ""
     # for tiktoken's gpt2 (its cache on an offline node; trainer/vocab.py). Not yet on the yardstick: off
     prefix_token_loss: bool = False
     vocab_file: str = ""

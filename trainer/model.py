@@ -65,7 +65,7 @@ class Rotary(nn.Module):
         quarter = head_dim // 4
         freqs = (1.0 / base) ** torch.linspace(0, 1, quarter)
         self.register_buffer("freqs", torch.cat([freqs, freqs.new_zeros(quarter)]), persistent=False)
-        # record-31's YaRN state (the trainer sets it from the step, train.yarn_scales): a factor on each frequency,
+        # record-31's YaRN state (the trainer sets it from the step, schedules.yarn_scales): a factor on each frequency,
         # and the attention scale's factor, applied as sqrt(factor) on both q and k through the tables. Buffers, so
         # a change is new data for the compiled graph, not a recompile; derived from the step, so not checkpointed
         self.register_buffer("yarn_freqs", torch.ones_like(self.freqs), persistent=False)

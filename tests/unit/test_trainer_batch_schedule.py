@@ -14,8 +14,9 @@ from orchestrator.data.synthetic import markov_shards  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import BOS, TrainBatches, find_shards  # noqa: E402
 from trainer.fixtures import tiny_config  # noqa: E402
-from trainer.train import (Trainer, lr_scale, micro_batch_len, microbatches, step_tokens, warmup_steps,  # noqa: E402
-                           window_blocks)
+from trainer.schedules import (lr_scale, micro_batch_len, microbatches, step_tokens, warmup_steps,  # noqa: E402
+                               window_blocks)
+from trainer.train import Trainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -313,7 +314,7 @@ def test_a_capped_micro_batch_is_documents_first_tokens_back_to_back(tmp_path):
 
 
 def test_the_cap_follows_its_schedule_and_a_bad_one_names_the_key():
-    from trainer.train import doc_len_cap
+    from trainer.schedules import doc_len_cap
 
     cfg = TrainConfig(seq_len=2048, grad_accum_total=8, steps=300, doc_len_schedule="1/3:896,1:2048").validate()
     assert [doc_len_cap(cfg, s) for s in (0, 99, 100, 299, 300)] == [896, 896, 0, 0, 0]   # 2048: no cut at 2048

@@ -293,7 +293,7 @@ def test_skip_gate_trains_with_adam_at_its_own_rate():
 
 
 def test_muon_momentum_cools_down_over_the_last_steps_only_when_asked():
-    from trainer.train import muon_momentum
+    from trainer.schedules import muon_momentum
 
     def before(cfg, step):   # the schedule before the cool-down existed
         frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
@@ -401,7 +401,7 @@ def test_the_config_picks_normuon():
 
 
 def test_adam_steps_on_odd_steps_only_when_asked():
-    from trainer.train import adam_steps
+    from trainer.schedules import adam_steps
 
     assert all(adam_steps(tiny_config(), s) for s in range(6))
     assert [adam_steps(tiny_config(adam_every_other_step=True), s) for s in range(6)] == [False, True] * 3
@@ -410,7 +410,8 @@ def test_adam_steps_on_odd_steps_only_when_asked():
 def test_adam_every_other_step_steps_on_the_sum_of_two_steps_gradients(tmp_path):
     from orchestrator.data.synthetic import markov_shards
     from trainer.model import GPT
-    from trainer.train import Trainer, window_blocks
+    from trainer.train import Trainer
+    from trainer.schedules import window_blocks
 
     markov_shards(tmp_path / "data")
     cfg = tiny_config(adam_every_other_step=True)
@@ -488,7 +489,7 @@ def test_logit_rescale_is_the_records_asymmetric_sigmoid_up_to_a_constant():
 
 
 def test_the_head_is_tied_before_the_untie_step_only():
-    from trainer.train import head_tied
+    from trainer.schedules import head_tied
 
     assert not any(head_tied(tiny_config(steps=1545), s) for s in range(1546))   # 0: never tied, as before
     on = tiny_config(steps=1545, tie_head_until=2 / 3)
@@ -731,7 +732,7 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
     loss = compiled(t[:-1], t[1:], torch.tensor(2))
     loss.backward()
     # the batch schedule's steps differ only in how many micro-batches of the one shape they run
-    from trainer.train import microbatches
+    from trainer.schedules import microbatches
 
     assert (microbatches(cfg, 0), microbatches(cfg, cfg.steps - 1)) == (1, 2)
     with torch._dynamo.config.patch(error_on_recompile=True):

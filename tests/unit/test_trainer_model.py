@@ -11,7 +11,7 @@ from trainer.data import BOS  # noqa: E402
 from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
 from trainer.model import GPT  # noqa: E402
 from trainer.optim import split_parameters  # noqa: E402
-from trainer.train import lr_scale, muon_momentum, window_blocks  # noqa: E402
+from trainer.schedules import lr_scale, muon_momentum, window_blocks  # noqa: E402
 
 
 def sequence(T=256, starts=(0, 100)):

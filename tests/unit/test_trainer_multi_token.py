@@ -13,7 +13,8 @@ from orchestrator.data.synthetic import markov_shards  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
 from trainer.model import future_targets  # noqa: E402
-from trainer.train import Trainer, loss_weights, mtp_weights, prefix_weight  # noqa: E402
+from trainer.schedules import loss_weights, mtp_weights, prefix_weight  # noqa: E402
+from trainer.train import Trainer  # noqa: E402
 from trainer.vocab import gpt2_ranks, prefix_table  # noqa: E402
 
 
