@@ -120,6 +120,7 @@ class TrainConfig:
     # +14 ms/step: off (bench/NOTES.md: what differs from the record, what to try next)
     mudd: bool = False
     adam_mudd_lr: float = 0.008 * 0.25        # the record's 0.25x of its base Adam lr 0.008
+    mudd_backout: float = -0.5                # the final residual's coefficient on layer 2L/3's output at init (record)
     # record-46 (BatchSizeSchedule, 2025-11-29): the batch grows over training, in micro-batches per step, so no
     # tensor changes shape (no recompile). "END:COUNT,..." runs COUNT micro-batches (every rank an equal share) on the
     # steps below END x steps (END a fraction such as 1/3; the last END is 1); "" = off, grad_accum_total every step.

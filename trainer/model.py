@@ -263,7 +263,7 @@ class GPT(nn.Module):
         # record-55's skip gate: every U-net skip also times 2*sigmoid(w . x0[:dims]) (1 at the zero init), one w
         self.skip_gate = CastedLinear(cfg.attn_gate_dims, 1, zero_init=True) if cfg.skip_gate else None
         # record-81's dense connections into and after the last layer (trainer/mudd.py)
-        self.mudd = DenseConnections(D) if cfg.mudd else None
+        self.mudd = DenseConnections(D, cfg.mudd_backout) if cfg.mudd else None
         # prefix_token_loss: each token's longest proper byte prefix that is a token, -1 for none; the trainer
         # fills it from the vocabulary (trainer/vocab.py), derived data, so not in checkpoints
         self.register_buffer("prefix_table", torch.full((V,), -1, dtype=torch.int64) if cfg.prefix_token_loss

@@ -9,7 +9,7 @@ coefficients over earlier hidden states, and the weighted sums go back into the 
   value embedding, the saved early layer's output) are added to the residual before the head.
 
 The net is gelu(x W1^T) W2^T + b, times 0.1, with W1 (64, dim), W2 zero: every coefficient starts at its bias, all 0
-but the last one on the late layer's output, -0.5. That one is record-40's backout (the final residual minus half a
+but the last one on the late layer's output, `backout` (the record's -0.5). That one is record-40's backout (the final residual minus half a
 mid-network state), which record-81 absorbed into MUDD's bias so it became per-token and learnable. The saved layers
 are L/3 and 2L/3 (4 and 8 of our 12: the record's 3 and 7 of its 11, whose first layer is our second).
 
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 HIDDEN = 64        # the net's width (the record's mudd_dim)
 SCALE = 0.1        # coefficients = (net output + bias) x SCALE: the record's _mudd_scale
 BEFORE, AFTER = 6, 5   # coefficients of the two places
-BACKOUT = -0.5     # the after-the-last-layer coefficient on the late layer's output, at init
 
 
 def saved_layers(num_layers: int) -> tuple[int, int]:
@@ -39,14 +38,14 @@ def saved_layers(num_layers: int) -> tuple[int, int]:
 class DenseConnections(nn.Module):
     """The two coefficient nets (one per place) in three parameters, as the record stacks them."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, backout: float = -0.5):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(2, HIDDEN, dim))
         for w in self.w1.data:   # nn.Linear's default init, U(-1/sqrt(dim), 1/sqrt(dim)), as the record's
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.w2 = nn.Parameter(torch.zeros(2, BEFORE, HIDDEN))
         bias = torch.zeros(2, BEFORE)
-        bias[1, 1] = BACKOUT / SCALE
+        bias[1, 1] = backout / SCALE
         self.b2 = nn.Parameter(bias)
 
     def coefficients(self, x: torch.Tensor, place: int, n: int) -> list[torch.Tensor]:

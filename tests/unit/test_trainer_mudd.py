@@ -91,6 +91,16 @@ def test_at_init_the_model_is_the_plain_one_minus_half_the_late_layers_output():
     assert not model.mudd.w1.grad.any()
 
 
+def test_without_the_backout_the_model_starts_as_the_plain_one():
+    from trainer.model import GPT
+
+    plain = randomised_model(tiny_config(num_layers=4))
+    model = GPT(tiny_config(num_layers=4, mudd=True, mudd_backout=0.0))
+    model.load_state_dict(plain.state_dict(), strict=False)
+    t = tokens()
+    assert torch.allclose(final_hidden(model, t)[1], final_hidden(plain, t)[1], atol=1e-6)
+
+
 def test_the_value_term_enters_the_attention_values_at_weight_one():
     """Attention is linear in its values: adding e to them is a value embedding raised by e / lambda_1."""
     from trainer import attention as attn_impl
