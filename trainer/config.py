@@ -52,6 +52,10 @@ class TrainConfig:
                                               # sigmoid(a zero-initialised projection of the first attn_gate_dims
     attn_gate_dims: int = 12                  # dims of the block's normed input), trained by Muon
     attn_skip_layers: str = "7"               # comma-separated layers with no attention, MLP only (record-28: 7)
+    # comma-separated layers with no MLP. Record-30 (SkipMLPBlocks, 2025-09-05) dropped the first layer's MLP and
+    # record-35 (DropAttn, 2025-09-21) its attention: attn_skip_layers="0,7" with mlp_skip_layers="0" is their
+    # 11-layer model (layer 0 then only mixes in the embeddings). Not yet on the yardstick: "" = every layer has one
+    mlp_skip_layers: str = ""
     block_size: int = 128
     fp8_head: bool = True                     # FP8 lm-head matmul on Hopper; ignored elsewhere
     qkv_fp8: bool = True                      # the attention's q, k, v projection forward in FP8 on Hopper; ignored elsewhere
@@ -250,6 +254,7 @@ class TrainConfig:
                              f"bigram_sign_rows > 0 (got {self.bigram_dim}, {self.bigram_rows}, "
                              f"{self.bigram_sign_rows})")
         self.skipped_attention_layers()
+        self.skipped_mlp_layers()
         self.paired_layers()
         if self.mudd:
             self.check_mudd()
@@ -284,17 +289,24 @@ class TrainConfig:
 
     def skipped_attention_layers(self) -> frozenset[int]:
         """attn_skip_layers as a set of layer indices; ValueError on anything but layers of this model."""
-        text = str(self.attn_skip_layers).strip()
+        return self._layer_set("attn_skip_layers")
+
+    def skipped_mlp_layers(self) -> frozenset[int]:
+        """mlp_skip_layers as a set of layer indices; ValueError on anything but layers of this model."""
+        return self._layer_set("mlp_skip_layers")
+
+    def _layer_set(self, key: str) -> frozenset[int]:
+        text = str(getattr(self, key)).strip()
         if not text:
             return frozenset()
         try:
             layers = frozenset(int(t) for t in text.split(","))
         except ValueError:
-            raise ValueError(f"attn_skip_layers: must be comma-separated layer numbers like '7', or '' for none "
-                             f"(got {self.attn_skip_layers!r})") from None
+            raise ValueError(f"{key}: must be comma-separated layer numbers like '7', or '' for none "
+                             f"(got {getattr(self, key)!r})") from None
         bad = sorted(i for i in layers if not 0 <= i < self.num_layers)
         if bad:
-            raise ValueError(f"attn_skip_layers: layer {bad[0]} does not exist in a {self.num_layers}-layer model; "
+            raise ValueError(f"{key}: layer {bad[0]} does not exist in a {self.num_layers}-layer model; "
                              "list layers below num_layers, or '' for none")
         return layers
 

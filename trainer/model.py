@@ -199,13 +199,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TrainConfig, rotary: Rotary | None = None, attention: bool = True,
+    def __init__(self, cfg: TrainConfig, rotary: Rotary | None = None, attention: bool = True, mlp: bool = True,
                  value_gate: bool = False, key_offset: bool = False, paired: bool = False):
         super().__init__()
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep, rotary,
                               cfg.attn_gate_dims if cfg.attn_gate else 0,
                               cfg.attn_gate_dims if value_gate else 0, key_offset, paired) if attention else None
-        self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel)
+        self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel) if mlp else None
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
     def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None, extra_v=None):
@@ -214,7 +214,7 @@ class Block(nn.Module):
             x = x + bigram
         if self.attn is not None:
             x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, mask, extra_v)
-        return x + self.mlp(norm(x))
+        return x if self.mlp is None else x + self.mlp(norm(x))
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -249,7 +249,7 @@ class GPT(nn.Module):
             self.ve_of_layer[i] = i
             self.ve_of_layer[L - n + i] = i
         self.blocks = nn.ModuleList(
-            Block(cfg, rotary, attention=kind is not None,
+            Block(cfg, rotary, attention=kind is not None, mlp=i not in cfg.skipped_mlp_layers(),
                   value_gate=cfg.value_embed_gate and self.ve_of_layer[i] is not None,
                   key_offset=cfg.key_offset and kind == "long", paired=kind == "paired")
             for i, kind in enumerate(self.layout))

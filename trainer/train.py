@@ -113,7 +113,8 @@ class Trainer:
         self.model.fused_head_loss = cfg.fused_head_loss and self.cuda
         if fp8_capable:
             for block in self.model.blocks:
-                block.mlp.fp8 = cfg.mlp_fp8
+                if block.mlp is not None:
+                    block.mlp.fp8 = cfg.mlp_fp8
                 if block.attn is not None:
                     block.attn.fp8 = cfg.qkv_fp8
         self.sync()

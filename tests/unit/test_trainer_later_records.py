@@ -77,7 +77,7 @@ def test_the_defaults_keep_what_the_yardstick_kept():
     assert d.bigram_embed and d.muon_variant == "normuon" and d.paired_head_layers == "1,3,6,10"
     assert not (d.smear or d.value_embed_gate or d.skip_gate or d.adam_every_other_step or d.muon_cautious_wd
                 or d.muon_momentum_cooldown_steps or d.batch_schedule or d.key_offset or d.multi_token_prediction
-                or d.mudd)
+                or d.mudd or d.mlp_skip_layers)
 
 
 def test_the_tiny_model_builds_none_of_the_later_records_parts():
@@ -724,7 +724,7 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
                       value_embed_gate=True, skip_gate=True, muon_variant="normuon", logit_rescale=True,
                       muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True,
                       batch_schedule="1/2:1,1:2", tie_head_until=0.5, key_offset=True, paired_head_layers="1",
-                      mudd=True)
+                      mudd=True, mlp_skip_layers="0")
     torch.manual_seed(0)
     model = GPT(cfg)
     t = tokens()
