@@ -27,7 +27,8 @@ err_console = Console(stderr=True, highlight=False)
 def _prepare_launch(args):
     """Load, validate and plan; creates nothing. Returns (plan, backend)."""
     from orchestrator.backends.registry import get_backend
-    from orchestrator.config import check_store_url, check_writable_dir, expand, load_cluster, load_job
+    from orchestrator.cluster_config import load_cluster
+    from orchestrator.config import check_store_url, check_writable_dir, expand, load_job
     from orchestrator.plan import build_plan
 
     from orchestrator.backends.ray_launcher import check_launch_nodes

@@ -73,7 +73,7 @@ def print_sweep(store, sweep_id: str, store_url: str, cluster=None) -> None:
 
 def _store_for(args, run_id: str | None = None):
     """The store named by --store, else the one recorded for RUN, else the local cluster's default."""
-    from orchestrator.config import load_cluster
+    from orchestrator.cluster_config import load_cluster
     from orchestrator.runs import find_sweep
 
     if args.store:
@@ -127,7 +127,8 @@ def cmd_show(args) -> int:
 
 def cmd_collect(args) -> int:
     from orchestrator.artifacts import collect
-    from orchestrator.config import expand, load_cluster
+    from orchestrator.cluster_config import load_cluster
+    from orchestrator.config import expand
     from orchestrator.sweep import handle_key, plan_key
 
     store, url = _store_for(args, args.run)

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import REPO_ROOT, ClusterConfig, JobSpec
+from orchestrator.cluster_config import ClusterConfig
+from orchestrator.config import REPO_ROOT, JobSpec
 
 
 def code_version(root: Path = REPO_ROOT) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from orchestrator.config import ClusterConfig
+from orchestrator.cluster_config import ClusterConfig
 from orchestrator.results import ResultsError, SeedSummary, load_sweep_runs
 from orchestrator.sweep import seed_prefix
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from orchestrator.sweep import Ending
 
 if TYPE_CHECKING:
-    from orchestrator.config import ClusterConfig
+    from orchestrator.cluster_config import ClusterConfig
     from orchestrator.plan import LaunchPlan
 
 

@@ -27,7 +27,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.config import ClusterConfig, ConfigError, load_cluster, override_source
+from orchestrator.cluster_config import ClusterConfig, load_cluster
+from orchestrator.config import ConfigError, override_source
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ import yaml
 from orchestrator.backends.ray_autostop import HEAD_CONFIG, PREFIX
 from orchestrator.backends.ray_launcher import (hourly_cost, jobs_api_answers, live_nodes, provision, provisioning,
                                                 remote_dashboard_port, saved_launcher_path, teardown)
-from orchestrator.config import ClusterConfig, ConfigError
+from orchestrator.cluster_config import ClusterConfig
+from orchestrator.config import ConfigError
 
 if TYPE_CHECKING:
     from rich.console import Console

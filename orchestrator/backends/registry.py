@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from orchestrator.backends.base import Backend
-    from orchestrator.config import ClusterConfig
+    from orchestrator.cluster_config import ClusterConfig
 
 
 def get_backend(cluster: "ClusterConfig") -> "Backend":

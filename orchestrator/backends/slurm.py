@@ -29,7 +29,8 @@ from filelock import FileLock
 from rich.console import Console
 
 from orchestrator.backends.base import Backend, Handle, JobEnd, SweepState, SweepStatus
-from orchestrator.config import REPO_ROOT, ClusterConfig, ConfigError, expand
+from orchestrator.cluster_config import ClusterConfig
+from orchestrator.config import REPO_ROOT, ConfigError, expand
 from orchestrator.plan import LaunchPlan
 from orchestrator.sweep import EXIT_OK, EXIT_PREEMPTED, Ending
 

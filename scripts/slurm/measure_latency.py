@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))
 from slurm_cluster import SlurmCluster  # noqa: E402
 
 from orchestrator.backends.slurm import SlurmBackend  # noqa: E402
-from orchestrator.config import load_cluster, load_job  # noqa: E402
+from orchestrator.cluster_config import load_cluster  # noqa: E402
+from orchestrator.config import load_job  # noqa: E402
 from orchestrator.plan import build_plan  # noqa: E402
 
 TINY = ["trainer.num_layers=2", "trainer.attn_skip_layers=", "trainer.paired_head_layers=", "trainer.num_value_embeds=1", "trainer.model_dim=64", "trainer.num_heads=1",

@@ -20,7 +20,8 @@ from ray_cluster import ray_head  # noqa: F401 (session fixture)
 from orchestrator.artifacts import read_manifest, verify_manifest
 from orchestrator.backends.base import Handle, SweepState
 from orchestrator.backends.ray import MARK, RayBackend
-from orchestrator.config import ClusterConfig, ConfigError
+from orchestrator.cluster_config import ClusterConfig
+from orchestrator.config import ConfigError
 from orchestrator.plan import LaunchPlan
 from orchestrator.store import open_store
 

@@ -9,7 +9,8 @@ import yaml
 
 from orchestrator.backends.ray_launcher import (check_launcher, cluster_command, launcher_config, load_rented,
                                                 provisioning, ray_schema)
-from orchestrator.config import ClusterConfig, ConfigError, load_cluster
+from orchestrator.cluster_config import ClusterConfig, load_cluster
+from orchestrator.config import ConfigError
 from orchestrator.summary import cost_line
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from orchestrator import cli
-from orchestrator.config import ConfigError, load_cluster, load_job, parse_override
+from orchestrator.cluster_config import load_cluster
+from orchestrator.config import ConfigError, load_job, parse_override
 from orchestrator.plan import LaunchPlan, build_plan
 from tests.conftest import tree
 

@@ -143,7 +143,7 @@ def test_dry_run_of_a_good_workdir_shows_what_ships_and_creates_nothing(tmp_path
 
 
 def test_the_plan_carries_the_shipped_folder(tmp_path):
-    from orchestrator.config import ClusterConfig
+    from orchestrator.cluster_config import ClusterConfig
     from orchestrator.plan import build_plan
 
     record(tmp_path)
@@ -156,7 +156,7 @@ def test_the_plan_carries_the_shipped_folder(tmp_path):
 
 
 def test_launch_ships_what_was_planned_or_says_the_folder_changed(tmp_path):
-    from orchestrator.config import ClusterConfig
+    from orchestrator.cluster_config import ClusterConfig
     from orchestrator.plan import build_plan
     from orchestrator.store import open_store
     from orchestrator.workdir import ship_code
@@ -173,7 +173,7 @@ def test_launch_ships_what_was_planned_or_says_the_folder_changed(tmp_path):
 
 
 def test_a_script_and_our_trainer_keep_their_compile_caches_apart_on_the_node(tmp_path):
-    from orchestrator.config import ClusterConfig
+    from orchestrator.cluster_config import ClusterConfig
     from orchestrator.node import NodeRunner
     from orchestrator.plan import build_plan
 
@@ -196,7 +196,7 @@ def test_a_script_and_our_trainer_keep_their_compile_caches_apart_on_the_node(tm
 def test_the_nodes_compile_cache_folder_wins_over_a_cache_dir_in_its_own_environment(tmp_path, monkeypatch):
     """torch sets TORCHINDUCTOR_CACHE_DIR in its process's environment once it has compiled; a node runner started
     from such a process must still point its seeds at the cache it restores and saves."""
-    from orchestrator.config import ClusterConfig
+    from orchestrator.cluster_config import ClusterConfig
     from orchestrator.node import NodeRunner
     from orchestrator.plan import build_plan
 
@@ -214,7 +214,7 @@ def test_the_nodes_compile_cache_folder_wins_over_a_cache_dir_in_its_own_environ
 def test_our_trainer_gets_the_offline_tiktoken_cache_too(tmp_path, offline_cache):
     """The prefix-token loss reads the GPT-2 vocabulary through tiktoken: an offline node's shipped cache serves our
     trainer as it serves a record script."""
-    from orchestrator.config import ClusterConfig
+    from orchestrator.cluster_config import ClusterConfig
     from orchestrator.node import NodeRunner
     from orchestrator.plan import build_plan
 

@@ -22,7 +22,8 @@ SYN = "synthetic://markov?states=32&branch=2&doc_len=16&train_shards=2&shard_tok
 def store_url(tmp_path, monkeypatch):
     """A local store with one sweep of jobs/smoke.yaml: seed 0 committed (ours_complete), seed 1 with a log
     and no manifest."""
-    from orchestrator.config import load_cluster, load_job
+    from orchestrator.cluster_config import load_cluster
+    from orchestrator.config import load_job
     from orchestrator.plan import build_plan
 
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -1,7 +1,8 @@
 """The launcher's thread settings travel in the plan, so a job re-submitted from another shell computes the same."""
 from pathlib import Path
 
-from orchestrator.config import load_cluster, load_job
+from orchestrator.cluster_config import load_cluster
+from orchestrator.config import load_job
 from orchestrator.plan import LAUNCH_ENV_KEYS, LaunchPlan, build_plan, launch_env
 from orchestrator.node import apply_launch_env
 

@@ -9,7 +9,8 @@ import pytest
 
 from orchestrator.backends.base import Handle
 from orchestrator.backends.ray import EXCLUDES, MARK, PLAN_ENV, RayBackend, _latest_mark, _NodeNames
-from orchestrator.config import ConfigError, load_cluster, load_job
+from orchestrator.cluster_config import load_cluster
+from orchestrator.config import ConfigError, load_job
 from orchestrator.plan import build_plan
 
 REPO = Path(__file__).resolve().parents[2]

@@ -136,7 +136,7 @@ def test_the_head_dashboard_port_is_read_from_its_ray_start():
 
 
 def test_every_summary_states_gpu_hours_even_without_a_price():
-    from orchestrator.config import ClusterConfig
+    from orchestrator.cluster_config import ClusterConfig
 
     line = cost_line(ClusterConfig(name="mine", backend="ray", nodes=1, gpus_per_node=8), 900)
     assert "8 GPUs x 0.25 h = 2.00 GPU-hours" in line and "no cost_per_hour" in line
@@ -280,7 +280,8 @@ def test_show_states_the_sweeps_gpu_hours_and_cost_from_the_plan_it_ran_with(tmp
     import json
 
     from orchestrator.cli import main
-    from orchestrator.config import load_cluster, load_job
+    from orchestrator.cluster_config import load_cluster
+    from orchestrator.config import load_job
     from orchestrator.plan import build_plan
     from orchestrator.store import open_store
 

@@ -13,7 +13,8 @@ from orchestrator.backends.base import SweepState  # noqa: E402
 from orchestrator.backends.slurm import (  # noqa: E402
     NOT_REQUEUED, NodeTask, SlurmBackend, _job_state, _overall, parse_extra_sbatch, sbatch_parameters,
 )
-from orchestrator.config import ClusterConfig, ConfigError, load_cluster, load_job  # noqa: E402
+from orchestrator.cluster_config import ClusterConfig, load_cluster  # noqa: E402
+from orchestrator.config import ConfigError, load_job  # noqa: E402
 from orchestrator.plan import build_plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
