@@ -8,6 +8,8 @@ RentedCluster is what launch does around the sweep (backends/ray.py runs the swe
   - collect (--down): seeds without a manifest in the store get `speedrun collect` run on the head, so
     what a node spooled reaches the store before the node goes;
   - down (--down): `ray down`, with Ctrl-C ignored until it is done: a half-released cluster keeps billing.
+With --down, SIGTERM and SIGHUP (a `kill`, a `timeout`, a closed terminal or ssh session) end the sweep as Ctrl-C
+does: cancelled, collected, released.
 """
 from __future__ import annotations
 
@@ -35,6 +37,32 @@ if TYPE_CHECKING:
 
 FORWARD_WAIT_S = 60
 COLLECT_TIMEOUT_S = 600
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)   # taken as Ctrl-C is while a --down launch runs
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a --down launch: handled on Ctrl-C's path, exit code 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, _frame):
+    raise Stopped(signum)
+
+
+def _leave_the_terminal() -> None:
+    """After SIGHUP: standard output and error that were the closed terminal go to /dev/null, so that writing a
+    line cannot fail (EIO) between here and the end of the release. Redirected output keeps going where it went."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
 
 
 def _ray_cli() -> str:
@@ -186,14 +214,18 @@ class RentedCluster:
     # ---------------------------------------------------------------------------------------- --down
     def down(self) -> None:
         """Release the cluster; a Ctrl-C meanwhile is ignored (said once), so the release is never cut short."""
-        previous = signal.signal(signal.SIGINT, lambda *_: self.say("releasing the cluster: wait, or it keeps billing"))
+        def wait(signum, _frame):
+            self.say(f"releasing the cluster: {signal.Signals(signum).name} ignored until it is down, or it keeps billing")
+
+        previous = {s: signal.signal(s, wait) for s in (signal.SIGINT, *STOP_SIGNALS)}
         try:
             self.close()
             self.say(f"releasing {self.name!r} (`ray down`)")
             teardown(self.path, self.config, self.console)
             self.say(f"cluster {self.name!r} is down")
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def billed_line(self) -> str:
         """What this launch kept the cluster for (from `ray up`, or from launch when it was up already)."""
@@ -233,20 +265,26 @@ def rented_for_launch(plan: "LaunchPlan", config_arg: str, down: bool, detach: b
 def launch_around(rented: RentedCluster, down: bool, run: Callable[[], int], cancel: Callable[[], None],
                   collect: Callable[[], None]) -> int:
     """Run the sweep (`run`: provisioning included; returns the exit code); with down, release the cluster
-    after it whatever happens: success, failure, an error or Ctrl-C (the sweep is cancelled first, so that
-    it checkpoints and uploads). Without down, only the dashboard forward ends; Ctrl-C goes on up."""
+    after it whatever happens: success, failure, an error, Ctrl-C, SIGTERM or SIGHUP (the sweep is cancelled
+    first, so that it checkpoints and uploads). Without down, only the dashboard forward ends; Ctrl-C goes on up
+    and the other signals keep their default."""
+    previous = {s: signal.signal(s, _raise_stopped) for s in STOP_SIGNALS} if down else {}
     try:
         try:
             code = run()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if not down:
                 raise
-            rented.say("interrupted: cancelling the sweep, then releasing the cluster")
+            signum = e.signum if isinstance(e, Stopped) else int(signal.SIGINT)
+            if signum == signal.SIGHUP:
+                _leave_the_terminal()
+            what = f" ({signal.Signals(signum).name})" if isinstance(e, Stopped) else ""
+            rented.say(f"interrupted{what}: cancelling the sweep, then releasing the cluster")
             try:
                 cancel()
-            except Exception as e:  # noqa: BLE001  the release must still happen
-                rented.say(f"cancel failed ({type(e).__name__}: {str(e)[:160]})")
-            code = 130
+            except Exception as err:  # noqa: BLE001  the release must still happen
+                rented.say(f"cancel failed ({type(err).__name__}: {str(err)[:160]})")
+            code = 128 + signum
         if down:
             try:
                 collect()
@@ -259,3 +297,5 @@ def launch_around(rented: RentedCluster, down: bool, run: Callable[[], int], can
             rented.say(rented.billed_line())
         else:
             rented.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -202,11 +202,17 @@ def test_launch_down_provisions_runs_and_releases(onprem):
     assert not onprem.ray_pids(), "Ray still runs after launch --down"
 
 
-def test_launch_down_releases_on_ctrl_c(onprem):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_launch_down_releases_on_ctrl_c_or_sigterm(onprem, sig):
+    """Ctrl-C at the terminal, or a `kill`/`timeout` (SIGTERM): the sweep is cancelled, the head's spool collected,
+    the cluster released. The CLI starts with SIGINT's default action, as at a terminal (a shell's background job
+    inherits it ignored)."""
+    signum = getattr(signal, sig)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli",
                              *onprem.launch_args("--down", "--yes", sets=["trainer.steps=5000"])],
                             cwd=REPO, env=onprem.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         for line in proc.stdout:
@@ -214,22 +220,23 @@ def test_launch_down_releases_on_ctrl_c(onprem):
             if "step:2/5000 train_loss" in line:
                 break
         assert onprem.ray_pids(), "".join(seen)[-3000:]
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         try:
             out, _ = proc.communicate(timeout=180)
         except subprocess.TimeoutExpired:  # what it was doing when it hung, not only that it did
             proc.kill()
-            pytest.fail("launch --down had not ended 180 s after Ctrl-C; its output:\n"
+            pytest.fail(f"launch --down had not ended 180 s after {sig}; its output:\n"
                         + ("".join(seen) + proc.communicate()[0])[-4000:])
     finally:
         if proc.poll() is None:
             proc.kill()
     out = "".join(seen) + out
-    assert proc.returncode == 130, out[-3000:]
-    assert "interrupted: cancelling the sweep, then releasing the cluster" in out
+    assert proc.returncode == 128 + signum, out[-3000:]
+    said = "interrupted: " if sig == "SIGINT" else f"interrupted ({sig}): "
+    assert said + "cancelling the sweep, then releasing the cluster" in out
     assert "collecting seeds [0] from the head's spool" in out  # `speedrun collect` ran on the head, as a Ray job
     assert f"cluster {onprem.name!r} is down" in out
-    assert not onprem.ray_pids(), "Ray still runs after Ctrl-C of launch --down"
+    assert not onprem.ray_pids(), f"Ray still runs after {sig} of launch --down"
 
 
 def test_idle_minutes_watcher_on_the_head_releases_without_the_laptop(onprem):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -204,6 +205,75 @@ def test_ctrl_c_without_down_leaves_the_cluster_and_only_ends_the_forward():
     with pytest.raises(KeyboardInterrupt):
         launch_around(rented, False, run, cancel=lambda: rented.events.append("cancel"), collect=lambda: None)
     assert rented.events == ["close"]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_with_down_is_taken_as_ctrl_c_and_the_handlers_come_back(sig, monkeypatch):
+    """A `kill`, a `timeout` or a closed terminal cancels, collects and releases, exit 128 + the signal."""
+    import os
+    import signal
+
+    from orchestrator.backends import ray_rented
+
+    left = []
+    monkeypatch.setattr(ray_rented, "_leave_the_terminal", lambda: left.append(True))   # keep pytest's terminal
+    signum = getattr(signal, sig)
+    before = signal.getsignal(signum)
+
+    def run():
+        os.kill(os.getpid(), signum)
+        time.sleep(5)   # the handler raises in here
+        return 0
+
+    rented = FakeRented()
+    code = launch_around(rented, True, run, cancel=lambda: rented.events.append("cancel"),
+                         collect=lambda: rented.events.append("collect"))
+    assert code == 128 + signum
+    assert [e for e in rented.events if not isinstance(e, tuple)] == ["cancel", "collect", "down"]
+    assert ("say", f"interrupted ({sig}): cancelling the sweep, then releasing the cluster") in rented.events
+    assert left == ([True] if sig == "SIGHUP" else [])
+    assert signal.getsignal(signum) == before
+
+
+def test_without_down_the_stop_signals_keep_their_handlers():
+    import signal
+
+    seen = {}
+
+    def run():
+        seen.update({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)})
+        return 0
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    launch_around(FakeRented(), False, run, cancel=lambda: None, collect=lambda: None)
+    assert seen == before
+
+
+def test_the_release_itself_ignores_ctrl_c_sigterm_and_sighup(monkeypatch):
+    """`ray down` is never cut short: a signal during it is said, not acted on."""
+    import os
+    import signal
+
+    from orchestrator.backends import ray_rented
+
+    rented = object.__new__(ray_rented.RentedCluster)
+    rented.path, rented.config, rented.console, rented.forward = "c.yaml", {"cluster_name": "c"}, None, None
+    said = []
+    rented.say = said.append
+    released = []
+
+    def teardown(path, config, console):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(os.getpid(), s)
+        time.sleep(0.2)
+        released.append(path)
+
+    monkeypatch.setattr(ray_rented, "teardown", teardown)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    rented.down()
+    assert released == ["c.yaml"] and said[-1] == "cluster 'c' is down"
+    assert sum("ignored until it is down" in line for line in said) == 3
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_a_failing_cancel_or_collect_does_not_stop_the_release():
