@@ -9,6 +9,8 @@
 #
 # Budget (one H100, 2026-12-05): a 200-step run takes ~250 s of wall (75 s cold compile and warm-up, 127 s of
 # training, 22 s of validation): ours and one variant fit a 600 s call beside the shards, not two variants.
+# One lease, 2026-12-06: call 1 with the GPU tests 136 s, call 2 (shards + ours + one variant) 564 s, then on the
+# same warm machine (ours' compile cached) ours + another variant in 399 and 449 s: three A/Bs in ~1,600 s of 1,800.
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).
