@@ -248,8 +248,9 @@ class GPT(nn.Module):
         for i in range(min(n, L)):
             self.ve_of_layer[i] = i
             self.ve_of_layer[L - n + i] = i
+        no_mlp = cfg.skipped_mlp_layers()
         self.blocks = nn.ModuleList(
-            Block(cfg, rotary, attention=kind is not None, mlp=i not in cfg.skipped_mlp_layers(),
+            Block(cfg, rotary, attention=kind is not None, mlp=i not in no_mlp,
                   value_gate=cfg.value_embed_gate and self.ve_of_layer[i] is not None,
                   key_offset=cfg.key_offset and kind == "long", paired=kind == "paired")
             for i, kind in enumerate(self.layout))
@@ -321,7 +322,7 @@ class GPT(nn.Module):
         if self.skip_gate is not None:
             skip_gate = 2 * torch.sigmoid(self.skip_gate(x0[..., :cfg.attn_gate_dims]))   # (1, T, 1)
         # MUDD reads the outputs of layers early and late and the last layer's input
-        saved, (early, late), last = {}, saved_layers(len(self.blocks)), len(self.blocks) - 1
+        saved, last_in, (early, late), last = {}, None, saved_layers(len(self.blocks)), len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if i >= len(self.blocks) - half and skips:
                 skip = skips.pop() if self.skip_gate is None else skip_gate * skips.pop()
@@ -330,7 +331,7 @@ class GPT(nn.Module):
             layer_docs, window, mask = kinds[self.layout[i] or "short"]   # None: no attention, the MLP only
             extra_v = None
             if self.mudd is not None and i == last:
-                saved["last_in"] = x
+                last_in = x
                 x, extra_v = self.mudd.before_last(x, x0, saved[late])
             x = block(x, x0, ve, layer_docs, window, cfg.block_size, mask,
                       None if bigram is None else self.bigram_lambdas[i] * bigram, extra_v)
@@ -339,7 +340,7 @@ class GPT(nn.Module):
             if self.mudd is not None and i in (early, late):
                 saved[i] = x
         if self.mudd is not None:
-            x = self.mudd.after_last(x, x0, saved[late], saved["last_in"], ves[0] if ves else None, saved[early])
+            x = self.mudd.after_last(x, x0, saved[late], last_in, ves[0] if ves else None, saved[early])
         x = x[0]
         count = (targets >= 0).sum()
         if target_weights is not None:   # the next tokens' targets, then the prefix target's (the last weight)

@@ -9,8 +9,9 @@ coefficients over earlier hidden states, and the weighted sums go back into the 
   value embedding, the saved early layer's output) are added to the residual before the head.
 
 The net is gelu(x W1^T) W2^T + b, times 0.1, with W1 (64, dim), W2 zero: every coefficient starts at its bias, all 0
-but the last one on the late layer's output, `backout` (the record's -0.5). That one is record-40's backout (the final residual minus half a
-mid-network state), which record-81 absorbed into MUDD's bias so it became per-token and learnable. The saved layers
+but the last one on the late layer's output, `backout` (the record's -0.5). That one is record-40's backout (the final
+residual minus half a mid-network state), which record-81 absorbed into MUDD's bias so it became per-token and
+learnable. The saved layers
 are L/3 and 2L/3 (4 and 8 of our 12: the record's 3 and 7 of its 11, whose first layer is our second).
 
 What the current record adds on the same net and leaves out here: coefficient lanes that replace the last layer's

@@ -213,9 +213,11 @@ class RentedCluster:
 
     # ---------------------------------------------------------------------------------------- --down
     def down(self) -> None:
-        """Release the cluster; a Ctrl-C meanwhile is ignored (said once), so the release is never cut short."""
+        """Release the cluster; Ctrl-C, SIGTERM and SIGHUP meanwhile are ignored (each said), so the release is
+        never cut short."""
         def wait(signum, _frame):
-            self.say(f"releasing the cluster: {signal.Signals(signum).name} ignored until it is down, or it keeps billing")
+            name = signal.Signals(signum).name
+            self.say(f"releasing the cluster: {name} ignored until it is down, or it keeps billing")
 
         previous = {s: signal.signal(s, wait) for s in (signal.SIGINT, *STOP_SIGNALS)}
         try:
@@ -278,7 +280,7 @@ def launch_around(rented: RentedCluster, down: bool, run: Callable[[], int], can
             signum = e.signum if isinstance(e, Stopped) else int(signal.SIGINT)
             if signum == signal.SIGHUP:
                 _leave_the_terminal()
-            what = f" ({signal.Signals(signum).name})" if isinstance(e, Stopped) else ""
+            what = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
             rented.say(f"interrupted{what}: cancelling the sweep, then releasing the cluster")
             try:
                 cancel()
