@@ -83,3 +83,23 @@ lease_key_diff() {   # kernels compiled under two cache keys: how their metadata
 print(sys.argv[1], sys.argv[2]); [print(' ', k, x.get(k), '|', y.get(k)) for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]" "$a" "$b")
       done
 }
+
+lease_record28() {   # N LIMIT_MIN [fresh]: launch N of bench/record28.yaml (record-28's script, carried in
+  # .rt/reference), its one seed stopped after LIMIT_MIN; `fresh` empties the node's compile caches first, so the
+  # seed starts from what the store saved (a fresh node). The launch's end, the seed's step and validation lines
+  # and its timings into $OUT/record28-N.txt
+  local n=$1 s rc
+  [ "$3" = fresh ] && rm -rf $LEASE_CACHE
+  s=$(date +%s)
+  speedrun launch bench/record28.yaml --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1 \
+    --set seed_time_limit_min="$2" --store /tmp/r28/store > /tmp/r28-launch-$n.log 2>&1
+  rc=$?
+  {
+    echo "## launch $n ($3): rc $rc in $(( $(date +%s) - s )) s"; tail -25 /tmp/r28-launch-$n.log
+    local log; log=$(ls -t $(find /tmp/r28/store -name train.log) | head -1)
+    echo "## $log"; grep -E "val_loss|^step:(1|2|10|11|50|100)/" "$log"; grep "^step:" "$log" | tail -2
+    echo "## timings"; cat "$(dirname "$log")"/timings.json 2>/dev/null
+    echo "## node compile cache: $(find $LEASE_CACHE -type f | wc -l) files"
+  } > $OUT/record28-$n.txt 2>&1
+  tail -12 $OUT/record28-$n.txt
+}

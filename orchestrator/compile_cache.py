@@ -7,12 +7,14 @@ points TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under one root (`compile_cac
 
     key = cache_key(code_hash(script_sha256, trainer_hash), torch.__version__, "NVIDIA H100 80GB HBM3")
         # -> "compile-cache/<code-hash>-<torch-version>-<gpu-model>.tar", sanitised
+    ptxas_env(os.environ) -> {"TRITON_PTXAS_PATH": ...}  # one ptxas, so one set of Triton keys, in every process
     restore_compile_cache(store, key, root) -> bool   # False: not in the store yet (cold compile)
     save_compile_cache(store, key, root) -> int       # bytes uploaded (0: nothing to save)
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -51,6 +53,25 @@ def compile_cache_env(root: str | os.PathLike) -> dict[str, str]:
     """The environment variables that put both caches under `root` (what save/restore carry)."""
     root = Path(root)
     return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton")}
+
+
+def ptxas_env(environ: dict[str, str] | os._Environ, torch_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """TRITON_PTXAS_PATH set to the ptxas torch ships (torch/bin/ptxas), unless the node or the job chose one.
+
+    Triton keys every cached kernel on its ptxas's version, and inductor points TRITON_PTXAS_PATH at torch's
+    ptxas only on its way to compiling a kernel itself: in a cold process, before our custom ops' kernels
+    compile, but not in a process whose graphs all load from the cache. The two ptxas builds differ, so every
+    kernel the first process compiled was compiled again under a new key by the second (issue 26: 22 kernels,
+    7 s of its warm-up). Set for every process, it gives all of them the same keys. {} where torch has none."""
+    if environ.get("TRITON_PTXAS_PATH"):
+        return {}
+    if torch_dir is None:
+        spec = importlib.util.find_spec("torch")   # located, not imported: the node runner never needs torch
+        if spec is None or not spec.submodule_search_locations:
+            return {}
+        torch_dir = next(iter(spec.submodule_search_locations))
+    ptxas = Path(torch_dir) / "bin" / "ptxas"
+    return {"TRITON_PTXAS_PATH": str(ptxas)} if ptxas.is_file() and os.access(ptxas, os.X_OK) else {}
 
 
 def _cache_files(root: Path) -> list[Path]:

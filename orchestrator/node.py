@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from orchestrator.compile_cache import compile_cache_env
+from orchestrator.compile_cache import compile_cache_env, ptxas_env
 from orchestrator.config import REPO_ROOT, expand
 from orchestrator.plan import LaunchPlan
 from orchestrator.provenance import describe_devices, environment_record, package_version, trainer_code_hash
@@ -250,6 +250,7 @@ class NodeRunner:
         for k, v in compile_cache_env(self.cache_root).items():
             if k not in chosen:   # the node's own variable (torch sets TORCHINDUCTOR_CACHE_DIR itself) must not win
                 env[k] = v
+        env.update(ptxas_env(env))   # after the configs: a TRITON_PTXAS_PATH of theirs stays
         if self.plan.job.script:
             rundir = self.work / seed_dir(seed) / "script"
             if "DATA_PATH" not in chosen:

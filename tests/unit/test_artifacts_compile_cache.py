@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 
 import pytest
 
-from orchestrator.compile_cache import MARKER, cache_key, compile_cache_env, restore_compile_cache, save_compile_cache
+from orchestrator.compile_cache import (MARKER, cache_key, compile_cache_env, ptxas_env, restore_compile_cache,
+                                       save_compile_cache)
 from orchestrator.store import LocalStore, StoreError, validate_key
 
 
@@ -83,3 +85,39 @@ def test_unchanged_cache_is_not_uploaded_again(tmp_path):
     assert save_compile_cache(store, key, tmp_path / "b") > 0
     assert restore_compile_cache(store, key, tmp_path / "c")
     assert (tmp_path / "c" / "triton" / "new.cubin").read_bytes() == b"2" * 50
+
+
+def _fake_torch(tmp_path, executable=True):
+    ptxas = tmp_path / "torch" / "bin" / "ptxas"
+    ptxas.parent.mkdir(parents=True)
+    ptxas.write_text("#!/bin/sh\n")
+    ptxas.chmod(0o755 if executable else 0o644)
+    return tmp_path / "torch", ptxas
+
+
+def test_ptxas_is_pinned_to_the_one_torch_ships(tmp_path):
+    torch_dir, ptxas = _fake_torch(tmp_path)
+    assert ptxas_env({}, torch_dir) == {"TRITON_PTXAS_PATH": str(ptxas)}
+
+
+def test_ptxas_chosen_by_the_node_or_job_is_kept(tmp_path):
+    torch_dir, _ = _fake_torch(tmp_path)
+    assert ptxas_env({"TRITON_PTXAS_PATH": "/opt/cuda/bin/ptxas"}, torch_dir) == {}
+
+
+def test_no_ptxas_pinned_where_torch_ships_none(tmp_path):
+    assert ptxas_env({}, tmp_path / "torch") == {}
+    torch_dir, _ = _fake_torch(tmp_path, executable=False)
+    assert ptxas_env({}, torch_dir) == {}
+
+
+def test_ptxas_env_finds_the_installed_torch_without_importing_it():
+    import importlib.util
+    import sys
+
+    had_torch = "torch" in sys.modules
+    found = ptxas_env({})
+    assert ("torch" in sys.modules) == had_torch
+    torch_dir = importlib.util.find_spec("torch").submodule_search_locations[0]
+    expected = os.path.join(torch_dir, "bin", "ptxas")
+    assert found == ({"TRITON_PTXAS_PATH": expected} if os.access(expected, os.X_OK) else {})

@@ -211,6 +211,31 @@ def test_the_nodes_compile_cache_folder_wins_over_a_cache_dir_in_its_own_environ
     assert runner.child_env(0)["TORCHINDUCTOR_CACHE_DIR"] == "/fast/disk"   # a cluster config's choice stays
 
 
+def test_every_seed_compiles_with_the_ptxas_torch_ships(tmp_path, monkeypatch):
+    """Triton keys its cache on ptxas's version and inductor picks torch's ptxas only when it compiles itself: the
+    seeds get it from the start, so a warm process finds the kernels a cold one compiled; a config's choice stays."""
+    import orchestrator.node as node
+    from orchestrator.cluster_config import ClusterConfig
+    from orchestrator.compile_cache import ptxas_env
+    from orchestrator.node import NodeRunner
+    from orchestrator.plan import build_plan
+
+    ptxas = tmp_path / "torch" / "bin" / "ptxas"
+    ptxas.parent.mkdir(parents=True)
+    ptxas.write_text("#!/bin/sh\n")
+    ptxas.chmod(0o755)
+    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+    monkeypatch.setattr(node, "ptxas_env", lambda environ: ptxas_env(environ, tmp_path / "torch"))
+    job = job_file(tmp_path / "b")
+    cluster = ClusterConfig(name="c", backend="local", device="cpu", work_dir=str(tmp_path / "work"))
+    assert NodeRunner(build_plan(load_job(job), cluster, job, Path("c.yaml"))).child_env(0)["TRITON_PTXAS_PATH"] \
+        == str(ptxas)
+    chosen = ClusterConfig(name="c", backend="local", device="cpu", work_dir=str(tmp_path / "work"),
+                           env={"TRITON_PTXAS_PATH": "/opt/cuda/bin/ptxas"})
+    assert NodeRunner(build_plan(load_job(job), chosen, job, Path("c.yaml"))).child_env(0)["TRITON_PTXAS_PATH"] \
+        == "/opt/cuda/bin/ptxas"
+
+
 def test_our_trainer_gets_the_offline_tiktoken_cache_too(tmp_path, offline_cache):
     """The prefix-token loss reads the GPT-2 vocabulary through tiktoken: an offline node's shipped cache serves our
     trainer as it serves a record script."""
