@@ -34,6 +34,7 @@ from orchestrator.sweep import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending, Se
 from orchestrator.sweep import seed_done as is_seed_done
 
 log = logging.getLogger(__name__)
+SEED_STARTED_ENV = "SPEEDRUN_SEED_STARTED_UNIX"   # when torchrun started, for the trainer (trainer.train.startup_parts)
 
 
 def apply_launch_env(environ: Mapping[str, str], launch: Mapping[str, str | None]) -> dict[str, str]:
@@ -273,7 +274,9 @@ class NodeRunner:
         if self.plan.job.script:
             cwd = out / "script"
         (out / "CHECKPOINT_NOW").unlink(missing_ok=True)
+        env = self.child_env(seed)
         started = time.time()
+        env[SEED_STARTED_ENV] = f"{started:.3f}"   # the trainer logs what torchrun's start took of its warm-up
         first_step_at, timed_out, timer = None, threading.Event(), None
         log_path = out / "train.log"
         sync = LogSync(self.store, log_path, f"{self.seed_prefix(seed)}/train.log",
@@ -283,7 +286,7 @@ class NodeRunner:
                 sync.start()
             try:
                 self._current_out = out
-                self._proc = subprocess.Popen(argv, cwd=cwd, env=self.child_env(seed), stdout=subprocess.PIPE,
+                self._proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                               stderr=subprocess.STDOUT, text=True, bufsize=1)
                 limit = self.plan.job.seed_time_limit_min
                 timer = threading.Timer(limit * 60, stop_at_time_limit, (self._proc, timed_out)) if limit else None
@@ -315,6 +318,7 @@ class NodeRunner:
             "launch_to_first_step_s": (first - self.plan.created_at) if first else None,
             "seed_start_to_first_step_s": (first - run_t["started_unix"]) if first else None,
             "warmup_s": tt.get("warmup_s"),
+            "warmup_parts_s": tt.get("warmup_parts"),   # our trainer's: torchrun, imports, ..., first step, validation
             "train_s": tt.get("train_s"),
             "validation_s": tt.get("val_s"),
             "upload_s": upload_s,

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import re
+import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +38,9 @@ _LLMC_RE = re.compile(r"^s:(\d+)\s+(tel|trl):\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:
 _TIME_KEYS = ("train_time", "time", "step_avg")
 _TRACEBACK = "Traceback (most recent call last)"
 _TORCHRUN_WRAPPER = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+# torchrun's agent stopped by a signal (a time limit's SIGTERM, a scheduler's cancel): said in a few words
+_TORCHRUN_SIGNAL_RE = re.compile(r"torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: "
+                                 r"Process \d+ got signal: (\d+)")
 # Last line of a Python traceback (`torch.OutOfMemoryError: CUDA out of memory...`), or a signal notice.
 _ERROR_RE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
 _SIGNAL_RE = re.compile(r"(Signal \d+ \(SIG\w+\) received.*|exitcode\s*:\s*-?\d+.*|Killed\b.*)")
@@ -195,6 +199,13 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return f"signal {number} ({signal.Signals(number).name})"
+    except ValueError:
+        return f"signal {number}"
+
+
 def _last_error(lines: list[str], after: int) -> str | None:
     """The most telling failure line after the last step line: an exception or a signal notice."""
     error = None
@@ -203,6 +214,12 @@ def _last_error(lines: list[str], after: int) -> str | None:
         text = line.strip()
         if _TRACEBACK in text:
             in_traceback = True
+            continue
+        sig = _TORCHRUN_SIGNAL_RE.search(text)
+        if sig:
+            if error is None:   # a rank's own error, above it, says more
+                error = f"torchrun stopped by {_signal_name(int(sig.group(1)))}"
+            in_traceback = False
             continue
         m = _ERROR_RE.match(text)
         if m and (in_traceback or "Error:" in text):

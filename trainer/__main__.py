@@ -6,9 +6,12 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 import typing
 
-from trainer.config import TrainConfig
+MAIN_STARTED = time.time()   # before torch: what the imports cost is measured from here
+
+from trainer.config import TrainConfig  # noqa: E402
 
 USAGE_ERROR = 2
 
@@ -70,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
 
     from trainer.data import ShardError   # torch is imported only once the arguments are known to be good
-    from trainer.train import Trainer
+    from trainer.train import Trainer, startup_parts
 
     try:
-        trainer = Trainer(cfg, args.data_dir, args.out_dir)
+        trainer = Trainer(cfg, args.data_dir, args.out_dir, startup=startup_parts(MAIN_STARTED, time.time()))
         code = trainer.run(resume=args.resume)
     except (ShardError, FileNotFoundError, ValueError) as e:   # bad data, checkpoint path or rank count
         logging.getLogger("trainer").error("%s", e)

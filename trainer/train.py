@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
 import resource
 import signal
 import sys
@@ -77,11 +78,31 @@ class StopRequest:
         return self.signalled or self.file.exists()
 
 
+SEED_STARTED_ENV = "SPEEDRUN_SEED_STARTED_UNIX"   # set by the node runner when it starts torchrun for a seed
+BEFORE_WARMUP = ("torchrun_s", "imports_s", "ranks_and_data_s", "model_s")
+
+
+def startup_parts(main_started: float, imports_done: float, environ=os.environ) -> dict[str, float]:
+    """Where a seed's time went before the trainer's own set-up: torchrun's (from the node's start of it to this
+    process's first line; only under the node runner, which says when) and the imports' (torch, triton, ours)."""
+    parts = {}
+    launched = environ.get(SEED_STARTED_ENV)
+    if launched:
+        try:
+            parts["torchrun_s"] = max(0.0, main_started - float(launched))
+        except ValueError:
+            pass
+    parts["imports_s"] = imports_done - main_started
+    return parts
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data_dir: str, out_dir: str, ranks: Ranks | None = None):
+    def __init__(self, cfg: TrainConfig, data_dir: str, out_dir: str, ranks: Ranks | None = None,
+                 startup: dict[str, float] | None = None):
         self.cfg = cfg.validate()
         t0 = time.time()
-        self.warmup_parts: dict[str, float] = {}   # where start-up time goes (first warm-up step = compile)
+        # where start-up time goes: BEFORE_WARMUP's parts, then the warm-up's (its first step is the compile)
+        self.warmup_parts: dict[str, float] = dict(startup or {})
         self.out = Path(out_dir)
         self.ranks = ranks or init_ranks(cfg.device)
         r = self.ranks
@@ -133,6 +154,7 @@ class Trainer:
         self.stretch_mark = None   # the mark where the current stretch of train_time began (see run)
         self.timings = dict(start_unix=time.time(), warmup_s=0.0, first_step_unix=None, train_s=0.0, val_s=0.0,
                             end_unix=None, steps_done=0, total_steps=cfg.steps)
+        self.timings["warmup_parts"] = self.warmup_parts   # the same dict: the warm-up's parts join it
         if r.is_main:
             (self.out / "ckpt").mkdir(parents=True, exist_ok=True)
 
@@ -380,8 +402,9 @@ class Trainer:
         self.sync()
         self.timings["warmup_s"] = time.time() - t0
         self.timings["compile_cache"] = compile_cache_counts()
-        log.info("warm-up of %d steps took %.1fs (%s); compile cache: %s", n, self.timings["warmup_s"],
-                 ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items()),
+        log.info("warm-up of %d steps took %.1fs (%s); before it: %s; compile cache: %s", n, self.timings["warmup_s"],
+                 ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items() if k not in BEFORE_WARMUP),
+                 ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items() if k in BEFORE_WARMUP),
                  ", ".join(f"{k} {v}" for k, v in self.timings["compile_cache"].items()) or "no compiles")
 
     def run(self, resume: str | None = None) -> int:

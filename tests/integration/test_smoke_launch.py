@@ -87,6 +87,9 @@ def test_records_are_complete_and_secret_free(smoke):
     for key in ("launch_to_first_step_s", "warmup_s", "train_s", "validation_s", "upload_s", "total_s"):
         assert isinstance(timings[key], (int, float)) and timings[key] >= 0, key
     assert timings["launch_to_first_step_s"] < timings["total_s"]
+    before = timings["warmup_parts_s"]   # what came before the first step: torchrun's start, the imports, ...
+    assert 0 < before["torchrun_s"] < timings["seed_start_to_first_step_s"] and 0 < before["imports_s"]
+    assert before["torchrun_s"] + before["imports_s"] < timings["seed_start_to_first_step_s"]
     env = json.loads((seed / "env.json").read_text())
     for key in ("git_commit", "git_dirty", "python", "torch", "devices", "hostname"):
         assert key in env, key

@@ -177,3 +177,16 @@ def test_torchruns_child_failed_error_alone_is_still_the_error():
     r = parse_log("Traceback (most recent call last):\n  File \"x\", line 1\n"
                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
     assert r.error.startswith("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+
+
+def test_torchrun_stopped_by_a_signal_is_said_in_a_few_words():
+    # The tail of a record-28 seed stopped at the job's seed_time_limit_min (H100, 2026-12-06): SIGTERM to torchrun.
+    text = ("step:221/1695 train_time:155257ms step_avg:702.52ms\n"
+            "Traceback (most recent call last):\n"
+            "  File \"/opt/torch/lib/python3.12/site-packages/torch/distributed/elastic/multiprocessing/api.py\", "
+            "line 86, in _terminate_process_handler\n"
+            "    raise SignalException(f\"Process {os.getpid()} got signal: {sigval}\", sigval=sigval)\n"
+            "torch.distributed.elastic.multiprocessing.api.SignalException: Process 1697 got signal: 15\n")
+    assert parse_log(text).reason == "stopped at step 221/1695: torchrun stopped by signal 15 (SIGTERM)"
+    rank_first = text.replace("Traceback", "RuntimeError: generator raised StopIteration\nTraceback", 1)
+    assert parse_log(rank_first).reason == "stopped at step 221/1695: RuntimeError: generator raised StopIteration"

@@ -31,3 +31,15 @@ def test_a_second_process_compiles_nothing_the_first_one_cached(tmp_path):
     assert first.get("fxgraph_cache_miss", 0) >= 1 and first.get("unique_graphs") == 1
     assert second.get("fxgraph_cache_hit", 0) >= 1 and "fxgraph_cache_miss" not in second
     assert second.get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second
+
+
+def test_startup_parts_split_torchrun_from_the_imports():
+    """The warm-up line says what came before it: torchrun's start (from the time the node runner started it, in
+    the environment it passes) and the imports; without the node runner, only the imports."""
+    from orchestrator.node import SEED_STARTED_ENV
+    from trainer.train import SEED_STARTED_ENV as read, startup_parts
+
+    assert read == SEED_STARTED_ENV
+    assert startup_parts(100.0, 103.5, {SEED_STARTED_ENV: "97.25"}) == {"torchrun_s": 2.75, "imports_s": 3.5}
+    assert startup_parts(100.0, 103.5, {}) == {"imports_s": 3.5}
+    assert startup_parts(100.0, 103.5, {SEED_STARTED_ENV: "soon"}) == {"imports_s": 3.5}
