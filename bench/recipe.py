@@ -6,8 +6,8 @@
 
 Each run is one `speedrun launch JOB --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1
 --store <its own folder> --seeds K` on the shards of --data, 393,216 tokens a step, --steps steps, in this order:
-the reference (../shared/reference/record28_train_gpt.py as `script:`, a copy with its schedule constants set
-and its run_id out of logs/final/, where the published one dies; its seeds are repetitions) unless its curve
+the reference (../shared/reference/record28_train_gpt.py as `script:`, a copy with its schedule constants set,
+writing its log to logs/final/ as published; its seeds are repetitions) unless its curve
 comes from an earlier JSON; ours; the baseline (DIR's CLI and trainer); each variant. The target is the
 reference's final val loss (of its mean curve over repetitions); a run's time to it is where its mean curve first
 reaches it, interpolated from the val point before. A variant may set its own `steps` (a batch schedule reads
@@ -51,19 +51,15 @@ class UsageError(Exception):
 
 
 _CONSTANT = r"^([ \t]*{name}[ \t]*=[ \t]*)[0-9_]+"
-_RUN_ID = re.compile(r"""^([ \t]*run_id[ \t]*=[ \t]*f(['"]))final/(\{uuid\.uuid4\(\)\}\2)""", re.M)
 
 
 def patch_reference(text: str, steps: int, val_every: int, val_tokens: int) -> str:
-    """The record script with its schedule constants set and its run id out of logs/final/ (which it never
-    creates); every other byte as published. ValueError names a constant not found exactly once."""
+    """The record script with its schedule constants set; every other byte as published (its logs/final/ is made
+    by the job's script_dirs, as for any record script). ValueError names a constant not found exactly once."""
     for name, value in (("num_iterations", steps), ("val_loss_every", val_every), ("val_tokens", val_tokens)):
         text, n = re.subn(_CONSTANT.format(name=name), rf"\g<1>{value}", text, flags=re.M)
         if n != 1:
             raise ValueError(f"{name}: found {n} times in the reference script, expected one `{name} = <integer>` line")
-    text, n = _RUN_ID.subn(r"\g<1>\g<3>", text)
-    if n != 1:
-        raise ValueError(f"run_id: found {n} times in the reference script, expected one `run_id = f'final/{{uuid.uuid4()}}'`")
     return text
 
 
