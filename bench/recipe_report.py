@@ -23,7 +23,7 @@ def time_to_loss(curve, target: float) -> tuple[float, float] | None:
 
 
 def curve_of(result) -> list[dict]:
-    """A parsed log's (orchestrator.results.SeedResult) val points as the JSON keeps them."""
+    """A parsed log's (orchestrator.train_log.SeedResult) val points as the JSON keeps them."""
     return [dict(step=p.step, val_loss=p.val_loss, train_time_ms=p.train_time_ms)
             for p in result.val_points if p.train_time_ms is not None]
 

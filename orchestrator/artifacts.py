@@ -8,14 +8,13 @@ API for the node runner (prefix = f"{sweep_id}/seed-{n}"):
         # raises UploadIncomplete (files wait in the spool) or UploadConflict; both are StoreError.
         # write_manifest=False uploads without committing (a later call with True commits; unchanged
         # objects are not sent again).
-    with LogSync(store, local_dir / "train.log", f"{prefix}/train.log", every_s=30.0):
-        ...  # run the seed; the growing log is uploaded every every_s seconds and once more at exit
     report = collect(store, spool_dir, sweep_id=None)                  # -> CollectReport (`speedrun collect RUN`)
     read_manifest(store, prefix) -> Manifest | None                    # None: the seed is incomplete
-    safe_environment(env=None) -> dict[str, str]; redact(text) -> str  # for env.json and anything printed
+
+(The growing train.log goes up during the run through `log_sync.LogSync`; secrets: `redaction`.)
 
 upload_seed first snapshots the seed into `spool_dir/<entry>/files` (hard links; text files are copied
-through `redact`) and writes `pending.json`; then uploads every file concurrently (big ones multipart),
+through `redact_bytes`) and writes `pending.json`; then uploads every file concurrently (big ones multipart),
 checks each against its sha256, writes `<prefix>/manifest.json` LAST (the commit marker), drops
 checkpoints beyond the newest keep_last_ckpt from the store, and deletes the spool entry. Whatever fails
 stays in the spool with its record, and `collect` finishes it later, idempotently: objects already
@@ -29,13 +28,13 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from orchestrator.redaction import redact_bytes
 from orchestrator.store import PARTIAL_SUFFIX, Store, StoreError, sha256_file, validate_key
 from orchestrator.sweep import MANIFEST, seed_done
 
@@ -53,52 +52,6 @@ class UploadIncomplete(StoreError):
 
 class UploadConflict(StoreError):
     """The store already holds a committed seed at this prefix with different content."""
-
-
-# ------------------------------------------------------------------------------------ secrets
-
-SECRET_NAME = re.compile(r"AWS_|TOKEN|SECRET|KEY|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|AUTH|COOKIE|PRIVATE", re.I)
-SECRET_PATTERNS = [
-    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<redacted>"),  # AWS access key ids
-    (re.compile(r"\b(?:hf|gh[pousr]|github_pat|xox[abp]|sk)_[A-Za-z0-9_\-]{16,}"), "<redacted>"),  # HF/GitHub/Slack/API keys
-    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=\-]{12,}"), r"\1 <redacted>"),
-    # NAME=value where NAME ends in a secret word ("tokens=393216" is a count, not a secret: not matched);
-    # values of 8+ characters that are not plain numbers.
-    (re.compile(r"(?i)(\b[A-Za-z_]*(?:secret|token|password|passwd|api[_-]?key|access[_-]?key|secret[_-]?key)"
-                r"[\"']?\s*[=:]\s*[\"']?)(?!\d+\b)[^\s,;'\"]{8,}"), r"\1<redacted>"),
-    (re.compile(r"(://)[^/\s:@]+:[^/\s@]+@"), r"\1<redacted>@"),  # user:password@ in URLs
-]
-
-
-def redact(text: str) -> str:
-    """`text` with secret values replaced by <redacted>: values of secret-named environment variables
-    set on this machine, and anything shaped like a key, token or URL password."""
-    values = sorted({v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8}, key=len, reverse=True)
-    for v in values:
-        text = text.replace(v, "<redacted>")
-    for pattern, repl in SECRET_PATTERNS:
-        text = pattern.sub(repl, text)
-    return text
-
-
-def redact_bytes(data: bytes) -> bytes:
-    # surrogateescape keeps non-UTF-8 bytes as they were
-    return redact(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
-
-
-def safe_environment(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment to record in env.json: secret-named variables show as <redacted>, other values
-    pass through `redact`."""
-    env = dict(os.environ if env is None else env)
-    return {k: "<redacted>" if SECRET_NAME.search(k) else redact(v) for k, v in sorted(env.items())}
-
-
-class RedactingFilter(logging.Filter):
-    """Attach to a logging handler so no record it emits carries a secret."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = redact(record.getMessage()), None
-        return True
 
 
 # ----------------------------------------------------------------------------------- manifest
@@ -424,54 +377,3 @@ def collect(store: Store, spool_dir: str | os.PathLike, sweep_id: str | None = N
                 report.verified.append(prefix)
     return report
 
-
-# ------------------------------------------------------------------------------------ log sync
-
-
-class LogSync:
-    """Upload a growing file to `key` every `every_s` seconds from a background thread, and once more on
-    stop, so a node that dies mid-run still leaves its log. Upload errors are logged, never raised."""
-
-    def __init__(self, store: Store, local_path: str | os.PathLike, key: str, every_s: float = 30.0):
-        self.store, self.path, self.key, self.every_s = store, Path(local_path), validate_key(key), every_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._last: tuple[int, int] | None = None
-        self.uploads = 0
-
-    def sync_once(self) -> bool:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return False
-        if (st.st_size, st.st_mtime_ns) == self._last:
-            return False
-        try:
-            self.store.put_bytes(redact_bytes(self.path.read_bytes()), self.key)
-        except (StoreError, OSError) as e:
-            log.warning("log sync of %s: %s", self.path, e)
-            return False
-        self._last = (st.st_size, st.st_mtime_ns)
-        self.uploads += 1
-        return True
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.sync_once()
-
-    def start(self) -> "LogSync":
-        self._thread = threading.Thread(target=self._loop, name=f"log-sync {self.key}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.sync_once()
-
-    def __enter__(self) -> "LogSync":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -105,7 +105,7 @@ def _print_plan(plan, backend) -> None:
 
 def _follow(backend, handle) -> None:
     """Stream the node runner's output; on a terminal, train-step lines become one live status line."""
-    from orchestrator.results import StepEvent, parse_line
+    from orchestrator.train_log import StepEvent, parse_line
 
     if not console.is_terminal:
         for line in backend.logs(handle, follow=True):

@@ -3,7 +3,7 @@
 Which files are logs, each log read once, and names a reader can tell apart. A file that is not a log
 (empty, compressed, binary, a README) is skipped with a note instead of showing as a run that "died
 before training started"; the same content passed twice (a copy, or the path given twice) counts once.
-The parsing itself is orchestrator/results.py.
+The parsing itself is orchestrator/train_log.py.
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator.results import LogFormatError, ResultsError, SeedLog, SeedSummary, parse_log
+from orchestrator.results import ResultsError, SeedLog, SeedSummary
 from orchestrator.sweep import MANIFEST, seed_of_dir
+from orchestrator.train_log import LogFormatError, parse_log
 
 LOG_SUFFIXES = (".txt", ".log", ".out", ".err", "")  # torchrun/Slurm output files, and `train.log` itself
 COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5": "zstd", b"\xfd7": "xz", b"BZ": "bzip2", b"PK": "zip"}

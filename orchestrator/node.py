@@ -268,7 +268,7 @@ class NodeRunner:
 
     def run_seed_once(self, seed: int, out: Path, data_dir: Path) -> tuple[int, dict]:
         """One torchrun of one seed, its output teed to train.log and the console."""
-        from orchestrator.artifacts import LogSync
+        from orchestrator.log_sync import LogSync
 
         argv, cwd = self.torchrun_argv(seed, out, data_dir)
         if self.plan.job.script:

@@ -90,7 +90,7 @@ class LaunchPlan:
     def shown_dict(self) -> dict[str, Any]:
         """The plan as a console may show it (`launch --dry-run --json`): secret-named env values and anything
         shaped like a key, token or URL password read <redacted>."""
-        from orchestrator.artifacts import SECRET_NAME, redact
+        from orchestrator.redaction import SECRET_NAME, redact
 
         d = self.to_dict()
         for env in (d["job"]["env"], d["cluster"]["env"]):

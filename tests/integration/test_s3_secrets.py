@@ -12,7 +12,9 @@ import pytest
 from rich.console import Console
 from s3_server import FaultProxy, moto_s3, s3_env  # noqa: F401 (fixtures)
 
-from orchestrator.artifacts import LogSync, SeedUploader, UploadIncomplete, collect, safe_environment
+from orchestrator.artifacts import SeedUploader, UploadIncomplete, collect
+from orchestrator.log_sync import LogSync
+from orchestrator.redaction import safe_environment
 from orchestrator.store import StoreError, open_store
 
 pytestmark = pytest.mark.integration

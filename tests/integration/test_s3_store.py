@@ -9,8 +9,9 @@ import uuid
 import pytest
 from s3_server import FaultProxy, moto_s3, s3_env  # noqa: F401 (fixtures)
 
-from orchestrator.artifacts import LogSync, SeedUploader, UploadIncomplete, collect, read_manifest
+from orchestrator.artifacts import SeedUploader, UploadIncomplete, collect, read_manifest
 from orchestrator.compile_cache import cache_key, restore_compile_cache, save_compile_cache
+from orchestrator.log_sync import LogSync
 from orchestrator.store import StoreError, open_store
 
 pytestmark = pytest.mark.integration

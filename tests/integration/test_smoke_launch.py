@@ -66,7 +66,7 @@ def test_every_artifact_matches_the_manifest(smoke):
 
 
 def test_loss_falls_toward_the_entropy_rate(smoke):
-    from orchestrator.results import parse_log
+    from orchestrator.train_log import parse_log
 
     seed = smoke["sweep"] / "seed-0"
     env = json.loads((seed / "env.json").read_text())

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from orchestrator.artifacts import (
-    LogSync,
     SeedUploader,
     UploadConflict,
     UploadIncomplete,
@@ -17,6 +16,7 @@ from orchestrator.artifacts import (
     newest_checkpoints,
     read_manifest,
 )
+from orchestrator.log_sync import LogSync
 from orchestrator.store import LocalStore, StoreError
 
 

@@ -16,7 +16,7 @@ from recipe import (TOKENS_PER_STEP, UsageError, assemble, check_reference_json,
                     curve_of, data_fingerprint, describe_data, parse_overrides, parse_variant, patch_reference,
                     results_path, run_tokens, time_to_loss)
 
-from orchestrator.results import parse_log  # noqa: E402
+from orchestrator.train_log import parse_log  # noqa: E402
 from trainer.data import write_shard  # noqa: E402
 
 # The published record's Hyperparameters lines (record-28), with the code around them that reads them.

@@ -13,8 +13,9 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.log_files import load_log_files
-from orchestrator.results import LogFormatError, load_sweep_runs, parse_log
+from orchestrator.results import load_sweep_runs
 from orchestrator.store import open_store
+from orchestrator.train_log import LogFormatError, parse_log
 
 LOGS = Path(__file__).resolve().parents[1] / "data" / "logs"
 RECORD = LOGS / "record_2025-01-04_softcap.txt"      # published: 1390 steps, val 3.2785, 204345 ms

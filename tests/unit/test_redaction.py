@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 
-from orchestrator.artifacts import RedactingFilter, redact, safe_environment
+from orchestrator.redaction import RedactingFilter, redact, safe_environment
 
 
 def test_values_of_secret_variables_are_redacted_wherever_they_appear(monkeypatch):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.results import MemoryEvent, SeedSummary, StepEvent, parse_line, parse_log
+from orchestrator.results import SeedSummary
+from orchestrator.train_log import MemoryEvent, StepEvent, parse_line, parse_log
 
 LOGS = Path(__file__).resolve().parents[1] / "data" / "logs"
 
