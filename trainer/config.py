@@ -201,6 +201,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                      # auto | cuda | cpu
     compile: bool = True                      # torch.compile on CUDA; off on CPU
+    cuda_graphs: bool = False                 # compiled graphs replayed as CUDA graphs (torch.compile's
+                                              # reduce-overhead): a micro-batch's forward and backward each one
+                                              # launch, not hundreds. A 16K micro-batch is >= 22% host-bound on an
+                                              # H100 (bench/NOTES.md), what keeps record-46's 8-rank batch
+                                              # schedule off. Not measured yet: off
     warmup_compile_steps: int = 3             # untimed steps on dummy data (the first compiles), then the state is reset
     checkpoint_every: int = 0
     checkpoint_final: bool = True

@@ -21,6 +21,7 @@ import torch
 from trainer import attention as attn_impl
 from trainer import checkpoint
 from trainer.config import TrainConfig
+from trainer.cuda_graphs import OwnedGradients, compile_model, cuda_graph_skips
 from trainer.data import BOS, TrainBatches, find_shards, one_chunk_per_shape, validation_chunks
 from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, barrier, init_ranks, sum_to_host
 from trainer.exit_codes import EXIT_PREEMPTED as PREEMPTED_EXIT
@@ -141,10 +142,11 @@ class Trainer:
         self.sync()
         self.warmup_parts["model_s"] = time.time() - t0 - self.warmup_parts["ranks_and_data_s"]
         self.compiled = cfg.compile and self.cuda
-        self.forward = torch.compile(self.model, dynamic=False) if self.compiled else self.model
+        self.forward = compile_model(self.model, cfg) if self.compiled else self.model
         self.adam, self.muon = build_optimizers(self.model, cfg)
         adam_params = [p for g in self.adam.param_groups for p in g["params"]] if cfg.adam_every_other_step else []
         self.reducer = GradientReducer(self.model.parameters(), r.world, deferrable=adam_params)
+        self.owned_grads = OwnedGradients(self.model.parameters()) if self.compiled and cfg.cuda_graphs else None
         self.stop = StopRequest(self.out)
         # record-31's YaRN: the window's changes over the run, and how many of them the rotary tables hold now
         self.window_changes = window_changes(cfg) if cfg.yarn else []
@@ -213,11 +215,16 @@ class Trainer:
         adam_now = adam_steps(cfg, step)
         step_micro_batches = len(micro_batches) * self.ranks.world   # grad_accum_total, or the batch_schedule's
         weights = self._weights(loss_weights(cfg, step))
+        if self.owned_grads:
+            self.owned_grads.before_backward()
         for i, seq_t in enumerate(tokens):
             self.reducer.arm(last_micro_batch=i == len(micro_batches) - 1, defer=not adam_now)
+            self.next_graph_run()
             loss = self.forward(seq_t[:-1], seq_t[1:], window, target_weights=weights)
             (loss / step_micro_batches).backward()
             total += loss.detach()
+        if self.owned_grads:
+            self.owned_grads.after_backward()
         self.reducer.wait()
         scale = lr_scale(cfg, step)
         for opt in (self.adam, self.muon):
@@ -232,6 +239,12 @@ class Trainer:
         else:   # Adam's gradients add up over this step and the next
             self.muon.zero_grad(set_to_none=True)
         return total / len(micro_batches)
+
+    def next_graph_run(self) -> None:
+        """With CUDA graphs, a new run of the graphs may write over the last run's outputs: each was read already
+        (its loss added up, its backward done), so tell torch instead of letting it copy them."""
+        if self.compiled and self.cfg.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     @torch.no_grad()
     def validate(self, step: int, chunks: list[np.ndarray] | None = None) -> float:
@@ -253,6 +266,7 @@ class Trainer:
             pad = -len(x) % bs if self.model.attention == "flex" else 0   # flex needs whole blocks; padded targets are ignored
             x = np.concatenate([x, np.full(pad, BOS, x.dtype)])
             y = np.concatenate([y, np.full(pad, -1, np.int64)])
+            self.next_graph_run()
             loss_sum += self.forward(self._tensor(x), self._tensor(y), window, reduction="sum").double()
             count += len(chunk) - 1
         total, n = all_sum([loss_sum.item(), float(count)], self.ranks.device)
@@ -385,7 +399,7 @@ class Trainer:
                 self.model.fp8_head = False
                 self.model.zero_grad(set_to_none=True)
                 torch._dynamo.reset()
-                self.forward = torch.compile(self.model, dynamic=False)
+                self.forward = compile_model(self.model, self.cfg)
                 self.train_step(mb, step=0)
         self.sync()
         v0 = time.time()
@@ -402,6 +416,9 @@ class Trainer:
         self.sync()
         self.timings["warmup_s"] = time.time() - t0
         self.timings["compile_cache"] = compile_cache_counts()
+        if self.cfg.cuda_graphs and cuda_graph_skips():
+            log.warning("cuda_graphs: %d compiled graph(s) run without CUDA graphs; TORCH_LOGS=perf_hints says why",
+                        cuda_graph_skips())
         log.info("warm-up of %d steps took %.1fs (%s); before it: %s; compile cache: %s", n, self.timings["warmup_s"],
                  ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items() if k not in BEFORE_WARMUP),
                  ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items() if k in BEFORE_WARMUP),
