@@ -108,6 +108,11 @@ class TrainConfig:
     # (head_dim/4..head_dim/2 and 3/4 head_dim..head_dim) hold the previous position's values, so one key carries
     # two positions (one-layer induction). Not yet on the yardstick: off
     key_offset: bool = False
+    # record-64 (MimeticValueOutput, 2026-01-30): the value and output projections start as sqrt(beta) I and
+    # -sqrt(beta) I plus N(0, 0.01) noise (Attention.mimetic_vo_init_), so attention contributes from step 1 where
+    # record-28 zeroes the output projection. The record's beta: 0.05 (1.65 -> 1.63 min). Needs num_heads x
+    # head_dim = model_dim. Not yet on the yardstick: 0 (off)
+    attn_vo_init: float = 0.0
     # record-58 (PairedHeadAttention, 2026-01-07): in these layers (comma-separated, short-window layers only) heads
     # go in pairs, and each pair attends as one head over a sequence twice as long, the two heads' q, k and v of
     # a token side by side (positions 2t and 2t+1, rotated as such): a query then also weighs its partner head's
@@ -251,6 +256,9 @@ class TrainConfig:
             raise ValueError(f"mlp_fp8: must be none, forward, grad_h or all (got {self.mlp_fp8!r})")
         if self.muon_polynomial not in ("newton_schulz", "polar_express"):
             raise ValueError(f"muon_polynomial: must be newton_schulz or polar_express (got {self.muon_polynomial!r})")
+        if self.attn_vo_init < 0 or (self.attn_vo_init and self.num_heads * self.head_dim != self.model_dim):
+            raise ValueError(f"attn_vo_init: must be >= 0, and > 0 only with num_heads x head_dim = model_dim "
+                             f"(got {self.attn_vo_init} with {self.num_heads} x {self.head_dim} and {self.model_dim})")
         if not 0 < self.attn_gate_dims <= self.model_dim:
             raise ValueError(f"attn_gate_dims: must be within 1..model_dim={self.model_dim} (got {self.attn_gate_dims})")
         if self.bigram_embed and not (0 < self.bigram_dim <= self.model_dim and self.bigram_rows > 1

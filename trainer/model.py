@@ -134,6 +134,17 @@ class Attention(nn.Module):
             except ImportError:   # a CPU-only torch without triton: the torch path is what runs on CPU anyway
                 pass
 
+    @torch.no_grad()
+    def mimetic_vo_init_(self, beta: float, noise_std: float = 0.01) -> None:
+        """Record-64's mimetic V-O init (Trockman & Kolter, 2023): the value projection sqrt(beta) I and the output
+        projection -sqrt(beta) I (per head; with num_heads x head_dim = model_dim, one identity), each plus
+        N(0, noise_std) noise to break the symmetry. Each layer then starts adding about -beta times its attended
+        input where record-28's zero output projection adds nothing until trained."""
+        eye = torch.eye(self.qkv_w.size(1), dtype=self.qkv_w.dtype, device=self.qkv_w.device)
+        root = beta ** 0.5
+        self.qkv_w[2].copy_(root * eye + noise_std * torch.randn_like(eye))
+        self.c_proj.weight.copy_(-root * eye + noise_std * torch.randn_like(eye))
+
     def forward(self, x, ve, docs, window_blocks, block_size, mask, extra_v=None):
         """docs, window_blocks and mask are the sequence's as this layer attends over it: for paired heads, those
         of the 2T-position sequence (GPT.forward builds them). extra_v (B, T, H * D): added to the values as it
@@ -254,6 +265,10 @@ class GPT(nn.Module):
                   value_gate=cfg.value_embed_gate and self.ve_of_layer[i] is not None,
                   key_offset=cfg.key_offset and kind == "long", paired=kind == "paired")
             for i, kind in enumerate(self.layout))
+        if cfg.attn_vo_init:
+            for block in self.blocks:
+                if block.attn is not None:
+                    block.attn.mimetic_vo_init_(cfg.attn_vo_init)
         self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
         # tie_head_until: the head weight is the embedding table too until untie_head() (record-51 starts the tied
         # table at N(0, 0.005): a zero table would give every token the same zero input). model.embed waits unused.
