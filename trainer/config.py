@@ -172,6 +172,9 @@ class TrainConfig:
     # call did at 182.3: 1543 x 175.1 / 182.3 = 1484. The 8xH100 projection: bench/NOTES.md
     steps: int = 1484
     cooldown_frac: float = 0.45
+    # where the cool-down ends, as a fraction of the (first phase's) lr: record-28's 0.1; record-72 (ShortWindow,
+    # 2026-02-10) raised it to 0.15, and the current record cools over 0.60 of training. Not yet on the yardstick
+    lr_floor: float = 0.1
     warmup_steps: int = 0
     val_every: int = 125
     # --- optimizer
@@ -240,6 +243,8 @@ class TrainConfig:
             raise ValueError(f"normuon_beta2: must be within [0, 1) (got {self.normuon_beta2})")
         if not 0.0 <= self.tie_head_until <= 1.0:
             raise ValueError(f"tie_head_until: must be within [0, 1], a fraction of the steps (got {self.tie_head_until})")
+        if not 0.0 <= self.lr_floor <= 1.0:
+            raise ValueError(f"lr_floor: must be within [0, 1], a fraction of the lr (got {self.lr_floor})")
         if not 0.0 <= self.cooldown_frac <= 1.0:
             raise ValueError(f"cooldown_frac: must be within [0, 1] (got {self.cooldown_frac})")
         if self.window_min_blocks > self.window_max_blocks:

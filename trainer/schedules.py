@@ -13,9 +13,9 @@ from trainer.config import TrainConfig
 
 
 def lr_scale(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, flat, then a linear cool-down to 0.1 over the last cooldown_frac of training; with a
-    batch_schedule (record-46) the flat part is the step's batch_lr_scale and the cool-down runs from it to 0.1 x
-    the first phase's (1.0 for all three without one: exact, the same floats as before)."""
+    """Linear warm-up, flat, then a linear cool-down to lr_floor (record-28: 0.1) over the last cooldown_frac of
+    training; with a batch_schedule (record-46) the flat part is the step's batch_lr_scale and the cool-down runs
+    from it to lr_floor x the first phase's (1.0 for all three without one: exact, the same floats as before)."""
     peak, first = batch_lr_scale(cfg, step), batch_lr_scale(cfg, 0)
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
@@ -23,7 +23,7 @@ def lr_scale(cfg: TrainConfig, step: int) -> float:
     if x < 1 - cfg.cooldown_frac:
         return peak
     w = (1 - x) / cfg.cooldown_frac
-    return peak * w + (1 - w) * 0.1 * first
+    return peak * w + (1 - w) * cfg.lr_floor * first
 
 
 def _phase_value(phases, cfg: TrainConfig, step: int, default: int) -> int:

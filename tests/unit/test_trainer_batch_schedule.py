@@ -336,3 +336,13 @@ def test_a_run_with_a_capped_first_half_trains_on_those_tokens(tmp_path):
             assert starts[0] == 0 and np.diff(np.append(starts, len(seq))).max() <= 200
     later = [np.diff(np.append(np.flatnonzero(seq == BOS), len(seq))).max() for s in (2, 3) for seq in fed[s]]
     assert max(later) > 200   # whole documents again (the Markov shards' longest run past 200 tokens)
+
+
+def test_the_cool_down_ends_at_lr_floor_and_the_default_is_record28s():
+    base = tiny_config(steps=100, cooldown_frac=0.6)
+    raised = tiny_config(steps=100, cooldown_frac=0.6, lr_floor=0.15)
+    assert [lr_scale(base, s) for s in range(40)] == [lr_scale(raised, s) for s in range(40)] == [1.0] * 40
+    assert lr_scale(base, 100) == pytest.approx(0.1) and lr_scale(raised, 100) == pytest.approx(0.15)
+    assert lr_scale(raised, 70) == pytest.approx(0.5 * 1.0 + 0.5 * 0.15)   # halfway down the cool-down
+    with pytest.raises(ValueError, match="^lr_floor: must be within"):
+        tiny_config(lr_floor=1.5)
