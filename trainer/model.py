@@ -98,13 +98,22 @@ def offset_stationary_keys(k: torch.Tensor) -> torch.Tensor:
     return torch.where(stationary, torch.cat([k[:, :1], k[:, :-1]], dim=1), k)
 
 
+def exclude_own_value(y: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Record-82's learnable XSA on y and v (B, T, H, D): each head's output loses tanh(alpha[h]) of its component
+    along the token's own value, y - tanh(alpha) (y . v / |v|^2) v; at alpha = 0, y unchanged."""
+    along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
+    return y - torch.tanh(alpha).to(y.dtype)[:, None] * along * v
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, prep_kernel: str = "torch",
                  rotary: Rotary | None = None, gate_dims: int = 0, value_gate_dims: int = 0,
-                 key_offset: bool = False, paired: bool = False):
+                 key_offset: bool = False, paired: bool = False, xsa: bool = False):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         self.key_offset = key_offset
+        # record-82's learnable XSA strength, one per head, zero at start (tanh(0) = 0: off until trained)
+        self.xsa_alpha = nn.Parameter(torch.zeros(num_heads)) if xsa else None
         # record-58's paired heads: head m * H/2 + p is member m of pair p. The projection's rows are reordered so
         # that a token's q, k, v come out as (member, q/k/v, pair, dim): the (T, 2, ...) output is then, as it lies
         # in memory, a sequence of 2T positions (token t's member m at 2t + m) of H/2 heads, and the attention's
@@ -181,6 +190,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE).transpose(1, 2)
         y = y.reshape(B, T, self.num_heads, self.head_dim)   # paired: (B, 2T, H/2, D) read as (B, T, H, D)
+        if self.xsa_alpha is not None:   # never paired: there a token's value is not one head's (B, T, H, D)
+            y = exclude_own_value(y, v.transpose(1, 2), self.xsa_alpha)
         if self.gate is not None:   # (B, T, H, D) times (B, T, H, 1)
             y = y * torch.sigmoid(self.gate(x[..., :self.gate_dims]))[..., None]
         return self.c_proj(y.reshape(B, T, -1))
@@ -215,7 +226,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep, rotary,
                               cfg.attn_gate_dims if cfg.attn_gate else 0,
-                              cfg.attn_gate_dims if value_gate else 0, key_offset, paired) if attention else None
+                              cfg.attn_gate_dims if value_gate else 0, key_offset, paired,
+                              xsa=cfg.xsa and not paired) if attention else None
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel) if mlp else None
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 

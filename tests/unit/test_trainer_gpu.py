@@ -162,12 +162,14 @@ def test_validation_loss_has_no_fp8_in_it():
 
 LATER_RECORDS_PARTS = dict(smear=True, bigram_embed=True, bigram_rows=50304 * 2, bigram_dim=128, bigram_sign_rows=512,
                            value_embed_gate=True, skip_gate=True, logit_rescale=True, key_offset=True,
-                           multi_token_prediction=True, paired_head_layers="1", mudd=True)
+                           multi_token_prediction=True, paired_head_layers="1", mudd=True, xsa=True,
+                           attn_vo_init=0.05)
 
 
 def test_compiled_model_with_the_later_records_parts_matches_the_dense_model():
     """Smear, the bigram embedding, the value and skip gates, the partial key offset, the paired heads (the attn_prep
-    kernel over 2T positions), MUDD's connections (its value term through the attn_prep kernel) and the logit rescale
+    kernel over 2T positions), MUDD's connections (its value term through the attn_prep kernel), XSA, the mimetic V-O
+    init and the logit rescale
     (the fused loss kernel's rescaled form), compiled with FlexAttention in bf16, give the loss of the same model run
     eagerly with dense attention."""
     cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=2048, num_layers=4, num_value_embeds=2,
@@ -205,7 +207,7 @@ def test_training_loop_on_the_gpu_with_every_later_records_switch(tmp_path):
                       compile=True, muon_variant="normuon", muon_cautious_wd=1.2, muon_momentum_cooldown_steps=4,
                       adam_every_other_step=True, prefix_token_loss=True, vocab_file=str(vocab),
                       doc_len_schedule="1/2:200,1:512", window_schedule="1/2:1,1:2", yarn=True,
-                      final_val_window_blocks=4, **LATER_RECORDS_PARTS)
+                      final_val_window_blocks=4, lr_floor=0.15, **LATER_RECORDS_PARTS)
     assert Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out")).run() == 0
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train = [r["train_loss"] for r in records if "train_loss" in r]
