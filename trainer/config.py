@@ -108,6 +108,11 @@ class TrainConfig:
     # (head_dim/4..head_dim/2 and 3/4 head_dim..head_dim) hold the previous position's values, so one key carries
     # two positions (one-layer induction). Not yet on the yardstick: off
     key_offset: bool = False
+    # record-77 (SimplifyHC, 2026-03-06): every layer after this one takes its attention's input from this layer's
+    # output, saved, not from the residual as it goes on (the MLPs still read the residual): the record's layer 7 of
+    # 11, our 8 (our layer 0 is the one the record dropped). The record: 1.446 -> 1.435 min. -1 = off. Not yet on the
+    # yardstick
+    attn_input_layer: int = -1
     # record-82 (XSAGatedLayers, 2026-04-29): in every attention layer without paired heads, each head's output loses
     # tanh(alpha) of its component along the token's own value (arXiv:2603.09078), alpha per layer and head, zero
     # at start, trained with the scalars (Adam, no weight decay; the record's betas are (0.9, 0.95)). The record: 30
@@ -266,6 +271,9 @@ class TrainConfig:
             raise ValueError(f"mlp_fp8: must be none, forward, grad_h or all (got {self.mlp_fp8!r})")
         if self.muon_polynomial not in ("newton_schulz", "polar_express"):
             raise ValueError(f"muon_polynomial: must be newton_schulz or polar_express (got {self.muon_polynomial!r})")
+        if not -1 <= self.attn_input_layer < self.num_layers - 1:
+            raise ValueError(f"attn_input_layer: must be -1 (off) or a layer before the last, 0..{self.num_layers - 2} "
+                             f"(got {self.attn_input_layer})")
         if self.attn_vo_init < 0 or (self.attn_vo_init and self.num_heads * self.head_dim != self.model_dim):
             raise ValueError(f"attn_vo_init: must be >= 0, and > 0 only with num_heads x head_dim = model_dim "
                              f"(got {self.attn_vo_init} with {self.num_heads} x {self.head_dim} and {self.model_dim})")

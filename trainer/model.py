@@ -231,12 +231,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel) if mlp else None
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
-    def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None, extra_v=None):
+    def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None, extra_v=None, attn_in=None):
+        """attn_in: what the attention reads instead of this layer's mixed input (attn_input_layer's saved output)."""
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if bigram is not None:   # the bigram embedding, already weighted for this layer
             x = x + bigram
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, docs, window_blocks, block_size, mask, extra_v)
+            x = x + self.attn(norm(x if attn_in is None else attn_in), ve, docs, window_blocks, block_size, mask,
+                              extra_v)
         return x if self.mlp is None else x + self.mlp(norm(x))
 
 
@@ -361,7 +363,10 @@ class GPT(nn.Module):
                 last_in = x
                 x, extra_v = self.mudd.before_last(x, x0, saved[late])
             x = block(x, x0, ve, layer_docs, window, cfg.block_size, mask,
-                      None if bigram is None else self.bigram_lambdas[i] * bigram, extra_v)
+                      None if bigram is None else self.bigram_lambdas[i] * bigram, extra_v,
+                      attn_in=saved.get("attn_input"))
+            if i == cfg.attn_input_layer:   # record-77: the later layers' attention reads this output
+                saved["attn_input"] = x
             if i < half:
                 skips.append(x)
             if self.mudd is not None and i in (early, late):

@@ -163,13 +163,13 @@ def test_validation_loss_has_no_fp8_in_it():
 LATER_RECORDS_PARTS = dict(smear=True, bigram_embed=True, bigram_rows=50304 * 2, bigram_dim=128, bigram_sign_rows=512,
                            value_embed_gate=True, skip_gate=True, logit_rescale=True, key_offset=True,
                            multi_token_prediction=True, paired_head_layers="1", mudd=True, xsa=True,
-                           attn_vo_init=0.05)
+                           attn_vo_init=0.05, attn_input_layer=2)
 
 
 def test_compiled_model_with_the_later_records_parts_matches_the_dense_model():
     """Smear, the bigram embedding, the value and skip gates, the partial key offset, the paired heads (the attn_prep
     kernel over 2T positions), MUDD's connections (its value term through the attn_prep kernel), XSA, the mimetic V-O
-    init and the logit rescale
+    init, the saved attention input and the logit rescale
     (the fused loss kernel's rescaled form), compiled with FlexAttention in bf16, give the loss of the same model run
     eagerly with dense attention."""
     cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=2048, num_layers=4, num_value_embeds=2,
