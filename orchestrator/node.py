@@ -32,9 +32,9 @@ from orchestrator.provenance import describe_devices, environment_record, packag
 from orchestrator.sweep import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending, SeedState, next_action, seed_dir,
                                 seed_prefix, trainer_outcome)
 from orchestrator.sweep import seed_done as is_seed_done
+from trainer.startup import SEED_STARTED_ENV
 
 log = logging.getLogger(__name__)
-SEED_STARTED_ENV = "SPEEDRUN_SEED_STARTED_UNIX"   # when torchrun started, for the trainer (trainer.train.startup_parts)
 
 
 def apply_launch_env(environ: Mapping[str, str], launch: Mapping[str, str | None]) -> dict[str, str]:

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
 
     from trainer.data import ShardError   # torch is imported only once the arguments are known to be good
-    from trainer.train import Trainer, startup_parts
+    from trainer.startup import startup_parts
+    from trainer.train import Trainer
 
     try:
         trainer = Trainer(cfg, args.data_dir, args.out_dir, startup=startup_parts(MAIN_STARTED, time.time()))

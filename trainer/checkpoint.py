@@ -1,8 +1,10 @@
-"""Checkpoints: OUT/ckpt/step_NNNNNN.pt and OUT/ckpt/final.pt, written atomically by rank 0."""
+"""Checkpoints: OUT/ckpt/step_NNNNNN.pt and OUT/ckpt/final.pt, written atomically by rank 0; and the request to
+checkpoint and stop (SIGUSR1 or OUT/CHECKPOINT_NOW) that the node runner makes before a preemption."""
 from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 import torch
@@ -49,3 +51,21 @@ def resolve(resume: str | None, out_dir: str | Path) -> Path | None:
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class StopRequest:
+    """Set by SIGUSR1 or by the file OUT/CHECKPOINT_NOW; the ranks agree on it at check steps."""
+
+    def __init__(self, out_dir: Path):
+        self.file = out_dir / "CHECKPOINT_NOW"
+        self.signalled = False
+        try:
+            signal.signal(signal.SIGUSR1, self._on_signal)
+        except ValueError:  # not the main thread (tests that call run() from a thread)
+            pass
+
+    def _on_signal(self, *_):
+        self.signalled = True
+
+    def asked(self) -> bool:
+        return self.signalled or self.file.exists()

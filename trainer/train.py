@@ -8,9 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from trainer.optim import build_optimizers, copy_adam_state
 from trainer.schedules import (adam_steps, doc_len_cap, head_tied, loss_weights, lr_scale, micro_batch_len,
                                 microbatches, muon_momentum, val_window_blocks, warmup_steps, window_blocks,
                                 window_changes, yarn_scales)
+from trainer.startup import BEFORE_WARMUP, compile_cache_counts
 from trainer.vocab import gpt2_ranks, prefix_table
 
 log = logging.getLogger("trainer")
@@ -37,19 +36,6 @@ log = logging.getLogger("trainer")
 
 # The compile cache's record of this process: whether the warm-up's graphs came from the cache (hits) or compiled
 # (misses), by layer: inductor's FX graphs and AOTAutograd's forward+backward pairs; plus dynamo's graph count.
-CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
-                  ("inductor", "fxgraph_cache_bypass"), ("aot_autograd", "autograd_cache_hit"),
-                  ("aot_autograd", "autograd_cache_miss"), ("aot_autograd", "autograd_cache_bypass"),
-                  ("stats", "unique_graphs"))
-
-
-def compile_cache_counts() -> dict[str, int]:
-    """CACHE_COUNTERS as {name: count}, the ones above zero, from torch's process-wide counters."""
-    from torch._dynamo.utils import counters
-
-    return {name: counters[group][name] for group, name in CACHE_COUNTERS if counters[group][name]}
-
-
 def keep_freed_memory() -> None:
     """CPU runs free and re-fault ~200 MB of logits every micro-batch; keeping freed memory in the heap
     (glibc mallopt: no mmap for big blocks, no trim) halves the CPU time per step. No-op off glibc."""
@@ -59,42 +45,6 @@ def keep_freed_memory() -> None:
         libc.mallopt(-1, 1 << 31)   # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-class StopRequest:
-    """Set by SIGUSR1 or by the file OUT/CHECKPOINT_NOW; the ranks agree on it at check steps."""
-
-    def __init__(self, out_dir: Path):
-        self.file = out_dir / "CHECKPOINT_NOW"
-        self.signalled = False
-        try:
-            signal.signal(signal.SIGUSR1, self._on_signal)
-        except ValueError:  # not the main thread (tests that call run() from a thread)
-            pass
-
-    def _on_signal(self, *_):
-        self.signalled = True
-
-    def asked(self) -> bool:
-        return self.signalled or self.file.exists()
-
-
-SEED_STARTED_ENV = "SPEEDRUN_SEED_STARTED_UNIX"   # set by the node runner when it starts torchrun for a seed
-BEFORE_WARMUP = ("torchrun_s", "imports_s", "ranks_and_data_s", "model_s")
-
-
-def startup_parts(main_started: float, imports_done: float, environ=os.environ) -> dict[str, float]:
-    """Where a seed's time went before the trainer's own set-up: torchrun's (from the node's start of it to this
-    process's first line; only under the node runner, which says when) and the imports' (torch, triton, ours)."""
-    parts = {}
-    launched = environ.get(SEED_STARTED_ENV)
-    if launched:
-        try:
-            parts["torchrun_s"] = max(0.0, main_started - float(launched))
-        except ValueError:
-            pass
-    parts["imports_s"] = imports_done - main_started
-    return parts
 
 
 class Trainer:
@@ -147,7 +97,7 @@ class Trainer:
         adam_params = [p for g in self.adam.param_groups for p in g["params"]] if cfg.adam_every_other_step else []
         self.reducer = GradientReducer(self.model.parameters(), r.world, deferrable=adam_params)
         self.owned_grads = OwnedGradients(self.model.parameters()) if self.compiled and cfg.cuda_graphs else None
-        self.stop = StopRequest(self.out)
+        self.stop = checkpoint.StopRequest(self.out)
         # record-31's YaRN: the window's changes over the run, and how many of them the rotary tables hold now
         self.window_changes = window_changes(cfg) if cfg.yarn else []
         self.yarn_applied = 0

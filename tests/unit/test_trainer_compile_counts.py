@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 PROGRAM = """
 import json, torch
-from trainer.train import compile_cache_counts
+from trainer.startup import compile_cache_counts
 f = torch.compile(lambda x: (x * 2).sin().sum(), dynamic=False)
 f(torch.randn(64, requires_grad=True)).backward()
 print(json.dumps(compile_cache_counts()))
@@ -36,10 +36,8 @@ def test_a_second_process_compiles_nothing_the_first_one_cached(tmp_path):
 def test_startup_parts_split_torchrun_from_the_imports():
     """The warm-up line says what came before it: torchrun's start (from the time the node runner started it, in
     the environment it passes) and the imports; without the node runner, only the imports."""
-    from orchestrator.node import SEED_STARTED_ENV
-    from trainer.train import SEED_STARTED_ENV as read, startup_parts
+    from trainer.startup import SEED_STARTED_ENV, startup_parts
 
-    assert read == SEED_STARTED_ENV
     assert startup_parts(100.0, 103.5, {SEED_STARTED_ENV: "97.25"}) == {"torchrun_s": 2.75, "imports_s": 3.5}
     assert startup_parts(100.0, 103.5, {}) == {"imports_s": 3.5}
     assert startup_parts(100.0, 103.5, {SEED_STARTED_ENV: "soon"}) == {"imports_s": 3.5}
