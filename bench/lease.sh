@@ -11,6 +11,10 @@
 # training, 22 s of validation): ours and one variant fit a 600 s call beside the shards, not two variants.
 # One lease, 2026-12-06: call 1 with the GPU tests 136 s, call 2 (shards + ours + one variant) 564 s, then on the
 # same warm machine (ours' compile cached) ours + another variant in 399 and 449 s: three A/Bs in ~1,600 s of 1,800.
+# Issue 26's lease, 2026-12-06: .rt holding bpe/ and reference/ (../shared/reference copied, not committed); call 1
+# lease_cache_probe bench/cache_probe.yaml 3 (168 s), call 2 lease_record28 1 8.6 (record-28's cold compile: 526 s),
+# call 3 lease_record28 2 3.9; lease_record28 3 3.9 fresh (454 s), then a fresh-node --seeds 2 probe (81 s): ~1,400 s
+# of 1,800 with the machine's start.
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).
