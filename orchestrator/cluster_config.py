@@ -71,6 +71,8 @@ class ClusterConfig(Strict):
     setup: list[str] = Field(default_factory=list, description="shell lines run before the node runner")
     env: dict[str, str] = Field(default_factory=dict)
     cost_per_hour: float | None = Field(None, ge=0, description="$ per node-hour, for the cost line")
+    node_cache_gb: float = Field(50.0, gt=0, description="compile caches and shipped code each node keeps in "
+                                 "work_dir between sweeps; past it, the least recently used go after a sweep")
     local: LocalSettings | None = None
     slurm: SlurmSettings | None = None
     ray: RaySettings | None = None

@@ -27,6 +27,7 @@ from rich.console import Console
 
 from orchestrator.compile_cache import compile_cache_env, ptxas_env
 from orchestrator.config import REPO_ROOT, expand
+from orchestrator.node_cache import hold
 from orchestrator.plan import LaunchPlan
 from orchestrator.provenance import describe_devices, environment_record, package_version, trainer_code_hash
 from orchestrator.sweep import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending, SeedState, next_action, seed_dir,
@@ -192,6 +193,33 @@ class NodeRunner:
             save_compile_cache(self.store, self.compile_cache_key, self.cache_root)
         except Exception as e:
             log.warning("compile cache save failed: %s", e)
+
+    def cache_entries(self) -> list[Path]:
+        """What this sweep uses of the node's caches: its compile cache and its shipped tars (node_cache.py)."""
+        from orchestrator.offline import unpacked_dir
+        from orchestrator.workdir import cached_tar
+
+        entries = [self.cache_root] if self.plan.cluster.device == "cuda" else []
+        for shipped in (self.plan.workdir, self.plan.offline):
+            if shipped:
+                entries.append(cached_tar(self.shipped_cache, shipped["sha256"]))
+        if self.plan.offline:
+            entries.append(unpacked_dir(self.shipped_cache, self.plan.offline["sha256"]))
+        return entries
+
+    def prune_caches(self) -> None:
+        """The node's caches back under cluster.node_cache_gb, least recently used out first; never fails a run."""
+        from orchestrator.node_cache import prune
+
+        roots = [expand(self.plan.cluster.work_dir) / "compile-cache", self.shipped_cache]
+        try:
+            removed = prune(roots, int(self.plan.cluster.node_cache_gb * 1e9))
+        except OSError as e:
+            log.warning("node cache: not pruned (%s)", e)
+            return
+        if removed:
+            self.console.print(f"[node] caches over node_cache_gb={self.plan.cluster.node_cache_gb:g}: removed "
+                               f"{len(removed)} least recently used ({', '.join(p.name for p in removed)})")
 
     def trainer_config(self, seed: int) -> dict:
         job = self.plan.job
@@ -402,21 +430,23 @@ class NodeRunner:
         self.console.print(f"[node] {self.plan.sweep_id}: node {self.node.node_rank}/{self.node.nnodes} on "
                            f"{socket.gethostname()}, seeds {self.plan.seeds}")
         staged = self.stage()
-        self.restore_offline()
-        self.restore_compile_cache()
-        outcomes = []
-        for seed in self.plan.seeds:
-            if self._stop.is_set():
-                return EXIT_PREEMPTED
-            if self.node.is_first and self.seed_done(seed):
-                self.console.print(f"[node] seed {seed}: already complete in the store, skipped")
-                continue
-            o = self.run_seed(seed, staged.dest)
-            if o.state == SeedState.PREEMPTED:
-                self.console.print(f"[node] seed {seed}: checkpointed for preemption; resume by running again")
-                return EXIT_PREEMPTED
-            outcomes.append(o)
-        self.save_compile_cache()
+        with hold(self.cache_entries()):   # another sweep's pruning on this node leaves them alone
+            self.restore_offline()
+            self.restore_compile_cache()
+            outcomes = []
+            for seed in self.plan.seeds:
+                if self._stop.is_set():
+                    return EXIT_PREEMPTED
+                if self.node.is_first and self.seed_done(seed):
+                    self.console.print(f"[node] seed {seed}: already complete in the store, skipped")
+                    continue
+                o = self.run_seed(seed, staged.dest)
+                if o.state == SeedState.PREEMPTED:
+                    self.console.print(f"[node] seed {seed}: checkpointed for preemption; resume by running again")
+                    return EXIT_PREEMPTED
+                outcomes.append(o)
+            self.save_compile_cache()
+            self.prune_caches()
         failed = [o.seed for o in outcomes if o.state != SeedState.SUCCEEDED]
         pending = [o.seed for o in outcomes if o.upload_pending]
         if failed or pending:

@@ -11,7 +11,7 @@ it and starts the script with HF_HOME, HF_HUB_OFFLINE=1 and TIKTOKEN_CACHE_DIR p
     missing(spec)            -> [what is not in the cache, in words]       (pure reads)
     snapshot_cache(spec, key) -> workdir.Snapshot of the needed files      (ConfigError when incomplete)
     prefetch(spec, say)      -> downloads into spec.cache                  (`speedrun prefetch`)
-    restore(store, shipped, cache_dir) -> the unpacked folder on the node
+    restore(store, shipped, cache_dir) -> the unpacked folder on the node (unpacked_dir(cache_dir, sha256))
     node_env(unpacked_dir, spec)      -> the environment variables for the script
 """
 from __future__ import annotations
@@ -133,11 +133,16 @@ def prefetch(spec: OfflineSpec, say: Callable[[str], None] = log.info) -> Path:
     return root
 
 
+def unpacked_dir(cache_dir: Path, sha256: str) -> Path:
+    """Where this node keeps a shipped offline cache unpacked (node_cache.py bounds the folder)."""
+    return cache_dir / f"offline-{sha256[:16]}"
+
+
 def restore(store, shipped: dict, cache_dir: Path) -> Path:
     """The shipped offline caches unpacked on this node, once (later seeds and sweeps reuse the folder)."""
     from orchestrator.workdir import fetch, unpack
 
-    dest = cache_dir / f"offline-{shipped['sha256'][:16]}"
+    dest = unpacked_dir(cache_dir, shipped["sha256"])
     if not (dest / ".complete").is_file():
         unpack(fetch(store, shipped["key"], shipped["sha256"], cache_dir), dest)
         (dest / ".complete").touch()

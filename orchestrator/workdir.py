@@ -250,9 +250,14 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
     return [m.name for m in members if not m.isdir()]
 
 
+def cached_tar(cache_dir: Path, sha256: str) -> Path:
+    """Where this node keeps a shipped tar (node_cache.py bounds the folder)."""
+    return cache_dir / f"{sha256}.tar"
+
+
 def fetch(store, key: str, sha256: str, cache_dir: Path) -> Path:
     """A shipped tar on this node: cached by sha256 under cache_dir, downloaded once and checked."""
-    local = cache_dir / f"{sha256}.tar"
+    local = cached_tar(cache_dir, sha256)
     if local.is_file():
         return local
     cache_dir.mkdir(parents=True, exist_ok=True)

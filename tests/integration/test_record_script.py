@@ -105,6 +105,25 @@ def test_local_backend(tmp_path):
     checkout.check(checkout.launch("local", []))
 
 
+def test_a_node_keeps_its_caches_under_node_cache_gb_but_never_what_the_sweep_uses(tmp_path):
+    """Stale entries of earlier sweeps (another code's compile cache, another workdir's tar) go once the node's caches
+    are over node_cache_gb; this sweep's shipped workdir and offline caches stay, however small the bound."""
+    checkout = Checkout(tmp_path)
+    work = tmp_path / "work"
+    stale_tar, stale_cache = work / "shipped" / ("0" * 64 + ".tar"), work / "compile-cache" / "old-code-2.11-H100"
+    stale_tar.parent.mkdir(parents=True)
+    stale_tar.write_bytes(b"x" * 600_000)
+    (stale_cache / "triton").mkdir(parents=True)
+    (stale_cache / "triton" / "k.cubin").write_bytes(b"x" * 600_000)
+    for p in (stale_tar, stale_cache):
+        os.utime(p, (1e9, 1e9))   # last used in 2001
+    checkout.check(checkout.launch("local", ["cluster.node_cache_gb=0.0001"]))
+    assert not stale_tar.exists() and not stale_cache.exists()
+    assert "[node] caches over node_cache_gb=0.0001: removed 2 least recently used" in checkout.output
+    kept = sorted(p.name for p in (work / "shipped").iterdir() if not p.name.startswith("."))
+    assert len([n for n in kept if n.endswith(".tar")]) == 2 and any(n.startswith("offline-") for n in kept)
+
+
 def test_a_script_that_dies_before_its_first_step_is_summarised_by_its_error(tmp_path):
     """Without script_dirs' logs/final, the record's own `open('logs/final/<uuid>.txt')` fails, as record-28 did."""
     checkout = Checkout(tmp_path)
