@@ -39,10 +39,13 @@ def hold(entries: list[Path]) -> Iterator[None]:
     """Shared locks on the entries (which may not exist yet) for the block; each stamped as used when let go."""
     with contextlib.ExitStack() as stack:
         for entry in entries:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            f = stack.enter_context(open(_lock_file(entry), "a"))
-            fcntl.flock(f, fcntl.LOCK_SH)
             stack.callback(_stamp, entry)
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                f = stack.enter_context(open(_lock_file(entry), "a"))
+                fcntl.flock(f, fcntl.LOCK_SH)
+            except OSError as e:   # a filesystem without flock (some Lustre mounts): prune() then removes nothing
+                log.warning("node cache: cannot lock %s (%s); it is not pruned while this runs", entry, e)
         yield
 
 
@@ -57,7 +60,7 @@ def _remove_unless_held(entry: Path) -> bool:
     with open(_lock_file(entry), "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:   # held by a run (BlockingIOError), or no locks on this filesystem: either way, in use
             return False
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

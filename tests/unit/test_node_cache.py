@@ -64,3 +64,18 @@ def test_a_lock_held_by_another_open_file_blocks_removal(tmp_path):
     with open(cc / ".busy.inuse", "a") as f:
         fcntl.flock(f, fcntl.LOCK_SH)
         assert prune([cc], max_bytes=0) == [] and e.is_dir()
+
+
+def test_without_file_locks_nothing_is_removed_and_the_run_goes_on(tmp_path, monkeypatch):
+    """Some shared filesystems refuse flock: a run must not fail over it, nor may a prune remove what it cannot
+    tell is unused."""
+    import orchestrator.node_cache as node_cache
+
+    def no_locks(f, op):
+        raise OSError(37, "No locks available")
+
+    cc = tmp_path / "compile-cache"
+    e = entry(cc, "stale", 1, age_s=9000)
+    monkeypatch.setattr(node_cache.fcntl, "flock", no_locks)
+    with hold([e]):
+        assert prune([cc], max_bytes=0) == [] and e.is_dir()
