@@ -167,11 +167,16 @@ class NodeRunner:
         code = code_hash(self.plan.workdir.get("sha256"), trainer_code_hash())
         return cache_key(code, package_version("torch") or "none", gpu)
 
+    @property
+    def compile_cache_dir(self) -> Path:
+        """Every code's compile cache on this node, one folder each (cache_root is this sweep's)."""
+        return expand(self.plan.cluster.work_dir) / "compile-cache"
+
     @cached_property
     def cache_root(self) -> Path:
         """This code's compile caches on this node: one folder per key, so what is saved under a key holds
         only what that code compiled (a record script never saves our trainer's kernels, nor the reverse)."""
-        return expand(self.plan.cluster.work_dir) / "compile-cache" / Path(self.compile_cache_key).stem
+        return self.compile_cache_dir / Path(self.compile_cache_key).stem
 
     def restore_compile_cache(self) -> None:
         if self.plan.cluster.device != "cuda":
@@ -211,7 +216,7 @@ class NodeRunner:
         """The node's caches back under cluster.node_cache_gb, least recently used out first; never fails a run."""
         from orchestrator.node_cache import prune
 
-        roots = [expand(self.plan.cluster.work_dir) / "compile-cache", self.shipped_cache]
+        roots = [self.compile_cache_dir, self.shipped_cache]
         try:
             removed = prune(roots, int(self.plan.cluster.node_cache_gb * 1e9))
         except OSError as e:

@@ -10,6 +10,8 @@ import os
 
 SEED_STARTED_ENV = "SPEEDRUN_SEED_STARTED_UNIX"   # set by the node runner when it starts torchrun for a seed
 BEFORE_WARMUP = ("torchrun_s", "imports_s", "ranks_and_data_s", "model_s")   # the warm-up line's "before it" parts
+# The compile cache's record of this process: whether the warm-up's graphs came from the cache (hits) or compiled
+# (misses), by layer: inductor's FX graphs and AOTAutograd's forward+backward pairs; plus dynamo's graph count.
 CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
                   ("inductor", "fxgraph_cache_bypass"), ("aot_autograd", "autograd_cache_hit"),
                   ("aot_autograd", "autograd_cache_miss"), ("aot_autograd", "autograd_cache_bypass"),

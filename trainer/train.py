@@ -34,8 +34,6 @@ from trainer.vocab import gpt2_ranks, prefix_table
 log = logging.getLogger("trainer")
 
 
-# The compile cache's record of this process: whether the warm-up's graphs came from the cache (hits) or compiled
-# (misses), by layer: inductor's FX graphs and AOTAutograd's forward+backward pairs; plus dynamo's graph count.
 def keep_freed_memory() -> None:
     """CPU runs free and re-fault ~200 MB of logits every micro-batch; keeping freed memory in the heap
     (glibc mallopt: no mmap for big blocks, no trim) halves the CPU time per step. No-op off glibc."""
@@ -193,7 +191,7 @@ class Trainer:
     def next_graph_run(self) -> None:
         """With CUDA graphs, a new run of the graphs may write over the last run's outputs: each was read already
         (its loss added up, its backward done), so tell torch instead of letting it copy them."""
-        if self.compiled and self.cfg.cuda_graphs:
+        if self.owned_grads is not None:   # made exactly when the compiled graphs are CUDA graphs
             torch.compiler.cudagraph_mark_step_begin()
 
     @torch.no_grad()
@@ -366,9 +364,10 @@ class Trainer:
         self.sync()
         self.timings["warmup_s"] = time.time() - t0
         self.timings["compile_cache"] = compile_cache_counts()
-        if self.cfg.cuda_graphs and cuda_graph_skips():
+        skipped = cuda_graph_skips() if self.owned_grads is not None else 0
+        if skipped:
             log.warning("cuda_graphs: %d compiled graph(s) run without CUDA graphs; TORCH_LOGS=perf_hints says why",
-                        cuda_graph_skips())
+                        skipped)
         log.info("warm-up of %d steps took %.1fs (%s); before it: %s; compile cache: %s", n, self.timings["warmup_s"],
                  ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items() if k not in BEFORE_WARMUP),
                  ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items() if k in BEFORE_WARMUP),
