@@ -3,6 +3,7 @@ compile caches gave the warm-up. Imports no torch at load, so the node runner an
 
     startup_parts(main_started, imports_done) -> {"torchrun_s": ..., "imports_s": ...}
     compile_cache_counts() -> {"fxgraph_cache_hit": 3, "autograd_cache_hit": 2, "unique_graphs": 2, ...}
+    compile_phases() -> {"dynamo_s": 2.1, "backend_s": 3.0, "cache_load_s": 2.4, ...}
 """
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache
                   ("inductor", "fxgraph_cache_bypass"), ("aot_autograd", "autograd_cache_hit"),
                   ("aot_autograd", "autograd_cache_miss"), ("aot_autograd", "autograd_cache_bypass"),
                   ("stats", "unique_graphs"))
+# Where torch.compile's time went in this process, from the timers torch keeps per compile phase (nested: the
+# backend's time holds the cache's load, which holds the compiled modules' load): ours name -> torch's timer names
+COMPILE_PHASES = {
+    "dynamo_s": ("_compile.compile_inner",),                  # every frame's compile, the backend's time inside it
+    "tracing_s": ("bytecode_tracing",),                       # dynamo reading the model's Python
+    "backend_s": ("OutputGraph.call_user_compiler",),         # AOTAutograd + inductor, or their caches
+    "cache_load_s": ("AOTAutogradCache.inductor_load",),      # a cache hit's graphs loaded
+    "module_load_s": ("PyCodeCache.load_by_key_path",),       # compiled modules imported, their kernels loaded
+    "cache_keys_s": ("CacheBase.get_system.triton_key", "inductor_codecache_torch_key"),   # hashing installs
+    "kernel_compile_s": ("async_compile.wait",),              # waiting on kernels still compiling
+    "guards_s": ("build_guards",),
+    "backward_compile_s": ("backward._backward_impl",),       # a compiled backward's lazy first call
+}
 
 
 def startup_parts(main_started: float, imports_done: float, environ=os.environ) -> dict[str, float]:
@@ -37,3 +51,15 @@ def compile_cache_counts() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return {name: counters[group][name] for group, name in CACHE_COUNTERS if counters[group][name]}
+
+
+def compile_phases() -> dict[str, float]:
+    """COMPILE_PHASES as {name: seconds}, the ones torch timed, rounded to 10 ms."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    out = {}
+    for name, timers in COMPILE_PHASES.items():
+        times = [t for timer in timers for t in compilation_time_metrics.get(timer, ())]
+        if times:
+            out[name] = round(sum(times), 2)
+    return out

@@ -28,7 +28,7 @@ from trainer.optim import build_optimizers, copy_adam_state
 from trainer.schedules import (adam_steps, doc_len_cap, head_tied, loss_weights, lr_scale, micro_batch_len,
                                 microbatches, muon_momentum, val_window_blocks, warmup_steps, window_blocks,
                                 window_changes, yarn_scales)
-from trainer.startup import BEFORE_WARMUP, compile_cache_counts
+from trainer.startup import BEFORE_WARMUP, compile_cache_counts, compile_phases
 from trainer.vocab import gpt2_ranks, prefix_table
 
 log = logging.getLogger("trainer")
@@ -364,14 +364,17 @@ class Trainer:
         self.sync()
         self.timings["warmup_s"] = time.time() - t0
         self.timings["compile_cache"] = compile_cache_counts()
+        self.timings["compile_phases"] = compile_phases()
         skipped = cuda_graph_skips() if self.owned_grads is not None else 0
         if skipped:
             log.warning("cuda_graphs: %d compiled graph(s) run without CUDA graphs; TORCH_LOGS=perf_hints says why",
                         skipped)
-        log.info("warm-up of %d steps took %.1fs (%s); before it: %s; compile cache: %s", n, self.timings["warmup_s"],
+        log.info("warm-up of %d steps took %.1fs (%s); before it: %s; compile cache: %s; compile time: %s", n,
+                 self.timings["warmup_s"],
                  ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items() if k not in BEFORE_WARMUP),
                  ", ".join(f"{k} {v:.1f}s" for k, v in self.warmup_parts.items() if k in BEFORE_WARMUP),
-                 ", ".join(f"{k} {v}" for k, v in self.timings["compile_cache"].items()) or "no compiles")
+                 ", ".join(f"{k} {v}" for k, v in self.timings["compile_cache"].items()) or "no compiles",
+                 ", ".join(f"{k} {v:.2f}s" for k, v in self.timings["compile_phases"].items()) or "none")
 
     def run(self, resume: str | None = None) -> int:
         """Train to cfg.steps; returns 0 when done, 75 when stopped on request (after a checkpoint)."""

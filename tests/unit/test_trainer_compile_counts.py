@@ -11,10 +11,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 PROGRAM = """
 import json, torch
-from trainer.startup import compile_cache_counts
+from trainer.startup import compile_cache_counts, compile_phases
 f = torch.compile(lambda x: (x * 2).sin().sum(), dynamic=False)
 f(torch.randn(64, requires_grad=True)).backward()
-print(json.dumps(compile_cache_counts()))
+print(json.dumps([compile_cache_counts(), compile_phases()]))
 """
 
 
@@ -22,15 +22,19 @@ def test_a_second_process_compiles_nothing_the_first_one_cached(tmp_path):
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), TRITON_CACHE_DIR=str(tmp_path / "triton"),
                PYTHONPATH=str(REPO))
 
-    def one_process() -> dict:
+    def one_process() -> list[dict]:
         out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    first, second = one_process(), one_process()
+    (first, first_time), (second, second_time) = one_process(), one_process()
     assert first.get("fxgraph_cache_miss", 0) >= 1 and first.get("unique_graphs") == 1
     assert second.get("fxgraph_cache_hit", 0) >= 1 and "fxgraph_cache_miss" not in second
     assert second.get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second
+    # where the compile time went: the backend's time inside dynamo's; only the second loaded from the cache
+    for phases in (first_time, second_time):
+        assert 0 < phases["backend_s"] <= phases["dynamo_s"] and phases["tracing_s"] <= phases["dynamo_s"]
+    assert "cache_load_s" not in first_time and second_time["cache_load_s"] <= second_time["backend_s"]
 
 
 def test_startup_parts_split_torchrun_from_the_imports():
