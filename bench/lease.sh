@@ -54,6 +54,14 @@ lease_full() {   # OTHER_PIECES...: the whole corpus (the first piece from call 
 print('fingerprint', describe_data(Path('$LEASE_RT/shards'))['fingerprint'])"
 }
 
+lease_warm() {   # RECIPE_ARGS...: 4 steps of each run on the small shards, to fill the node's compile cache before
+  # the full shards' call. No --reference-json here: recipe.py refuses a reference curve of another step count
+  # (seen 2026-12-06: a warm-up given lease_recipe's flags ended at that check, rc 2, having compiled nothing)
+  python3 bench/recipe.py --data $LEASE_RT/small --steps 4 --val-every 2 --val-tokens 262144 --tag warm --out "$OUT" \
+    --work /tmp/yard/warm "$@" > "$OUT/warm.txt" 2>&1
+  echo "warm rc $?"; grep -h "warm-up of" -r /tmp/yard/warm/stores 2>/dev/null | cut -c1-600
+}
+
 lease_recipe() {   # TAG RECIPE_ARGS...: bench/recipe.py on the full shards, its JSON and launch logs written
   # straight into $OUT: recipe.py rewrites the JSON after every run, so a call cut at its limit still brings back
   # every run that finished (a copy after the recipe would be lost with the cut; seen 2026-12-05)
