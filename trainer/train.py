@@ -328,7 +328,9 @@ class Trainer:
         t0 = time.time()
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         gen = np.random.default_rng(self.cfg.seed)
-        local = self.cfg.grad_accum_total // self.ranks.world
+        # Each micro-batch of a step runs the same graphs, so one per step compiles them all (on one GPU a step is 8
+        # of them: the other 7 only cost time). CUDA graphs record a graph at its second run, so two.
+        local = min(self.cfg.grad_accum_total // self.ranks.world, 1 if self.owned_grads is None else 2)
         for i, step in enumerate(warmup_steps(self.cfg, n, self.model.head_tied)):
             if i == 1:
                 self.sync()

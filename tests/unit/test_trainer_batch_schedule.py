@@ -255,6 +255,28 @@ def test_the_warm_up_runs_every_micro_batch_length_and_nothing_else_changes_with
     assert warmup_steps(TrainConfig(**RECORD_8GPU, tie_head_until=0.99), 3, tied=True)[:3] == [0, 706, 2099]
 
 
+@pytest.mark.parametrize("cuda_graphs, per_step", [(False, 1), (True, 2)])
+def test_the_warm_up_runs_one_micro_batch_a_step_or_two_for_cuda_graphs(tmp_path, cuda_graphs, per_step):
+    """Every micro-batch of a step runs the same graphs: the warm-up runs one of each step's 4 (two with CUDA graphs,
+    which record at a graph's second run), at every length of the schedule, then puts the model back."""
+    from trainer.cuda_graphs import OwnedGradients
+
+    markov_shards(tmp_path / "data")
+    cfg = tiny_config(seq_len_schedule="1/2:256,1:512", grad_accum_total=4, warmup_compile_steps=2, steps=6)
+    trainer = Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out"))
+    trainer.compiled = True   # the warm-up runs only for a compiled model; eager here, the same steps
+    if cuda_graphs:
+        trainer.owned_grads = OwnedGradients(trainer.model.parameters())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    fed = []
+    train_step = trainer.train_step
+    trainer.train_step = lambda mb, step: fed.append((step, [len(s) for s in mb])) or train_step(mb, step)
+    trainer.warm_up()
+    assert fed == [(step, [micro_batch_len(cfg, step) + 1] * per_step) for step in warmup_steps(cfg, 2, tied=False)]
+    assert {length for _, (length, *_) in fed} == {257, 513}
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
 def test_the_loader_cuts_each_micro_batch_at_the_asked_length_from_one_stream(tmp_path):
     markov_shards(tmp_path / "data")
     files = find_shards(str(tmp_path / "data"), "fineweb_train_*.bin")
