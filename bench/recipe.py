@@ -1,17 +1,19 @@
 """The yardstick: time to the loss the reference record script reaches, ours against it, on the same real text.
 
-    python bench/recipe.py --data DIR [--steps 200] [--val-every 25] [--val-tokens 4194304] [--seeds K]
+    python bench/recipe.py --data DIR [--steps 200] [--ours-steps N] [--val-every 25] [--val-tokens 4194304] [--seeds K]
         [--set KEY=VALUE ...] [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--baseline DIR]
         [--reference PATH | --reference-json PATH] [--only LABELS] [--tag X] [--work DIR] [--log-dir DIR]
 
 Each run is one `speedrun launch JOB --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1
---store <its own folder> --seeds K` on the shards of --data, 393,216 tokens a step, --steps steps, in this order:
+--store <its own folder> --seeds K` on the shards of --data, in this order:
 the reference (../shared/reference/record28_train_gpt.py as `script:`, a copy with its schedule constants set,
-writing its log to logs/final/ as published; its seeds are repetitions) unless its curve
+writing its log to logs/final/ as published; --steps of 393,216 tokens; its seeds are repetitions) unless its curve
 comes from an earlier JSON; ours; the baseline (DIR's CLI and trainer); each variant. The target is the
 reference's final val loss (of its mean curve over repetitions); a run's time to it is where its mean curve first
-reaches it, interpolated from the val point before. A variant may set its own `steps` (a batch schedule reads
-fewer tokens a step, so it is judged on a longer schedule); the reference and ours keep --steps.
+reaches it, interpolated from the val point before. Ours, the baseline and the variants run --ours-steps (by
+default 1.3 x --steps: the default seq_len_schedule reads 2/3 of the reference's tokens a step over its thirds,
+and at 260 steps it reached the 200-step reference's loss at step 235.2, the margin ours had before it, at 175 of
+200); a variant may set its own `steps`.
 bench/results/recipe-<gpu>[-TAG].json is rewritten after every run, so a cut-off keeps what finished.
 """
 from __future__ import annotations
@@ -43,7 +45,8 @@ REFERENCE_VAL_BATCH = 4 * 64 * 1024        # its val_seq_len on one GPU; it asse
 REFERENCE_VAL_WINDOW = 8 * REFERENCE_VAL_BATCH   # its val loader needs a whole window of 8 batches in the shard
 BOS_SKIP = 1.03                            # BOS-aligned batches skip the rest of a document: ~3% more tokens read
 MIB = 1 << 20
-FIXED = {"steps": "--steps", "val_every": "--val-every", "val_tokens": "--val-tokens", "seed": "--seeds"}
+FIXED = {"steps": "--ours-steps", "val_every": "--val-every", "val_tokens": "--val-tokens", "seed": "--seeds"}
+OURS_STEPS = 1.3                           # --ours-steps' default, times --steps (the docstring says why)
 
 
 class UsageError(Exception):
@@ -177,8 +180,10 @@ def results_path(out: Path, gpu: str, tag: str | None) -> Path:
 
 def plan_runs(args) -> tuple[list[dict], dict]:
     """Every check that can refuse, before anything is created. Returns the runs and the meta of the JSON."""
-    if args.steps < 1 or args.val_every < 1 or args.seeds < 1:
-        raise UsageError("--steps, --val-every and --seeds: must be >= 1")
+    if args.ours_steps is None:
+        args.ours_steps = math.ceil(args.steps * OURS_STEPS)
+    if args.steps < 1 or args.ours_steps < 1 or args.val_every < 1 or args.seeds < 1:
+        raise UsageError("--steps, --ours-steps, --val-every and --seeds: must be >= 1")
     if args.val_tokens < 1 or args.val_tokens % REFERENCE_VAL_BATCH:
         raise UsageError(f"--val-tokens {args.val_tokens}: must be a multiple of {REFERENCE_VAL_BATCH:,} "
                          "(the reference's validation batch on one GPU)")
@@ -201,14 +206,15 @@ def plan_runs(args) -> tuple[list[dict], dict]:
     cluster = Path(args.cluster).resolve()
     if not cluster.is_file():
         raise UsageError(f"--cluster {args.cluster}: no such cluster config")
-    meta = dict(command=shlex.join([sys.executable, *sys.argv]), set=sets, steps=args.steps, val_every=args.val_every,
+    meta = dict(command=shlex.join([sys.executable, *sys.argv]), set=sets, steps=args.steps,
+                ours_steps=args.ours_steps, val_every=args.val_every,
                 val_tokens=args.val_tokens, tokens_per_step=TOKENS_PER_STEP, seeds=args.seeds,
                 cluster=str(cluster), data=describe_data(Path(args.data).resolve()))
     for run in runs:
         if run["kind"] == "reference":
             tokens, what = args.steps * TOKENS_PER_STEP, f"{args.steps} steps of {TOKENS_PER_STEP:,}"
         else:
-            steps = run["overrides"].get("steps", args.steps)
+            steps = run["overrides"].get("steps", args.ours_steps)
             tokens = run_tokens(run["overrides"], steps)
             what = f"{run['label']}'s {steps} steps ({tokens:,} tokens)"
         check_token_budget(meta["data"]["train_shard_tokens"], meta["data"]["val_shard_tokens"], tokens, what,
@@ -236,7 +242,8 @@ def write_job(run: dict, args, meta: dict, work: Path) -> Path:
     # staged into the work folder: the cluster's data_dir may hold another source's shards, which staging deletes
     spec = dict(name=name, seeds=args.seeds, checkpoint=dict(every=0, final=False), data=dict(
         source=meta["data"]["dir"], dir=str(work / "shards"), val_shards=len(meta["data"]["val_shard_tokens"])),
-        trainer=dict(dict(steps=args.steps, val_every=args.val_every, val_tokens=args.val_tokens), **run["overrides"]))
+        trainer=dict(dict(steps=args.ours_steps, val_every=args.val_every, val_tokens=args.val_tokens),
+                     **run["overrides"]))
     if run["kind"] == "reference":
         spec.update(trainer={}, script=str(work / "reference" / "train_gpt.py"))
         Path(spec["script"]).parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +319,8 @@ def gpu_and_torch() -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="folder of fineweb_train_*.bin and fineweb_val_*.bin shards")
-    p.add_argument("--steps", type=int, default=200, help="schedule length of every run")
+    p.add_argument("--steps", type=int, default=200, help="the reference's schedule length")
+    p.add_argument("--ours-steps", type=int, help="ours', the baseline's and the variants' (default 1.3 x --steps)")
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument("--val-tokens", type=int, default=4_194_304, help="val tokens (a multiple of 262,144)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per run (repetitions for the reference)")

@@ -91,7 +91,8 @@ def print_tables(report: dict) -> None:
     t = Table("run", "overrides beyond --set", "seeds", "ms/step", "final val loss", "time to it (s)", "steps to it",
               "vs reference", "vs ours",
               title=f"time to the reference's final val loss {f(target, '.4f')}, {report['gpu']} (torch "
-                    f"{report['torch']}), {report['steps']} steps of {report['tokens_per_step']:,} tokens" +
+                    f"{report['torch']}), the reference {report['steps']} steps of {report['tokens_per_step']:,} "
+                    f"tokens, ours {report.get('ours_steps', report['steps'])} steps" +
                     (f"; the reference ran on {report['reference_gpu']}: its seconds are not this GPU's, compare "
                      "with ours" if other else ""))
     for r in report["runs"]:

@@ -149,15 +149,17 @@ class TrainConfig:
     # phase's; here seq_len=16384, grad_accum_total=24, "1/3:8,2/3:16,1:24" (0.52, 0.78, 1 times ours).
     # Yardstick (H100s, 2026-12-05, 260 steps): "1/3:3,2/3:5,1:8" of 49,152-token micro-batches reached record-28's
     # loss in 0.861x ours' time, but 3 and 5 do not split over 8 ranks; the 8-rank form above took 1.231x (a
-    # 16K micro-batch costs 62% of a 48K one). Off (bench/NOTES.md)
+    # 16K micro-batch costs 62% of a 48K one). Off (bench/NOTES.md); the default seq_len_schedule must be '' with it
     batch_schedule: str = ""
     # record-46's own form on 8 GPUs (one micro-batch per rank): the micro-batch grows, not their count.
     # "END:TOKENS,..." runs grad_accum_total micro-batches of TOKENS (a multiple of block_size, at most seq_len)
     # on the steps below END x steps; each length compiles once, in the warm-up. The lr ties to the step's
     # tokens as above. The record: "1/3:16384,2/3:32768,1:49152". Not with batch_schedule; "" = off.
     # Yardstick (H100, 260 steps): the record's form 1.008x ours' time (against ours of another call): the same
-    # loss per token as the 0.861x form, lost to the first third's short micro-batches. Off (bench/NOTES.md)
-    seq_len_schedule: str = ""
+    # loss per token as the 0.861x form, lost to the first third's short micro-batches (2026-12-05). With
+    # cuda_graphs (2026-12-06, one H100, ours in the same call): 0.902x ours' time, a 16K micro-batch 29.5 ms
+    # against 82 ms for a 48K one (bench/NOTES.md). On, with cuda_graphs; a seq_len below 49152 needs its own
+    seq_len_schedule: str = "1/3:16384,2/3:32768,1:49152"
     # the record's document-length cap (train_max_seq_len, its stages since record-46): a micro-batch holds
     # documents' first TOKENS tokens back to back, the rest of a longer document skipped, on the steps below END x
     # steps; "END:TOKENS,..." (the current record: "1/3:896,1:2048"), a phase of TOKENS >= seq_len is no cap.
@@ -179,8 +181,11 @@ class TrainConfig:
     # bigram, from record-61's) x 2315/2330 (record-41's NorMuon, from record-40's) x 1775/1840 (record-58's paired
     # heads, from record-57's) = 1473, and (b) the yardstick, where the bigram embedding and NorMuon reach record-28's
     # loss at step 182.1 of 200 (1695 x 0.9105 = 1543) and paired heads then at step 175.1 where ours of the same
-    # call did at 182.3: 1543 x 175.1 / 182.3 = 1484. The 8xH100 projection: bench/NOTES.md
-    steps: int = 1484
+    # call did at 182.3: 1543 x 175.1 / 182.3 = 1484. With the seq_len_schedule: 1998, the larger of (a) 1484 x
+    # 2160/2225 (record-46 ran 2160 steps where record-45 ran 2225) = 1441 and (b) the yardstick, where the schedule
+    # reached record-28's loss at step 235.2 where ours of the same call did at 174.7: 1484 x 235.2 / 174.7 = 1998.
+    # The two disagree by 39%; the 8xH100 projection and its range: bench/NOTES.md
+    steps: int = 1998
     cooldown_frac: float = 0.45
     # where the cool-down ends, as a fraction of the (first phase's) lr: record-28's 0.1; record-72 (ShortWindow,
     # 2026-02-10) raised it to 0.15, and the current record cools over 0.60 of training. Not yet on the yardstick
@@ -194,7 +199,8 @@ class TrainConfig:
     muon_momentum_warmup_steps: int = 300
     muon_momentum_cooldown_steps: int = 0     # record-39: 50, momentum back down to the warm-up start at the end
     # record-43's cautious weight decay: the update gets + lr * wd * p where the update and p agree in sign (the
-    # step then shrinks |p|), so the decay follows the lr schedule; 0 = off (record-43: 1.2 at its Muon lr 0.03)
+    # step then shrinks |p|), so the decay follows the lr schedule; 0 = off (record-43: 1.2 at its Muon lr 0.03).
+    # Yardstick (one H100, 2026-12-06): 0.43 (the record's lr^2 x wd at our lr 0.05) 0.997x ours' time: noise, off
     muon_cautious_wd: float = 0.0
     muon_variant: str = "normuon"             # muon | normuon: record-41's neuron-wise normalised update
     normuon_beta2: float = 0.95               # (trainer/optim.py; the record ran it at Muon lr 0.06, ours 0.05).
@@ -219,11 +225,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                      # auto | cuda | cpu
     compile: bool = True                      # torch.compile on CUDA; off on CPU
-    cuda_graphs: bool = False                 # compiled graphs replayed as CUDA graphs (torch.compile's
+    cuda_graphs: bool = True                  # compiled graphs replayed as CUDA graphs (torch.compile's
                                               # reduce-overhead): a micro-batch's forward and backward each one
-                                              # launch, not hundreds. A 16K micro-batch is >= 22% host-bound on an
-                                              # H100 (bench/NOTES.md), what keeps record-46's 8-rank batch
-                                              # schedule off. Not measured yet: off
+                                              # launch, not hundreds. H100: a 16K micro-batch 47 ms without, 29.5
+                                              # with; a 48K one 82 either way (bench/NOTES.md): what makes the
+                                              # seq_len_schedule pay. Not yet run on more than one GPU
     warmup_compile_steps: int = 3             # untimed steps on dummy data (the first compiles), then the state is reset
     checkpoint_every: int = 0
     checkpoint_final: bool = True
@@ -297,8 +303,8 @@ class TrainConfig:
             raise ValueError(f"final_val_window_blocks: must be >= 0, 0 for the training's last window "
                              f"(got {self.final_val_window_blocks})")
         if self.batch_phases() and self.seq_len_phases():
-            raise ValueError("batch_schedule, seq_len_schedule: set one of them; the batch grows either in "
-                             "micro-batches or in their length")
+            raise ValueError("batch_schedule, seq_len_schedule: set one of them (seq_len_schedule='' turns off "
+                             "the default); the batch grows either in micro-batches or in their length")
         if self.batch_lr_exponent < 0:
             raise ValueError(f"batch_lr_exponent: must be >= 0 (got {self.batch_lr_exponent})")
         if self.device not in ("auto", "cuda", "cpu"):
@@ -430,7 +436,7 @@ def parse_phases(key: str, text: str, unit: str, low: int, high: int, multiple: 
                              "or '' for off") from None
         if not sep or not 0 < phase[0] <= 1 or not low <= phase[1] <= high or phase[1] % multiple:
             within = f"within {low}..{high}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
-            raise ValueError(f"{key}: {part.strip()!r} needs END within (0, 1] and {unit} {within}")
+            raise ValueError(f"{key}: {part.strip()!r} needs END within (0, 1] and {unit} {within}; or '' for off")
         if phases and phase[0] <= phases[-1][0]:
             raise ValueError(f"{key}: the ENDs must increase ({phases[-1][0]} then {phase[0]})")
         phases.append(phase)

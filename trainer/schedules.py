@@ -180,7 +180,7 @@ def adam_steps(cfg: TrainConfig, step: int) -> bool:
 
 def head_tied(cfg: TrainConfig, step: int) -> bool:
     """Whether the head is still the embedding at this step (tie_head_until): record-53 unties at step
-    ceil(2/3 * its scheduled steps), the same arithmetic here (1484 steps: 990). 0 = never tied, 1 = never untied."""
+    ceil(2/3 * its scheduled steps), the same arithmetic here (1998 steps: 1332). 0 = never tied, 1 = never untied."""
     return cfg.tie_head_until > 0 and step < math.ceil(cfg.tie_head_until * cfg.steps)
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from recipe import (TOKENS_PER_STEP, UsageError, assemble, check_reference_json, check_token_budget,  # noqa: E402
                     curve_of, data_fingerprint, describe_data, parse_overrides, parse_variant, patch_reference,
-                    results_path, run_tokens, time_to_loss)
+                    plan_runs, results_path, run_tokens, time_to_loss, write_job)
 
 from orchestrator.train_log import parse_log  # noqa: E402
 from trainer.data import write_shard  # noqa: E402
@@ -166,13 +166,39 @@ def test_token_budget_of_the_reference_loader():
 
 
 def test_a_variant_may_run_its_own_schedule_length_and_a_batch_schedule_reads_fewer_tokens():
-    name, overrides = parse_variant("bs:batch_schedule=1/3:3,2/3:5,1:8,steps=300", {}, ["reference", "ours"])
-    assert overrides == dict(batch_schedule="1/3:3,2/3:5,1:8", steps=300)
+    name, overrides = parse_variant("bs:seq_len_schedule=,batch_schedule=1/3:3,2/3:5,1:8,steps=300", {},
+                                    ["reference", "ours"])
+    assert overrides == dict(seq_len_schedule="", batch_schedule="1/3:3,2/3:5,1:8", steps=300)
     # thirds of 300 steps at 3, 5 and 8 of the 8 micro-batches of 49,152 tokens
     assert run_tokens(overrides, 300) == 100 * (3 + 5 + 8) * 49_152
-    assert run_tokens({}, 200) == 200 * TOKENS_PER_STEP
-    with pytest.raises(UsageError, match="^--set steps: every run shares it"):
+    assert run_tokens(dict(seq_len_schedule=""), 200) == 200 * TOKENS_PER_STEP
+    # the default: 8 micro-batches of 16K, 32K and 48K tokens over thirds
+    assert run_tokens({}, 300) == 100 * (1 + 2 + 3) * 8 * 16_384
+    with pytest.raises(UsageError, match="^--set steps: every run shares it; set it with --ours-steps"):
         parse_overrides(["steps=300"], "--set")
+
+
+def test_ours_and_the_variants_run_1_3_times_the_references_steps_unless_told(tmp_path):
+    """The default seq_len_schedule reads 2/3 of the reference's tokens a step: ours, the baseline and the variants
+    run --ours-steps (default ceil(1.3 x --steps)); the reference keeps --steps; a variant's own steps win."""
+    import argparse
+
+    import yaml
+
+    script = tmp_path / "train_gpt.py"
+    script.write_text(SCRIPT)
+    data = shards(tmp_path / "data", [200_000_000], [4_194_306])
+    for ours_steps, want in ((None, 260), (210, 210)):
+        args = argparse.Namespace(steps=200, ours_steps=ours_steps, val_every=25, val_tokens=4_194_304, seeds=1,
+                                  set=[], variant=["long:muon_lr=0.06,steps=300", "cwd:muon_cautious_wd=0.43"],
+                                  baseline=None, only=None, cluster=str(REPO / "cluster_configs/local-gpu.yaml"),
+                                  data=str(data), reference=str(script), reference_json=None)
+        runs, meta = plan_runs(args)
+        assert (meta["steps"], meta["ours_steps"]) == (200, want)
+        jobs = {r["label"]: yaml.safe_load(write_job(r, args, meta, tmp_path / "work").read_text()) for r in runs}
+        assert jobs["reference"]["trainer"] == {} and "num_iterations = 200 " in \
+            (tmp_path / "work/reference/train_gpt.py").read_text()
+        assert [jobs[k]["trainer"]["steps"] for k in ("ours", "long", "cwd")] == [want, 300, want]
 
 
 def test_val_budget_is_whole_windows_of_the_reference_val_loader():
@@ -204,7 +230,7 @@ def test_a_variant_is_its_overrides_over_set_and_keeps_commas_inside_a_value():
 
 @pytest.mark.parametrize("item, message", [
     ("muon_l=0.06", "--set muon_l: not a TrainConfig field; did you mean muon_lr?"),
-    ("steps=50", "--set steps: every run shares it; set it with --steps"),
+    ("steps=50", "--set steps: every run shares it; set it with --ours-steps"),
     ("seed=3", "--set seed: every run shares it; set it with --seeds"),
     ("muon_lr=fast", "--set muon_lr=fast: must be float"),
     ("attention=sparse", "--set: attention: must be auto, flex or dense (got 'sparse')"),

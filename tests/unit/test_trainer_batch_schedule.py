@@ -21,7 +21,9 @@ from trainer.train import Trainer  # noqa: E402
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # record-46 in our terms: its 131,072 / 262,144 / 393,216 tokens per step are 8 / 16 / 24 micro-batches of 16,384
-RECORD = dict(seq_len=16384, grad_accum_total=24, batch_schedule="1/3:8,2/3:16,1:24", steps=2120, cooldown_frac=0.55)
+RECORD = dict(seq_len=16384, grad_accum_total=24, batch_schedule="1/3:8,2/3:16,1:24", steps=2120, cooldown_frac=0.55,
+              seq_len_schedule="")
+PLAIN = dict(seq_len_schedule="")   # the defaults without their sequence-length schedule: every step full length
 
 
 def record_batch_tokens(step: int, steps: int = 2120) -> int:
@@ -47,7 +49,7 @@ def test_microbatches_are_record_46s_thirds():
     assert [microbatches(cfg, s) for s in (0, 706, 707, 1413, 1414, 2119, 2120)] == [8, 8, 16, 16, 24, 24, 24]
     short = tiny_config(steps=10, grad_accum_total=4, batch_schedule="1/2:1,4/5:2,1:4")
     assert [microbatches(short, s) for s in range(10)] == [1] * 5 + [2] * 3 + [4] * 2
-    off = TrainConfig()
+    off = TrainConfig(**PLAIN)
     assert {microbatches(off, s) for s in range(off.steps + 1)} == {8}
 
 
@@ -60,12 +62,12 @@ def test_lr_is_tied_to_the_batch_as_record_46_ties_it():
     assert lr_scale(cfg, 800) == pytest.approx(1.516 / 1.933, rel=1e-3)   # phase 2, before the cool-down
     assert lr_scale(cfg, cfg.steps) == pytest.approx(0.1 / 1.933, rel=1e-3)
     flat = TrainConfig(**{**RECORD, "batch_lr_exponent": 0.0}).validate()
-    off = TrainConfig(cooldown_frac=0.55, steps=2120)
+    off = TrainConfig(**PLAIN, cooldown_frac=0.55, steps=2120)
     assert [lr_scale(flat, s) for s in range(2121)] == [lr_scale(off, s) for s in range(2121)]
 
 
 def test_without_a_schedule_the_lr_is_the_plain_cool_down_bit_for_bit():
-    for cfg in (TrainConfig(), TrainConfig(warmup_steps=50)):
+    for cfg in (TrainConfig(**PLAIN), TrainConfig(**PLAIN, warmup_steps=50)):
         for s in range(cfg.steps + 1):
             if s < cfg.warmup_steps:
                 want = (s + 1) / cfg.warmup_steps
@@ -88,9 +90,9 @@ def test_without_a_schedule_the_lr_is_the_plain_cool_down_bit_for_bit():
 ])
 def test_a_bad_schedule_is_refused_naming_the_key(schedule, words):
     with pytest.raises(ValueError, match=f"^batch_schedule: .*{words}"):
-        TrainConfig(batch_schedule=schedule).validate()
+        TrainConfig(**PLAIN, batch_schedule=schedule).validate()
     with pytest.raises(ValueError, match="^batch_lr_exponent"):
-        TrainConfig(batch_schedule="1:8", batch_lr_exponent=-1).validate()
+        TrainConfig(**PLAIN, batch_schedule="1:8", batch_lr_exponent=-1).validate()
 
 
 def test_a_schedule_that_does_not_split_over_the_ranks_is_refused(tmp_path):
@@ -216,7 +218,7 @@ def test_each_step_has_record_46s_tokens_in_eight_micro_batches():
     assert {microbatches(cfg, s) for s in range(cfg.steps + 1)} == {8}
     assert [micro_batch_len(cfg, s) for s in (0, 706, 707, 1413, 1414, 2119, 2120)] == \
         [16384, 16384, 32768, 32768, 49152, 49152, 49152]
-    off = TrainConfig()
+    off = TrainConfig(**PLAIN)
     assert {micro_batch_len(off, s) for s in range(off.steps + 1)} == {off.seq_len}
 
 
@@ -233,6 +235,7 @@ def test_the_lr_follows_the_tokens_exactly_as_the_micro_batch_count_form():
     (dict(seq_len_schedule="1/2:1000,1:2048", seq_len=2048), "seq_len_schedule: '1/2:1000' needs END .* multiple of 128"),
     (dict(seq_len_schedule="1/2:4096,1:2048", seq_len=2048), "seq_len_schedule: '1/2:4096' needs END .* 128..2048"),
     (dict(seq_len_schedule="1/2:1024", seq_len=2048), "seq_len_schedule: the last phase must end at 1"),
+    (dict(seq_len=16384), "seq_len_schedule: '2/3:32768' needs END .* 128..16384 .*; or '' for off"),   # the default
     (dict(seq_len_schedule="1/2-1024,1:2048", seq_len=2048), "seq_len_schedule: '1/2-1024' is not END:TOKENS"),
     (dict(seq_len_schedule="1/2:1024,1:2048", batch_schedule="1/2:4,1:8", seq_len=2048),
      "batch_schedule, seq_len_schedule: set one of them"),
@@ -248,9 +251,9 @@ def test_the_warm_up_runs_every_micro_batch_length_and_nothing_else_changes_with
     # 0 and 706 are in the first third and 1413 in the second: the last third's first step is added
     assert steps == [0, 706, 1413, 1414]
     assert {micro_batch_len(cfg, s) for s in steps} == {16384, 32768, 49152}
-    plain = TrainConfig(steps=200)
+    plain = TrainConfig(**PLAIN, steps=200)
     assert warmup_steps(plain, 3, tied=False) == [0, 66, 133]
-    tied = TrainConfig(steps=200, tie_head_until=0.6667)
+    tied = TrainConfig(**PLAIN, steps=200, tie_head_until=0.6667)
     assert warmup_steps(tied, 3, tied=True) == [0, 66, 134]   # the last one past the untie at ceil(133.34)
     assert warmup_steps(TrainConfig(**RECORD_8GPU, tie_head_until=0.99), 3, tied=True)[:3] == [0, 706, 2099]
 
@@ -338,13 +341,13 @@ def test_a_capped_micro_batch_is_documents_first_tokens_back_to_back(tmp_path):
 def test_the_cap_follows_its_schedule_and_a_bad_one_names_the_key():
     from trainer.schedules import doc_len_cap
 
-    cfg = TrainConfig(seq_len=2048, grad_accum_total=8, steps=300, doc_len_schedule="1/3:896,1:2048").validate()
+    cfg = TrainConfig(**PLAIN, seq_len=2048, grad_accum_total=8, steps=300, doc_len_schedule="1/3:896,1:2048").validate()
     assert [doc_len_cap(cfg, s) for s in (0, 99, 100, 299, 300)] == [896, 896, 0, 0, 0]   # 2048: no cut at 2048
     record = TrainConfig(**RECORD_8GPU, doc_len_schedule="1/3:896,1:2048").validate()   # the current record's stages
     assert [doc_len_cap(record, s) for s in (0, 706, 707, 2119)] == [896, 896, 2048, 2048]
-    assert doc_len_cap(TrainConfig(), 0) == 0
+    assert doc_len_cap(TrainConfig(**PLAIN), 0) == 0
     with pytest.raises(ValueError, match="^doc_len_schedule: '1/3:1' needs END within"):
-        TrainConfig(doc_len_schedule="1/3:1,1:2048").validate()
+        TrainConfig(**PLAIN, doc_len_schedule="1/3:1,1:2048").validate()
 
 
 def test_a_run_with_a_capped_first_half_trains_on_those_tokens(tmp_path):
