@@ -15,6 +15,10 @@
 # lease_cache_probe bench/cache_probe.yaml 3 (168 s), call 2 lease_record28 1 8.6 (record-28's cold compile: 526 s),
 # call 3 lease_record28 2 3.9; lease_record28 3 3.9 fresh (454 s), then a fresh-node --seeds 2 probe (81 s): ~1,400 s
 # of 1,800 with the machine's start.
+# Issue 22's lease of 2026-12-06 (evening): two refused starts first cost 271 s, the machine's start ~350 s; call 1
+# lease_small, lease_warm --only ours,sched (cold compiles, 94 and 152 s of warm-up) and pytest -k cuda_graphs (424 s);
+# call 2 lease_full + lease_recipe s --only ours,sched (434 s); call 3 lease_recipe t --only ours,cwd (387 s). Since
+# then ours runs the default seq_len_schedule for --ours-steps 260 (~115 s of training, ~150 s a run with a warm cache).
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).
