@@ -202,6 +202,10 @@ class TrainConfig:
     # step then shrinks |p|), so the decay follows the lr schedule; 0 = off (record-43: 1.2 at its Muon lr 0.03).
     # Yardstick (one H100, 2026-12-06): 0.43 (the record's lr^2 x wd at our lr 0.05) 0.997x ours' time: noise, off
     muon_cautious_wd: float = 0.0
+    # record-80 (2026-04-08, PairedHeadMuon): Muon orthogonalises Q and K per pair of heads (each block of
+    # 2 x head_dim rows its own matrix, for NorMuon too) instead of each as one matrix of all heads; V stays whole.
+    # The record: 10 fewer steps of 1490 (0.4 s). Not yet on the yardstick: off
+    muon_qk_pairs: bool = False
     muon_variant: str = "normuon"             # muon | normuon: record-41's neuron-wise normalised update
     normuon_beta2: float = 0.95               # (trainer/optim.py; the record ran it at Muon lr 0.06, ours 0.05).
                                               # Yardstick: 0.798 alone, 0.758 with bigram_embed (bigram alone
@@ -280,6 +284,8 @@ class TrainConfig:
         if not -1 <= self.attn_input_layer < self.num_layers - 1:
             raise ValueError(f"attn_input_layer: must be -1 (off) or a layer before the last, 0..{self.num_layers - 2} "
                              f"(got {self.attn_input_layer})")
+        if self.muon_qk_pairs and self.num_heads % 2:
+            raise ValueError(f"muon_qk_pairs: needs an even num_heads (got {self.num_heads}); or false for off")
         if self.attn_vo_init < 0 or (self.attn_vo_init and self.num_heads * self.head_dim != self.model_dim):
             raise ValueError(f"attn_vo_init: must be >= 0, and > 0 only with num_heads x head_dim = model_dim "
                              f"(got {self.attn_vo_init} with {self.num_heads} x {self.head_dim} and {self.model_dim})")

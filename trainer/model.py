@@ -283,6 +283,10 @@ class GPT(nn.Module):
             for block in self.blocks:
                 if block.attn is not None:
                     block.attn.mimetic_vo_init_(cfg.attn_vo_init)
+        if cfg.muon_qk_pairs:   # record-80: Muon takes q's and k's rows a pair of heads at a time (trainer/optim.py)
+            for block in self.blocks:
+                if block.attn is not None:
+                    block.attn.qkv_w.muon_row_blocks = (2, 2 * cfg.head_dim)
         self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
         # tie_head_until: the head weight is the embedding table too until untie_head() (record-51 starts the tied
         # table at N(0, 0.005): a zero table would give every token the same zero input). model.embed waits unused.

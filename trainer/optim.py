@@ -61,7 +61,9 @@ def normuon(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> 
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised; lr scaled by sqrt(max(1, rows/cols)) as in the record, or by a matrix's
-    own `muon_lr_scale` attribute where the record lays that matrix out the other way round.
+    own `muon_lr_scale` attribute where the record lays that matrix out the other way round. A parameter with a
+    `muon_row_blocks` attribute (n, rows) has its first n matrices (along dim 0) treated as blocks of `rows` rows,
+    each its own matrix for the orthogonalisation and NorMuon: record-80's per-head-pair groups of Q and K.
 
     With a process group, the matrices of each shape are split into one contiguous slice per rank; each
     rank orthogonalises its slice as one batch and the slices are all-gathered.
@@ -78,8 +80,9 @@ class Muon(torch.optim.Optimizer):
         self.coeffs, self.margin = POLYNOMIALS[polynomial]
         self.group = group
         by_shape: dict[tuple, list] = {}
-        for p in params:   # one lr scale per group, so matrices with their own scale group apart
-            by_shape.setdefault((tuple(p.shape), getattr(p, "muon_lr_scale", None)), []).append(p)
+        for p in params:   # one lr scale and one blocking per group, so matrices with their own group apart
+            key = (tuple(p.shape), getattr(p, "muon_lr_scale", None), getattr(p, "muon_row_blocks", None))
+            by_shape.setdefault(key, []).append(p)
         self.shape_groups = list(by_shape.values())
 
     def _world(self) -> tuple[int, int]:
@@ -112,29 +115,64 @@ class Muon(torch.optim.Optimizer):
             stack = torch.zeros((k, *params[0].shape), dtype=torch.bfloat16, device=params[0].device)
             if mine:
                 stack[:len(mine)] = torch.stack([directions[p] for p in mine])
-            update = orthogonalize(stack, self.coeffs, margin=self.margin)
+            blocks = getattr(params[0], "muon_row_blocks", None)
+            update = join_blocks([orthogonalize(part, self.coeffs, margin=self.margin)
+                                  for part in split_blocks(stack, blocks)], blocks)
             if world > 1:
                 gathered = [torch.empty_like(update) for _ in range(world)]
                 dist.all_gather(gathered, update, group=self.group)
                 update = torch.cat(gathered)
-            scale = getattr(params[0], "muon_lr_scale", max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5)
             update = update[:len(params)].to(params[0].dtype)
             if hp.get("normuon_beta2") is not None:   # every rank keeps every matrix's second moment (elementwise)
-                update = self._normuon(params, update, hp["normuon_beta2"])
+                update = self._normuon(params, update, hp["normuon_beta2"], blocks)
             if hp.get("cautious_wd"):   # the decay's rate is lr * wd: it follows the lr schedule (record-43)
                 update = cautious_weight_decay(update, torch.stack(params), lr * hp["cautious_wd"])
+            override = getattr(params[0], "muon_lr_scale", None)
+            if blocks is None:
+                scale = override if override is not None else lr_scale_of(params[0])
+            else:   # each part at its own matrices' scale (record-80's blocks: 1, as the whole matrices')
+                update = join_blocks([part * (override if override is not None else lr_scale_of(part))
+                                      for part in split_blocks(update, blocks)], blocks)
+                scale = 1.0
             torch._foreach_add_(params, list(update.unbind()), alpha=-lr * scale)
 
-    def _normuon(self, params, update, beta2):
-        for p in params:
-            if "second_moment" not in self.state[p]:
-                rows, cols = p.shape[-2:]
-                shape = (*p.shape[:-1], 1) if rows >= cols else (*p.shape[:-2], 1, cols)
-                self.state[p]["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        moments = [self.state[p]["second_moment"] for p in params]
-        update, second = normuon(update, torch.stack(moments), beta2)
-        torch._foreach_copy_(moments, list(second.unbind()))
-        return update.to(params[0].dtype)
+    def _normuon(self, params, update, beta2, blocks=None):
+        """NorMuon on each matrix of the update (each block, with muon_row_blocks); its second moments kept per
+        parameter, one tensor per part (state "second_moment", and "second_moment_blocks" for the blocks)."""
+        parts = split_blocks(update, blocks)
+        names = ["second_moment"] if blocks is None else ["second_moment_blocks", "second_moment"]
+        out = []
+        for part, name in zip(parts, names):
+            for p in params:
+                if name not in self.state[p]:
+                    rows, cols = part.shape[-2:]
+                    shape = (*part.shape[1:-1], 1) if rows >= cols else (*part.shape[1:-2], 1, cols)
+                    self.state[p][name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            moments = [self.state[p][name] for p in params]
+            new, second = normuon(part, torch.stack(moments), beta2)
+            torch._foreach_copy_(moments, list(second.unbind()))
+            out.append(new)
+        return join_blocks(out, blocks).to(params[0].dtype)
+
+
+def lr_scale_of(matrices: torch.Tensor) -> float:
+    """Muon's lr scale for matrices of this shape (the last two dims): sqrt(max(1, rows/cols)), as the record."""
+    return max(1.0, matrices.size(-2) / matrices.size(-1)) ** 0.5
+
+
+def split_blocks(stack: torch.Tensor, blocks: tuple[int, int] | None) -> list[torch.Tensor]:
+    """A stack (k, m, rows, cols) of k parameters as the matrices Muon treats one by one: itself, or with blocks
+    (n, r) its first n matrices cut into blocks of r rows, (k, n, rows / r, r, cols), and the rest (k, m - n, rows,
+    cols)."""
+    if blocks is None:
+        return [stack]
+    n, r = blocks
+    return [stack[:, :n].unflatten(-2, (-1, r)), stack[:, n:]]
+
+
+def join_blocks(parts: list[torch.Tensor], blocks: tuple[int, int] | None) -> torch.Tensor:
+    """split_blocks undone."""
+    return parts[0] if blocks is None else torch.cat([parts[0].flatten(-3, -2), parts[1]], dim=1)
 
 
 def split_parameters(model) -> dict[str, list]:

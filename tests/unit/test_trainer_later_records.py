@@ -81,6 +81,7 @@ def test_the_defaults_keep_what_the_yardstick_kept():
     assert d.bigram_embed and d.muon_variant == "normuon" and d.paired_head_layers == "1,3,6,10"
     assert d.seq_len_schedule == "1/3:16384,2/3:32768,1:49152" and d.cuda_graphs and d.steps == 1998
     assert not (d.smear or d.value_embed_gate or d.skip_gate or d.adam_every_other_step or d.muon_cautious_wd
+                or d.muon_qk_pairs
                 or d.muon_momentum_cooldown_steps or d.batch_schedule or d.key_offset or d.multi_token_prediction
                 or d.mudd or d.mlp_skip_layers)
 
@@ -400,6 +401,59 @@ def test_the_config_picks_normuon():
     assert plain.param_groups[0]["normuon_beta2"] is None
     with pytest.raises(ValueError, match="muon_variant"):
         tiny_config(muon_variant="adamw")
+
+
+# ----------------------------------------------------------------------- per-head-pair Q and K in Muon (record-80)
+
+
+@pytest.mark.parametrize("normuon", [False, True])
+def test_muon_takes_q_and_k_a_pair_of_heads_at_a_time_and_v_whole(normuon):
+    """A (3, 8, 6) q/k/v parameter with row blocks (2, 4): each 4-row block of q and of k steps as its own matrix
+    would, v as one 8-row matrix; the same as five separate parameters of those shapes (NorMuon included)."""
+    from trainer.optim import Muon
+
+    torch.manual_seed(5)
+    qkv = torch.nn.Parameter(torch.randn(3, 8, 6))
+    qkv.muon_row_blocks = (2, 4)
+    parts = [torch.nn.Parameter(t.clone()) for t in (*qkv.detach()[:2].reshape(4, 4, 6), qkv.detach()[2])]
+    beta2 = 0.95 if normuon else None
+    blocked, apart = Muon([qkv], lr=0.1, momentum=0.9, normuon_beta2=beta2), Muon(parts, lr=0.1, momentum=0.9,
+                                                                                  normuon_beta2=beta2)
+    for _ in range(2):   # the second step reads the first one's momentum and second moments
+        g = torch.randn(3, 8, 6)
+        qkv.grad = g.clone()
+        for part, grad in zip(parts, (*g[:2].reshape(4, 4, 6), g[2])):
+            part.grad = grad.clone()
+        blocked.step()
+        apart.step()
+        want = torch.cat([torch.stack([t.detach() for t in parts[:4]]).reshape(2, 8, 6), parts[4].detach()[None]])
+        assert torch.allclose(qkv.detach(), want, atol=1e-6)
+    if normuon:
+        assert blocked.state[qkv]["second_moment_blocks"].shape == (2, 2, 1, 6)   # 4 x 6 blocks: per column
+        assert blocked.state[qkv]["second_moment"].shape == (1, 8, 1)
+
+
+def test_the_blocks_change_the_step_and_the_switch_marks_every_attention():
+    from trainer.optim import Muon
+
+    torch.manual_seed(6)
+    g = torch.randn(3, 8, 6)
+    a, b = torch.nn.Parameter(torch.zeros(3, 8, 6)), torch.nn.Parameter(torch.zeros(3, 8, 6))
+    b.muon_row_blocks = (2, 4)
+    a.grad, b.grad = g.clone(), g.clone()
+    opt = Muon([a, b], lr=0.1)
+    assert len(opt.shape_groups) == 2   # one shape, two blockings: two groups
+    opt.step()
+    assert torch.allclose(a.detach()[2], b.detach()[2], atol=1e-6)   # v: one matrix either way
+    assert (a.detach()[:2] - b.detach()[:2]).abs().max() > 1e-3        # q and k: blocks, not whole matrices
+    cfg = tiny_config(muon_qk_pairs=True)
+    model = randomised_model(cfg)
+    marked = [blk.attn.qkv_w.muon_row_blocks for blk in model.blocks if blk.attn is not None]
+    assert marked and set(marked) == {(2, 2 * cfg.head_dim)}
+    assert not any(hasattr(blk.attn, "qkv_w") and hasattr(blk.attn.qkv_w, "muon_row_blocks")
+                   for blk in randomised_model(tiny_config()).blocks if blk.attn is not None)
+    with pytest.raises(ValueError, match="^muon_qk_pairs: needs an even num_heads"):
+        tiny_config(muon_qk_pairs=True, num_heads=1, head_dim=64)
 
 
 # ----------------------------------------------------------------------------- Adam every other step (record-39)
@@ -729,7 +783,7 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
                       value_embed_gate=True, skip_gate=True, muon_variant="normuon", logit_rescale=True,
                       muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True,
                       batch_schedule="1/2:1,1:2", tie_head_until=0.5, key_offset=True, paired_head_layers="1",
-                      mudd=True, mlp_skip_layers="0")
+                      mudd=True, mlp_skip_layers="0", muon_qk_pairs=True)
     torch.manual_seed(0)
     model = GPT(cfg)
     t = tokens()
