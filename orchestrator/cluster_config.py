@@ -73,6 +73,8 @@ class ClusterConfig(Strict):
     cost_per_hour: float | None = Field(None, ge=0, description="$ per node-hour, for the cost line")
     node_cache_gb: float = Field(50.0, gt=0, description="compile caches and shipped code each node keeps in "
                                  "work_dir between sweeps; past it, the least recently used go after a sweep")
+    store_cache_gb: float = Field(20.0, gt=0, description="compile caches the store keeps (one per version of the "
+                                  "code, torch and GPU); past it, the least recently used go after a sweep saves one")
     local: LocalSettings | None = None
     slurm: SlurmSettings | None = None
     ray: RaySettings | None = None

@@ -10,6 +10,12 @@ points TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under one root (`compile_cac
     ptxas_env(os.environ) -> {"TRITON_PTXAS_PATH": ...}  # one ptxas, so one set of Triton keys, in every process
     restore_compile_cache(store, key, root) -> bool   # False: not in the store yet (cold compile)
     save_compile_cache(store, key, root) -> int       # bytes uploaded (0: nothing to save)
+    prune_store_caches(store, max_bytes, keep=key) -> [removed keys]
+
+Every version of the code launched adds a cache of hundreds of MB to the store, so the store keeps them under a
+size (cluster.store_cache_gb): each restore and save stamps its key's time of use in a small object beside it
+(`<key>.used`), and after a sweep saves its cache the least recently used others go until the rest fit. A cache is
+only an optimisation: one removed while another node was about to read it costs that node a cold compile.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import os
 import re
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from orchestrator.store import Store, StoreError, validate_key
@@ -116,6 +123,7 @@ def restore_compile_cache(store: Store, key: str, dest_dir: str | os.PathLike) -
             raise StoreError(f"{store.url(key)}: not a readable tar ({e}); delete it so the next node saves a fresh one") from None
     (dest / MARKER).write_text(json.dumps({"key": key, "fingerprint": _fingerprint(dest, _cache_files(dest))}))
     log.info("compile cache restored from %s (%d files)", store.url(key), len(members))
+    mark_used(store, key)
     return True
 
 
@@ -134,7 +142,7 @@ def save_compile_cache(store: Store, key: str, src_dir: str | os.PathLike) -> in
         restored = {}
     if restored.get("key") == key and restored.get("fingerprint") == _fingerprint(src, files) and store.exists(key):
         log.info("compile cache unchanged since it was restored from %s; not uploaded again", store.url(key))
-        return 0
+        return 0   # its restore stamped it
     with tempfile.TemporaryDirectory(prefix=".compile-cache-") as tmp:
         archive = Path(tmp) / "cache.tar"
         # Uncompressed: cubins and Python sources compress little, and the node's time matters more.
@@ -147,4 +155,45 @@ def save_compile_cache(store: Store, key: str, src_dir: str | os.PathLike) -> in
         size = archive.stat().st_size
         store.put_file(archive, key)
     log.info("compile cache saved to %s (%d files, %.1f MB)", store.url(key), len(files), size / 1e6)
+    mark_used(store, key)
     return size
+
+
+USED = ".used"   # beside each cache: the unix time it was last restored or saved
+
+
+def mark_used(store: Store, key: str, now: float | None = None) -> None:
+    """Stamp the cache at `key` as used now (a few bytes; a failure only makes it look older)."""
+    try:
+        store.put_bytes(json.dumps({"unix": time.time() if now is None else now}).encode(), key + USED)
+    except StoreError as e:
+        log.warning("compile cache: could not stamp %s as used (%s)", store.url(key), e)
+
+
+def _last_use(store: Store, key: str, stamps: set[str]) -> float:
+    """The time in the cache's stamp; 0 (the oldest) without a readable one, as for caches saved before stamps."""
+    if key + USED not in stamps:
+        return 0.0
+    try:
+        return float(json.loads(store.get_bytes(key + USED))["unix"])
+    except (StoreError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def prune_store_caches(store: Store, max_bytes: int, keep: str) -> list[str]:
+    """Remove the least recently used compile caches from the store (each with its stamp) until the rest, `keep`
+    included (this sweep's, never removed), fit in max_bytes. Returns the removed keys, oldest first."""
+    objects = store.list(PREFIX + "/")
+    stamps = {o.key for o in objects if o.key.endswith(".tar" + USED)}
+    caches = [o for o in objects if o.key.endswith(".tar")]
+    total = sum(o.size for o in caches)
+    removed = []
+    for o in sorted((o for o in caches if o.key != keep), key=lambda o: (_last_use(store, o.key, stamps), o.key)):
+        if total <= max_bytes:
+            break
+        store.delete(o.key)
+        if o.key + USED in stamps:
+            store.delete(o.key + USED)
+        total -= o.size
+        removed.append(o.key)
+    return removed

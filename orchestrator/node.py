@@ -190,14 +190,24 @@ class NodeRunner:
             log.warning("compile cache restore failed: %s", e)
 
     def save_compile_cache(self) -> None:
+        """This code's cache into the store, then the store's caches back under cluster.store_cache_gb."""
         if self.plan.cluster.device != "cuda" or not self.node.is_first:
             return
-        from orchestrator.compile_cache import save_compile_cache
+        from orchestrator.compile_cache import prune_store_caches, save_compile_cache
 
         try:
             save_compile_cache(self.store, self.compile_cache_key, self.cache_root)
         except Exception as e:
             log.warning("compile cache save failed: %s", e)
+        limit = self.plan.cluster.store_cache_gb
+        try:
+            removed = prune_store_caches(self.store, int(limit * 1e9), keep=self.compile_cache_key)
+        except Exception as e:  # the bound is housekeeping: never fail a run over it
+            log.warning("compile caches in the store not pruned: %s", e)
+            return
+        if removed:
+            self.console.print(f"[node] compile caches in the store over store_cache_gb={limit:g}: removed "
+                               f"{len(removed)}, least recently used first ({', '.join(removed)})")
 
     def cache_entries(self) -> list[Path]:
         """What this sweep uses of the node's caches: its compile cache and its shipped tars (node_cache.py)."""

@@ -1,5 +1,6 @@
 """The S3 store against a real S3 HTTP endpoint (moto_server on loopback): round trip with hashes,
-multipart, listings, checkpoint pruning, log sync, and throttling (503 SlowDown) retried."""
+multipart, listings, checkpoint pruning, log sync, the compile caches and their bound, and throttling (503 SlowDown)
+retried."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +11,8 @@ import pytest
 from s3_server import FaultProxy, moto_s3, s3_env  # noqa: F401 (fixtures)
 
 from orchestrator.artifacts import SeedUploader, UploadIncomplete, collect, read_manifest
-from orchestrator.compile_cache import cache_key, restore_compile_cache, save_compile_cache
+from orchestrator.compile_cache import (USED, cache_key, mark_used, prune_store_caches, restore_compile_cache,
+                                       save_compile_cache)
 from orchestrator.log_sync import LogSync
 from orchestrator.store import StoreError, open_store
 
@@ -79,6 +81,12 @@ def test_log_sync_and_compile_cache_over_s3(moto_s3, s3_env, tmp_path):
     assert save_compile_cache(store, key, tmp_path / "cache") > 5000
     assert restore_compile_cache(store, key, tmp_path / "fresh")
     assert (tmp_path / "fresh/triton/H/k.cubin").read_bytes() == (tmp_path / "cache/triton/H/k.cubin").read_bytes()
+    # a second version of the code's cache, then the store bound: the older stamp goes with its cache
+    newer = cache_key("def", "2.11.0", "NVIDIA H100 80GB HBM3")
+    assert save_compile_cache(store, newer, tmp_path / "cache") > 5000
+    mark_used(store, key, now=1.0)
+    assert prune_store_caches(store, store.size(newer) + 10, keep=newer) == [key]
+    assert sorted(o.key for o in store.list("compile-cache/")) == [newer, newer + USED]
 
 
 def test_missing_bucket_is_one_clear_error(moto_s3, s3_env):

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 
 import pytest
 
-from orchestrator.compile_cache import (MARKER, cache_key, compile_cache_env, ptxas_env, restore_compile_cache,
-                                       save_compile_cache)
+from orchestrator.compile_cache import (MARKER, USED, cache_key, compile_cache_env, mark_used, prune_store_caches,
+                                       ptxas_env, restore_compile_cache, save_compile_cache)
 from orchestrator.store import LocalStore, StoreError, validate_key
 
 
@@ -93,6 +94,47 @@ def _fake_torch(tmp_path, executable=True):
     ptxas.write_text("#!/bin/sh\n")
     ptxas.chmod(0o755 if executable else 0o644)
     return tmp_path / "torch", ptxas
+
+
+def one_cache(store, tmp_path, code: str, nbytes: int) -> str:
+    """A node's cache of one kernel of nbytes, saved under code's key; returns the key."""
+    src = tmp_path / f"node-{code}"
+    (src / "triton" / "H").mkdir(parents=True)
+    (src / "triton" / "H" / "k.cubin").write_bytes(bytes(nbytes))
+    key = cache_key(code, "2.13.0", "cpu")
+    assert save_compile_cache(store, key, src) > nbytes
+    return key
+
+
+def test_the_store_keeps_its_compile_caches_under_a_size_least_recently_used_out_first(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    keys = {code: one_cache(store, tmp_path, code, 100_000) for code in ("a", "b", "c", "d")}
+    size = store.size(keys["a"])
+    assert all(store.exists(k + USED) for k in keys.values())   # each save stamps its use
+    for when, code in enumerate(("c", "a", "d", "b"), start=1):   # used in this order: c oldest, b newest
+        mark_used(store, keys[code], now=1000.0 + when)
+    assert prune_store_caches(store, 4 * size, keep=keys["c"]) == []   # all four fit
+    # room for two: the oldest other than the kept one go first (c is this sweep's, so a and d go)
+    assert prune_store_caches(store, 2 * size + 10, keep=keys["c"]) == [keys["a"], keys["d"]]
+    left = sorted(o.key for o in store.list("compile-cache/"))
+    assert left == sorted([keys["b"], keys["b"] + USED, keys["c"], keys["c"] + USED])
+    # the kept cache stays even when it alone is over the bound; a restore stamps the cache it reads
+    assert prune_store_caches(store, 1, keep=keys["c"]) == [keys["b"]]
+    assert [o.key for o in store.list("compile-cache/")] == [keys["c"], keys["c"] + USED]
+    mark_used(store, keys["c"], now=5.0)
+    assert restore_compile_cache(store, keys["c"], tmp_path / "fresh")
+    assert json.loads(store.get_bytes(keys["c"] + USED))["unix"] > 5.0
+
+
+def test_caches_without_a_stamp_count_as_the_oldest(tmp_path):
+    """Caches saved before stamps existed (or whose stamp is unreadable) go before any stamped one."""
+    store = LocalStore(tmp_path / "store")
+    old, bad, new, mine = (one_cache(store, tmp_path, c, 50_000) for c in ("old", "bad", "new", "mine"))
+    store.delete(old + USED)
+    store.put_bytes(b"not json", bad + USED)
+    size = store.size(mine)
+    assert prune_store_caches(store, 2 * size + 10, keep=mine) == sorted([bad, old])
+    assert store.exists(new) and store.exists(mine) and not store.exists(bad + USED)
 
 
 def test_ptxas_is_pinned_to_the_one_torch_ships(tmp_path):
