@@ -20,16 +20,15 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 from rich.console import Console
 
 from orchestrator.compile_cache import compile_cache_env, ptxas_env
 from orchestrator.config import REPO_ROOT, expand
-from orchestrator.node_cache import hold
+from orchestrator.node_cache import SweepCaches, hold
 from orchestrator.plan import LaunchPlan
-from orchestrator.provenance import describe_devices, environment_record, package_version, trainer_code_hash
+from orchestrator.provenance import environment_record
 from orchestrator.sweep import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending, SeedState, next_action, seed_dir,
                                 seed_prefix, trainer_outcome)
 from orchestrator.sweep import seed_done as is_seed_done
@@ -96,8 +95,7 @@ class NodeRunner:
         self._stop = threading.Event()
         self._store = None
         self.data_info: dict = {}
-        self.shipped_cache = expand(plan.cluster.work_dir) / "shipped"  # workdir and offline tars, by sha256
-        self.offline_dir: Path | None = None
+        self.caches = SweepCaches(plan, lambda: self.store, self.console, self.node.is_first)
         self._shipped: list[str] = []  # the workdir's files in the seed's script folder: in the store already
 
     # ---------------------------------------------------------------- store (node 0 uploads)
@@ -159,83 +157,6 @@ class NodeRunner:
                                f"(the best achievable val loss; ln(50257) = 10.8249)")
         return res
 
-    @cached_property
-    def compile_cache_key(self) -> str:
-        from orchestrator.compile_cache import cache_key, code_hash
-
-        gpu = describe_devices(self.plan.cluster.device)[0].split(",")[0]
-        code = code_hash(self.plan.workdir.get("sha256"), trainer_code_hash())
-        return cache_key(code, package_version("torch") or "none", gpu)
-
-    @property
-    def compile_cache_dir(self) -> Path:
-        """Every code's compile cache on this node, one folder each (cache_root is this sweep's)."""
-        return expand(self.plan.cluster.work_dir) / "compile-cache"
-
-    @cached_property
-    def cache_root(self) -> Path:
-        """This code's compile caches on this node: one folder per key, so what is saved under a key holds
-        only what that code compiled (a record script never saves our trainer's kernels, nor the reverse)."""
-        return self.compile_cache_dir / Path(self.compile_cache_key).stem
-
-    def restore_compile_cache(self) -> None:
-        if self.plan.cluster.device != "cuda":
-            return
-        from orchestrator.compile_cache import restore_compile_cache
-
-        try:
-            hit = restore_compile_cache(self.store, self.compile_cache_key, self.cache_root)
-            self.console.print(f"[node] compile cache {'restored' if hit else 'not in store yet (cold compile)'}")
-        except Exception as e:  # a cache is an optimisation: never fail a run over it
-            log.warning("compile cache restore failed: %s", e)
-
-    def save_compile_cache(self) -> None:
-        """This code's cache into the store, then the store's caches back under cluster.store_cache_gb."""
-        if self.plan.cluster.device != "cuda" or not self.node.is_first:
-            return
-        from orchestrator.compile_cache import prune_store_caches, save_compile_cache
-
-        try:
-            save_compile_cache(self.store, self.compile_cache_key, self.cache_root)
-        except Exception as e:
-            log.warning("compile cache save failed: %s", e)
-        limit = self.plan.cluster.store_cache_gb
-        try:
-            removed = prune_store_caches(self.store, int(limit * 1e9), keep=self.compile_cache_key)
-        except Exception as e:  # the bound is housekeeping: never fail a run over it
-            log.warning("compile caches in the store not pruned: %s", e)
-            return
-        if removed:
-            self.console.print(f"[node] compile caches in the store over store_cache_gb={limit:g}: removed "
-                               f"{len(removed)}, least recently used first ({', '.join(removed)})")
-
-    def cache_entries(self) -> list[Path]:
-        """What this sweep uses of the node's caches: its compile cache and its shipped tars (node_cache.py)."""
-        from orchestrator.offline import unpacked_dir
-        from orchestrator.workdir import cached_tar
-
-        entries = [self.cache_root] if self.plan.cluster.device == "cuda" else []
-        for shipped in (self.plan.workdir, self.plan.offline):
-            if shipped:
-                entries.append(cached_tar(self.shipped_cache, shipped["sha256"]))
-        if self.plan.offline:
-            entries.append(unpacked_dir(self.shipped_cache, self.plan.offline["sha256"]))
-        return entries
-
-    def prune_caches(self) -> None:
-        """The node's caches back under cluster.node_cache_gb, least recently used out first; never fails a run."""
-        from orchestrator.node_cache import prune
-
-        roots = [self.compile_cache_dir, self.shipped_cache]
-        try:
-            removed = prune(roots, int(self.plan.cluster.node_cache_gb * 1e9))
-        except OSError as e:
-            log.warning("node cache: not pruned (%s)", e)
-            return
-        if removed:
-            self.console.print(f"[node] caches over node_cache_gb={self.plan.cluster.node_cache_gb:g}: removed "
-                               f"{len(removed)} least recently used ({', '.join(p.name for p in removed)})")
-
     def trainer_config(self, seed: int) -> dict:
         job = self.plan.job
         cfg = dict(job.trainer)
@@ -270,16 +191,8 @@ class NodeRunner:
             raise RuntimeError("the plan names a script but ships no workdir (launched by an older speedrun?); "
                                "launch the job again")
         self._shipped = prepare_script_dir(self.store, self.plan.workdir, out / "script", data_dir,
-                                           self.plan.job.script_dirs, self.shipped_cache)
+                                           self.plan.job.script_dirs, self.caches.shipped)
         return run + [self.plan.workdir["entry"], *self.plan.job.script_args]
-
-    def restore_offline(self) -> None:
-        """The pre-fetched hub/tiktoken files (job `offline:`), unpacked once per node."""
-        from orchestrator.offline import restore
-
-        if self.plan.offline:
-            self.offline_dir = restore(self.store, self.plan.offline, self.shipped_cache)
-            self.console.print(f"[node] offline caches ({self.plan.offline['files']} files) in {self.offline_dir}")
 
     def child_env(self, seed: int) -> dict[str, str]:
         # the launcher's thread counts, whoever submitted this job (plan.LAUNCH_ENV_KEYS); the configs' env wins
@@ -291,7 +204,7 @@ class NodeRunner:
         env["SPEEDRUN_SEED"] = str(seed)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         chosen = {**self.plan.cluster.env, **self.plan.job.env}
-        for k, v in compile_cache_env(self.cache_root).items():
+        for k, v in compile_cache_env(self.caches.cache_root).items():
             if k not in chosen:   # the node's own variable (torch sets TORCHINDUCTOR_CACHE_DIR itself) must not win
                 env[k] = v
         env.update(ptxas_env(env))   # after the configs: a TRITON_PTXAS_PATH of theirs stays
@@ -299,10 +212,10 @@ class NodeRunner:
             rundir = self.work / seed_dir(seed) / "script"
             if "DATA_PATH" not in chosen:
                 env["DATA_PATH"] = str(rundir)  # records read DATA_PATH/data/fineweb10B/*.bin
-        if self.offline_dir is not None:   # a record script's fetches, or our trainer's GPT-2 vocabulary
+        if self.caches.offline_dir is not None:   # a record script's fetches, or our trainer's GPT-2 vocabulary
             from orchestrator.offline import node_env
 
-            env.update(node_env(self.offline_dir, self.plan.job.offline))
+            env.update(node_env(self.caches.offline_dir, self.plan.job.offline))
         if self.plan.cluster.device == "cpu":
             # one gloo rank per core share; oversubscribed threads make small CPU runs several times slower
             per_rank = max(1, (os.cpu_count() or 1) // self.plan.cluster.gpus_per_node)
@@ -445,9 +358,9 @@ class NodeRunner:
         self.console.print(f"[node] {self.plan.sweep_id}: node {self.node.node_rank}/{self.node.nnodes} on "
                            f"{socket.gethostname()}, seeds {self.plan.seeds}")
         staged = self.stage()
-        with hold(self.cache_entries()):   # another sweep's pruning on this node leaves them alone
-            self.restore_offline()
-            self.restore_compile_cache()
+        with hold(self.caches.entries()):   # another sweep's pruning on this node leaves them alone
+            self.caches.restore_offline()
+            self.caches.restore_compile_cache()
             outcomes = []
             for seed in self.plan.seeds:
                 if self._stop.is_set():
@@ -460,8 +373,8 @@ class NodeRunner:
                     self.console.print(f"[node] seed {seed}: checkpointed for preemption; resume by running again")
                     return EXIT_PREEMPTED
                 outcomes.append(o)
-            self.save_compile_cache()
-            self.prune_caches()
+            self.caches.save_compile_cache()
+            self.caches.prune_node()
         failed = [o.seed for o in outcomes if o.state != SeedState.SUCCEEDED]
         pending = [o.seed for o in outcomes if o.upload_pending]
         if failed or pending:

@@ -10,6 +10,10 @@ included) stays, whatever its size.
     with hold([cache_root, shipped_tar]):
         ...                                    # the seeds
         prune([compile_cache_dir, shipped_dir], max_bytes) -> [removed paths]
+
+SweepCaches is what one sweep's node runner uses of them: its compile cache (its key, its folder; restored from
+the store before the seeds, saved after them, the store's caches then kept under store_cache_gb), its shipped
+tars and offline files, and the node's bound after the sweep. A cache never fails a run: errors are warnings.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import cached_property
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -83,3 +88,97 @@ def prune(roots: list[Path], max_bytes: int) -> list[Path]:
         removed.append(entry)
         log.info("node cache: removed %s (%.1f MB, least recently used)", entry, size / 1e6)
     return removed
+
+
+class SweepCaches:
+    """The caches of one sweep on its node (see the module's docstring); the store is opened only when needed."""
+
+    def __init__(self, plan, store_of: Callable, console, is_first_node: bool):
+        from orchestrator.config import expand
+
+        self.plan = plan
+        self.store_of = store_of
+        self.console = console
+        self.is_first_node = is_first_node
+        self.shipped = expand(plan.cluster.work_dir) / "shipped"   # workdir and offline tars, by sha256
+        self.compile_cache_dir = expand(plan.cluster.work_dir) / "compile-cache"   # every code's, one folder each
+        self.offline_dir: Path | None = None
+
+    @cached_property
+    def compile_cache_key(self) -> str:
+        from orchestrator.compile_cache import cache_key, code_hash
+        from orchestrator.provenance import describe_devices, package_version, trainer_code_hash
+
+        gpu = describe_devices(self.plan.cluster.device)[0].split(",")[0]
+        code = code_hash(self.plan.workdir.get("sha256"), trainer_code_hash())
+        return cache_key(code, package_version("torch") or "none", gpu)
+
+    @cached_property
+    def cache_root(self) -> Path:
+        """This code's compile caches on this node: one folder per key, so what is saved under a key holds
+        only what that code compiled (a record script never saves our trainer's kernels, nor the reverse)."""
+        return self.compile_cache_dir / Path(self.compile_cache_key).stem
+
+    def restore_compile_cache(self) -> None:
+        if self.plan.cluster.device != "cuda":
+            return
+        from orchestrator.compile_cache import restore_compile_cache
+
+        try:
+            hit = restore_compile_cache(self.store_of(), self.compile_cache_key, self.cache_root)
+            self.console.print(f"[node] compile cache {'restored' if hit else 'not in store yet (cold compile)'}")
+        except Exception as e:  # a cache is an optimisation: never fail a run over it
+            log.warning("compile cache restore failed: %s", e)
+
+    def save_compile_cache(self) -> None:
+        """This code's cache into the store, then the store's caches back under cluster.store_cache_gb."""
+        if self.plan.cluster.device != "cuda" or not self.is_first_node:
+            return
+        from orchestrator.compile_cache import prune_store_caches, save_compile_cache
+
+        store = self.store_of()
+        try:
+            save_compile_cache(store, self.compile_cache_key, self.cache_root)
+        except Exception as e:
+            log.warning("compile cache save failed: %s", e)
+        limit = self.plan.cluster.store_cache_gb
+        try:
+            removed = prune_store_caches(store, int(limit * 1e9), keep=self.compile_cache_key)
+        except Exception as e:  # the bound is housekeeping: never fail a run over it
+            log.warning("compile caches in the store not pruned: %s", e)
+            return
+        if removed:
+            self.console.print(f"[node] compile caches in the store over store_cache_gb={limit:g}: removed "
+                               f"{len(removed)}, least recently used first ({', '.join(removed)})")
+
+    def restore_offline(self) -> None:
+        """The pre-fetched hub/tiktoken files (job `offline:`), unpacked once per node."""
+        from orchestrator.offline import restore
+
+        if self.plan.offline:
+            self.offline_dir = restore(self.store_of(), self.plan.offline, self.shipped)
+            self.console.print(f"[node] offline caches ({self.plan.offline['files']} files) in {self.offline_dir}")
+
+    def entries(self) -> list[Path]:
+        """What this sweep uses of the node's caches: its compile cache and its shipped tars."""
+        from orchestrator.offline import unpacked_dir
+        from orchestrator.workdir import cached_tar
+
+        entries = [self.cache_root] if self.plan.cluster.device == "cuda" else []
+        for shipped in (self.plan.workdir, self.plan.offline):
+            if shipped:
+                entries.append(cached_tar(self.shipped, shipped["sha256"]))
+        if self.plan.offline:
+            entries.append(unpacked_dir(self.shipped, self.plan.offline["sha256"]))
+        return entries
+
+    def prune_node(self) -> None:
+        """The node's caches back under cluster.node_cache_gb, least recently used out first."""
+        try:
+            removed = prune([self.compile_cache_dir, self.shipped], int(self.plan.cluster.node_cache_gb * 1e9))
+        except OSError as e:
+            log.warning("node cache: not pruned (%s)", e)
+            return
+        if removed:
+            self.console.print(f"[node] caches over node_cache_gb={self.plan.cluster.node_cache_gb:g}: removed "
+                               f"{len(removed)} least recently used ({', '.join(p.name for p in removed)})")

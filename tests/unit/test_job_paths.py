@@ -184,12 +184,12 @@ def test_a_script_and_our_trainer_keep_their_compile_caches_apart_on_the_node(tm
     script = NodeRunner(build_plan(load_job(script_job), cluster, script_job, Path("c.yaml")))
     ours = NodeRunner(build_plan(load_job(ours_job), cluster, ours_job, Path("c.yaml")))
     sha = script.plan.workdir["sha256"]
-    assert script.compile_cache_key.startswith(f"compile-cache/script-{sha[:16]}-")
-    assert not ours.compile_cache_key.startswith("compile-cache/script-")
-    assert script.cache_root.parent == ours.cache_root.parent == tmp_path / "work" / "compile-cache"
-    assert script.cache_root != ours.cache_root
+    assert script.caches.compile_cache_key.startswith(f"compile-cache/script-{sha[:16]}-")
+    assert not ours.caches.compile_cache_key.startswith("compile-cache/script-")
+    assert script.caches.cache_root.parent == ours.caches.cache_root.parent == tmp_path / "work" / "compile-cache"
+    assert script.caches.cache_root != ours.caches.cache_root
     env = script.child_env(0)
-    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(script.cache_root / "inductor")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(script.caches.cache_root / "inductor")
     assert env["DATA_PATH"] == str(script.work / "seed-0" / "script")
 
 
@@ -204,7 +204,7 @@ def test_the_nodes_compile_cache_folder_wins_over_a_cache_dir_in_its_own_environ
     cluster = ClusterConfig(name="c", backend="local", device="cpu", work_dir=str(tmp_path / "work"))
     job = job_file(tmp_path / "b")
     runner = NodeRunner(build_plan(load_job(job), cluster, job, Path("c.yaml")))
-    assert runner.child_env(0)["TORCHINDUCTOR_CACHE_DIR"] == str(runner.cache_root / "inductor")
+    assert runner.child_env(0)["TORCHINDUCTOR_CACHE_DIR"] == str(runner.caches.cache_root / "inductor")
     chosen = ClusterConfig(name="c", backend="local", device="cpu", work_dir=str(tmp_path / "work"),
                            env={"TORCHINDUCTOR_CACHE_DIR": "/fast/disk"})
     runner = NodeRunner(build_plan(load_job(job), chosen, job, Path("c.yaml")))
@@ -248,6 +248,6 @@ def test_our_trainer_gets_the_offline_tiktoken_cache_too(tmp_path, offline_cache
                    offline={"tiktoken": ["gpt2"], "cache": str(offline_cache)})
     runner = NodeRunner(build_plan(load_job(job), cluster, job, Path("c.yaml")))
     assert "TIKTOKEN_CACHE_DIR" not in runner.child_env(0)   # nothing unpacked yet
-    runner.offline_dir = tmp_path / "work" / "shipped" / "offline-0123"
+    runner.caches.offline_dir = tmp_path / "work" / "shipped" / "offline-0123"
     env = runner.child_env(0)
-    assert env["TIKTOKEN_CACHE_DIR"] == str(runner.offline_dir / "tiktoken") and "DATA_PATH" not in env
+    assert env["TIKTOKEN_CACHE_DIR"] == str(runner.caches.offline_dir / "tiktoken") and "DATA_PATH" not in env
