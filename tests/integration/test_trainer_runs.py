@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from trainer.fixtures import tiny_config  # noqa: E402
 from trainer.train import PREEMPTED_EXIT, Trainer  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("torch_one_thread")]
+REPO = Path(__file__).resolve().parents[2]
 
 
 
@@ -63,6 +65,47 @@ def test_two_gloo_ranks_train_the_same_model_as_one(markov, tmp_path):
     b = torch.load(tmp_path / "two" / "ckpt" / "final.pt", weights_only=False)["model"]
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-3, msg=name)   # Muon's bf16: ~5e-4
+
+
+OWNED_GRADS_RUN = """
+import json, sys
+import torch.distributed as dist
+from trainer.config import TrainConfig
+from trainer.cuda_graphs import OwnedGradients
+from trainer.train import Trainer
+
+data, out, cfg = sys.argv[1], sys.argv[2], TrainConfig.from_dict(json.loads(open(sys.argv[3]).read()))
+trainer = Trainer(cfg, data, out)
+trainer.owned_grads = OwnedGradients(trainer.model.parameters())   # as cuda_graphs sets it up on a GPU
+code = trainer.run()
+dist.destroy_process_group()
+sys.exit(code)
+"""
+
+
+def test_two_gloo_ranks_with_cuda_graphs_gradient_bookkeeping_train_the_same_model_as_without(markov, tmp_path):
+    """cuda_graphs (on by default) gives every parameter a zeroed .grad of its own before a step's first backward
+    and sets the unreached ones back to None after its last; with the reducer's all-reduce on 2 ranks, and Adam's
+    gradients left to add up over two steps, the model must be bit for bit the one of the same 2 ranks without it.
+    (CPU runs never compile, so never replay graphs: this is the bookkeeping the 8 GPUs run, not the graphs.)"""
+    data, _ = markov
+    cfg = tiny_config(steps=4, val_every=4, grad_accum_total=4, adam_every_other_step=True)
+    plain = torchrun(2, data, tmp_path / "plain", cfg)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    (tmp_path / "owned").mkdir()
+    (tmp_path / "owned" / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "run.py").write_text(OWNED_GRADS_RUN)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "run.py"), str(data), str(tmp_path / "owned"),
+                           str(tmp_path / "owned" / "cfg.json")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": path})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert rows(tmp_path / "owned", "train_loss") == rows(tmp_path / "plain", "train_loss")
+    a = torch.load(tmp_path / "plain" / "ckpt" / "final.pt", weights_only=False)
+    b = torch.load(tmp_path / "owned" / "ckpt" / "final.pt", weights_only=False)
+    for name in a["model"]:
+        assert torch.equal(b["model"][name], a["model"][name]), name
 
 
 def test_two_gloo_ranks_with_a_batch_schedule_train_the_same_model_as_one(markov, tmp_path):
