@@ -11,8 +11,9 @@ pytest.importorskip("submitit")
 
 from orchestrator.backends.base import SweepState  # noqa: E402
 from orchestrator.backends.slurm import (  # noqa: E402
-    NOT_REQUEUED, NodeTask, SlurmBackend, _job_state, _overall, parse_extra_sbatch, sbatch_parameters,
+    SlurmBackend, _job_state, _overall, parse_extra_sbatch, sbatch_parameters,
 )
+from orchestrator.backends.slurm_task import NOT_REQUEUED, NodeTask  # noqa: E402
 from orchestrator.cluster_config import ClusterConfig, load_cluster  # noqa: E402
 from orchestrator.config import ConfigError, load_job  # noqa: E402
 from orchestrator.plan import build_plan  # noqa: E402
@@ -91,7 +92,7 @@ def fake_env(node: int, nnodes: int, folder: Path) -> SimpleNamespace:
 
 
 def test_every_node_rendezvouses_on_the_first_node(tmp_path, monkeypatch):
-    monkeypatch.setattr("orchestrator.backends.slurm._node_address", {"gpu-a": "10.0.0.1"}.get)
+    monkeypatch.setattr("orchestrator.backends.slurm_task._node_address", {"gpu-a": "10.0.0.1"}.get)
     task = NodeTask('{"x": 1}', "/venv/bin/python")
     cmds = [task.node_command(fake_env(r, 2, tmp_path)) for r in (0, 1)]
     for rank, cmd in enumerate(cmds):
