@@ -216,7 +216,7 @@ def test_the_live_step_line_takes_logs_without_times_or_totals(monkeypatch):
     time, and a unitless time is left unread: neither may stop the follow."""
     import io
 
-    from orchestrator import cli
+    from orchestrator import cli_launch
     from orchestrator.terminal import OutputConsole
 
     class Lines:
@@ -225,6 +225,6 @@ def test_the_live_step_line_takes_logs_without_times_or_totals(monkeypatch):
                         "step:6/10 train_loss:3.1 train_time:1700ms step_avg:1.0ms", "done"]
 
     out = io.StringIO()
-    monkeypatch.setattr(cli, "console", OutputConsole(file=out, force_terminal=True, width=100))
-    cli._follow(Lines(), None)
+    monkeypatch.setattr(cli_launch, "console", OutputConsole(file=out, force_terminal=True, width=100))
+    cli_launch._follow(Lines(), None)
     assert "done" in out.getvalue()
