@@ -34,10 +34,11 @@ def rows(out, key):
     return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
 
 
-def torchrun(nproc, data, out, cfg, *extra, env=None):
+def torchrun(nproc, data, out, cfg, *extra, env=None, program=("-m", "trainer")):
+    """`program` (the trainer, or a script taking its --data-dir, --out-dir and --config) on nproc gloo ranks."""
     (out / "cfg.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program,
            "--data-dir", str(data), "--out-dir", str(out), "--config", str(out / "cfg.json"), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
@@ -68,14 +69,17 @@ def test_two_gloo_ranks_train_the_same_model_as_one(markov, tmp_path):
 
 
 OWNED_GRADS_RUN = """
-import json, sys
+import argparse, json, sys
 import torch.distributed as dist
 from trainer.config import TrainConfig
 from trainer.cuda_graphs import OwnedGradients
 from trainer.train import Trainer
 
-data, out, cfg = sys.argv[1], sys.argv[2], TrainConfig.from_dict(json.loads(open(sys.argv[3]).read()))
-trainer = Trainer(cfg, data, out)
+ap = argparse.ArgumentParser()
+for flag in ("--data-dir", "--out-dir", "--config"):
+    ap.add_argument(flag)
+args = ap.parse_args()
+trainer = Trainer(TrainConfig.from_dict(json.loads(open(args.config).read())), args.data_dir, args.out_dir)
 trainer.owned_grads = OwnedGradients(trainer.model.parameters())   # as cuda_graphs sets it up on a GPU
 code = trainer.run()
 dist.destroy_process_group()
@@ -92,14 +96,9 @@ def test_two_gloo_ranks_with_cuda_graphs_gradient_bookkeeping_train_the_same_mod
     cfg = tiny_config(steps=4, val_every=4, grad_accum_total=4, adam_every_other_step=True)
     plain = torchrun(2, data, tmp_path / "plain", cfg)
     assert plain.returncode == 0, plain.stderr[-3000:]
-    (tmp_path / "owned").mkdir()
-    (tmp_path / "owned" / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     (tmp_path / "run.py").write_text(OWNED_GRADS_RUN)
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(tmp_path / "run.py"), str(data), str(tmp_path / "owned"),
-                           str(tmp_path / "owned" / "cfg.json")],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": path})
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))   # a script: no -m, no cwd
+    done = torchrun(2, data, tmp_path / "owned", cfg, env={"PYTHONPATH": path}, program=(str(tmp_path / "run.py"),))
     assert done.returncode == 0, done.stderr[-3000:]
     assert rows(tmp_path / "owned", "train_loss") == rows(tmp_path / "plain", "train_loss")
     a = torch.load(tmp_path / "plain" / "ckpt" / "final.pt", weights_only=False)
