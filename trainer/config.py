@@ -113,6 +113,13 @@ class TrainConfig:
     # 11, our 8 (our layer 0 is the one the record dropped). The record: 1.446 -> 1.435 min. -1 = off. Not yet on the
     # yardstick
     attn_input_layer: int = -1
+    # record-40 (Backout, 2025-10-04): before the head, the final residual loses backout_init (0.5 at start, trained
+    # with the scalars by Adam) times this layer's output: what the first layers wrote only as context for later
+    # layers, not for the prediction. The record's layer 8 of its 12 (layer 0 dropped), our 8; it came with the
+    # record's step cut 2380 -> 2290 (with cool-down and beta tuning). MUDD carries its own backout (mudd_backout):
+    # not with mudd. -1 = off. Not yet on the yardstick
+    backout_layer: int = -1
+    backout_init: float = 0.5
     # record-82 (XSAGatedLayers, 2026-04-29): in every attention layer without paired heads, each head's output loses
     # tanh(alpha) of its component along the token's own value (arXiv:2603.09078), alpha per layer and head, zero
     # at start, trained with the scalars (Adam, no weight decay; the record's betas are (0.9, 0.95)). The record: 30
@@ -284,6 +291,11 @@ class TrainConfig:
         if not -1 <= self.attn_input_layer < self.num_layers - 1:
             raise ValueError(f"attn_input_layer: must be -1 (off) or a layer before the last, 0..{self.num_layers - 2} "
                              f"(got {self.attn_input_layer})")
+        if not -1 <= self.backout_layer < self.num_layers - 1:
+            raise ValueError(f"backout_layer: must be -1 (off) or a layer before the last, 0..{self.num_layers - 2} "
+                             f"(got {self.backout_layer})")
+        if self.backout_layer >= 0 and self.mudd:
+            raise ValueError("backout_layer: mudd has its own backout (mudd_backout); set backout_layer=-1 with mudd")
         if self.muon_qk_pairs and self.num_heads % 2:
             raise ValueError(f"muon_qk_pairs: needs an even num_heads (got {self.num_heads}); or false for off")
         if self.attn_vo_init < 0 or (self.attn_vo_init and self.num_heads * self.head_dim != self.model_dim):

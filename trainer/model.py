@@ -298,6 +298,8 @@ class GPT(nn.Module):
         self.skip_gate = CastedLinear(cfg.attn_gate_dims, 1, zero_init=True) if cfg.skip_gate else None
         # record-81's dense connections into and after the last layer (trainer/mudd.py)
         self.mudd = DenseConnections(D, cfg.mudd_backout) if cfg.mudd else None
+        # record-40's backout: the final residual minus this times layer backout_layer's output (a scalar: Adam)
+        self.backout_lambda = nn.Parameter(torch.tensor(cfg.backout_init)) if cfg.backout_layer >= 0 else None
         # prefix_token_loss: each token's longest proper byte prefix that is a token, -1 for none; the trainer
         # fills it from the vocabulary (trainer/vocab.py), derived data, so not in checkpoints
         self.register_buffer("prefix_table", torch.full((V,), -1, dtype=torch.int64) if cfg.prefix_token_loss
@@ -371,12 +373,16 @@ class GPT(nn.Module):
                       attn_in=saved.get("attn_input"))
             if i == cfg.attn_input_layer:   # record-77: the later layers' attention reads this output
                 saved["attn_input"] = x
+            if i == cfg.backout_layer:
+                saved["backout"] = x
             if i < half:
                 skips.append(x)
             if self.mudd is not None and i in (early, late):
                 saved[i] = x
         if self.mudd is not None:
             x = self.mudd.after_last(x, x0, saved[late], last_in, ves[0] if ves else None, saved[early])
+        if self.backout_lambda is not None:   # record-40: context for later layers, backed out of the prediction
+            x = x - self.backout_lambda.to(x.dtype) * saved["backout"]
         x = x[0]
         count = (targets >= 0).sum()
         if target_weights is not None:   # the next tokens' targets, then the prefix target's (the last weight)

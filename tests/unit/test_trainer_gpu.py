@@ -166,14 +166,16 @@ LATER_RECORDS_PARTS = dict(smear=True, bigram_embed=True, bigram_rows=50304 * 2,
                            attn_vo_init=0.05, attn_input_layer=2)
 
 
-def test_compiled_model_with_the_later_records_parts_matches_the_dense_model():
+@pytest.mark.parametrize("parts", [LATER_RECORDS_PARTS, {**LATER_RECORDS_PARTS, "mudd": False, "backout_layer": 1}],
+                         ids=["mudd", "backout"])
+def test_compiled_model_with_the_later_records_parts_matches_the_dense_model(parts):
     """Smear, the bigram embedding, the value and skip gates, the partial key offset, the paired heads (the attn_prep
     kernel over 2T positions), MUDD's connections (its value term through the attn_prep kernel), XSA, the mimetic V-O
     init, the saved attention input and the logit rescale
     (the fused loss kernel's rescaled form), compiled with FlexAttention in bf16, give the loss of the same model run
-    eagerly with dense attention."""
+    eagerly with dense attention; once more with record-40's backout in MUDD's place (the two exclude each other)."""
     cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=2048, num_layers=4, num_value_embeds=2,
-                      **LATER_RECORDS_PARTS)
+                      **parts)
     model = randomised_model(cfg, std=0.02, device="cuda")
     model.act_dtype = torch.bfloat16
     t = packed(cfg.seq_len + 1, 5, 1)
