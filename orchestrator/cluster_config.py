@@ -75,6 +75,10 @@ class ClusterConfig(Strict):
                                  "work_dir between sweeps; past it, the least recently used go after a sweep")
     store_cache_gb: float = Field(20.0, gt=0, description="compile caches the store keeps (one per version of the "
                                   "code, torch and GPU); past it, the least recently used go after a sweep saves one")
+    store_code_gb: float = Field(5.0, gt=0, description="shipped code the store keeps (workdir and offline tars, one "
+                                 "per version launched); past it, the least recently used go after a sweep")
+    store_code_keep_days: float = Field(7.0, gt=0, description="shipped code launched or started within this many "
+                                        "days stays in the store even past store_code_gb (a queued sweep needs it)")
     local: LocalSettings | None = None
     slurm: SlurmSettings | None = None
     ray: RaySettings | None = None

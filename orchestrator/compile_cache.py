@@ -14,8 +14,9 @@ points TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under one root (`compile_cac
 
 Every version of the code launched adds a cache of hundreds of MB to the store, so the store keeps them under a
 size (cluster.store_cache_gb): each restore and save stamps its key's time of use in a small object beside it
-(`<key>.used`), and after a sweep saves its cache the least recently used others go until the rest fit. A cache is
-only an optimisation: one removed while another node was about to read it costs that node a cold compile.
+(`<key>.used`, store_lru.py), and after a sweep saves its cache the least recently used others go until the rest
+fit. A cache is only an optimisation: one removed while another node was about to read it costs that node a cold
+compile.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ import os
 import re
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 from orchestrator.store import Store, StoreError, validate_key
+from orchestrator.store_lru import last_uses, mark_used, prune
 
 log = logging.getLogger(__name__)
 
@@ -159,41 +160,8 @@ def save_compile_cache(store: Store, key: str, src_dir: str | os.PathLike) -> in
     return size
 
 
-USED = ".used"   # beside each cache: the unix time it was last restored or saved
-
-
-def mark_used(store: Store, key: str, now: float | None = None) -> None:
-    """Stamp the cache at `key` as used now (a few bytes; a failure only makes it look older)."""
-    try:
-        store.put_bytes(json.dumps({"unix": time.time() if now is None else now}).encode(), key + USED)
-    except StoreError as e:
-        log.warning("compile cache: could not stamp %s as used (%s)", store.url(key), e)
-
-
-def _last_use(store: Store, key: str, stamps: set[str]) -> float:
-    """The time in the cache's stamp; 0 (the oldest) without a readable one, as for caches saved before stamps."""
-    if key + USED not in stamps:
-        return 0.0
-    try:
-        return float(json.loads(store.get_bytes(key + USED))["unix"])
-    except (StoreError, ValueError, KeyError, TypeError):
-        return 0.0
-
-
 def prune_store_caches(store: Store, max_bytes: int, keep: str) -> list[str]:
     """Remove the least recently used compile caches from the store (each with its stamp) until the rest, `keep`
-    included (this sweep's, never removed), fit in max_bytes. Returns the removed keys, oldest first."""
-    objects = store.list(PREFIX + "/")
-    stamps = {o.key for o in objects if o.key.endswith(".tar" + USED)}
-    caches = [o for o in objects if o.key.endswith(".tar")]
-    total = sum(o.size for o in caches)
-    removed = []
-    for o in sorted((o for o in caches if o.key != keep), key=lambda o: (_last_use(store, o.key, stamps), o.key)):
-        if total <= max_bytes:
-            break
-        store.delete(o.key)
-        if o.key + USED in stamps:
-            store.delete(o.key + USED)
-        total -= o.size
-        removed.append(o.key)
-    return removed
+    included (this sweep's, never removed), fit in max_bytes; a cache without a stamp counts as the oldest. Returns
+    the removed keys, oldest first."""
+    return prune(store, last_uses(store, [PREFIX + "/"]), max_bytes, keep={keep})

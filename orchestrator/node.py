@@ -32,6 +32,7 @@ from orchestrator.provenance import environment_record
 from orchestrator.sweep import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending, SeedState, next_action, seed_dir,
                                 seed_prefix, trainer_outcome)
 from orchestrator.sweep import seed_done as is_seed_done
+from orchestrator.workdir import ShippedCodeMissing
 from trainer.startup import SEED_STARTED_ENV
 
 log = logging.getLogger(__name__)
@@ -357,6 +358,7 @@ class NodeRunner:
         self._install_signal_handlers()
         self.console.print(f"[node] {self.plan.sweep_id}: node {self.node.node_rank}/{self.node.nnodes} on "
                            f"{socket.gethostname()}, seeds {self.plan.seeds}")
+        self.caches.mark_shipped_used()
         staged = self.stage()
         with hold(self.caches.entries()):   # another sweep's pruning on this node leaves them alone
             self.caches.restore_offline()
@@ -374,6 +376,7 @@ class NodeRunner:
                     return EXIT_PREEMPTED
                 outcomes.append(o)
             self.caches.save_compile_cache()
+            self.caches.prune_store_code()
             self.caches.prune_node()
         failed = [o.seed for o in outcomes if o.state != SeedState.SUCCEEDED]
         pending = [o.seed for o in outcomes if o.upload_pending]
@@ -402,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     node = NodeEnvironment(args.node_rank, args.nnodes, args.master_addr, args.master_port)
     try:
         rc = run_node(plan, node)
+    except ShippedCodeMissing as e:   # nothing to debug: the sentence says what happened and what to do
+        Console(stderr=True, soft_wrap=True).print(f"[node] failed: {e}", markup=False)
+        rc = EXIT_FAILED
     except Exception as e:  # reported in one line; the traceback goes to the log for whoever debugs
         log.exception("node runner failed")
         Console(stderr=True).print(f"[node] failed: {e}", markup=False)

@@ -13,7 +13,8 @@ included) stays, whatever its size.
 
 SweepCaches is what one sweep's node runner uses of them: its compile cache (its key, its folder; restored from
 the store before the seeds, saved after them, the store's caches then kept under store_cache_gb), its shipped
-tars and offline files, and the node's bound after the sweep. A cache never fails a run: errors are warnings.
+tars (stamped as used in the store when the sweep starts; the store's kept under store_code_gb after it) and
+offline files, and the node's bound after the sweep. A cache never fails a run: errors are warnings.
 """
 from __future__ import annotations
 
@@ -150,6 +151,40 @@ class SweepCaches:
         if removed:
             self.console.print(f"[node] compile caches in the store over store_cache_gb={limit:g}: removed "
                                f"{len(removed)}, least recently used first ({', '.join(removed)})")
+
+    def shipped_keys(self) -> list[str]:
+        """The store keys of this sweep's shipped tars (its workdir, its offline caches), if it has any."""
+        return [shipped["key"] for shipped in (self.plan.workdir, self.plan.offline) if shipped]
+
+    def mark_shipped_used(self) -> None:
+        """Stamp this sweep's shipped tars as used in the store, once per sweep (the first node), whether this node
+        fetches them or has them already: a sweep that starts days after its launch renews its code's keep."""
+        if not self.is_first_node or not self.shipped_keys():
+            return
+        from orchestrator.store_lru import mark_used
+
+        store = self.store_of()
+        for key in self.shipped_keys():
+            mark_used(store, key, if_present=True)   # a tar gone from the store gets no stamp: fetch says it is gone
+
+    def prune_store_code(self) -> None:
+        """The store's shipped tars back under cluster.store_code_gb, least recently used first; this sweep's, and
+        any used within store_code_keep_days (a sweep still queued may need it), stay even over it."""
+        if not self.is_first_node:
+            return
+        from orchestrator.workdir import prune_shipped
+
+        c = self.plan.cluster
+        try:
+            removed = prune_shipped(self.store_of(), int(c.store_code_gb * 1e9), c.store_code_keep_days,
+                                    keep=self.shipped_keys())
+        except Exception as e:  # the bound is housekeeping: never fail a run over it
+            log.warning("shipped code in the store not pruned: %s", e)
+            return
+        if removed:
+            self.console.print(f"[node] shipped code in the store over store_code_gb={c.store_code_gb:g}: removed "
+                               f"{len(removed)} unused for over store_code_keep_days={c.store_code_keep_days:g}, "
+                               f"least recently used first ({', '.join(removed)})")
 
     def restore_offline(self) -> None:
         """The pre-fetched hub/tiktoken files (job `offline:`), unpacked once per node."""

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.config import ConfigError, OfflineSpec, expand
-from orchestrator.workdir import Snapshot, list_files, snapshot_workdir
+from orchestrator.workdir import OFFLINE_PREFIX, Snapshot, list_files, snapshot_workdir
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def snapshot_cache(spec: OfflineSpec, key: str, job_file: str) -> Snapshot:
         files += [f"{sub}/{p}" for p in f]
         links.update({f"{sub}/{p}": t for p, t in lk.items()})
     entry = files[0] if files else ""
-    return snapshot_workdir(root, entry, float("inf"), key, listing=(files, links), prefix="offline")
+    return snapshot_workdir(root, entry, float("inf"), key, listing=(files, links), prefix=OFFLINE_PREFIX)
 
 
 def prefetch(spec: OfflineSpec, say: Callable[[str], None] = log.info) -> Path:

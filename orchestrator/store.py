@@ -82,6 +82,7 @@ class ObjectInfo:
     key: str
     size: int
     sha256: str | None = None  # as recorded by the writer (S3 metadata); None when not known cheaply
+    modified: float | None = None  # unix time of the last write, where stat and list give it
 
 
 class Store(ABC):
@@ -212,7 +213,12 @@ class LocalStore(Store):
 
     def stat(self, key):
         p = self._path(key)
-        return ObjectInfo(key, p.stat().st_size) if p.is_file() else None
+        return self._info(key, p) if p.is_file() else None
+
+    @staticmethod
+    def _info(key: str, path: Path) -> ObjectInfo:
+        st = path.stat()
+        return ObjectInfo(key, st.st_size, modified=st.st_mtime)
 
     def sha256(self, key):
         p = self._path(key)
@@ -232,7 +238,7 @@ class LocalStore(Store):
 
     def list(self, prefix=""):
         prefix = _prefix(prefix)
-        out = [ObjectInfo(k, p.stat().st_size) for k, p in self._walk(prefix) if not k.endswith(PARTIAL_SUFFIX)]
+        out = [self._info(k, p) for k, p in self._walk(prefix) if not k.endswith(PARTIAL_SUFFIX)]
         return sorted(out, key=lambda o: o.key)
 
     def delete(self, key):

@@ -36,6 +36,11 @@ def _transient(e: BaseException) -> bool:
     return False
 
 
+def _unix(when) -> float | None:
+    """An S3 LastModified (a datetime) as unix time; None where the service gave none."""
+    return when.timestamp() if when is not None else None
+
+
 class S3Store(Store):
     """boto3 client with botocore's standard retries (backoff with jitter on throttling and dropped
     connections) inside a tenacity loop that keeps trying for `retry_budget_s` (endpoint restarts,
@@ -173,7 +178,8 @@ class S3Store(Store):
         r = self._call("stat", key, head)
         if r is None:
             return None
-        return ObjectInfo(key, int(r["ContentLength"]), r.get("Metadata", {}).get("sha256"))
+        return ObjectInfo(key, int(r["ContentLength"]), r.get("Metadata", {}).get("sha256"),
+                          _unix(r.get("LastModified")))
 
     def list(self, prefix=""):
         prefix = _prefix(prefix)
@@ -183,7 +189,8 @@ class S3Store(Store):
         def pages():
             out = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                out += [ObjectInfo(o["Key"][strip:], int(o["Size"])) for o in page.get("Contents", [])]
+                out += [ObjectInfo(o["Key"][strip:], int(o["Size"]), modified=_unix(o.get("LastModified")))
+                        for o in page.get("Contents", [])]
             return out
 
         return sorted(self._call("list", prefix, pages), key=lambda o: o.key)

@@ -7,9 +7,15 @@ and every seed, node and later sweep of the same code reuses it. The node runner
 seed's script folder, which becomes the script's working directory.
 
     snap = snapshot_workdir(root, entry="train_gpt.py", max_bytes=100e6, key="job.yaml: workdir")
-    ship(snap, store)                     # uploads the tar unless the store has it already
+    ship(snap, store)                     # uploads the tar unless the store has it already; stamps it as used
     archive = fetch(store, snap.key, snap.sha256, cache_dir)   # node side, cached by sha256
     unpack(archive, dest)                 # only regular files, dirs and in-tree links
+    prune_shipped(store, max_bytes, keep_days, keep=[snap.key])   # after a sweep: the store's tars under a size
+
+The store keeps the shipped tars (these and offline.py's) under cluster.store_code_gb, least recently used out
+first (store_lru.py): the launcher stamps a tar's use when it ships it, the first node when a sweep starts. A tar
+used within store_code_keep_days stays even over the bound, since a sweep queued on a busy cluster may start days
+after its launch; a node whose tar is gone anyway fails with one sentence (ShippedCodeMissing).
 """
 from __future__ import annotations
 
@@ -19,17 +25,22 @@ import logging
 import os
 import tarfile
 import tempfile
+import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pathspec
 
 from orchestrator.config import ConfigError
-from orchestrator.store import sha256_file
+from orchestrator.store import StoreError, sha256_file
+from orchestrator.store_lru import last_uses, mark_used, prune
 
 log = logging.getLogger(__name__)
 
 PREFIX = "workdirs"
+OFFLINE_PREFIX = "offline"   # the store folder of the offline caches' tars (offline.py)
+DAY_S = 86400
 # Never shipped, .gitignore or not: git's own folder, the shards (the node links its staged ones there),
 # and bytecode that the node's Python writes for itself.
 ALWAYS_SKIPPED = [".git/", "/data/fineweb10B", "__pycache__/"]
@@ -203,8 +214,10 @@ def snapshot_workdir(root: str | os.PathLike, entry: str, max_bytes: float, key:
 
 
 def ship(snap: Snapshot, store) -> bool:
-    """Put the snapshot's tar in the store unless it is there already; True when it was uploaded."""
+    """Put the snapshot's tar in the store unless it is there already; True when it was uploaded. Either way the
+    tar is stamped as used (a launch of the same code again is a use)."""
     if store.exists(snap.key):
+        mark_used(store, snap.key)
         return False
     with tempfile.TemporaryDirectory(prefix=".speedrun-workdir-") as tmp:
         archive = Path(tmp) / "workdir.tar"
@@ -215,6 +228,7 @@ def ship(snap: Snapshot, store) -> bool:
             raise ConfigError(f"workdir: {snap.root} changed while it was being shipped; launch again")
         store.put_file(archive, snap.key, sha256=digest)
     log.info("workdir %s shipped to %s (%d files)", snap.root, store.url(snap.key), len(snap.files))
+    mark_used(store, snap.key)
     return True
 
 
@@ -230,6 +244,16 @@ def ship_code(plan, store) -> None:
         if snap.sha256 != planned.get("sha256"):
             raise ConfigError(f"{plan.job_file}: {snap.root} changed since the plan was made; launch again")
         ship(snap, store)
+
+
+def prune_shipped(store, max_bytes: int, keep_days: float, keep: Collection[str],
+                  now: float | None = None) -> list[str]:
+    """Remove the least recently used shipped tars (workdirs/ and offline/, each with its stamp) until the rest fit
+    in max_bytes; never those in keep (this sweep's), nor any used within keep_days. A tar without a stamp (shipped
+    before stamps) counts from its upload. Returns the removed keys, oldest first."""
+    now = time.time() if now is None else now
+    tars = last_uses(store, [f"{PREFIX}/", f"{OFFLINE_PREFIX}/"], by_modified=True)
+    return prune(store, tars, max_bytes, keep=keep, young_since=now - keep_days * DAY_S)
 
 
 def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
@@ -255,6 +279,21 @@ def cached_tar(cache_dir: Path, sha256: str) -> Path:
     return cache_dir / f"{sha256}.tar"
 
 
+class ShippedCodeMissing(RuntimeError):
+    """A shipped tar the plan names is no longer in the store; the message says why and what to do."""
+
+
+def _download(store, key: str, dest: Path) -> None:
+    try:
+        store.get_file(key, dest)
+    except StoreError:
+        if store.stat(key) is not None:
+            raise
+        raise ShippedCodeMissing(f"{store.url(key)} is no longer in the store: it was pruned, unused for more than "
+                                 "store_code_keep_days days while the store's shipped code was over store_code_gb, "
+                                 "or deleted; launch the sweep again") from None
+
+
 def fetch(store, key: str, sha256: str, cache_dir: Path) -> Path:
     """A shipped tar on this node: cached by sha256 under cache_dir, downloaded once and checked."""
     local = cached_tar(cache_dir, sha256)
@@ -263,7 +302,7 @@ def fetch(store, key: str, sha256: str, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(dir=cache_dir, prefix=".part-")[1])
     try:
-        store.get_file(key, tmp)
+        _download(store, key, tmp)
         got = sha256_file(tmp)
         if got != sha256:
             raise RuntimeError(f"{store.url(key)}: sha256 {got[:12]}... is not the {sha256[:12]}... the "

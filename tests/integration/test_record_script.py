@@ -76,10 +76,11 @@ class Checkout:
 
     def check(self, sweep: str) -> None:
         store = open_store(self.store)
-        (tar,) = [o.key for o in store.list("workdirs/")]   # one folder, shipped once for both seeds
+        (tar,) = [o.key for o in store.list("workdirs/") if o.key.endswith(".tar")]   # one folder, shipped once
         with tarfile.open(self.store / tar) as t:
             assert sorted(t.getnames()) == [".gitignore", "fake_kernels.py", "train_gpt.py"]   # not old.ckpt, not logs/
-        assert len(store.list("offline/")) == 1   # the pre-fetched caches, shipped once as well
+        (offline,) = [o.key for o in store.list("offline/") if o.key.endswith(".tar")]   # shipped once as well
+        assert store.exists(tar + ".used") and store.exists(offline + ".used")   # stamped: the store's prune keeps them
         for seed in (0, 1):
             prefix = f"{sweep}/seed-{seed}"
             manifest = read_manifest(store, prefix)

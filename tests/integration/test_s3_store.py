@@ -1,20 +1,23 @@
 """The S3 store against a real S3 HTTP endpoint (moto_server on loopback): round trip with hashes,
-multipart, listings, checkpoint pruning, log sync, the compile caches and their bound, and throttling (503 SlowDown)
-retried."""
+multipart, listings, checkpoint pruning, log sync, the compile caches and the shipped code and their bounds, and
+throttling (503 SlowDown) retried."""
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import time
 import uuid
 
 import pytest
 from s3_server import FaultProxy, moto_s3, s3_env  # noqa: F401 (fixtures)
 
 from orchestrator.artifacts import SeedUploader, UploadIncomplete, collect, read_manifest
-from orchestrator.compile_cache import (USED, cache_key, mark_used, prune_store_caches, restore_compile_cache,
-                                       save_compile_cache)
+from orchestrator.compile_cache import cache_key, prune_store_caches, restore_compile_cache, save_compile_cache
 from orchestrator.log_sync import LogSync
 from orchestrator.store import StoreError, open_store
+from orchestrator.store_lru import USED, last_uses, mark_used
+from orchestrator.workdir import OFFLINE_PREFIX, ShippedCodeMissing, fetch, prune_shipped, ship, snapshot_workdir
 
 pytestmark = pytest.mark.integration
 MB = 1 << 20
@@ -87,6 +90,31 @@ def test_log_sync_and_compile_cache_over_s3(moto_s3, s3_env, tmp_path):
     mark_used(store, key, now=1.0)
     assert prune_store_caches(store, store.size(newer) + 10, keep=newer) == [key]
     assert sorted(o.key for o in store.list("compile-cache/")) == [newer, newer + USED]
+
+
+def test_shipped_code_over_s3_goes_least_recently_used_first_but_not_within_the_keep_days(moto_s3, s3_env, tmp_path):
+    store = open_store(f"s3://{bucket(moto_s3)}/runs?endpoint_url={moto_s3.endpoint}")
+    keys = {}
+    shipped = {"old": "workdirs", "unstamped": "workdirs", "mine": OFFLINE_PREFIX, "young": "workdirs"}
+    for name, prefix in shipped.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_gpt.py").write_text(name * 1000)
+        snap = snapshot_workdir(tmp_path / name, "train_gpt.py", 1e6, "k", prefix=prefix)
+        assert ship(snap, store) and store.exists(snap.key + USED)   # shipping stamps it
+        keys[name] = snap.key
+    now, day = time.time(), 86400
+    mark_used(store, keys["old"], now=now - 30 * day)
+    mark_used(store, keys["mine"], now=now - 60 * day)   # this sweep's: kept however old
+    store.delete(keys["unstamped"] + USED)   # shipped before stamps: counts from S3's LastModified, just now
+    (unstamped,) = [t for t in last_uses(store, ["workdirs/"], by_modified=True) if t.key == keys["unstamped"]]
+    assert abs(unstamped.unix - now) < 120 and not unstamped.stamped
+    assert prune_shipped(store, 1, 7, keep=[keys["mine"]], now=now) == [keys["old"]]   # the young stay over the bound
+    sha = keys["old"].removeprefix("workdirs/").removesuffix(".tar")
+    with pytest.raises(ShippedCodeMissing, match=f"^{re.escape(store.url(keys['old']))} is no longer in the store"):
+        fetch(store, keys["old"], sha, tmp_path / "node")   # a node of a sweep that still named it
+    assert sorted(prune_shipped(store, 1, 7, keep=[keys["mine"]], now=now + 8 * day)) == sorted(
+        [keys["unstamped"], keys["young"]])   # a week later nothing protects them
+    assert sorted(o.key for o in store.list("")) == [keys["mine"], keys["mine"] + USED]
 
 
 def test_missing_bucket_is_one_clear_error(moto_s3, s3_env):

@@ -8,9 +8,10 @@ import tarfile
 
 import pytest
 
-from orchestrator.compile_cache import (MARKER, USED, cache_key, compile_cache_env, mark_used, prune_store_caches,
-                                       ptxas_env, restore_compile_cache, save_compile_cache)
+from orchestrator.compile_cache import (MARKER, cache_key, compile_cache_env, prune_store_caches, ptxas_env,
+                                       restore_compile_cache, save_compile_cache)
 from orchestrator.store import LocalStore, StoreError, validate_key
+from orchestrator.store_lru import USED, mark_used
 
 
 def test_key_is_sanitised_and_valid():

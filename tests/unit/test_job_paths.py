@@ -166,7 +166,7 @@ def test_launch_ships_what_was_planned_or_says_the_folder_changed(tmp_path):
     plan = build_plan(load_job(path), ClusterConfig(name="c", backend="local"), path, Path("c.yaml"))
     store = open_store(tmp_path / "store")
     ship_code(plan, store)
-    assert [o.key for o in store.list("")] == [plan.workdir["key"]]
+    assert [o.key for o in store.list("")] == [plan.workdir["key"], plan.workdir["key"] + ".used"]   # and its stamp
     (rec / "fake_kernels.py").write_text("VOCAB = 1\n")   # edited between the plan and the upload
     with pytest.raises(ConfigError, match=rf"^{path}: {rec} changed since the plan was made; launch again$"):
         ship_code(plan, store)
