@@ -24,7 +24,7 @@ def _prepare_launch(args):
     from orchestrator.config import check_store_url, check_writable_dir, expand, load_job
     from orchestrator.plan import build_plan
 
-    from orchestrator.backends.ray_launcher import check_launch_nodes
+    from orchestrator.backends.ray_launcher_config import check_launch_nodes
 
     job = load_job(args.job, args.set)
     cluster, cluster_path = load_cluster(args.cluster, args.set)

@@ -25,8 +25,8 @@ from urllib.parse import urlparse
 import yaml
 
 from orchestrator.backends.ray_autostop import HEAD_CONFIG, PREFIX
-from orchestrator.backends.ray_launcher import (hourly_cost, jobs_api_answers, live_nodes, provision, provisioning,
-                                                remote_dashboard_port, saved_launcher_path, teardown)
+from orchestrator.backends.ray_launcher import jobs_api_answers, live_nodes, provision, remote_dashboard_port, teardown
+from orchestrator.backends.ray_launcher_config import hourly_cost, provisioning, saved_launcher_path
 from orchestrator.cluster_config import ClusterConfig
 from orchestrator.config import ConfigError
 
@@ -245,7 +245,7 @@ def rented_for_launch(plan: "LaunchPlan", config_arg: str, down: bool, detach: b
                       console: "Console") -> RentedCluster | None:
     """A RentedCluster when the plan's cluster config has a Ray launcher section; --down and --idle-minutes
     need one. Checks only: nothing is contacted."""
-    from orchestrator.backends.ray_launcher import check_launcher, is_rented, launcher_config
+    from orchestrator.backends.ray_launcher_config import check_launcher, is_rented, launcher_config
 
     if idle_minutes is not None and not idle_minutes > 0:
         raise ConfigError(f"--idle-minutes {idle_minutes:g}: must be > 0 minutes")

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.backends.ray_launcher import (check_launcher, cluster_command, launcher_config, load_rented,
-                                                provisioning, ray_schema)
+from orchestrator.backends.ray_launcher import cluster_command
+from orchestrator.backends.ray_launcher_config import (check_launcher, launcher_config, load_rented, provisioning,
+                                                       ray_schema)
 from orchestrator.cluster_config import ClusterConfig, load_cluster
 from orchestrator.config import ConfigError
 from orchestrator.summary import cost_line

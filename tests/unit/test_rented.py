@@ -13,7 +13,8 @@ from rich.console import Console
 
 from orchestrator.backends import ray_autostop
 from orchestrator.backends.ray_autostop import PREFIX, busy_jobs, teardown_command, wait_until_idle
-from orchestrator.backends.ray_launcher import confirm_cost, load_rented, remote_dashboard_port
+from orchestrator.backends.ray_launcher import confirm_cost, remote_dashboard_port
+from orchestrator.backends.ray_launcher_config import load_rented
 from orchestrator.backends.ray_rented import launch_around
 from orchestrator.config import ConfigError
 from orchestrator.summary import cost_line
