@@ -21,6 +21,13 @@ from trainer.embeddings import BigramHash, Smear
 from trainer.fp8 import fp8_forward_linear, fp8_linear
 from trainer.mudd import DenseConnections, saved_layers
 
+ACT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}   # GPT.act_dtype's values, by name
+
+try:   # q/k norm + rotary + value mix as one Triton kernel each way (CUDA); a CPU-only torch has no triton
+    from trainer.kernels.attn_prep import attn_prep as attn_prep_kernel
+except ImportError:
+    attn_prep_kernel = None
+
 try:
     from trainer.head import head_loss
 except ImportError:   # a CPU-only torch without triton: the fused head + loss op is a CUDA path anyway
@@ -135,13 +142,9 @@ class Attention(nn.Module):
         self.rotary = rotary if rotary is not None else Rotary(head_dim)
         self.c_proj = CastedLinear(hdim, dim, zero_init=True)
         self.fp8 = False   # the q, k, v projection's forward in FP8 (set by the trainer on Hopper)
-        self.prep = None   # q/k norm + rotary + value mix as one Triton kernel each way (CUDA)
-        if prep_kernel == "triton":
-            try:
-                from trainer.kernels.attn_prep import attn_prep
-                self.prep = attn_prep
-            except ImportError:   # a CPU-only torch without triton: the torch path is what runs on CPU anyway
-                pass
+        # the attn_prep kernel on CUDA tensors. A flag, not the op itself as an attribute: torch.compile's cache of its
+        # traces (caching_precompile) pickles what the module holds, and a custom op's library handle does not pickle
+        self.prep = prep_kernel == "triton" and attn_prep_kernel is not None
 
     @torch.no_grad()
     def mimetic_vo_init_(self, beta: float, noise_std: float = 0.01) -> None:
@@ -176,8 +179,8 @@ class Attention(nn.Module):
         if extra_v is not None:   # one tensor beside v: the value embedding, weighted, plus extra_v, at weight 1
             ve = extra_v if ve is None else lambdas[1] * ve.reshape(extra_v.shape) + extra_v
             lambdas = torch.cat([lambdas[:1], lambdas.new_ones(1)])
-        if self.prep is not None and x.is_cuda:   # ve: (B, T, H, D) as laid out is (B, S, H', D) of the paired form
-            q, k, v = self.prep(qkv, ve, lambdas, *self.rotary.tables(S, x.device))
+        if self.prep and x.is_cuda:   # ve: (B, T, H, D) as laid out is (B, S, H', D) of the paired form
+            q, k, v = attn_prep_kernel(qkv, ve, lambdas, *self.rotary.tables(S, x.device))
         else:
             q, k, v = qkv.unbind(2)
             q, k = self.rotary(norm(q)), self.rotary(norm(k))
@@ -304,10 +307,21 @@ class GPT(nn.Module):
         # fills it from the vocabulary (trainer/vocab.py), derived data, so not in checkpoints
         self.register_buffer("prefix_table", torch.full((V,), -1, dtype=torch.int64) if cfg.prefix_token_loss
                              else None, persistent=False)
-        self.act_dtype = torch.float32
+        self._act_dtype = "float32"   # the activations' dtype by name (act_dtype): see there
         self.attention = "dense"   # dense (CPU) | flex: how attention runs (trainer/attention.py)
         self.fp8_head = False   # the trainer sets these two for its GPU
         self.fused_head_loss = False
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        """The activations' dtype (bf16 on the GPU), kept by name: a torch.dtype held by the module would be
+        pickled by torch.compile's trace cache as a value it cannot restore (torch 2.13's guard pickler marks it
+        missing, and every tensor of that dtype in the guards with it)."""
+        return ACT_DTYPES[self._act_dtype]
+
+    @act_dtype.setter
+    def act_dtype(self, dtype: torch.dtype) -> None:
+        self._act_dtype = next(name for name, d in ACT_DTYPES.items() if d == dtype)
 
     @torch.no_grad()
     def untie_head(self) -> None:
@@ -345,14 +359,15 @@ class GPT(nn.Module):
             kinds = {k: (d, int(w), None) for k, (d, w) in kinds.items()}
         # tied: the head's table, padded rows never looked up; a Python flag, so torch.compile recompiles once when
         # it flips
-        e = (F.embedding(tokens, self.lm_head.weight) if self.head_tied else self.embed(tokens)).to(self.act_dtype)
+        act = ACT_DTYPES[self._act_dtype]   # not the property: the trace cache cannot name a property's code
+        e = (F.embedding(tokens, self.lm_head.weight) if self.head_tied else self.embed(tokens)).to(act)
         if self.smear is not None:
             e = self.smear(e)
         x = x0 = norm(e[None])
         bigram = None
         if self.bigram is not None:   # (1, T, model_dim), zero past bigram_dim
-            bigram = F.pad(self.bigram(tokens)[None].to(self.act_dtype), (0, cfg.model_dim - cfg.bigram_dim))
-        ves = [ve(tokens)[None].to(self.act_dtype) for ve in self.value_embeds]
+            bigram = F.pad(self.bigram(tokens)[None].to(act), (0, cfg.model_dim - cfg.bigram_dim))
+        ves = [ve(tokens)[None].to(act) for ve in self.value_embeds]
         skips, half = [], len(self.skip_weights)
         if self.skip_gate is not None:
             skip_gate = 2 * torch.sigmoid(self.skip_gate(x0[..., :cfg.attn_gate_dims]))   # (1, T, 1)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from trainer import attention as attn_impl
-from trainer import checkpoint
+from trainer import checkpoint, trace_cache
 from trainer.config import TrainConfig
 from trainer.cuda_graphs import OwnedGradients, compile_model, cuda_graph_skips
 from trainer.data import BOS, TrainBatches, find_shards, one_chunk_per_shape, validation_chunks
@@ -367,6 +367,7 @@ class Trainer:
         self.timings["warmup_s"] = time.time() - t0
         self.timings["compile_cache"] = compile_cache_counts()
         self.timings["compile_phases"] = compile_phases()
+        trace_cache.save()   # every graph is compiled by now (compile_trace_cache; nothing when off)
         skipped = cuda_graph_skips() if self.owned_grads is not None else 0
         if skipped:
             log.warning("cuda_graphs: %d compiled graph(s) run without CUDA graphs; TORCH_LOGS=perf_hints says why",

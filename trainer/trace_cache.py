@@ -1,0 +1,46 @@
+"""dynamo's cache of its own traces (torch's experimental `caching_precompile`), for TrainConfig.compile_trace_cache.
+
+The compile caches the node runner carries (TORCHINDUCTOR_CACHE_DIR) hold inductor's output, not dynamo's trace:
+a warm process still reads the model's Python once per compiled graph (3.5-4.2 s a graph on an H100, once per
+micro-batch length and once for validation; bench/NOTES.md). With caching_precompile on before torch.compile,
+dynamo records what it traced (the bytecode, its guards, the backend's artifacts); `save()` writes that under the
+same cache folder (`<TORCHINDUCTOR_CACHE_DIR>/dynamo/`), so it travels with the rest, and the next process's
+compiled model loads it at its first call instead of tracing.
+
+    enable()                    # before torch.compile (trainer/cuda_graphs.py compile_model)
+    ...the warm-up compiles every graph...
+    save()                      # after it; a failure only warns: the next process traces as before
+
+The cache keeps fewer guards than a trace does: it drops the ones on the identity of functions and modules (which
+`F.relu` or `attn_impl.attend` is), keeping those on tensors, on the model's attributes and on global state. Our
+model's switches are attributes (bools, numbers, strings), so a graph of other switches is not reused
+(tests/unit/test_trainer_trace_cache.py). The model must hold nothing the cache cannot pickle: a torch.dtype (the
+model keeps act_dtype by name) or a custom op's handle (Attention.prep is a flag).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def enable() -> None:
+    """Record dynamo's traces for the cache, and look there before tracing: process-wide, before torch.compile."""
+    torch._dynamo.config.caching_precompile = True
+
+
+def enabled() -> bool:
+    return bool(torch._dynamo.config.caching_precompile)
+
+
+def save() -> None:
+    """Write this process's recorded traces into the cache folder (nothing when the cache is off)."""
+    if not enabled():
+        return
+    try:
+        torch.compiler.save_cache_artifacts()
+    except Exception as e:  # noqa: BLE001 - experimental in torch: a cache that cannot be written only costs a trace
+        log.warning("compile_trace_cache: traces not saved (%s: %s)", type(e).__name__, str(e).splitlines()[0]
+                    if str(e) else "")
