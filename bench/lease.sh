@@ -91,22 +91,26 @@ lease_cache_probe() {   # JOB N: N launches of JOB on this node, one store each;
   cut -c1-300 $OUT/probe-key-diff.txt | head -40
 }
 
-lease_node_probe() {   # JOB: three launches of JOB into one store: cold (node and store empty), again on the same
-  # node, then as a fresh node (the node's compile cache removed, so the seed starts from what the store saved);
-  # each launch's warm-up line and timings.json into $OUT/node-probe-N.txt
-  local i s
+lease_node_probe() {   # JOB [LAUNCH_ARGS...]: three launches of JOB into one store: cold (node and store empty), again
+  # on the same node, then as a fresh node (the node's compile cache removed, so the seed starts from what the store
+  # saved); each launch's warm-up line and timings.json into $OUT/node-probe-N.txt
   rm -rf $LEASE_CACHE /tmp/nprobe
-  for i in 1 2 3; do
-    [ $i = 3 ] && rm -rf $LEASE_CACHE
-    s=$(date +%s)
-    speedrun launch "$1" --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1 \
-      --store /tmp/nprobe/store > /tmp/nprobe-launch-$i.log 2>&1
-    echo "launch $i: rc $? in $(( $(date +%s) - s )) s"
-    local log; log=$(ls -t $(find /tmp/nprobe/store -name train.log) | head -1)
-    { echo "## launch $i: rc in $(( $(date +%s) - s )) s"; tail -8 /tmp/nprobe-launch-$i.log
-      grep -h "warm-up of" "$log"; cat "$(dirname "$log")"/timings.json; echo; } > $OUT/node-probe-$i.txt 2>&1
-    grep -h "warm-up of" "$log" | cut -c1-700
-  done
+  lease_node_launch 1 "$@"
+  lease_node_launch 2 "$@"
+  rm -rf $LEASE_CACHE
+  lease_node_launch 3 "$@"
+}
+
+lease_node_launch() {   # N JOB [LAUNCH_ARGS...]: one launch of lease_node_probe's, into its store
+  local i=$1 s log; shift
+  s=$(date +%s)
+  speedrun launch "$@" --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1 \
+    --store /tmp/nprobe/store > /tmp/nprobe-launch-$i.log 2>&1
+  echo "launch $i: rc $? in $(( $(date +%s) - s )) s"
+  log=$(ls -t $(find /tmp/nprobe/store -name train.log) | head -1)
+  { echo "## launch $i ($*): $(( $(date +%s) - s )) s"; tail -8 /tmp/nprobe-launch-$i.log
+    grep -h "warm-up of" "$log"; cat "$(dirname "$log")"/timings.json; echo; } > $OUT/node-probe-$i.txt 2>&1
+  grep -h "warm-up of" "$log" | cut -c1-700
 }
 
 lease_key_diff() {   # kernels compiled under two cache keys: how their metadata differ (what Triton keyed)
