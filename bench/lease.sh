@@ -109,7 +109,8 @@ lease_node_launch() {   # N JOB [LAUNCH_ARGS...]: one launch of lease_node_probe
   echo "launch $i: rc $? in $(( $(date +%s) - s )) s"
   log=$(ls -t $(find /tmp/nprobe/store -name train.log) | head -1)
   { echo "## launch $i ($*): $(( $(date +%s) - s )) s"; tail -8 /tmp/nprobe-launch-$i.log
-    grep -h "warm-up of" "$log"; cat "$(dirname "$log")"/timings.json; echo; } > $OUT/node-probe-$i.txt 2>&1
+    grep -h "warm-up of" "$log"; grep -h "val_loss" "$log" | tail -2; cat "$(dirname "$log")"/timings.json; echo
+  } > $OUT/node-probe-$i.txt 2>&1
   grep -h "warm-up of" "$log" | cut -c1-700
 }
 
