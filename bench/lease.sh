@@ -19,7 +19,7 @@
 # lease_small, lease_warm --only ours,sched (cold compiles, 94 and 152 s of warm-up) and pytest -k cuda_graphs (424 s);
 # call 2 lease_full + lease_recipe s --only ours,sched (434 s); call 3 lease_recipe t --only ours,cwd (387 s). Since
 # then ours runs the default seq_len_schedule for --ours-steps 260 (~115 s of training, ~150 s a run with a warm cache).
-# 2026-12-06 (late): every start refused, 1,336 s of 1,800 spent asking; planned then: call 1 lease_small +
+# 2026-12-06 (late): every start refused, 1,516 s of 1,800 spent asking; planned then: call 1 lease_small +
 # lease_warm --only ours,bo (backout) + pytest -k later_records, call 2 lease_full + lease_recipe ours,bo; after
 # that one call can hold only `lease_node_probe bench/cache_probe.yaml --set trainer.compile_trace_cache=true`.
 #
