@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from trainer import trace_cache
+
 
 def compile_model(model: torch.nn.Module, cfg):
     """torch.compile with static shapes; with cfg.cuda_graphs its graphs replay as CUDA graphs (reduce-overhead);
     with cfg.compile_trace_cache dynamo's traces are cached too (trainer/trace_cache.py)."""
-    if getattr(cfg, "compile_trace_cache", False):
-        from trainer import trace_cache
-
+    if cfg.compile_trace_cache:
         trace_cache.enable()
     return torch.compile(model, dynamic=False, mode="reduce-overhead" if cfg.cuda_graphs else None)
 

@@ -21,6 +21,18 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**base).validate()
 
 
+def packed_tokens(n: int, starts=(0,), seed: int = 0):
+    """n random GPT-2 tokens (a seeded generator) with a document's first token (BOS) at each of `starts`: one packed
+    sequence as the loader gives it, for the model's inputs (t[:-1]) and targets (t[1:])."""
+    import torch
+
+    from trainer.data import BOS
+
+    t = torch.randint(0, BOS, (n,), generator=torch.Generator().manual_seed(seed))
+    t[list(starts)] = BOS
+    return t
+
+
 def randomised_model(cfg: TrainConfig, std: float = 0.05, device: str = "cpu"):
     """A GPT (seed 0) whose zero-initialised projections and head are filled with noise of this std, so every
     layer carries information (at init they would hide any information flow from a test)."""

@@ -5,6 +5,7 @@ torch = pytest.importorskip("torch")
 
 from trainer.attention import dense_attention, dense_mask, document_ids, flex_block_mask  # noqa: E402
 from trainer.data import BOS  # noqa: E402
+from trainer.fixtures import packed_tokens  # noqa: E402
 
 
 def loop_reference(q, k, v, tokens, window_blocks, block_size, scale):
@@ -19,13 +20,6 @@ def loop_reference(q, k, v, tokens, window_blocks, block_size, scale):
         s = (q[..., i, None, :] * k[..., keys, :]).sum(-1) * scale
         out[..., i, :] = (s.softmax(-1)[..., None] * v[..., keys, :]).sum(-2)
     return out
-
-
-def packed_tokens(T, starts, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, BOS, (T,), generator=g)
-    t[list(starts)] = BOS
-    return t
 
 
 @pytest.mark.parametrize("window_blocks", [1, 2, 3, 100])

@@ -4,16 +4,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import BOS  # noqa: E402
-from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
+from trainer.fixtures import packed_tokens, randomised_model, tiny_config  # noqa: E402
 from trainer.optim import build_optimizers, split_parameters  # noqa: E402
 
 
 def tokens():
-    g = torch.Generator().manual_seed(5)
-    t = torch.randint(0, BOS, (513,), generator=g)
-    t[0] = BOS
-    return t
+    return packed_tokens(513, seed=5)
 
 
 def head_input(model, t):

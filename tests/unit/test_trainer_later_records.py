@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from trainer.data import BOS  # noqa: E402
-from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
+from trainer.fixtures import packed_tokens, randomised_model, tiny_config  # noqa: E402
 from trainer.optim import build_optimizers  # noqa: E402
 
 # one forward, backward, Adam and Muon step of the default tiny model (below), computed at 075632d, before any of
@@ -22,10 +22,7 @@ DIGEST_ENV = dict(MKL_CBWR="COMPATIBLE", ATEN_CPU_CAPABILITY="default")
 
 
 def tokens(T=512, starts=(0, 200), seed=3):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, BOS, (T + 1,), generator=g)
-    t[list(starts)] = BOS
-    return t
+    return packed_tokens(T + 1, starts, seed)
 
 
 def with_switches(**switches):

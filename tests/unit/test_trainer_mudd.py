@@ -9,14 +9,11 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from trainer.data import BOS  # noqa: E402
-from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
+from trainer.fixtures import packed_tokens, randomised_model, tiny_config  # noqa: E402
 
 
 def tokens(T=512, starts=(0, 200), seed=3):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, BOS, (T + 1,), generator=g)
-    t[list(starts)] = BOS
-    return t
+    return packed_tokens(T + 1, starts, seed)
 
 
 def randomise(net, seed=1):

@@ -4,17 +4,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import BOS  # noqa: E402
-from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
+from trainer.fixtures import packed_tokens, randomised_model, tiny_config  # noqa: E402
 from trainer.model import norm  # noqa: E402
 from trainer.optim import build_optimizers  # noqa: E402
 
 
 def tokens():
-    g = torch.Generator().manual_seed(3)
-    t = torch.randint(0, BOS, (513,), generator=g)
-    t[0] = BOS
-    return t
+    return packed_tokens(513, seed=3)
 
 
 def test_later_layers_attend_over_the_saved_output_and_earlier_ones_over_their_own_input():

@@ -19,8 +19,7 @@ PROGRAM = """
 import json, sys, torch
 from trainer import trace_cache
 from trainer.cuda_graphs import compile_model
-from trainer.data import BOS
-from trainer.fixtures import randomised_model, tiny_config
+from trainer.fixtures import packed_tokens, randomised_model, tiny_config
 from torch._dynamo.utils import compilation_time_metrics, counters
 
 switches = json.loads(sys.argv[1])
@@ -33,8 +32,7 @@ if device == "cuda":   # as the trainer runs it there: bf16 activations, FlexAtt
     owned = OwnedGradients(model.parameters())
     owned.before_backward()
 forward = compile_model(model, cfg)
-t = torch.randint(0, BOS, (513,), generator=torch.Generator().manual_seed(3)).to(device)
-t[0] = BOS
+t = packed_tokens(513, seed=3).to(device)
 window = torch.tensor(2, device=device)
 for _ in range(3 if device == "cuda" else 1):   # CUDA graphs record at a graph's second run, replay at its third
     model.zero_grad(set_to_none=device != "cuda")
