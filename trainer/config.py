@@ -225,6 +225,10 @@ class TrainConfig:
     adam_scalar_lr: float = 0.04
     adam_beta1: float = 0.8
     adam_beta2: float = 0.95
+    # record-89 (2026-07-17): Adam betas by group, (0.5, 0.95) for the head and the token embedding, (0.75, 0.95)
+    # for the value-embedding and bigram tables, (0.9, 0.99) for the scalar gains, in place of adam_beta1/2 for all.
+    # An optimizer rule, no graph change. Not yet on the yardstick: off
+    adam_group_betas: bool = False
     # record-28's eps is 1e-10 on the gradient of a summed loss (each rank's 49,152-token micro-batch, averaged
     # over 8 ranks); ours is the mean over the step's tokens, 49,152x smaller, so the same damping is 1e-10/49152
     adam_eps: float = 1e-10 / 49152

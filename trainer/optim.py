@@ -209,10 +209,23 @@ def copy_adam_state(adam: torch.optim.Adam, src: torch.Tensor, dst: torch.Tensor
                            for k, v in adam.state[src].items()}
 
 
+# record-89's Adam betas by parameter group (adam_group_betas)
+RECORD89_BETAS = {"head": (0.5, 0.95), "tables": (0.75, 0.95), "scalars": (0.9, 0.99)}
+
+
 def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
     parts = split_parameters(model)
-    groups = [dict(params=parts["embed"], lr=cfg.adam_embed_lr), dict(params=parts["head"], lr=cfg.adam_head_lr),
-              dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)]
+    if cfg.adam_group_betas:   # record-89: the token embedding steps with the head's betas, the other tables slower
+        tables = [p for p in parts["embed"] if p is not model.embed.weight]
+        groups = [dict(params=[p for p in parts["embed"] if p is model.embed.weight], lr=cfg.adam_embed_lr,
+                       betas=RECORD89_BETAS["head"]),
+                  dict(params=tables, lr=cfg.adam_embed_lr, betas=RECORD89_BETAS["tables"]),
+                  dict(params=parts["head"], lr=cfg.adam_head_lr, betas=RECORD89_BETAS["head"]),
+                  dict(params=parts["scalars"], lr=cfg.adam_scalar_lr, betas=RECORD89_BETAS["scalars"])]
+        groups = [g for g in groups if g["params"]]   # tied (tie_head_until), the token embedding is in the head's
+    else:
+        groups = [dict(params=parts["embed"], lr=cfg.adam_embed_lr), dict(params=parts["head"], lr=cfg.adam_head_lr),
+                  dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)]
     if parts["skip_gate"]:
         groups.append(dict(params=parts["skip_gate"], lr=cfg.adam_skip_gate_lr))
     if parts["mudd"]:   # the record's own betas for its MUDD nets

@@ -518,6 +518,48 @@ def test_a_step_that_defers_adam_does_not_reduce_its_gradients_across_ranks(monk
         assert sorted(id(t) for t in reduced) == sorted(id(p.grad) for p in want)
 
 
+# -------------------------------------------------------------------------------- Adam betas by group (record-89)
+
+
+def test_adam_group_betas_give_each_adam_parameter_its_records_betas_and_step_with_them():
+    from trainer.optim import RECORD89_BETAS
+
+    BIGRAM = dict(bigram_embed=True, bigram_rows=1021, bigram_dim=16)
+
+    def betas_of(cfg):
+        adam, _ = build_optimizers(model := randomised_model(cfg), cfg)
+        return model, {id(p): g["betas"] for g in adam.param_groups for p in g["params"]}, adam
+
+    plain, plain_betas, _ = betas_of(tiny_config(**BIGRAM))
+    assert set(plain_betas.values()) == {(0.8, 0.95)}   # off: adam_beta1/2 for all
+    model, betas, adam = betas_of(tiny_config(**BIGRAM, adam_group_betas=True))
+    assert len(betas) == len(plain_betas)   # the same parameters, regrouped
+    head, tables, scalars = RECORD89_BETAS["head"], RECORD89_BETAS["tables"], RECORD89_BETAS["scalars"]
+    assert betas[id(model.embed.weight)] == head and betas[id(model.lm_head.weight)] == head
+    assert betas[id(model.bigram.table.weight)] == tables
+    assert all(betas[id(ve.weight)] == tables for ve in model.value_embeds)
+    assert all(betas[id(p)] == scalars for p in model.parameters() if p.ndim < 2)
+    lrs = {id(p): g["lr"] for g in adam.param_groups for p in g["params"]}
+    cfg = model.cfg
+    assert lrs[id(model.embed.weight)] == lrs[id(model.bigram.table.weight)] == cfg.adam_embed_lr
+
+    # two steps of one scalar against Adam's rule written out with the scalars' betas
+    p = next(p for p in model.parameters() if p.ndim < 2)
+    b1, b2 = scalars
+    x, m, v = p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p)
+    for t, g in enumerate((torch.full_like(p, 0.3), torch.full_like(p, -0.1)), start=1):
+        for q in model.parameters():
+            q.grad = torch.zeros_like(q)
+        p.grad = g.clone()
+        adam.step()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        x = x - cfg.adam_scalar_lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + cfg.adam_eps)
+    assert torch.allclose(p.detach(), x, atol=1e-6)
+
+    tied, tied_betas, tied_adam = betas_of(tiny_config(adam_group_betas=True, tie_head_until=0.5))
+    assert tied_betas[id(tied.embed.weight)] == head and all(g["params"] for g in tied_adam.param_groups)
+
+
 # ------------------------------------------------------------------------------ logit rescale (record-54)
 
 
