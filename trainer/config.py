@@ -229,6 +229,11 @@ class TrainConfig:
     # for the value-embedding and bigram tables, (0.9, 0.99) for the scalar gains, in place of adam_beta1/2 for all.
     # An optimizer rule, no graph change. Not yet on the yardstick: off
     adam_group_betas: bool = False
+    # record-89: cautious weight decay on the Adam tables, tied to the lr schedule (trainer/optim.py CautiousAdam):
+    # p -= lr^2 * wd * mult * p where Adam's step shrinks |p|, wd the record's 0.005, mult 150 for the head and
+    # token embedding and 5 for the value and bigram tables at the record's lrs for them. Not yet on the yardstick:
+    # 0 = off
+    adam_cautious_wd: float = 0.0
     # record-28's eps is 1e-10 on the gradient of a summed loss (each rank's 49,152-token micro-batch, averaged
     # over 8 ranks); ours is the mean over the step's tokens, 49,152x smaller, so the same damping is 1e-10/49152
     adam_eps: float = 1e-10 / 49152
@@ -271,9 +276,9 @@ class TrainConfig:
         for k in positive:
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k}: must be > 0 (got {getattr(self, k)})")
-        if self.muon_momentum_cooldown_steps < 0 or self.muon_cautious_wd < 0:
-            raise ValueError("muon_momentum_cooldown_steps, muon_cautious_wd: must be >= 0 "
-                             f"(got {self.muon_momentum_cooldown_steps}, {self.muon_cautious_wd})")
+        if min(self.muon_momentum_cooldown_steps, self.muon_cautious_wd, self.adam_cautious_wd) < 0:
+            raise ValueError("muon_momentum_cooldown_steps, muon_cautious_wd, adam_cautious_wd: must be >= 0 (got "
+                             f"{self.muon_momentum_cooldown_steps}, {self.muon_cautious_wd}, {self.adam_cautious_wd})")
         if self.muon_variant not in ("muon", "normuon"):
             raise ValueError(f"muon_variant: must be muon or normuon (got {self.muon_variant!r})")
         if not 0.0 <= self.normuon_beta2 < 1.0:

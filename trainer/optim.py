@@ -209,28 +209,62 @@ def copy_adam_state(adam: torch.optim.Adam, src: torch.Tensor, dst: torch.Tensor
                            for k, v in adam.state[src].items()}
 
 
-# record-89's Adam betas by parameter group (adam_group_betas)
+# record-89's Adam settings by parameter group: betas (adam_group_betas), and the (lr, wd multiplier) its cautious
+# decay of the tables is computed from (adam_cautious_wd): its head and token embedding train at lr 0.008 with
+# 150x the decay, its value and bigram tables at 0.6 with 5x, its scalars undecayed
 RECORD89_BETAS = {"head": (0.5, 0.95), "tables": (0.75, 0.95), "scalars": (0.9, 0.99)}
+RECORD89_DECAY = {"head": (0.008, 150.0), "tables": (0.6, 5.0)}
+
+
+class CautiousAdam(torch.optim.Adam):
+    """torch's Adam, then record-89's cautious decay on the groups that carry a `decay` rate: p -= rate * p where
+    Adam's step moved p towards zero, the rate following the lr schedule squared (the record's lr * lr * wd), so
+    that it falls to lr_floor^2 of itself in the cool-down. Groups without one step as plain Adam."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        decayed = [(g, [p.detach().clone() for p in g["params"] if p.grad is not None])
+                   for g in self.param_groups if g.get("decay")]
+        loss = super().step(closure)
+        for g, before in decayed:
+            rate = g["decay"] * (g["lr"] / g["base_lr"]) ** 2
+            params = [p for p in g["params"] if p.grad is not None]
+            for p, p0 in zip(params, before):
+                p.sub_(rate * p0 * ((p0 - p) * p0 > 0))   # Adam's step p0 - p agrees in sign with p0
+        return loss
+
+
+def adam_groups(model, cfg, parts: dict) -> list[dict]:
+    """Adam's groups: record-28's three (embeddings, head, scalars), or with record-89's settings by group
+    (adam_group_betas, adam_cautious_wd) four, the token embedding apart from the value and bigram tables."""
+    if not (cfg.adam_group_betas or cfg.adam_cautious_wd):
+        return [dict(params=parts["embed"], lr=cfg.adam_embed_lr), dict(params=parts["head"], lr=cfg.adam_head_lr),
+                dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)]
+
+    def group(params, lr, kind):
+        g = dict(params=params, lr=lr)
+        if cfg.adam_group_betas:
+            g["betas"] = RECORD89_BETAS[kind]
+        if cfg.adam_cautious_wd and kind in RECORD89_DECAY:
+            record_lr, multiplier = RECORD89_DECAY[kind]
+            g["decay"] = record_lr * record_lr * cfg.adam_cautious_wd * multiplier
+        return g
+
+    token = [p for p in parts["embed"] if p is model.embed.weight]
+    tables = [p for p in parts["embed"] if p is not model.embed.weight]
+    groups = [group(token, cfg.adam_embed_lr, "head"), group(tables, cfg.adam_embed_lr, "tables"),
+              group(parts["head"], cfg.adam_head_lr, "head"), group(parts["scalars"], cfg.adam_scalar_lr, "scalars")]
+    return [g for g in groups if g["params"]]   # tied (tie_head_until), the token embedding is in the head's
 
 
 def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
     parts = split_parameters(model)
-    if cfg.adam_group_betas:   # record-89: the token embedding steps with the head's betas, the other tables slower
-        tables = [p for p in parts["embed"] if p is not model.embed.weight]
-        groups = [dict(params=[p for p in parts["embed"] if p is model.embed.weight], lr=cfg.adam_embed_lr,
-                       betas=RECORD89_BETAS["head"]),
-                  dict(params=tables, lr=cfg.adam_embed_lr, betas=RECORD89_BETAS["tables"]),
-                  dict(params=parts["head"], lr=cfg.adam_head_lr, betas=RECORD89_BETAS["head"]),
-                  dict(params=parts["scalars"], lr=cfg.adam_scalar_lr, betas=RECORD89_BETAS["scalars"])]
-        groups = [g for g in groups if g["params"]]   # tied (tie_head_until), the token embedding is in the head's
-    else:
-        groups = [dict(params=parts["embed"], lr=cfg.adam_embed_lr), dict(params=parts["head"], lr=cfg.adam_head_lr),
-                  dict(params=parts["scalars"], lr=cfg.adam_scalar_lr)]
+    groups = adam_groups(model, cfg, parts)
     if parts["skip_gate"]:
         groups.append(dict(params=parts["skip_gate"], lr=cfg.adam_skip_gate_lr))
     if parts["mudd"]:   # the record's own betas for its MUDD nets
         groups.append(dict(params=parts["mudd"], lr=cfg.adam_mudd_lr, betas=(0.9, 0.99)))
-    adam = torch.optim.Adam(
+    adam = CautiousAdam(
         groups,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
         **({"fused": True} if model.embed.weight.is_cuda else {"foreach": True}))   # one kernel for all on GPU

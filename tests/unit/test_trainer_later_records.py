@@ -560,6 +560,40 @@ def test_adam_group_betas_give_each_adam_parameter_its_records_betas_and_step_wi
     assert tied_betas[id(tied.embed.weight)] == head and all(g["params"] for g in tied_adam.param_groups)
 
 
+def test_adam_cautious_wd_decays_the_tables_where_adams_step_shrinks_them_at_the_schedules_rate():
+    BIGRAM = dict(bigram_embed=True, bigram_rows=1021, bigram_dim=16)
+    runs = []
+    for wd in (0.0, 0.005):
+        cfg = tiny_config(**BIGRAM, adam_group_betas=True, adam_cautious_wd=wd)
+        torch.manual_seed(0)
+        model = randomised_model(cfg)
+        adam, _ = build_optimizers(model, cfg)
+        torch.manual_seed(1)
+        for q in model.parameters():
+            q.grad = torch.randn_like(q)
+        for g in adam.param_groups:   # the lr schedule at half: the decay at a quarter
+            g["lr"] = g["base_lr"] / 2
+        before = {n: q.detach().clone() for n, q in model.named_parameters()}
+        adam.step()
+        runs.append((model, before))
+    (plain, p0), (decayed, _) = runs
+    rates = {"embed.weight": 0.008 ** 2 * 0.005 * 150 / 4, "lm_head.weight": 0.008 ** 2 * 0.005 * 150 / 4,
+             "bigram.table.weight": 0.6 ** 2 * 0.005 * 5 / 4}
+    rates.update({n: rates["bigram.table.weight"] for n, _ in plain.named_parameters() if n.startswith("value_embeds")})
+    plain_p = dict(plain.named_parameters())
+    for n, q in decayed.named_parameters():
+        if q.ndim < 2 or n not in rates:   # the scalars, and Muon's matrices (not stepped here): untouched
+            assert torch.equal(q, plain_p[n]), n
+            continue
+        shrinks = (p0[n] - plain_p[n]) * p0[n] > 0
+        assert 0 < shrinks.float().mean() < 1, n
+        expected = plain_p[n] - rates[n] * p0[n] * shrinks
+        assert torch.allclose(q, expected, rtol=0, atol=1e-7), n
+        assert not torch.equal(q, plain_p[n])
+    with pytest.raises(ValueError, match="adam_cautious_wd: must be >= 0"):
+        tiny_config(adam_cautious_wd=-1.0)
+
+
 # ------------------------------------------------------------------------------ logit rescale (record-54)
 
 
