@@ -125,6 +125,15 @@ class TrainConfig:
     # at start, trained with the scalars (Adam, no weight decay; the record's betas are (0.9, 0.95)). The record: 30
     # fewer steps of 1440 for +0.9 s (0.68 s net of 85.9). Not yet on the yardstick: off
     xsa: bool = False
+    # record-85 (2026-05): lightweight dynamically composable attention in one layer, post-only: each head's output
+    # gains w2[t, h] x (sum over heads g of w1[t, g] x head g's softmax over the last dc_window keys) @ head h's
+    # values, w1 and w2 per token from a small net on the input of layer dc_gate_layer (trainer/dc_attention.py).
+    # The record: its layer 10 of 11 with the net at its layer 4, i.e. ours 11 and 5; a 112-token band; the net
+    # trained by Adam at 0.1x its base lr 0.008, betas (0.9, 0.99). Not yet on the yardstick: -1 = off
+    dc_layer: int = -1
+    dc_gate_layer: int = 5
+    dc_window: int = 112
+    adam_dc_lr: float = 0.008 * 0.1
     # record-64 (MimeticValueOutput, 2026-01-30): the value and output projections start as sqrt(beta) I and
     # -sqrt(beta) I plus N(0, 0.01) noise (Attention.mimetic_vo_init_), so attention contributes from step 1 where
     # record-28 zeroes the output projection. The record's beta: 0.05 (1.65 -> 1.63 min). Needs num_heads x
@@ -311,6 +320,8 @@ class TrainConfig:
                              f"(got {self.backout_layer})")
         if self.backout_layer >= 0 and self.mudd:
             raise ValueError("backout_layer: mudd has its own backout (mudd_backout); set backout_layer=-1 with mudd")
+        if self.dc_layer != -1:
+            self.check_dc()
         if self.muon_qk_pairs and self.num_heads % 2:
             raise ValueError(f"muon_qk_pairs: needs an even num_heads (got {self.num_heads}); or false for off")
         if self.attn_vo_init < 0 or (self.attn_vo_init and self.num_heads * self.head_dim != self.model_dim):
@@ -356,6 +367,19 @@ class TrainConfig:
         if self.num_layers - 1 in self.skipped_attention_layers():
             raise ValueError(f"mudd: the last layer ({self.num_layers - 1}) takes the connections into its attention "
                              "values; take it out of attn_skip_layers")
+
+    def check_dc(self) -> None:
+        """dc_layer's needs: a layer with attention of its own heads (not paired), the gate's layer at or before it,
+        a band no longer than a block (the GPU path's mask takes key blocks q-1 and q)."""
+        layout = attention_layout(self)
+        own = [i for i, kind in enumerate(layout) if kind in ("long", "short")]
+        if not 0 <= self.dc_layer < self.num_layers or layout[self.dc_layer] not in ("long", "short"):
+            raise ValueError(f"dc_layer: must be -1 (off) or a layer with attention that is not paired (got "
+                             f"{self.dc_layer}; layers {', '.join(str(i) for i in own)} qualify)")
+        if not 0 <= self.dc_gate_layer <= self.dc_layer:
+            raise ValueError(f"dc_gate_layer: must be within 0..dc_layer={self.dc_layer} (got {self.dc_gate_layer})")
+        if not 1 <= self.dc_window <= self.block_size:
+            raise ValueError(f"dc_window: must be within 1..block_size={self.block_size} (got {self.dc_window})")
 
     def skipped_attention_layers(self) -> frozenset[int]:
         """attn_skip_layers as a set of layer indices; ValueError on anything but layers of this model."""

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer import attention as attn_impl
+from trainer import dc_attention
 from trainer.config import TrainConfig, attention_layout
 from trainer.embeddings import BigramHash, Smear
 from trainer.fp8 import fp8_forward_linear, fp8_linear
@@ -157,10 +158,11 @@ class Attention(nn.Module):
         self.qkv_w[2].copy_(root * eye + noise_std * torch.randn_like(eye))
         self.c_proj.weight.copy_(-root * eye + noise_std * torch.randn_like(eye))
 
-    def forward(self, x, ve, docs, window_blocks, block_size, mask, extra_v=None):
+    def forward(self, x, ve, docs, window_blocks, block_size, mask, extra_v=None, dc=None):
         """docs, window_blocks and mask are the sequence's as this layer attends over it: for paired heads, those
         of the 2T-position sequence (GPT.forward builds them). extra_v (B, T, H * D): added to the values as it
-        comes (MUDD's term, trainer/mudd.py)."""
+        comes (MUDD's term, trainer/mudd.py). dc: the composition weights, band mask and window of record-85's
+        dynamically composable attention (trainer/dc_attention.py), added to the heads' outputs."""
         B, T, _ = x.shape
         w = self.qkv_w
         if self.paired:   # (q/k/v, member, pair * dim, dim) -> (member, q/k/v, ...)
@@ -191,7 +193,10 @@ class Attention(nn.Module):
         if self.key_offset:
             k = offset_stationary_keys(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE).transpose(1, 2)
+        y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE)
+        if dc is not None:   # never paired (config): (B, H, T, D) as the attention's
+            y = y + dc_attention.correction(q, k, v, dc, docs, ATTN_SCALE)
+        y = y.transpose(1, 2)
         y = y.reshape(B, T, self.num_heads, self.head_dim)   # paired: (B, 2T, H/2, D) read as (B, T, H, D)
         if self.xsa_alpha is not None:   # never paired: there a token's value is not one head's (B, T, H, D)
             y = exclude_own_value(y, v.transpose(1, 2), self.xsa_alpha)
@@ -234,14 +239,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel) if mlp else None
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
 
-    def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None, extra_v=None, attn_in=None):
+    def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None, extra_v=None, attn_in=None,
+                dc=None):
         """attn_in: what the attention reads instead of this layer's mixed input (attn_input_layer's saved output)."""
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if bigram is not None:   # the bigram embedding, already weighted for this layer
             x = x + bigram
         if self.attn is not None:
             x = x + self.attn(norm(x if attn_in is None else attn_in), ve, docs, window_blocks, block_size, mask,
-                              extra_v)
+                              extra_v, dc)
         return x if self.mlp is None else x + self.mlp(norm(x))
 
 
@@ -301,6 +307,8 @@ class GPT(nn.Module):
         self.skip_gate = CastedLinear(cfg.attn_gate_dims, 1, zero_init=True) if cfg.skip_gate else None
         # record-81's dense connections into and after the last layer (trainer/mudd.py)
         self.mudd = DenseConnections(D, cfg.mudd_backout) if cfg.mudd else None
+        # record-85's composition weights for layer dc_layer's attention, from layer dc_gate_layer's input
+        self.dc_gate = dc_attention.DCGate(D, cfg.num_heads) if cfg.dc_layer >= 0 else None
         # record-40's backout: the final residual minus this times layer backout_layer's output (a scalar: Adam)
         self.backout_lambda = nn.Parameter(torch.tensor(cfg.backout_init)) if cfg.backout_layer >= 0 else None
         # prefix_token_loss: each token's longest proper byte prefix that is a token, -1 for none; the trainer
@@ -357,6 +365,9 @@ class GPT(nn.Module):
             kinds = {k: (d, w, attn_impl.flex_block_mask(d, w, cfg.block_size)) for k, (d, w) in kinds.items()}
         else:
             kinds = {k: (d, int(w), None) for k, (d, w) in kinds.items()}
+        dc_mask = None
+        if self.dc_gate is not None and self.attention == "flex":
+            dc_mask = dc_attention.flex_band_mask(docs, cfg.dc_window, cfg.block_size)
         # tied: the head's table, padded rows never looked up; a Python flag, so torch.compile recompiles once when
         # it flips
         act = ACT_DTYPES[self._act_dtype]   # not the property: the trace cache cannot name a property's code
@@ -373,7 +384,10 @@ class GPT(nn.Module):
             skip_gate = 2 * torch.sigmoid(self.skip_gate(x0[..., :cfg.attn_gate_dims]))   # (1, T, 1)
         # MUDD reads the outputs of layers early and late and the last layer's input
         saved, last_in, (early, late), last = {}, None, saved_layers(len(self.blocks)), len(self.blocks) - 1
+        dc = None
         for i, block in enumerate(self.blocks):
+            if self.dc_gate is not None and i == cfg.dc_gate_layer:   # the weights from this layer's input
+                dc = (*self.dc_gate(x), dc_mask, cfg.dc_window)
             if i >= len(self.blocks) - half and skips:
                 skip = skips.pop() if self.skip_gate is None else skip_gate * skips.pop()
                 x = x + self.skip_weights[i - (len(self.blocks) - half)] * skip
@@ -385,7 +399,7 @@ class GPT(nn.Module):
                 x, extra_v = self.mudd.before_last(x, x0, saved[late])
             x = block(x, x0, ve, layer_docs, window, cfg.block_size, mask,
                       None if bigram is None else self.bigram_lambdas[i] * bigram, extra_v,
-                      attn_in=saved.get("attn_input"))
+                      attn_in=saved.get("attn_input"), dc=dc if i == cfg.dc_layer else None)
             if i == cfg.attn_input_layer:   # record-77: the later layers' attention reads this output
                 saved["attn_input"] = x
             if i == cfg.backout_layer:

@@ -178,8 +178,8 @@ def join_blocks(parts: list[torch.Tensor], blocks: tuple[int, int] | None) -> to
 def split_parameters(model) -> dict[str, list]:
     """Hidden matrices go to Muon; embeddings, the head and scalar gains go to Adam. The later records' parts go
     where their records put them: the smear gate with Muon, the bigram table with the embeddings, the skip gate in
-    an Adam group of its own, as are MUDD's nets; the smear's and the bigram's weights (vectors) go with the
-    scalars. With the head tied to the embedding (tie_head_until), the token embedding goes with the head: records
+    an Adam group of its own, as are MUDD's nets and the composition weights' net (dc_layer); the smear's and the
+    bigram's weights (vectors) go with the scalars. With the head tied to the embedding (tie_head_until), the token embedding goes with the head: records
     51 and 53 train the tied table and, after the untie, the embedding at the head's lr."""
     tied = model.cfg.tie_head_until > 0
     embed = ([] if tied else [model.embed.weight]) + [ve.weight for ve in model.value_embeds]
@@ -189,14 +189,17 @@ def split_parameters(model) -> dict[str, list]:
     hidden = [p for b in model.blocks for n, p in b.named_parameters() if p.ndim >= 2]
     if getattr(model, "smear", None) is not None:
         hidden.append(model.smear.gate)   # record-34 trains the smear gate with Muon
-    scalars = [p for p in model.parameters() if p.ndim < 2]
     skip_gate = [model.skip_gate.weight] if getattr(model, "skip_gate", None) is not None else []   # record-55: Adam
     mudd = list(model.mudd.parameters()) if getattr(model, "mudd", None) is not None else []   # record-81: Adam
-    seen = {id(p) for p in embed + head + hidden + scalars + skip_gate + mudd}
+    dc = list(model.dc_gate.parameters()) if getattr(model, "dc_gate", None) is not None else []   # record-85: Adam
+    own = {id(p) for p in dc}
+    scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in own]
+    seen = {id(p) for p in embed + head + hidden + scalars + skip_gate + mudd + dc}
     missing = [n for n, p in model.named_parameters() if id(p) not in seen]
     if missing:
         raise RuntimeError(f"parameters with no optimizer: {missing}")
-    return {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars, "skip_gate": skip_gate, "mudd": mudd}
+    return {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars, "skip_gate": skip_gate, "mudd": mudd,
+            "dc": dc}
 
 
 def copy_adam_state(adam: torch.optim.Adam, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -264,6 +267,8 @@ def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
         groups.append(dict(params=parts["skip_gate"], lr=cfg.adam_skip_gate_lr))
     if parts["mudd"]:   # the record's own betas for its MUDD nets
         groups.append(dict(params=parts["mudd"], lr=cfg.adam_mudd_lr, betas=(0.9, 0.99)))
+    if parts["dc"]:   # record-85's gate net, at the record's betas too
+        groups.append(dict(params=parts["dc"], lr=cfg.adam_dc_lr, betas=(0.9, 0.99)))
     adam = CautiousAdam(
         groups,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,

@@ -166,14 +166,16 @@ LATER_RECORDS_PARTS = dict(smear=True, bigram_embed=True, bigram_rows=50304 * 2,
                            attn_vo_init=0.05, attn_input_layer=2)
 
 
-@pytest.mark.parametrize("parts", [LATER_RECORDS_PARTS, {**LATER_RECORDS_PARTS, "mudd": False, "backout_layer": 1}],
-                         ids=["mudd", "backout"])
+@pytest.mark.parametrize("parts", [LATER_RECORDS_PARTS, {**LATER_RECORDS_PARTS, "mudd": False, "backout_layer": 1},
+                                   {**LATER_RECORDS_PARTS, "dc_layer": 3, "dc_gate_layer": 1}],
+                         ids=["mudd", "backout", "dc"])
 def test_compiled_model_with_the_later_records_parts_matches_the_dense_model(parts):
     """Smear, the bigram embedding, the value and skip gates, the partial key offset, the paired heads (the attn_prep
     kernel over 2T positions), MUDD's connections (its value term through the attn_prep kernel), XSA, the mimetic V-O
     init, the saved attention input and the logit rescale
     (the fused loss kernel's rescaled form), compiled with FlexAttention in bf16, give the loss of the same model run
-    eagerly with dense attention; once more with record-40's backout in MUDD's place (the two exclude each other)."""
+    eagerly with dense attention; once more with record-40's backout in MUDD's place (the two exclude each other),
+    and with record-85's composable attention in the last layer."""
     cfg = tiny_config(model_dim=256, num_heads=2, head_dim=128, seq_len=2048, num_layers=4, num_value_embeds=2,
                       **parts)
     model = randomised_model(cfg, std=0.02, device="cuda")
