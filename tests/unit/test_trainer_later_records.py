@@ -856,7 +856,8 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
                       value_embed_gate=True, skip_gate=True, muon_variant="normuon", logit_rescale=True,
                       muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True,
                       batch_schedule="1/2:1,1:2", tie_head_until=0.5, key_offset=True, paired_head_layers="1",
-                      mudd=True, mlp_skip_layers="0", muon_qk_pairs=True)
+                      mudd=True, mlp_skip_layers="0", muon_qk_pairs=True, adam_group_betas=True,
+                      adam_cautious_wd=0.005, dc_layer=3, dc_gate_layer=2)
     torch.manual_seed(0)
     model = GPT(cfg)
     t = tokens()
