@@ -68,8 +68,9 @@ def last_uses(store: Store, prefixes: list[str], by_modified: bool = False) -> l
 def prune(store: Store, tars: list[LastUse], max_bytes: int, keep: Collection[str] = (),
           young_since: float | None = None) -> list[str]:
     """Remove the least recently used tars (each with its stamp) until the rest fit in max_bytes. Those in keep, and
-    those used at or after young_since, are never removed: they stay, and count, even over the bound. Returns the
-    removed keys, oldest first."""
+    those used at or after young_since, are never removed: they stay, and count, even over the bound; a tar's stamp
+    is read again just before it goes, so that one used since the listing stays too (this narrows a launcher's race
+    with a prune to that one read; there is no lock). Returns the removed keys, oldest first."""
     total = sum(t.size for t in tars)
     removed = []
     for t in sorted(tars, key=lambda t: (t.unix, t.key)):
@@ -77,6 +78,8 @@ def prune(store: Store, tars: list[LastUse], max_bytes: int, keep: Collection[st
             break
         if t.key in keep or (young_since is not None and t.unix >= young_since):
             continue
+        if young_since is not None and (_stamp_time(store, t.key) or 0.0) >= young_since:
+            continue   # used since the listing (a launcher shipping it again): read once more just before it goes
         store.delete(t.key)
         if t.stamped:
             store.delete(t.key + USED)

@@ -169,6 +169,20 @@ def test_a_tar_used_within_the_keep_days_stays_even_over_the_bound(tmp_path):
     assert tars(store) == [fresh]
 
 
+def test_a_tar_stamped_after_the_listing_stays(tmp_path):
+    """A launcher ships (stamps) an old tar again while a node's prune is running: the prune's listing said old,
+    its second read just before the delete says just used, and the tar stays."""
+    from orchestrator.store_lru import prune
+
+    store = LocalStore(tmp_path / "store")
+    old, other = (shipped_tar(store, tmp_path, n) for n in ("old", "other"))
+    used_days_ago(store, {old: 30, other: 20})
+    listed = last_uses(store, ["workdirs/"])
+    mark_used(store, old, now=NOW)   # the launcher, between the listing and the delete
+    assert prune(store, listed, 1, young_since=NOW - 7 * DAY) == [other]
+    assert tars(store) == [old]
+
+
 def test_tars_shipped_before_stamps_count_from_their_upload(tmp_path):
     store = LocalStore(tmp_path / "store")
     unstamped_old, unstamped_new, stamped = (shipped_tar(store, tmp_path, n) for n in ("u-old", "u-new", "stamped"))
