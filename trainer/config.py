@@ -182,6 +182,11 @@ class TrainConfig:
     # More document starts and no long-context tail early on. Not yet on the yardstick: "" = off, whole documents
     doc_len_schedule: str = ""
     batch_lr_exponent: float = 0.6
+    # record-89's stage lrs, in place of the exponent: "1,1.52,1.73" (its x1.0 / x1.52 / x1.73 of the first stage's
+    # lr; (16/8)^0.6 and (24/8)^0.5), one multiplier per phase of the batch or sequence-length schedule, divided by
+    # the last's so the full batch still runs the configured lrs (ours: 0.578 / 0.879 / 1 where the exponent 0.6
+    # gives 0.517 / 0.786 / 1). A schedule, no graph change. Not yet on the yardstick: "" = the exponent's
+    batch_lr_scales: str = ""
     # record-51 (2025-12-19 RetieLMHead) ties the embedding to the head: one (padded vocab, dim) table, initialised
     # N(0, 0.005) in place of the head's zero init, is both the input lookup and the head weight (its gradient the
     # sum of both uses), trained by Adam at the head's lr (0.008). Record-53 (2025-12-22 MultiTokenPrediction) unties
@@ -351,6 +356,7 @@ class TrainConfig:
                              "the default); the batch grows either in micro-batches or in their length")
         if self.batch_lr_exponent < 0:
             raise ValueError(f"batch_lr_exponent: must be >= 0 (got {self.batch_lr_exponent})")
+        self.phase_lr_scales()
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")
         return self
@@ -442,6 +448,24 @@ class TrainConfig:
         """doc_len_schedule as ((END, TOKENS), ...), () when off; ValueError naming the key on anything else."""
         return parse_phases("doc_len_schedule", str(self.doc_len_schedule), "TOKENS", 2, 1 << 30, 1,
                             "'1/3:896,1:2048' (steps below END x steps cut each document after TOKENS tokens)")
+
+    def phase_lr_scales(self) -> tuple[float, ...]:
+        """batch_lr_scales as floats divided by the last one; () when unset. ValueError unless it has one positive
+        number per phase of the batch or sequence-length schedule."""
+        if not self.batch_lr_scales.strip():
+            return ()
+        phases = len(self.batch_phases() or self.seq_len_phases())
+        try:
+            scales = tuple(float(x) for x in self.batch_lr_scales.split(","))
+        except ValueError:
+            scales = ()
+        if not phases:
+            raise ValueError("batch_lr_scales: needs a batch_schedule or seq_len_schedule, one multiplier per phase; "
+                             "or '' for off")
+        if len(scales) != phases or min(scales) <= 0:
+            raise ValueError(f"batch_lr_scales: must be {phases} positive numbers, comma-separated, one per phase (the "
+                             f"record: 1,1.52,1.73); or '' for batch_lr_exponent's (got {self.batch_lr_scales!r})")
+        return tuple(x / scales[-1] for x in scales)
 
     def window_phases(self) -> tuple[tuple[Fraction, int], ...]:
         """window_schedule as ((END, BLOCKS), ...), () when off; ValueError naming the key on anything else."""

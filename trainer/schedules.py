@@ -59,9 +59,14 @@ def step_tokens(cfg: TrainConfig, step: int) -> int:
 
 
 def batch_lr_scale(cfg: TrainConfig, step: int) -> float:
-    """record-46's lr tied to the batch: (this step's tokens / the full batch's) ** batch_lr_exponent."""
-    if not (cfg.batch_phases() or cfg.seq_len_phases()):
+    """record-46's lr tied to the batch: (this step's tokens / the full batch's) ** batch_lr_exponent; or the step's
+    phase's multiplier of batch_lr_scales (record-89's stage lrs), over the last phase's."""
+    phases = cfg.batch_phases() or cfg.seq_len_phases()
+    if not phases:
         return 1.0
+    scales = cfg.phase_lr_scales()
+    if scales:
+        return next((x for (end, _), x in zip(phases, scales) if step < end * cfg.steps), scales[-1])
     return (step_tokens(cfg, step) / (cfg.grad_accum_total * cfg.seq_len)) ** cfg.batch_lr_exponent
 
 

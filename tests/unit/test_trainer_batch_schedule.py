@@ -66,6 +66,30 @@ def test_lr_is_tied_to_the_batch_as_record_46_ties_it():
     assert [lr_scale(flat, s) for s in range(2121)] == [lr_scale(off, s) for s in range(2121)]
 
 
+def test_batch_lr_scales_give_each_phase_record_89s_multiplier_over_the_last():
+    """record-89's stages run x1.0 / x1.52 / x1.73 of its first stage's lr: ours the same ratios, the full batch at
+    the configured lrs, the cool-down from the phase's lr to lr_floor x the first phase's as with the exponent."""
+    cfg = TrainConfig(batch_lr_scales="1,1.52,1.73", steps=300, cooldown_frac=0.2).validate()
+    first, second, last = 1 / 1.73, 1.52 / 1.73, 1.0
+    assert [lr_scale(cfg, s) for s in (0, 99, 100, 199, 200, 239)] == \
+        pytest.approx([first, first, second, second, last, last], rel=1e-12)
+    assert lr_scale(cfg, 270) == pytest.approx(0.5 * last + 0.5 * 0.1 * first, rel=1e-12)
+    assert lr_scale(cfg, 300) == pytest.approx(0.1 * first, rel=1e-12)
+    by_count = TrainConfig(**RECORD, batch_lr_scales="2,3,4").validate()   # the batch_schedule's phases alike
+    assert [lr_scale(by_count, s) for s in (0, 800)] == pytest.approx([0.5, 0.75], rel=1e-12)
+
+
+@pytest.mark.parametrize("scales, words", [
+    ("1,2", "must be 3 positive numbers"), ("1,x,2", "must be 3 positive numbers"),
+    ("1,0,2", "must be 3 positive numbers"),
+])
+def test_bad_batch_lr_scales_are_refused_naming_the_key(scales, words):
+    with pytest.raises(ValueError, match=f"^batch_lr_scales: {words}"):
+        TrainConfig(batch_lr_scales=scales).validate()
+    with pytest.raises(ValueError, match="^batch_lr_scales: needs a batch_schedule or seq_len_schedule"):
+        TrainConfig(**PLAIN, batch_lr_scales="1").validate()
+
+
 def test_without_a_schedule_the_lr_is_the_plain_cool_down_bit_for_bit():
     for cfg in (TrainConfig(**PLAIN), TrainConfig(**PLAIN, warmup_steps=50)):
         for s in range(cfg.steps + 1):
