@@ -123,7 +123,7 @@ def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: in
     x: (M, K) activations (bf16), w: (N_padded, K) with N_padded >= vocab; FP8 needs M, K, N_padded
     multiples of 16 and |x| <= sqrt(K) (rms-normed rows).
     """
-    return _head_loss(x.contiguous(), w, targets.contiguous(), weights, vocab, float(cap),
+    return torch.ops.speedrun.head_loss(x.contiguous(), w, targets.contiguous(), weights, vocab, float(cap),
                       float(cap if div is None else div), float(offset), fp8, torch.is_grad_enabled())[0]
 
 

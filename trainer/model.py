@@ -25,9 +25,10 @@ from trainer.mudd import DenseConnections, saved_layers
 ACT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}   # GPT.act_dtype's values, by name
 
 try:   # q/k norm + rotary + value mix as one Triton kernel each way (CUDA); a CPU-only torch has no triton
-    from trainer.kernels.attn_prep import attn_prep as attn_prep_kernel
+    import trainer.kernels.attn_prep  # noqa: F401 - registers torch.ops.speedrun.attn_prep
+    HAS_ATTN_PREP = True
 except ImportError:
-    attn_prep_kernel = None
+    HAS_ATTN_PREP = False
 
 try:
     from trainer.head import head_loss
@@ -143,9 +144,10 @@ class Attention(nn.Module):
         self.rotary = rotary if rotary is not None else Rotary(head_dim)
         self.c_proj = CastedLinear(hdim, dim, zero_init=True)
         self.fp8 = False   # the q, k, v projection's forward in FP8 (set by the trainer on Hopper)
-        # the attn_prep kernel on CUDA tensors. A flag, not the op itself as an attribute: torch.compile's cache of its
-        # traces (caching_precompile) pickles what the module holds, and a custom op's library handle does not pickle
-        self.prep = prep_kernel == "triton" and attn_prep_kernel is not None
+        # the attn_prep kernel on CUDA tensors. A flag, and the op called as torch.ops.speedrun.attn_prep: torch.compile's
+        # cache of its traces (caching_precompile) pickles what the module holds and the objects its guards name, and
+        # a custom op's own object holds a library handle that does not pickle (trainer/trace_cache.py)
+        self.prep = prep_kernel == "triton" and HAS_ATTN_PREP
 
     @torch.no_grad()
     def mimetic_vo_init_(self, beta: float, noise_std: float = 0.01) -> None:
@@ -182,7 +184,7 @@ class Attention(nn.Module):
             ve = extra_v if ve is None else lambdas[1] * ve.reshape(extra_v.shape) + extra_v
             lambdas = torch.cat([lambdas[:1], lambdas.new_ones(1)])
         if self.prep and x.is_cuda:   # ve: (B, T, H, D) as laid out is (B, S, H', D) of the paired form
-            q, k, v = attn_prep_kernel(qkv, ve, lambdas, *self.rotary.tables(S, x.device))
+            q, k, v = torch.ops.speedrun.attn_prep(qkv, ve, lambdas, *self.rotary.tables(S, x.device))
         else:
             q, k, v = qkv.unbind(2)
             q, k = self.rotary(norm(q)), self.rotary(norm(k))

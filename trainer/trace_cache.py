@@ -15,7 +15,11 @@ The cache keeps fewer guards than a trace does: it drops the ones on the identit
 `F.relu` or `attn_impl.attend` is), keeping those on tensors, on the model's attributes and on global state. Our
 model's switches are attributes (bools, numbers, strings), so a graph of other switches is not reused
 (tests/unit/test_trainer_trace_cache.py). The model must hold nothing the cache cannot pickle: a torch.dtype (the
-model keeps act_dtype by name) or a custom op's handle (Attention.prep is a flag).
+model keeps act_dtype by name) or a custom op's handle (Attention.prep is a flag). Our Triton ops are called as
+`torch.ops.speedrun.<name>`, never through the object `@torch.library.custom_op` returns: a trace that calls that
+object keeps a guard naming it, and its library handle does not pickle ("cannot pickle 'torch._C._DispatchModule'"
+at save: seen on an H100 on 2026-12-07 in the GPU case of the trace-cache test; calling such an object inside a
+compiled function gives the same on the CPU).
 """
 from __future__ import annotations
 

@@ -78,3 +78,25 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
     for switches in (dict(logit_rescale=True), dict(backout_layer=0)):
         other = compiled_run(cache, device=device, **switches)
         assert abs(other["loss"] - other["eager"]) < tolerance and abs(other["loss"] - first["loss"]) > 1e-3, switches
+
+
+def test_our_custom_ops_are_called_through_torch_ops_never_through_their_own_objects():
+    """The object `@torch.library.custom_op` returns holds a library handle that the trace cache cannot pickle; a
+    trace that calls it keeps a guard naming it, and the cache's save fails ("cannot pickle
+    'torch._C._DispatchModule'", seen on an H100). Those calls run only on CUDA, so this reads the code: in every
+    file of trainer/ that defines such an op, the op's Python name is only defined and registered, never called."""
+    import ast
+
+    trees = {path: ast.parse(path.read_text()) for path in sorted((REPO / "trainer").rglob("*.py"))}
+    defined = {".".join(path.relative_to(REPO).with_suffix("").parts): {
+        f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+        for d in f.decorator_list if isinstance(d, ast.Call) and ast.unparse(d.func).endswith("custom_op")}
+        for path, tree in trees.items()}
+    offenders = []
+    for path, tree in trees.items():
+        ops = set(defined[".".join(path.relative_to(REPO).with_suffix("").parts)])
+        ops |= {a.asname or a.name for i in ast.walk(tree) if isinstance(i, ast.ImportFrom)   # imported, renamed
+                for a in i.names if a.name in defined.get(i.module or "", ())}
+        offenders += [f"{path.relative_to(REPO)}:{c.lineno} {c.func.id}(...)" for c in ast.walk(tree)
+                      if isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id in ops]
+    assert not offenders, f"call torch.ops.speedrun.<name> instead: {offenders}"

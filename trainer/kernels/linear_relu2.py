@@ -331,7 +331,7 @@ def _backward(ctx, grad_y, grad_h):
             scale = torch.stack([scale, pre_s.reciprocal()])
             fc8, fc_s = weight_to_fp8(w_fc)
             fc8_t = fc8.t().contiguous()
-    grads = _mlp_bwd(grad_y, x, h, w_fc, w_proj, g8, w8_t, scale, fc8_t, pre_s, fc_s)
+    grads = torch.ops.speedrun.mlp_relu2_bwd(grad_y, x, h, w_fc, w_proj, g8, w8_t, scale, fc8_t, pre_s, fc_s)
     return (*grads, None, None, None, None, None, None, None)
 
 
@@ -350,14 +350,14 @@ def mlp_relu2(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, fp8: st
     if fp8 not in MLP_FP8_MODES:
         raise ValueError(f"mlp_relu2: fp8 must be one of {MLP_FP8_MODES} (got {fp8!r})")
     if fp8 == "none":
-        return _mlp_fwd(x, w_fc, w_proj, None, None, None, None, None, None, fp8)[0]
+        return torch.ops.speedrun.mlp_relu2_fwd(x, w_fc, w_proj, None, None, None, None, None, None, fp8)[0]
     with torch.no_grad():   # straight-through: the backward differentiates the bf16 math
         x8, x_s = activation_to_fp8(x)
         w_fc8, fc_s = weight_to_fp8(w_fc)
         w_proj8, proj_s = weight_to_fp8(w_proj)
         h_s = h_scale(w_fc)
         scales = torch.stack([fc_s * x_s, h_s.reciprocal()]).float()
-    return _mlp_fwd(x, w_fc, w_proj, x8, w_fc8, w_proj8, scales, h_s.float(), proj_s, fp8)[0]
+    return torch.ops.speedrun.mlp_relu2_fwd(x, w_fc, w_proj, x8, w_fc8, w_proj8, scales, h_s.float(), proj_s, fp8)[0]
 
 
 def mlp_relu2_reference(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
