@@ -22,6 +22,9 @@
 # 2026-12-06 (late): every start refused, 1,516 s of 1,800 spent asking; planned then: call 1 lease_small +
 # lease_warm --only ours,bo (backout) + pytest -k later_records, call 2 lease_full + lease_recipe ours,bo; after
 # that one call can hold only `lease_node_probe bench/cache_probe.yaml --set trainer.compile_trace_cache=true`.
+# 2026-12-07: 1,261 s of 1,800 spent asking, then one H100: lease_install + two GPU test files (52 s), -k later_records
+# (120 s), lease_node_probe bench/cache_probe.yaml (228 s: cold 136 s, same node 44 s, fresh node 44 s). With the
+# trace-cache fix, the next probe is `lease_node_probe bench/cache_probe.yaml --set trainer.compile_trace_cache=true`.
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).
