@@ -125,6 +125,11 @@ class TrainConfig:
     # at start, trained with the scalars (Adam, no weight decay; the record's betas are (0.9, 0.95)). The record: 30
     # fewer steps of 1440 for +0.9 s (0.68 s net of 85.9). Not yet on the yardstick: off
     xsa: bool = False
+    # record-89's learned residual scales ("exponential decay of the residual stream", records 45 and 73-74): every
+    # sublayer adds as x = r * x + p * f(x), r learned from sqrt(1.1) (the stream grows 1.1x a layer, so each
+    # earlier layer's share of it decays) and p from 1, per layer and sublayer, trained by Adam with the scalars
+    # (the record: r at 0.04, p at 0.008, betas (0.9, 0.95)). Not yet on the yardstick: off
+    residual_scales: bool = False
     # record-85 (2026-05): lightweight dynamically composable attention in one layer, post-only: each head's output
     # gains w2[t, h] x (sum over heads g of w1[t, g] x head g's softmax over the last dc_window keys) @ head h's
     # values, w1 and w2 per token from a small net on the input of layer dc_gate_layer (trainer/dc_attention.py).

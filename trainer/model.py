@@ -23,6 +23,7 @@ from trainer.fp8 import fp8_forward_linear, fp8_linear
 from trainer.mudd import DenseConnections, saved_layers
 
 ACT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}   # GPT.act_dtype's values, by name
+RESID_SCALE_INIT = 1.1 ** 0.5   # record-89's residual scale per sublayer: the stream x1.1 a layer at start
 
 try:   # q/k norm + rotary + value mix as one Triton kernel each way (CUDA); a CPU-only torch has no triton
     import trainer.kernels.attn_prep  # noqa: F401 - registers torch.ops.speedrun.attn_prep
@@ -240,6 +241,9 @@ class Block(nn.Module):
                               xsa=cfg.xsa and not paired) if attention else None
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel) if mlp else None
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
+        # residual_scales (record-89): per sublayer (attention, MLP) x = resid * x + post * f(x), Adam with the scalars
+        self.resid_scales = nn.Parameter(torch.full((2,), RESID_SCALE_INIT)) if cfg.residual_scales else None
+        self.post_scales = nn.Parameter(torch.ones(2)) if cfg.residual_scales else None
 
     def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None, extra_v=None, attn_in=None,
                 dc=None):
@@ -248,9 +252,15 @@ class Block(nn.Module):
         if bigram is not None:   # the bigram embedding, already weighted for this layer
             x = x + bigram
         if self.attn is not None:
-            x = x + self.attn(norm(x if attn_in is None else attn_in), ve, docs, window_blocks, block_size, mask,
-                              extra_v, dc)
-        return x if self.mlp is None else x + self.mlp(norm(x))
+            x = self.add(x, self.attn(norm(x if attn_in is None else attn_in), ve, docs, window_blocks, block_size,
+                                      mask, extra_v, dc), 0)
+        return x if self.mlp is None else self.add(x, self.mlp(norm(x)), 1)
+
+    def add(self, x: torch.Tensor, out: torch.Tensor, sublayer: int) -> torch.Tensor:
+        """The residual plus a sublayer's output; with residual_scales, each of the two scaled by its own scalar."""
+        if self.resid_scales is None:
+            return x + out
+        return self.resid_scales[sublayer].to(x.dtype) * x + self.post_scales[sublayer].to(x.dtype) * out
 
 
 def padded_vocab(vocab_size: int) -> int:

@@ -195,7 +195,7 @@ def test_compiled_model_with_the_later_records_parts_matches_the_dense_model(par
 def test_training_loop_on_the_gpu_with_every_later_records_switch(tmp_path):
     """Every issue-22 switch at once (model parts with MUDD, NorMuon with per-head-pair q/k blocks, cautious decay,
     the momentum cool-down, Adam every other step with record-89's betas and table decay, composable attention,
-    multi-token prediction, the prefix target, the document-length cap, the window schedule with YaRN and the last
+    learned residual scales, multi-token prediction, the prefix target, the document-length cap, the window schedule with YaRN and the last
     validation's longer window) compiles and trains on the GPU: finite losses that fall, every step logged."""
     import base64
     import json
@@ -212,7 +212,8 @@ def test_training_loop_on_the_gpu_with_every_later_records_switch(tmp_path):
                       adam_every_other_step=True, prefix_token_loss=True, vocab_file=str(vocab),
                       doc_len_schedule="1/2:200,1:512", window_schedule="1/2:1,1:2", yarn=True,
                       final_val_window_blocks=4, lr_floor=0.15, muon_qk_pairs=True, adam_group_betas=True,
-                      adam_cautious_wd=0.005, dc_layer=3, dc_gate_layer=2, **LATER_RECORDS_PARTS)
+                      adam_cautious_wd=0.005, dc_layer=3, dc_gate_layer=2, residual_scales=True,
+                      **LATER_RECORDS_PARTS)
     assert Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out")).run() == 0
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train = [r["train_loss"] for r in records if "train_loss" in r]

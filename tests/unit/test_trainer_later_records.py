@@ -845,6 +845,41 @@ def test_key_offset_sits_on_the_long_window_layers_keeps_the_model_causal_and_ch
     assert not torch.allclose(a, plain(t[:-1], t[1:], torch.tensor(4), reduction="none").detach())
 
 
+# ------------------------------------------------------------------------- learned residual scales (record-89)
+
+
+def test_residual_scales_scale_the_stream_and_each_sublayers_output():
+    from trainer.attention import document_ids
+    from trainer.model import RESID_SCALE_INIT, norm
+
+    plain, model = with_switches(residual_scales=True)
+    block = model.blocks[1]
+    assert torch.equal(block.resid_scales, torch.full((2,), RESID_SCALE_INIT)) and torch.equal(block.post_scales,
+                                                                                                torch.ones(2))
+    t = tokens()
+    window = torch.tensor(2)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.resid_scales.fill_(1.0)
+    assert torch.equal(model(t[:-1], t[1:], window), plain(t[:-1], t[1:], window))   # r = p = 1: x + f(x), exactly
+    with torch.no_grad():
+        block.resid_scales.copy_(torch.tensor([0.9, 1.2]))
+        block.post_scales.copy_(torch.tensor([0.5, 2.0]))
+    x, x0 = torch.randn(1, 512, 64), torch.randn(1, 512, 64)
+    docs = document_ids(t[:-1])
+    args = (None, docs, 2, 128, None)
+    got = block(x, x0, *args)
+    mixed = block.lambdas[0] * x + block.lambdas[1] * x0
+    after_attn = 0.9 * mixed + 0.5 * block.attn(norm(mixed), *args)
+    want = 1.2 * after_attn + 2.0 * block.mlp(norm(after_attn))
+    assert torch.allclose(got, want, atol=1e-6)
+    model(t[:-1], t[1:], window).backward()
+    assert block.resid_scales.grad.abs().min() > 0 and block.post_scales.grad.abs().min() > 0
+    adam, muon = build_optimizers(model, model.cfg)
+    scalars = next(g for g in adam.param_groups if g["lr"] == model.cfg.adam_scalar_lr)
+    assert {id(block.resid_scales), id(block.post_scales)} <= {id(p) for p in scalars["params"]}
+
+
 # ----------------------------------------------------------------------------------------------- all at once
 
 
@@ -857,7 +892,7 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
                       muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True,
                       batch_schedule="1/2:1,1:2", tie_head_until=0.5, key_offset=True, paired_head_layers="1",
                       mudd=True, mlp_skip_layers="0", muon_qk_pairs=True, adam_group_betas=True,
-                      adam_cautious_wd=0.005, dc_layer=3, dc_gate_layer=2)
+                      adam_cautious_wd=0.005, dc_layer=3, dc_gate_layer=2, residual_scales=True)
     torch.manual_seed(0)
     model = GPT(cfg)
     t = tokens()
