@@ -220,21 +220,27 @@ RECORD89_DECAY = {"head": (0.008, 150.0), "tables": (0.6, 5.0)}
 
 
 class CautiousAdam(torch.optim.Adam):
-    """torch's Adam, then record-89's cautious decay on the groups that carry a `decay` rate: p -= rate * p where
-    Adam's step moved p towards zero, the rate following the lr schedule squared (the record's lr * lr * wd), so
-    that it falls to lr_floor^2 of itself in the cool-down. Groups without one step as plain Adam."""
+    """torch's Adam, with record-89's cautious decay on the groups that carry a `decay` rate: p -= rate * p where
+    Adam's step moves p towards zero, the rate following the lr schedule squared (the record's lr * lr * wd), so
+    that it falls to lr_floor^2 of itself in the cool-down. Groups without one step as plain Adam.
+
+    The decay goes first, with no copy of the tables: Adam's step (no weight decay in it) does not depend on p, and
+    its sign is that of the new first moment beta1 * m + (1 - beta1) * g, so p0 - step - rate * p0 * mask is the
+    same taken in either order (up to rounding)."""
 
     @torch.no_grad()
     def step(self, closure=None):
-        decayed = [(g, [p.detach().clone() for p in g["params"] if p.grad is not None])
-                   for g in self.param_groups if g.get("decay")]
-        loss = super().step(closure)
-        for g, before in decayed:
-            rate = g["decay"] * (g["lr"] / g["base_lr"]) ** 2
-            params = [p for p in g["params"] if p.grad is not None]
-            for p, p0 in zip(params, before):
-                p.sub_(rate * p0 * ((p0 - p) * p0 > 0))   # Adam's step p0 - p agrees in sign with p0
-        return loss
+        for g in self.param_groups:
+            if not g.get("decay"):
+                continue
+            rate, beta1 = g["decay"] * (g["lr"] / g["base_lr"]) ** 2, g["betas"][0]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state.get(p, {}).get("exp_avg")
+                direction = p.grad * (1 - beta1) if m is None else torch.lerp(p.grad, m, beta1)
+                p.sub_(p * (direction * p > 0), alpha=rate)
+        return super().step(closure)
 
 
 def adam_groups(model, cfg, parts: dict) -> list[dict]:

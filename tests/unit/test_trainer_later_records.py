@@ -588,7 +588,7 @@ def test_adam_cautious_wd_decays_the_tables_where_adams_step_shrinks_them_at_the
         shrinks = (p0[n] - plain_p[n]) * p0[n] > 0
         assert 0 < shrinks.float().mean() < 1, n
         expected = plain_p[n] - rates[n] * p0[n] * shrinks
-        assert torch.allclose(q, expected, rtol=0, atol=1e-7), n
+        assert torch.allclose(q, expected, rtol=2e-7, atol=1e-7), n   # an ulp or so: the decay goes before the step
         assert not torch.equal(q, plain_p[n])
     with pytest.raises(ValueError, match="adam_cautious_wd: must be >= 0"):
         tiny_config(adam_cautious_wd=-1.0)
