@@ -382,9 +382,8 @@ class TrainConfig:
     def check_dc(self) -> None:
         """dc_layer's needs: a layer with attention of its own heads (not paired), the gate's layer at or before it,
         a band no longer than a block (the GPU path's mask takes key blocks q-1 and q)."""
-        layout = attention_layout(self)
-        own = [i for i, kind in enumerate(layout) if kind in ("long", "short")]
-        if not 0 <= self.dc_layer < self.num_layers or layout[self.dc_layer] not in ("long", "short"):
+        own = [i for i, kind in enumerate(attention_layout(self)) if kind in ("long", "short")]
+        if self.dc_layer not in own:
             raise ValueError(f"dc_layer: must be -1 (off) or a layer with attention that is not paired (got "
                              f"{self.dc_layer}; layers {', '.join(str(i) for i in own)} qualify)")
         if not 0 <= self.dc_gate_layer <= self.dc_layer:
@@ -457,20 +456,7 @@ class TrainConfig:
     def phase_lr_scales(self) -> tuple[float, ...]:
         """batch_lr_scales as floats divided by the last one; () when unset. ValueError unless it has one positive
         number per phase of the batch or sequence-length schedule."""
-        if not self.batch_lr_scales.strip():
-            return ()
-        phases = len(self.batch_phases() or self.seq_len_phases())
-        try:
-            scales = tuple(float(x) for x in self.batch_lr_scales.split(","))
-        except ValueError:
-            scales = ()
-        if not phases:
-            raise ValueError("batch_lr_scales: needs a batch_schedule or seq_len_schedule, one multiplier per phase; "
-                             "or '' for off")
-        if len(scales) != phases or min(scales) <= 0:
-            raise ValueError(f"batch_lr_scales: must be {phases} positive numbers, comma-separated, one per phase (the "
-                             f"record: 1,1.52,1.73); or '' for batch_lr_exponent's (got {self.batch_lr_scales!r})")
-        return tuple(x / scales[-1] for x in scales)
+        return parse_lr_scales(str(self.batch_lr_scales), len(self.batch_phases() or self.seq_len_phases()))
 
     def window_phases(self) -> tuple[tuple[Fraction, int], ...]:
         """window_schedule as ((END, BLOCKS), ...), () when off; ValueError naming the key on anything else."""
@@ -503,6 +489,25 @@ def attention_layout(cfg: TrainConfig) -> list[str | None]:
     """window_layout with the paired-head layers (short-window ones) marked 'paired'."""
     paired = cfg.paired_layers()
     return ["paired" if i in paired else w for i, w in enumerate(window_layout(cfg))]
+
+
+@lru_cache(maxsize=16)
+def parse_lr_scales(text: str, phases: int) -> tuple[float, ...]:
+    """batch_lr_scales for a schedule of this many phases (TrainConfig.phase_lr_scales). Cached, as parse_phases:
+    the trainer asks for the step's lr every step."""
+    if not text.strip():
+        return ()
+    try:
+        scales = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        scales = ()
+    if not phases:
+        raise ValueError("batch_lr_scales: needs a batch_schedule or seq_len_schedule, one multiplier per phase; "
+                         "or '' for off")
+    if len(scales) != phases or min(scales) <= 0:
+        raise ValueError(f"batch_lr_scales: must be {phases} positive numbers, comma-separated, one per phase (the "
+                         f"record: 1,1.52,1.73); or '' for batch_lr_exponent's (got {text!r})")
+    return tuple(x / scales[-1] for x in scales)
 
 
 @lru_cache(maxsize=16)

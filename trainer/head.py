@@ -124,7 +124,8 @@ def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: in
     multiples of 16 and |x| <= sqrt(K) (rms-normed rows).
     """
     return torch.ops.speedrun.head_loss(x.contiguous(), w, targets.contiguous(), weights, vocab, float(cap),
-                      float(cap if div is None else div), float(offset), fp8, torch.is_grad_enabled())[0]
+                                        float(cap if div is None else div), float(offset), fp8,
+                                        torch.is_grad_enabled())[0]
 
 
 def head_loss_reference(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,

@@ -145,9 +145,9 @@ class Attention(nn.Module):
         self.rotary = rotary if rotary is not None else Rotary(head_dim)
         self.c_proj = CastedLinear(hdim, dim, zero_init=True)
         self.fp8 = False   # the q, k, v projection's forward in FP8 (set by the trainer on Hopper)
-        # the attn_prep kernel on CUDA tensors. A flag, and the op called as torch.ops.speedrun.attn_prep: torch.compile's
-        # cache of its traces (caching_precompile) pickles what the module holds and the objects its guards name, and
-        # a custom op's own object holds a library handle that does not pickle (trainer/trace_cache.py)
+        # the attn_prep kernel on CUDA tensors. A flag, and the op called as torch.ops.speedrun.attn_prep:
+        # torch.compile's cache of its traces (caching_precompile) pickles what the module holds and the objects its
+        # guards name, and a custom op's own object holds a library handle that does not pickle (trainer/trace_cache.py)
         self.prep = prep_kernel == "triton" and HAS_ATTN_PREP
 
     @torch.no_grad()

@@ -179,8 +179,9 @@ def split_parameters(model) -> dict[str, list]:
     """Hidden matrices go to Muon; embeddings, the head and scalar gains go to Adam. The later records' parts go
     where their records put them: the smear gate with Muon, the bigram table with the embeddings, the skip gate in
     an Adam group of its own, as are MUDD's nets and the composition weights' net (dc_layer); the smear's and the
-    bigram's weights (vectors) go with the scalars. With the head tied to the embedding (tie_head_until), the token embedding goes with the head: records
-    51 and 53 train the tied table and, after the untie, the embedding at the head's lr."""
+    bigram's weights (vectors) go with the scalars. With the head tied to the embedding (tie_head_until), the token
+    embedding goes with the head: records 51 and 53 train the tied table and, after the untie, the embedding at the
+    head's lr."""
     tied = model.cfg.tie_head_until > 0
     embed = ([] if tied else [model.embed.weight]) + [ve.weight for ve in model.value_embeds]
     if getattr(model, "bigram", None) is not None:

@@ -26,7 +26,7 @@ def lr_scale(cfg: TrainConfig, step: int) -> float:
     return peak * w + (1 - w) * cfg.lr_floor * first
 
 
-def _phase_value(phases, cfg: TrainConfig, step: int, default: int) -> int:
+def _phase_value(phases, cfg: TrainConfig, step: int, default: float) -> float:
     """The value of the phase a step is in (END a Fraction: exact); steps from cfg.steps on (validation only)
     belong to the last phase; `default` without a schedule."""
     for end, value in phases:
@@ -66,7 +66,7 @@ def batch_lr_scale(cfg: TrainConfig, step: int) -> float:
         return 1.0
     scales = cfg.phase_lr_scales()
     if scales:
-        return next((x for (end, _), x in zip(phases, scales) if step < end * cfg.steps), scales[-1])
+        return _phase_value([(end, x) for (end, _), x in zip(phases, scales)], cfg, step, 1.0)
     return (step_tokens(cfg, step) / (cfg.grad_accum_total * cfg.seq_len)) ** cfg.batch_lr_exponent
 
 

@@ -195,8 +195,9 @@ def test_compiled_model_with_the_later_records_parts_matches_the_dense_model(par
 def test_training_loop_on_the_gpu_with_every_later_records_switch(tmp_path):
     """Every issue-22 switch at once (model parts with MUDD, NorMuon with per-head-pair q/k blocks, cautious decay,
     the momentum cool-down, Adam every other step with record-89's betas and table decay, composable attention,
-    learned residual scales, multi-token prediction, the prefix target, the document-length cap, the window schedule with YaRN and the last
-    validation's longer window) compiles and trains on the GPU: finite losses that fall, every step logged."""
+    learned residual scales, multi-token prediction, the prefix target, the document-length cap, the window
+    schedule with YaRN and the last validation's longer window) compiles and trains on the GPU: finite losses that
+    fall, every step logged."""
     import base64
     import json
 

@@ -208,7 +208,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dq, dk, dv):
     qkv, ve, lambdas, cos, sin = ctx.saved_tensors
-    dqkv, dve, d_lambdas = torch.ops.speedrun.attn_prep_bwd(dq, dk, dv, qkv, ve if ctx.has_ve else None, lambdas, cos, sin)
+    dqkv, dve, d_lambdas = torch.ops.speedrun.attn_prep_bwd(dq, dk, dv, qkv, ve if ctx.has_ve else None, lambdas,
+                                                            cos, sin)
     return dqkv, (dve if ctx.has_ve else None), d_lambdas, None, None
 
 
