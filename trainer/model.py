@@ -241,7 +241,7 @@ class Block(nn.Module):
                               xsa=cfg.xsa and not paired) if attention else None
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel) if mlp else None
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
-        # residual_scales (record-89): per sublayer (attention, MLP) x = resid * x + post * f(x), Adam with the scalars
+        # residual_scales (record-89): per sublayer (attention, MLP) x = resid * x + post * f(x), each in its Adam group
         self.resid_scales = nn.Parameter(torch.full((2,), RESID_SCALE_INIT)) if cfg.residual_scales else None
         self.post_scales = nn.Parameter(torch.ones(2)) if cfg.residual_scales else None
 

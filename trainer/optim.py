@@ -193,14 +193,16 @@ def split_parameters(model) -> dict[str, list]:
     skip_gate = [model.skip_gate.weight] if getattr(model, "skip_gate", None) is not None else []   # record-55: Adam
     mudd = list(model.mudd.parameters()) if getattr(model, "mudd", None) is not None else []   # record-81: Adam
     dc = list(model.dc_gate.parameters()) if getattr(model, "dc_gate", None) is not None else []   # record-85: Adam
-    own = {id(p) for p in dc}
+    resid = [b.resid_scales for b in model.blocks if b.resid_scales is not None]   # record-89: groups of their own
+    post = [b.post_scales for b in model.blocks if b.post_scales is not None]
+    own = {id(p) for p in dc + resid + post}
     scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in own]
-    seen = {id(p) for p in embed + head + hidden + scalars + skip_gate + mudd + dc}
+    seen = {id(p) for p in embed + head + hidden + scalars + skip_gate + mudd + dc + resid + post}
     missing = [n for n, p in model.named_parameters() if id(p) not in seen]
     if missing:
         raise RuntimeError(f"parameters with no optimizer: {missing}")
     return {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars, "skip_gate": skip_gate, "mudd": mudd,
-            "dc": dc}
+            "dc": dc, "resid": resid, "post": post}
 
 
 def copy_adam_state(adam: torch.optim.Adam, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -276,6 +278,9 @@ def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
         groups.append(dict(params=parts["mudd"], lr=cfg.adam_mudd_lr, betas=(0.9, 0.99)))
     if parts["dc"]:   # record-85's gate net, at the record's betas too
         groups.append(dict(params=parts["dc"], lr=cfg.adam_dc_lr, betas=(0.9, 0.99)))
+    if parts["resid"]:   # record-89's residual scales: the stream's at the scalars' lr, the outputs' at a fifth of it
+        groups += [dict(params=parts["resid"], lr=cfg.adam_scalar_lr, betas=(0.9, 0.95)),
+                   dict(params=parts["post"], lr=cfg.adam_scalar_lr / 5, betas=(0.9, 0.95))]
     adam = CautiousAdam(
         groups,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,

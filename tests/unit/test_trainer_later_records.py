@@ -876,8 +876,12 @@ def test_residual_scales_scale_the_stream_and_each_sublayers_output():
     model(t[:-1], t[1:], window).backward()
     assert block.resid_scales.grad.abs().min() > 0 and block.post_scales.grad.abs().min() > 0
     adam, muon = build_optimizers(model, model.cfg)
-    scalars = next(g for g in adam.param_groups if g["lr"] == model.cfg.adam_scalar_lr)
-    assert {id(block.resid_scales), id(block.post_scales)} <= {id(p) for p in scalars["params"]}
+    lr = model.cfg.adam_scalar_lr   # the record's groups: the stream's scales at the scalars' lr, the outputs' at 1/5
+    resid, post = (next(g for g in adam.param_groups if any(p is s for p in g["params"]))
+                   for s in (block.resid_scales, block.post_scales))
+    assert (resid["lr"], post["lr"]) == (lr, lr / 5) and resid["betas"] == post["betas"] == (0.9, 0.95)
+    assert len(resid["params"]) == len(post["params"]) == len(model.blocks)
+    assert not any(p is block.resid_scales for g in adam.param_groups if g is not resid for p in g["params"])
 
 
 # ----------------------------------------------------------------------------------------------- all at once
