@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from trainer.kernels.cautious_decay import cautious_decay_, cautious_decay_reference_
+
 # Polar Express (Amsel et al., 2025): one odd quintic per iteration, tuned so five bf16 iterations bring
 # every singular value close to 1; plain Newton-Schulz repeats one fixed quintic and stops near [0.7, 1.2].
 POLAR_EXPRESS = (
@@ -227,7 +229,7 @@ class CautiousAdam(torch.optim.Adam):
     Adam's step moves p towards zero, the rate following the lr schedule squared (the record's lr * lr * wd), so
     that it falls to lr_floor^2 of itself in the cool-down. Groups without one step as plain Adam.
 
-    The decay goes first, with no copy of the tables: Adam's step (no weight decay in it) does not depend on p, and
+    The decay (trainer/kernels/cautious_decay.py) goes first, with no copy of the tables: Adam's step (no weight decay in it) does not depend on p, and
     its sign is that of the new first moment beta1 * m + (1 - beta1) * g, so p0 - step - rate * p0 * mask is the
     same taken in either order (up to rounding)."""
 
@@ -240,9 +242,8 @@ class CautiousAdam(torch.optim.Adam):
             for p in g["params"]:
                 if p.grad is None:
                     continue
-                m = self.state.get(p, {}).get("exp_avg")
-                direction = p.grad * (1 - beta1) if m is None else torch.lerp(p.grad, m, beta1)
-                p.sub_(p * (direction * p > 0), alpha=rate)
+                decay = cautious_decay_ if p.is_cuda else cautious_decay_reference_   # one pass a table on a GPU
+                decay(p, p.grad, self.state.get(p, {}).get("exp_avg"), beta1, rate)
         return super().step(closure)
 
 
