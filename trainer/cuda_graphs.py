@@ -26,7 +26,8 @@ def compile_model(model: torch.nn.Module, cfg):
     with cfg.compile_trace_cache dynamo's traces are cached too (trainer/trace_cache.py)."""
     if cfg.compile_trace_cache:
         trace_cache.enable()
-    return torch.compile(model, dynamic=False, mode="reduce-overhead" if cfg.cuda_graphs else None)
+    compiled = torch.compile(model, dynamic=False, mode="reduce-overhead" if cfg.cuda_graphs else None)
+    return trace_cache.grads_aside(compiled, model)
 
 
 def cuda_graph_skips() -> int:

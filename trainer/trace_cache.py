@@ -8,6 +8,7 @@ same cache folder (`<TORCHINDUCTOR_CACHE_DIR>/dynamo/`), so it travels with the 
 compiled model loads it at its first call instead of tracing.
 
     enable()                    # before torch.compile (trainer/cuda_graphs.py compile_model)
+    forward = grads_aside(torch.compile(model), model)
     ...the warm-up compiles every graph...
     save()                      # after it; a failure only warns: the next process traces as before
 
@@ -20,6 +21,13 @@ model keeps act_dtype by name) or a custom op's handle (Attention.prep is a flag
 object keeps a guard naming it, and its library handle does not pickle ("cannot pickle 'torch._C._DispatchModule'"
 at save: seen on an H100 on 2026-12-07 in the GPU case of the trace-cache test; calling such an object inside a
 compiled function gives the same on the CPU).
+
+Nor may a parameter carry a .grad while dynamo traces: the guards are pickled then, at compile time, each parameter
+with its .grad, and a gradient is not a value the guards keep, so it is written as a missing value and the next
+process dies loading it ("assigned grad expected to be a Tensor or None but got grad of type _Missing": seen on an
+H100 on 2026-12-07 with CUDA graphs, whose OwnedGradients zeroes every .grad before a step's first forward; the same
+on the CPU with the .grads set before the first call). `grads_aside` sets them aside for each compiled call: the
+forward neither reads nor writes a .grad, and autograd finds the .grad restored when the backward accumulates.
 """
 from __future__ import annotations
 
@@ -37,6 +45,26 @@ def enable() -> None:
 
 def enabled() -> bool:
     return bool(torch._dynamo.config.caching_precompile)
+
+
+def grads_aside(compiled, model: torch.nn.Module):
+    """`compiled` called with every parameter's .grad set to None and put back after (see above); `compiled`
+    itself without the trace cache."""
+    if not enabled():
+        return compiled
+    params = list(model.parameters())
+
+    def call(*args, **kwargs):
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+
+    return call
 
 
 def save() -> None:

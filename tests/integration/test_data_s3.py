@@ -1,50 +1,22 @@
 """Staging from S3: a real moto_server on loopback, started and stopped by PID in this module."""
 import hashlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from orchestrator.data import DataError, stage_shards
+from s3_server import MotoServer, free_port
 
 pytestmark = pytest.mark.integration
 SYN = "synthetic://markov?seed=11&states=64&branch=4&doc_len=32&train_shards=2&shard_tokens=300000"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    port = _free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(url, timeout=1)
-                break
-            except requests.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail(f"moto_server did not start on {url}; see {log.name}")
-                time.sleep(0.2)
-        yield url
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-        log.close()
+def moto():
+    """s3_server.MotoServer's endpoint, waited for until it answers (its first answer can take seconds on a loaded
+    machine: a one-second read timeout here once failed all three tests' set-up)."""
+    with MotoServer() as s3:
+        yield s3.endpoint
 
 
 @pytest.fixture
@@ -91,7 +63,7 @@ def test_s3_missing_shard_bucket_and_endpoint_are_clear_errors(bucket, tmp_path,
         stage_shards(f"s3://{name}/fineweb10B", tmp_path / "d", train_shards=3, progress=False)
     with pytest.raises(DataError, match="NoSuchBucket"):
         stage_shards("s3://no-such-bucket/x", tmp_path / "d", progress=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(DataError, match="cannot reach the S3 endpoint"):
         stage_shards(f"s3://{name}/fineweb10B", tmp_path / "d", progress=False)
     assert not (tmp_path / "d").exists()
