@@ -23,10 +23,18 @@ from trainer import trace_cache
 
 def compile_model(model: torch.nn.Module, cfg):
     """torch.compile with static shapes; with cfg.cuda_graphs its graphs replay as CUDA graphs (reduce-overhead);
-    with cfg.compile_trace_cache dynamo's traces are cached too (trainer/trace_cache.py)."""
+    with cfg.compile_trace_cache dynamo's traces are cached too (trainer/trace_cache.py), and a cache that fails to
+    load costs a warning and a trace, not the run."""
     if cfg.compile_trace_cache:
         trace_cache.enable()
-    compiled = torch.compile(model, dynamic=False, mode="reduce-overhead" if cfg.cuda_graphs else None)
+    mode = "reduce-overhead" if cfg.cuda_graphs else None
+    try:
+        compiled = torch.compile(model, dynamic=False, mode=mode)   # the trace cache loads here
+    except Exception as e:  # noqa: BLE001 - whatever an experimental cache's load raises, tracing still works
+        if not trace_cache.enabled():
+            raise
+        trace_cache.disable(e)
+        compiled = torch.compile(model, dynamic=False, mode=mode)
     return trace_cache.grads_aside(compiled, model)
 
 

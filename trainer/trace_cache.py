@@ -43,6 +43,14 @@ def enable() -> None:
     torch._dynamo.config.caching_precompile = True
 
 
+def disable(why: Exception) -> None:
+    """Off for the rest of this process, with a warning saying why (a cache that failed to load); the cache folder
+    stays as it is."""
+    torch._dynamo.config.caching_precompile = False
+    log.warning("compile_trace_cache: the cached traces did not load (%s: %s); tracing the model instead, and "
+                "saving no traces from this process", type(why).__name__, str(why).splitlines()[0] if str(why) else "")
+
+
 def enabled() -> bool:
     return bool(torch._dynamo.config.caching_precompile)
 

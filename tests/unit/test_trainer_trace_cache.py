@@ -24,12 +24,15 @@ from torch._dynamo.utils import compilation_time_metrics, counters
 
 switches = json.loads(sys.argv[1])
 device = switches.pop("device", "cpu")
+bad = switches.pop("bad", False)
 cfg = tiny_config(num_layers=2, cuda_graphs=device == "cuda", compile_trace_cache=True, **switches)
 model = randomised_model(cfg, device=device)
 if device == "cuda":   # as the trainer runs it there: bf16 activations, FlexAttention
     model.act_dtype, model.attention = torch.bfloat16, "flex"
 # and the CUDA graphs' gradients, zeroed before the first forward (their .grad must not reach the pickled guards)
 owned = OwnedGradients(model.parameters())
+if bad:   # the .grads reach the pickled guards, as before trace_cache.grads_aside: a cache that cannot load
+    trace_cache.grads_aside = lambda compiled, model: compiled
 forward = compile_model(model, cfg)
 t = packed_tokens(513, seed=3).to(device)
 window = torch.tensor(2, device=device)
@@ -43,7 +46,7 @@ with torch.no_grad():
     eager = model(t[:-1], t[1:], window).item()
 print(json.dumps(dict(loss=loss.item(), eager=eager, grad=sum(p.grad.double().sum().item() for p in model.parameters()
                                                              if p.grad is not None),
-                      cache=dict(counters["dynamo_cache"]),
+                      cache=dict(counters["dynamo_cache"]), cache_on=trace_cache.enabled(),
                       tracing_s=sum(compilation_time_metrics.get("bytecode_tracing", [])))))
 """
 
@@ -53,7 +56,7 @@ def compiled_run(cache: Path, **switches) -> dict:
     out = subprocess.run([sys.executable, "-c", PROGRAM, json.dumps(switches)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]), stderr=out.stderr)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
@@ -80,6 +83,17 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
     for switches in (dict(logit_rescale=True), dict(backout_layer=0)):
         other = compiled_run(cache, device=device, **switches)
         assert abs(other["loss"] - other["eager"]) < tolerance and abs(other["loss"] - first["loss"]) > 1e-3, switches
+
+
+def test_a_cache_that_cannot_load_costs_a_warning_and_a_trace_not_the_run(tmp_path):
+    """Saved with the parameters' .grads in its guards (the H100's failure before grads_aside), the cache fails to
+    load in the next process: that process traces instead, computes the same loss, and saves nothing."""
+    cache = tmp_path / "cache"
+    first = compiled_run(cache, bad=True)
+    second = compiled_run(cache)
+    assert "compile_trace_cache: the cached traces did not load (TypeError" in second["stderr"]
+    assert not second["cache_on"] and second["tracing_s"] > first["tracing_s"] / 4   # found (a hit), then traced
+    assert (second["loss"], second["grad"]) == (first["loss"], first["grad"])
 
 
 def test_our_custom_ops_are_called_through_torch_ops_never_through_their_own_objects():
