@@ -25,6 +25,9 @@
 # 2026-12-07: 1,261 s of 1,800 spent asking, then one H100: lease_install + two GPU test files (52 s), -k later_records
 # (120 s), lease_node_probe bench/cache_probe.yaml (228 s: cold 136 s, same node 44 s, fresh node 44 s). With the
 # trace-cache fix, the next probe is `lease_node_probe bench/cache_probe.yaml --set trainer.compile_trace_cache=true`.
+# 2026-12-07 (second session): 1,490 s of refusals, then one H100 call (310 s): lease_install, the cautious decay
+# kernel's tests and that probe (cold 207 s of launch, the next two died loading: fixed since, bench/NOTES.md). Next:
+# the same probe, then `lease_node_launch 4 bench/cache_probe.yaml` (switch off) in the same call.
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).

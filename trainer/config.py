@@ -273,8 +273,9 @@ class TrainConfig:
     # dynamo's traces cached with the compile caches (torch's experimental caching_precompile, trainer/trace_cache.py):
     # a warm process loads them where it would read the model's Python again, 3.5-4.2 s a graph on an H100 (17 of a
     # warm warm-up's 28.9 s with the three lengths of seq_len_schedule). CPU, torch 2.13, a 2-layer model: a second
-    # process's first call 0.5 s against 34 s cold, the same loss. Not yet run on a GPU (torch 2.11, CUDA graphs):
-    # off until the warm-up and the yardstick have measured it there
+    # process's first call 0.5 s against 34 s cold, the same loss. One H100 (2026-12-07, torch 2.11, CUDA graphs):
+    # the cold launch saved, the next two died loading (the parameters' .grads in the guards; fixed since, and a
+    # failed load now only warns and traces, bench/NOTES.md). Off until a warm launch has measured it there
     compile_trace_cache: bool = False
     warmup_compile_steps: int = 3             # untimed steps on dummy data (the first compiles), then the state is reset
     checkpoint_every: int = 0
