@@ -229,9 +229,10 @@ class CautiousAdam(torch.optim.Adam):
     Adam's step moves p towards zero, the rate following the lr schedule squared (the record's lr * lr * wd), so
     that it falls to lr_floor^2 of itself in the cool-down. Groups without one step as plain Adam.
 
-    The decay (trainer/kernels/cautious_decay.py) goes first, with no copy of the tables: Adam's step (no weight decay in it) does not depend on p, and
-    its sign is that of the new first moment beta1 * m + (1 - beta1) * g, so p0 - step - rate * p0 * mask is the
-    same taken in either order (up to rounding)."""
+    The decay (trainer/kernels/cautious_decay.py, one pass a table on a GPU) goes first, with no copy of the
+    tables: Adam's step (no weight decay in it) does not depend on p, and its sign is that of the new first moment
+    beta1 * m + (1 - beta1) * g, so p0 - step - rate * p0 * mask is the same taken in either order (up to
+    rounding)."""
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -4,9 +4,9 @@
 
 m is Adam's first moment before this step (zero before the first), g the gradient: the sign of the new first
 moment is the sign of Adam's step, so the rule decays p where that step shrinks |p|. Written in torch it is five
-kernels a table (lerp, product, compare, product, subtract), each reading or writing a table-sized tensor: with the
-bigram, value and token tables and the head (~340M float32 values) that is ~13 GB of traffic a step. This kernel
-reads p, g and m once and writes p once (~5.4 GB). Not measured on a GPU yet.
+kernels a table (lerp, product, compare, product, subtract), each reading or writing table-sized tensors: about ten
+passes over each table's bytes, where this kernel makes four (p, g and m read once, p written once). Its time on a
+GPU is not measured yet; its tests there passed (H100, 2026-12-07).
 
 The arithmetic is float32 and rounds once at the store, as the torch rule's ops do one by one; the two can differ
 only where the new moment is within an ulp of zero (lerp against a multiply-add), i.e. on the mask's edge.
