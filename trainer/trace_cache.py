@@ -47,8 +47,8 @@ def disable(why: Exception) -> None:
     """Off for the rest of this process, with a warning saying why (a cache that failed to load); the cache folder
     stays as it is."""
     torch._dynamo.config.caching_precompile = False
-    log.warning("compile_trace_cache: the cached traces did not load (%s: %s); tracing the model instead, and "
-                "saving no traces from this process", type(why).__name__, str(why).splitlines()[0] if str(why) else "")
+    log.warning("compile_trace_cache: the cached traces did not load (%s); tracing the model instead, and saving "
+                "no traces from this process", _first_line(why))
 
 
 def enabled() -> bool:
@@ -82,5 +82,9 @@ def save() -> None:
     try:
         torch.compiler.save_cache_artifacts()
     except Exception as e:  # noqa: BLE001 - experimental in torch: a cache that cannot be written only costs a trace
-        log.warning("compile_trace_cache: traces not saved (%s: %s)", type(e).__name__, str(e).splitlines()[0]
-                    if str(e) else "")
+        log.warning("compile_trace_cache: traces not saved (%s)", _first_line(e))
+
+
+def _first_line(e: Exception) -> str:
+    """'Type: first line of the message', for a one-line warning."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

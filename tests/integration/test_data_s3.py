@@ -1,4 +1,5 @@
-"""Staging from S3: a real moto_server on loopback, started and stopped by PID in this module."""
+"""Staging from S3: a real moto_server on loopback (s3_server.MotoServer: started and stopped by its PID), once
+for this module."""
 import hashlib
 from pathlib import Path
 
