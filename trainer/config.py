@@ -217,6 +217,13 @@ class TrainConfig:
     # where the cool-down ends, as a fraction of the (first phase's) lr: record-28's 0.1; record-72 (ShortWindow,
     # 2026-02-10) raised it to 0.15, and the current record cools over 0.60 of training. Not yet on the yardstick
     lr_floor: float = 0.1
+    # record-89's extension: this many steps after `steps`, at the cool-down's end (lr_floor), the last phase's batch
+    # and loss weights, and a long window of extension_window_blocks (the record: 15 steps after its 1270, the windows
+    # 11 -> 13 blocks, short 5 -> 6; its final validation then 20). Every schedule still spans `steps`; the run and
+    # its step lines count steps + extension_steps, and Muon's momentum cool-down ends with them. Not yet on the
+    # yardstick: 0 = off
+    extension_steps: int = 0
+    extension_window_blocks: int = 0          # 0 = the training's last window
     warmup_steps: int = 0
     val_every: int = 125
     # --- optimizer
@@ -283,6 +290,10 @@ class TrainConfig:
     stop_check_every: int = 10                # how often ranks agree on a checkpoint-and-stop request
     log_every: int = 1
 
+    def total_steps(self) -> int:
+        """The steps the run trains: the schedules' `steps`, then the extension's."""
+        return self.steps + self.extension_steps
+
     def softcap_form(self) -> tuple[float, float, float]:
         """(cap, div, offset) of the soft-capped logits s = cap * tanh((z + offset) / div)."""
         if self.logit_rescale:
@@ -300,6 +311,9 @@ class TrainConfig:
         if min(self.muon_momentum_cooldown_steps, self.muon_cautious_wd, self.adam_cautious_wd) < 0:
             raise ValueError("muon_momentum_cooldown_steps, muon_cautious_wd, adam_cautious_wd: must be >= 0 (got "
                              f"{self.muon_momentum_cooldown_steps}, {self.muon_cautious_wd}, {self.adam_cautious_wd})")
+        if min(self.extension_steps, self.extension_window_blocks) < 0:
+            raise ValueError(f"extension_steps, extension_window_blocks: must be >= 0, 0 for off (got "
+                             f"{self.extension_steps}, {self.extension_window_blocks})")
         if self.muon_variant not in ("muon", "normuon"):
             raise ValueError(f"muon_variant: must be muon or normuon (got {self.muon_variant!r})")
         if not 0.0 <= self.normuon_beta2 < 1.0:

@@ -15,12 +15,13 @@ from trainer.config import TrainConfig
 def lr_scale(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, flat, then a linear cool-down to lr_floor (record-28: 0.1) over the last cooldown_frac of
     training; with a batch_schedule (record-46) the flat part is the step's batch_lr_scale and the cool-down runs
-    from it to lr_floor x the first phase's (1.0 for all three without one: exact, the same floats as before)."""
+    from it to lr_floor x the first phase's (1.0 for all three without one: exact, the same floats as before). Steps
+    from cfg.steps on (the extension, the last validation) stay where the cool-down ended."""
     peak, first = batch_lr_scale(cfg, step), batch_lr_scale(cfg, 0)
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
-    x = step / cfg.steps
-    if x < 1 - cfg.cooldown_frac:
+    x = min(step / cfg.steps, 1.0)
+    if x < 1 - cfg.cooldown_frac or not cfg.cooldown_frac:
         return peak
     w = (1 - x) / cfg.cooldown_frac
     return peak * w + (1 - w) * cfg.lr_floor * first
@@ -119,7 +120,9 @@ def loss_weights(cfg: TrainConfig, step: int) -> tuple[float, ...]:
 def window_blocks(cfg: TrainConfig, step: int) -> int:
     """The long sliding window in blocks: the window_schedule's phase, or record-28's window, which grows linearly in
     tokens from 0 to (max - 1/2) blocks (1728 tokens) and is rounded up to whole blocks, at least window_min_blocks;
-    so max is reached only at the last 4% of training."""
+    so max is reached only at the last 4% of training. Past cfg.steps: extension_window_blocks, if set."""
+    if step >= cfg.steps and cfg.extension_window_blocks:
+        return cfg.extension_window_blocks
     if cfg.window_phases():
         return _phase_value(cfg.window_phases(), cfg, step, 0)
     x = min(step / cfg.steps, 1.0)
@@ -129,14 +132,14 @@ def window_blocks(cfg: TrainConfig, step: int) -> int:
 
 def val_window_blocks(cfg: TrainConfig, step: int) -> int:
     """The long window a validation at this step attends over: final_val_window_blocks at the end, if set."""
-    if step >= cfg.steps and cfg.final_val_window_blocks:
+    if step >= cfg.total_steps() and cfg.final_val_window_blocks:
         return cfg.final_val_window_blocks
     return window_blocks(cfg, step)
 
 
 def window_changes(cfg: TrainConfig) -> list[tuple[int, int, int]]:
     """(step, old, new): each step whose long window differs from the step before's, in order."""
-    return [(s, window_blocks(cfg, s - 1), window_blocks(cfg, s)) for s in range(1, cfg.steps)
+    return [(s, window_blocks(cfg, s - 1), window_blocks(cfg, s)) for s in range(1, cfg.total_steps())
             if window_blocks(cfg, s) != window_blocks(cfg, s - 1)]
 
 
@@ -166,8 +169,8 @@ def yarn_scales(cfg: TrainConfig, freqs: torch.Tensor, step: int,
 
 def muon_momentum(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up from muon_momentum_warmup_start; with muon_momentum_cooldown_steps, record-39's cool-down:
-    linearly back down toward the warm-up start over the last that many steps."""
-    cooldown_start = cfg.steps - cfg.muon_momentum_cooldown_steps
+    linearly back down toward the warm-up start over the run's last that many steps (the extension's too)."""
+    cooldown_start = cfg.total_steps() - cfg.muon_momentum_cooldown_steps
     if cfg.muon_momentum_cooldown_steps and step > cooldown_start:
         frac = (step - cooldown_start) / cfg.muon_momentum_cooldown_steps
         return cfg.muon_momentum - frac * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)

@@ -103,7 +103,7 @@ class Trainer:
         self.train_ms = 0.0
         self.stretch_mark = None   # the mark where the current stretch of train_time began (see run)
         self.timings = dict(start_unix=time.time(), warmup_s=0.0, first_step_unix=None, train_s=0.0, val_s=0.0,
-                            end_unix=None, steps_done=0, total_steps=cfg.steps)
+                            end_unix=None, steps_done=0, total_steps=cfg.total_steps())
         self.timings["warmup_parts"] = self.warmup_parts   # the same dict: the warm-up's parts join it
         if r.is_main:
             (self.out / "ckpt").mkdir(parents=True, exist_ok=True)
@@ -274,8 +274,8 @@ class Trainer:
         step, loss_sum, end = pending
         now = self.train_ms + self.elapsed_ms(self.stretch_mark, end)   # waits for that step, so the loss is home too
         train_loss = loss_sum.item() / self.ranks.world
-        cfg = self.cfg
-        self.emit(f"step:{step}/{cfg.steps} train_loss:{train_loss:.4f} train_time:{now:.0f}ms "
+        cfg, total = self.cfg, self.cfg.total_steps()
+        self.emit(f"step:{step}/{total} train_loss:{train_loss:.4f} train_time:{now:.0f}ms "
                   f"step_avg:{now / step:.2f}ms")
         extra = dict(micro_batches=microbatches(cfg, step - 1), micro_batch_len=micro_batch_len(cfg, step - 1)) \
             if cfg.batch_phases() or cfg.seq_len_phases() else {}
@@ -380,8 +380,8 @@ class Trainer:
                  ", ".join(f"{k} {v:.2f}s" for k, v in self.timings["compile_phases"].items()) or "none")
 
     def run(self, resume: str | None = None) -> int:
-        """Train to cfg.steps; returns 0 when done, 75 when stopped on request (after a checkpoint)."""
-        cfg = self.cfg
+        """Train cfg.total_steps() steps; returns 0 when done, 75 when stopped on request (after a checkpoint)."""
+        cfg, total = self.cfg, self.cfg.total_steps()
         self.warm_up()
         ckpt = checkpoint.resolve(resume, self.out)
         if ckpt is not None:
@@ -395,14 +395,14 @@ class Trainer:
         # only, so the host never drains the GPU's queue and every step starts with work already queued.
         pending = None
         while True:
-            step, last = self.step, self.step >= cfg.steps
+            step, last = self.step, self.step >= total
             if last or step % cfg.val_every == 0:
                 self.end_stretch(pending, t0)
                 v0 = time.perf_counter()
                 val = self.validate(step)
                 self.timings["val_s"] += time.perf_counter() - v0
                 avg = self.train_ms / max(step, 1)
-                self.emit(f"step:{step}/{cfg.steps} val_loss:{val:.4f} train_time:{self.train_ms:.0f}ms step_avg:{avg:.2f}ms")
+                self.emit(f"step:{step}/{total} val_loss:{val:.4f} train_time:{self.train_ms:.0f}ms step_avg:{avg:.2f}ms")
                 self.record(step=step, val_loss=val, train_time_ms=round(self.train_ms, 1),
                             lr_scale=lr_scale(cfg, step), window=val_window_blocks(cfg, step))
                 self.sync()
@@ -415,7 +415,7 @@ class Trainer:
                 if self.ranks.is_main and self.stop.file.exists():
                     self.stop.file.unlink()   # consumed: the resumed run must not stop again at once
                 self.write_timings()
-                self.emit(f"stopped on request at step:{step}/{cfg.steps}; resume with --resume auto")
+                self.emit(f"stopped on request at step:{step}/{total}; resume with --resume auto")
                 barrier()
                 return PREEMPTED_EXIT
             if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
@@ -425,7 +425,7 @@ class Trainer:
             batch = self.batches.next_step(microbatches(cfg, step), micro_batch_len(cfg, step), doc_len_cap(cfg, step))
             loss = self.train_step(batch, step)
             self.step = step + 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.log_every == 0 or self.step == total:
                 queued = (self.step, sum_to_host(loss), self.mark())
                 self.log_train(pending)
                 pending = queued
