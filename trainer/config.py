@@ -2,15 +2,15 @@
 2025-08-23: 1695 steps, 3.2787 val loss on 8xH100), where a comment does not say otherwise.
 
 Pure dataclass (no torch import) so the orchestrator can validate `trainer:` overrides from a job
-file without a GPU stack. Scalar fields only, so `--set trainer.KEY=VALUE` can reach every one.
+file without a GPU stack. Scalar fields only, so `--set trainer.KEY=VALUE` can reach every one. What a valid
+value is, and how the text-valued keys parse: trainer/config_rules.py.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
-from functools import lru_cache
 
-MLP_FP8_MODES = ("none", "forward", "grad_h", "all")   # mlp_fp8's values (trainer/kernels/linear_relu2.py runs them)
+from trainer.config_rules import check, layer_set, paired_layers, parse_lr_scales, parse_phases
 
 
 @dataclass
@@ -301,157 +301,22 @@ class TrainConfig:
         return self.logit_softcap, self.logit_softcap, 0.0
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError('key: problem') on the first bad value."""
-        positive = ["val_tokens", "seq_len", "grad_accum_total", "val_seq_len", "vocab_size", "num_layers",
-                    "model_dim", "num_heads", "head_dim", "mlp_ratio", "block_size", "steps", "val_every",
-                    "window_min_blocks", "window_max_blocks", "stop_check_every", "log_every"]
-        for k in positive:
-            if getattr(self, k) <= 0:
-                raise ValueError(f"{k}: must be > 0 (got {getattr(self, k)})")
-        if min(self.muon_momentum_cooldown_steps, self.muon_cautious_wd, self.adam_cautious_wd) < 0:
-            raise ValueError("muon_momentum_cooldown_steps, muon_cautious_wd, adam_cautious_wd: must be >= 0 (got "
-                             f"{self.muon_momentum_cooldown_steps}, {self.muon_cautious_wd}, {self.adam_cautious_wd})")
-        if min(self.extension_steps, self.extension_window_blocks) < 0:
-            raise ValueError(f"extension_steps, extension_window_blocks: must be >= 0, 0 for off (got "
-                             f"{self.extension_steps}, {self.extension_window_blocks})")
-        if self.muon_variant not in ("muon", "normuon"):
-            raise ValueError(f"muon_variant: must be muon or normuon (got {self.muon_variant!r})")
-        if not 0.0 <= self.normuon_beta2 < 1.0:
-            raise ValueError(f"normuon_beta2: must be within [0, 1) (got {self.normuon_beta2})")
-        if not 0.0 <= self.tie_head_until <= 1.0:
-            raise ValueError(f"tie_head_until: must be within [0, 1], a fraction of the steps (got {self.tie_head_until})")
-        if not 0.0 <= self.lr_floor <= 1.0:
-            raise ValueError(f"lr_floor: must be within [0, 1], a fraction of the lr (got {self.lr_floor})")
-        if not 0.0 <= self.cooldown_frac <= 1.0:
-            raise ValueError(f"cooldown_frac: must be within [0, 1] (got {self.cooldown_frac})")
-        if self.window_min_blocks > self.window_max_blocks:
-            raise ValueError("window_min_blocks: must be <= window_max_blocks")
-        if self.seq_len % self.block_size:
-            raise ValueError(f"seq_len: must be a multiple of block_size={self.block_size} (got {self.seq_len})")
-        if self.attention not in ("auto", "flex", "dense"):
-            raise ValueError(f"attention: must be auto, flex or dense (got {self.attention!r})")
-        if self.mlp_kernel not in ("torch", "triton"):
-            raise ValueError(f"mlp_kernel: must be torch or triton (got {self.mlp_kernel!r})")
-        if self.attn_prep not in ("torch", "triton"):
-            raise ValueError(f"attn_prep: must be torch or triton (got {self.attn_prep!r})")
-        if self.mlp_fp8 not in MLP_FP8_MODES:
-            raise ValueError(f"mlp_fp8: must be none, forward, grad_h or all (got {self.mlp_fp8!r})")
-        if self.muon_polynomial not in ("newton_schulz", "polar_express"):
-            raise ValueError(f"muon_polynomial: must be newton_schulz or polar_express (got {self.muon_polynomial!r})")
-        if not -1 <= self.attn_input_layer < self.num_layers - 1:
-            raise ValueError(f"attn_input_layer: must be -1 (off) or a layer before the last, 0..{self.num_layers - 2} "
-                             f"(got {self.attn_input_layer})")
-        if not -1 <= self.backout_layer < self.num_layers - 1:
-            raise ValueError(f"backout_layer: must be -1 (off) or a layer before the last, 0..{self.num_layers - 2} "
-                             f"(got {self.backout_layer})")
-        if self.backout_layer >= 0 and self.mudd:
-            raise ValueError("backout_layer: mudd has its own backout (mudd_backout); set backout_layer=-1 with mudd")
-        if self.dc_layer != -1:
-            self.check_dc()
-        if self.muon_qk_pairs and self.num_heads % 2:
-            raise ValueError(f"muon_qk_pairs: needs an even num_heads (got {self.num_heads}); or false for off")
-        if self.attn_vo_init < 0 or (self.attn_vo_init and self.num_heads * self.head_dim != self.model_dim):
-            raise ValueError(f"attn_vo_init: must be >= 0, and > 0 only with num_heads x head_dim = model_dim "
-                             f"(got {self.attn_vo_init} with {self.num_heads} x {self.head_dim} and {self.model_dim})")
-        if not 0 < self.attn_gate_dims <= self.model_dim:
-            raise ValueError(f"attn_gate_dims: must be within 1..model_dim={self.model_dim} (got {self.attn_gate_dims})")
-        if self.bigram_embed and not (0 < self.bigram_dim <= self.model_dim and self.bigram_rows > 1
-                                      and self.bigram_sign_rows > 0):
-            raise ValueError(f"bigram_dim: must be within 1..model_dim={self.model_dim}, with bigram_rows > 1 and "
-                             f"bigram_sign_rows > 0 (got {self.bigram_dim}, {self.bigram_rows}, "
-                             f"{self.bigram_sign_rows})")
-        self.skipped_attention_layers()
-        self.skipped_mlp_layers()
-        self.paired_layers()
-        if self.mudd:
-            self.check_mudd()
-        self.batch_phases()
-        self.seq_len_phases()
-        self.doc_len_phases()
-        self.window_phases()
-        if self.final_val_window_blocks < 0:
-            raise ValueError(f"final_val_window_blocks: must be >= 0, 0 for the training's last window "
-                             f"(got {self.final_val_window_blocks})")
-        if self.batch_phases() and self.seq_len_phases():
-            raise ValueError("batch_schedule, seq_len_schedule: set one of them (seq_len_schedule='' turns off "
-                             "the default); the batch grows either in micro-batches or in their length")
-        if self.batch_lr_exponent < 0:
-            raise ValueError(f"batch_lr_exponent: must be >= 0 (got {self.batch_lr_exponent})")
-        self.phase_lr_scales()
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"device: must be auto, cuda or cpu (got {self.device!r})")
+        """Raise ValueError('key: problem') on the first bad value (trainer/config_rules.py); returns self."""
+        check(self)
         return self
-
-    def check_mudd(self) -> None:
-        """mudd's needs: values as wide as the residual (the connections add one into the other), a last layer
-        with attention, and layers enough for two saved ones before it (trainer/mudd.py)."""
-        if self.num_heads * self.head_dim != self.model_dim:
-            raise ValueError(f"mudd: needs num_heads x head_dim = model_dim (the values take a residual-shaped term; "
-                             f"got {self.num_heads} x {self.head_dim} against {self.model_dim}); set mudd=false")
-        if self.num_layers < 4:
-            raise ValueError(f"mudd: needs num_layers >= 4 (it reads layers L/3 and 2L/3 before the last; got "
-                             f"{self.num_layers})")
-        if self.num_layers - 1 in self.skipped_attention_layers():
-            raise ValueError(f"mudd: the last layer ({self.num_layers - 1}) takes the connections into its attention "
-                             "values; take it out of attn_skip_layers")
-
-    def check_dc(self) -> None:
-        """dc_layer's needs: a layer with attention of its own heads (not paired), the gate's layer at or before it,
-        a band no longer than a block (the GPU path's mask takes key blocks q-1 and q)."""
-        own = [i for i, kind in enumerate(attention_layout(self)) if kind in ("long", "short")]
-        if self.dc_layer not in own:
-            raise ValueError(f"dc_layer: must be -1 (off) or a layer with attention that is not paired (got "
-                             f"{self.dc_layer}; layers {', '.join(str(i) for i in own)} qualify)")
-        if not 0 <= self.dc_gate_layer <= self.dc_layer:
-            raise ValueError(f"dc_gate_layer: must be within 0..dc_layer={self.dc_layer} (got {self.dc_gate_layer})")
-        if not 1 <= self.dc_window <= self.block_size:
-            raise ValueError(f"dc_window: must be within 1..block_size={self.block_size} (got {self.dc_window})")
 
     def skipped_attention_layers(self) -> frozenset[int]:
         """attn_skip_layers as a set of layer indices; ValueError on anything but layers of this model."""
-        return self._layer_set("attn_skip_layers")
+        return layer_set(self, "attn_skip_layers")
 
     def skipped_mlp_layers(self) -> frozenset[int]:
         """mlp_skip_layers as a set of layer indices; ValueError on anything but layers of this model."""
-        return self._layer_set("mlp_skip_layers")
-
-    def _layer_set(self, key: str) -> frozenset[int]:
-        text = str(getattr(self, key)).strip()
-        if not text:
-            return frozenset()
-        try:
-            layers = frozenset(int(t) for t in text.split(","))
-        except ValueError:
-            raise ValueError(f"{key}: must be comma-separated layer numbers like '7', or '' for none "
-                             f"(got {getattr(self, key)!r})") from None
-        bad = sorted(i for i in layers if not 0 <= i < self.num_layers)
-        if bad:
-            raise ValueError(f"{key}: layer {bad[0]} does not exist in a {self.num_layers}-layer model; "
-                             "list layers below num_layers, or '' for none")
-        return layers
+        return layer_set(self, "mlp_skip_layers")
 
     def paired_layers(self) -> frozenset[int]:
         """paired_head_layers as a set of layer indices; ValueError unless each is a short-window attention layer
         of this model with an even head count."""
-        text = str(self.paired_head_layers).strip()
-        if not text:
-            return frozenset()
-        try:
-            layers = frozenset(int(t) for t in text.split(","))
-        except ValueError:
-            raise ValueError(f"paired_head_layers: must be comma-separated layer numbers like '1,3,6,10', or '' for "
-                             f"none (got {self.paired_head_layers!r})") from None
-        if self.num_heads % 2:
-            raise ValueError(f"paired_head_layers: heads go in pairs, and num_heads is {self.num_heads}; use an even "
-                             "num_heads or '' for none")
-        windows = window_layout(self)
-        for i in sorted(layers):
-            if not 0 <= i < self.num_layers or windows[i] != "short":
-                what = "does not exist" if not 0 <= i < self.num_layers else \
-                    "has no attention" if windows[i] is None else "is a long-window layer"
-                short = ",".join(str(j) for j, w in enumerate(windows) if w == "short")
-                raise ValueError(f"paired_head_layers: layer {i} {what}; list short-window layers ({short})")
-        return layers
+        return paired_layers(self)
 
     def batch_phases(self) -> tuple[tuple[Fraction, int], ...]:
         """batch_schedule as ((END, COUNT), ...), () when off; ValueError naming the key on anything else."""
@@ -490,63 +355,3 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{sorted(unknown)[0]}: unknown TrainConfig key")
         return cls(**d).validate()
-
-
-def window_layout(cfg: TrainConfig) -> list[str | None]:
-    """Each layer's attention window: 'long', 'short' (half of it) or None (no attention in that layer).
-
-    Long where the layer's distance to the nearer end of the stack is a multiple of 4: for 12 layers that is
-    0, 4, 7 and 11, record-28's layout (its layer 7 has no attention at all, so 0, 4 and 11 remain)."""
-    L, skipped = cfg.num_layers, cfg.skipped_attention_layers()
-    return [None if i in skipped else "long" if min(i, L - 1 - i) % 4 == 0 else "short" for i in range(L)]
-
-
-def attention_layout(cfg: TrainConfig) -> list[str | None]:
-    """window_layout with the paired-head layers (short-window ones) marked 'paired'."""
-    paired = cfg.paired_layers()
-    return ["paired" if i in paired else w for i, w in enumerate(window_layout(cfg))]
-
-
-@lru_cache(maxsize=16)
-def parse_lr_scales(text: str, phases: int) -> tuple[float, ...]:
-    """batch_lr_scales for a schedule of this many phases (TrainConfig.phase_lr_scales). Cached, as parse_phases:
-    the trainer asks for the step's lr every step."""
-    if not text.strip():
-        return ()
-    try:
-        scales = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        scales = ()
-    if not phases:
-        raise ValueError("batch_lr_scales: needs a batch_schedule or seq_len_schedule, one multiplier per phase; "
-                         "or '' for off")
-    if len(scales) != phases or min(scales) <= 0:
-        raise ValueError(f"batch_lr_scales: must be {phases} positive numbers, comma-separated, one per phase (the "
-                         f"record: 1,1.52,1.73); or '' for batch_lr_exponent's (got {text!r})")
-    return tuple(x / scales[-1] for x in scales)
-
-
-@lru_cache(maxsize=16)
-def parse_phases(key: str, text: str, unit: str, low: int, high: int, multiple: int, example: str
-                 ) -> tuple[tuple[Fraction, int], ...]:
-    """A schedule "END:UNIT,..." as ((END, value), ...): ENDs increasing fractions of the steps, the last 1, each
-    value within low..high and a multiple of `multiple`. Cached: the trainer asks for the step's phase every step."""
-    if not text.strip():
-        return ()
-    phases = []
-    for part in text.split(","):
-        end, sep, value = part.partition(":")
-        try:
-            phase = (Fraction(end.strip()), int(value))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"{key}: {part.strip()!r} is not END:{unit}; write e.g. {example}, "
-                             "or '' for off") from None
-        if not sep or not 0 < phase[0] <= 1 or not low <= phase[1] <= high or phase[1] % multiple:
-            within = f"within {low}..{high}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
-            raise ValueError(f"{key}: {part.strip()!r} needs END within (0, 1] and {unit} {within}; or '' for off")
-        if phases and phase[0] <= phases[-1][0]:
-            raise ValueError(f"{key}: the ENDs must increase ({phases[-1][0]} then {phase[0]})")
-        phases.append(phase)
-    if phases[-1][0] != 1:
-        raise ValueError(f"{key}: the last phase must end at 1 (got {phases[-1][0]}), so every step has one")
-    return tuple(phases)

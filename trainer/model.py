@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from trainer import attention as attn_impl
 from trainer import dc_attention
-from trainer.config import TrainConfig, attention_layout
+from trainer.config import TrainConfig
+from trainer.config_rules import attention_layout
 from trainer.embeddings import BigramHash, Smear
 from trainer.fp8 import fp8_forward_linear, fp8_linear
 from trainer.mudd import DenseConnections, saved_layers

@@ -979,7 +979,8 @@ def test_paired_heads_compute_the_records_attention_over_interleaved_positions()
 
 
 def test_paired_head_layers_must_be_short_window_layers_of_the_model():
-    from trainer.config import TrainConfig, attention_layout
+    from trainer.config import TrainConfig
+    from trainer.config_rules import attention_layout
 
     cfg = TrainConfig(paired_head_layers="1,3,6,10").validate()
     assert attention_layout(cfg) == ["long", "paired", "short", "paired", "long", "short", "paired", None, "short",

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from trainer.config import MLP_FP8_MODES
+from trainer.config_rules import MLP_FP8_MODES
 from trainer.fp8 import E4M3, E4M3_MAX, E5M2, E5M2_MAX, activation_to_fp8, to_fp8, weight_to_fp8
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
