@@ -124,17 +124,22 @@ def check_dc(cfg: TrainConfig) -> None:
         raise ValueError(f"dc_window: must be within 1..block_size={cfg.block_size} (got {cfg.dc_window})")
 
 
-def layer_set(cfg: TrainConfig, key: str) -> frozenset[int]:
-    """A comma-separated list of layers (attn_skip_layers, mlp_skip_layers) as a set; ValueError naming the key on
-    anything but layers of this model."""
-    text = str(getattr(cfg, key)).strip()
+def layer_numbers(key: str, value: object, example: str) -> frozenset[int]:
+    """A key's comma-separated layer numbers as a set, empty for ''; ValueError naming the key on anything else."""
+    text = str(value).strip()
     if not text:
         return frozenset()
     try:
-        layers = frozenset(int(t) for t in text.split(","))
+        return frozenset(int(t) for t in text.split(","))
     except ValueError:
-        raise ValueError(f"{key}: must be comma-separated layer numbers like '7', or '' for none "
-                         f"(got {getattr(cfg, key)!r})") from None
+        raise ValueError(f"{key}: must be comma-separated layer numbers like {example}, or '' for none "
+                         f"(got {value!r})") from None
+
+
+def layer_set(cfg: TrainConfig, key: str) -> frozenset[int]:
+    """A comma-separated list of layers (attn_skip_layers, mlp_skip_layers) as a set; ValueError naming the key on
+    anything but layers of this model."""
+    layers = layer_numbers(key, getattr(cfg, key), "'7'")
     bad = sorted(i for i in layers if not 0 <= i < cfg.num_layers)
     if bad:
         raise ValueError(f"{key}: layer {bad[0]} does not exist in a {cfg.num_layers}-layer model; "
@@ -145,14 +150,9 @@ def layer_set(cfg: TrainConfig, key: str) -> frozenset[int]:
 def paired_layers(cfg: TrainConfig) -> frozenset[int]:
     """paired_head_layers as a set of layer indices; ValueError unless each is a short-window attention layer
     of this model with an even head count."""
-    text = str(cfg.paired_head_layers).strip()
-    if not text:
-        return frozenset()
-    try:
-        layers = frozenset(int(t) for t in text.split(","))
-    except ValueError:
-        raise ValueError(f"paired_head_layers: must be comma-separated layer numbers like '1,3,6,10', or '' for "
-                         f"none (got {cfg.paired_head_layers!r})") from None
+    layers = layer_numbers("paired_head_layers", cfg.paired_head_layers, "'1,3,6,10'")
+    if not layers:
+        return layers
     if cfg.num_heads % 2:
         raise ValueError(f"paired_head_layers: heads go in pairs, and num_heads is {cfg.num_heads}; use an even "
                          "num_heads or '' for none")
