@@ -28,6 +28,9 @@
 # 2026-12-07 (second session): 1,490 s of refusals, then one H100 call (310 s): lease_install, the cautious decay
 # kernel's tests and that probe (cold 207 s of launch, the next two died loading: fixed since, bench/NOTES.md). Next:
 # the same probe, then `lease_node_launch 4 bench/cache_probe.yaml` (switch off) in the same call.
+# 2026-12-07 (third session): every start refused or held back by the tool's wait (H200 and H100) from 06:05 on;
+# with the budget down to ~600 s the last try was the probe alone (`lease_install; lease_node_probe
+# bench/cache_probe.yaml --set trainer.compile_trace_cache=true`, carry .whl only, limit 420 s).
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).
