@@ -31,6 +31,9 @@
 # 2026-12-07 (third session): every start refused or held back by the tool's wait (H200 and H100) from 06:05 on;
 # with the budget down to ~600 s the last try was the probe alone (`lease_install; lease_node_probe
 # bench/cache_probe.yaml --set trainer.compile_trace_cache=true`, carry .whl only, limit 420 s).
+# 2026-12-07 (fourth session): two refused starts (271 s), then one H100 for three calls: call 1 lease_small,
+# the trace cache's GPU test and lease_warm --only ours (237 s); call u lease_full + ours, floor (405 s); call v
+# ours, lrs, vo (cut at 540 s in vo's step 237: three runs do not fit one call with the install). 246 s left.
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).

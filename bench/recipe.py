@@ -1,11 +1,12 @@
 """The yardstick: time to the loss the reference record script reaches, ours against it, on the same real text.
 
     python bench/recipe.py --data DIR [--steps 200] [--ours-steps N] [--val-every 25] [--val-tokens 4194304] [--seeds K]
+        [--seed-base S]
         [--set KEY=VALUE ...] [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--baseline DIR]
         [--reference PATH | --reference-json PATH] [--only LABELS] [--tag X] [--work DIR] [--log-dir DIR]
 
 Each run is one `speedrun launch JOB --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1
---store <its own folder> --seeds K` on the shards of --data, in this order:
+--store <its own folder> --seeds K` (seeds S .. S+K-1) on the shards of --data, in this order:
 the reference (../shared/reference/record28_train_gpt.py as `script:`, a copy with its schedule constants set,
 writing its log to logs/final/ as published; --steps of 393,216 tokens; its seeds are repetitions) unless its curve
 comes from an earlier JSON; ours; the baseline (DIR's CLI and trainer); each variant. The target is the
@@ -184,6 +185,8 @@ def plan_runs(args) -> tuple[list[dict], dict]:
         args.ours_steps = math.ceil(args.steps * OURS_STEPS)
     if args.steps < 1 or args.ours_steps < 1 or args.val_every < 1 or args.seeds < 1:
         raise UsageError("--steps, --ours-steps, --val-every and --seeds: must be >= 1")
+    if args.seed_base < 0:
+        raise UsageError(f"--seed-base {args.seed_base}: must be >= 0 (the first seed)")
     if args.val_tokens < 1 or args.val_tokens % REFERENCE_VAL_BATCH:
         raise UsageError(f"--val-tokens {args.val_tokens}: must be a multiple of {REFERENCE_VAL_BATCH:,} "
                          "(the reference's validation batch on one GPU)")
@@ -208,7 +211,7 @@ def plan_runs(args) -> tuple[list[dict], dict]:
         raise UsageError(f"--cluster {args.cluster}: no such cluster config")
     meta = dict(command=shlex.join([sys.executable, *sys.argv]), set=sets, steps=args.steps,
                 ours_steps=args.ours_steps, val_every=args.val_every,
-                val_tokens=args.val_tokens, tokens_per_step=TOKENS_PER_STEP, seeds=args.seeds,
+                val_tokens=args.val_tokens, tokens_per_step=TOKENS_PER_STEP, seeds=args.seeds, seed_base=args.seed_base,
                 cluster=str(cluster), data=describe_data(Path(args.data).resolve()))
     for run in runs:
         if run["kind"] == "reference":
@@ -240,7 +243,7 @@ def write_job(run: dict, args, meta: dict, work: Path) -> Path:
 
     name = "recipe-" + re.sub(r"[^a-z0-9._-]", "-", run["label"].lower())
     # staged into the work folder: the cluster's data_dir may hold another source's shards, which staging deletes
-    spec = dict(name=name, seeds=args.seeds, checkpoint=dict(every=0, final=False), data=dict(
+    spec = dict(name=name, seeds=args.seeds, seed_base=args.seed_base, checkpoint=dict(every=0, final=False), data=dict(
         source=meta["data"]["dir"], dir=str(work / "shards"), val_shards=len(meta["data"]["val_shard_tokens"])),
         trainer=dict(dict(steps=args.ours_steps, val_every=args.val_every, val_tokens=args.val_tokens),
                      **run["overrides"]))
@@ -324,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument("--val-tokens", type=int, default=4_194_304, help="val tokens (a multiple of 262,144)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per run (repetitions for the reference)")
+    p.add_argument("--seed-base", type=int, default=0, metavar="S",
+                   help="the first seed: a second seed of an earlier row is --seed-base 1")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig override of ours")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
                    help="one more run of ours with these overrides on top of --set, labelled NAME")

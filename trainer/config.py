@@ -143,7 +143,8 @@ class TrainConfig:
     # record-64 (MimeticValueOutput, 2026-01-30): the value and output projections start as sqrt(beta) I and
     # -sqrt(beta) I plus N(0, 0.01) noise (Attention.mimetic_vo_init_), so attention contributes from step 1 where
     # record-28 zeroes the output projection. The record's beta: 0.05 (1.65 -> 1.63 min). Needs num_heads x
-    # head_dim = model_dim. Not yet on the yardstick: 0 (off)
+    # head_dim = model_dim. Yardstick (one H100, 2026-12-07, 0.05): ahead of ours by 0.007-0.017 from step 100 to
+    # 225 at the same ms/step, its time to the target not measured (the call ended at step 237): 0 (off) until it is
     attn_vo_init: float = 0.0
     # record-58 (PairedHeadAttention, 2026-01-07): in these layers (comma-separated, short-window layers only) heads
     # go in pairs, and each pair attends as one head over a sequence twice as long, the two heads' q, k and v of
@@ -191,7 +192,8 @@ class TrainConfig:
     # record-89's stage lrs, in place of the exponent: "1,1.52,1.73" (its x1.0 / x1.52 / x1.73 of the first stage's
     # lr; (16/8)^0.6 and (24/8)^0.5), one multiplier per phase of the batch or sequence-length schedule, divided by
     # the last's so the full batch still runs the configured lrs (ours: 0.578 / 0.879 / 1 where the exponent 0.6
-    # gives 0.517 / 0.786 / 1). A schedule, no graph change. Not yet on the yardstick: "" = the exponent's
+    # gives 0.517 / 0.784 / 1). A schedule, no graph change. Yardstick (one H100, 2026-12-07): 0.992x ours' time,
+    # ahead at every val point, within about one seed's repeat of ours (0.6%): "" = the exponent's, until a second seed
     batch_lr_scales: str = ""
     # record-51 (2025-12-19 RetieLMHead) ties the embedding to the head: one (padded vocab, dim) table, initialised
     # N(0, 0.005) in place of the head's zero init, is both the input lookup and the head weight (its gradient the
@@ -215,7 +217,8 @@ class TrainConfig:
     steps: int = 1998
     cooldown_frac: float = 0.45
     # where the cool-down ends, as a fraction of the (first phase's) lr: record-28's 0.1; record-72 (ShortWindow,
-    # 2026-02-10) raised it to 0.15, and the current record cools over 0.60 of training. Not yet on the yardstick
+    # 2026-02-10) raised it to 0.15, and the current record cools over 0.60 of training. Yardstick (one H100,
+    # 2026-12-07, the two together): 1.011x ours' time, ahead until step 200 and behind from 225: 0.1 and 0.45 stay
     lr_floor: float = 0.1
     # record-89's extension: this many steps after `steps`, at the cool-down's end (lr_floor), the last phase's batch
     # and loss weights, and a long window of extension_window_blocks (the record: 15 steps after its 1270, the windows

@@ -180,7 +180,8 @@ def test_a_variant_may_run_its_own_schedule_length_and_a_batch_schedule_reads_fe
 
 def test_ours_and_the_variants_run_1_3_times_the_references_steps_unless_told(tmp_path):
     """The default seq_len_schedule reads 2/3 of the reference's tokens a step: ours, the baseline and the variants
-    run --ours-steps (default ceil(1.3 x --steps)); the reference keeps --steps; a variant's own steps win."""
+    run --ours-steps (default ceil(1.3 x --steps)); the reference keeps --steps; a variant's own steps win. Every job
+    runs --seeds from --seed-base."""
     import argparse
 
     import yaml
@@ -188,8 +189,9 @@ def test_ours_and_the_variants_run_1_3_times_the_references_steps_unless_told(tm
     script = tmp_path / "train_gpt.py"
     script.write_text(SCRIPT)
     data = shards(tmp_path / "data", [200_000_000], [4_194_306])
-    for ours_steps, want in ((None, 260), (210, 210)):
+    for ours_steps, want, seed_base in ((None, 260, 0), (210, 210, 1)):
         args = argparse.Namespace(steps=200, ours_steps=ours_steps, val_every=25, val_tokens=4_194_304, seeds=1,
+                                  seed_base=seed_base,
                                   set=[], variant=["long:muon_lr=0.06,steps=300", "cwd:muon_cautious_wd=0.43"],
                                   baseline=None, only=None, cluster=str(REPO / "cluster_configs/local-gpu.yaml"),
                                   data=str(data), reference=str(script), reference_json=None)
@@ -199,6 +201,8 @@ def test_ours_and_the_variants_run_1_3_times_the_references_steps_unless_told(tm
         assert jobs["reference"]["trainer"] == {} and "num_iterations = 200 " in \
             (tmp_path / "work/reference/train_gpt.py").read_text()
         assert [jobs[k]["trainer"]["steps"] for k in ("ours", "long", "cwd")] == [want, 300, want]
+        assert {(j["seeds"], j["seed_base"]) for j in jobs.values()} == {(1, seed_base)}
+        assert meta["seed_base"] == seed_base
 
 
 def test_val_budget_is_whole_windows_of_the_reference_val_loader():
@@ -323,7 +327,7 @@ def test_results_file_names_the_gpu_and_the_tag():
     assert results_path(Path("r"), "NVIDIA H100 80GB HBM3", "stop21") == Path("r/recipe-nvidia-h100-80gb-hbm3-stop21.json")
 
 
-@pytest.mark.parametrize("case", ["bad key", "small data"])
+@pytest.mark.parametrize("case", ["bad key", "small data", "seed base"])
 def test_the_cli_refuses_before_creating_anything(tmp_path, case, _isolated_speedrun_home):
     script = tmp_path / "train_gpt.py"
     script.write_text(SCRIPT)
@@ -334,12 +338,16 @@ def test_the_cli_refuses_before_creating_anything(tmp_path, case, _isolated_spee
            "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out")]
     if case == "bad key":
         cmd += ["--set", "muon_lr=0.06", "--variant", "x:muon_lrr=0.07"]
+    if case == "seed base":
+        cmd += ["--seed-base", "-1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and done.stdout == ""
     if case == "bad key":
         assert lines[0] == "bench/recipe.py: --variant x muon_lrr: not a TrainConfig field; did you mean muon_lr?"
+    elif case == "seed base":
+        assert lines[0] == "bench/recipe.py: --seed-base -1: must be >= 0 (the first seed)"
     else:
         assert lines[0].startswith("bench/recipe.py: --data: the train shards hold 1,500,000 tokens but 2 steps of "
                                    "393,216 need 1,596,458 ") and lines[0].endswith("lower --steps")
