@@ -52,11 +52,22 @@ print(json.dumps(dict(loss=loss.item(), eager=eager, grad=sum(p.grad.double().su
 
 
 def compiled_run(cache: Path, **switches) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    # dynamo logs why it traces (a graph break, a guard that failed): the stderr a failing assertion shows
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO),
+           "TORCH_LOGS": "recompiles_verbose,graph_breaks"}
     out = subprocess.run([sys.executable, "-c", PROGRAM, json.dumps(switches)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return dict(json.loads(out.stdout.strip().splitlines()[-1]), stderr=out.stderr)
+
+
+def why_traced(stderr: str) -> str:
+    """dynamo's reasons for tracing, out of a run's stderr: its graph breaks and failed guards, without the
+    source excerpts."""
+    marks = ("Graph break in user code", "Graph Break Reason", "Recompiling", "triggered by", "failures:", " - ",
+             "did not load")
+    lines = [line.split("] ", 1)[-1] for line in stderr.splitlines() if any(m in line for m in marks)]
+    return "\n".join(dict.fromkeys(lines))[-4000:]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
@@ -70,7 +81,9 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
     assert first["cache"].get("dynamo_cache_miss") and (cache / "dynamo").is_dir()
     second = compiled_run(cache, device=device)
     assert second["cache"].get("dynamo_cache_hit") == 1
-    assert second["tracing_s"] < first["tracing_s"] / 4   # it read the model's Python (almost) not at all
+    # it read the model's Python (almost) not at all; the GPU case failed here on an H100 (2026-12-07: a hit, then
+    # 1.40 s of tracing against the first process's 1.09), before dynamo's reasons were logged
+    assert second["tracing_s"] < first["tracing_s"] / 4, why_traced(second["stderr"])
     tolerance = 1e-4 if device == "cpu" else 2e-2 * abs(second["eager"])   # bf16 and flex against eager math
     if device == "cpu":
         assert (second["loss"], second["grad"]) == (first["loss"], first["grad"])
