@@ -20,14 +20,14 @@ def document_ids(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens == BOS).cumsum(0)
 
 
-def dense_mask(docs: torch.Tensor, window_blocks: int, block_size: int) -> torch.Tensor:
+def dense_mask(docs: torch.Tensor, window_blocks: int | torch.Tensor, block_size: int) -> torch.Tensor:
     """Boolean (T, T) mask, True where query i may attend to key j."""
     t = torch.arange(docs.numel(), device=docs.device)
     q, k = t[:, None], t[None, :]
     return (k <= q) & (docs[:, None] == docs[None, :]) & ((q // block_size - k // block_size) < window_blocks)
 
 
-def dense_attention(q, k, v, docs, window_blocks: int, block_size: int, scale: float) -> torch.Tensor:
+def dense_attention(q, k, v, docs, window_blocks: int | torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """(B, H, T, D) inputs; the CPU path and the reference the GPU path is tested against."""
     mask = dense_mask(docs, window_blocks, block_size)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -376,8 +376,8 @@ class GPT(nn.Module):
             kinds["paired"] = (docs.repeat_interleave(2), short)
         if self.attention == "flex":
             kinds = {k: (d, w, attn_impl.flex_block_mask(d, w, cfg.block_size)) for k, (d, w) in kinds.items()}
-        else:
-            kinds = {k: (d, int(w), None) for k, (d, w) in kinds.items()}
+        else:   # dense (the CPU): the window stays a tensor; int() of it broke a compiled model's graph in two
+            kinds = {k: (d, w, None) for k, (d, w) in kinds.items()}
         dc_mask = None
         if self.dc_gate is not None and self.attention == "flex":
             dc_mask = dc_attention.flex_band_mask(docs, cfg.dc_window, cfg.block_size)

@@ -14,9 +14,10 @@ compiled model loads it at its first call instead of tracing.
 
 The cache keeps fewer guards than a trace does: it drops the ones on the identity of functions and modules (which
 `F.relu` or `attn_impl.attend` is), keeping those on tensors, on the model's attributes and on global state. Our
-model's switches are attributes (bools, numbers, strings), so a graph of other switches is not reused
-(tests/unit/test_trainer_trace_cache.py). The model must hold nothing the cache cannot pickle: a torch.dtype (the
-model keeps act_dtype by name) or a custom op's handle (Attention.prep is a flag). Our Triton ops are called as
+model's switches are attributes (bools, numbers, strings), so a graph of other switches is not reused: that
+model traces its own, and the next save keeps both (tests/unit/test_trainer_trace_cache.py). The model must hold
+nothing the cache cannot pickle: a torch.dtype (the model keeps act_dtype by name) or a custom op's handle
+(Attention.prep is a flag). Our Triton ops are called as
 `torch.ops.speedrun.<name>`, never through the object `@torch.library.custom_op` returns: a trace that calls that
 object keeps a guard naming it, and its library handle does not pickle ("cannot pickle 'torch._C._DispatchModule'"
 at save: seen on an H100 on 2026-12-07 in the GPU case of the trace-cache test; calling such an object inside a
@@ -31,16 +32,33 @@ forward neither reads nor writes a .grad, and autograd finds the .grad restored 
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
 
 import torch
+from torch._dynamo import bytecode_transformation
 
 log = logging.getLogger(__name__)
+_APART = False   # _names_apart has run in this process
 
 
 def enable() -> None:
     """Record dynamo's traces for the cache, and look there before tracing: process-wide, before torch.compile."""
     torch._dynamo.config.caching_precompile = True
+    _names_apart()
+
+
+def _names_apart() -> None:
+    """dynamo names the globals a trace installs in the model's module `<prefix>_<n>`, n from a counter that starts
+    at 0 in every process. Traces loaded from the cache install theirs under the names their own process gave them,
+    so a trace made in this process after a load (a model of other switches, whose guards the loaded one fails) asked
+    for `__builtins_dict___0` again and died: "Name '__builtins_dict___0' already exists in scope" (torch 2.13, CPU,
+    tests/unit/test_trainer_trace_cache.py). This process's counter starts at a random 48-bit offset instead, once."""
+    global _APART
+    if not _APART and hasattr(bytecode_transformation, "_unique_id_counter"):
+        bytecode_transformation._unique_id_counter = itertools.count(secrets.randbits(48))
+        _APART = True
 
 
 def disable(why: Exception) -> None:

@@ -92,10 +92,15 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
         assert second["grad"] == pytest.approx(first["grad"], rel=1e-2, abs=1e-3)
     assert abs(second["loss"] - second["eager"]) < tolerance
     # switches the model reads as config values, no new parameter (the logits' soft-cap form), or as a parameter
-    # and a step (backout): not the cached graph; each loss is its own eager model's
+    # and a step (backout): not the cached graph; each loss is its own eager model's. Each traces after loading the
+    # cache (the loaded trace's guards fail), which died on the names both installed before trace_cache._names_apart
     for switches in (dict(logit_rescale=True), dict(backout_layer=0)):
         other = compiled_run(cache, device=device, **switches)
         assert abs(other["loss"] - other["eager"]) < tolerance and abs(other["loss"] - first["loss"]) > 1e-3, switches
+    # the cache keeps every model's traces, not the last process's: the first model and another both load again
+    for switches in (dict(), dict(logit_rescale=True)):
+        again = compiled_run(cache, device=device, **switches)
+        assert again["tracing_s"] < first["tracing_s"] / 4, (switches, why_traced(again["stderr"]))
 
 
 def test_a_cache_that_cannot_load_costs_a_warning_and_a_trace_not_the_run(tmp_path):
