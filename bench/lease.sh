@@ -34,6 +34,8 @@
 # 2026-12-07 (fourth session): two refused starts (271 s), then one H100 for three calls: call 1 lease_small,
 # the trace cache's GPU test and lease_warm --only ours (237 s); call u lease_full + ours, floor (405 s); call v
 # ours, lrs, vo (cut at 540 s in vo's step 237: three runs do not fit one call with the install). 246 s left.
+# Since: give lease_recipe `--budget-s` (the call's limit less ~30 s of install, and the shards' ~40 s in call 2),
+# and a run that cannot finish is not started (recipe.py names it) where this one cost 170 s of device time.
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).

@@ -4,6 +4,7 @@
         [--seed-base S]
         [--set KEY=VALUE ...] [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--baseline DIR]
         [--reference PATH | --reference-json PATH] [--only LABELS] [--tag X] [--work DIR] [--log-dir DIR]
+        [--budget-s SECONDS]
 
 Each run is one `speedrun launch JOB --cluster cluster_configs/local-gpu.yaml --set cluster.gpus_per_node=1
 --store <its own folder> --seeds K` (seeds S .. S+K-1) on the shards of --data, in this order:
@@ -15,7 +16,9 @@ reaches it, interpolated from the val point before. Ours, the baseline and the v
 default 1.3 x --steps: the default seq_len_schedule reads 2/3 of the reference's tokens a step over its thirds,
 and at 260 steps it reached the 200-step reference's loss at step 235.2, the margin ours had before it, at 175 of
 200); a variant may set its own `steps`.
-bench/results/recipe-<gpu>[-TAG].json is rewritten after every run, so a cut-off keeps what finished.
+bench/results/recipe-<gpu>[-TAG].json is rewritten after every run, so a cut-off keeps what finished. With
+--budget-s (a device call's limit, less what the command does before), a run is started only if it would end inside
+it, taken to last as long as the longest run so far; the runs left out are named, and the JSON lists them.
 """
 from __future__ import annotations
 
@@ -187,6 +190,8 @@ def plan_runs(args) -> tuple[list[dict], dict]:
         raise UsageError("--steps, --ours-steps, --val-every and --seeds: must be >= 1")
     if args.seed_base < 0:
         raise UsageError(f"--seed-base {args.seed_base}: must be >= 0 (the first seed)")
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise UsageError(f"--budget-s {args.budget_s:g}: must be > 0 seconds (leave it out for no budget)")
     if args.val_tokens < 1 or args.val_tokens % REFERENCE_VAL_BATCH:
         raise UsageError(f"--val-tokens {args.val_tokens}: must be a multiple of {REFERENCE_VAL_BATCH:,} "
                          "(the reference's validation batch on one GPU)")
@@ -312,6 +317,12 @@ def launch(run: dict, args, meta: dict, work: Path, log_dir: Path) -> dict:
     return out
 
 
+def next_run_fits(elapsed_s: float, walls_s: list[float], budget_s: float | None) -> bool:
+    """Whether one more run ends inside budget_s seconds of this command, taken to last as long as the longest run
+    so far; the first run always starts (there is nothing to go by), and so does every run without a budget."""
+    return budget_s is None or not walls_s or elapsed_s + max(walls_s) <= budget_s
+
+
 def gpu_and_torch() -> tuple[str, str]:
     """Asked in a child process, so this one never holds a CUDA context while the runs train."""
     probe = "import torch; print(torch.__version__); print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
@@ -320,6 +331,7 @@ def gpu_and_torch() -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    start = time.monotonic()   # --budget-s counts from here
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="folder of fineweb_train_*.bin and fineweb_val_*.bin shards")
     p.add_argument("--steps", type=int, default=200, help="the reference's schedule length")
@@ -341,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-dir", help="launch logs (default: WORK/logs)")
     p.add_argument("--cluster", default=str(DEFAULT_CLUSTER), help="cluster config every run launches on")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    p.add_argument("--budget-s", type=float, metavar="SECONDS",
+                   help="start a run only if it would end within this many seconds of the command's start")
     args = p.parse_args(argv)
     try:
         runs, meta = plan_runs(args)
@@ -357,10 +371,18 @@ def main(argv: list[str] | None = None) -> int:
         timespec="seconds"), **meta, work=str(work), log_dir=str(log_dir))
     print(f"work folder {work}; launch logs in {log_dir}; results {path}", flush=True)
     done: list[dict] = []
-    for run in runs:
+    for i, run in enumerate(runs):
+        walls = [r["wall_s"] for r in done if r.get("wall_s")]
+        if not run.get("reused_from") and not next_run_fits(time.monotonic() - start, walls, args.budget_s):
+            meta["not_run"] = [r["label"] for r in runs[i:]]
+            print(f"not run: {', '.join(meta['not_run'])}: each would end past --budget-s {args.budget_s:g} (the "
+                  f"longest run took {max(walls):.0f} s)", flush=True)
+            break
         done.append(run if run.get("reused_from") else launch(run, args, meta, work, log_dir))
         report = assemble(meta, done)
         path.write_text(json.dumps(report, indent=2))   # after every run: a cut-off keeps what finished
+    report = assemble(meta, done)
+    path.write_text(json.dumps(report, indent=2))
     print_tables(report)
     print(f"wrote {path}")
     return 0 if all(r["state"] == "succeeded" for r in report["runs"]) else 1

@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 from recipe import (TOKENS_PER_STEP, UsageError, assemble, check_reference_json, check_token_budget,  # noqa: E402
-                    curve_of, data_fingerprint, describe_data, parse_overrides, parse_variant, patch_reference,
-                    plan_runs, results_path, run_tokens, time_to_loss, write_job)
+                    curve_of, data_fingerprint, describe_data, next_run_fits, parse_overrides, parse_variant,
+                    patch_reference, plan_runs, results_path, run_tokens, time_to_loss, write_job)
 
 from orchestrator.train_log import parse_log  # noqa: E402
 from trainer.data import write_shard  # noqa: E402
@@ -191,7 +191,7 @@ def test_ours_and_the_variants_run_1_3_times_the_references_steps_unless_told(tm
     data = shards(tmp_path / "data", [200_000_000], [4_194_306])
     for ours_steps, want, seed_base in ((None, 260, 0), (210, 210, 1)):
         args = argparse.Namespace(steps=200, ours_steps=ours_steps, val_every=25, val_tokens=4_194_304, seeds=1,
-                                  seed_base=seed_base,
+                                  seed_base=seed_base, budget_s=None,
                                   set=[], variant=["long:muon_lr=0.06,steps=300", "cwd:muon_cautious_wd=0.43"],
                                   baseline=None, only=None, cluster=str(REPO / "cluster_configs/local-gpu.yaml"),
                                   data=str(data), reference=str(script), reference_json=None)
@@ -372,3 +372,37 @@ def test_the_gpu_name_keeps_its_spaces(monkeypatch):
 
     monkeypatch.setattr(recipe.subprocess, "run", fake_run)
     assert recipe.gpu_and_torch() == ("NVIDIA H200", "2.11.0")
+
+
+def test_a_run_starts_only_if_it_would_end_inside_the_budget():
+    assert next_run_fits(0.0, [], 10.0) and next_run_fits(500.0, [], 10.0)   # the first run: nothing to go by
+    assert next_run_fits(200.0, [150.0, 190.0], 390.0) and not next_run_fits(200.1, [150.0, 190.0], 390.0)
+    assert next_run_fits(1e9, [190.0], None)
+
+
+def test_with_a_budget_the_runs_that_would_end_past_it_are_named_and_not_started(tmp_path, monkeypatch, capsys):
+    """Each (fake) run takes 100 s of a 250 s budget: ours and the first variant run, the second would end at 300 s;
+    the JSON keeps the two and names the one left out."""
+    import recipe
+
+    clock = [0.0]
+    monkeypatch.setattr(recipe.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(recipe, "gpu_and_torch", lambda: ("NVIDIA H200", "2.11"))
+
+    def fake_launch(run, args, meta, work, log_dir):
+        clock[0] += 100.0
+        curve = [(0, 0, 10.0), (25, 5_000, 3.0)]
+        return dict(run, rc=0, wall_s=100.0, state="succeeded", seeds=[seed(curve, ms=200.0)])
+
+    monkeypatch.setattr(recipe, "launch", fake_launch)
+    script = tmp_path / "train_gpt.py"
+    script.write_text(SCRIPT)
+    data = shards(tmp_path / "data", [1_700_000], [2_097_154])
+    rc = recipe.main(["--data", str(data), "--steps", "2", "--val-every", "1", "--val-tokens", "262144",
+                      "--reference", str(script), "--only", "ours,a,b", "--variant", "a:muon_lr=0.06",
+                      "--variant", "b:muon_lr=0.07", "--budget-s", "250", "--work", str(tmp_path / "work"),
+                      "--out", str(tmp_path / "out"), "--tag", "t"])
+    assert rc == 0
+    report = json.loads((tmp_path / "out/recipe-nvidia-h200-t.json").read_text())
+    assert [r["label"] for r in report["runs"]] == ["ours", "a"] and report["not_run"] == ["b"]
+    assert "not run: b: each would end past --budget-s 250 (the longest run took 100 s)" in capsys.readouterr().out
