@@ -37,7 +37,6 @@ import logging
 import secrets
 
 import torch
-from torch._dynamo import bytecode_transformation
 
 log = logging.getLogger(__name__)
 _APART = False   # _names_apart has run in this process
@@ -55,6 +54,8 @@ def _names_apart() -> None:
     so a trace made in this process after a load (a model of other switches, whose guards the loaded one fails) asked
     for `__builtins_dict___0` again and died: "Name '__builtins_dict___0' already exists in scope" (torch 2.13, CPU,
     tests/unit/test_trainer_trace_cache.py). This process's counter starts at a random 48-bit offset instead, once."""
+    from torch._dynamo import bytecode_transformation
+
     global _APART
     if not _APART and hasattr(bytecode_transformation, "_unique_id_counter"):
         bytecode_transformation._unique_id_counter = itertools.count(secrets.randbits(48))
