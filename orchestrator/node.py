@@ -30,7 +30,7 @@ from orchestrator.node_cache import SweepCaches, hold
 from orchestrator.plan import LaunchPlan
 from orchestrator.provenance import environment_record
 from orchestrator.sweep import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending, SeedState, next_action, seed_dir,
-                                seed_prefix, trainer_outcome)
+                                seed_prefix, seed_timings, trainer_outcome)
 from orchestrator.sweep import seed_done as is_seed_done
 from orchestrator.workdir import ShippedCodeMissing
 from trainer.startup import SEED_STARTED_ENV
@@ -270,26 +270,9 @@ class NodeRunner:
         tt = {}
         if (out / "trainer_timings.json").is_file():
             tt = json.loads((out / "trainer_timings.json").read_text())
-        first = tt.get("first_step_unix") or run_t.get("first_step_unix")
-        timings = {
-            "launch_to_first_step_s": (first - self.plan.created_at) if first else None,
-            "seed_start_to_first_step_s": (first - run_t["started_unix"]) if first else None,
-            "warmup_s": tt.get("warmup_s"),
-            "warmup_parts_s": tt.get("warmup_parts"),   # our trainer's: torchrun, imports, ..., first step, validation
-            "train_s": tt.get("train_s"),
-            "validation_s": tt.get("val_s"),
-            "upload_s": upload_s,
-            "total_s": time.time() - self.plan.created_at,
-            "seed_wall_s": run_t["ended_unix"] - run_t["started_unix"],
-            "steps_done": tt.get("steps_done"),
-            "total_steps": tt.get("total_steps"),
-            "state": outcome.state,
-            "reason": outcome.reason or None,
-            "exit_code": outcome.exit_code,
-            "attempts": outcome.attempts,
-        }
-        outcome.timings = timings
-        (out / "timings.json").write_text(json.dumps(timings, indent=2))
+        outcome.timings = seed_timings(self.plan.created_at, tt, run_t, upload_s, time.time(), state=outcome.state,
+                                       reason=outcome.reason, exit_code=outcome.exit_code, attempts=outcome.attempts)
+        (out / "timings.json").write_text(json.dumps(outcome.timings, indent=2))
         record = environment_record(self.plan, self.data_info, env=self.child_env(seed))
         (out / "env.json").write_text(json.dumps(record, indent=2))
 

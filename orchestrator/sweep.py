@@ -1,5 +1,6 @@
-"""A sweep's rules, in one place: where its objects live, what a seed's state is, which exit codes mean
-what, when a seed counts as done, and when to run seeds again. Pure: no I/O, nothing from orchestrator.
+"""A sweep's rules, in one place: where its objects live, what a seed's state is and what its timings record,
+which exit codes mean what, when a seed counts as done, and when to run seeds again. Pure: no I/O, nothing from
+orchestrator.
 
 A *sweep* is one `speedrun launch` (id `<job>-<utc>-<hash>`); it holds *seeds*, each one training run.
 Object layout: `<sweep>/plan.json`, `<sweep>/handle.json`, `<sweep>/attempts/<job>.json`,
@@ -116,6 +117,31 @@ def trainer_outcome(exit_code: int, stop_requested: bool = False) -> SeedState:
     if exit_code == EXIT_PREEMPTED or stop_requested:
         return SeedState.PREEMPTED
     return SeedState.FAILED
+
+
+def seed_timings(created_at: float, trainer: Mapping, run: Mapping, upload_s: float, now: float, *, state: str,
+                 reason: str, exit_code: int | None, attempts: int) -> dict:
+    """A seed's timings.json: from the launch (created_at) and from the seed's start to its first step, the
+    trainer's own parts (its trainer_timings.json, `trainer`; {} for a record script, whose first step the node
+    runner saw in its log, `run`), the upload, and how the seed ended. Times are unix seconds; None where unknown."""
+    first = trainer.get("first_step_unix") or run.get("first_step_unix")
+    return {
+        "launch_to_first_step_s": (first - created_at) if first else None,
+        "seed_start_to_first_step_s": (first - run["started_unix"]) if first else None,
+        "warmup_s": trainer.get("warmup_s"),
+        "warmup_parts_s": trainer.get("warmup_parts"),   # our trainer's: torchrun, imports, ..., first step, validation
+        "train_s": trainer.get("train_s"),
+        "validation_s": trainer.get("val_s"),
+        "upload_s": upload_s,
+        "total_s": now - created_at,
+        "seed_wall_s": run["ended_unix"] - run["started_unix"],
+        "steps_done": trainer.get("steps_done"),
+        "total_steps": trainer.get("total_steps"),
+        "state": state,
+        "reason": reason or None,
+        "exit_code": exit_code,
+        "attempts": attempts,
+    }
 
 
 def describe_exit(code: int | str) -> str:

@@ -97,3 +97,23 @@ def test_the_state_a_sweeps_table_shows(tmp_path):
     store.put_bytes(b'{"prefix": "s/seed-0", "files": [], "created_at": 0, "format": 1}', "s/seed-0/manifest.json")
     assert [(r.seed, r.state) for r in load_sweep(store, "s")] == [(0, "succeeded"), (1, "incomplete")]
     assert [(r.seed, r.state) for r in sweep_summary(store, "s").seeds] == [(0, "succeeded"), (1, "incomplete")]
+
+
+def test_a_seeds_timings_take_the_trainers_first_step_else_the_one_the_node_runner_saw():
+    run = dict(started_unix=1000.0, first_step_unix=1040.0, ended_unix=1300.0)
+    ours = sweep.seed_timings(900.0, dict(first_step_unix=1030.0, warmup_s=25.0, train_s=200.0, val_s=12.0,
+                                          steps_done=10, total_steps=10, warmup_parts={"first_step_s": 6.0}),
+                              run, 3.5, 1310.0, state="succeeded", reason="", exit_code=0, attempts=1)
+    assert (ours["launch_to_first_step_s"], ours["seed_start_to_first_step_s"]) == (130.0, 30.0)
+    assert (ours["warmup_s"], ours["train_s"], ours["validation_s"], ours["warmup_parts_s"]) == (
+        25.0, 200.0, 12.0, {"first_step_s": 6.0})
+    assert (ours["upload_s"], ours["total_s"], ours["seed_wall_s"], ours["reason"]) == (3.5, 410.0, 300.0, None)
+    record = sweep.seed_timings(900.0, {}, run, 1.0, 1310.0, state="failed", reason="trainer exited with code 1",
+                                exit_code=1, attempts=2)
+    assert (record["launch_to_first_step_s"], record["seed_start_to_first_step_s"], record["warmup_s"]) == (
+        140.0, 40.0, None)
+    assert (record["state"], record["reason"], record["exit_code"], record["attempts"]) == (
+        "failed", "trainer exited with code 1", 1, 2)
+    died = sweep.seed_timings(900.0, {}, dict(run, first_step_unix=None), 0.0, 1310.0, state="failed", reason="x",
+                              exit_code=1, attempts=1)
+    assert died["launch_to_first_step_s"] is None and died["seed_start_to_first_step_s"] is None
