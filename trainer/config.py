@@ -143,9 +143,10 @@ class TrainConfig:
     # record-64 (MimeticValueOutput, 2026-01-30): the value and output projections start as sqrt(beta) I and
     # -sqrt(beta) I plus N(0, 0.01) noise (Attention.mimetic_vo_init_), so attention contributes from step 1 where
     # record-28 zeroes the output projection. The record's beta: 0.05 (1.65 -> 1.63 min). Needs num_heads x
-    # head_dim = model_dim. Yardstick (one H100, 2026-12-07, 0.05): ahead of ours by 0.007-0.017 from step 100 to
-    # 225 at the same ms/step, its time to the target not measured (the call ended at step 237): 0 (off) until it is
-    attn_vo_init: float = 0.0
+    # head_dim = model_dim. Yardstick (one H100, 0.05, the same ms/step): seed 0 ahead of ours by 0.007-0.017 from
+    # step 100 to 225 (2026-12-07, the call ended at step 237), seed 1 0.989x ours' time (97.4 against 98.5 s,
+    # 2026-12-07, ours in the same call): on. 0 = record-28's zero output projection
+    attn_vo_init: float = 0.05
     # record-58 (PairedHeadAttention, 2026-01-07): in these layers (comma-separated, short-window layers only) heads
     # go in pairs, and each pair attends as one head over a sequence twice as long, the two heads' q, k and v of
     # a token side by side (positions 2t and 2t+1, rotated as such): a query then also weighs its partner head's
@@ -192,9 +193,11 @@ class TrainConfig:
     # record-89's stage lrs, in place of the exponent: "1,1.52,1.73" (its x1.0 / x1.52 / x1.73 of the first stage's
     # lr; (16/8)^0.6 and (24/8)^0.5), one multiplier per phase of the batch or sequence-length schedule, divided by
     # the last's so the full batch still runs the configured lrs (ours: 0.578 / 0.879 / 1 where the exponent 0.6
-    # gives 0.517 / 0.784 / 1). A schedule, no graph change. Yardstick (one H100, 2026-12-07): 0.992x ours' time,
-    # ahead at every val point, within about one seed's repeat of ours (0.6%): "" = the exponent's, until a second seed
-    batch_lr_scales: str = ""
+    # gives 0.517 / 0.784 / 1). A schedule, no graph change. Yardstick (one H100, 2026-12-07, ours in the same call
+    # or the one before on the same machine): 0.992x ours' time at seed 0, 0.978x at seed 1 (96.3 against 98.5 s),
+    # ahead at every val point in both: on, for the default's three phases ("" = the exponent's; another schedule
+    # needs its own multipliers, or "")
+    batch_lr_scales: str = "1,1.52,1.73"
     # record-51 (2025-12-19 RetieLMHead) ties the embedding to the head: one (padded vocab, dim) table, initialised
     # N(0, 0.005) in place of the head's zero init, is both the input lookup and the head weight (its gradient the
     # sum of both uses), trained by Adam at the head's lr (0.008). Record-53 (2025-12-22 MultiTokenPrediction) unties
@@ -241,8 +244,10 @@ class TrainConfig:
     muon_cautious_wd: float = 0.0
     # record-80 (2026-04-08, PairedHeadMuon): Muon orthogonalises Q and K per pair of heads (each block of
     # 2 x head_dim rows its own matrix, for NorMuon too) instead of each as one matrix of all heads; V stays whole.
-    # The record: 10 fewer steps of 1490 (0.4 s). Not yet on the yardstick: off
-    muon_qk_pairs: bool = False
+    # The record: 10 fewer steps of 1490 (0.4 s). Yardstick (one H100, 2026-12-07, seed 1, ours in the call before
+    # on the same machine): 0.969x ours' time (95.4 against 98.5 s), the same ms/step, ahead at every val point: on.
+    # Needs an even num_heads
+    muon_qk_pairs: bool = True
     muon_variant: str = "normuon"             # muon | normuon: record-41's neuron-wise normalised update
     normuon_beta2: float = 0.95               # (trainer/optim.py; the record ran it at Muon lr 0.06, ours 0.05).
                                               # Yardstick: 0.798 alone, 0.758 with bigram_embed (bigram alone

@@ -192,8 +192,8 @@ def parse_lr_scales(text: str, phases: int) -> tuple[float, ...]:
     except ValueError:
         scales = ()
     if not phases:
-        raise ValueError("batch_lr_scales: needs a batch_schedule or seq_len_schedule, one multiplier per phase; "
-                         "or '' for off")
+        raise ValueError("batch_lr_scales: needs a batch_schedule or seq_len_schedule, one multiplier per phase (the "
+                         "default 1,1.52,1.73 goes with the default seq_len_schedule); or '' for off")
     if len(scales) != phases or min(scales) <= 0:
         raise ValueError(f"batch_lr_scales: must be {phases} positive numbers, comma-separated, one per phase (the "
                          f"record: 1,1.52,1.73); or '' for batch_lr_exponent's (got {text!r})")

@@ -171,7 +171,7 @@ def test_a_variant_may_run_its_own_schedule_length_and_a_batch_schedule_reads_fe
     assert overrides == dict(seq_len_schedule="", batch_schedule="1/3:3,2/3:5,1:8", steps=300)
     # thirds of 300 steps at 3, 5 and 8 of the 8 micro-batches of 49,152 tokens
     assert run_tokens(overrides, 300) == 100 * (3 + 5 + 8) * 49_152
-    assert run_tokens(dict(seq_len_schedule=""), 200) == 200 * TOKENS_PER_STEP
+    assert run_tokens(dict(seq_len_schedule="", batch_lr_scales=""), 200) == 200 * TOKENS_PER_STEP
     # the default: 8 micro-batches of 16K, 32K and 48K tokens over thirds
     assert run_tokens({}, 300) == 100 * (1 + 2 + 3) * 8 * 16_384
     with pytest.raises(UsageError, match="^--set steps: every run shares it; set it with --ours-steps"):

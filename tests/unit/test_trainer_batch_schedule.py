@@ -21,9 +21,11 @@ from trainer.train import Trainer  # noqa: E402
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # record-46 in our terms: its 131,072 / 262,144 / 393,216 tokens per step are 8 / 16 / 24 micro-batches of 16,384
+# (its lrs by batch_lr_exponent, not the default stage lrs of record-89)
 RECORD = dict(seq_len=16384, grad_accum_total=24, batch_schedule="1/3:8,2/3:16,1:24", steps=2120, cooldown_frac=0.55,
-              seq_len_schedule="")
-PLAIN = dict(seq_len_schedule="")   # the defaults without their sequence-length schedule: every step full length
+              seq_len_schedule="", batch_lr_scales="")
+PLAIN = dict(seq_len_schedule="", batch_lr_scales="")   # the defaults without their sequence-length schedule (and its
+                                                         # stage lrs): every step full length
 
 
 def record_batch_tokens(step: int, steps: int = 2120) -> int:
@@ -69,13 +71,13 @@ def test_lr_is_tied_to_the_batch_as_record_46_ties_it():
 def test_batch_lr_scales_give_each_phase_record_89s_multiplier_over_the_last():
     """record-89's stages run x1.0 / x1.52 / x1.73 of its first stage's lr: ours the same ratios, the full batch at
     the configured lrs, the cool-down from the phase's lr to lr_floor x the first phase's as with the exponent."""
-    cfg = TrainConfig(batch_lr_scales="1,1.52,1.73", steps=300, cooldown_frac=0.2).validate()
+    cfg = TrainConfig(steps=300, cooldown_frac=0.2).validate()   # the default's
     first, second, last = 1 / 1.73, 1.52 / 1.73, 1.0
     assert [lr_scale(cfg, s) for s in (0, 99, 100, 199, 200, 239)] == \
         pytest.approx([first, first, second, second, last, last], rel=1e-12)
     assert lr_scale(cfg, 270) == pytest.approx(0.5 * last + 0.5 * 0.1 * first, rel=1e-12)
     assert lr_scale(cfg, 300) == pytest.approx(0.1 * first, rel=1e-12)
-    by_count = TrainConfig(**RECORD, batch_lr_scales="2,3,4").validate()   # the batch_schedule's phases alike
+    by_count = TrainConfig(**{**RECORD, "batch_lr_scales": "2,3,4"}).validate()   # the batch_schedule's phases alike
     assert [lr_scale(by_count, s) for s in (0, 800)] == pytest.approx([0.5, 0.75], rel=1e-12)
 
 
@@ -87,7 +89,7 @@ def test_bad_batch_lr_scales_are_refused_naming_the_key(scales, words):
     with pytest.raises(ValueError, match=f"^batch_lr_scales: {words}"):
         TrainConfig(batch_lr_scales=scales).validate()
     with pytest.raises(ValueError, match="^batch_lr_scales: needs a batch_schedule or seq_len_schedule"):
-        TrainConfig(**PLAIN, batch_lr_scales="1").validate()
+        TrainConfig(**{**PLAIN, "batch_lr_scales": "1"}).validate()
 
 
 def test_without_a_schedule_the_lr_is_the_plain_cool_down_bit_for_bit():
@@ -233,7 +235,7 @@ def test_ranks_split_every_phase_of_the_same_global_stream(tmp_path, world):
 
 # record-46 as it runs on 8 GPUs: grad_accum_steps 1, batch_size // 8 tokens a rank
 RECORD_8GPU = dict(seq_len=49152, grad_accum_total=8, seq_len_schedule="1/3:16384,2/3:32768,1:49152", steps=2120,
-                   cooldown_frac=0.55)
+                   cooldown_frac=0.55, batch_lr_scales="")
 
 
 def test_each_step_has_record_46s_tokens_in_eight_micro_batches():

@@ -60,7 +60,7 @@ def test_without_an_extension_nothing_moves_and_no_cool_down_is_a_flat_lr_to_the
                         muon_momentum_cooldown_steps=50).validate()
     assert plain.total_steps() == 1270 and window_blocks(plain, 1270) == 11 and val_window_blocks(plain, 1270) == 20
     assert muon_momentum(plain, 1270) == pytest.approx(0.85)
-    flat = TrainConfig(steps=100, cooldown_frac=0.0, seq_len_schedule="").validate()
+    flat = TrainConfig(steps=100, cooldown_frac=0.0, seq_len_schedule="", batch_lr_scales="").validate()
     assert [lr_scale(flat, s) for s in (0, 99, 100)] == [1.0, 1.0, 1.0]   # the last validation's row divided by 0
 
 

@@ -77,8 +77,9 @@ def test_the_defaults_keep_what_the_yardstick_kept():
     d = TrainConfig()
     assert d.bigram_embed and d.muon_variant == "normuon" and d.paired_head_layers == "1,3,6,10"
     assert d.seq_len_schedule == "1/3:16384,2/3:32768,1:49152" and d.cuda_graphs and d.steps == 1998
+    assert d.batch_lr_scales == "1,1.52,1.73" and d.phase_lr_scales() == pytest.approx((1 / 1.73, 1.52 / 1.73, 1))
+    assert d.attn_vo_init == 0.05 and d.muon_qk_pairs
     assert not (d.smear or d.value_embed_gate or d.skip_gate or d.adam_every_other_step or d.muon_cautious_wd
-                or d.muon_qk_pairs
                 or d.muon_momentum_cooldown_steps or d.batch_schedule or d.key_offset or d.multi_token_prediction
                 or d.mudd or d.mlp_skip_layers)
 
@@ -990,7 +991,7 @@ def test_paired_head_layers_must_be_short_window_layers_of_the_model():
         with pytest.raises(ValueError, match=f"^paired_head_layers: .*{says}"):
             TrainConfig(paired_head_layers=layers).validate()
     with pytest.raises(ValueError, match="num_heads is 3"):
-        TrainConfig(num_heads=3, head_dim=256, paired_head_layers="1").validate()
+        TrainConfig(num_heads=3, head_dim=256, paired_head_layers="1", muon_qk_pairs=False).validate()
 
 
 def test_paired_heads_add_no_parameter_keep_the_model_causal_and_change_it():
