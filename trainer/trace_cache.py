@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import traceback
 
 import torch
 
@@ -105,5 +106,13 @@ def save() -> None:
 
 
 def _first_line(e: Exception) -> str:
-    """'Type: first line of the message', for a one-line warning."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    """'Type: first line of the message (raised at torch/_dynamo/x.py:N)', for a one-line warning. The place matters
+    as much as the message: torch's loaders fail on bare asserts (an H100 on 2026-12-07: "AssertionError: ")."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (raised at {_in_package(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
+
+
+def _in_package(filename: str) -> str:
+    """A source file's path from its package on (torch/_dynamo/package.py), not the interpreter's folders."""
+    return filename.rsplit("site-packages/", 1)[-1]

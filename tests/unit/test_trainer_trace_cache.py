@@ -4,6 +4,7 @@ the same folder traces its own graph. Real torch.compile (inductor on the CPU), 
 node runner starts one per seed."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ from torch._dynamo.utils import compilation_time_metrics, counters
 switches = json.loads(sys.argv[1])
 device = switches.pop("device", "cpu")
 bad = switches.pop("bad", False)
-cfg = tiny_config(num_layers=2, cuda_graphs=device == "cuda", compile_trace_cache=True, **switches)
+graphs = switches.pop("cuda_graphs", device == "cuda")   # the trainer's default on the GPU
+cfg = tiny_config(num_layers=2, cuda_graphs=graphs, compile_trace_cache=True, **switches)
 model = randomised_model(cfg, device=device)
 if device == "cuda":   # as the trainer runs it there: bf16 activations, FlexAttention
     model.act_dtype, model.attention = torch.bfloat16, "flex"
@@ -70,19 +72,27 @@ def why_traced(stderr: str) -> str:
     return "\n".join(dict.fromkeys(lines))[-4000:]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
-def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_its_own(tmp_path, device):
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+# On the GPU with CUDA graphs (the trainer's default) and without. torch's precompile, which this cache is, has an
+# open issue for CUDA graphs (pytorch/pytorch#155703), and a fix of August 2026 (#195158) says its load took the
+# graphs' setting from the current config; the H100's load (torch 2.11) died on a bare assert with them on
+# (2026-12-07). The case without them tells whether they are the cause.
+@pytest.mark.parametrize("device, graphs", [("cpu", False), pytest.param("cuda", True, marks=ON_GPU),
+                                            pytest.param("cuda", False, marks=ON_GPU)])
+def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_its_own(tmp_path, device, graphs):
     """On the GPU with what the trainer adds there: CUDA graphs, FlexAttention, bf16 and the Triton kernels; on both,
     every parameter with a .grad before the first forward, as OwnedGradients leaves them (an H100 run loaded
     such a cache and died: trainer/trace_cache.py grads_aside)."""
     cache = tmp_path / "cache"
-    first = compiled_run(cache, device=device)
+    first = compiled_run(cache, device=device, cuda_graphs=graphs)
     assert first["cache"].get("dynamo_cache_miss") and (cache / "dynamo").is_dir()
-    second = compiled_run(cache, device=device)
+    second = compiled_run(cache, device=device, cuda_graphs=graphs)
     assert second["cache"].get("dynamo_cache_hit") == 1
     # it read the model's Python (almost) not at all; the GPU case failed here on an H100 (2026-12-07: a hit, then
-    # 1.40 s of tracing against the first process's 1.09), before dynamo's reasons were logged
+    # 1.40 s of tracing against the first process's 1.09; again that evening, the load having died on a bare
+    # AssertionError, before the warning named where torch raised it)
     assert second["tracing_s"] < first["tracing_s"] / 4, why_traced(second["stderr"])
     tolerance = 1e-4 if device == "cpu" else 2e-2 * abs(second["eager"])   # bf16 and flex against eager math
     if device == "cpu":
@@ -95,11 +105,11 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
     # and a step (backout): not the cached graph; each loss is its own eager model's. Each traces after loading the
     # cache (the loaded trace's guards fail), which died on the names both installed before trace_cache._names_apart
     for switches in (dict(logit_rescale=True), dict(backout_layer=0)):
-        other = compiled_run(cache, device=device, **switches)
+        other = compiled_run(cache, device=device, cuda_graphs=graphs, **switches)
         assert abs(other["loss"] - other["eager"]) < tolerance and abs(other["loss"] - first["loss"]) > 1e-3, switches
     # the cache keeps every model's traces, not the last process's: the first model and another both load again
     for switches in (dict(), dict(logit_rescale=True)):
-        again = compiled_run(cache, device=device, **switches)
+        again = compiled_run(cache, device=device, cuda_graphs=graphs, **switches)
         assert again["tracing_s"] < first["tracing_s"] / 4, (switches, why_traced(again["stderr"]))
 
 
@@ -109,7 +119,9 @@ def test_a_cache_that_cannot_load_costs_a_warning_and_a_trace_not_the_run(tmp_pa
     cache = tmp_path / "cache"
     first = compiled_run(cache, bad=True)
     second = compiled_run(cache)
-    assert "compile_trace_cache: the cached traces did not load (TypeError" in second["stderr"]
+    # the warning names the exception and where torch raised it (the GPU's failure was a bare assert)
+    assert re.search(r"compile_trace_cache: the cached traces did not load \(TypeError: .+ \(raised at torch/\S+"
+                     r"\.py:\d+\)\)", second["stderr"]), second["stderr"][-2000:]
     assert not second["cache_on"] and second["tracing_s"] > first["tracing_s"] / 4   # found (a hit), then traced
     assert (second["loss"], second["grad"]) == (first["loss"], first["grad"])
 
