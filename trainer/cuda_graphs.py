@@ -29,7 +29,8 @@ def compile_model(model: torch.nn.Module, cfg):
         trace_cache.enable()
     mode = "reduce-overhead" if cfg.cuda_graphs else None
     try:
-        compiled = torch.compile(model, dynamic=False, mode=mode)   # the trace cache loads here
+        with trace_cache.loading(cfg.cuda_graphs):
+            compiled = torch.compile(model, dynamic=False, mode=mode)   # the trace cache loads here
     except Exception as e:  # noqa: BLE001 - whatever an experimental cache's load raises, tracing still works
         if not trace_cache.enabled():
             raise

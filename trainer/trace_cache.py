@@ -5,10 +5,11 @@ a warm process still reads the model's Python once per compiled graph (3.5-4.2 s
 micro-batch length and once for validation; bench/NOTES.md). With caching_precompile on before torch.compile,
 dynamo records what it traced (the bytecode, its guards, the backend's artifacts); `save()` writes that under the
 same cache folder (`<TORCHINDUCTOR_CACHE_DIR>/dynamo/`), so it travels with the rest, and the next process's
-compiled model loads it at its first call instead of tracing.
+torch.compile of the model loads it, so that its first call does not trace.
 
     enable()                    # before torch.compile (trainer/cuda_graphs.py compile_model)
-    forward = grads_aside(torch.compile(model), model)
+    with loading(cuda_graphs):  # the load, inside torch.compile, with CUDA graphs as the mode asks
+        forward = grads_aside(torch.compile(model, mode=...), model)
     ...the warm-up compiles every graph...
     save()                      # after it; a failure only warns: the next process traces as before
 
@@ -32,6 +33,7 @@ forward neither reads nor writes a .grad, and autograd finds the .grad restored 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import secrets
@@ -61,6 +63,22 @@ def _names_apart() -> None:
     if not _APART and hasattr(bytecode_transformation, "_unique_id_counter"):
         bytecode_transformation._unique_id_counter = itertools.count(secrets.randbits(48))
         _APART = True
+
+
+@contextlib.contextmanager
+def loading(cuda_graphs: bool):
+    """Around torch.compile, where the cache loads a model's traces: with CUDA graphs, inductor's global CUDA-graph
+    switch on while it does. The load rebuilds each cached graph's wrapper without calling inductor's compiler, and
+    takes the CUDA-graph switch from that global (torch 2.13's deserialize_bundled_cache_entry, a TODO there says
+    as much), where torch.compile's reduce-overhead mode sets it only for its own compiles: the loaded graphs would
+    run without CUDA graphs. The H100's load (torch 2.11) died on a bare assert with the graphs on (2026-12-07)."""
+    if not (cuda_graphs and enabled()):
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        yield
 
 
 def disable(why: Exception) -> None:

@@ -44,11 +44,15 @@ for _ in range(3 if device == "cuda" else 1):   # CUDA graphs record at a graph'
     loss = forward(t[:-1], t[1:], window)
     loss.backward()
 trace_cache.save()
+graphed = None   # whether the graphs ran as CUDA graphs: their tree manager exists only then
+if device == "cuda":
+    from torch._inductor import cudagraph_trees
+    graphed = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False) is not None
 with torch.no_grad():
     eager = model(t[:-1], t[1:], window).item()
 print(json.dumps(dict(loss=loss.item(), eager=eager, grad=sum(p.grad.double().sum().item() for p in model.parameters()
                                                              if p.grad is not None),
-                      cache=dict(counters["dynamo_cache"]), cache_on=trace_cache.enabled(),
+                      cache=dict(counters["dynamo_cache"]), cache_on=trace_cache.enabled(), graphed=graphed,
                       tracing_s=sum(compilation_time_metrics.get("bytecode_tracing", [])))))
 """
 
@@ -94,6 +98,8 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
     # 1.40 s of tracing against the first process's 1.09; again that evening, the load having died on a bare
     # AssertionError, before the warning named where torch raised it)
     assert second["tracing_s"] < first["tracing_s"] / 4, why_traced(second["stderr"])
+    if device == "cuda":   # the loaded graphs replay as CUDA graphs exactly when the traced ones did
+        assert (first["graphed"], second["graphed"]) == (graphs, graphs)
     tolerance = 1e-4 if device == "cpu" else 2e-2 * abs(second["eager"])   # bf16 and flex against eager math
     if device == "cpu":
         assert (second["loss"], second["grad"]) == (first["loss"], first["grad"])
@@ -111,6 +117,26 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
     for switches in (dict(), dict(logit_rescale=True)):
         again = compiled_run(cache, device=device, cuda_graphs=graphs, **switches)
         assert again["tracing_s"] < first["tracing_s"] / 4, (switches, why_traced(again["stderr"]))
+
+
+def test_the_load_has_inductors_cuda_graphs_on_only_with_the_cache_and_the_graphs():
+    """The cache's load takes the CUDA-graph switch from inductor's global config, which reduce-overhead leaves off
+    (trainer/trace_cache.py loading): on for the load when both the cache and the graphs are, as it was, after, and
+    after an error. (dynamo's config by its own patch: pytest's monkeypatch deletes a config key on undo.)"""
+    import torch._inductor.config as inductor_config
+
+    from trainer import trace_cache
+
+    before = inductor_config.triton.cudagraphs
+    assert not before   # what a reduce-overhead compile leaves it, and what the load would read
+    for cache_on, graphs, inside in [(True, True, True), (True, False, False), (False, True, False)]:
+        with torch._dynamo.config.patch(caching_precompile=cache_on), trace_cache.loading(graphs):
+            assert inductor_config.triton.cudagraphs is inside, (cache_on, graphs)
+        assert inductor_config.triton.cudagraphs is before
+    with pytest.raises(RuntimeError, match="load failed"):
+        with torch._dynamo.config.patch(caching_precompile=True), trace_cache.loading(True):
+            raise RuntimeError("load failed")
+    assert inductor_config.triton.cudagraphs is before and not torch._dynamo.config.caching_precompile
 
 
 def test_a_cache_that_cannot_load_costs_a_warning_and_a_trace_not_the_run(tmp_path):
