@@ -40,7 +40,7 @@
 # GPU test, lease_warm --only ours,vo,lrs (332 s with the start's wait); call w lease_full + lease_recipe w --only
 # ours,vo,lrs --seed-base 1 --budget-s 530 (415 s: lrs left out by the budget); call x lease_recipe x --only lrs,qk
 # (carry .whl only: the shards stay in /tmp; 390 s). Ours of call w is call x's baseline. 187 s left.
-# Next: call 1 lease_small, the trace cache's GPU test (two GPU cases now, ~2 min) and lease_warm --only ours,old
+# Next: call 1 lease_small, the trace cache's GPU test (two GPU cases now, with trace_cache.loading; ~2 min) and lease_warm --only ours,old
 # --variant old:attn_vo_init=0,batch_lr_scales=,muon_qk_pairs=false; call 2 lease_full + lease_recipe y --only
 # ours,old (same variant) --budget-s 500; call 3 the same at --seed-base 1 (the new defaults together, two seeds).
 #
