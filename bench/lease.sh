@@ -36,7 +36,7 @@
 # ours, lrs, vo (cut at 540 s in vo's step 237: three runs do not fit one call with the install). 246 s left.
 # Since: give lease_recipe `--budget-s` (the call's limit less ~30 s of install, and the shards' ~40 s in call 2),
 # and a run that cannot finish is not started (recipe.py names it) where this one cost 170 s of device time.
-# 2026-12-07 (evening): four refused or held-back starts (361 s), then one H100: call 1 lease_small, the trace cache's
+# 2026-12-07 (evening): four refused or held-back starts (376 s), then one H100: call 1 lease_small, the trace cache's
 # GPU test, lease_warm --only ours,vo,lrs (332 s with the start's wait); call w lease_full + lease_recipe w --only
 # ours,vo,lrs --seed-base 1 --budget-s 530 (415 s: lrs left out by the budget); call x lease_recipe x --only lrs,qk
 # (carry .whl only: the shards stay in /tmp; 390 s). Ours of call w is call x's baseline. 187 s left.
