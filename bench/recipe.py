@@ -371,18 +371,22 @@ def main(argv: list[str] | None = None) -> int:
         timespec="seconds"), **meta, work=str(work), log_dir=str(log_dir))
     print(f"work folder {work}; launch logs in {log_dir}; results {path}", flush=True)
     done: list[dict] = []
+
+    def write() -> dict:   # after every run, and once more naming the runs left out: a cut-off keeps what finished
+        report = assemble(meta, done)
+        path.write_text(json.dumps(report, indent=2))
+        return report
+
     for i, run in enumerate(runs):
         walls = [r["wall_s"] for r in done if r.get("wall_s")]
         if not run.get("reused_from") and not next_run_fits(time.monotonic() - start, walls, args.budget_s):
             meta["not_run"] = [r["label"] for r in runs[i:]]
             print(f"not run: {', '.join(meta['not_run'])}: each would end past --budget-s {args.budget_s:g} (the "
                   f"longest run took {max(walls):.0f} s)", flush=True)
+            report = write()
             break
         done.append(run if run.get("reused_from") else launch(run, args, meta, work, log_dir))
-        report = assemble(meta, done)
-        path.write_text(json.dumps(report, indent=2))   # after every run: a cut-off keeps what finished
-    report = assemble(meta, done)
-    path.write_text(json.dumps(report, indent=2))
+        report = write()
     print_tables(report)
     print(f"wrote {path}")
     return 0 if all(r["state"] == "succeeded" for r in report["runs"]) else 1

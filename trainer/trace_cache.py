@@ -86,7 +86,7 @@ def disable(why: Exception) -> None:
     stays as it is."""
     torch._dynamo.config.caching_precompile = False
     log.warning("compile_trace_cache: the cached traces did not load (%s); tracing the model instead, and saving "
-                "no traces from this process", _first_line(why))
+                "no traces from this process", _described(why))
 
 
 def enabled() -> bool:
@@ -120,11 +120,11 @@ def save() -> None:
     try:
         torch.compiler.save_cache_artifacts()
     except Exception as e:  # noqa: BLE001 - experimental in torch: a cache that cannot be written only costs a trace
-        log.warning("compile_trace_cache: traces not saved (%s)", _first_line(e))
+        log.warning("compile_trace_cache: traces not saved (%s)", _described(e))
 
 
-def _first_line(e: Exception) -> str:
-    """'Type: first line of the message (raised at torch/_dynamo/x.py:N)', for a one-line warning. The place matters
+def _described(e: Exception) -> str:
+    """'Type: the message's first line (raised at torch/_dynamo/x.py:N)', for a one-line warning. The place matters
     as much as the message: torch's loaders fail on bare asserts (an H100 on 2026-12-07: "AssertionError: ")."""
     frames = traceback.extract_tb(e.__traceback__)
     where = f" (raised at {_in_package(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
