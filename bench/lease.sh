@@ -40,9 +40,13 @@
 # GPU test, lease_warm --only ours,vo,lrs (332 s with the start's wait); call w lease_full + lease_recipe w --only
 # ours,vo,lrs --seed-base 1 --budget-s 530 (415 s: lrs left out by the budget); call x lease_recipe x --only lrs,qk
 # (carry .whl only: the shards stay in /tmp; 390 s). Ours of call w is call x's baseline. 187 s left.
-# Next: call 1 lease_small, the trace cache's GPU test (two GPU cases now, with trace_cache.loading; ~2 min) and lease_warm --only ours,old
+# 2026-12-07 (late): 1,424 s of refused starts (each real try 90 s, one 180 s; after an H200 refusal a call with no
+# kind asks for an H200 only, so an H100 needs `kind: nvidia-h100-x1` named), then one H100 call of 170 s: lease_install
+# and the trace cache's GPU test (both cases died at torch 2.11's package.py:614: FlexAttention's guard, fixed since).
+# Next: call 1 lease_small, the trace cache's GPU test (~2.5 min) and lease_warm --only ours,old
 # --variant old:attn_vo_init=0,batch_lr_scales=,muon_qk_pairs=false; call 2 lease_full + lease_recipe y --only
-# ours,old (same variant) --budget-s 500; call 3 the same at --seed-base 1 (the new defaults together, two seeds).
+# ours,old (same variant) --budget-s 500; call 3 the same at --seed-base 1 (the new defaults together, two seeds);
+# with the GPU test passing, `lease_node_probe bench/cache_probe.yaml --set trainer.compile_trace_cache=true` (~6 min).
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).

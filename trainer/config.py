@@ -290,9 +290,10 @@ class TrainConfig:
     # warm warm-up's 28.9 s with the three lengths of seq_len_schedule). CPU, torch 2.13, a 2-layer model: a second
     # process's first call 0.5 s against 34 s cold, the same loss. One H100 (2026-12-07, torch 2.11, CUDA graphs):
     # the cold launch saved, the next two died loading (the parameters' .grads in the guards; fixed since, and a
-    # failed load now only warns and traces, bench/NOTES.md); later that day the load died on a bare assert with CUDA
-    # graphs on and traced instead (the load now runs with inductor's CUDA-graph switch on, trace_cache.loading; not
-    # yet run on a GPU). Off until a warm launch has measured it there
+    # failed load now only warns and traces, bench/NOTES.md); later that day the load died on a bare assert and traced
+    # instead, with CUDA graphs and without: FlexAttention's trace keeps a guard whose unpickling needs a tracing
+    # context (reproduced on the CPU; trace_cache.loading gives it one, not yet run on a GPU). Off until a warm
+    # launch has measured it there
     compile_trace_cache: bool = False
     warmup_compile_steps: int = 3             # untimed steps on dummy data (the first compiles), then the state is reset
     checkpoint_every: int = 0

@@ -67,18 +67,41 @@ def _names_apart() -> None:
 
 @contextlib.contextmanager
 def loading(cuda_graphs: bool):
-    """Around torch.compile, where the cache loads a model's traces: with CUDA graphs, inductor's global CUDA-graph
-    switch on while it does. The load rebuilds each cached graph's wrapper without calling inductor's compiler, and
-    takes the CUDA-graph switch from that global (torch 2.13's deserialize_bundled_cache_entry, a TODO there says
-    as much), where torch.compile's reduce-overhead mode sets it only for its own compiles: the loaded graphs would
-    run without CUDA graphs. The H100's load (torch 2.11) died on a bare assert with the graphs on (2026-12-07)."""
-    if not (cuda_graphs and enabled()):
+    """Around torch.compile, where the cache loads a model's traces (nothing without the cache):
+
+    - the guards' unpickling inside a tracing context of its own. A guard on a module (dynamo's ImportSource: the
+      FlexAttention path has one, the dense path none) installs itself again when unpickled, and that needs a
+      tracing context, which a load at torch.compile has not: "TracingContext.get() must be called within an
+      ongoing trace" (torch 2.11 and 2.13; upstream's fix, pytorch#187736, gives the unpickling a context to throw
+      away). torch then retried the load on a package it had already marked loaded, and died on that: the bare
+      AssertionError of the H100 (torch 2.11, package.py:614, with CUDA graphs and without, 2026-12-07), on the CPU
+      with FlexAttention "CompilePackage is already initialized". What the guards install there is dropped with
+      the context; the loaded guards are the pickled ones.
+    - with CUDA graphs, inductor's global CUDA-graph switch on. The load rebuilds each cached graph's wrapper
+      without calling inductor's compiler, and takes that switch from the global config (deserialize_bundled_cache_
+      entry in torch 2.11 and 2.13), where torch.compile's reduce-overhead mode sets it only for its own compiles:
+      the loaded graphs would run without CUDA graphs."""
+    if not enabled():
         yield
         return
     import torch._inductor.config as inductor_config
+    from torch import _guards
+    from torch._dynamo import package
 
-    with inductor_config.patch({"triton.cudagraphs": True}):
-        yield
+    unpickle = package.load_guards_state
+
+    def load_guards_state(state):
+        if _guards.TracingContext.try_get() is not None:
+            return unpickle(state)
+        with _guards.tracing(_guards.TracingContext(None)):
+            return unpickle(state)
+
+    package.load_guards_state = load_guards_state
+    try:
+        with inductor_config.patch({"triton.cudagraphs": True} if cuda_graphs else {}):
+            yield
+    finally:
+        package.load_guards_state = unpickle
 
 
 def disable(why: Exception) -> None:
@@ -123,12 +146,17 @@ def save() -> None:
         log.warning("compile_trace_cache: traces not saved (%s)", _described(e))
 
 
-def _described(e: Exception) -> str:
-    """'Type: the message's first line (raised at torch/_dynamo/x.py:N)', for a one-line warning. The place matters
-    as much as the message: torch's loaders fail on bare asserts (an H100 on 2026-12-07: "AssertionError: ")."""
+def _described(e: BaseException) -> str:
+    """'Type: the message's first line (raised at torch/_dynamo/x.py:N)', for a one-line warning, then the same of
+    the exception it was raised while handling. The place matters as much as the message: torch's loader fails on
+    bare asserts (an H100 on 2026-12-07: "AssertionError: "), and the one that matters can be the one before,
+    which torch caught and only logged (a failed install, then the retry's assert)."""
     frames = traceback.extract_tb(e.__traceback__)
     where = f" (raised at {_in_package(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
+    text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
+    if e.__context__ is not None and not e.__suppress_context__:
+        text += f", while handling {_described(e.__context__)}"
+    return text
 
 
 def _in_package(filename: str) -> str:

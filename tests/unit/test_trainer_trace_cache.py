@@ -4,6 +4,7 @@ the same folder traces its own graph. Real torch.compile (inductor on the CPU), 
 node runner starts one per seed."""
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -26,11 +27,14 @@ from torch._dynamo.utils import compilation_time_metrics, counters
 switches = json.loads(sys.argv[1])
 device = switches.pop("device", "cpu")
 bad = switches.pop("bad", False)
+flex = switches.pop("flex", False)   # FlexAttention on the CPU: forward only (it has no CPU backward)
 graphs = switches.pop("cuda_graphs", device == "cuda")   # the trainer's default on the GPU
 cfg = tiny_config(num_layers=2, cuda_graphs=graphs, compile_trace_cache=True, **switches)
 model = randomised_model(cfg, device=device)
 if device == "cuda":   # as the trainer runs it there: bf16 activations, FlexAttention
     model.act_dtype, model.attention = torch.bfloat16, "flex"
+elif flex:
+    model.attention = "flex"
 # and the CUDA graphs' gradients, zeroed before the first forward (their .grad must not reach the pickled guards)
 owned = OwnedGradients(model.parameters())
 if bad:   # the .grads reach the pickled guards, as before trace_cache.grads_aside: a cache that cannot load
@@ -41,8 +45,10 @@ window = torch.tensor(2, device=device)
 for _ in range(3 if device == "cuda" else 1):   # CUDA graphs record at a graph's second run, replay at its third
     model.zero_grad(set_to_none=False)
     owned.before_backward()
-    loss = forward(t[:-1], t[1:], window)
-    loss.backward()
+    with torch.set_grad_enabled(not flex):
+        loss = forward(t[:-1], t[1:], window)
+    if not flex:
+        loss.backward()
 trace_cache.save()
 graphed = None   # whether the graphs ran as CUDA graphs: their tree manager exists only then
 if device == "cuda":
@@ -81,8 +87,8 @@ ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), rea
 
 # On the GPU with CUDA graphs (the trainer's default) and without. torch's precompile, which this cache is, has an
 # open issue for CUDA graphs (pytorch/pytorch#155703), and a fix of August 2026 (#195158) says its load took the
-# graphs' setting from the current config; the H100's load (torch 2.11) died on a bare assert with them on
-# (2026-12-07). The case without them tells whether they are the cause.
+# graphs' setting from the current config. The H100's load (torch 2.11) died on a bare assert in both cases
+# (2026-12-07, late): FlexAttention's module guard, not the graphs (test_a_model_on_flex_attention_loads_its_traces).
 @pytest.mark.parametrize("device, graphs", [("cpu", False), pytest.param("cuda", True, marks=ON_GPU),
                                             pytest.param("cuda", False, marks=ON_GPU)])
 def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_its_own(tmp_path, device, graphs):
@@ -95,8 +101,8 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
     second = compiled_run(cache, device=device, cuda_graphs=graphs)
     assert second["cache"].get("dynamo_cache_hit") == 1
     # it read the model's Python (almost) not at all; the GPU case failed here on an H100 (2026-12-07: a hit, then
-    # 1.40 s of tracing against the first process's 1.09; again that evening, the load having died on a bare
-    # AssertionError, before the warning named where torch raised it)
+    # 1.40 s of tracing against the first process's 1.09; again twice since, the load having died on a bare
+    # AssertionError at package.py:614, with CUDA graphs and without, before trace_cache.loading's tracing context)
     assert second["tracing_s"] < first["tracing_s"] / 4, why_traced(second["stderr"])
     if device == "cuda":   # the loaded graphs replay as CUDA graphs exactly when the traced ones did
         assert (first["graphed"], second["graphed"]) == (graphs, graphs)
@@ -119,24 +125,76 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
         assert again["tracing_s"] < first["tracing_s"] / 4, (switches, why_traced(again["stderr"]))
 
 
-def test_the_load_has_inductors_cuda_graphs_on_only_with_the_cache_and_the_graphs():
-    """The cache's load takes the CUDA-graph switch from inductor's global config, which reduce-overhead leaves off
-    (trainer/trace_cache.py loading): on for the load when both the cache and the graphs are, as it was, after, and
-    after an error. (dynamo's config by its own patch: pytest's monkeypatch deletes a config key on undo.)"""
+def test_a_model_on_flex_attention_loads_its_traces(tmp_path):
+    """FlexAttention's trace keeps a guard on a module (dynamo's ImportSource), which installs itself again when the
+    guards are unpickled and needs a tracing context there; the load at torch.compile has none, so the install
+    failed and torch's retry died on a bare assert (the H100's failure, with CUDA graphs and without: torch 2.11,
+    package.py:614). trace_cache.loading gives the unpickling a context of its own. On the CPU, FlexAttention runs
+    forward only, so this is an inference model; the GPU cases above train."""
+    cache = tmp_path / "cache"
+    first = compiled_run(cache, flex=True)
+    second = compiled_run(cache, flex=True)
+    assert second["cache"].get("dynamo_cache_hit") == 1
+    assert second["cache_on"] and "did not load" not in second["stderr"], why_traced(second["stderr"])
+    # what it still traces is the eager reference's FlexAttention (torch compiles that call for itself)
+    assert second["tracing_s"] < first["tracing_s"] / 4, why_traced(second["stderr"])
+    assert second["loss"] == first["loss"] and abs(second["loss"] - second["eager"]) < 1e-3
+
+
+def test_the_load_has_inductors_cuda_graphs_on_and_its_own_tracing_context_only_with_the_cache():
+    """The cache's load takes the CUDA-graph switch from inductor's global config, which reduce-overhead leaves off,
+    and unpickles guards that need a tracing context (trainer/trace_cache.py loading): the switch on for the load
+    when both the cache and the graphs are, the unpickling in a context when the cache is; both as they were after,
+    also after an error. (dynamo's config by its own patch: pytest's monkeypatch deletes a config key on undo.)"""
     import torch._inductor.config as inductor_config
+    from torch._dynamo import package
+    from torch._guards import TracingContext
 
     from trainer import trace_cache
 
-    before = inductor_config.triton.cudagraphs
+    before, unpickle = inductor_config.triton.cudagraphs, package.load_guards_state
     assert not before   # what a reduce-overhead compile leaves it, and what the load would read
     for cache_on, graphs, inside in [(True, True, True), (True, False, False), (False, True, False)]:
         with torch._dynamo.config.patch(caching_precompile=cache_on), trace_cache.loading(graphs):
             assert inductor_config.triton.cudagraphs is inside, (cache_on, graphs)
-        assert inductor_config.triton.cudagraphs is before
+            assert (package.load_guards_state is not unpickle) is cache_on
+        assert inductor_config.triton.cudagraphs is before and package.load_guards_state is unpickle
+    # the unpickling sees a context (torch's own unpickler, on a pickle whose loading asks for one), none after
+    with torch._dynamo.config.patch(caching_precompile=True), trace_cache.loading(False):
+        assert package.load_guards_state(pickle.dumps(_ContextProbe())).seen
+    assert TracingContext.try_get() is None
     with pytest.raises(RuntimeError, match="load failed"):
         with torch._dynamo.config.patch(caching_precompile=True), trace_cache.loading(True):
             raise RuntimeError("load failed")
     assert inductor_config.triton.cudagraphs is before and not torch._dynamo.config.caching_precompile
+    assert package.load_guards_state is unpickle
+
+
+class _ContextProbe:
+    """Unpickled, it records whether a tracing context was there, as a dynamo guard's source needs one."""
+    def __init__(self):
+        self.seen = None   # some state, or pickle calls no __setstate__
+
+    def __setstate__(self, state):
+        from torch._guards import TracingContext
+        self.seen = TracingContext.get() is not None
+
+
+def test_the_warning_names_the_exception_and_the_one_it_was_raised_while_handling():
+    """torch's load logs a failed install and retries, and the retry dies on a bare assert (the H100's failure):
+    the warning carries both, each with where it was raised."""
+    from trainer import trace_cache
+
+    try:
+        try:
+            raise RuntimeError("TracingContext.get() must be called within an ongoing trace.\nmore")
+        except RuntimeError:
+            raise AssertionError
+    except AssertionError as e:
+        text = trace_cache._described(e)
+    assert re.fullmatch(r"AssertionError:  \(raised at \S+test_trainer_trace_cache\.py:\d+\), while handling "
+                        r"RuntimeError: TracingContext\.get\(\) must be called within an ongoing trace\. "
+                        r"\(raised at \S+test_trainer_trace_cache\.py:\d+\)", text), text
 
 
 def test_a_cache_that_cannot_load_costs_a_warning_and_a_trace_not_the_run(tmp_path):
