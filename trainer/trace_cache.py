@@ -8,7 +8,7 @@ same cache folder (`<TORCHINDUCTOR_CACHE_DIR>/dynamo/`), so it travels with the 
 torch.compile of the model loads it, so that its first call does not trace.
 
     enable()                    # before torch.compile (trainer/cuda_graphs.py compile_model)
-    with loading(cuda_graphs):  # the load, inside torch.compile, with CUDA graphs as the mode asks
+    with loading(cuda_graphs):  # the load, inside torch.compile: its guards' tracing context, CUDA graphs as asked
         forward = grads_aside(torch.compile(model, mode=...), model)
     ...the warm-up compiles every graph...
     save()                      # after it; a failure only warns: the next process traces as before
@@ -148,13 +148,15 @@ def save() -> None:
 
 def _described(e: BaseException) -> str:
     """'Type: the message's first line (raised at torch/_dynamo/x.py:N)', for a one-line warning, then the same of
-    the exception it was raised while handling. The place matters as much as the message: torch's loader fails on
-    bare asserts (an H100 on 2026-12-07: "AssertionError: "), and the one that matters can be the one before,
-    which torch caught and only logged (a failed install, then the retry's assert)."""
+    the exception it came from (`raise ... from`) or was raised while handling. The place matters as much as the
+    message: torch's loader fails on bare asserts (an H100 on 2026-12-07: "AssertionError: "), and the one that
+    matters can be the one before, which torch caught and only logged (a failed install, then the retry's assert)."""
     frames = traceback.extract_tb(e.__traceback__)
     where = f" (raised at {_in_package(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
     text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
-    if e.__context__ is not None and not e.__suppress_context__:
+    if e.__cause__ is not None:
+        text += f", from {_described(e.__cause__)}"
+    elif e.__context__ is not None and not e.__suppress_context__:
         text += f", while handling {_described(e.__context__)}"
     return text
 

@@ -195,6 +195,15 @@ def test_the_warning_names_the_exception_and_the_one_it_was_raised_while_handlin
     assert re.fullmatch(r"AssertionError:  \(raised at \S+test_trainer_trace_cache\.py:\d+\), while handling "
                         r"RuntimeError: TracingContext\.get\(\) must be called within an ongoing trace\. "
                         r"\(raised at \S+test_trainer_trace_cache\.py:\d+\)", text), text
+    try:   # and an exception raised from another names that one
+        try:
+            raise KeyError("guards")
+        except KeyError as inner:
+            raise RuntimeError("install failed") from inner
+    except RuntimeError as e:
+        text = trace_cache._described(e)
+    assert re.fullmatch(r"RuntimeError: install failed \(raised at \S+\.py:\d+\), from KeyError: 'guards' "
+                        r"\(raised at \S+\.py:\d+\)", text), text
 
 
 def test_a_cache_that_cannot_load_costs_a_warning_and_a_trace_not_the_run(tmp_path):
