@@ -47,6 +47,11 @@
 # --variant old:attn_vo_init=0,batch_lr_scales=,muon_qk_pairs=false; call 2 lease_full + lease_recipe y --only
 # ours,old (same variant) --budget-s 500; call 3 the same at --seed-base 1 (the new defaults together, two seeds);
 # with the GPU test passing, `lease_node_probe bench/cache_probe.yaml --set trainer.compile_trace_cache=true` (~6 min).
+# Once the y/z rows are back (here): FineWeb's steps and the 8xH100 time for the new defaults, `bench/projection.py
+# --recipe-json bench/results/recipe-<gpu>-issue22-y.json --run ours --log <its ours launch log> --base-run old
+# --base-steps 1998 --tag issue22-y`. Then the schedule's length (no new graph, two per call): ours reaches the target
+# at ~step 229-234 of 260 and ends 0.07 below it, so `--variant s230:steps=230 --variant s210:steps=210`.
+# 2026-12-07 (night): no device lent all session (paused); nothing ran.
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).
