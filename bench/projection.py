@@ -114,6 +114,17 @@ def project(cfg, steps: int, measured: dict[tuple[int, int], float], ranks: int,
     return sum(r["seconds"] for r in rows), rows
 
 
+def reduced_bytes(cfg) -> int:
+    """Bytes each rank all-reduces a step: every trained parameter's fp32 gradient, once (trainer/distributed.py)."""
+    import torch
+
+    from trainer.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
 def steps_estimates(base_steps: int, run_reach: float | None, base_reach: float | None,
                     record_factors: dict[str, float]) -> dict[str, int]:
     """{estimate: FineWeb steps}: (b) from the yardstick's steps to the target, (a) from the records' ratios."""
@@ -196,7 +207,7 @@ def plan(args) -> dict:
                 run=args.run, base_run=args.base_run, base_json=args.base_json, base_steps=base_steps,
                 run_steps_to_loss=run.get("steps_to_loss"), base_steps_to_loss=base and base.get("steps_to_loss"),
                 record_factors=factors, logs=args.log, ranks=args.ranks, rank_cost_ms=args.rank_cost_ms,
-                rank_cost_measured=False, projections=projections)
+                rank_cost_measured=False, reduced_bytes_per_step=reduced_bytes(cfg), projections=projections)
 
 
 def print_table(result: dict) -> None:
@@ -206,7 +217,8 @@ def print_table(result: dict) -> None:
     t = Table("estimate", "steps", "phase", f"ms/step on one GPU ({result['gpu']})",
               f"ms/step on {result['ranks']} GPUs", "steps in phase", "seconds",
               title=f"projected time to the target on {result['ranks']} GPUs: run {result['run']!r}; "
-                    f"+{result['rank_cost_ms']} ms a step for {result['ranks']} ranks (not measured)")
+                    f"+{result['rank_cost_ms']} ms a step for {result['ranks']} ranks (not measured; each rank "
+                    f"all-reduces {result['reduced_bytes_per_step'] / 1e9:.2f} GB of fp32 gradients a step)")
     for p in result["projections"]:
         for i, ph in enumerate(p["phases"]):
             t.add_row(p["estimate"] if i == 0 else "", str(p["steps"]) if i == 0 else "",

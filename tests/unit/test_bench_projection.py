@@ -100,6 +100,8 @@ def test_cli_reproduces_the_notes_projection_of_the_schedule(tmp_path):
     assert by["yardstick"]["steps"] == 1998 and round(by["yardstick"]["seconds"]) == 118
     assert by["records"]["steps"] == 1441 and round(by["records"]["seconds"]) == 85
     assert out["gpu"] == "NVIDIA H100 80GB HBM3" and out["rank_cost_measured"] is False
+    # today's model at that row's overrides: 420M parameters, the bigram table's 145M of them, in fp32
+    assert 1.6e9 < out["reduced_bytes_per_step"] < 1.8e9
 
 
 def test_cli_refuses_an_unknown_run_and_writes_nothing(tmp_path):
