@@ -51,7 +51,12 @@
 # --recipe-json bench/results/recipe-<gpu>-issue22-y.json --run ours --log <its ours launch log> --base-run old
 # --base-steps 1998 --tag issue22-y`. Then the schedule's length (no new graph, two per call): ours reaches the target
 # at ~step 229-234 of 260 and ends 0.07 below it, so `--variant s230:steps=230 --variant s210:steps=210`.
-# 2026-12-07 (night): no device lent all session (paused); nothing ran.
+# 2026-12-07 (night): no device lent all session (paused); nothing ran. A review against the records' code (bench/NOTES.md)
+# queued, after the schedule's length: the optimizer-only rows first, which trace ours' graph (two per call):
+# `--variant alr:adam_embed_lr=1.04,adam_head_lr=0.0138,adam_scalar_lr=0.069 --variant mlr:muon_lr=0.04,
+# muon_mlp_lr_scales=2,4`; then, each with its own cold compile in call 1's lease_warm: smear=true (its gate now on
+# Adam), window_exact=true, the window stages with yarn=true,attn_scale=0.1, value_embed_gate=true (new input and
+# optimizer), mudd=true,attn_input_layer=8. The GPU test file test_trainer_gpu.py now also runs window_exact.
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 
-from trainer.config_rules import check, layer_set, paired_layers, parse_lr_scales, parse_phases
+from trainer.config_rules import check, layer_set, paired_layers, parse_lr_scales, parse_mlp_lr_scales, parse_phases
 
 
 @dataclass
@@ -32,6 +32,15 @@ class TrainConfig:
     mlp_ratio: int = 4
     logit_softcap: float = 15.0
     num_value_embeds: int = 3                 # value embeddings mixed into the first and last 3 layers
+    # records 63 (untied value embeddings) and 70 (their layout): a table of its own for each of these layers
+    # (comma-separated, layers with attention), in place of num_value_embeds' tables shared by the first and last
+    # layers; the current record's layers 1, 2, 8, 9, 10 of 11 are ours "2,3,9,10,11". Not yet on the yardstick:
+    # "" = record-28's layout
+    value_embed_layers: str = ""
+    # the value-embedding tables' init: N(0, value_embed_init_std), record-28's 1 (torch's default); record-70 on
+    # 0.01 (so that the value starts as the projection's, the embedding's share growing as it trains). Not yet on
+    # the yardstick
+    value_embed_init_std: float = 1.0
     window_min_blocks: int = 1                # sliding window grows from min to max blocks of 128 tokens
     window_max_blocks: int = 14               # (record-28: 128 -> 1792 tokens, see schedules.window_blocks)
     # record-31 (Yarn, 2025-09-10) and the current record's stages: the long window by phases of training,
@@ -43,6 +52,15 @@ class TrainConfig:
     # slowed to keep its angles, one turning 32 times or more is left alone), and the attention scale is multiplied by
     # 1 + 0.2 ln(W' / W) (schedules.yarn_scales). Validation runs with the step's frequencies. Off = fixed frequencies
     yarn: bool = False
+    # record-29 on (FlashAttention-3's window_size): a query sees keys up to window x block_size tokens back, exactly,
+    # where record-28's BlockMask counts whole blocks (query block - key block < window: up to block_size - 1 tokens
+    # fewer; a 1-block window reaches back only to its block's start). One more partial key block per query block
+    # (trainer/attention.py). Not yet on the yardstick: off
+    window_exact: bool = False
+    # the softmax's scale on q . k (QK-normed): record-28's 0.12. Record-31 lowered it to 0.1 with YaRN, whose factor
+    # then raises it at each window change (its README), and the records kept 0.1; the yardstick's window row of
+    # 2026-12-06 (below) ran YaRN from 0.12
+    attn_scale: float = 0.12
     # the long window of the last validation, in blocks (the current record: 20, its extension after training, with
     # no YaRN step for it; its short window stays at the training's, ours is half of this one as always); 0 = the
     # training's last window. Yardstick (one H100, 2026-12-06, the three together with the current stages): 1.029x
@@ -77,16 +95,24 @@ class TrainConfig:
     # "yardstick": bench/recipe.py on one H200, 200 steps, time to record-28's loss against record-28's time, one
     # seed each; with all of them off 0.813 in the same lease, 0.802 twice in an earlier one (bench/NOTES.md)
     smear: bool = False                       # record-34: each embedding plus a gated share of the previous token's
-                                              # (trainer/embeddings.py). Yardstick: 0.815, no gain: off
+                                              # (trainer/embeddings.py). Yardstick (2026-12-04, the gate then
+                                              # trained by Muon at 0.05, record-34's): 0.815, no gain. Its gate now
+                                              # trains as record-52 on: Adam at 0.008 x 0.01 (record-52's README: a
+                                              # Muon-trained gate was noisy at schedule transitions). Off until the
+                                              # yardstick has that form
+    adam_smear_gate_lr: float = 0.008 * 0.01
     bigram_embed: bool = True                 # record-62: a hashed (previous token, token) embedding added to the first
     bigram_rows: int = 50304 * 15             # bigram_dim dims of every block's input, times a per-layer weight (init
     bigram_dim: int = 192                     # 0.05); rows, dim and the sign trick's 8192 sign rows: record-83's.
     bigram_sign_rows: int = 8192              # Yardstick: 0.775 (loss lower at every point, +10 ms/step): on
-    value_embed_gate: bool = False            # record-55: each head's value embedding times 2*sigmoid(w . x[:12]),
-                                              # in place of its lambda (w per layer, trained by Muon)
-                                              # Yardstick, with skip_gate: 0.825, +9 ms/step, same final loss: off
+    # record-55: each head's value embedding times 2*sigmoid(w . g), in place of its lambda, w per layer; g as
+    # record-70 on: the first 6 dims of the attention's normed input and the first 6 of the value embedding, and w
+    # trained by Adam at adam_gate_lr, betas (0.9, 0.99) (record-89). Yardstick (2026-12-04, with skip_gate, in
+    # record-55's form then: g = x[:12], w trained by Muon): 0.825, +9 ms/step, same final loss: off
+    value_embed_gate: bool = False
+    adam_gate_lr: float = 0.008
     skip_gate: bool = False                   # record-55: each U-net skip times 2*sigmoid(w . x0[:12]), one w, trained
-    adam_skip_gate_lr: float = 0.008 * 0.05   # by Adam at the record's 0.05x of the base lr 0.008
+    adam_skip_gate_lr: float = 0.008 * 0.05   # by Adam at the record's 0.05x of the base lr 0.008, betas (0.9, 0.99)
     logit_rescale: bool = False               # record-54: logits 23*sigmoid((z+5)/7.5) for record-28's 30*sigmoid(z/7.5),
                                               # i.e. 11.5*tanh((z+5)/15) for 15*tanh(z/15) up to a constant the
                                               # softmax ignores (softcap_form below; the fused loss kernel takes it).
@@ -122,9 +148,11 @@ class TrainConfig:
     backout_init: float = 0.5
     # record-82 (XSAGatedLayers, 2026-04-29): in every attention layer without paired heads, each head's output loses
     # tanh(alpha) of its component along the token's own value (arXiv:2603.09078), alpha per layer and head, zero
-    # at start, trained with the scalars (Adam, no weight decay; the record's betas are (0.9, 0.95)). The record: 30
-    # fewer steps of 1440 for +0.9 s (0.68 s net of 85.9). Not yet on the yardstick: off
+    # at start, trained by Adam as the record's: at adam_xsa_lr (its base lr 0.008, where our scalars' is 0.04), betas
+    # (0.9, 0.95), no weight decay. The record: 30 fewer steps of 1440 for +0.9 s (0.68 s net of 85.9). Not yet on
+    # the yardstick: off
     xsa: bool = False
+    adam_xsa_lr: float = 0.008
     # record-89's learned residual scales ("exponential decay of the residual stream", records 45 and 73-74): every
     # sublayer adds as x = r * x + p * f(x), r learned from sqrt(1.1) (the stream grows 1.1x a layer, so each
     # earlier layer's share of it decays) and p from 1, per layer and sublayer, trained by Adam in two groups of
@@ -253,6 +281,11 @@ class TrainConfig:
                                               # Yardstick: 0.798 alone, 0.758 with bigram_embed (bigram alone
                                               # 0.775); ms/step unchanged: on
     muon_polynomial: str = "newton_schulz"    # newton_schulz (record-28) | polar_express (later records)
+    # record-48 on: Muon's lr times 2 for the MLP's c_fc and 4 for its c_proj, the attention's matrices at 1 (the
+    # current record: 0.023 x 1.73 in its last stage, i.e. ~0.04, 0.08 and 0.16 per matrix where ours runs 0.05 for
+    # all). "C_FC,C_PROJ" multipliers, "" = record-28's 1 and 1. Not yet on the yardstick: with it, muon_lr=0.04 is the
+    # record's own lrs
+    muon_mlp_lr_scales: str = ""
     # record-28: one Adam lr 0.008 times a per-parameter multiplier: 75 for the embeddings, 1 for the head, 5 for
     # the scalar gains
     adam_embed_lr: float = 0.6
@@ -320,6 +353,15 @@ class TrainConfig:
         """attn_skip_layers as a set of layer indices; ValueError on anything but layers of this model."""
         return layer_set(self, "attn_skip_layers")
 
+    def value_embed_layer_set(self) -> frozenset[int]:
+        """value_embed_layers as a set; ValueError unless each is a layer of this model with attention."""
+        layers = layer_set(self, "value_embed_layers")
+        no_attention = sorted(layers & self.skipped_attention_layers())
+        if no_attention:
+            raise ValueError(f"value_embed_layers: layer {no_attention[0]} has no attention (attn_skip_layers), so no "
+                             "values to add a value embedding to; list layers with attention")
+        return layers
+
     def skipped_mlp_layers(self) -> frozenset[int]:
         """mlp_skip_layers as a set of layer indices; ValueError on anything but layers of this model."""
         return layer_set(self, "mlp_skip_layers")
@@ -344,6 +386,10 @@ class TrainConfig:
         """doc_len_schedule as ((END, TOKENS), ...), () when off; ValueError naming the key on anything else."""
         return parse_phases("doc_len_schedule", str(self.doc_len_schedule), "TOKENS", 2, 1 << 30, 1,
                             "'1/3:896,1:2048' (steps below END x steps cut each document after TOKENS tokens)")
+
+    def mlp_lr_scales(self) -> tuple[float, float] | None:
+        """muon_mlp_lr_scales as (c_fc, c_proj) multipliers of Muon's lr, None when unset; ValueError otherwise."""
+        return parse_mlp_lr_scales(str(self.muon_mlp_lr_scales))
 
     def phase_lr_scales(self) -> tuple[float, ...]:
         """batch_lr_scales as floats divided by the last one; () when unset. ValueError unless it has one positive

@@ -19,7 +19,8 @@ def check(cfg: TrainConfig) -> None:
     """Raise ValueError('key: problem') on the first bad value (TrainConfig.validate)."""
     positive = ["val_tokens", "seq_len", "grad_accum_total", "val_seq_len", "vocab_size", "num_layers",
                 "model_dim", "num_heads", "head_dim", "mlp_ratio", "block_size", "steps", "val_every",
-                "window_min_blocks", "window_max_blocks", "stop_check_every", "log_every"]
+                "window_min_blocks", "window_max_blocks", "stop_check_every", "log_every", "attn_scale",
+                "adam_smear_gate_lr", "adam_gate_lr", "adam_xsa_lr", "value_embed_init_std"]
     for k in positive:
         if getattr(cfg, k) <= 0:
             raise ValueError(f"{k}: must be > 0 (got {getattr(cfg, k)})")
@@ -93,6 +94,8 @@ def check(cfg: TrainConfig) -> None:
     if cfg.batch_lr_exponent < 0:
         raise ValueError(f"batch_lr_exponent: must be >= 0 (got {cfg.batch_lr_exponent})")
     cfg.phase_lr_scales()
+    cfg.mlp_lr_scales()
+    cfg.value_embed_layer_set()
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device: must be auto, cuda or cpu (got {cfg.device!r})")
 
@@ -182,6 +185,20 @@ def attention_layout(cfg: TrainConfig) -> list[str | None]:
 
 
 @lru_cache(maxsize=16)
+def parse_mlp_lr_scales(text: str) -> tuple[float, float] | None:
+    """muon_mlp_lr_scales as (c_fc's, c_proj's) Muon lr multipliers, None when unset (TrainConfig.mlp_lr_scales)."""
+    if not text.strip():
+        return None
+    try:
+        scales = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        scales = ()
+    if len(scales) != 2 or min(scales) <= 0:
+        raise ValueError(f"muon_mlp_lr_scales: must be two positive numbers, c_fc's and c_proj's multipliers of "
+                         f"muon_lr, e.g. '2,4' (the records since 48); or '' for 1 and 1 (got {text!r})")
+    return scales
+
+
 def parse_lr_scales(text: str, phases: int) -> tuple[float, ...]:
     """batch_lr_scales for a schedule of this many phases (TrainConfig.phase_lr_scales). Cached, as parse_phases:
     the trainer asks for the step's lr every step."""

@@ -38,7 +38,6 @@ except ImportError:   # a CPU-only torch without triton: the fused head + loss o
     head_loss = None
 
 EVAL_SLICE = {"cuda": 32768, "cpu": 1024}   # tokens per slice of the lm-head + loss under no_grad
-ATTN_SCALE = 0.12   # with QK-norm, a fixed scale a bit above 1/sqrt(128) trains faster (record value)
 
 
 def future_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -119,9 +118,13 @@ def exclude_own_value(y: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, prep_kernel: str = "torch",
                  rotary: Rotary | None = None, gate_dims: int = 0, value_gate_dims: int = 0,
-                 key_offset: bool = False, paired: bool = False, xsa: bool = False):
+                 key_offset: bool = False, paired: bool = False, xsa: bool = False, scale: float = 0.12,
+                 exact_window: bool = False):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
+        # the softmax's scale: with QK-norm a fixed one, record-28's 0.12 a bit above 1/sqrt(128) (cfg.attn_scale)
+        self.scale = scale
+        self.exact_window = exact_window   # the window counted in tokens, not blocks (cfg.window_exact)
         self.key_offset = key_offset
         # record-82's learnable XSA strength, one per head, zero at start (tanh(0) = 0: off until trained)
         self.xsa_alpha = nn.Parameter(torch.zeros(num_heads)) if xsa else None
@@ -134,8 +137,9 @@ class Attention(nn.Module):
         # start (every head at 0.5), so a head can learn to switch itself off for tokens where it only adds noise
         self.gate_dims = gate_dims
         self.gate = CastedLinear(gate_dims, num_heads, zero_init=True) if gate_dims else None
-        # record-55's value-embedding gate: the value embedding enters each head times 2*sigmoid(w . x[:dims]) (1 at
-        # the zero init) in place of its lambda; only layers that get a value embedding have one
+        # record-55's value-embedding gate: the value embedding enters each head times 2*sigmoid(w . g) (1 at the zero
+        # init) in place of its lambda, g the first dims/2 dims of x and of the value embedding (record-70's input);
+        # only layers that get a value embedding have one
         self.value_gate_dims = value_gate_dims
         self.value_gate = CastedLinear(value_gate_dims, num_heads, zero_init=True) if value_gate_dims else None
         hdim = num_heads * head_dim
@@ -179,7 +183,8 @@ class Attention(nn.Module):
         qkv = qkv.view(B, S, 3, H, self.head_dim)
         lambdas = self.lambdas
         if self.value_gate is not None and ve is not None:   # the gate takes the place of lambdas[1]
-            gate = 2 * torch.sigmoid(self.value_gate(x[..., :self.value_gate_dims]))   # (B, T, H)
+            half = self.value_gate_dims // 2
+            gate = 2 * torch.sigmoid(self.value_gate(torch.cat([x[..., :half], ve[..., :half].to(x.dtype)], -1)))
             ve = gate[..., None] * ve.view(B, T, self.num_heads, self.head_dim)
             lambdas = torch.cat([self.lambdas[:1], self.lambdas.new_ones(1)])
         if extra_v is not None:   # one tensor beside v: the value embedding, weighted, plus extra_v, at weight 1
@@ -197,9 +202,9 @@ class Attention(nn.Module):
         if self.key_offset:
             k = offset_stationary_keys(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, ATTN_SCALE)
+        y = attn_impl.attend(q, k, v, mask, docs, window_blocks, block_size, self.scale, self.exact_window)
         if dc is not None:   # never paired (config): (B, H, T, D) as the attention's
-            y = y + dc_attention.correction(q, k, v, dc, docs, ATTN_SCALE)
+            y = y + dc_attention.correction(q, k, v, dc, docs, self.scale)
         y = y.transpose(1, 2)
         y = y.reshape(B, T, self.num_heads, self.head_dim)   # paired: (B, 2T, H/2, D) read as (B, T, H, D)
         if self.xsa_alpha is not None:   # never paired: there a token's value is not one head's (B, T, H, D)
@@ -210,13 +215,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: int, kernel: str = "torch"):
+    def __init__(self, dim: int, ratio: int, kernel: str = "torch", lr_scales: tuple[float, float] | None = None):
         super().__init__()
         self.c_fc = CastedLinear(dim, ratio * dim)
         self.c_proj = CastedLinear(ratio * dim, dim, zero_init=True)
         # Muon scales a matrix's lr by sqrt(max(1, rows/cols)); record-28 stores c_fc as (dim, 4*dim), which gives
         # 1, where our (4*dim, dim) layout would give 2
         self.c_fc.weight.muon_lr_scale = 1.0
+        if lr_scales is not None:   # muon_mlp_lr_scales: the later records' own multipliers for the two
+            self.c_fc.weight.muon_lr_scale, self.c_proj.weight.muon_lr_scale = lr_scales
         self.fused = None
         self.fp8 = "none"   # set by the trainer where the GPU has FP8 tensor cores (mlp_relu2's modes)
         if kernel == "triton":   # relu^2 inside the matmuls' epilogues (imported here: triton only when asked for)
@@ -239,8 +246,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.attn_prep, rotary,
                               cfg.attn_gate_dims if cfg.attn_gate else 0,
                               cfg.attn_gate_dims if value_gate else 0, key_offset, paired,
-                              xsa=cfg.xsa and not paired) if attention else None
-        self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel) if mlp else None
+                              xsa=cfg.xsa and not paired, scale=cfg.attn_scale,
+                              exact_window=cfg.window_exact) if attention else None
+        self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel, cfg.mlp_lr_scales()) if mlp else None
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
         # residual_scales (record-89): per sublayer (attention, MLP) x = resid * x + post * f(x), each in its Adam group
         self.resid_scales = nn.Parameter(torch.full((2,), RESID_SCALE_INIT)) if cfg.residual_scales else None
@@ -281,7 +289,11 @@ class GPT(nn.Module):
         self.smear = Smear(cfg.attn_gate_dims) if cfg.smear else None
         self.bigram = BigramHash(cfg.bigram_rows, cfg.bigram_dim, cfg.bigram_sign_rows) if cfg.bigram_embed else None
         self.bigram_lambdas = nn.Parameter(torch.full((L,), 0.05)) if cfg.bigram_embed else None   # record-83's init
-        self.value_embeds = nn.ModuleList(nn.Embedding(V, hdim) for _ in range(cfg.num_value_embeds))
+        own_tables = sorted(cfg.value_embed_layer_set())   # records 63 and 70: a table per listed layer
+        self.value_embeds = nn.ModuleList(nn.Embedding(V, hdim) for _ in own_tables or range(cfg.num_value_embeds))
+        if cfg.value_embed_init_std != 1.0:   # nn.Embedding draws N(0, 1): record-28's; only other stds draw again
+            for ve in self.value_embeds:
+                nn.init.normal_(ve.weight, std=cfg.value_embed_init_std)
         # with the attn_prep kernel, one Rotary for all layers: the compiled graph then computes each micro-batch's
         # cos/sin tables once (common-subexpression elimination needs the same buffer), not once per layer (H200:
         # 0.07 against 0.92 ms/step). The torch path keeps one per layer: shared tables made inductor's q/k
@@ -289,12 +301,15 @@ class GPT(nn.Module):
         # angles inside them.
         rotary = Rotary(cfg.head_dim) if cfg.attn_prep == "triton" else None
         self.layout = attention_layout(cfg)
-        # value embedding i feeds layer i and layer L-n+i (early and late layers), none in the middle
+        # value embedding i feeds layer i and layer L-n+i (early and late layers), none in the middle; or with
+        # value_embed_layers, the i-th listed layer alone
         self.ve_of_layer: list[int | None] = [None] * L
         n = cfg.num_value_embeds
-        for i in range(min(n, L)):
+        for i in range(0 if own_tables else min(n, L)):
             self.ve_of_layer[i] = i
             self.ve_of_layer[L - n + i] = i
+        for table, layer in enumerate(own_tables):
+            self.ve_of_layer[layer] = table
         no_mlp = cfg.skipped_mlp_layers()
         self.blocks = nn.ModuleList(
             Block(cfg, rotary, attention=kind is not None, mlp=i not in no_mlp,
@@ -375,7 +390,8 @@ class GPT(nn.Module):
         if "paired" in self.layout:
             kinds["paired"] = (docs.repeat_interleave(2), short)
         if self.attention == "flex":
-            kinds = {k: (d, w, attn_impl.flex_block_mask(d, w, cfg.block_size)) for k, (d, w) in kinds.items()}
+            kinds = {k: (d, w, attn_impl.flex_block_mask(d, w, cfg.block_size, cfg.window_exact))
+                     for k, (d, w) in kinds.items()}
         else:   # dense (the CPU): the window stays a tensor; int() of it broke a compiled model's graph in two
             kinds = {k: (d, w, None) for k, (d, w) in kinds.items()}
         dc_mask = None

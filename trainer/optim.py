@@ -179,32 +179,37 @@ def join_blocks(parts: list[torch.Tensor], blocks: tuple[int, int] | None) -> to
 
 def split_parameters(model) -> dict[str, list]:
     """Hidden matrices go to Muon; embeddings, the head and scalar gains go to Adam. The later records' parts go
-    where their records put them: the smear gate with Muon, the bigram table with the embeddings, the skip gate in
-    an Adam group of its own, as are MUDD's nets and the composition weights' net (dc_layer); the smear's and the
-    bigram's weights (vectors) go with the scalars. With the head tied to the embedding (tie_head_until), the token
-    embedding goes with the head: records 51 and 53 train the tied table and, after the untie, the embedding at the
-    head's lr."""
+    where the current record puts them: the bigram table with the embeddings; the smear gate, the value-embedding
+    gates, the skip gate, XSA's strengths, MUDD's nets and the composition weights' net (dc_layer) each in an Adam
+    group of their own (record-34 trained the smear gate and record-55 the value gates with Muon; records 52 and 70
+    moved them); the smear's and the bigram's weights (vectors) go with the scalars. With the head tied to the
+    embedding (tie_head_until), the token embedding goes with the head: records 51 and 53 train the tied table and,
+    after the untie, the embedding at the head's lr."""
     tied = model.cfg.tie_head_until > 0
     embed = ([] if tied else [model.embed.weight]) + [ve.weight for ve in model.value_embeds]
     if getattr(model, "bigram", None) is not None:
         embed.append(model.bigram.table.weight)   # record-62/83: the bigram table at the embeddings' 75x Adam lr
     head = [model.lm_head.weight] + ([model.embed.weight] if tied else [])
-    hidden = [p for b in model.blocks for n, p in b.named_parameters() if p.ndim >= 2]
-    if getattr(model, "smear", None) is not None:
-        hidden.append(model.smear.gate)   # record-34 trains the smear gate with Muon
+    attns = [b.attn for b in model.blocks if b.attn is not None]
+    gates = [a.value_gate.weight for a in attns if a.value_gate is not None]   # record-70 on: Adam
+    xsa = [a.xsa_alpha for a in attns if a.xsa_alpha is not None]   # record-82: Adam at its base lr
+    smear_gate = [model.smear.gate] if getattr(model, "smear", None) is not None else []   # record-52 on: Adam
+    apart = {id(p) for p in gates}
+    hidden = [p for b in model.blocks for n, p in b.named_parameters() if p.ndim >= 2 and id(p) not in apart]
     skip_gate = [model.skip_gate.weight] if getattr(model, "skip_gate", None) is not None else []   # record-55: Adam
     mudd = list(model.mudd.parameters()) if getattr(model, "mudd", None) is not None else []   # record-81: Adam
     dc = list(model.dc_gate.parameters()) if getattr(model, "dc_gate", None) is not None else []   # record-85: Adam
     resid = [b.resid_scales for b in model.blocks if b.resid_scales is not None]   # record-89: groups of their own
     post = [b.post_scales for b in model.blocks if b.post_scales is not None]
-    own = {id(p) for p in dc + resid + post}
+    own = {id(p) for p in dc + resid + post + xsa}
     scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in own]
-    seen = {id(p) for p in embed + head + hidden + scalars + skip_gate + mudd + dc + resid + post}
+    parts = {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars, "skip_gate": skip_gate,
+             "smear_gate": smear_gate, "gates": gates, "xsa": xsa, "mudd": mudd, "dc": dc, "resid": resid, "post": post}
+    seen = [id(p) for group in parts.values() for p in group]
     missing = [n for n, p in model.named_parameters() if id(p) not in seen]
-    if missing:
-        raise RuntimeError(f"parameters with no optimizer: {missing}")
-    return {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars, "skip_gate": skip_gate, "mudd": mudd,
-            "dc": dc, "resid": resid, "post": post}
+    if missing or len(seen) != len(set(seen)):
+        raise RuntimeError(f"parameters with no optimizer or two: {missing or 'one in two groups'}")
+    return parts
 
 
 def copy_adam_state(adam: torch.optim.Adam, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -274,8 +279,12 @@ def adam_groups(model, cfg, parts: dict) -> list[dict]:
 def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
     parts = split_parameters(model)
     groups = adam_groups(model, cfg, parts)
-    if parts["skip_gate"]:
-        groups.append(dict(params=parts["skip_gate"], lr=cfg.adam_skip_gate_lr))
+    # the gates at the current record's betas (0.9, 0.99), XSA's strengths at record-82's (0.9, 0.95)
+    for name, lr, betas in (("skip_gate", cfg.adam_skip_gate_lr, (0.9, 0.99)),
+                            ("smear_gate", cfg.adam_smear_gate_lr, (0.9, 0.99)),
+                            ("gates", cfg.adam_gate_lr, (0.9, 0.99)), ("xsa", cfg.adam_xsa_lr, (0.9, 0.95))):
+        if parts[name]:
+            groups.append(dict(params=parts[name], lr=lr, betas=betas))
     if parts["mudd"]:   # the record's own betas for its MUDD nets
         groups.append(dict(params=parts["mudd"], lr=cfg.adam_mudd_lr, betas=(0.9, 0.99)))
     if parts["dc"]:   # record-85's gate net, at the record's betas too

@@ -26,8 +26,9 @@ def packed(T, n_docs, seed):
     return t.cuda()
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("window_blocks", [1, 5, 14])
-def test_compiled_flex_attention_matches_dense_reference(window_blocks):
+def test_compiled_flex_attention_matches_dense_reference(window_blocks, exact):
     from torch.nn.attention.flex_attention import flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
@@ -35,9 +36,10 @@ def test_compiled_flex_attention_matches_dense_reference(window_blocks):
     docs = document_ids(packed(T, 7, window_blocks))
     torch.manual_seed(window_blocks)
     q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    out = flex(q, k, v, block_mask=flex_block_mask(docs, torch.tensor(window_blocks, device="cuda"), bs), scale=0.12)
+    mask = flex_block_mask(docs, torch.tensor(window_blocks, device="cuda"), bs, exact)
+    out = flex(q, k, v, block_mask=mask, scale=0.12)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = dense_attention(*ref_in, docs, window_blocks, bs, 0.12)
+    ref = dense_attention(*ref_in, docs, window_blocks, bs, 0.12, exact)
     assert rel(out, ref) < 1e-2
     g = torch.randn_like(out)
     out.backward(g)

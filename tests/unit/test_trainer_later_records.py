@@ -136,13 +136,22 @@ def test_smear_keeps_the_model_causal():
     assert torch.equal(a[:299], b[:299]) and not torch.equal(a[299:], b[299:])
 
 
-def test_smear_gate_is_trained_by_muon_and_its_lambda_by_adam_with_the_scalars():
-    from trainer.optim import split_parameters
+def adam_group_of(adam, param) -> dict:
+    return next(g for g in adam.param_groups if any(p is param for p in g["params"]))
 
-    model = randomised_model(tiny_config(smear=True))
+
+def test_smear_gate_is_trained_by_adam_at_a_hundredth_of_the_base_lr_and_its_lambda_with_the_scalars():
+    from trainer.optim import build_optimizers, split_parameters
+
+    cfg = tiny_config(smear=True)
+    model = randomised_model(cfg)
     parts = split_parameters(model)
-    assert any(p is model.smear.gate for p in parts["hidden"])
+    assert not any(p is model.smear.gate for p in parts["hidden"])   # record-52 moved it off Muon
     assert any(p is model.smear.lam for p in parts["scalars"])
+    adam, _ = build_optimizers(model, cfg)
+    group = adam_group_of(adam, model.smear.gate)
+    assert group["lr"] == cfg.adam_smear_gate_lr == 0.008 * 0.01 and group["betas"] == (0.9, 0.99)
+    assert [p for p in group["params"]] == [model.smear.gate]
 
 
 # ----------------------------------------------------------------------- bigram hash embedding (record-62/83)
@@ -248,21 +257,28 @@ def test_value_gate_scales_each_heads_value_embedding_by_twice_the_sigmoid_of_it
     attn.value_gate = None
     with torch.no_grad():
         attn.lambdas[1] = 1.0   # the gate replaces the value embedding's lambda
-    scaled = (2 * torch.sigmoid(x[..., :12] @ w.t()))[..., None] * ve.view(1, 256, 2, 32)
+    # record-70's input: the first 6 dims of the attention's input and the first 6 of the value embedding
+    scaled = (2 * torch.sigmoid(torch.cat([x[..., :6], ve[..., :6]], -1) @ w.t()))[..., None] * ve.view(1, 256, 2, 32)
     assert torch.allclose(gated, attn(x, scaled.view(1, 256, 64), docs, 2, 128, None), atol=1e-6)
 
 
-def test_value_gates_sit_on_the_layers_with_value_embeddings_and_train_with_muon():
-    from trainer.optim import split_parameters
+def test_value_gates_sit_on_the_layers_with_value_embeddings_and_train_by_adam():
+    from trainer.optim import build_optimizers, split_parameters
 
-    model = randomised_model(tiny_config(num_layers=4, num_value_embeds=1, value_embed_gate=True))
+    cfg = tiny_config(num_layers=4, num_value_embeds=1, value_embed_gate=True, skip_gate=True)
+    model = randomised_model(cfg)
     assert [b.attn.value_gate is not None for b in model.blocks] == [True, False, False, True]
     t = tokens()
     model(t[:-1], t[1:], torch.tensor(2)).backward()
     hidden = split_parameters(model)["hidden"]
+    adam, _ = build_optimizers(model, cfg)
     for i in (0, 3):
         gate = model.blocks[i].attn.value_gate.weight
-        assert gate.shape == (2, 12) and gate.grad.abs().sum() > 0 and any(p is gate for p in hidden)
+        assert gate.shape == (2, 12) and gate.grad.abs().sum() > 0 and not any(p is gate for p in hidden)
+        group = adam_group_of(adam, gate)   # record-70 on: Adam at the base lr, the current record's betas
+        assert group["lr"] == cfg.adam_gate_lr == 0.008 and group["betas"] == (0.9, 0.99)
+    skip = adam_group_of(adam, model.skip_gate.weight)
+    assert skip["lr"] == cfg.adam_skip_gate_lr and skip["betas"] == (0.9, 0.99)
 
 
 def test_skip_gate_starts_as_a_no_op_and_scales_the_skip_by_twice_the_sigmoid_of_x0():

@@ -1,6 +1,7 @@
 """The GPT's forward pass: start point, causality, document isolation; the schedules; the CLI's config."""
 import json
 import math
+import re
 
 import pytest
 
@@ -121,3 +122,66 @@ def test_the_compiled_forward_computes_the_rotary_tables_once_for_the_kernel(pre
     torch.compile(model, backend=backend, fullgraph=True)(tokens, tokens, torch.tensor(2)).backward()
     forward = graphs[0].graph
     assert sum(n.target is torch.ops.aten.cos.default for n in forward.nodes) == tables
+
+
+def test_every_attention_layer_scales_its_softmax_by_attn_scale(monkeypatch):
+    """record-28's 0.12 by default; record-31 runs YaRN from 0.1 (attn_scale), the composition correction too."""
+    from trainer import attention as attn_impl
+
+    seen = []
+    real = attn_impl.attend
+    monkeypatch.setattr(attn_impl, "attend", lambda *a: seen.append(a[-1]) or real(*a))
+    t = torch.randint(0, BOS, (257,), generator=torch.Generator().manual_seed(0))
+    t[0] = BOS
+    losses = []
+    for cfg in (tiny_config(), tiny_config(attn_scale=0.1)):
+        seen.clear()
+        model = randomised_model(cfg)
+        losses.append(model(t[:-1], t[1:], torch.tensor(2)))
+        layers = sum(b.attn is not None for b in model.blocks)
+        assert seen == [cfg.attn_scale] * layers
+    assert not torch.equal(*losses)
+    with pytest.raises(ValueError, match="^attn_scale: must be > 0"):
+        tiny_config(attn_scale=0.0)
+
+
+def test_value_embed_layers_give_each_listed_layer_a_table_of_its_own_at_its_init_std():
+    """records 63 and 70: one table per layer, at the layers listed, drawn N(0, value_embed_init_std)."""
+    model = GPT(tiny_config(num_layers=6, value_embed_layers="1,2,5", value_embed_init_std=0.01))
+    assert model.ve_of_layer == [None, 0, 1, None, None, 2] and len(model.value_embeds) == 3
+    for ve in model.value_embeds:
+        assert 0.008 < ve.weight.std().item() < 0.012
+    default = GPT(tiny_config(num_layers=6, num_value_embeds=2))
+    assert default.ve_of_layer == [0, 1, None, None, 0, 1] and default.value_embeds[0].weight.std().item() > 0.9
+    t = torch.randint(0, BOS, (257,), generator=torch.Generator().manual_seed(0))
+    t[0] = BOS
+    model = randomised_model(tiny_config(num_layers=6, value_embed_layers="1,2,5", value_embed_init_std=0.01))
+    model(t[:-1], t[1:], torch.tensor(2)).backward()
+    assert all(ve.weight.grad.abs().sum() > 0 for ve in model.value_embeds)
+    assert {id(ve.weight) for ve in model.value_embeds} <= {id(p) for p in split_parameters(model)["embed"]}
+
+
+@pytest.mark.parametrize("layers, words", [("1,9", "layer 9 does not exist in a 6-layer model"),
+                                           ("1,3", "layer 3 has no attention (attn_skip_layers)")])
+def test_value_embed_layers_outside_the_model_or_without_attention_are_refused(layers, words):
+    with pytest.raises(ValueError, match=rf"^value_embed_layers: {re.escape(words)}"):
+        tiny_config(num_layers=6, attn_skip_layers="3", value_embed_layers=layers)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_window_exact_reaches_both_attention_paths():
+    """record-29's token-counted window: the dense (CPU) path and FlexAttention's block mask agree, and differ from
+    record-28's block-counted one where a window ends inside a block."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    t = torch.randint(0, BOS, (513,), generator=torch.Generator().manual_seed(1))
+    t[0] = BOS
+    losses = {}
+    for exact in (False, True):
+        model = randomised_model(tiny_config(window_exact=exact, num_layers=3))
+        for attention in ("dense", "flex"):
+            model.attention = attention
+            with torch.no_grad():
+                losses[exact, attention] = model(t[:-1], t[1:], torch.tensor(1))
+    torch.testing.assert_close(losses[True, "dense"], losses[True, "flex"])
+    torch.testing.assert_close(losses[False, "dense"], losses[False, "flex"])
+    assert losses[True, "dense"] != losses[False, "dense"]

@@ -3,6 +3,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from trainer.fixtures import tiny_config  # noqa: E402
 from trainer.optim import NEWTON_SCHULZ, POLAR_EXPRESS, Muon, orthogonalize  # noqa: E402
 
 
@@ -71,7 +72,6 @@ def test_muon_scales_tall_matrices_by_aspect_ratio():
 
 def test_a_matrix_own_lr_scale_replaces_the_aspect_rule():
     """record-28 lays out c_fc as (dim, 4*dim), so its lr is not doubled: our (4*dim, dim) c_fc carries 1.0."""
-    from trainer.fixtures import tiny_config
     from trainer.model import GPT
 
     torch.manual_seed(5)
@@ -84,3 +84,30 @@ def test_a_matrix_own_lr_scale_replaces_the_aspect_rule():
     model = GPT(tiny_config())
     assert all(b.mlp.c_fc.weight.muon_lr_scale == 1.0 for b in model.blocks)
     assert not hasattr(model.blocks[0].mlp.c_proj.weight, "muon_lr_scale")   # (dim, 4*dim): the rule gives 1
+
+
+def test_the_records_mlp_lr_multipliers_scale_c_fc_and_c_proj_steps_and_leave_attention_alone():
+    from trainer.model import GPT
+
+    torch.manual_seed(0)
+    plain, scaled = GPT(tiny_config()), GPT(tiny_config(muon_mlp_lr_scales="2,4"))
+    scaled.load_state_dict(plain.state_dict())
+    b = scaled.blocks[0]
+    assert (b.mlp.c_fc.weight.muon_lr_scale, b.mlp.c_proj.weight.muon_lr_scale) == (2.0, 4.0)
+    steps = []
+    for model in (plain, scaled):
+        block = model.blocks[0]
+        for p in (block.mlp.c_fc.weight, block.mlp.c_proj.weight, block.attn.qkv_w):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+        params = [block.mlp.c_fc.weight, block.mlp.c_proj.weight, block.attn.qkv_w]
+        before = [p.detach().clone() for p in params]
+        Muon(params, lr=0.01, momentum=0.0, nesterov=False).step()
+        steps.append([p.detach() - q for p, q in zip(params, before)])
+    for (a, b_), k in zip(zip(*steps), (2.0, 4.0, 1.0)):
+        torch.testing.assert_close(b_, k * a)
+
+
+@pytest.mark.parametrize("text", ["2", "2,4,8", "2,-1", "two,4"])
+def test_mlp_lr_multipliers_other_than_two_positive_numbers_are_refused_by_name(text):
+    with pytest.raises(ValueError, match="^muon_mlp_lr_scales: must be two positive numbers"):
+        tiny_config(muon_mlp_lr_scales=text)

@@ -22,13 +22,18 @@ def test_full_strength_leaves_each_head_orthogonal_to_its_own_value_and_zero_cha
     assert torch.equal(half[:, :, 0], y[:, :, 0]) and torch.equal(half[:, :, 2], y[:, :, 2])
 
 
-def test_every_layer_but_the_paired_ones_gets_a_per_head_strength_trained_with_the_scalars():
+def test_every_layer_but_the_paired_ones_gets_a_per_head_strength_trained_by_adam_at_the_records_lr():
     cfg = tiny_config(num_layers=4, paired_head_layers="1", xsa=True)
     model = randomised_model(cfg)
     has = [b.attn.xsa_alpha is not None for b in model.blocks]
     assert has == [True, False, True, True]
-    scalars = {id(p) for p in split_parameters(model)["scalars"]}
-    assert all(id(b.attn.xsa_alpha) in scalars for b in model.blocks if b.attn.xsa_alpha is not None)
+    alphas = [b.attn.xsa_alpha for b in model.blocks if b.attn.xsa_alpha is not None]
+    parts = split_parameters(model)
+    assert [id(p) for p in parts["xsa"]] == [id(p) for p in alphas]
+    assert not {id(p) for p in parts["scalars"]} & {id(p) for p in alphas}
+    adam, _ = build_optimizers(model, cfg)
+    group = next(g for g in adam.param_groups if any(p is alphas[0] for p in g["params"]))
+    assert group["lr"] == cfg.adam_xsa_lr == 0.008 and group["betas"] == (0.9, 0.95) and len(group["params"]) == 3
     assert all(b.attn.xsa_alpha.shape == (cfg.num_heads,) for b in model.blocks if b.attn.xsa_alpha is not None)
 
 
