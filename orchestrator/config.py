@@ -61,7 +61,9 @@ class OfflineSpec(Strict):
     (`speedrun prefetch JOB`) and restored on nodes that have no internet."""
 
     hf_kernels: list[str] = Field(default_factory=list,
-                                  description="Hugging Face hub repos the script loads with kernels.get_kernel")
+                                  description="Hugging Face hub repos the script loads with kernels.get_kernel: "
+                                  "owner/name (its main revision) or owner/name@REV (a branch or tag: @v1 for "
+                                  "get_kernel(..., version=1))")
     hf_variants: list[str] = Field(default_factory=list, description="only these build/<variant>/ folders of the hub "
                                    "repos (the nodes' torch/CUDA, e.g. torch211-cxx11-cu130-x86_64-linux); empty: all")
     tiktoken: list[str] = Field(default_factory=list, description="tiktoken encodings the script loads, e.g. gpt2")
@@ -72,8 +74,9 @@ class OfflineSpec(Strict):
     @classmethod
     def _repo_ids(cls, v: list[str]) -> list[str]:
         for repo in v:
-            if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-                raise ValueError(f"{repo!r} is not a hub repo id; write it as owner/name, e.g. kernels-community/flash-attn3")
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w.-]+)?", repo):
+                raise ValueError(f"{repo!r} is not a hub repo id; write it as owner/name, e.g. kernels-community/flash-attn3, "
+                                 "or owner/name@v1 for a script's get_kernel(..., version=1)")
         return v
 
 

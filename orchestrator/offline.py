@@ -8,6 +8,11 @@ TIKTOKEN_CACHE_DIR); `speedrun launch` checks that everything named is in it, sh
 of the folder through the store like a workdir (content-addressed, once), and the node runner unpacks
 it and starts the script with HF_HOME, HF_HUB_OFFLINE=1 and TIKTOKEN_CACHE_DIR pointing at it.
 
+A hub entry is `owner/name` (the repo's main revision) or `owner/name@REV`, a branch or tag. kernels (0.12 on)
+loads `get_kernel(repo, version=N)` from the repo's branch vN: the current record asks for flash-attn3 version 1, so
+its entry is `kernels-community/flash-attn3@v1`. The cache then holds refs/v1, which is where kernels' releases that
+resolve versions offline look (older ones ask the hub for the repo's branches, and cannot run offline at all).
+
     missing(spec)            -> [what is not in the cache, in words]       (pure reads)
     snapshot_cache(spec, key) -> workdir.Snapshot of the needed files      (ConfigError when incomplete)
     prefetch(spec, say)      -> downloads into spec.cache                  (`speedrun prefetch`)
@@ -37,11 +42,18 @@ def hub_folder(repo: str) -> str:
     return f"{HF}/hub/models--{repo.replace('/', '--')}"
 
 
-def _hub_snapshot(root: Path, repo: str, variants: list[str]) -> Path | None:
-    """The cached snapshot of the repo's main revision, if the cache holds one with files (and the variants)."""
+def hub_entry(entry: str) -> tuple[str, str]:
+    """(repo, revision) of an hf_kernels entry: owner/name[@REV], main when no REV is given."""
+    repo, _, rev = entry.partition("@")
+    return repo, rev or "main"
+
+
+def _hub_snapshot(root: Path, entry: str, variants: list[str]) -> Path | None:
+    """The cached snapshot of the entry's revision, if the cache holds one with files (and the variants)."""
+    repo, rev = hub_entry(entry)
     folder = root / hub_folder(repo)
     try:
-        commit = (folder / "refs" / "main").read_text().strip()
+        commit = (folder / "refs" / rev).read_text().strip()
     except OSError:
         return None
     snap = folder / "snapshots" / commit
@@ -62,7 +74,7 @@ def missing(spec: OfflineSpec) -> list[str]:
     root = expand(spec.cache)
     variants = f" (build variants {', '.join(spec.hf_variants)})" if spec.hf_variants else ""
     out = [f"the hub repo {repo}{variants}" for repo in spec.hf_kernels
-           if _hub_snapshot(root, repo, spec.hf_variants) is None]
+           if _hub_snapshot(root, repo, spec.hf_variants) is None]   # entries named as written (with @REV)
     have = _encodings(root)
     out += [f"the tiktoken encoding {name}" for name in spec.tiktoken if name not in have]
     return out
@@ -78,7 +90,8 @@ def snapshot_cache(spec: OfflineSpec, key: str, job_file: str) -> Snapshot:
                           "offline.cache at a folder that holds them")
     files: list[str] = []
     links: dict[str, str] = {}
-    subs = [hub_folder(r) for r in spec.hf_kernels] + ([TIKTOKEN] if spec.tiktoken else [])
+    repos = dict.fromkeys(hub_entry(e)[0] for e in spec.hf_kernels)   # one folder per repo, whatever its revisions
+    subs = [hub_folder(r) for r in repos] + ([TIKTOKEN] if spec.tiktoken else [])
     for sub in subs:
         f, lk = list_files(root / sub, key)
         files += [f"{sub}/{p}" for p in f]
@@ -90,19 +103,21 @@ def snapshot_cache(spec: OfflineSpec, key: str, job_file: str) -> Snapshot:
 def prefetch(spec: OfflineSpec, say: Callable[[str], None] = log.info) -> Path:
     """Download what the spec names into its cache folder (needs internet); ConfigError names what failed."""
     root = expand(spec.cache)
-    for repo in spec.hf_kernels:
+    for entry in spec.hf_kernels:
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
             raise ConfigError("offline.hf_kernels: pre-fetching needs huggingface_hub; pip install 'speedrun[hf]'") from None
-        say(f"pre-fetching the hub repo {repo} into {root / HF}")
+        repo, rev = hub_entry(entry)
+        say(f"pre-fetching the hub repo {repo} at {rev} into {root / HF}")
         try:
-            # kernels.get_kernel loads build/<variant>/ of the main revision; the others need not travel
+            # kernels.get_kernel loads build/<variant>/ of one revision; the others need not travel. The hub cache
+            # records the revision's name in refs/<rev>, which is what an offline get_kernel resolves
             patterns = [f"build/{v}/*" for v in spec.hf_variants] or None
-            snapshot_download(repo, cache_dir=root / HF / "hub", allow_patterns=patterns)
+            snapshot_download(repo, revision=rev, cache_dir=root / HF / "hub", allow_patterns=patterns)
         except Exception as e:  # noqa: BLE001  offline, unknown repo, gated: one sentence either way
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ConfigError(f"offline.hf_kernels: cannot download {repo} from the Hugging Face hub ({first}); run "
+            raise ConfigError(f"offline.hf_kernels: cannot download {entry} from the Hugging Face hub ({first}); run "
                               f"`speedrun prefetch` on a machine with internet and copy {root} here") from None
     if spec.tiktoken:
         try:
@@ -154,8 +169,10 @@ def node_env(unpacked: Path, spec: OfflineSpec) -> dict[str, str]:
     env: dict[str, str] = {}
     if spec.hf_kernels:
         hub = str(unpacked / HF / "hub")
-        # kernels passes HF_KERNELS_CACHE (when set) to the hub as its cache folder; all three name the same one
-        env.update(HF_HOME=str(unpacked / HF), HF_HUB_CACHE=hub, HF_KERNELS_CACHE=hub, HF_HUB_OFFLINE="1")
+        # kernels passes HF_KERNELS_CACHE (older releases) or KERNELS_CACHE (newer) to the hub as its cache folder,
+        # and reads a version's branch from it offline: all four name the same one
+        env.update(HF_HOME=str(unpacked / HF), HF_HUB_CACHE=hub, HF_KERNELS_CACHE=hub, KERNELS_CACHE=hub,
+                   HF_HUB_OFFLINE="1")
     if spec.tiktoken:
         env["TIKTOKEN_CACHE_DIR"] = str(unpacked / TIKTOKEN)
     return env

@@ -55,10 +55,11 @@ def cpu_env(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
 
 
-def make_offline_cache(root: Path, repo: str = "testorg/fake-kernel", encodings: tuple[str, ...] = ("gpt2",)) -> Path:
+def make_offline_cache(root: Path, repo: str = "testorg/fake-kernel", encodings: tuple[str, ...] = ("gpt2",),
+                       refs: tuple[str, ...] = ("main",)) -> Path:
     """A launcher's offline cache folder as `speedrun prefetch` leaves it, made without the internet: hf/ in the
-    hub cache's own layout (refs/main -> snapshots/<commit>/ whose files link to blobs/), tiktoken/ with a
-    cached file and the record of the encodings loaded into it."""
+    hub cache's own layout (refs/<each of refs> -> snapshots/<commit>/ whose files link to blobs/), tiktoken/ with
+    a cached file and the record of the encodings loaded into it."""
     import hashlib
     import json
 
@@ -69,7 +70,8 @@ def make_offline_cache(root: Path, repo: str = "testorg/fake-kernel", encodings:
     (folder / "blobs").mkdir(parents=True)
     (folder / "blobs" / blob).write_bytes(content)
     (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(commit)
+    for ref in refs:
+        (folder / "refs" / ref).write_text(commit)
     snap = folder / "snapshots" / commit / "build" / "torch-universal" / "fake_kernel"
     snap.mkdir(parents=True)
     os.symlink(f"../../../../../blobs/{blob}", snap / "__init__.py")

@@ -43,6 +43,38 @@ def test_a_complete_cache_ships_its_hub_repo_with_links_and_the_hub_client_reads
     assert "def flash_attn_func" in out.stdout
 
 
+def test_a_version_branch_is_its_own_entry_and_the_hub_client_resolves_it_offline(tmp_path):
+    """get_kernel(repo, version=1) loads the repo's branch v1 (kernels 0.12 on): `repo@v1` is checked and shipped
+    by that ref, which is what the hub client (and kernels' offline version lookup) reads from refs/."""
+    from conftest import make_offline_cache
+
+    cache = make_offline_cache(tmp_path / "c", refs=("v1",))
+    assert missing(OfflineSpec(hf_kernels=["testorg/fake-kernel@v1"], cache=str(cache))) == []
+    assert missing(OfflineSpec(hf_kernels=["testorg/fake-kernel", "testorg/fake-kernel@v2"], cache=str(cache))) == [
+        "the hub repo testorg/fake-kernel", "the hub repo testorg/fake-kernel@v2"]
+    spec = OfflineSpec(hf_kernels=["testorg/fake-kernel@v1"], cache=str(cache))
+    snap = snapshot_cache(spec, "job.yaml: offline", "job.yaml")
+    assert "hf/hub/models--testorg--fake-kernel/refs/v1" in snap.files
+    node = tmp_path / "node"
+    unpack(snap_to_node(snap, tmp_path), node)
+    env = node_env(node, spec)
+    assert env["KERNELS_CACHE"] == env["HF_HUB_CACHE"] == str(node / "hf" / "hub")
+    code = ("from huggingface_hub import snapshot_download; import pathlib; "
+            "p = pathlib.Path(snapshot_download('testorg/fake-kernel', revision='v1')); "
+            "print((p / 'build/torch-universal/fake_kernel/__init__.py').read_text())")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env, "HF_ENDPOINT": "http://127.0.0.1:9"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "def flash_attn_func" in out.stdout
+
+
+def snap_to_node(snap, tmp_path: Path) -> Path:
+    """The snapshot shipped through a store and fetched back, as the node runner gets it."""
+    store = open_store(tmp_path / "store")
+    ship(snap, store)
+    return fetch(store, snap.key, snap.sha256, tmp_path / "node-cache")
+
+
 def test_build_variants_named_must_be_in_the_cache(offline_cache):
     spec = OfflineSpec(hf_kernels=["testorg/fake-kernel"], hf_variants=["torch-universal"], cache=str(offline_cache))
     assert missing(spec) == []
