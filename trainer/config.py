@@ -157,7 +157,8 @@ class TrainConfig:
     # sublayer adds as x = r * x + p * f(x), r learned from sqrt(1.1) (the stream grows 1.1x a layer, so each
     # earlier layer's share of it decays) and p from 1, per layer and sublayer, trained by Adam in two groups of
     # their own as the record's are: r at the scalars' lr (the record's 0.04), p at a fifth of it (its 0.008), both
-    # at betas (0.9, 0.95). Not yet on the yardstick: off
+    # at betas (0.9, 0.95); r replaces record-28's per-block weight of the stream (the record has no second one).
+    # Not yet on the yardstick: off
     residual_scales: bool = False
     # record-85 (2026-05): lightweight dynamically composable attention in one layer, post-only: each head's output
     # gains w2[t, h] x (sum over heads g of w1[t, g] x head g's softmax over the last dc_window keys) @ head h's

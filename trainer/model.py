@@ -257,7 +257,9 @@ class Block(nn.Module):
     def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None, extra_v=None, attn_in=None,
                 dc=None):
         """attn_in: what the attention reads instead of this layer's mixed input (attn_input_layer's saved output)."""
-        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        # record-28's mix of the stream and the input embedding; with residual_scales the stream's scale is theirs
+        # alone, as the record's (lambdas[0] then unused: no gradient, Adam leaves it at 1)
+        x = (x if self.resid_scales is not None else self.lambdas[0] * x) + self.lambdas[1] * x0
         if bigram is not None:   # the bigram embedding, already weighted for this layer
             x = x + bigram
         if self.attn is not None:

@@ -885,8 +885,10 @@ def test_residual_scales_scale_the_stream_and_each_sublayers_output():
     x, x0 = torch.randn(1, 512, 64), torch.randn(1, 512, 64)
     docs = document_ids(t[:-1])
     args = (None, docs, 2, 128, None)
+    with torch.no_grad():
+        block.lambdas[0] = 5.0   # record-28's stream weight: not a second factor beside the record's resid scale
     got = block(x, x0, *args)
-    mixed = block.lambdas[0] * x + block.lambdas[1] * x0
+    mixed = x + block.lambdas[1] * x0
     after_attn = 0.9 * mixed + 0.5 * block.attn(norm(mixed), *args)
     want = 1.2 * after_attn + 2.0 * block.mlp(norm(after_attn))
     assert torch.allclose(got, want, atol=1e-6)
