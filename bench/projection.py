@@ -15,8 +15,9 @@ mean train time of the phase's steps in the run's logs (train_time between step 
 in the records' times). On --ranks GPUs a step runs its micro-batches / ranks of them on each, so the phase's one-GPU
 ms x (micro-batches per rank / micro-batches), plus --rank-cost-ms for every step: the gradient all-reduce and what
 else more ranks add. That cost is not measured here (no multi-GPU machine is lent); the default 3.5 ms is the
-record-28 calibration of bench/NOTES.md (record-28's published 8xH100 step, 99.69 ms, over its 700.8 ms on one H200,
-applied to ours at 642.6 ms on one H100 gives 83.8, 3.5 over 642.6 / 8).
+record-28 calibration of bench/NOTES.md: record-28's published 8xH100 step (99.69 ms) over its own one-H200 step
+(700.8 ms), times ours on the H200 (586.1 ms: 83.4), scaled to ours on an H100 (642.6 against 639.8 ms: 83.8), is
+3.5 ms over 642.6 / 8.
 
 Projection. The FineWeb run is the run's config at each estimate's step count; its steps fall into the same phases
 (schedules are fractions of `steps`), each at its projected ms. A phase the yardstick did not run is refused. The

@@ -34,13 +34,7 @@ def test_a_complete_cache_ships_its_hub_repo_with_links_and_the_hub_client_reads
     env = node_env(node / "offline", spec)
     assert env["HF_HUB_OFFLINE"] == "1" and env["TIKTOKEN_CACHE_DIR"] == str(node / "offline" / "tiktoken")
     # The hub client, in a fresh process with that environment and a dead endpoint, finds the repo offline.
-    code = ("from huggingface_hub import snapshot_download; import pathlib; "
-            "p = pathlib.Path(snapshot_download('testorg/fake-kernel')); "
-            "print((p / 'build/torch-universal/fake_kernel/__init__.py').read_text())")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env, "HF_ENDPOINT": "http://127.0.0.1:9"},
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "def flash_attn_func" in out.stdout
+    assert "def flash_attn_func" in hub_client_reads(env, "main")
 
 
 def test_a_version_branch_is_its_own_entry_and_the_hub_client_resolves_it_offline(tmp_path):
@@ -59,13 +53,19 @@ def test_a_version_branch_is_its_own_entry_and_the_hub_client_resolves_it_offlin
     unpack(snap_to_node(snap, tmp_path), node)
     env = node_env(node, spec)
     assert env["KERNELS_CACHE"] == env["HF_HUB_CACHE"] == str(node / "hf" / "hub")
+    assert "def flash_attn_func" in hub_client_reads(env, "v1")
+
+
+def hub_client_reads(env: dict, revision: str) -> str:
+    """The fake kernel's module as the hub client finds it at this revision, in a fresh process with the node's
+    environment and a dead endpoint: what get_kernel's download step does offline."""
     code = ("from huggingface_hub import snapshot_download; import pathlib; "
-            "p = pathlib.Path(snapshot_download('testorg/fake-kernel', revision='v1')); "
+            f"p = pathlib.Path(snapshot_download('testorg/fake-kernel', revision={revision!r})); "
             "print((p / 'build/torch-universal/fake_kernel/__init__.py').read_text())")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env, "HF_ENDPOINT": "http://127.0.0.1:9"},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "def flash_attn_func" in out.stdout
+    return out.stdout
 
 
 def snap_to_node(snap, tmp_path: Path) -> Path:
