@@ -56,7 +56,9 @@
 # `--variant alr:adam_embed_lr=1.04,adam_head_lr=0.0138,adam_scalar_lr=0.069 --variant mlr:muon_lr=0.04,
 # muon_mlp_lr_scales=2,4`; then, each with its own cold compile in call 1's lease_warm: smear=true (its gate now on
 # Adam), window_exact=true, the window stages with yarn=true,attn_scale=0.1, value_embed_gate=true (new input and
-# optimizer), mudd=true,attn_input_layer=8. The GPU test file test_trainer_gpu.py now also runs window_exact.
+# optimizer), mudd=true,attn_input_layer=8. test_trainer_gpu.py's compiled-flex test now also runs window_exact:
+# in call 1, `python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_trainer_trace_cache.py
+# tests/unit/test_trainer_gpu.py -k "trace or compiled_flex"` in place of the trace-cache file alone.
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).
