@@ -62,7 +62,7 @@ class TrainConfig:
     # 2026-12-06 (below) ran YaRN from 0.12
     attn_scale: float = 0.12
     # the long window of the last validation, in blocks (the current record: 20, its extension after training, with
-    # no YaRN step for it; its short window stays at the training's, ours is half of this one as always); 0 = the
+    # no YaRN step for it; the short windows stay at the training's, half its longest long window); 0 = the
     # training's last window. Yardstick (one H100, 2026-12-06, the three together with the current stages): 1.029x
     # ours' time, 3 ms/step cheaper but 0.011-0.028 behind from step 50 on: off, all three
     final_val_window_blocks: int = 0

@@ -20,6 +20,7 @@ from trainer import dc_attention
 from trainer.config import TrainConfig
 from trainer.config_rules import attention_layout
 from trainer.embeddings import BigramHash, Smear
+from trainer.schedules import window_blocks as training_window
 from trainer.fp8 import fp8_forward_linear, fp8_linear
 from trainer.mudd import DenseConnections, saved_layers
 
@@ -326,6 +327,10 @@ class GPT(nn.Module):
             for block in self.blocks:
                 if block.attn is not None:
                     block.attn.qkv_w.muon_row_blocks = (2, 2 * cfg.head_dim)
+        # a last validation over longer windows (final_val_window_blocks) widens the long-window layers only: the
+        # short ones stay at most at half the training's longest window, as the record's (its 20 blocks, short 6)
+        self.short_cap = max(1, max(training_window(cfg, s) for s in range(cfg.total_steps())) // 2) \
+            if cfg.final_val_window_blocks else 0
         self.lm_head = CastedLinear(D, padded_vocab(V), zero_init=True)
         # tie_head_until: the head weight is the embedding table too until untie_head() (record-51 starts the tied
         # table at N(0, 0.005): a zero table would give every token the same zero input). model.embed waits unused.
@@ -387,6 +392,8 @@ class GPT(nn.Module):
         cfg = self.cfg
         docs = attn_impl.document_ids(tokens)
         short = torch.clamp(window_blocks // 2, min=1)
+        if self.short_cap:   # training's short windows are all below it: only the last validation's is cut
+            short = torch.clamp(short, max=self.short_cap)
         # (documents, window, mask) of each layer kind; paired heads attend over 2T positions, the short window
         kinds = {"long": (docs, window_blocks), "short": (docs, short)}
         if "paired" in self.layout:

@@ -120,3 +120,30 @@ def test_a_run_sets_the_steps_yarn_state_in_every_layer_and_validates_further_at
     # a resumed trainer at the step before the change holds no YaRN state until a step asks for it, then the step's
     trainer.set_yarn(2)
     assert all((r.yarn_freqs == 1).all() and r.yarn_attn.item() == 1.0 for r in rotaries)
+
+
+def test_the_last_validations_longer_window_leaves_the_short_windows_at_the_trainings(monkeypatch):
+    """The record's last validation: long windows of 20 blocks, short ones still at the training's (half of its
+    longest long window); without final_val_window_blocks the short window is half the long one, as in training."""
+    import torch
+
+    from trainer import attention as attn_impl
+    from trainer.data import BOS
+    from trainer.fixtures import randomised_model
+
+    seen = []
+    real = attn_impl.attend
+    monkeypatch.setattr(attn_impl, "attend", lambda *a: seen.append(int(a[5])) or real(*a))
+    t = torch.randint(0, BOS, (513,), generator=torch.Generator().manual_seed(0))
+    t[0] = BOS
+    for final, want in ((0, [20, 20, 10]), (20, [20, 20, 3])):
+        cfg = tiny_config(num_layers=3, window_schedule="1/2:3,1:7", final_val_window_blocks=final, attn_skip_layers="")
+        model = randomised_model(cfg)
+        seen.clear()
+        with torch.no_grad():
+            model(t[:-1], t[1:], torch.tensor(20))
+        assert sorted(seen, reverse=True) == want   # the first and last layers' long windows, the middle's short
+        seen.clear()
+        with torch.no_grad():
+            model(t[:-1], t[1:], torch.tensor(7))   # training's last window: the same with or without it
+        assert sorted(seen, reverse=True) == [7, 7, 3]
