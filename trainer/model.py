@@ -20,9 +20,9 @@ from trainer import dc_attention
 from trainer.config import TrainConfig
 from trainer.config_rules import attention_layout
 from trainer.embeddings import BigramHash, Smear
-from trainer.schedules import window_blocks as training_window
 from trainer.fp8 import fp8_forward_linear, fp8_linear
 from trainer.mudd import DenseConnections, saved_layers
+from trainer.schedules import window_blocks as training_window
 
 ACT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}   # GPT.act_dtype's values, by name
 RESID_SCALE_INIT = 1.1 ** 0.5   # record-89's residual scale per sublayer: the stream x1.1 a layer at start
