@@ -130,7 +130,8 @@ def test_every_attention_layer_scales_its_softmax_by_attn_scale(monkeypatch):
 
     seen = []
     real = attn_impl.attend
-    monkeypatch.setattr(attn_impl, "attend", lambda *a: seen.append(a[-1]) or real(*a))
+    # attend(q, k, v, mask, docs, window_blocks, block_size, scale, exact): the scale is the 8th
+    monkeypatch.setattr(attn_impl, "attend", lambda *a: seen.append(a[7]) or real(*a))
     t = torch.randint(0, BOS, (257,), generator=torch.Generator().manual_seed(0))
     t[0] = BOS
     losses = []
