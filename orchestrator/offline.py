@@ -8,7 +8,9 @@ TIKTOKEN_CACHE_DIR); `speedrun launch` checks that everything named is in it, sh
 of the folder through the store like a workdir (content-addressed, once), and the node runner unpacks
 it and starts the script with HF_HOME, HF_HUB_OFFLINE=1 and TIKTOKEN_CACHE_DIR pointing at it.
 
-A hub entry is `owner/name` (the repo's main revision) or `owner/name@REV`, a branch or tag. kernels (0.12 on)
+A hub entry is `owner/name` (the repo's main revision) or `owner/name@REV`, a branch or tag. The repo is kept in
+both of the hub cache's layouts (HUB_KINDS: one folder, the other name a link), since kernels releases differ in
+which one they read. kernels (0.12 on)
 loads `get_kernel(repo, version=N)` from the repo's branch vN: the current record asks for flash-attn3 version 1, so
 its entry is `kernels-community/flash-attn3@v1`. The cache then holds refs/v1, which is where kernels' releases that
 resolve versions offline look (older ones ask the hub for the repo's branches, and cannot run offline at all).
@@ -37,9 +39,24 @@ TIKTOKEN = "tiktoken"       # a TIKTOKEN_CACHE_DIR
 TIKTOKEN_RECORD = "speedrun-encodings.json"  # the encodings prefetch loaded into tiktoken/ (its files are hashed URLs)
 
 
-def hub_folder(repo: str) -> str:
-    """`hf/hub/models--owner--name`: where the hub cache keeps a model repo."""
-    return f"{HF}/hub/models--{repo.replace('/', '--')}"
+# The hub cache's folder of a repo is named by its repo type: kernels up to 0.13 fetched kernel repos as models
+# (models--owner--name), later releases as the hub's own kernel type (kernels--owner--name), offline included
+HUB_KINDS = ("models", "kernels")
+
+
+def hub_folder(repo: str, kind: str = "models") -> str:
+    """`hf/hub/<kind>--owner--name`: where the hub cache keeps a repo of that type."""
+    return f"{HF}/hub/{kind}--{repo.replace('/', '--')}"
+
+
+def hub_layouts(root: Path, repo: str) -> tuple[list[str], list[str]]:
+    """(the repo's folders that hold files, the other layouts' names, shipped as links to the first of them): one
+    download serves kernels releases of either layout."""
+    names = [hub_folder(repo, kind) for kind in HUB_KINDS]
+    real = [n for n in names if (root / n).is_dir() and not (root / n).is_symlink()]
+    if not real:   # nothing fetched yet
+        return names[:1], []
+    return real, [n for n in names if n not in real]
 
 
 def hub_entry(entry: str) -> tuple[str, str]:
@@ -51,15 +68,15 @@ def hub_entry(entry: str) -> tuple[str, str]:
 def _hub_snapshot(root: Path, entry: str, variants: list[str]) -> Path | None:
     """The cached snapshot of the entry's revision, if the cache holds one with files (and the variants)."""
     repo, rev = hub_entry(entry)
-    folder = root / hub_folder(repo)
-    try:
-        commit = (folder / "refs" / rev).read_text().strip()
-    except OSError:
-        return None
-    snap = folder / "snapshots" / commit
-    if not snap.is_dir() or not any(snap.iterdir()):
-        return None
-    return snap if all((snap / "build" / v).is_dir() for v in variants) else None
+    for folder in hub_layouts(root, repo)[0]:
+        try:
+            commit = (root / folder / "refs" / rev).read_text().strip()
+        except OSError:
+            continue
+        snap = root / folder / "snapshots" / commit
+        if snap.is_dir() and any(snap.iterdir()) and all((snap / "build" / v).is_dir() for v in variants):
+            return snap
+    return None
 
 
 def _encodings(root: Path) -> list[str]:
@@ -91,11 +108,14 @@ def snapshot_cache(spec: OfflineSpec, key: str, job_file: str) -> Snapshot:
     files: list[str] = []
     links: dict[str, str] = {}
     repos = dict.fromkeys(hub_entry(e)[0] for e in spec.hf_kernels)   # one folder per repo, whatever its revisions
-    subs = [hub_folder(r) for r in repos] + ([TIKTOKEN] if spec.tiktoken else [])
+    subs = [f for r in repos for f in hub_layouts(root, r)[0]] + ([TIKTOKEN] if spec.tiktoken else [])
     for sub in subs:
         f, lk = list_files(root / sub, key)
         files += [f"{sub}/{p}" for p in f]
         links.update({f"{sub}/{p}": t for p, t in lk.items()})
+    for repo in repos:   # the other layout's name, a link to the folder shipped
+        real, others = hub_layouts(root, repo)
+        links.update({other: Path(real[0]).name for other in others})
     entry = files[0] if files else ""
     return snapshot_workdir(root, entry, float("inf"), key, listing=(files, links), prefix=OFFLINE_PREFIX)
 
@@ -114,7 +134,7 @@ def prefetch(spec: OfflineSpec, say: Callable[[str], None] = log.info) -> Path:
             # kernels.get_kernel loads build/<variant>/ of one revision; the others need not travel. The hub cache
             # records the revision's name in refs/<rev>, which is what an offline get_kernel resolves
             patterns = [f"build/{v}/*" for v in spec.hf_variants] or None
-            snapshot_download(repo, revision=rev, cache_dir=root / HF / "hub", allow_patterns=patterns)
+            _download(snapshot_download, repo, rev, root, patterns)
         except Exception as e:  # noqa: BLE001  offline, unknown repo, gated: one sentence either way
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ConfigError(f"offline.hf_kernels: cannot download {entry} from the Hugging Face hub ({first}); run "
@@ -146,6 +166,25 @@ def prefetch(spec: OfflineSpec, say: Callable[[str], None] = log.info) -> Path:
             else:
                 os.environ["TIKTOKEN_CACHE_DIR"] = old
     return root
+
+
+def _download(snapshot_download, repo: str, rev: str, root: Path, patterns: list[str] | None) -> None:
+    """The repo's revision into the cache as the hub's kernel type where this hub client has it (what later kernels
+    releases read), else as a model; then the other layout's folder name as a link to it."""
+    from huggingface_hub import constants
+
+    kinds = ["kernel", "model"] if "kernel" in getattr(constants, "REPO_TYPES_WITH_KERNEL", ()) else ["model"]
+    for i, kind in enumerate(kinds):
+        try:
+            snapshot_download(repo, revision=rev, repo_type=kind, cache_dir=root / HF / "hub", allow_patterns=patterns)
+            break
+        except Exception:  # noqa: BLE001  a hub that serves the repo as the other type: try it, else the last error
+            if i == len(kinds) - 1:
+                raise
+    real, others = hub_layouts(root, repo)
+    for other in others:
+        if not (root / other).is_symlink():
+            (root / other).symlink_to(Path(real[0]).name)
 
 
 def unpacked_dir(cache_dir: Path, sha256: str) -> Path:

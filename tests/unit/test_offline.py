@@ -49,18 +49,23 @@ def test_a_version_branch_is_its_own_entry_and_the_hub_client_resolves_it_offlin
     spec = OfflineSpec(hf_kernels=["testorg/fake-kernel@v1"], cache=str(cache))
     snap = snapshot_cache(spec, "job.yaml: offline", "job.yaml")
     assert "hf/hub/models--testorg--fake-kernel/refs/v1" in snap.files
+    # later kernels releases keep kernel repos under the hub's kernel type: the same folder, linked
+    assert snap.links["hf/hub/kernels--testorg--fake-kernel"] == "models--testorg--fake-kernel"
     node = tmp_path / "node"
     unpack(snap_to_node(snap, tmp_path), node)
     env = node_env(node, spec)
     assert env["KERNELS_CACHE"] == env["HF_HUB_CACHE"] == str(node / "hf" / "hub")
     assert "def flash_attn_func" in hub_client_reads(env, "v1")
+    assert "def flash_attn_func" in hub_client_reads(env, "v1", repo_type="kernel")
 
 
-def hub_client_reads(env: dict, revision: str) -> str:
+def hub_client_reads(env: dict, revision: str, repo_type: str = "model") -> str:
     """The fake kernel's module as the hub client finds it at this revision, in a fresh process with the node's
-    environment and a dead endpoint: what get_kernel's download step does offline."""
-    code = ("from huggingface_hub import snapshot_download; import pathlib; "
-            f"p = pathlib.Path(snapshot_download('testorg/fake-kernel', revision={revision!r})); "
+    environment and a dead endpoint: what get_kernel's download step does offline (kernels up to 0.13 as a model
+    repo; later ones as the hub's kernel type, from KERNELS_CACHE, local files only)."""
+    code = ("from huggingface_hub import snapshot_download; import os, pathlib; "
+            f"p = pathlib.Path(snapshot_download('testorg/fake-kernel', revision={revision!r}, repo_type={repo_type!r}, "
+            "cache_dir=os.environ['KERNELS_CACHE'], local_files_only=True)); "
             "print((p / 'build/torch-universal/fake_kernel/__init__.py').read_text())")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env, "HF_ENDPOINT": "http://127.0.0.1:9"},
                          capture_output=True, text=True, timeout=120)
@@ -73,6 +78,34 @@ def snap_to_node(snap, tmp_path: Path) -> Path:
     store = open_store(tmp_path / "store")
     ship(snap, store)
     return fetch(store, snap.key, snap.sha256, tmp_path / "node-cache")
+
+
+@pytest.mark.parametrize("hub_has_kernel_type", [True, False])
+def test_prefetch_fetches_the_revision_as_the_hubs_kernel_type_else_as_a_model_and_links_the_other(tmp_path, monkeypatch,
+                                                                                                   hub_has_kernel_type):
+    from huggingface_hub import constants
+
+    from orchestrator import offline
+
+    calls = []
+
+    def fake_download(repo, revision, repo_type, cache_dir, allow_patterns):
+        calls.append((repo_type, revision, allow_patterns))
+        if repo_type == "kernel" and not hub_has_kernel_type:
+            raise ValueError("Invalid repo type")
+        folder = Path(cache_dir) / f"{repo_type}s--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / revision).write_text("c0ffee")
+        (folder / "snapshots" / "c0ffee" / "build" / "v").mkdir(parents=True)
+
+    monkeypatch.setattr(constants, "REPO_TYPES_WITH_KERNEL", [None, "model", "dataset", "space", "kernel"],
+                        raising=False)
+    offline._download(fake_download, "org/k", "v1", tmp_path, ["build/v/*"])
+    real, alias = ("kernels", "models") if hub_has_kernel_type else ("models", "kernels")
+    hub = tmp_path / "hf" / "hub"
+    assert (hub / f"{alias}--org--k").is_symlink() and os.readlink(hub / f"{alias}--org--k") == f"{real}--org--k"
+    assert calls[0] == ("kernel", "v1", ["build/v/*"]) and len(calls) == (1 if hub_has_kernel_type else 2)
+    assert missing(OfflineSpec(hf_kernels=["org/k@v1"], hf_variants=["v"], cache=str(tmp_path))) == []
 
 
 def test_build_variants_named_must_be_in_the_cache(offline_cache):
