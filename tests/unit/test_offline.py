@@ -64,8 +64,8 @@ def hub_client_reads(env: dict, revision: str, repo_type: str = "model") -> str:
     environment and a dead endpoint: what get_kernel's download step does offline (kernels up to 0.13 as a model
     repo; later ones as the hub's kernel type, from KERNELS_CACHE, local files only)."""
     code = ("from huggingface_hub import snapshot_download; import os, pathlib; "
-            f"p = pathlib.Path(snapshot_download('testorg/fake-kernel', revision={revision!r}, repo_type={repo_type!r}, "
-            "cache_dir=os.environ['KERNELS_CACHE'], local_files_only=True)); "
+            f"p = pathlib.Path(snapshot_download('testorg/fake-kernel', revision={revision!r}, "
+            f"repo_type={repo_type!r}, cache_dir=os.environ['KERNELS_CACHE'], local_files_only=True)); "
             "print((p / 'build/torch-universal/fake_kernel/__init__.py').read_text())")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env, "HF_ENDPOINT": "http://127.0.0.1:9"},
                          capture_output=True, text=True, timeout=120)
@@ -81,8 +81,8 @@ def snap_to_node(snap, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("hub_has_kernel_type", [True, False])
-def test_prefetch_fetches_the_revision_as_the_hubs_kernel_type_else_as_a_model_and_links_the_other(tmp_path, monkeypatch,
-                                                                                                   hub_has_kernel_type):
+def test_prefetch_takes_the_hubs_kernel_type_else_a_model_and_links_the_other(tmp_path, monkeypatch,
+                                                                               hub_has_kernel_type):
     from huggingface_hub import constants
 
     from orchestrator import offline
