@@ -51,7 +51,9 @@
 # --recipe-json bench/results/recipe-<gpu>-issue22-y.json --run ours --log <its ours launch log> --base-run old
 # --base-steps 1998 --tag issue22-y`. Then the schedule's length (no new graph, two per call): ours reaches the target
 # at ~step 229-234 of 260 and ends 0.07 below it, so `--variant s230:steps=230 --variant s210:steps=210`.
-# 2026-12-07 (night): no device lent all session (paused); nothing ran. A review against the records' code (bench/NOTES.md)
+# 2026-12-07 (night): loans paused for the session's first hour; then the corpus rebuilt here (rebuild.sh 5.5 min,
+# make_jsonl --mb 320: 105,101 documents, xz -6 -T2 1.9 min: 81,725,016 bytes) and the wheels fetched again (11,
+# typing_extensions included); the first two starts refused (H200, then H100: 181 s). A review against the records' code (bench/NOTES.md)
 # queued, after the schedule's length: the optimizer-only rows first, which trace ours' graph (two per call):
 # `--variant alr:adam_embed_lr=1.04,adam_head_lr=0.0138,adam_scalar_lr=0.069 --variant mlr:muon_lr=0.04,
 # muon_mlp_lr_scales=2,4`; then, each with its own cold compile in call 1's lease_warm: smear=true (its gate now on
