@@ -77,6 +77,12 @@ def loading(cuda_graphs: bool):
       AssertionError of the H100 (torch 2.11, package.py:614, with CUDA graphs and without, 2026-12-07), on the CPU
       with FlexAttention "CompilePackage is already initialized". What the guards install there is dropped with
       the context; the loaded guards are the pickled ones.
+    - guard sources that take their computed fields back: torch 2.11 pickles a source dataclass with every field,
+      those its __post_init__ computes too (DefaultsSource's `field` and `_name`, a guard on a function's default
+      arguments), and unpickling then called the class with them: "DefaultsSource.__init__() takes from 3 to 4
+      positional arguments but 6 were given" (package.py:130; an H100, 2026-12-07 night, after the context above
+      let the load get that far). During the unpickling such a class drops them (lenient_sources); torch 2.13 pickles
+      the init fields only, which pass unchanged.
     - with CUDA graphs, inductor's global CUDA-graph switch on. The load rebuilds each cached graph's wrapper
       without calling inductor's compiler, and takes that switch from the global config (deserialize_bundled_cache_
       entry in torch 2.11 and 2.13), where torch.compile's reduce-overhead mode sets it only for its own compiles:
@@ -91,10 +97,11 @@ def loading(cuda_graphs: bool):
     unpickle = package.load_guards_state
 
     def load_guards_state(state):
-        if _guards.TracingContext.try_get() is not None:
-            return unpickle(state)
-        with _guards.tracing(_guards.TracingContext(None)):
-            return unpickle(state)
+        with lenient_sources():
+            if _guards.TracingContext.try_get() is not None:
+                return unpickle(state)
+            with _guards.tracing(_guards.TracingContext(None)):
+                return unpickle(state)
 
     package.load_guards_state = load_guards_state
     try:
@@ -102,6 +109,40 @@ def loading(cuda_graphs: bool):
             yield
     finally:
         package.load_guards_state = unpickle
+
+
+@contextlib.contextmanager
+def lenient_sources():
+    """Every dynamo Source dataclass with fields its __init__ does not take, called with all its fields in order,
+    is called with its init fields alone (the others are computed again); restored after."""
+    import dataclasses
+
+    from torch._dynamo.source import Source
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    patched = []
+    for cls in set(subclasses(Source)):
+        fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+        if all(f.init for f in fields) or "__init__" not in cls.__dict__:
+            continue
+        init = cls.__dict__["__init__"]
+
+        def lenient(self, *args, _init=init, _fields=fields, **kwargs):
+            if len(args) == len(_fields) and not kwargs:
+                args = tuple(a for a, f in zip(args, _fields) if f.init)
+            return _init(self, *args, **kwargs)
+
+        cls.__init__ = lenient
+        patched.append((cls, init))
+    try:
+        yield
+    finally:
+        for cls, init in patched:
+            cls.__init__ = init
 
 
 def disable(why: Exception) -> None:

@@ -180,6 +180,36 @@ class _ContextProbe:
         self.seen = TracingContext.get() is not None
 
 
+class _AllFields:
+    """Pickled as torch 2.11 pickles a guard on a function's default argument: DefaultsSource called with every
+    field, the two its __post_init__ computes included."""
+    def __reduce__(self):
+        from torch._dynamo.source import DefaultsSource, LocalSource
+
+        return DefaultsSource, (LocalSource("f"), 1, False, "__defaults__", "{0}.__defaults__[1]")
+
+
+def test_the_load_takes_a_guard_source_pickled_with_its_computed_fields():
+    """The H100's second failure (torch 2.11, 2026-12-07 night): "DefaultsSource.__init__() takes from 3 to 4
+    positional arguments but 6 were given" at package.py:130. The load's unpickling drops the computed fields; the
+    class is as it was after, also where the unpickling fails."""
+    from torch._dynamo import package
+    from torch._dynamo.source import DefaultsSource
+
+    from trainer import trace_cache
+
+    data, init = pickle.dumps(_AllFields()), DefaultsSource.__init__
+    with pytest.raises(TypeError, match="positional arguments"):
+        pickle.loads(data)   # what the guards' unpickling met
+    with torch._dynamo.config.patch(caching_precompile=True), trace_cache.loading(False):
+        source = package.load_guards_state(data)
+    assert (source.idx_key, source.is_kw, source.field) == (1, False, "__defaults__")
+    assert DefaultsSource.__init__ is init
+    with pytest.raises(TypeError), trace_cache.lenient_sources():
+        DefaultsSource(1, 2, 3, 4)   # neither its init fields nor all of them: passed through, refused as before
+    assert DefaultsSource.__init__ is init
+
+
 def test_the_warning_names_the_exception_and_the_one_it_was_raised_while_handling():
     """torch's load logs a failed install and retries, and the retry dies on a bare assert (the H100's failure):
     the warning carries both, each with where it was raised."""
