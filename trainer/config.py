@@ -326,8 +326,9 @@ class TrainConfig:
     # the cold launch saved, the next two died loading (the parameters' .grads in the guards; fixed since, and a
     # failed load now only warns and traces, bench/NOTES.md); later that day the load died on a bare assert and traced
     # instead, with CUDA graphs and without: FlexAttention's trace keeps a guard whose unpickling needs a tracing
-    # context (reproduced on the CPU; trace_cache.loading gives it one, not yet run on a GPU). Off until a warm
-    # launch has measured it there
+    # context (reproduced on the CPU; trace_cache.loading gives it one). With that, an H100 that night got further
+    # and died on torch 2.11's pickling of a guard on a default argument (DefaultsSource, its computed fields too;
+    # reproduced and dropped on the CPU, not yet run on a GPU). Off until a warm launch has measured it there
     compile_trace_cache: bool = False
     warmup_compile_steps: int = 3             # untimed steps on dummy data (the first compiles), then the state is reset
     checkpoint_every: int = 0
