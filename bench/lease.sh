@@ -53,7 +53,11 @@
 # at ~step 229-234 of 260 and ends 0.07 below it, so `--variant s230:steps=230 --variant s210:steps=210`.
 # 2026-12-07 (night): loans paused for the session's first hour; then the corpus rebuilt here (rebuild.sh 5.5 min,
 # make_jsonl --mb 320: 105,101 documents, xz -6 -T2 1.9 min: 81,725,016 bytes) and the wheels fetched again (11,
-# typing_extensions included); the first two starts refused (H200, then H100: 181 s). A review against the records' code (bench/NOTES.md)
+# typing_extensions included). Starts refused or held back from 21:45 to 22:49 (H200 and H100, each real try 90 s:
+# 1,126 s in all), then one H100 for two calls: the trace cache's GPU test (116 s of wall; failed one step further,
+# bench/NOTES.md) and, warm, torch 2.11's DefaultsSource read back plus the compiled-flex test with window_exact (37 s,
+# 6 passed); given back at 402 s left; the next start (for the fixed test) refused, and 312 s cannot start another.
+# No yardstick row: the combined row, its second seed and the projection are still the next lease's first calls. A review against the records' code (bench/NOTES.md)
 # queued, after the schedule's length: the optimizer-only rows first, which trace ours' graph (two per call):
 # `--variant alr:adam_embed_lr=1.04,adam_head_lr=0.0138,adam_scalar_lr=0.069 --variant mlr:muon_lr=0.04,
 # muon_mlp_lr_scales=2,4`; then, each with its own cold compile in call 1's lease_warm: smear=true (its gate now on
