@@ -8,12 +8,12 @@ TIKTOKEN_CACHE_DIR); `speedrun launch` checks that everything named is in it, sh
 of the folder through the store like a workdir (content-addressed, once), and the node runner unpacks
 it and starts the script with HF_HOME, HF_HUB_OFFLINE=1 and TIKTOKEN_CACHE_DIR pointing at it.
 
-A hub entry is `owner/name` (the repo's main revision) or `owner/name@REV`, a branch or tag. The repo is kept in
-both of the hub cache's layouts (HUB_KINDS: one folder, the other name a link), since kernels releases differ in
-which one they read. kernels (0.12 on)
+A hub entry is `owner/name` (the repo's main revision) or `owner/name@REV`, a branch or tag. kernels (0.12 on)
 loads `get_kernel(repo, version=N)` from the repo's branch vN: the current record asks for flash-attn3 version 1, so
 its entry is `kernels-community/flash-attn3@v1`. The cache then holds refs/v1, which is where kernels' releases that
-resolve versions offline look (older ones ask the hub for the repo's branches, and cannot run offline at all).
+resolve versions offline look (older ones ask the hub for the repo's branches, and cannot run offline at all). The
+repo is kept in both of the hub cache's layouts (HUB_KINDS: one folder, the other name a link), since kernels
+releases differ in which one they read.
 
     missing(spec)            -> [what is not in the cache, in words]       (pure reads)
     snapshot_cache(spec, key) -> workdir.Snapshot of the needed files      (ConfigError when incomplete)
@@ -107,15 +107,15 @@ def snapshot_cache(spec: OfflineSpec, key: str, job_file: str) -> Snapshot:
                           "offline.cache at a folder that holds them")
     files: list[str] = []
     links: dict[str, str] = {}
-    repos = dict.fromkeys(hub_entry(e)[0] for e in spec.hf_kernels)   # one folder per repo, whatever its revisions
-    subs = [f for r in repos for f in hub_layouts(root, r)[0]] + ([TIKTOKEN] if spec.tiktoken else [])
-    for sub in subs:
+    subs: list[str] = []
+    for repo in dict.fromkeys(hub_entry(e)[0] for e in spec.hf_kernels):   # a repo once, whatever its revisions
+        real, others = hub_layouts(root, repo)
+        subs += real
+        links.update({other: Path(real[0]).name for other in others})   # the other layout: a link to the first
+    for sub in subs + ([TIKTOKEN] if spec.tiktoken else []):
         f, lk = list_files(root / sub, key)
         files += [f"{sub}/{p}" for p in f]
         links.update({f"{sub}/{p}": t for p, t in lk.items()})
-    for repo in repos:   # the other layout's name, a link to the folder shipped
-        real, others = hub_layouts(root, repo)
-        links.update({other: Path(real[0]).name for other in others})
     entry = files[0] if files else ""
     return snapshot_workdir(root, entry, float("inf"), key, listing=(files, links), prefix=OFFLINE_PREFIX)
 

@@ -184,30 +184,32 @@ def attention_layout(cfg: TrainConfig) -> list[str | None]:
     return ["paired" if i in paired else w for i, w in enumerate(window_layout(cfg))]
 
 
-@lru_cache(maxsize=16)
+def _numbers(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers as floats; () when any is not a number (the caller's sentence says what is wanted)."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        return ()
+
+
 def parse_mlp_lr_scales(text: str) -> tuple[float, float] | None:
     """muon_mlp_lr_scales as (c_fc's, c_proj's) Muon lr multipliers, None when unset (TrainConfig.mlp_lr_scales)."""
     if not text.strip():
         return None
-    try:
-        scales = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        scales = ()
+    scales = _numbers(text)
     if len(scales) != 2 or min(scales) <= 0:
         raise ValueError(f"muon_mlp_lr_scales: must be two positive numbers, c_fc's and c_proj's multipliers of "
                          f"muon_lr, e.g. '2,4' (the records since 48); or '' for 1 and 1 (got {text!r})")
     return scales
 
 
+@lru_cache(maxsize=16)
 def parse_lr_scales(text: str, phases: int) -> tuple[float, ...]:
     """batch_lr_scales for a schedule of this many phases (TrainConfig.phase_lr_scales). Cached, as parse_phases:
     the trainer asks for the step's lr every step."""
     if not text.strip():
         return ()
-    try:
-        scales = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        scales = ()
+    scales = _numbers(text)
     if not phases:
         raise ValueError("batch_lr_scales: needs a batch_schedule or seq_len_schedule, one multiplier per phase (the "
                          "default 1,1.52,1.73 goes with the default seq_len_schedule); or '' for off")
