@@ -57,7 +57,12 @@
 # 1,126 s in all), then one H100 for two calls: the trace cache's GPU test (116 s of wall; failed one step further,
 # bench/NOTES.md) and, warm, torch 2.11's DefaultsSource read back plus the compiled-flex test with window_exact (37 s,
 # 6 passed); given back at 402 s left; the next start (for the fixed test) refused, and 312 s cannot start another.
-# No yardstick row: the combined row, its second seed and the projection are still the next lease's first calls. A review against the records' code (bench/NOTES.md)
+# No yardstick row: the combined row, its second seed and the projection are still the next lease's first calls.
+# 2026-12-08: one refused H200 start (91 s), then one H100 for five calls (carry .whl only; the corpus was not rebuilt
+# in time): the trace cache's GPU test (212 s: every load worked), `lease_node_probe bench/cache_probe.yaml --set
+# trainer.compile_trace_cache=true` (334 s), the same probe off (367 s), the test again twice and its PROGRAM under
+# TORCH_LOGS=dynamo (213, 70, 320 s: cut by the budget). compile_trace_cache is on by default since. The issue 22
+# plan below is unchanged; plan the corpus (rebuild.sh, make_jsonl, xz, ~9 min here) before the first start. A review against the records' code (bench/NOTES.md)
 # queued, after the schedule's length: the optimizer-only rows first, which trace ours' graph (two per call):
 # `--variant alr:adam_embed_lr=1.04,adam_head_lr=0.0138,adam_scalar_lr=0.069 --variant mlr:muon_lr=0.04,
 # muon_mlp_lr_scales=2,4`; then, each with its own cold compile in call 1's lease_warm: smear=true (its gate now on

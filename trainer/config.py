@@ -320,16 +320,12 @@ class TrainConfig:
                                               # with; a 48K one 82 either way (bench/NOTES.md): what makes the
                                               # seq_len_schedule pay. Not yet run on more than one GPU
     # dynamo's traces cached with the compile caches (torch's experimental caching_precompile, trainer/trace_cache.py):
-    # a warm process loads them where it would read the model's Python again, 3.5-4.2 s a graph on an H100 (17 of a
-    # warm warm-up's 28.9 s with the three lengths of seq_len_schedule). CPU, torch 2.13, a 2-layer model: a second
-    # process's first call 0.5 s against 34 s cold, the same loss. One H100 (2026-12-07, torch 2.11, CUDA graphs):
-    # the cold launch saved, the next two died loading (the parameters' .grads in the guards; fixed since, and a
-    # failed load now only warns and traces, bench/NOTES.md); later that day the load died on a bare assert and traced
-    # instead, with CUDA graphs and without: FlexAttention's trace keeps a guard whose unpickling needs a tracing
-    # context (reproduced on the CPU; trace_cache.loading gives it one). With that, an H100 that night got further
-    # and died on torch 2.11's pickling of a guard on a default argument (DefaultsSource, its computed fields too;
-    # reproduced and dropped on the CPU, not yet run on a GPU). Off until a warm launch has measured it there
-    compile_trace_cache: bool = False
+    # a warm process loads them where it would read the model's Python again, 3.5-4.2 s a graph on an H100. One H100
+    # (2026-12-08, torch 2.11, CUDA graphs, bench/cache_probe.yaml: cold, same node, fresh node from the store):
+    # warm-up 184.6 s cold, then 3.6 s and 3.9 s (2.0% and 2.1%) with it; 198.7, 24.4 and 24.2 s (12.3%, 12.2%)
+    # without, on the same machine. The same val loss and ms/step in all six launches. A cache that fails to load or
+    # save costs a warning and a trace. Each device keeps its own traces; eight ranks have not run it
+    compile_trace_cache: bool = True
     warmup_compile_steps: int = 3             # untimed steps on dummy data (the first compiles), then the state is reset
     checkpoint_every: int = 0
     checkpoint_final: bool = True

@@ -26,7 +26,7 @@ def compile_model(model: torch.nn.Module, cfg):
     with cfg.compile_trace_cache dynamo's traces are cached too (trainer/trace_cache.py), and a cache that fails to
     load costs a warning and a trace, not the run."""
     if cfg.compile_trace_cache:
-        trace_cache.enable()
+        trace_cache.enable(next(model.parameters()).device)
     mode = "reduce-overhead" if cfg.cuda_graphs else None
     try:
         with trace_cache.loading(cfg.cuda_graphs):

@@ -7,7 +7,7 @@ dynamo records what it traced (the bytecode, its guards, the backend's artifacts
 same cache folder (`<TORCHINDUCTOR_CACHE_DIR>/dynamo/`), so it travels with the rest, and the next process's
 torch.compile of the model loads it, so that its first call does not trace.
 
-    enable()                    # before torch.compile (trainer/cuda_graphs.py compile_model)
+    enable(device)              # before torch.compile (trainer/cuda_graphs.py compile_model)
     with loading(cuda_graphs):  # the load, inside torch.compile: its guards' tracing context, CUDA graphs as asked
         forward = grads_aside(torch.compile(model, mode=...), model)
     ...the warm-up compiles every graph...
@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import secrets
 import traceback
 
@@ -45,10 +46,30 @@ log = logging.getLogger(__name__)
 _APART = False   # _names_apart has run in this process
 
 
-def enable() -> None:
-    """Record dynamo's traces for the cache, and look there before tracing: process-wide, before torch.compile."""
+def enable(device: torch.device) -> None:
+    """Record dynamo's traces for the cache, and look there before tracing: process-wide, before torch.compile,
+    with the traces of the model's device in a folder of their own."""
     torch._dynamo.config.caching_precompile = True
     _names_apart()
+    _folder_per_device(device)
+
+
+def _folder_per_device(device: torch.device) -> None:
+    """dynamo files a trace under its function alone (a hash of its name and first line), and the trace's guards
+    hold its tensors' device index. Under torchrun a node's ranks share one cache folder, each on its own GPU: one
+    folder would keep whichever rank saved last, and every other rank would fail that trace's guards and trace
+    again (one GPU has measured this cache, not eight). So each device keeps its traces apart, in
+    <cache folder>/dynamo/<cuda0, cuda1, ..., cpu>."""
+    from torch._dynamo import package
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    store = getattr(package, "DynamoCache", None)
+    if store is None or not callable(getattr(store, "path_prefix", None)):
+        return   # a torch without this store: its own layout, shared by the ranks
+    label = device.type + ("" if device.index is None else str(device.index))
+    store.path_prefix = lambda: os.path.join(cache_dir(), "dynamo", label)
+    if isinstance(getattr(store, "_path_prefix", None), str):   # the folder as set when torch was imported
+        store._path_prefix = store.path_prefix()
 
 
 def _names_apart() -> None:

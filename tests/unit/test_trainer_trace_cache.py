@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
+from trainer import trace_cache  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 # One compiled forward and backward of the tiny model with the given switches, then the trace cache saved; prints
@@ -54,12 +55,15 @@ graphed = None   # whether the graphs ran as CUDA graphs: their tree manager exi
 if device == "cuda":
     from torch._inductor import cudagraph_trees
     graphed = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False) is not None
+# the compiled model's tracing only: the eager reference's FlexAttention compiles itself (in a second process its
+# trace took 0.30 s of the 0.47 s the GPU case failed on, 2026-12-08, H100)
+tracing_s = sum(compilation_time_metrics.get("bytecode_tracing", []))
 with torch.no_grad():
     eager = model(t[:-1], t[1:], window).item()
 print(json.dumps(dict(loss=loss.item(), eager=eager, grad=sum(p.grad.double().sum().item() for p in model.parameters()
                                                              if p.grad is not None),
                       cache=dict(counters["dynamo_cache"]), cache_on=trace_cache.enabled(), graphed=graphed,
-                      tracing_s=sum(compilation_time_metrics.get("bytecode_tracing", [])))))
+                      tracing_s=tracing_s)))
 """
 
 
@@ -97,7 +101,8 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
     such a cache and died: trainer/trace_cache.py grads_aside)."""
     cache = tmp_path / "cache"
     first = compiled_run(cache, device=device, cuda_graphs=graphs)
-    assert first["cache"].get("dynamo_cache_miss") and (cache / "dynamo").is_dir()
+    folder = cache / "dynamo" / ("cuda0" if device == "cuda" else "cpu")   # the device's own (trace_cache.enable)
+    assert first["cache"].get("dynamo_cache_miss") and folder.is_dir()
     second = compiled_run(cache, device=device, cuda_graphs=graphs)
     assert second["cache"].get("dynamo_cache_hit") == 1
     # it read the model's Python (almost) not at all; the GPU case failed here on an H100 (2026-12-07: a hit, then
@@ -118,11 +123,37 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
     # cache (the loaded trace's guards fail), which died on the names both installed before trace_cache._names_apart
     for switches in (dict(logit_rescale=True), dict(backout_layer=0)):
         other = compiled_run(cache, device=device, cuda_graphs=graphs, **switches)
-        assert abs(other["loss"] - other["eager"]) < tolerance and abs(other["loss"] - first["loss"]) > 1e-3, switches
+        assert abs(other["loss"] - other["eager"]) < tolerance, switches
+        # it traced a graph of its own (the loaded one's guards failed), not ran the cached one. On the CPU its loss
+        # also differs from the first model's; on the GPU that is no proof: backout moved the loss at init by 4.6e-4
+        # on an H100 (2026-12-08), less than bf16 and FlexAttention move it from eager math
+        assert other["tracing_s"] > first["tracing_s"] / 4, (switches, why_traced(other["stderr"]))
+        if device == "cpu":
+            assert abs(other["loss"] - first["loss"]) > 1e-3, switches
     # the cache keeps every model's traces, not the last process's: the first model and another both load again
     for switches in (dict(), dict(logit_rescale=True)):
         again = compiled_run(cache, device=device, cuda_graphs=graphs, **switches)
         assert again["tracing_s"] < first["tracing_s"] / 4, (switches, why_traced(again["stderr"]))
+
+
+def test_each_device_keeps_its_traces_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """A trace's guards hold its tensors' device index, and torchrun's ranks share the node's cache folder: the
+    traces of cuda:3 go to dynamo/cuda3, and a process on another device neither loads nor overwrites them."""
+    from torch._dynamo import package
+
+    for name in ("path_prefix", "_path_prefix"):
+        monkeypatch.setattr(package.DynamoCache, name, getattr(package.DynamoCache, name))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    trace_cache._folder_per_device(torch.device("cuda", 3))
+    assert package.DynamoCache.path_prefix() == package.DynamoCache._path_prefix == str(tmp_path / "dynamo" / "cuda3")
+    cache = tmp_path / "cache"
+    compiled_run(cache)
+    (cache / "dynamo" / "cpu").rename(cache / "dynamo" / "cuda3")   # as if cuda:3's rank had saved them
+    kept = sorted(p.relative_to(cache) for p in (cache / "dynamo" / "cuda3").rglob("*"))
+    other = compiled_run(cache)
+    assert other["cache"].get("dynamo_cache_miss") and not other["cache"].get("dynamo_cache_hit")
+    assert (cache / "dynamo" / "cpu").is_dir()
+    assert sorted(p.relative_to(cache) for p in (cache / "dynamo" / "cuda3").rglob("*")) == kept
 
 
 def test_a_model_on_flex_attention_loads_its_traces(tmp_path):
@@ -149,8 +180,6 @@ def test_the_load_has_inductors_cuda_graphs_on_and_its_own_tracing_context_only_
     import torch._inductor.config as inductor_config
     from torch._dynamo import package
     from torch._guards import TracingContext
-
-    from trainer import trace_cache
 
     before, unpickle = inductor_config.triton.cudagraphs, package.load_guards_state
     assert not before   # what a reduce-overhead compile leaves it, and what the load would read
@@ -196,8 +225,6 @@ def test_the_load_takes_a_guard_source_pickled_with_its_computed_fields():
     from torch._dynamo import package
     from torch._dynamo.source import DefaultsSource
 
-    from trainer import trace_cache
-
     data, init = pickle.dumps(_AllFields()), DefaultsSource.__init__
     with pytest.raises(TypeError, match="positional arguments"):
         pickle.loads(data)   # what the guards' unpickling met
@@ -213,7 +240,6 @@ def test_the_load_takes_a_guard_source_pickled_with_its_computed_fields():
 def test_the_warning_names_the_exception_and_the_one_it_was_raised_while_handling():
     """torch's load logs a failed install and retries, and the retry dies on a bare assert (the H100's failure):
     the warning carries both, each with where it was raised."""
-    from trainer import trace_cache
 
     try:
         try:
