@@ -323,7 +323,8 @@ class TrainConfig:
     # a warm process loads them where it would read the model's Python again, 3.5-4.2 s a graph on an H100. One H100
     # (2026-12-08, torch 2.11, CUDA graphs, bench/cache_probe.yaml: cold, same node, fresh node from the store):
     # warm-up 184.6 s cold, then 3.6 s and 3.9 s (2.0% and 2.1%) with it; 198.7, 24.4 and 24.2 s (12.3%, 12.2%)
-    # without, on the same machine. The same val loss and ms/step in all six launches. A cache that fails to load or
+    # without, on the same machine. Seed start to first step, load and save included: 13.7% and 14.4% with it,
+    # 19.9% and 18.8% without. The same val loss and ms/step in all six launches. A cache that fails to load or
     # save costs a warning and a trace. Each device keeps its own traces; eight ranks have not run it
     compile_trace_cache: bool = True
     warmup_compile_steps: int = 3             # untimed steps on dummy data (the first compiles), then the state is reset

@@ -198,14 +198,20 @@ def grads_aside(compiled, model: torch.nn.Module):
     return call
 
 
-def save() -> None:
-    """Write this process's recorded traces into the cache folder (nothing when the cache is off)."""
-    if not enabled():
-        return
+def save() -> bool:
+    """Write this process's traces into the cache folder; whether it wrote. Nothing when the cache is off, or when
+    this process traced nothing (every graph came from the cache): it would write what it loaded, and the node
+    runner would find the compile cache changed and upload it all again."""
+    from torch._dynamo.utils import counters
+
+    if not enabled() or not counters["stats"]["unique_graphs"]:
+        return False
     try:
         torch.compiler.save_cache_artifacts()
     except Exception as e:  # noqa: BLE001 - experimental in torch: a cache that cannot be written only costs a trace
         log.warning("compile_trace_cache: traces not saved (%s)", _described(e))
+        return False
+    return True
 
 
 def _described(e: BaseException) -> str:

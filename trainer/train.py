@@ -90,7 +90,10 @@ class Trainer:
         self.sync()
         self.warmup_parts["model_s"] = time.time() - t0 - self.warmup_parts["ranks_and_data_s"]
         self.compiled = cfg.compile and self.cuda
+        t1 = time.time()
         self.forward = compile_model(self.model, cfg) if self.compiled else self.model
+        if self.compiled:   # lazy, but where the trace cache loads the model's traces
+            self.warmup_parts["compile_s"] = time.time() - t1
         self.adam, self.muon = build_optimizers(self.model, cfg)
         adam_params = [p for g in self.adam.param_groups for p in g["params"]] if cfg.adam_every_other_step else []
         self.reducer = GradientReducer(self.model.parameters(), r.world, deferrable=adam_params)
@@ -364,10 +367,12 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)   # Adam's gradients of a last warm-up step that deferred them
         self.adam, self.muon = build_optimizers(self.model, self.cfg)
         self.sync()
-        self.timings["warmup_s"] = time.time() - t0
         self.timings["compile_cache"] = compile_cache_counts()
         self.timings["compile_phases"] = compile_phases()
-        trace_cache.save()   # every graph is compiled by now (compile_trace_cache; nothing when off)
+        s0 = time.time()
+        if trace_cache.save():   # every graph is compiled by now (nothing when off, or when nothing was traced)
+            self.warmup_parts["trace_save_s"] = time.time() - s0
+        self.timings["warmup_s"] = time.time() - t0
         skipped = cuda_graph_skips() if self.owned_grads is not None else 0
         if skipped:
             log.warning("cuda_graphs: %d compiled graph(s) run without CUDA graphs; TORCH_LOGS=perf_hints says why",

@@ -50,7 +50,7 @@ for _ in range(3 if device == "cuda" else 1):   # CUDA graphs record at a graph'
         loss = forward(t[:-1], t[1:], window)
     if not flex:
         loss.backward()
-trace_cache.save()
+saved = trace_cache.save()
 graphed = None   # whether the graphs ran as CUDA graphs: their tree manager exists only then
 if device == "cuda":
     from torch._inductor import cudagraph_trees
@@ -63,7 +63,7 @@ with torch.no_grad():
 print(json.dumps(dict(loss=loss.item(), eager=eager, grad=sum(p.grad.double().sum().item() for p in model.parameters()
                                                              if p.grad is not None),
                       cache=dict(counters["dynamo_cache"]), cache_on=trace_cache.enabled(), graphed=graphed,
-                      tracing_s=tracing_s)))
+                      saved=saved, tracing_s=tracing_s)))
 """
 
 
@@ -103,8 +103,12 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
     first = compiled_run(cache, device=device, cuda_graphs=graphs)
     folder = cache / "dynamo" / ("cuda0" if device == "cuda" else "cpu")   # the device's own (trace_cache.enable)
     assert first["cache"].get("dynamo_cache_miss") and folder.is_dir()
+    written = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
     second = compiled_run(cache, device=device, cuda_graphs=graphs)
     assert second["cache"].get("dynamo_cache_hit") == 1
+    # it traced nothing, so it wrote nothing: the node runner finds the compile cache unchanged and uploads nothing
+    assert first["saved"] and not second["saved"]
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == written
     # it read the model's Python (almost) not at all; the GPU case failed here on an H100 (2026-12-07: a hit, then
     # 1.40 s of tracing against the first process's 1.09; again twice since, the load having died on a bare
     # AssertionError at package.py:614, with CUDA graphs and without, before trace_cache.loading's tracing context)
@@ -127,7 +131,7 @@ def test_a_second_process_loads_the_traces_and_a_model_of_other_switches_traces_
         # it traced a graph of its own (the loaded one's guards failed), not ran the cached one. On the CPU its loss
         # also differs from the first model's; on the GPU that is no proof: backout moved the loss at init by 4.6e-4
         # on an H100 (2026-12-08), less than bf16 and FlexAttention move it from eager math
-        assert other["tracing_s"] > first["tracing_s"] / 4, (switches, why_traced(other["stderr"]))
+        assert other["tracing_s"] > first["tracing_s"] / 4 and other["saved"], (switches, why_traced(other["stderr"]))
         if device == "cpu":
             assert abs(other["loss"] - first["loss"]) > 1e-3, switches
     # the cache keeps every model's traces, not the last process's: the first model and another both load again
