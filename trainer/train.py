@@ -23,7 +23,8 @@ from trainer.cuda_graphs import OwnedGradients, compile_model, cuda_graph_skips
 from trainer.data import BOS, TrainBatches, find_shards, one_chunk_per_shape, validation_chunks
 from trainer.distributed import GradientReducer, Ranks, all_sum, any_rank, barrier, init_ranks, sum_to_host
 from trainer.exit_codes import EXIT_PREEMPTED as PREEMPTED_EXIT
-from trainer.model import GPT, Rotary
+from trainer.layers import Rotary
+from trainer.model import GPT
 from trainer.optim import build_optimizers, copy_adam_state
 from trainer.schedules import (adam_steps, doc_len_cap, head_tied, loss_weights, lr_scale, micro_batch_len,
                                 microbatches, muon_momentum, val_window_blocks, warmup_steps, window_blocks,

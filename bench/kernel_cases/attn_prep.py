@@ -15,8 +15,8 @@ HEADS, HEAD_DIM = 6, 128
 
 
 def _qkv_to_attention(qkv, ve, lambdas, rotary):
-    """The attention's work between its q, k, v projection and FlexAttention (trainer/model.py)."""
-    from trainer.model import norm
+    """The attention's work between its q, k, v projection and FlexAttention (trainer/layers.py)."""
+    from trainer.layers import norm
 
     q, k, v = qkv.unbind(2)
     q, k = rotary(norm(q)), rotary(norm(k))
@@ -50,7 +50,7 @@ def _tuned_compile(qkv, ve, lambdas, rotary):
 def qk_norm_rotary():
     import torch
 
-    from trainer.model import Rotary
+    from trainer.layers import Rotary
 
     qkv, ve, lambdas, grads = _inputs()
     rotary = Rotary(HEAD_DIM).cuda()
@@ -67,7 +67,7 @@ def _kernel_case(block_t: int, warps: int):
         import torch
 
         from trainer.kernels import attn_prep as ap
-        from trainer.model import Rotary
+        from trainer.layers import Rotary
 
         qkv, ve, lambdas, grads = _inputs()
         rotary = Rotary(HEAD_DIM).cuda()

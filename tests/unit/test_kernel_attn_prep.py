@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from trainer.kernels.attn_prep import BLOCK_T, attn_prep, attn_prep_reference  # noqa: E402
-from trainer.model import Rotary  # noqa: E402
+from trainer.layers import Rotary  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,7 +98,7 @@ def test_op_schema_fake_tensor_and_autograd_registration():
 
 
 def test_model_on_cpu_keeps_the_torch_path():
-    from trainer.model import Attention
+    from trainer.layers import Attention
 
     torch.manual_seed(0)
     plain, fused = Attention(64, 2, 32, "torch"), Attention(64, 2, 32, "triton")

@@ -188,7 +188,7 @@ def test_custom_op_registration_is_consistent():
 
 
 def test_model_on_cpu_keeps_the_torch_path():
-    from trainer.model import MLP
+    from trainer.layers import MLP
 
     torch.manual_seed(0)
     torch_mlp, triton_mlp = MLP(32, 4, "torch"), MLP(32, 4, "triton")
@@ -201,7 +201,7 @@ def test_model_on_cpu_keeps_the_torch_path():
 def test_model_without_triton_builds_and_runs_the_torch_path(monkeypatch):
     import sys
 
-    from trainer.model import MLP
+    from trainer.layers import MLP
 
     monkeypatch.setitem(sys.modules, "trainer.kernels.linear_relu2", None)   # import now raises ImportError
     mlp = MLP(32, 4, "triton")

@@ -241,7 +241,7 @@ def test_bigram_embedding_keeps_the_model_causal_and_its_parameters_sit_with_ada
 
 
 def test_value_gate_scales_each_heads_value_embedding_by_twice_the_sigmoid_of_its_projection():
-    from trainer.model import Attention
+    from trainer.layers import Attention
 
     torch.manual_seed(1)
     attn = Attention(64, 2, 32, value_gate_dims=12)
@@ -832,7 +832,7 @@ def test_compiled_model_recompiles_once_at_the_untie_and_then_reads_the_embeddin
 
 
 def test_partial_key_offset_is_the_records_shift_of_the_stationary_dims():
-    from trainer.model import offset_stationary_keys
+    from trainer.layers import offset_stationary_keys
 
     k = torch.randn(2, 9, 3, 16)
     expected = k.clone()   # record-49's in-place form, for head_dim 16
@@ -842,7 +842,7 @@ def test_partial_key_offset_is_the_records_shift_of_the_stationary_dims():
 
 
 def test_the_offset_dims_are_the_ones_rotary_leaves_alone_so_the_two_commute():
-    from trainer.model import Rotary, offset_stationary_keys
+    from trainer.layers import Rotary, offset_stationary_keys
 
     rotary, k = Rotary(32), torch.randn(1, 40, 2, 32)
     assert torch.equal(rotary(offset_stationary_keys(k)), offset_stationary_keys(rotary(k)))
@@ -867,7 +867,8 @@ def test_key_offset_sits_on_the_long_window_layers_keeps_the_model_causal_and_ch
 
 def test_residual_scales_scale_the_stream_and_each_sublayers_output():
     from trainer.attention import document_ids
-    from trainer.model import RESID_SCALE_INIT, norm
+    from trainer.layers import norm
+    from trainer.model import RESID_SCALE_INIT
 
     plain, model = with_switches(residual_scales=True)
     block = model.blocks[1]
@@ -945,7 +946,7 @@ def paired_reference(attn, x, ve, docs, window_blocks, block_size=128):
     same-document and block-window rules over those positions; each position's output is its head's at token t."""
     import torch.nn.functional as F
 
-    from trainer.model import norm
+    from trainer.layers import norm
 
     B, T, _ = x.shape
     H, D = attn.num_heads, attn.head_dim
@@ -977,7 +978,7 @@ def paired_reference(attn, x, ve, docs, window_blocks, block_size=128):
 
 def test_paired_heads_compute_the_records_attention_over_interleaved_positions():
     from trainer import attention as attn_impl
-    from trainer.model import Attention
+    from trainer.layers import Attention
 
     torch.manual_seed(0)
     attn = Attention(64, 4, 16, gate_dims=12, paired=True)

@@ -101,7 +101,7 @@ def test_without_the_backout_the_model_starts_as_the_plain_one():
 def test_the_value_term_enters_the_attention_values_at_weight_one():
     """Attention is linear in its values: adding e to them is a value embedding raised by e / lambda_1."""
     from trainer import attention as attn_impl
-    from trainer.model import norm
+    from trainer.layers import norm
 
     model = randomised_model(tiny_config(num_layers=4, mudd=True))
     attn = model.blocks[-1].attn

@@ -11,7 +11,8 @@ from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import BOS, TrainBatches, write_shard  # noqa: E402
 from orchestrator.data.synthetic import markov_shards  # noqa: E402
 from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
-from trainer.model import GPT, Attention, attention_layout  # noqa: E402
+from trainer.layers import Attention  # noqa: E402
+from trainer.model import GPT, attention_layout  # noqa: E402
 from trainer.optim import build_optimizers, split_parameters  # noqa: E402
 from trainer.schedules import window_blocks  # noqa: E402
 from trainer.train import Trainer  # noqa: E402

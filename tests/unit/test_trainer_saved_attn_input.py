@@ -5,7 +5,7 @@ torch = pytest.importorskip("torch")
 
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.fixtures import packed_tokens, randomised_model, tiny_config  # noqa: E402
-from trainer.model import norm  # noqa: E402
+from trainer.layers import norm  # noqa: E402
 from trainer.optim import build_optimizers  # noqa: E402
 
 

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from orchestrator.data.synthetic import markov_shards  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.fixtures import tiny_config  # noqa: E402
-from trainer.model import Rotary  # noqa: E402
+from trainer.layers import Rotary  # noqa: E402
 from trainer.schedules import val_window_blocks, window_blocks, window_changes, yarn_scales  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 

@@ -5,7 +5,7 @@ torch = pytest.importorskip("torch")
 
 from trainer.data import BOS  # noqa: E402
 from trainer.fixtures import randomised_model, tiny_config  # noqa: E402
-from trainer.model import exclude_own_value  # noqa: E402
+from trainer.layers import exclude_own_value  # noqa: E402
 from trainer.optim import build_optimizers, split_parameters  # noqa: E402
 
 

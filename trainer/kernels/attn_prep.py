@@ -10,7 +10,7 @@ gradient of qkv, so nothing stacks the three afterwards. In the trainer (H200, s
 kernels' 32.9 ms/step replaced 50.2 ms/step of inductor's kernels, with the value mix and the lambdas'
 gradient reductions it had spread over others; the step went from 594.0 to 578.5 ms.
 
-The math matches trainer/model.py's torch path: rms-norm with float32's epsilon (torch's default), the
+The math matches trainer/layers.py's torch path: rms-norm with float32's epsilon (torch's default), the
 rotary tables in the activation dtype (the model rounds cos and sin to it), everything else in float32
 and rounded once at the store. `attn_prep` is a torch.library custom op with its own backward op, so
 torch.compile keeps both as opaque calls.
@@ -147,7 +147,7 @@ def attn_prep(qkv: torch.Tensor, ve: torch.Tensor | None, lambdas: torch.Tensor,
               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v, each (B, T, H, D) contiguous, from qkv (B, T, 3, H, D): rotary(rms_norm(q)), the same for k,
     and lambdas[0] * v + lambdas[1] * ve (ve any shape of B*T*H*D elements, or None: lambdas[0] * v).
-    cos, sin: (T, D/2), the rotary angles' cos and sin for each position (see trainer.model.Rotary)."""
+    cos, sin: (T, D/2), the rotary angles' cos and sin for each position (see trainer.layers.Rotary)."""
     B, T, H, D = _check(qkv, ve, cos)
     qkv = qkv.contiguous()
     q, k, v = (torch.empty((B, T, H, D), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
@@ -217,7 +217,7 @@ attn_prep.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attn_prep_reference(qkv, ve, lambdas, cos, sin):
-    """The same math in plain torch, as trainer/model.py writes it (cos and sin as the tables above)."""
+    """The same math in plain torch, as trainer/layers.py writes it (cos and sin as the tables above)."""
     import torch.nn.functional as F
 
     def rotate(x):
