@@ -67,7 +67,8 @@
 # `--variant alr:adam_embed_lr=1.04,adam_head_lr=0.0138,adam_scalar_lr=0.069 --variant mlr:muon_lr=0.04,
 # muon_mlp_lr_scales=2,4`; then, each with its own cold compile in call 1's lease_warm: smear=true (its gate now on
 # Adam), window_exact=true, the window stages with yarn=true,attn_scale=0.1, value_embed_gate=true (new input and
-# optimizer), mudd=true,attn_input_layer=8. test_trainer_gpu.py's compiled-flex test now also runs window_exact:
+# optimizer), mudd=true,attn_input_layer=8, inject_after_attention=true (2026-12-08; with residual_scales=true too:
+# the record's form). test_trainer_gpu.py's compiled-flex test now also runs window_exact:
 # in call 1, `python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_trainer_trace_cache.py
 # tests/unit/test_trainer_gpu.py -k "trace or compiled_flex"` in place of the trace-cache file alone.
 #

@@ -105,6 +105,14 @@ class TrainConfig:
     bigram_rows: int = 50304 * 15             # bigram_dim dims of every block's input, times a per-layer weight (init
     bigram_dim: int = 192                     # 0.05); rows, dim and the sign trick's 8192 sign rows: record-83's.
     bigram_sign_rows: int = 8192              # Yardstick: 0.775 (loss lower at every point, +10 ms/step): on
+    # records 83-89 (read in record-83's script): the input embedding's and the bigram's terms join the stream with
+    # the attention's output, x + attn(norm(x)) + a_i x0 + b_i bigram before the MLP, where record-28 mixes x0 into
+    # the block's input (and ours the bigram too). The bigram's term of layer 0 goes into the stream before it; a
+    # layer without attention takes neither. a_i (from 0: a weight of the block's own, record-28's second lambda then
+    # unused) and the bigram's b_i (from 0.05) train by Adam at adam_inject_lr, betas (0.9, 0.95), as the record's
+    # x0_lambdas and bigram_lambdas; without it they train with the scalars. Not yet on the yardstick: off
+    inject_after_attention: bool = False
+    adam_inject_lr: float = 0.008
     # record-55: each head's value embedding times 2*sigmoid(w . g), in place of its lambda, w per layer; g as
     # record-70 on: the first 6 dims of the attention's normed input and the first 6 of the value embedding, and w
     # trained by Adam at adam_gate_lr, betas (0.9, 0.99) (record-89). Yardstick (2026-12-04, with skip_gate, in

@@ -20,7 +20,7 @@ def check(cfg: TrainConfig) -> None:
     positive = ["val_tokens", "seq_len", "grad_accum_total", "val_seq_len", "vocab_size", "num_layers",
                 "model_dim", "num_heads", "head_dim", "mlp_ratio", "block_size", "steps", "val_every",
                 "window_min_blocks", "window_max_blocks", "stop_check_every", "log_every", "attn_scale",
-                "adam_smear_gate_lr", "adam_gate_lr", "adam_xsa_lr", "value_embed_init_std"]
+                "adam_smear_gate_lr", "adam_gate_lr", "adam_xsa_lr", "value_embed_init_std", "adam_inject_lr"]
     for k in positive:
         if getattr(cfg, k) <= 0:
             raise ValueError(f"{k}: must be > 0 (got {getattr(cfg, k)})")

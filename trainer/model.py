@@ -52,22 +52,33 @@ class Block(nn.Module):
                               exact_window=cfg.window_exact) if attention else None
         self.mlp = MLP(cfg.model_dim, cfg.mlp_ratio, cfg.mlp_kernel, cfg.mlp_lr_scales()) if mlp else None
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))   # mix of the residual and the input embedding
+        # inject_after_attention (records 83-89): x0 joins with the attention's output, at a weight of its own
+        self.x0_lambda = nn.Parameter(torch.zeros(())) if cfg.inject_after_attention else None
         # residual_scales (record-89): per sublayer (attention, MLP) x = resid * x + post * f(x), each in its Adam group
         self.resid_scales = nn.Parameter(torch.full((2,), RESID_SCALE_INIT)) if cfg.residual_scales else None
         self.post_scales = nn.Parameter(torch.ones(2)) if cfg.residual_scales else None
 
     def forward(self, x, x0, ve, docs, window_blocks, block_size, mask, bigram=None, extra_v=None, attn_in=None,
                 dc=None):
-        """attn_in: what the attention reads instead of this layer's mixed input (attn_input_layer's saved output)."""
+        """attn_in: what the attention reads instead of this layer's mixed input (attn_input_layer's saved output).
+        bigram: the bigram embedding, already weighted for this layer."""
         # record-28's mix of the stream and the input embedding; with residual_scales the stream's scale is theirs
         # alone, as the record's (lambdas[0] then unused: no gradient, Adam leaves it at 1)
-        x = (x if self.resid_scales is not None else self.lambdas[0] * x) + self.lambdas[1] * x0
-        if bigram is not None:   # the bigram embedding, already weighted for this layer
-            x = x + bigram
+        x = x if self.resid_scales is not None else self.lambdas[0] * x
+        late = self.x0_lambda is not None   # inject_after_attention: x0 and the bigram join with the attention
+        if not late:
+            x = self.inject(x, self.lambdas[1] * x0, bigram)
         if self.attn is not None:
             x = self.add(x, self.attn(norm(x if attn_in is None else attn_in), ve, docs, window_blocks, block_size,
                                       mask, extra_v, dc), 0)
+            if late:
+                x = self.inject(x, self.x0_lambda.to(x.dtype) * x0, bigram)
         return x if self.mlp is None else self.add(x, self.mlp(norm(x)), 1)
+
+    @staticmethod
+    def inject(x: torch.Tensor, x0_term: torch.Tensor, bigram: torch.Tensor | None) -> torch.Tensor:
+        x = x + x0_term
+        return x if bigram is None else x + bigram
 
     def add(self, x: torch.Tensor, out: torch.Tensor, sublayer: int) -> torch.Tensor:
         """The residual plus a sublayer's output; with residual_scales, each of the two scaled by its own scalar."""
@@ -217,6 +228,8 @@ class GPT(nn.Module):
         bigram = None
         if self.bigram is not None:   # (1, T, model_dim), zero past bigram_dim
             bigram = F.pad(self.bigram(tokens)[None].to(act), (0, cfg.model_dim - cfg.bigram_dim))
+            if cfg.inject_after_attention:   # layer 0's term into the stream before it (x0 itself without it)
+                x = x0 + self.bigram_lambdas[0].to(act) * bigram
         ves = [ve(tokens)[None].to(act) for ve in self.value_embeds]
         skips, half = [], len(self.skip_weights)
         if self.skip_gate is not None:
@@ -237,7 +250,8 @@ class GPT(nn.Module):
                 last_in = x
                 x, extra_v = self.mudd.before_last(x, x0, saved[late])
             x = block(x, x0, ve, layer_docs, window, cfg.block_size, mask,
-                      None if bigram is None else self.bigram_lambdas[i] * bigram, extra_v,
+                      None if bigram is None or (i == 0 and cfg.inject_after_attention) else
+                      self.bigram_lambdas[i] * bigram, extra_v,
                       attn_in=saved.get("attn_input"), dc=dc if i == cfg.dc_layer else None)
             if i == cfg.attn_input_layer:   # record-77: the later layers' attention reads this output
                 saved["attn_input"] = x

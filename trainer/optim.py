@@ -201,10 +201,14 @@ def split_parameters(model) -> dict[str, list]:
     dc = list(model.dc_gate.parameters()) if getattr(model, "dc_gate", None) is not None else []   # record-85: Adam
     resid = [b.resid_scales for b in model.blocks if b.resid_scales is not None]   # record-89: groups of their own
     post = [b.post_scales for b in model.blocks if b.post_scales is not None]
-    own = {id(p) for p in dc + resid + post + xsa}
+    inject = []   # inject_after_attention: the x0 and bigram weights, as the records' x0_lambdas and bigram_lambdas
+    if model.cfg.inject_after_attention:
+        inject = [b.x0_lambda for b in model.blocks] + ([model.bigram_lambdas] if model.bigram is not None else [])
+    own = {id(p) for p in dc + resid + post + xsa + inject}
     scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in own]
     parts = {"embed": embed, "head": head, "hidden": hidden, "scalars": scalars, "skip_gate": skip_gate,
-             "smear_gate": smear_gate, "gates": gates, "xsa": xsa, "mudd": mudd, "dc": dc, "resid": resid, "post": post}
+             "smear_gate": smear_gate, "gates": gates, "xsa": xsa, "mudd": mudd, "dc": dc, "resid": resid, "post": post,
+             "inject": inject}
     seen = [id(p) for group in parts.values() for p in group]
     missing = [n for n, p in model.named_parameters() if id(p) not in seen]
     if missing or len(seen) != len(set(seen)):
@@ -279,10 +283,12 @@ def adam_groups(model, cfg, parts: dict) -> list[dict]:
 def build_optimizers(model, cfg, group=None) -> tuple[torch.optim.Adam, Muon]:
     parts = split_parameters(model)
     groups = adam_groups(model, cfg, parts)
-    # the gates at the current record's betas (0.9, 0.99), XSA's strengths at record-82's (0.9, 0.95)
+    # the gates at the current record's betas (0.9, 0.99), XSA's strengths at record-82's (0.9, 0.95), the x0 and
+    # bigram weights of inject_after_attention at record-83's (0.9, 0.95)
     for name, lr, betas in (("skip_gate", cfg.adam_skip_gate_lr, (0.9, 0.99)),
                             ("smear_gate", cfg.adam_smear_gate_lr, (0.9, 0.99)),
-                            ("gates", cfg.adam_gate_lr, (0.9, 0.99)), ("xsa", cfg.adam_xsa_lr, (0.9, 0.95))):
+                            ("gates", cfg.adam_gate_lr, (0.9, 0.99)), ("xsa", cfg.adam_xsa_lr, (0.9, 0.95)),
+                            ("inject", cfg.adam_inject_lr, (0.9, 0.95))):
         if parts[name]:
             groups.append(dict(params=parts[name], lr=lr, betas=betas))
     if parts["mudd"]:   # the record's own betas for its MUDD nets

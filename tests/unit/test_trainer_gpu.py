@@ -216,6 +216,7 @@ def test_training_loop_on_the_gpu_with_every_later_records_switch(tmp_path):
                       doc_len_schedule="1/2:200,1:512", window_schedule="1/2:1,1:2", yarn=True,
                       final_val_window_blocks=4, lr_floor=0.15, muon_qk_pairs=True, adam_group_betas=True,
                       adam_cautious_wd=0.005, dc_layer=3, dc_gate_layer=2, residual_scales=True,
+                      inject_after_attention=True,
                       **LATER_RECORDS_PARTS)
     assert Trainer(cfg, str(tmp_path / "data"), str(tmp_path / "out")).run() == 0
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

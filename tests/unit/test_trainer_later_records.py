@@ -904,6 +904,67 @@ def test_residual_scales_scale_the_stream_and_each_sublayers_output():
     assert not any(p is block.resid_scales for g in adam.param_groups if g is not resid for p in g["params"])
 
 
+# --------------------------------------------------------- x0 and bigram after the attention (records 83-89)
+
+
+def test_inject_after_attention_adds_x0_and_the_bigram_with_the_attentions_output():
+    from trainer.attention import document_ids
+    from trainer.layers import norm
+
+    _, model = with_switches(inject_after_attention=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16)
+    block = model.blocks[1]
+    assert block.x0_lambda.item() == 0.0   # the record's x0_lambdas start at 0
+    with torch.no_grad():
+        block.lambdas.copy_(torch.tensor([0.7, 5.0]))   # record-28's second lambda: unused with the switch
+        block.x0_lambda.fill_(0.3)
+    t = tokens()
+    x, x0, bigram = torch.randn(1, 512, 64), torch.randn(1, 512, 64), torch.randn(1, 512, 64)
+    args = (None, document_ids(t[:-1]), 2, 128, None)
+    got = block(x, x0, *args, bigram=bigram)
+    stream = 0.7 * x
+    mixed = stream + block.attn(norm(stream), *args) + 0.3 * x0 + bigram
+    assert torch.allclose(got, mixed + block.mlp(norm(mixed)), atol=1e-6)
+    block.attn = None   # a layer without attention takes neither term
+    assert torch.allclose(block(x, x0, *args, bigram=bigram), stream + block.mlp(norm(stream)), atol=1e-6)
+
+
+def test_inject_after_attention_puts_layer_zeros_bigram_into_the_stream_before_it():
+    """With every later term zero, the switch's model is record-28's form with only layer 0's bigram term, which both
+    add before layer 0's attention."""
+    _, model = with_switches(inject_after_attention=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16)
+    _, plain = with_switches(bigram_embed=True, bigram_rows=1021, bigram_dim=16)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        model.bigram.table.weight.normal_()
+        plain.bigram.table.weight.copy_(model.bigram.table.weight)
+        for m in (model, plain):
+            m.bigram_lambdas.copy_(torch.tensor([0.4] + [0.0] * (len(m.blocks) - 1)))
+            for b in m.blocks:
+                b.lambdas.copy_(torch.tensor([1.0, 0.0]))
+    t = tokens()
+    window = torch.tensor(2)
+    assert torch.allclose(model(t[:-1], t[1:], window), plain(t[:-1], t[1:], window), atol=1e-6)
+    with torch.no_grad():
+        model.bigram_lambdas[0] = 0.0
+    assert not torch.allclose(model(t[:-1], t[1:], window), plain(t[:-1], t[1:], window), atol=1e-4)
+
+
+def test_inject_after_attention_trains_the_x0_and_bigram_weights_in_their_own_adam_group():
+    _, model = with_switches(inject_after_attention=True, bigram_embed=True, bigram_rows=1021, bigram_dim=16)
+    with torch.no_grad():
+        model.bigram.table.weight.normal_()
+    t = tokens()
+    model(t[:-1], t[1:], torch.tensor(2)).backward()
+    assert all(b.x0_lambda.grad != 0 for b in model.blocks) and model.bigram_lambdas.grad.abs().min() > 0
+    adam, _ = build_optimizers(model, model.cfg)
+    inject = next(g for g in adam.param_groups if any(p is model.bigram_lambdas for p in g["params"]))
+    assert (inject["lr"], inject["betas"]) == (0.008, (0.9, 0.95))   # record-83's x0_lambdas and bigram_lambdas
+    assert {id(p) for p in inject["params"]} == {id(model.bigram_lambdas)} | {id(b.x0_lambda) for b in model.blocks}
+    assert sum(any(p is model.bigram_lambdas for p in g["params"]) for g in adam.param_groups) == 1
+    with pytest.raises(ValueError, match="adam_inject_lr: must be > 0"):
+        tiny_config(inject_after_attention=True, adam_inject_lr=0.0)
+
+
 # ----------------------------------------------------------------------------------------------- all at once
 
 
@@ -916,7 +977,8 @@ def test_every_switch_on_traces_as_one_graph_and_trains_a_step():
                       muon_cautious_wd=1.2, muon_momentum_cooldown_steps=5, adam_every_other_step=True,
                       batch_schedule="1/2:1,1:2", tie_head_until=0.5, key_offset=True, paired_head_layers="1",
                       mudd=True, mlp_skip_layers="0", muon_qk_pairs=True, adam_group_betas=True,
-                      adam_cautious_wd=0.005, dc_layer=3, dc_gate_layer=2, residual_scales=True)
+                      adam_cautious_wd=0.005, dc_layer=3, dc_gate_layer=2, residual_scales=True,
+                      inject_after_attention=True)
     torch.manual_seed(0)
     model = GPT(cfg)
     t = tokens()
