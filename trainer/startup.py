@@ -11,7 +11,7 @@ import os
 
 SEED_STARTED_ENV = "SPEEDRUN_SEED_STARTED_UNIX"   # set by the node runner when it starts torchrun for a seed
 # the warm-up line's "before it" parts; compile_s is the torch.compile call, where the trace cache loads
-BEFORE_WARMUP = ("torchrun_s", "imports_s", "ranks_and_data_s", "model_s", "compile_s")
+BEFORE_WARMUP = ("torchrun_s", "imports_s", "ranks_and_data_s", "model_s", "compile_s", "setup_s")
 # The compile cache's record of this process: whether the warm-up's graphs came from the cache (hits) or compiled
 # (misses), by layer: inductor's FX graphs and AOTAutograd's forward+backward pairs; plus dynamo's graph count.
 CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),

@@ -95,6 +95,7 @@ class Trainer:
         self.forward = compile_model(self.model, cfg) if self.compiled else self.model
         if self.compiled:   # lazy, but where the trace cache loads the model's traces
             self.warmup_parts["compile_s"] = time.time() - t1
+        t1 = time.time()
         self.adam, self.muon = build_optimizers(self.model, cfg)
         adam_params = [p for g in self.adam.param_groups for p in g["params"]] if cfg.adam_every_other_step else []
         self.reducer = GradientReducer(self.model.parameters(), r.world, deferrable=adam_params)
@@ -111,6 +112,7 @@ class Trainer:
         self.timings["warmup_parts"] = self.warmup_parts   # the same dict: the warm-up's parts join it
         if r.is_main:
             (self.out / "ckpt").mkdir(parents=True, exist_ok=True)
+        self.warmup_parts["setup_s"] = time.time() - t1   # the optimizers, the gradients' hooks, the folders
 
     # ------------------------------------------------------------------------ pieces of a step
 

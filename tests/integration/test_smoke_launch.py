@@ -90,6 +90,8 @@ def test_records_are_complete_and_secret_free(smoke):
     before = timings["warmup_parts_s"]   # what came before the first step: torchrun's start, the imports, ...
     assert 0 < before["torchrun_s"] < timings["seed_start_to_first_step_s"] and 0 < before["imports_s"]
     assert before["torchrun_s"] + before["imports_s"] < timings["seed_start_to_first_step_s"]
+    # every part the trainer names, its own set-up too, fits inside the seed's time to its first step
+    assert before["setup_s"] >= 0 and sum(before.values()) + timings["warmup_s"] < timings["seed_start_to_first_step_s"]
     env = json.loads((seed / "env.json").read_text())
     for key in ("git_commit", "git_dirty", "python", "torch", "devices", "hostname"):
         assert key in env, key
