@@ -58,11 +58,7 @@
 # bench/NOTES.md) and, warm, torch 2.11's DefaultsSource read back plus the compiled-flex test with window_exact (37 s,
 # 6 passed); given back at 402 s left; the next start (for the fixed test) refused, and 312 s cannot start another.
 # No yardstick row: the combined row, its second seed and the projection are still the next lease's first calls.
-# 2026-12-08: one refused H200 start (91 s), then one H100 for five calls (carry .whl only; the corpus was not rebuilt
-# in time): the trace cache's GPU test (212 s: every load worked), `lease_node_probe bench/cache_probe.yaml --set
-# trainer.compile_trace_cache=true` (334 s), the same probe off (367 s), the test again twice and its PROGRAM under
-# TORCH_LOGS=dynamo (213, 70, 320 s: cut by the budget). compile_trace_cache is on by default since. The issue 22
-# plan below is unchanged; plan the corpus (rebuild.sh, make_jsonl, xz, ~9 min here) before the first start. A review against the records' code (bench/NOTES.md)
+# A review against the records' code (bench/NOTES.md)
 # queued, after the schedule's length: the optimizer-only rows first, which trace ours' graph (two per call):
 # `--variant alr:adam_embed_lr=1.04,adam_head_lr=0.0138,adam_scalar_lr=0.069 --variant mlr:muon_lr=0.04,
 # muon_mlp_lr_scales=2,4`; then, each with its own cold compile in call 1's lease_warm: smear=true (its gate now on
@@ -71,6 +67,14 @@
 # the record's form). test_trainer_gpu.py's compiled-flex test now also runs window_exact:
 # in call 1, `python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_trainer_trace_cache.py
 # tests/unit/test_trainer_gpu.py -k "trace or compiled_flex"` in place of the trace-cache file alone.
+# 2026-12-08: one refused H200 start (91 s), then one H100 for five calls (carry .whl only; the corpus was not rebuilt
+# in time): the trace cache's GPU test (212 s: every load worked), `lease_node_probe bench/cache_probe.yaml --set
+# trainer.compile_trace_cache=true` (334 s), the same probe off (367 s), the test again twice and its PROGRAM under
+# TORCH_LOGS=dynamo (213, 70, 320 s: cut by the budget). compile_trace_cache is on by default since, with a folder per
+# device and no save from a process that traced nothing: neither yet on a GPU. The plan above is unchanged; rebuild the
+# corpus (rebuild.sh, make_jsonl, xz: ~9 min here) before the first start. The trace-cache file's two GPU cases now
+# take ~6 min whole: in call 1 run `-k "cuda-True"` only (the trainer's default), and read compile_s, setup_s and
+# trace_save_s off lease_warm's warm-up lines (where a warm seed's ~16 s before its first step go).
 #
 # .whl: pydantic, pydantic_core, annotated_types, typing_inspection, tenacity, pathspec, and rich with
 # markdown_it_py, mdurl and pygments (one H100 machine had no rich), as cp312 manylinux wheels (the device README).
